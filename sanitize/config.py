@@ -1,0 +1,85 @@
+"""Every default of the pipeline in one place: the CLI and the Python API both build these."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from sanitize.errors import SanitizeError
+
+
+@dataclass
+class TrainConfig:
+    """From-scratch training recipe (the poisoning literature's: SGD + Nesterov, crop/flip, step decay)."""
+
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    milestones: tuple[float, ...] = (3 / 8, 5 / 8, 7 / 8)  # fractions of the epochs; Witches' Brew's 14/24/35 of 40
+    gamma: float = 0.1
+    augment: bool = True  # random crop with padding of 1/8 of the side + horizontal flip
+    seed: int = 0
+
+
+@dataclass
+class ScanConfig:
+    """Options of `sanitize scan`; `sanitize.scan(data, **options)` takes the same names."""
+
+    model: str = "auto"  # a registry name, or auto: `convnet` for images up to 64 px, else `resnet18`
+    checkpoint: str | None = None  # load these weights instead of training a proxy
+    image_size: int | None = None  # None: the most common size in the data
+    train: TrainConfig = field(default_factory=TrainConfig)  # the proxy's training recipe
+    embedding: str = "gradient"  # gradient | features | logit_gradient
+    sketch_dim: int = 1024  # last-layer gradients longer than exact_gradient_max are sketched to this many dims
+    exact_gradient_max: int = 8192
+    k_small: int = 10  # neighbours for lone points
+    k_fraction: float = 0.2  # the large scale: this fraction of the class (finds small dense groups) ...
+    k_max: int = 256  # ... capped here
+    index: str = "auto"  # auto | flat | ivf | hnsw
+    exact_max: int = 50_000  # classes up to this size use the exact index under auto
+    threshold: float = 0.5  # flag score >= threshold; 0.5 = modified z-score 3.5 (Iglewicz & Hoaglin)
+    max_flagged_fraction: float = 0.05  # the gate: fail when more than this fraction is flagged
+    device: str = "auto"
+    precision: str = "auto"  # auto (bf16 where the device supports it) | bf16 | fp32
+    eval_batch_size: int = 512
+    workers: int = 0  # data-loading processes; 0 loads in the main process
+    seed: int = 0
+    quiet: bool = False
+
+    @classmethod
+    def from_options(cls, **options: Any) -> "ScanConfig":
+        """Build a config from flat keyword options; training keys (epochs, lr, ...) go to `train`."""
+        scan_keys = {f.name for f in dataclasses.fields(cls)}
+        train_keys = {f.name for f in dataclasses.fields(TrainConfig)} - scan_keys
+        unknown = set(options) - scan_keys - train_keys
+        if unknown:
+            raise SanitizeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        train = options.pop("train", None) or TrainConfig()
+        train = dataclasses.replace(train, **{k: options.pop(k) for k in list(options) if k in train_keys})
+        config = cls(train=train, **options)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Reject values that cannot work, with a message naming the option."""
+        checks = [
+            (self.embedding in ("gradient", "features", "logit_gradient"), "embedding must be gradient, features or logit_gradient"),
+            (self.index in ("auto", "flat", "ivf", "hnsw"), "index must be auto, flat, ivf or hnsw"),
+            (self.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
+            (0.0 < self.threshold <= 1.0, "threshold must be in (0, 1]"),
+            (0.0 <= self.max_flagged_fraction <= 1.0, "max_flagged_fraction must be in [0, 1]"),
+            (self.k_small >= 1 and self.k_max >= self.k_small, "need 1 <= k_small <= k_max"),
+            (0.0 < self.k_fraction < 1.0, "k_fraction must be in (0, 1)"),
+            (self.train.epochs >= 0 and self.train.batch_size >= 1, "epochs must be >= 0 and batch_size >= 1"),
+            (self.image_size is None or self.image_size >= 8, "image_size must be >= 8"),
+            (self.workers >= 0, "workers must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SanitizeError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

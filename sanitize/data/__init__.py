@@ -1,0 +1,27 @@
+"""Data sources: ImageFolder directories and .npz arrays, behind one `open_dataset`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sanitize.data.arrays import ArrayDataset, open_npz
+from sanitize.data.base import ImageDataset, Skipped, iterate_batches
+from sanitize.data.folder import FolderDataset, open_folder
+from sanitize.errors import DataError
+
+__all__ = ["ArrayDataset", "FolderDataset", "ImageDataset", "Skipped", "iterate_batches", "open_dataset"]
+
+
+def open_dataset(path: str | Path, image_size: int | None = None, workers: int = 0, progress: bool = True) -> ImageDataset:
+    """Open DATA: a directory is an ImageFolder, a .npz file holds arrays."""
+    path = Path(path)
+    if path.is_dir():
+        return open_folder(path, image_size=image_size, workers=workers, progress=progress)
+    if path.is_file() and path.suffix.lower() == ".npz":
+        dataset = open_npz(path)
+        if image_size is not None and dataset.image_size != (image_size, image_size):
+            raise DataError(f"{path}: arrays are {dataset.image_size}; --image-size applies to folders only")
+        return dataset
+    if not path.exists():
+        raise DataError(f"{path} does not exist")
+    raise DataError(f"{path} is neither an ImageFolder directory nor a .npz file")

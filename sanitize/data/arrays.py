@@ -1,0 +1,98 @@
+"""A dataset held in a .npz file: `x` (N, H, W, C) uint8 and `y` (N,), or `x_train` / `y_train`."""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sanitize.data.base import ImageDataset
+from sanitize.errors import DataError
+
+KEY_PAIRS = (("x", "y"), ("x_train", "y_train"))
+
+
+def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+        raise DataError(f"cannot read {path}: {error}") from None
+    with archive:
+        names = set(archive.files)
+        pair = next(((xk, yk) for xk, yk in KEY_PAIRS if xk in names and yk in names), None)
+        if pair is None:
+            raise DataError(f"{path} has keys {sorted(names)}; expected x and y (or x_train and y_train)")
+        try:
+            x, y = archive[pair[0]], archive[pair[1]]
+            classes = [str(c) for c in archive["classes"]] if "classes" in names else None
+        except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
+            raise DataError(f"cannot read arrays from {path}: {error}") from None
+    return x, y, classes
+
+
+def _to_nhwc_rgb(x: np.ndarray, path: Path) -> np.ndarray:
+    if x.dtype != np.uint8:
+        raise DataError(f"{path}: images must be uint8 in 0..255, got {x.dtype}")
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
+        raise DataError(f"{path}: images must be (N, H, W) or (N, H, W, C) with C in 1, 3, 4; got {x.shape}")
+    if x.shape[-1] == 4:
+        x = x[..., :3]
+    return x
+
+
+def open_npz(path: Path) -> "ArrayDataset":
+    """Read and validate an .npz dataset; images stay as one in-memory array (use folders for data beyond RAM)."""
+    x, y, classes = _load_arrays(path)
+    x = _to_nhwc_rgb(x, path)
+    if y.ndim != 1 or len(y) != len(x):
+        raise DataError(f"{path}: labels must be (N,) with N = {len(x)} images, got {y.shape}")
+    if len(x) == 0:
+        raise DataError(f"{path}: no images")
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+        raise DataError(f"{path}: labels must be non-negative integers, got {y.dtype} min {y.min()}")
+    labels = y.astype(np.int64)
+    num_classes = int(labels.max()) + 1
+    if classes is None:
+        classes = [str(c) for c in range(num_classes)]
+    elif len(classes) < num_classes:
+        raise DataError(f"{path}: {len(classes)} class names but labels go up to {num_classes - 1}")
+    digest = hashlib.sha256()
+    for array in (x, labels):
+        digest.update(str(array.shape).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    dataset = ArrayDataset(
+        source=str(path),
+        kind="npz",
+        classes=classes,
+        ids=[str(i) for i in range(len(x))],
+        paths=[""] * len(x),
+        labels=labels,
+        image_size=(int(x.shape[1]), int(x.shape[2])),
+        fingerprint="sha256:" + digest.hexdigest(),
+    )
+    dataset.images = x
+    return dataset
+
+
+class ArrayDataset(ImageDataset):
+    images: np.ndarray
+
+    def load_image(self, index: int) -> torch.Tensor:
+        return self._gray_to_rgb(torch.from_numpy(np.ascontiguousarray(self.images[index])).permute(2, 0, 1))
+
+    def load_batch(self, indices):
+        positions = np.asarray(indices, dtype=np.int64)
+        images = torch.from_numpy(np.ascontiguousarray(self.images[positions])).permute(0, 3, 1, 2)
+        return self._gray_to_rgb(images), torch.from_numpy(self.labels[positions]), torch.from_numpy(positions)
+
+    @staticmethod
+    def _gray_to_rgb(images: torch.Tensor) -> torch.Tensor:
+        channel_dim = images.dim() - 3
+        if images.shape[channel_dim] == 1:
+            images = images.repeat_interleave(3, dim=channel_dim)
+        return images.contiguous()

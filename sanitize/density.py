@@ -1,0 +1,88 @@
+"""k-nearest-neighbour search with FAISS, an index chosen by size, GPU when faiss sees one; distances -> isolation.
+
+Indexes: `flat` (exact), `ivf` (inverted lists, approximate, for classes beyond `exact_max`) and `hnsw` (graph,
+approximate, CPU only). `auto` takes flat up to `exact_max` points and IVF above.
+"""
+
+from __future__ import annotations
+
+import math
+
+import faiss
+import numpy as np
+
+
+def gpu_available() -> bool:
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def choose_index(n: int, requested: str = "auto", exact_max: int = 50_000) -> str:
+    if requested != "auto":
+        return requested
+    return "flat" if n <= exact_max else "ivf"
+
+
+def ivf_lists(n: int) -> int:
+    """About 4 sqrt(n) inverted lists, each with >= 39 training points as faiss asks."""
+    return int(max(1, min(4 * math.sqrt(n), n // 39, 65_536)))
+
+
+def build_index(x: np.ndarray, kind: str, seed: int = 0, nprobe: int | None = None) -> faiss.Index:
+    """An index over the rows of `x` (float32, C-contiguous)."""
+    n, d = x.shape
+    if kind == "flat":
+        index = faiss.IndexFlatL2(d)
+    elif kind == "ivf":
+        nlist = ivf_lists(n)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
+        index.cp.seed = seed
+        index.train(x)
+        index.nprobe = nprobe or min(nlist, max(8, nlist // 8))
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, 32)
+        index.hnsw.efConstruction = 80
+    else:
+        raise ValueError(f"unknown index kind {kind!r}")
+    if gpu_available() and kind != "hnsw":
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    index.add(x)
+    return index
+
+
+def knn(x: np.ndarray, k: int, kind: str = "flat", seed: int = 0, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Euclidean distances (n, k) and positions (n, k) of each row's k nearest other rows, nearest first."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n = len(x)
+    k = min(k, n - 1)
+    index = build_index(x, kind, seed=seed, nprobe=nprobe)
+    if kind == "hnsw":
+        index.hnsw.efSearch = max(64, 2 * (k + 1))
+    squared, neighbours = index.search(x, k + 1)
+    return _drop_self(np.sqrt(np.maximum(squared, 0)), neighbours, k)
+
+
+def _drop_self(distances: np.ndarray, neighbours: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Remove each row's own entry (or, when exact duplicates hid it, the farthest one) to keep k per row."""
+    n = len(neighbours)
+    is_self = neighbours == np.arange(n)[:, None]
+    drop = np.where(is_self.any(axis=1), is_self.argmax(axis=1), k)
+    keep = np.ones_like(is_self)
+    keep[np.arange(n), drop] = False
+    return distances[keep].reshape(n, k), neighbours[keep].reshape(n, k)
+
+
+def robust_z(values: np.ndarray) -> np.ndarray:
+    """Iglewicz & Hoaglin's modified z-score, 0.6745 (x - median) / MAD, with a mean-deviation fallback at MAD = 0."""
+    median = np.median(values)
+    deviation = np.abs(values - median)
+    mad = np.median(deviation)
+    if mad > 0:
+        return 0.6745 * (values - median) / mad
+    mean_dev = deviation.mean()
+    return (values - median) / (1.2533 * mean_dev) if mean_dev > 0 else np.zeros_like(values)
+
+
+def z_to_score(z: np.ndarray, z_at_half: float = 3.5) -> np.ndarray:
+    """Map z to [0, 1): 0 at or below the median, 0.5 at `z_at_half`, -> 1 as z grows; monotone, never saturating."""
+    positive = np.maximum(z, 0.0)
+    return positive / (positive + z_at_half)

@@ -1,0 +1,158 @@
+"""One streamed pass over the data: penultimate features, logits and the last-layer gradient, to memory-mapped files.
+
+For example i with features f_i (D), logits z_i (C) and label y_i, the cross-entropy gradient of the last layer is
+g_i (x) [f_i, 1] with g_i = softmax(z_i) - onehot(y_i): weight part g_i f_i^T, bias part g_i. Its norm and inner
+products factorise (||G_i|| = ||g_i|| ||f~_i||, <G_i, G_j> = <g_i, g_j><f~_i, f~_j>), so it is only written out when
+C x (D + 1) is small; otherwise it is sketched to m dimensions by s_i = (A g_i) * (B f~_i) / sqrt(m) with Gaussian A,
+B, whose inner products are unbiased estimates of the true ones. No C x D vector per example is ever formed then.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.lib.format import open_memmap
+from tqdm import tqdm
+
+from sanitize.data import ImageDataset, iterate_batches
+from sanitize.models import Classifier
+from sanitize.training import autocast, to_model_input
+
+ARRAYS = ("features", "logits", "gradient")
+
+
+def last_layer_gradient_factors(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g, f~): the per-example last-layer gradient is their outer product g (x) f~."""
+    g = torch.softmax(logits.float(), dim=1) - F.one_hot(labels, logits.shape[1]).float()
+    f_tilde = torch.cat([features.float(), torch.ones_like(features[:, :1], dtype=torch.float32)], dim=1)
+    return g, f_tilde
+
+
+class GradientEmbedder:
+    """Maps (g, f~) to a vector whose Euclidean geometry is the last-layer gradient's (exactly, or sketched)."""
+
+    def __init__(self, num_classes: int, feature_dim: int, sketch_dim: int, exact_max: int, seed: int = 0):
+        self.full_dim = num_classes * (feature_dim + 1)
+        self.exact = self.full_dim <= exact_max
+        self.dim = self.full_dim if self.exact else sketch_dim
+        if not self.exact:
+            generator = torch.Generator().manual_seed(seed)
+            self.a = torch.randn(sketch_dim, num_classes, generator=generator)
+            self.b = torch.randn(sketch_dim, feature_dim + 1, generator=generator)
+
+    def __call__(self, g: torch.Tensor, f_tilde: torch.Tensor) -> torch.Tensor:
+        if self.exact:
+            return (g[:, :, None] * f_tilde[:, None, :]).flatten(1)
+        a, b = self.a.to(g.device), self.b.to(g.device)
+        return (g @ a.T) * (f_tilde @ b.T) / math.sqrt(self.dim)
+
+
+@dataclass
+class Embeddings:
+    """Read-only views of a finished embedding pass (rows follow the dataset's positions)."""
+
+    directory: Path
+    features: np.ndarray
+    logits: np.ndarray
+    gradient: np.ndarray
+    labels: np.ndarray
+    meta: dict
+
+    def logit_gradient(self) -> np.ndarray:
+        """softmax - onehot (C): EPIC's gradient proxy."""
+        z = self.logits - self.logits.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        p[np.arange(len(p)), self.labels] -= 1.0
+        return p.astype(np.float32)
+
+    def gradient_norm(self) -> np.ndarray:
+        """Exact ||last-layer gradient|| = ||g|| ||f~|| (never sketched)."""
+        f_norm = np.sqrt(np.square(self.features.astype(np.float64)).sum(axis=1) + 1.0)
+        return (np.linalg.norm(self.logit_gradient(), axis=1) * f_norm).astype(np.float32)
+
+    def space(self, name: str) -> np.ndarray:
+        """The embedding the density step works in: gradient, features or logit_gradient."""
+        if name == "gradient":
+            return self.gradient
+        if name == "features":
+            return self.features
+        return self.logit_gradient()
+
+    def accuracy(self) -> float:
+        return float((self.logits.argmax(axis=1) == self.labels).mean())
+
+
+def load_embeddings(directory: Path, labels: np.ndarray) -> Embeddings:
+    meta = json.loads((directory / "meta.json").read_text())
+    arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in ARRAYS}
+    return Embeddings(directory=directory, labels=labels, meta=meta, **arrays)
+
+
+@torch.no_grad()
+def compute_embeddings(
+    model: Classifier,
+    dataset: ImageDataset,
+    directory: Path,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    sketch_dim: int = 1024,
+    exact_gradient_max: int = 8192,
+    batch_size: int = 512,
+    workers: int = 0,
+    seed: int = 0,
+    signature: str = "",
+    progress: bool = True,
+) -> Embeddings:
+    """Run the pass, writing rows as they come; a pass with the same `signature` resumes where it stopped."""
+    directory.mkdir(parents=True, exist_ok=True)
+    embedder = GradientEmbedder(model.num_classes, model.feature_dim, sketch_dim, exact_gradient_max, seed)
+    n = len(dataset)
+    meta = {
+        "signature": signature,
+        "rows": n,
+        "feature_dim": model.feature_dim,
+        "num_classes": model.num_classes,
+        "gradient": "exact" if embedder.exact else "sketch",
+        "gradient_dim": embedder.dim,
+        "sketch_seed": seed,
+    }
+    meta_path, progress_path = directory / "meta.json", directory / "progress.json"
+    shapes = {"features": (n, model.feature_dim), "logits": (n, model.num_classes), "gradient": (n, embedder.dim)}
+    resume = meta_path.exists() and json.loads(meta_path.read_text()) == meta and progress_path.exists()
+    start = json.loads(progress_path.read_text())["rows_done"] if resume else 0
+    if not resume:
+        progress_path.unlink(missing_ok=True)
+        meta_path.write_text(json.dumps(meta, indent=1))
+    arrays = {
+        name: open_memmap(directory / f"{name}.npy", mode="r+" if resume else "w+", dtype=np.float32, shape=shape)
+        for name, shape in shapes.items()
+    }
+    model.to(device, memory_format=torch.channels_last).eval()
+    rows = np.arange(start, n)
+    bar = tqdm(total=n, initial=start, desc="embed", unit="img", disable=not progress)
+    checkpoint_every = max(1, 20_000 // batch_size)
+    for step, (images, labels, positions) in enumerate(iterate_batches(dataset, rows, batch_size, workers), 1):
+        with autocast(device, amp_dtype):
+            features = model.features(to_model_input(images, device))
+            logits = model.head(features)
+        labels = labels.to(device)
+        g, f_tilde = last_layer_gradient_factors(features, logits, labels)
+        lo, hi = int(positions[0]), int(positions[-1]) + 1
+        arrays["features"][lo:hi] = features.float().cpu().numpy()
+        arrays["logits"][lo:hi] = logits.float().cpu().numpy()
+        arrays["gradient"][lo:hi] = embedder(g, f_tilde).cpu().numpy()
+        bar.update(hi - lo)
+        if step % checkpoint_every == 0 or hi == n:
+            for array in arrays.values():
+                array.flush()
+            progress_path.write_text(json.dumps({"rows_done": hi}))
+    bar.close()
+    del arrays
+    return load_embeddings(directory, dataset.labels)

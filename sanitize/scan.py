@@ -1,0 +1,222 @@
+"""The scan pipeline: data -> proxy model -> embeddings -> detector -> files on disk -> ScanResult.
+
+Outputs under `out` (never inside DATA, which is only read): summary.json, scores.csv, flagged.txt, proxy/ (the
+model) and embeddings/ (memory-mapped arrays). A killed scan rerun with the same options resumes: the proxy from
+its last finished epoch, the embedding pass from its last written rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import resource
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import faiss
+import numpy as np
+import torch
+
+import sanitize
+from sanitize.config import ScanConfig
+from sanitize.data import ImageDataset, open_dataset
+from sanitize.density import gpu_available
+from sanitize.detectors import Detection, get_detector
+from sanitize.embeddings import Embeddings, compute_embeddings
+from sanitize.errors import SanitizeError
+from sanitize.models import Classifier, create_model, default_model_name
+from sanitize.training import channel_stats, resolve_device, resolve_precision, train_model
+
+SCORES_HEADER = ("id", "path", "label", "score", "flagged")
+
+
+@dataclass
+class ScanResult:
+    """Per-example scores and flags (rows follow `ids`), the summary written to summary.json, and the files."""
+
+    ids: list[str]
+    paths: list[str]
+    labels: np.ndarray
+    scores: np.ndarray
+    flags: np.ndarray
+    summary: dict[str, Any]
+    files: dict[str, Path]
+
+    @property
+    def passed(self) -> bool:
+        return self.summary["gate"]["passed"]
+
+    @property
+    def flagged_ids(self) -> list[str]:
+        return [self.ids[i] for i in np.flatnonzero(self.flags)]
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - started, 3)
+
+
+def _check_out_dir(data: Path, out: Path) -> None:
+    data, out = data.resolve(), out.resolve()
+    root = data if data.is_dir() else data.parent
+    if data.is_dir() and (out == root or root in out.parents):
+        raise SanitizeError(f"--out {out} is inside DATA {data}; sanitize never writes into the data")
+    if out == data:
+        raise SanitizeError("--out must not be the data file")
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _load_checkpoint(model: Classifier, path: Path) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise SanitizeError(f"cannot load checkpoint {path}: {error}") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SanitizeError(f"checkpoint {path} does not fit the model: {first_line}") from None
+
+
+def build_proxy(dataset: ImageDataset, config: ScanConfig, out: Path, device: torch.device, amp_dtype, timer: _Timer) -> tuple[Classifier, dict[str, Any]]:
+    """Load the user's checkpoint, or train a proxy from scratch on the data (resuming an interrupted run)."""
+    name = default_model_name(dataset.image_size) if config.model == "auto" else config.model
+    torch.manual_seed(config.seed)
+    model = create_model(name, dataset.num_classes, (3, *dataset.image_size))
+    info: dict[str, Any] = {"name": name, "parameters": sum(p.numel() for p in model.parameters())}
+    if config.checkpoint:
+        _load_checkpoint(model, Path(config.checkpoint))
+        info["checkpoint"] = str(config.checkpoint)
+        return model, info
+    proxy_dir = out / "proxy"
+    proxy_dir.mkdir(parents=True, exist_ok=True)
+    with timer.phase("statistics"):
+        mean, std = channel_stats(dataset, seed=config.seed)
+    model.set_normalization(mean, std)
+    meta = {"fingerprint": dataset.fingerprint, "model": name, "train": json.dumps(dataclasses.asdict(config.train), sort_keys=True), "seed": str(config.seed)}
+    with timer.phase("train_proxy"):
+        history = train_model(
+            model, dataset, np.arange(len(dataset)), config.train, device, amp_dtype,
+            checkpoint=proxy_dir / "checkpoint.pt", meta=meta, workers=config.workers, progress=not config.quiet, desc="proxy",
+        )
+    torch.save(model.state_dict(), proxy_dir / "model.pt")
+    info.update({"trained_epochs": len(history), "history": history, "weights": str(proxy_dir / "model.pt")})
+    return model, info
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_scores(path: Path, dataset: ImageDataset, detection: Detection) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(SCORES_HEADER)
+        for i in range(len(dataset)):
+            writer.writerow((dataset.ids[i], dataset.paths[i], int(dataset.labels[i]), f"{detection.scores[i]:.6f}", int(detection.flags[i])))
+    os.replace(tmp, path)
+
+
+def _versions() -> dict[str, str]:
+    return {"sanitize": sanitize.__version__, "torch": torch.__version__, "faiss": faiss.__version__, "numpy": np.__version__, "python": platform.python_version()}
+
+
+def run_scan(data: str | os.PathLike, out: str | os.PathLike, config: ScanConfig) -> ScanResult:
+    """Run the whole scan; raises SanitizeError (or DataError) for problems with the input."""
+    data, out = Path(data), Path(out)
+    if not data.exists():
+        raise SanitizeError(f"{data} does not exist")
+    _check_out_dir(data, out)
+    out.mkdir(parents=True, exist_ok=True)
+    timer = _Timer()
+    started = time.perf_counter()
+    progress = not config.quiet
+    with timer.phase("validate"):
+        dataset = open_dataset(data, image_size=config.image_size, workers=config.workers, progress=progress)
+    device = resolve_device(config.device)
+    amp_dtype = resolve_precision(config.precision, device)
+    model, model_info = build_proxy(dataset, config, out, device, amp_dtype, timer)
+    signature = _sha(json.dumps([dataset.fingerprint, model_info.get("checkpoint") or model_info.get("trained_epochs"), config.to_dict()], sort_keys=True, default=str))
+    with timer.phase("embed"):
+        embeddings = compute_embeddings(
+            model, dataset, out / "embeddings", device, amp_dtype, sketch_dim=config.sketch_dim,
+            exact_gradient_max=config.exact_gradient_max, batch_size=config.eval_batch_size, workers=config.workers,
+            seed=config.seed, signature=signature, progress=progress,
+        )
+    model_info["train_accuracy_eval_mode"] = embeddings.accuracy()
+    with timer.phase("density"):
+        detection = get_detector("knn_density")(
+            embeddings.space(config.embedding), dataset.labels, dataset.num_classes, threshold=config.threshold,
+            k_small=config.k_small, k_fraction=config.k_fraction, k_max=config.k_max, index=config.index,
+            exact_max=config.exact_max, seed=config.seed, progress=progress,
+        )
+    files = {"summary": out / "summary.json", "scores": out / "scores.csv", "flagged": out / "flagged.txt", "embeddings": out / "embeddings"}
+    with timer.phase("write"):
+        np.save(out / "embeddings" / "neighbours.npy", detection.arrays["neighbours"])
+        write_scores(files["scores"], dataset, detection)
+        _write_atomic(files["flagged"], "".join(dataset.ids[i] + "\n" for i in np.flatnonzero(detection.flags)))
+    summary = _summary(dataset, config, model_info, embeddings, detection, device, amp_dtype, timer, started)
+    _write_atomic(files["summary"], json.dumps(summary, indent=2, default=str))
+    return ScanResult(list(dataset.ids), list(dataset.paths), dataset.labels, detection.scores, detection.flags, summary, files)
+
+
+def _summary(dataset: ImageDataset, config: ScanConfig, model_info: dict, embeddings: Embeddings, detection: Detection, device, amp_dtype, timer: _Timer, started: float) -> dict[str, Any]:
+    n = len(dataset)
+    flagged = int(detection.flags.sum())
+    fraction = flagged / n
+    counts = dataset.class_counts()
+    flagged_per_class = np.bincount(dataset.labels[detection.flags], minlength=dataset.num_classes)
+    notes = list(dataset.notes) + [f"class {name!r} has no images" for name, c in counts.items() if c == 0]
+    return {
+        "versions": _versions(),
+        "device": {"device": str(device), "precision": "bf16" if amp_dtype is not None else "fp32", "faiss_gpu": gpu_available(), "threads": torch.get_num_threads()},
+        "data": {
+            "source": dataset.source,
+            "kind": dataset.kind,
+            "fingerprint": dataset.fingerprint,
+            "examples": n,
+            "image_size": list(dataset.image_size),
+            "classes": dataset.classes,
+            "counts_per_class": counts,
+            "skipped": [dataclasses.asdict(s) for s in dataset.skipped],
+            "notes": notes,
+        },
+        "config": config.to_dict(),
+        "model": model_info,
+        "embeddings": {k: embeddings.meta[k] for k in ("feature_dim", "num_classes", "gradient", "gradient_dim")} | {"space": config.embedding},
+        "detector": detection.summary,
+        "flagged": {
+            "count": flagged,
+            "fraction": fraction,
+            "per_class": {name: int(f) for name, f in zip(dataset.classes, flagged_per_class)},
+        },
+        "gate": {"max_flagged_fraction": config.max_flagged_fraction, "flagged_fraction": fraction, "passed": fraction <= config.max_flagged_fraction},
+        "seconds": timer.seconds | {"total": round(time.perf_counter() - started, 3)},
+        "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def scan(data: str | os.PathLike, out: str | os.PathLike = "sanitize-scan", **options: Any) -> ScanResult:
+    """Scan DATA (ImageFolder directory or .npz) and write the outputs to `out`; options are ScanConfig's fields."""
+    return run_scan(data, out, ScanConfig.from_options(**options))

@@ -1,0 +1,193 @@
+"""Plain from-scratch training (torchvision-references style), device and precision selection, checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from sanitize.config import TrainConfig
+from sanitize.data import ImageDataset, iterate_batches
+from sanitize.errors import SanitizeError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise SanitizeError(f"bad device {name!r}: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SanitizeError("--device cuda was asked for but no CUDA device is available")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. `auto` uses bf16 where the hardware runs it natively."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+    elif device.type == "cpu":
+        supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    else:
+        supported = False
+    if precision == "bf16" or supported:
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float in [0, 1] on `device`, channels_last (faster convolutions on CPU and GPU)."""
+    x = images.to(device, non_blocking=True).float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per-example random crop from a zero-padded copy (padding = side / 8, 4 px at 32) and horizontal flip."""
+    batch, channels, height, width = x.shape
+    pad = max(1, height // 8)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (batch,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (batch,), generator=generator).to(x.device)
+    rows = (dy[:, None] + torch.arange(height, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(width, device=x.device))[:, None, None, :]
+    batch_idx = torch.arange(batch, device=x.device)[:, None, None, None]
+    chan_idx = torch.arange(channels, device=x.device)[None, :, None, None]
+    out = padded[batch_idx, chan_idx, rows, cols]
+    flip = (torch.rand(batch, generator=generator) < 0.5).to(x.device)[:, None, None, None]
+    return torch.where(flip, out.flip(3), out).contiguous(memory_format=torch.channels_last)
+
+
+def channel_stats(dataset: ImageDataset, sample: int = 5000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std in [0, 1] from a random sample of the data (used for input normalisation)."""
+    rng = np.random.default_rng(seed)
+    indices = np.sort(rng.permutation(len(dataset))[:sample])
+    total = torch.zeros(3, dtype=torch.float64)
+    total_sq = torch.zeros(3, dtype=torch.float64)
+    count = 0
+    for images, _, _ in iterate_batches(dataset, indices, 512):
+        x = images.double().div(255)
+        total += x.sum(dim=(0, 2, 3))
+        total_sq += x.pow(2).sum(dim=(0, 2, 3))
+        count += x.shape[0] * x.shape[2] * x.shape[3]
+    mean = total / count
+    std = (total_sq / count - mean.pow(2)).clamp_min(0).sqrt()
+    return mean.float(), std.float()
+
+
+def _milestones(config: TrainConfig) -> list[int]:
+    return sorted({max(1, round(f * config.epochs)) for f in config.milestones})
+
+
+def _save_atomic(state: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+EpochHook = Callable[[int, torch.nn.Module, np.ndarray], np.ndarray]
+
+
+def train_model(
+    model: torch.nn.Module,
+    dataset: ImageDataset,
+    indices: np.ndarray,
+    config: TrainConfig,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    checkpoint: Path | None = None,
+    meta: dict[str, str] | None = None,
+    workers: int = 0,
+    progress: bool = True,
+    desc: str = "train",
+    after_epoch: EpochHook | None = None,
+) -> list[dict[str, float]]:
+    """Train `model` on `indices` from its current weights; returns per-epoch loss, accuracy and seconds.
+
+    With `checkpoint`, state is saved after every epoch and a run whose `meta` matches resumes from it.
+    `after_epoch(epoch, model, indices)` may return a smaller index set for the next epochs (robust training).
+    """
+    model.to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
+    )
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, _milestones(config), gamma=config.gamma)
+    history: list[dict[str, float]] = []
+    indices = np.asarray(indices, dtype=np.int64)
+    start_epoch = 0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        if state.get("meta") == (meta or {}):
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            history, start_epoch = state["history"], state["epoch"]
+            indices = state["indices"].numpy()
+    for epoch in range(start_epoch, config.epochs):
+        model.train()
+        started = time.perf_counter()
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        order = np.random.default_rng([config.seed, epoch]).permutation(indices)
+        if len(order) % config.batch_size == 1:
+            order = order[:-1]  # a batch of one breaks batch norm
+        loss_sum, correct, seen = 0.0, 0, 0
+        batches = iterate_batches(dataset, order, config.batch_size, workers, pin_memory=device.type == "cuda")
+        for images, labels, _ in tqdm(batches, total=-(-len(order) // config.batch_size), desc=f"{desc} {epoch + 1}/{config.epochs}", leave=False, disable=not progress):
+            x = to_model_input(images, device)
+            if config.augment:
+                x = random_crop_flip(x, generator)
+            y = labels.to(device, non_blocking=True)
+            with autocast(device, amp_dtype):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+        scheduler.step()
+        history.append({"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), "seconds": time.perf_counter() - started, "examples": seen})
+        if after_epoch is not None:
+            indices = np.asarray(after_epoch(epoch, model, indices), dtype=np.int64)
+        if checkpoint is not None:
+            _save_atomic(
+                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history, "epoch": epoch + 1, "indices": torch.from_numpy(indices), "meta": meta or {}},
+                checkpoint,
+            )
+    return history
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    dataset: ImageDataset,
+    indices: np.ndarray,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    batch_size: int = 512,
+    workers: int = 0,
+) -> np.ndarray:
+    """Logits (N, C) float32 in eval mode, no augmentation."""
+    model.to(device, memory_format=torch.channels_last).eval()
+    outputs = []
+    for images, _, _ in iterate_batches(dataset, np.asarray(indices), batch_size, workers):
+        with autocast(device, amp_dtype):
+            outputs.append(model(to_model_input(images, device)).float().cpu())
+    return torch.cat(outputs).numpy()

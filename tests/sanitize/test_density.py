@@ -1,0 +1,82 @@
+import numpy as np
+import pytest
+
+from sanitize.density import knn, robust_z, z_to_score
+from sanitize.detectors import get_detector
+
+
+def _brute_force(x, k):
+    d = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    order = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(d, order, 1), order
+
+
+def test_flat_index_agrees_with_brute_force():
+    x = np.random.default_rng(0).normal(size=(300, 16)).astype(np.float32)
+    distances, neighbours = knn(x, 7, kind="flat")
+    ref_d, ref_n = _brute_force(x.astype(np.float64), 7)
+    np.testing.assert_allclose(distances, ref_d, rtol=1e-4)
+    assert (neighbours == ref_n).mean() > 0.99  # ties at equal distance may order differently
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_indexes_have_high_recall(kind):
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(4000, 8)) + rng.integers(0, 5, size=(4000, 1)) * 3).astype(np.float32)
+    _, neighbours = knn(x, 10, kind=kind)
+    _, exact = knn(x, 10, kind="flat")
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(neighbours, exact)])
+    assert recall > 0.9
+
+
+def test_duplicates_do_not_count_as_their_own_neighbour():
+    x = np.zeros((5, 3), np.float32)
+    _, neighbours = knn(x, 4)
+    assert all(i not in row for i, row in enumerate(neighbours))
+
+
+def test_robust_z_and_score_mapping():
+    z = robust_z(np.array([1.0, 2.0, 3.0, 4.0, 100.0]))
+    assert z[2] == 0 and z[4] > 3.5 and z[0] < 0
+    scores = z_to_score(np.array([-1.0, 0.0, 3.5, 50.0]))
+    assert scores.tolist()[:3] == [0.0, 0.0, 0.5] and 0.9 < scores[3] < 1.0
+
+
+def _two_classes(rng, n=400):
+    x = rng.normal(size=(2 * n, 8)).astype(np.float32)
+    x[n:] += 10.0
+    return x, np.repeat([0, 1], n)
+
+
+def test_lone_planted_points_are_ranked_most_isolated():
+    rng = np.random.default_rng(2)
+    x, labels = _two_classes(rng)
+    planted = np.array([5, 77, 650])
+    x[planted] += rng.normal(size=(3, 8)).astype(np.float32) * 12
+    detection = get_detector("knn_density")(x, labels, 2, progress=False)
+    assert set(np.argsort(-detection.scores)[:3]) == set(planted)
+    assert detection.flags[planted].all()
+    assert detection.flags.mean() < 0.05
+    assert detection.scores.min() >= 0 and detection.scores.max() < 1
+
+
+def test_a_tight_far_group_is_isolated_at_the_large_scale_only():
+    rng = np.random.default_rng(3)
+    x, labels = _two_classes(rng)
+    group = np.arange(100, 140)  # 10% of class 0, packed tightly away from the bulk
+    x[group] = 6.0 + 0.05 * rng.normal(size=(40, 8)).astype(np.float32)
+    small_only = get_detector("knn_density")(x, labels, 2, k_max=10, progress=False)
+    both = get_detector("knn_density")(x, labels, 2, progress=False)
+    assert small_only.flags[group].mean() < 0.1
+    assert both.flags[group].all()
+    assert both.flags[np.setdiff1d(np.arange(800), group)].mean() < 0.05
+
+
+def test_tiny_classes_are_left_unscored():
+    x = np.random.default_rng(4).normal(size=(12, 4)).astype(np.float32)
+    labels = np.array([0] * 10 + [1] * 2)
+    detection = get_detector("knn_density")(x, labels, 3, progress=False)
+    assert detection.scores[10:].tolist() == [0, 0]
+    assert "not scored" in detection.summary["per_class"][1]["note"]
+    assert detection.summary["per_class"][2]["n"] == 0

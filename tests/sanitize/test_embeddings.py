@@ -1,0 +1,68 @@
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sanitize.data import open_dataset
+from sanitize.embeddings import GradientEmbedder, compute_embeddings, last_layer_gradient_factors
+from sanitize.models import create_model
+
+
+def _per_example_head_gradients(model, x, y):
+    """Autograd's last-layer gradient, one example at a time: [dL/dW, dL/db] flattened."""
+    rows = []
+    for i in range(len(x)):
+        model.zero_grad()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        rows.append(torch.cat([model.head.weight.grad, model.head.bias.grad[:, None]], dim=1).flatten())
+    return torch.stack(rows)
+
+
+def test_closed_form_last_layer_gradient_equals_autograd():
+    torch.manual_seed(0)
+    model = create_model("tiny", num_classes=5, in_shape=(3, 16, 16)).eval()
+    x, y = torch.rand(6, 3, 16, 16), torch.tensor([0, 1, 2, 3, 4, 0])
+    reference = _per_example_head_gradients(model, x, y)
+    with torch.no_grad():
+        features = model.features(x)
+        g, f_tilde = last_layer_gradient_factors(features, model.head(features), y)
+    exact = GradientEmbedder(5, model.feature_dim, sketch_dim=64, exact_max=10_000)
+    assert exact.exact
+    torch.testing.assert_close(exact(g, f_tilde), reference, rtol=1e-4, atol=1e-6)
+    # norms and inner products factorise: no C x D vector is needed for them
+    torch.testing.assert_close(g.norm(dim=1) * f_tilde.norm(dim=1), reference.norm(dim=1), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close((g @ g.T) * (f_tilde @ f_tilde.T), reference @ reference.T, rtol=1e-4, atol=1e-6)
+
+
+def test_sketch_inner_products_converge_to_the_true_ones():
+    torch.manual_seed(1)
+    g = torch.softmax(torch.randn(40, 50), 1) - F.one_hot(torch.randint(0, 50, (40,)), 50)
+    f_tilde = torch.cat([torch.rand(40, 63), torch.ones(40, 1)], 1)
+    full = (g[:, :, None] * f_tilde[:, None, :]).flatten(1)
+    truth = full @ full.T
+    errors = []
+    for m in (64, 4096):
+        sketch = GradientEmbedder(50, 63, sketch_dim=m, exact_max=0, seed=3)
+        assert not sketch.exact and sketch.dim == m
+        s = sketch(g, f_tilde)
+        errors.append(float(((s @ s.T - truth).norm() / truth.norm())))
+    assert errors[1] < 0.25 * errors[0]  # error ~ 1/sqrt(m): 8x less for 64x the dimensions
+    assert errors[1] < 0.2
+
+
+def test_embedding_pass_writes_memmaps_and_resumes(tmp_path, digits_npz):
+    dataset = open_dataset(digits_npz)
+    torch.manual_seed(0)
+    model = create_model("tiny", dataset.num_classes, (3, 16, 16))
+    args = dict(device=torch.device("cpu"), amp_dtype=None, batch_size=256, signature="s")
+    first = compute_embeddings(model, dataset, tmp_path / "emb", **args)
+    assert first.features.shape == (len(dataset), model.feature_dim)
+    assert first.gradient.shape == (len(dataset), 10 * (model.feature_dim + 1))
+    reference = np.array(first.gradient)
+    # simulate a kill after the first 512 rows: damage the rest and rewind the progress marker
+    writable = np.load(tmp_path / "emb" / "gradient.npy", mmap_mode="r+")
+    writable[512:] = 0
+    writable.flush()
+    (tmp_path / "emb" / "progress.json").write_text('{"rows_done": 512}')
+    resumed = compute_embeddings(model, dataset, tmp_path / "emb", **args)
+    np.testing.assert_array_equal(np.array(resumed.gradient), reference)
+    np.testing.assert_allclose(resumed.gradient_norm(), np.linalg.norm(reference, axis=1), rtol=1e-4)

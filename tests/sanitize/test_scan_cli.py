@@ -1,0 +1,127 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import sanitize
+from sanitize.cli import cli
+from sanitize.config import TrainConfig
+from sanitize.data import open_dataset
+from sanitize.errors import SanitizeError
+from sanitize.models import create_model
+from sanitize.training import train_model
+
+FAST_ARGS = ["--model", "tiny", "--epochs", "2", "--batch-size", "64", "--no-augment", "--quiet"]
+FAST = {"model": "tiny", "epochs": 2, "batch_size": 64, "augment": False, "quiet": True}
+
+
+def test_scan_writes_the_documented_outputs(tmp_path, digits_folder):
+    (digits_folder / "digit_0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["scan", str(digits_folder), "--out", str(out), *FAST_ARGS])
+    assert result.exit_code == 0, result.output
+    assert "gate      PASSED" in result.output
+    with (out / "scores.csv").open() as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["id", "path", "label", "score", "flagged"]
+    assert len(rows) == 401
+    ids = [r[0] for r in rows[1:]]
+    assert "digit_0/broken.png" not in ids and ids[0].startswith("digit_0/")
+    assert all(r[1].endswith(r[0]) and r[4] in ("0", "1") and 0 <= float(r[3]) < 1 for r in rows[1:])
+    flagged = (out / "flagged.txt").read_text().split()
+    assert flagged == [r[0] for r in rows[1:] if r[4] == "1"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["versions"]["sanitize"] == sanitize.__version__ and summary["versions"]["torch"] == torch.__version__
+    assert summary["data"]["fingerprint"].startswith("sha256:")
+    assert summary["data"]["skipped"][0]["id"] == "digit_0/broken.png"
+    assert summary["data"]["counts_per_class"]["digit_0"] == sum(r[0].startswith("digit_0/") for r in rows[1:])
+    assert summary["flagged"]["count"] == len(flagged)
+    assert summary["gate"] == {"max_flagged_fraction": 0.05, "flagged_fraction": len(flagged) / 400, "passed": True}
+    assert summary["config"]["train"]["epochs"] == 2
+    assert {"validate", "train_proxy", "embed", "density", "total"} <= set(summary["seconds"])
+    for name in ("features", "logits", "gradient"):
+        assert np.load(out / "embeddings" / f"{name}.npy", mmap_mode="r").shape[0] == 400
+
+
+def test_gate_failure_exits_1_and_api_agrees(tmp_path, digits_npz):
+    result = CliRunner().invoke(cli, ["scan", str(digits_npz), "--out", str(tmp_path / "o"), "--max-flagged-fraction", "0", *FAST_ARGS])
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["flagged"]["count"] > 0  # a proxy trained 2 epochs always has some isolated examples
+    assert result.exit_code == 1 and "gate      FAILED" in result.output
+    api = sanitize.scan(digits_npz, tmp_path / "o", max_flagged_fraction=0.0, **FAST)
+    assert not api.passed and api.flagged_ids == (tmp_path / "o" / "flagged.txt").read_text().split()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["scan", "{missing}"], "does not exist"),
+        (["scan", "{data}", "--out", "{data}/inside"], "inside DATA"),
+        (["scan", "{bad_npz}"], "cannot read"),
+        (["scan", "{data}", "--model", "nope"], "unknown model"),
+        (["scan", "{data}", "--threshold", "2"], "threshold"),
+        (["scan", "{data}", "--checkpoint", "{bad_npz}"], "cannot load checkpoint"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, digits_folder, args, message):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"garbage")
+    values = {"missing": tmp_path / "nope", "data": digits_folder, "bad_npz": bad}
+    args = [a.format(**values) for a in args]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(cli, [*args[:2], *FAST_ARGS, *out, *args[2:]])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (digits_folder / "inside").exists()
+
+
+def test_wrong_checkpoint_shape_is_a_clear_error(tmp_path, digits_npz):
+    weights = tmp_path / "w.pt"
+    torch.save(create_model("tiny", 3, (3, 16, 16)).state_dict(), weights)
+    with pytest.raises(SanitizeError, match="does not fit the model"):
+        sanitize.scan(digits_npz, tmp_path / "o", checkpoint=str(weights), **FAST)
+
+
+def test_same_seed_same_scores_and_checkpoint_reuse(tmp_path, digits_npz):
+    first = sanitize.scan(digits_npz, tmp_path / "a", seed=3, **FAST)
+    second = sanitize.scan(digits_npz, tmp_path / "b", seed=3, **FAST)
+    np.testing.assert_array_equal(first.scores, second.scores)
+    other = sanitize.scan(digits_npz, tmp_path / "c", seed=4, **FAST)
+    assert not np.array_equal(first.scores, other.scores)
+    reused = sanitize.scan(digits_npz, tmp_path / "d", checkpoint=str(tmp_path / "a" / "proxy" / "model.pt"), seed=3, **FAST)
+    np.testing.assert_allclose(reused.scores, first.scores, atol=1e-6)
+    assert reused.summary["model"]["checkpoint"].endswith("model.pt")
+
+
+def test_killed_training_resumes_to_the_same_weights(tmp_path, digits_npz):
+    dataset = open_dataset(digits_npz)
+    config = TrainConfig(epochs=3, batch_size=128, augment=True)
+
+    def run(checkpoint, kill_after=None):
+        torch.manual_seed(0)
+        model = create_model("tiny", 10, (3, 16, 16))
+
+        def hook(epoch, _model, indices):
+            if epoch == kill_after:
+                raise KeyboardInterrupt
+            return indices
+
+        train_model(model, dataset, np.arange(len(dataset)), config, torch.device("cpu"), None, checkpoint=checkpoint, progress=False, after_epoch=hook)
+        return model.state_dict()
+
+    straight = run(tmp_path / "straight.pt")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed.pt", kill_after=1)
+    resumed = run(tmp_path / "killed.pt")
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor)
+
+
+def test_demo_runs_and_finds_planted_examples(tmp_path):
+    result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "demo"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    caught, planted = map(int, result.output.split("planted")[1].split()[:3:2])
+    assert planted == 36 and caught >= 5
