@@ -32,7 +32,7 @@ class ScanConfig:
     checkpoint: str | None = None  # load these weights instead of training a proxy
     image_size: int | None = None  # None: the most common size in the data
     train: TrainConfig = field(default_factory=TrainConfig)  # the proxy's training recipe
-    embedding: str = "gradient"  # gradient | features | logit_gradient
+    embedding: str = "features"  # features | gradient | logit_gradient (measured: reports/scan-benchmark)
     sketch_dim: int = 1024  # last-layer gradients longer than exact_gradient_max are sketched to this many dims
     exact_gradient_max: int = 8192
     k_small: int = 10  # neighbours for lone points

@@ -31,7 +31,7 @@ from sanitize.density import gpu_available
 from sanitize.detectors import Detection, get_detector
 from sanitize.embeddings import Embeddings, compute_embeddings
 from sanitize.errors import SanitizeError
-from sanitize.models import Classifier, create_model, default_model_name
+from sanitize.models import Classifier, create_model, default_model_name, load_weights
 from sanitize.training import channel_stats, resolve_device, resolve_precision, train_model
 
 SCORES_HEADER = ("id", "path", "label", "score", "flagged")
@@ -78,22 +78,13 @@ def _check_out_dir(data: Path, out: Path) -> None:
         raise SanitizeError("--out must not be the data file")
 
 
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _load_checkpoint(model: Classifier, path: Path) -> None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise SanitizeError(f"cannot load checkpoint {path}: {error}") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SanitizeError(f"checkpoint {path} does not fit the model: {first_line}") from None
+def _embedding_signature(dataset: ImageDataset, model: Classifier, config: ScanConfig) -> str:
+    """What the embedding pass depends on: the data, the exact weights, the gradient embedder and the precision."""
+    digest = hashlib.sha256(f"{dataset.fingerprint}|{config.sketch_dim}|{config.exact_gradient_max}|{config.seed}|{config.precision}".encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
 
 
 def build_proxy(dataset: ImageDataset, config: ScanConfig, out: Path, device: torch.device, amp_dtype, timer: _Timer) -> tuple[Classifier, dict[str, Any]]:
@@ -103,7 +94,7 @@ def build_proxy(dataset: ImageDataset, config: ScanConfig, out: Path, device: to
     model = create_model(name, dataset.num_classes, (3, *dataset.image_size))
     info: dict[str, Any] = {"name": name, "parameters": sum(p.numel() for p in model.parameters())}
     if config.checkpoint:
-        _load_checkpoint(model, Path(config.checkpoint))
+        load_weights(model, Path(config.checkpoint))
         info["checkpoint"] = str(config.checkpoint)
         return model, info
     proxy_dir = out / "proxy"
@@ -157,7 +148,7 @@ def run_scan(data: str | os.PathLike, out: str | os.PathLike, config: ScanConfig
     device = resolve_device(config.device)
     amp_dtype = resolve_precision(config.precision, device)
     model, model_info = build_proxy(dataset, config, out, device, amp_dtype, timer)
-    signature = _sha(json.dumps([dataset.fingerprint, model_info.get("checkpoint") or model_info.get("trained_epochs"), config.to_dict()], sort_keys=True, default=str))
+    signature = _embedding_signature(dataset, model, config)
     with timer.phase("embed"):
         embeddings = compute_embeddings(
             model, dataset, out / "embeddings", device, amp_dtype, sketch_dim=config.sketch_dim,

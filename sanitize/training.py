@@ -52,10 +52,10 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float in [0, 1] on `device`, channels_last (faster convolutions on CPU and GPU)."""
+def to_model_input(images: torch.Tensor, device: torch.device, memory_format: torch.memory_format = torch.channels_last) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float in [0, 1] on `device`, channels_last by default (faster convolutions on CPU and GPU)."""
     x = images.to(device, non_blocking=True).float().div_(255)
-    return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=memory_format)
 
 
 def random_crop_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -71,7 +71,8 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     chan_idx = torch.arange(channels, device=x.device)[None, :, None, None]
     out = padded[batch_idx, chan_idx, rows, cols]
     flip = (torch.rand(batch, generator=generator) < 0.5).to(x.device)[:, None, None, None]
-    return torch.where(flip, out.flip(3), out).contiguous(memory_format=torch.channels_last)
+    keep_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    return torch.where(flip, out.flip(3), out).contiguous(memory_format=keep_format)
 
 
 def channel_stats(dataset: ImageDataset, sample: int = 5000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,13 +118,14 @@ def train_model(
     progress: bool = True,
     desc: str = "train",
     after_epoch: EpochHook | None = None,
+    memory_format: torch.memory_format = torch.channels_last,
 ) -> list[dict[str, float]]:
     """Train `model` on `indices` from its current weights; returns per-epoch loss, accuracy and seconds.
 
     With `checkpoint`, state is saved after every epoch and a run whose `meta` matches resumes from it.
     `after_epoch(epoch, model, indices)` may return a smaller index set for the next epochs (robust training).
     """
-    model.to(device, memory_format=torch.channels_last)
+    model.to(device, memory_format=memory_format)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
     )
@@ -149,7 +151,7 @@ def train_model(
         loss_sum, correct, seen = 0.0, 0, 0
         batches = iterate_batches(dataset, order, config.batch_size, workers, pin_memory=device.type == "cuda")
         for images, labels, _ in tqdm(batches, total=-(-len(order) // config.batch_size), desc=f"{desc} {epoch + 1}/{config.epochs}", leave=False, disable=not progress):
-            x = to_model_input(images, device)
+            x = to_model_input(images, device, memory_format)
             if config.augment:
                 x = random_crop_flip(x, generator)
             y = labels.to(device, non_blocking=True)

@@ -12,7 +12,7 @@ import torch
 from sanitize.data.base import ImageDataset
 from sanitize.errors import DataError
 
-KEY_PAIRS = (("x", "y"), ("x_train", "y_train"))
+KEY_PAIRS = (("x", "y"), ("x_train", "y_train"), ("x_test", "y_test"))
 
 
 def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
@@ -24,7 +24,7 @@ def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
         names = set(archive.files)
         pair = next(((xk, yk) for xk, yk in KEY_PAIRS if xk in names and yk in names), None)
         if pair is None:
-            raise DataError(f"{path} has keys {sorted(names)}; expected x and y (or x_train and y_train)")
+            raise DataError(f"{path} has keys {sorted(names)}; expected x and y (or x_train and y_train, x_test and y_test)")
         try:
             x, y = archive[pair[0]], archive[pair[1]]
             classes = [str(c) for c in archive["classes"]] if "classes" in names else None
@@ -61,15 +61,20 @@ def open_npz(path: Path) -> "ArrayDataset":
         classes = [str(c) for c in range(num_classes)]
     elif len(classes) < num_classes:
         raise DataError(f"{path}: {len(classes)} class names but labels go up to {num_classes - 1}")
+    return from_arrays(x, labels, classes, source=str(path))
+
+
+def from_arrays(x: np.ndarray, labels: np.ndarray, classes: list[str], source: str, ids: list[str] | None = None) -> "ArrayDataset":
+    """An in-memory dataset over (N, H, W, C) uint8 images; its fingerprint hashes the array bytes."""
     digest = hashlib.sha256()
     for array in (x, labels):
         digest.update(str(array.shape).encode())
         digest.update(np.ascontiguousarray(array).tobytes())
     dataset = ArrayDataset(
-        source=str(path),
+        source=source,
         kind="npz",
-        classes=classes,
-        ids=[str(i) for i in range(len(x))],
+        classes=list(classes),
+        ids=ids if ids is not None else [str(i) for i in range(len(x))],
         paths=[""] * len(x),
         labels=labels,
         image_size=(int(x.shape[1]), int(x.shape[2])),
@@ -81,6 +86,15 @@ def open_npz(path: Path) -> "ArrayDataset":
 
 class ArrayDataset(ImageDataset):
     images: np.ndarray
+
+    def subset(self, positions: np.ndarray) -> "ArrayDataset":
+        """The examples at `positions`, keeping their ids (so results trace back to the source)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        return from_arrays(self.images[positions], self.labels[positions], self.classes, self.source, [self.ids[p] for p in positions])
+
+    def with_images(self, images: np.ndarray) -> "ArrayDataset":
+        """The same examples with other pixels (a poisoned copy); ids and labels unchanged."""
+        return from_arrays(images, self.labels, self.classes, self.source, list(self.ids))
 
     def load_image(self, index: int) -> torch.Tensor:
         return self._gray_to_rgb(torch.from_numpy(np.ascontiguousarray(self.images[index])).permute(2, 0, 1))

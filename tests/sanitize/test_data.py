@@ -111,3 +111,14 @@ def test_folder_without_images_is_a_data_error(tmp_path):
         open_dataset(tmp_path, progress=False)
     with pytest.raises(DataError, match="no class subfolders"):
         open_dataset(tmp_path / "a", progress=False)
+
+
+def test_worker_processes_load_the_same_batches(digits_folder):
+    from sanitize.data import iterate_batches
+
+    single = open_dataset(digits_folder, progress=False)
+    parallel = open_dataset(digits_folder, workers=2, progress=False)
+    assert parallel.ids == single.ids and parallel.fingerprint == single.fingerprint
+    order = np.random.default_rng(0).permutation(len(single))
+    for (a, la, pa), (b, lb, pb) in zip(iterate_batches(single, order, 64), iterate_batches(parallel, order, 64, workers=2)):
+        assert torch.equal(a, b) and torch.equal(la, lb) and torch.equal(pa, pb)

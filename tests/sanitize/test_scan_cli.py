@@ -125,3 +125,13 @@ def test_demo_runs_and_finds_planted_examples(tmp_path):
     assert result.exit_code == 0, result.output
     caught, planted = map(int, result.output.split("planted")[1].split()[:3:2])
     assert planted == 36 and caught >= 5
+
+
+def test_rerun_in_the_same_out_dir_reuses_proxy_and_embeddings(tmp_path, digits_npz):
+    first = sanitize.scan(digits_npz, tmp_path / "o", **FAST)
+    embedded = (tmp_path / "o" / "embeddings" / "features.npy").stat().st_mtime_ns
+    again = sanitize.scan(digits_npz, tmp_path / "o", threshold=0.2, **FAST)
+    assert (tmp_path / "o" / "embeddings" / "features.npy").stat().st_mtime_ns == embedded
+    assert again.summary["model"]["history"] == first.summary["model"]["history"]
+    np.testing.assert_array_equal(again.scores, first.scores)
+    assert again.flags.sum() > first.flags.sum() and not (first.flags & ~again.flags).any()
