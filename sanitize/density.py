@@ -37,7 +37,7 @@ def build_index(x: np.ndarray, kind: str, seed: int = 0, nprobe: int | None = No
         index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
         index.cp.seed = seed
         index.train(x)
-        index.nprobe = nprobe or min(nlist, max(8, nlist // 8))
+        index.nprobe = nprobe or min(nlist, 32)  # recall@10 1.0 on 1M x 128 (reports/scan-benchmark), 0.94 at 16
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, 32)
         index.hnsw.efConstruction = 80
