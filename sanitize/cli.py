@@ -119,5 +119,73 @@ def demo(out: Path, quiet: bool) -> None:
     click.echo(f"planted   {len(caught)} of {len(moved)} mislabeled images are among the flagged")
 
 
+def parse_keys(text: str) -> tuple[int, ...]:
+    """'0-7' or '0,3,5' or '2' -> a tuple of keys."""
+    keys: list[int] = []
+    try:
+        for part in text.split(","):
+            low, _, high = part.partition("-")
+            keys.extend(range(int(low), int(high) + 1) if high else [int(low)])
+    except ValueError:
+        raise SanitizeError(f"bad --keys {text!r}; use e.g. 0-7 or 0,3,5") from None
+    return tuple(keys)
+
+
+@cli.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--test", "test_data", type=click.Path(path_type=Path), required=True, help="Test set the target image is drawn from.")
+@click.option("--method", default="gradient-matching", show_default=True)
+@click.option("--key", type=int, default=0, show_default=True, help="Poison key: picks target, intended class and poisons.")
+@click.option("--budget", type=float, default=0.01, show_default=True, help="Fraction of the training set to perturb.")
+@click.option("--eps", type=float, default=16.0, show_default=True, help="l-inf radius in 0..255 units.")
+@click.option("--surrogate", type=click.Path(exists=True, dir_okay=False), default=None, help="Surrogate weights; default: train one on DATA.")
+@click.option("--epochs", type=int, default=20, show_default=True, help="Surrogate training epochs when no --surrogate.")
+@click.option("--model", default="convnet", show_default=True)
+@click.option("--iterations", type=int, default=250, show_default=True)
+@click.option("--restarts", type=int, default=8, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Where the poisoned copy and poison_manifest.json go.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True)
+@_handle_errors
+def attack(data: Path, test_data: Path, method: str, key: int, budget: float, eps: float, surrogate: str | None, epochs: int, model: str, iterations: int, restarts: int, out: Path, device: str, seed: int, quiet: bool) -> None:
+    """Craft poisons against DATA and write a poisoned copy (lossless) with its ground-truth manifest."""
+    from attacks.api import attack_dataset
+
+    manifest = attack_dataset(data, test_data, out, method=method, key=key, budget=budget, eps=eps, surrogate=surrogate, epochs=epochs,
+                              model=model, iterations=iterations, restarts=restarts, device=device, seed=seed, progress=not quiet)
+    click.echo(f"poisoned  {len(manifest['poison_ids'])} images of class {manifest['intended_class']} for target {manifest['target_id']} (class {manifest['target_class']})")
+    click.echo(f"outputs   {out}")
+
+
+@cli.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--test", "test_data", type=click.Path(path_type=Path), required=True)
+@click.option("--attack", "attack_name", default="gradient-matching", show_default=True)
+@click.option("--keys", default="0-7", show_default=True)
+@click.option("--victims", type=int, default=4, show_default=True)
+@click.option("--scale", type=click.Choice(["smoke", "cpu", "paper"]), default="cpu", show_default=True)
+@click.option("--eps", type=float, default=16.0, show_default=True)
+@click.option("--budget", type=float, default=0.01, show_default=True)
+@click.option("--arms", default="clean,undefended,random-noise", show_default=True)
+@click.option("--epochs", type=int, default=None, help="Override the scale's victim epochs.")
+@click.option("--restarts", type=int, default=None)
+@click.option("--iterations", type=int, default=None)
+@click.option("--cache", type=click.Path(file_okay=False), default=None, help="Surrogates, victims and poisons (default OUT/cache).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--quiet", is_flag=True)
+@_handle_errors
+def evaluate(data: Path, test_data: Path, attack_name: str, keys: str, victims: int, scale: str, eps: float, budget: float, arms: str, epochs, restarts, iterations, cache, out: Path, device: str, quiet: bool) -> None:
+    """Train victims from scratch on clean / poisoned / control data; append one JSON line per victim to OUT."""
+    from attacks.evaluate import EvaluationConfig, run_evaluation
+
+    config = EvaluationConfig(attack=attack_name, scale=scale, keys=parse_keys(keys), victims=victims, eps=eps, budget=budget,
+                              arms=tuple(a.strip() for a in arms.split(",")), epochs=epochs, restarts=restarts, iterations=iterations,
+                              device=device, cache=cache)
+    run_evaluation(data, test_data, out, config, progress=not quiet, command="sanitize " + " ".join(sys.argv[1:]))
+    click.echo((out / "summary.md").read_text())
+
+
 def main() -> None:
     cli(prog_name="sanitize")

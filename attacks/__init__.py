@@ -1,0 +1,34 @@
+"""Attacks that craft real poisons against from-scratch training: a registry behind `craft(method, ...)`."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from attacks.base import PoisonSet, PoisonSetup, choose_setup, read_manifest, write_poisoned
+from attacks.gradient_matching import GradientMatchingConfig, craft_gradient_matching
+from sanitize.errors import SanitizeError
+
+_METHODS: dict[str, tuple[Callable[..., PoisonSet], type]] = {
+    "gradient-matching": (craft_gradient_matching, GradientMatchingConfig),
+}
+
+
+def list_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def method_config(method: str, **options: Any) -> Any:
+    """The method's config dataclass with `options` applied."""
+    if method not in _METHODS:
+        raise SanitizeError(f"unknown attack {method!r}; choose from {', '.join(list_methods())}")
+    return _METHODS[method][1](**options)
+
+
+def craft(method: str, surrogates, train, target_image, setup: PoisonSetup, eps: float, config: Any, **kwargs: Any) -> PoisonSet:
+    """Craft poisons with `method` (see list_methods()) for the given setup."""
+    if method not in _METHODS:
+        raise SanitizeError(f"unknown attack {method!r}; choose from {', '.join(list_methods())}")
+    return _METHODS[method][0](surrogates, train, target_image, setup, eps, config, **kwargs)
+
+
+__all__ = ["PoisonSet", "PoisonSetup", "choose_setup", "craft", "list_methods", "method_config", "read_manifest", "write_poisoned"]

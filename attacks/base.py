@@ -1,0 +1,177 @@
+"""The threat model of targeted clean-label poisoning, the poison set it produces, and lossless writing.
+
+A poison key picks, deterministically: the target class, the intended (adversarial) class, one target image from the
+test set, and `budget x N` training images of the intended class to perturb. Perturbations live in an l-inf ball of
+radius eps (0..255 units) and the valid pixel range, and are stored as integers so that the poisoned images written
+to PNG or npz read back bit-exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sanitize.data import ImageDataset
+from sanitize.errors import SanitizeError
+
+MANIFEST = "poison_manifest.json"
+
+
+@dataclass(frozen=True)
+class PoisonSetup:
+    """What a poison key picks. Positions index the train / test datasets; ids are their stable names."""
+
+    key: int
+    target_class: int
+    intended_class: int
+    target_index: int
+    target_id: str
+    poison_indices: tuple[int, ...]
+
+
+def choose_setup(key: int, train: ImageDataset, test: ImageDataset, budget: float) -> PoisonSetup:
+    """Deterministic choice from the key alone (and the data): repeatable runs, as the poisoning benchmark does."""
+    rng = np.random.default_rng([int(key), 20210112])
+    num_classes = train.num_classes
+    target_class = int(rng.integers(num_classes))
+    intended_class = int((target_class + rng.integers(1, num_classes)) % num_classes)
+    candidates = np.flatnonzero(test.labels == target_class)
+    if len(candidates) == 0:
+        raise SanitizeError(f"the test set has no image of class {target_class} to target")
+    target_index = int(rng.choice(candidates))
+    count = max(1, round(budget * len(train)))
+    pool = np.flatnonzero(train.labels == intended_class)
+    if count > len(pool):
+        raise SanitizeError(f"budget {budget} asks for {count} poisons but class {intended_class} has {len(pool)} images")
+    poison_indices = tuple(int(i) for i in np.sort(rng.choice(pool, count, replace=False)))
+    return PoisonSetup(key, target_class, intended_class, target_index, test.ids[target_index], poison_indices)
+
+
+@dataclass
+class PoisonSet:
+    """Integer perturbations (P, 3, H, W) in 0..255 units for `setup.poison_indices`, and how they were made."""
+
+    setup: PoisonSetup
+    eps: float
+    deltas: torch.Tensor  # int16
+    method: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def apply(self, clean: torch.Tensor) -> torch.Tensor:
+        """Poisoned uint8 images from the clean uint8 images of the poison positions."""
+        return (clean.to(torch.int16) + self.deltas).clamp_(0, 255).to(torch.uint8)
+
+
+def quantize(clean: torch.Tensor, poisoned: torch.Tensor, eps: float) -> torch.Tensor:
+    """int16 deltas of float images in [0, 1]: rounded to whole grey levels, inside eps and the pixel range."""
+    target = (poisoned.detach().float() * 255).round().clamp(0, 255)
+    bound = math.floor(eps)
+    delta = (target - clean.float()).clamp(-bound, bound)
+    return delta.to(torch.int16)
+
+
+def random_shift_flip(x: torch.Tensor, max_shift: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Differentiable augmentation: per-sample random translation up to `max_shift` px and horizontal flip, through
+    `grid_sample`, so gradients reach the perturbation through the same augmentations victims train with."""
+    batch, _, height, width = x.shape
+    shift = (torch.rand(batch, 2, generator=generator) * 2 - 1) * max_shift
+    flip = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(batch, 2, 3)
+    theta[:, 0, 0] = flip
+    theta[:, 1, 1] = 1.0
+    theta[:, 0, 2] = shift[:, 0] * 2 / width
+    theta[:, 1, 2] = shift[:, 1] * 2 / height
+    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def manifest(poisons: PoisonSet, train: ImageDataset, poisoned_ids: list[str], poisoned_paths: list[str], seed: int) -> dict[str, Any]:
+    setup = poisons.setup
+    return {
+        "method": poisons.method,
+        "eps": poisons.eps,
+        "budget": len(setup.poison_indices) / len(train),
+        "key": setup.key,
+        "seed": seed,
+        "target_id": setup.target_id,
+        "target_index": setup.target_index,
+        "target_class": setup.target_class,
+        "intended_class": setup.intended_class,
+        "classes": train.classes,
+        "poison_indices": list(setup.poison_indices),
+        "poison_ids": poisoned_ids,
+        "poison_paths": poisoned_paths,
+        "source": train.source,
+        "source_fingerprint": train.fingerprint,
+        "metadata": poisons.metadata,
+    }
+
+
+def write_poisoned(train: ImageDataset, poisons: PoisonSet, out: Path, seed: int = 0) -> Path:
+    """A poisoned copy of `train` plus poison_manifest.json: `out`.npz for arrays, an ImageFolder of PNGs otherwise.
+
+    The source is never modified. Poisoned folder images are written as PNG (JPEG would destroy the perturbation).
+    """
+    positions = np.asarray(poisons.setup.poison_indices)
+    poisoned = poisons.apply(train.load_batch(positions)[0])
+    if train.kind == "npz":
+        out.mkdir(parents=True, exist_ok=True)
+        images = np.array(train.images, copy=True)
+        if images.shape[-1] == 1:
+            images = np.repeat(images, 3, axis=-1)
+        images[positions] = poisoned.permute(0, 2, 3, 1).numpy()
+        np.savez(out / "data.npz", x=images, y=train.labels, classes=np.array(train.classes))
+        ids, paths = [str(p) for p in positions], ["" for _ in positions]
+    else:
+        ids, paths = _write_folder_copy(train, positions, poisoned, out)
+    record = manifest(poisons, train, ids, paths, seed)
+    (out / MANIFEST).write_text(json.dumps(record, indent=1))
+    return out
+
+
+def _write_folder_copy(train: ImageDataset, positions: np.ndarray, poisoned: torch.Tensor, out: Path) -> tuple[list[str], list[str]]:
+    """Copy every clean file as it is (hard link where possible) and write the poisons as PNG under data/."""
+    root = out / "data"
+    replaced = {int(p): poisoned[i] for i, p in enumerate(positions)}
+    ids, paths = [], []
+    for index, rel in enumerate(train.ids):
+        destination = root / rel
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if index in replaced:
+            destination = destination.with_suffix(".png")
+            Image.fromarray(replaced[index].permute(1, 2, 0).numpy()).save(destination)
+            ids.append(destination.relative_to(root).as_posix())
+            paths.append(str(destination))
+        else:
+            try:
+                os.link(train.paths[index], destination)
+            except OSError:
+                shutil.copyfile(train.paths[index], destination)
+    return ids, paths
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """Read a poison manifest, with a clear error for anything that is not one."""
+    path = path / MANIFEST if path.is_dir() else path
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise SanitizeError(f"cannot read poison manifest {path}: {error}") from None
+    required = {"method", "eps", "target_class", "intended_class", "poison_ids"}
+    if not isinstance(record, dict) or not required <= set(record):
+        raise SanitizeError(f"{path} is not a poison manifest (needs {', '.join(sorted(required))})")
+    return record
+
+
+def setup_as_dict(setup: PoisonSetup) -> dict[str, Any]:
+    return asdict(setup)

@@ -1,0 +1,272 @@
+"""The evaluation harness: victims trained from scratch on clean, poisoned and control data; one JSON line each.
+
+Follows ../shared/PROTOCOL.md: per poison key a surrogate (pretrained once on the clean data, cached), poisons crafted
+against it (cached), and V victims per arm trained from scratch with fresh seeds the attacker never saw. Rows go to
+`results.jsonl` as each victim finishes, so a killed run resumes where it stopped and runs accumulate; `aggregate`
+writes summary.json and summary.md (mean +- standard error per attack, eps and arm).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from attacks import choose_setup, craft, method_config
+from attacks.base import PoisonSet, PoisonSetup
+from sanitize.config import TrainConfig
+from sanitize.data import ImageDataset, open_dataset
+from sanitize.data.arrays import ArrayDataset
+from sanitize.errors import SanitizeError
+from sanitize.models import Classifier, create_model
+from sanitize.training import channel_stats, predict, resolve_device, resolve_precision, train_model
+
+ARMS = ("clean", "undefended", "random-noise")
+SURROGATE_SEED = 10_000  # victims use seeds 0..V-1; the attacker's surrogate never shares one
+
+
+@dataclass
+class Scale:
+    """One row of PROTOCOL.md's scales: data subset, model, victim recipe and attack effort."""
+
+    model: str
+    model_kwargs: dict[str, Any]
+    per_class: int | None  # class-balanced training subset; None = all
+    train: TrainConfig
+    craft: dict[str, Any]
+
+
+SCALES = {
+    "smoke": Scale("tiny", {}, 60, TrainConfig(epochs=6, batch_size=64), {"iterations": 20, "restarts": 1}),
+    "cpu": Scale("convnet", {}, 1000, TrainConfig(epochs=20), {"iterations": 250, "restarts": 4}),
+    "paper": Scale("resnet18_cifar", {}, None, TrainConfig(epochs=40, milestones=(14 / 40, 24 / 40, 35 / 40)), {"iterations": 250, "restarts": 8}),
+}
+
+
+@dataclass
+class EvaluationConfig:
+    attack: str = "gradient-matching"
+    scale: str = "cpu"
+    keys: tuple[int, ...] = tuple(range(8))
+    victims: int = 4
+    eps: float = 16.0
+    budget: float = 0.01
+    arms: tuple[str, ...] = ARMS
+    epochs: int | None = None  # override the scale's victim epochs
+    restarts: int | None = None
+    iterations: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    subset_seed: int = 0
+    cache: str | None = None  # where surrogates, clean victims and poisons are kept; default OUT/cache
+
+    def resolved(self) -> tuple[Scale, TrainConfig, Any]:
+        if self.scale not in SCALES:
+            raise SanitizeError(f"unknown scale {self.scale!r}; choose from {', '.join(SCALES)}")
+        unknown = set(self.arms) - set(ARMS)
+        if unknown:
+            raise SanitizeError(f"unknown arm(s) {', '.join(sorted(unknown))}; choose from {', '.join(ARMS)}")
+        scale = SCALES[self.scale]
+        train = dataclasses.replace(scale.train, epochs=self.epochs or scale.train.epochs)
+        options = dict(scale.craft)
+        options.update({k: v for k, v in (("restarts", self.restarts), ("iterations", self.iterations)) if v})
+        return scale, train, method_config(self.attack, **options)
+
+
+def class_balanced_subset(dataset: ImageDataset, per_class: int | None, seed: int) -> ArrayDataset:
+    """A fixed subset with `per_class` random examples of every class (all of them for None)."""
+    if not isinstance(dataset, ArrayDataset):
+        raise SanitizeError("evaluate needs .npz training data (write an ImageFolder to npz first)")
+    if per_class is None:
+        return dataset
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in range(dataset.num_classes):
+        members = np.flatnonzero(dataset.labels == c)
+        if len(members) < per_class:
+            raise SanitizeError(f"class {dataset.classes[c]} has {len(members)} examples, the scale needs {per_class}")
+        chosen.append(rng.choice(members, per_class, replace=False))
+    return dataset.subset(np.sort(np.concatenate(chosen)))
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Harness:
+    """Shared state of one evaluation: data, device, caches and the results file."""
+
+    def __init__(self, train_path: Path, test_path: Path, out: Path, config: EvaluationConfig, progress: bool = True):
+        self.config, self.progress, self.out = config, progress, out
+        self.scale, self.recipe, self.craft_config = config.resolved()
+        self.train = class_balanced_subset(open_dataset(train_path, progress=progress), self.scale.per_class, config.subset_seed)
+        self.test = open_dataset(test_path, progress=progress)
+        if self.test.num_classes > self.train.num_classes or self.test.image_size != self.train.image_size:
+            raise SanitizeError("the test set's classes or image size do not match the training set's")
+        self.device = resolve_device(config.device)
+        self.amp = resolve_precision(config.precision, self.device)
+        self.cache = Path(config.cache) if config.cache else out / "cache"
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.results = out / "results.jsonl"
+        self.mean, self.std = channel_stats(self.train)
+
+    def new_model(self, seed: int) -> Classifier:
+        torch.manual_seed(seed)
+        model = create_model(self.scale.model, self.train.num_classes, (3, *self.train.image_size), **self.scale.model_kwargs)
+        model.set_normalization(self.mean, self.std)
+        return model
+
+    def trained(self, data: ArrayDataset, seed: int, tag: str) -> tuple[Classifier, float]:
+        """A model trained from scratch on `data` with `seed`, cached by data, recipe and seed; (model, seconds)."""
+        name = f"{tag}-{_hash(data.fingerprint, self.scale.model, self.scale.model_kwargs, dataclasses.asdict(self.recipe), seed)}"
+        final, partial = self.cache / f"{name}.pt", self.cache / f"{name}.partial.pt"
+        model = self.new_model(seed)
+        if final.exists():
+            state = torch.load(final, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"])
+            return model, float(state["seconds"])
+        started = time.perf_counter()
+        recipe = dataclasses.replace(self.recipe, seed=seed)
+        train_model(model, data, np.arange(len(data)), recipe, self.device, self.amp, checkpoint=partial, meta={"name": name}, progress=self.progress, desc=tag)
+        seconds = time.perf_counter() - started
+        torch.save({"model": model.state_dict(), "seconds": seconds}, final)
+        partial.unlink(missing_ok=True)
+        return model, seconds
+
+    def poisons(self, setup: PoisonSetup, surrogate: Classifier) -> PoisonSet:
+        """Craft (or load the cached) poisons for this key."""
+        name = f"poisons-{self.config.attack}-{_hash(self.train.fingerprint, setup.key, self.config.eps, self.config.budget, dataclasses.asdict(self.craft_config), self.scale.model)}.pt"
+        path = self.cache / name
+        if path.exists():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            return PoisonSet(setup, self.config.eps, state["deltas"], self.config.attack, json.loads(state["metadata"]))
+        poisons = craft(self.config.attack, [surrogate], self.train, self.test.load_image(setup.target_index), setup, self.config.eps, self.craft_config, device=self.device, amp_dtype=self.amp, progress=self.progress)
+        torch.save({"deltas": poisons.deltas, "metadata": json.dumps(poisons.metadata)}, path)
+        return poisons
+
+    def data_for(self, arm: str, poisons: PoisonSet) -> ArrayDataset:
+        if arm == "clean":
+            return self.train
+        positions = np.asarray(poisons.setup.poison_indices)
+        clean = torch.from_numpy(self.train.images[positions]).permute(0, 3, 1, 2)
+        if arm == "undefended":
+            changed = poisons.apply(clean)
+        else:  # random-noise: random signs at full eps on the same images, the control
+            generator = torch.Generator().manual_seed(poisons.setup.key)
+            signs = torch.randint(0, 2, clean.shape, generator=generator).to(torch.int16) * 2 - 1
+            changed = (clean.to(torch.int16) + signs * int(math.floor(self.config.eps))).clamp(0, 255).to(torch.uint8)
+        images = np.array(self.train.images, copy=True)
+        images[positions] = changed.permute(0, 2, 3, 1).numpy()
+        return self.train.with_images(images)
+
+    def measure(self, model: Classifier, setup: PoisonSetup) -> tuple[int, float]:
+        """The victim's prediction on the target and its accuracy on the test set without the target."""
+        logits = predict(model, self.test, np.arange(len(self.test)), self.device, self.amp)
+        predictions = logits.argmax(axis=1)
+        keep = np.ones(len(self.test), bool)
+        keep[setup.target_index] = False
+        return int(predictions[setup.target_index]), float((predictions[keep] == self.test.labels[keep]).mean())
+
+    def done(self) -> set[tuple]:
+        if not self.results.exists():
+            return set()
+        return {(r["attack"], r["eps"], r["budget"], r["poison_key"], r["arm"], r["victim_seed"], r["scale"]) for r in _rows(self.out)}
+
+    def append(self, row: dict[str, Any]) -> None:
+        with self.results.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Path, config: EvaluationConfig, progress: bool = True, command: str | None = None) -> Path:
+    """Train and measure every (key, arm, victim) not yet in OUT/results.jsonl; then aggregate."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    harness = Harness(Path(train_path), Path(test_path), out, config, progress)
+    done = harness.done()
+    surrogate, surrogate_seconds = harness.trained(harness.train, SURROGATE_SEED, "surrogate")
+    for key in config.keys:
+        setup = choose_setup(key, harness.train, harness.test, config.budget)
+        todo = [(arm, v) for arm in config.arms for v in range(config.victims)
+                if (config.attack, config.eps, config.budget, key, arm, v, config.scale) not in done]
+        if not todo:
+            continue
+        poisons = harness.poisons(setup, surrogate)
+        for arm, victim_seed in todo:
+            data = harness.data_for(arm, poisons)
+            model, victim_seconds = harness.trained(data, victim_seed, f"victim-{arm}")
+            started = time.perf_counter()
+            target_pred, clean_acc = harness.measure(model, setup)
+            harness.append({
+                "attack": config.attack, "scale": config.scale, "eps": config.eps, "budget": len(setup.poison_indices) / len(harness.train),
+                "poison_key": key, "target_id": setup.target_id, "target_class": setup.target_class, "intended_class": setup.intended_class,
+                "arm": arm, "victim_seed": victim_seed, "success": target_pred == setup.intended_class, "target_pred": target_pred,
+                "clean_acc": clean_acc, "dropped_fraction": 0.0, "poison_precision": None, "poison_recall": None, "auroc": None,
+                "model": harness.scale.model, "train_size": len(harness.train), "epochs": harness.recipe.epochs,
+                "seconds": {"surrogate": round(surrogate_seconds, 1), "crafting": poisons.metadata.get("seconds"), "victim_training": round(victim_seconds, 1), "measure": round(time.perf_counter() - started, 1)},
+                "craft_final_loss": min(poisons.metadata.get("final_loss_per_restart", [float("nan")])),
+            })
+    aggregate(out, command)
+    return out
+
+
+def _rows(out: Path) -> list[dict[str, Any]]:
+    """Every row of results.jsonl, with a clear error for a damaged line or a row missing the protocol's keys."""
+    path = out / "results.jsonl"
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise SanitizeError(f"{path}:{number} is not a JSON line (truncated by a kill? delete that line)") from None
+        missing = {"attack", "scale", "eps", "budget", "arm", "poison_key", "victim_seed", "success", "clean_acc", "seconds"} - set(row)
+        if missing:
+            raise SanitizeError(f"{path}:{number} lacks {', '.join(sorted(missing))}")
+        rows.append(row)
+    return rows
+
+
+def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
+    """summary.json and summary.md: mean +- standard error per (attack, scale, eps, arm)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in _rows(out):
+        groups.setdefault((row["attack"], row["scale"], row["eps"], row["arm"]), []).append(row)
+    table = []
+    for (attack, scale, eps, arm), rows in sorted(groups.items()):
+        success = np.array([r["success"] for r in rows], float)
+        accuracy = np.array([r["clean_acc"] for r in rows], float)
+        table.append({
+            "attack": attack, "scale": scale, "eps": eps, "arm": arm, "victims": len(rows), "keys": len({r["poison_key"] for r in rows}),
+            "success_mean": float(success.mean()), "success_se": float(success.std(ddof=1) / math.sqrt(len(rows))) if len(rows) > 1 else None,
+            "clean_acc_mean": float(accuracy.mean()), "clean_acc_se": float(accuracy.std(ddof=1) / math.sqrt(len(rows))) if len(rows) > 1 else None,
+            "victim_seconds_mean": float(np.mean([r["seconds"]["victim_training"] for r in rows])),
+        })
+    summary = {"command": command, "git_commit": _git_commit(), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}, "table": table}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    lines = ["| attack | scale | eps | arm | victims (keys) | success | clean accuracy | victim s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for t in table:
+        se = f" +- {t['success_se']:.1%}" if t["success_se"] is not None else ""
+        lines.append(f"| {t['attack']} | {t['scale']} | {t['eps']:g} | {t['arm']} | {t['victims']} ({t['keys']}) | {t['success_mean']:.1%}{se} | {t['clean_acc_mean']:.2%} | {t['victim_seconds_mean']:.0f} |")
+    (out / "summary.md").write_text(f"Command: `{command}`\n\nCommit: {summary['git_commit']}\n\n" + "\n".join(lines) + "\n")
+    return summary
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None

@@ -1,0 +1,75 @@
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from attacks.evaluate import EvaluationConfig, aggregate, run_evaluation
+from sanitize.cli import cli, parse_keys
+from sanitize.errors import SanitizeError
+
+REQUIRED = {
+    "attack", "scale", "eps", "budget", "poison_key", "target_id", "target_class", "intended_class", "arm", "victim_seed",
+    "success", "target_pred", "clean_acc", "dropped_fraction", "poison_precision", "poison_recall", "auroc", "model",
+    "train_size", "epochs", "seconds",
+}
+
+
+@pytest.fixture
+def split_npz(tmp_path, digits16):
+    x, y = digits16
+    np.savez(tmp_path / "train.npz", x=x[:1500], y=y[:1500])
+    np.savez(tmp_path / "test.npz", x_test=x[1500:], y_test=y[1500:])
+    return tmp_path / "train.npz", tmp_path / "test.npz"
+
+
+def test_smoke_evaluation_writes_protocol_rows_and_resumes(tmp_path, split_npz):
+    train, test = split_npz
+    config = EvaluationConfig(scale="smoke", keys=(0, 1), victims=1, eps=16, budget=0.02, epochs=2, iterations=3)
+    out = run_evaluation(train, test, tmp_path / "eval", config, progress=False, command="test")
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(REQUIRED <= set(r) for r in rows)
+    assert {r["arm"] for r in rows} == {"clean", "undefended", "random-noise"}
+    assert all(r["train_size"] == 600 and r["scale"] == "smoke" and 0 <= r["clean_acc"] <= 1 for r in rows)
+    assert all(r["success"] == (r["target_pred"] == r["intended_class"]) for r in rows)
+    assert {"surrogate", "crafting", "victim_training"} <= set(rows[0]["seconds"])
+    clean = [r for r in rows if r["arm"] == "clean"]
+    assert clean[0]["target_id"] != clean[1]["target_id"] or clean[0]["poison_key"] != clean[1]["poison_key"]
+    # a rerun finds every row done: nothing is trained or appended again
+    run_evaluation(train, test, tmp_path / "eval", config, progress=False)
+    assert len((out / "results.jsonl").read_text().splitlines()) == 6
+    table = json.loads((out / "summary.json").read_text())["table"]
+    assert {t["arm"] for t in table} == {"clean", "undefended", "random-noise"} and all(t["victims"] == 2 for t in table)
+    assert "| gradient-matching | smoke | 16 |" in (out / "summary.md").read_text()
+
+
+def test_truncated_results_line_is_a_clear_error(tmp_path):
+    good = json.dumps({k: 0 for k in ("attack", "scale", "eps", "budget", "arm", "poison_key", "victim_seed", "success", "clean_acc")} | {"seconds": {}})
+    (tmp_path / "results.jsonl").write_text(good + '\n{"attack": ')
+    with pytest.raises(SanitizeError, match="2 is not a JSON line"):
+        aggregate(tmp_path)
+    (tmp_path / "results.jsonl").write_text('{"attack": "x"}\n')
+    with pytest.raises(SanitizeError, match="1 lacks arm"):
+        aggregate(tmp_path)
+
+
+def test_bad_options_are_clear_errors(tmp_path, split_npz):
+    train, test = split_npz
+    with pytest.raises(SanitizeError, match="unknown arm"):
+        run_evaluation(train, test, tmp_path / "e", EvaluationConfig(scale="smoke", arms=("clean", "sometimes")), progress=False)
+    assert parse_keys("0-3,7") == (0, 1, 2, 3, 7)
+    result = CliRunner().invoke(cli, ["evaluate", str(train), "--test", str(test), "--keys", "a-b", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 2 and "bad --keys" in result.output
+
+
+def test_attack_command_writes_a_poisoned_copy(tmp_path, split_npz):
+    train, test = split_npz
+    result = CliRunner().invoke(cli, ["attack", str(train), "--test", str(test), "--key", "2", "--budget", "0.02", "--model", "tiny",
+                                      "--epochs", "1", "--iterations", "2", "--restarts", "1", "--out", str(tmp_path / "p"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "p" / "poison_manifest.json").read_text())
+    assert len(manifest["poison_ids"]) == 30 and manifest["method"] == "gradient-matching"
+    poisoned = np.load(tmp_path / "p" / "data.npz", allow_pickle=False)
+    original = np.load(train, allow_pickle=False)
+    changed = np.flatnonzero((poisoned["x"] != original["x"]).any(axis=(1, 2, 3)))
+    assert set(changed) <= set(manifest["poison_indices"]) and len(changed) > 0

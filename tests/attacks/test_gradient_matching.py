@@ -1,0 +1,142 @@
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from attacks import choose_setup, craft, method_config, read_manifest, write_poisoned
+from attacks.base import random_shift_flip
+from sanitize.config import TrainConfig
+from sanitize.data import open_dataset
+from sanitize.data.arrays import from_arrays
+from sanitize.data.digits import write_image_folder
+from sanitize.errors import SanitizeError
+from sanitize.models import create_model
+from sanitize.training import channel_stats, predict, train_model
+
+CPU = torch.device("cpu")
+RECIPE = TrainConfig(epochs=8, batch_size=64, augment=False)
+EPS = 32  # the smoke scale: a tiny net on 16 px digits needs a larger ball than CIFAR's 16 to show an effect in seconds
+
+
+@pytest.fixture(scope="module")
+def split(digits16):
+    """Digits as a train set (1,500) and a test set (297)."""
+    x, y = digits16
+    order = np.random.default_rng(0).permutation(len(x))
+    train, test = order[:1500], order[1500:]
+    return from_arrays(x[train], y[train], [str(c) for c in range(10)], "digits"), from_arrays(x[test], y[test], [str(c) for c in range(10)], "digits-test")
+
+
+def _train(dataset, seed):
+    torch.manual_seed(seed)
+    model = create_model("tiny", 10, (3, 16, 16), width=32)
+    model.set_normalization(*channel_stats(dataset))
+    train_model(model, dataset, np.arange(len(dataset)), TrainConfig(**{**RECIPE.__dict__, "seed": seed}), CPU, None, progress=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def crafted(split):
+    train, test = split
+    surrogate = _train(train, seed=100)
+    setup = choose_setup(1, train, test, budget=0.1)
+    # victims here do not augment (flipped digits are other digits), so neither does the crafting
+    config = method_config("gradient-matching", iterations=60, restarts=2, batch_size=64, augment=False, seed=0)
+    poisons = craft("gradient-matching", [surrogate], train, test.load_image(setup.target_index), setup, EPS, config, device=CPU, progress=False)
+    return train, test, setup, poisons
+
+
+def test_setup_is_deterministic_and_draws_from_the_intended_class(split):
+    train, test = split
+    a, b, c = (choose_setup(k, train, test, 0.02) for k in (5, 5, 6))
+    assert a == b and a != c
+    assert a.target_class != a.intended_class and test.labels[a.target_index] == a.target_class
+    assert len(a.poison_indices) == 30 and (train.labels[list(a.poison_indices)] == a.intended_class).all()
+    with pytest.raises(SanitizeError, match="budget"):
+        choose_setup(5, train, test, 0.5)
+
+
+def test_alignment_loss_decreases_and_restarts_are_recorded(crafted):
+    *_, poisons = crafted
+    history = poisons.metadata["loss_history_best"]
+    assert len(history) == 60 and len(poisons.metadata["final_loss_per_restart"]) == 2
+    assert np.mean(history[-5:]) < np.mean(history[:5]) - 0.05
+    assert min(poisons.metadata["final_loss_per_restart"]) == history[-1]
+
+
+def test_perturbations_stay_in_eps_and_pixel_range(crafted):
+    train, _, setup, poisons = crafted
+    clean = train.load_batch(list(setup.poison_indices))[0]
+    poisoned = poisons.apply(clean)
+    change = poisoned.to(torch.int16) - clean.to(torch.int16)
+    assert change.abs().max() <= EPS and change.abs().max() >= EPS // 2
+    assert poisons.deltas.dtype == torch.int16
+
+
+def test_npz_and_folder_copies_round_trip_bit_exactly(tmp_path, crafted):
+    train, _, setup, poisons = crafted
+    expected = poisons.apply(train.load_batch(list(setup.poison_indices))[0])
+    write_poisoned(train, poisons, tmp_path / "npz")
+    back = open_dataset(tmp_path / "npz" / "data.npz")
+    positions = list(setup.poison_indices)
+    assert torch.equal(back.load_batch(positions)[0], expected)
+    np.testing.assert_array_equal(back.labels, train.labels)
+    others = np.setdiff1d(np.arange(len(train)), positions)
+    np.testing.assert_array_equal(back.images[others], train.images[others])
+    record = read_manifest(tmp_path / "npz")
+    assert record["poison_ids"] == [str(p) for p in positions] and record["eps"] == EPS and record["intended_class"] == setup.intended_class
+
+    folder = tmp_path / "source"
+    ids = write_image_folder(folder, train.images, train.labels, [str(c) for c in range(10)])
+    source = open_dataset(folder, progress=False)
+    # the same poisons, addressed by the folder's positions (it is ordered by class, then file name)
+    folder_positions = tuple(source.ids.index(ids[p]) for p in positions)
+    folder_poisons = dataclasses.replace(poisons, setup=dataclasses.replace(setup, poison_indices=folder_positions))
+    before = {p.name: p.read_bytes() for p in folder.rglob("*.png")}
+    write_poisoned(source, folder_poisons, tmp_path / "folder")
+    assert {p.name: p.read_bytes() for p in folder.rglob("*.png")} == before  # the source is untouched
+    copy = open_dataset(tmp_path / "folder" / "data", progress=False)
+    record = read_manifest(tmp_path / "folder")
+    by_id = {id_: i for i, id_ in enumerate(copy.ids)}
+    assert torch.equal(copy.load_batch([by_id[i] for i in record["poison_ids"]])[0], expected)
+
+
+def test_bad_manifest_is_a_clear_error(tmp_path):
+    (tmp_path / "poison_manifest.json").write_text(json.dumps({"method": "x"}))
+    with pytest.raises(SanitizeError, match="not a poison manifest"):
+        read_manifest(tmp_path)
+    (tmp_path / "poison_manifest.json").write_text("{truncated")
+    with pytest.raises(SanitizeError, match="cannot read"):
+        read_manifest(tmp_path)
+
+
+def test_differentiable_augmentation_shifts_flips_and_passes_gradients():
+    x = torch.zeros(2, 3, 8, 8)
+    x[:, :, 2, 3] = 1.0
+    x.requires_grad_(True)
+    y = random_shift_flip(x, max_shift=0, generator=torch.Generator().manual_seed(1))
+    flipped = y[:, 0, 2].argmax(dim=1).tolist()
+    assert set(flipped) <= {3, 4} and y.sum().item() == pytest.approx(6.0, abs=1e-4)
+    y.sum().backward()
+    assert x.grad.abs().sum() > 0
+
+
+def test_crafted_poisons_move_victims_towards_the_intended_class_more_than_random_noise(crafted):
+    train, test, setup, poisons = crafted
+    positions = np.asarray(setup.poison_indices)
+    clean = torch.from_numpy(train.images[positions]).permute(0, 3, 1, 2)
+    signs = torch.randint(0, 2, clean.shape, generator=torch.Generator().manual_seed(0)).to(torch.int16) * 2 - 1
+    variants = {"crafted": poisons.apply(clean), "random": (clean.to(torch.int16) + EPS * signs).clamp(0, 255).to(torch.uint8)}
+    margins = {}
+    for name, images in variants.items():
+        x = train.images.copy()
+        x[positions] = images.permute(0, 2, 3, 1).numpy()
+        data = train.with_images(x)
+        values = []
+        for seed in (0, 1):
+            logits = predict(_train(data, seed), test, np.array([setup.target_index]), CPU, None)[0]
+            values.append(logits[setup.intended_class] - logits[setup.target_class])
+        margins[name] = float(np.mean(values))
+    assert margins["crafted"] > margins["random"] + 1.0, margins
