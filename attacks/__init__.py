@@ -17,18 +17,20 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def method_config(method: str, **options: Any) -> Any:
-    """The method's config dataclass with `options` applied."""
+def _lookup(method: str) -> tuple[Callable[..., PoisonSet], type]:
     if method not in _METHODS:
         raise SanitizeError(f"unknown attack {method!r}; choose from {', '.join(list_methods())}")
-    return _METHODS[method][1](**options)
+    return _METHODS[method]
+
+
+def method_config(method: str, **options: Any) -> Any:
+    """The method's config dataclass with `options` applied."""
+    return _lookup(method)[1](**options)
 
 
 def craft(method: str, surrogates, train, target_image, setup: PoisonSetup, eps: float, config: Any, **kwargs: Any) -> PoisonSet:
     """Craft poisons with `method` (see list_methods()) for the given setup."""
-    if method not in _METHODS:
-        raise SanitizeError(f"unknown attack {method!r}; choose from {', '.join(list_methods())}")
-    return _METHODS[method][0](surrogates, train, target_image, setup, eps, config, **kwargs)
+    return _lookup(method)[0](surrogates, train, target_image, setup, eps, config, **kwargs)
 
 
 __all__ = ["PoisonSet", "PoisonSetup", "choose_setup", "craft", "list_methods", "method_config", "read_manifest", "write_poisoned"]

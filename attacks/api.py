@@ -12,8 +12,7 @@ import torch
 from attacks import choose_setup, craft, method_config
 from attacks.base import read_manifest, write_poisoned
 from sanitize.config import TrainConfig
-from sanitize.data import open_dataset
-from sanitize.errors import SanitizeError
+from sanitize.data import ensure_outside, open_dataset
 from sanitize.models import create_model, load_weights
 from sanitize.training import channel_stats, resolve_device, resolve_precision, train_model
 
@@ -37,8 +36,7 @@ def attack_dataset(
     """Craft poisons for poison key `key` against DATA; returns the manifest written beside the poisoned copy."""
     out = Path(out)
     data, test = Path(data), Path(test)
-    if data.resolve() in out.resolve().parents or out.resolve() == data.resolve():
-        raise SanitizeError("--out must not be inside DATA; the source is never modified")
+    ensure_outside(data, out)
     train_set = open_dataset(data, progress=progress)
     test_set = open_dataset(test, progress=progress)
     setup = choose_setup(key, train_set, test_set, budget)

@@ -26,7 +26,7 @@ import torch
 
 import sanitize
 from sanitize.config import ScanConfig
-from sanitize.data import ImageDataset, open_dataset
+from sanitize.data import ImageDataset, ensure_outside, open_dataset
 from sanitize.density import gpu_available
 from sanitize.detectors import Detection, get_detector
 from sanitize.embeddings import Embeddings, compute_embeddings
@@ -67,15 +67,6 @@ class _Timer:
         started = time.perf_counter()
         yield
         self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - started, 3)
-
-
-def _check_out_dir(data: Path, out: Path) -> None:
-    data, out = data.resolve(), out.resolve()
-    root = data if data.is_dir() else data.parent
-    if data.is_dir() and (out == root or root in out.parents):
-        raise SanitizeError(f"--out {out} is inside DATA {data}; sanitize never writes into the data")
-    if out == data:
-        raise SanitizeError("--out must not be the data file")
 
 
 def _embedding_signature(dataset: ImageDataset, model: Classifier, config: ScanConfig) -> str:
@@ -138,7 +129,7 @@ def run_scan(data: str | os.PathLike, out: str | os.PathLike, config: ScanConfig
     data, out = Path(data), Path(out)
     if not data.exists():
         raise SanitizeError(f"{data} does not exist")
-    _check_out_dir(data, out)
+    ensure_outside(data, out)
     out.mkdir(parents=True, exist_ok=True)
     timer = _Timer()
     started = time.perf_counter()

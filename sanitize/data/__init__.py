@@ -9,7 +9,7 @@ from sanitize.data.base import ImageDataset, Skipped, iterate_batches
 from sanitize.data.folder import FolderDataset, open_folder
 from sanitize.errors import DataError
 
-__all__ = ["ArrayDataset", "FolderDataset", "ImageDataset", "Skipped", "iterate_batches", "open_dataset"]
+__all__ = ["ArrayDataset", "FolderDataset", "ImageDataset", "Skipped", "ensure_outside", "iterate_batches", "open_dataset"]
 
 
 def open_dataset(path: str | Path, image_size: int | None = None, workers: int = 0, progress: bool = True) -> ImageDataset:
@@ -25,3 +25,10 @@ def open_dataset(path: str | Path, image_size: int | None = None, workers: int =
     if not path.exists():
         raise DataError(f"{path} does not exist")
     raise DataError(f"{path} is neither an ImageFolder directory nor a .npz file")
+
+
+def ensure_outside(data: str | Path, out: str | Path) -> None:
+    """Refuse an output location inside (or equal to) DATA: sanitize only ever reads the data."""
+    data, out = Path(data).resolve(), Path(out).resolve()
+    if out == data or (data.is_dir() and data in out.parents):
+        raise DataError(f"output {out} is inside DATA {data}; sanitize never writes into the data")

@@ -60,6 +60,8 @@ def test_bad_options_are_clear_errors(tmp_path, split_npz):
     assert parse_keys("0-3,7") == (0, 1, 2, 3, 7)
     result = CliRunner().invoke(cli, ["evaluate", str(train), "--test", str(test), "--keys", "a-b", "--out", str(tmp_path / "e")])
     assert result.exit_code == 2 and "bad --keys" in result.output
+    result = CliRunner().invoke(cli, ["attack", str(train), "--test", str(test), "--out", str(train)])
+    assert result.exit_code == 2 and "never writes into the data" in result.output
 
 
 def test_attack_command_writes_a_poisoned_copy(tmp_path, split_npz):
