@@ -53,15 +53,16 @@ def test_truncated_results_line_is_a_clear_error(tmp_path):
         aggregate(tmp_path)
 
 
-def test_bad_options_are_clear_errors(tmp_path, split_npz):
+def test_bad_options_are_clear_errors(tmp_path, split_npz, digits_folder):
     train, test = split_npz
     with pytest.raises(SanitizeError, match="unknown arm"):
         run_evaluation(train, test, tmp_path / "e", EvaluationConfig(scale="smoke", arms=("clean", "sometimes")), progress=False)
     assert parse_keys("0-3,7") == (0, 1, 2, 3, 7)
     result = CliRunner().invoke(cli, ["evaluate", str(train), "--test", str(test), "--keys", "a-b", "--out", str(tmp_path / "e")])
     assert result.exit_code == 2 and "bad --keys" in result.output
-    result = CliRunner().invoke(cli, ["attack", str(train), "--test", str(test), "--out", str(train)])
+    result = CliRunner().invoke(cli, ["attack", str(digits_folder), "--test", str(test), "--out", str(digits_folder / "poisoned")])
     assert result.exit_code == 2 and "never writes into the data" in result.output
+    assert not (digits_folder / "poisoned").exists()
 
 
 def test_attack_command_writes_a_poisoned_copy(tmp_path, split_npz):
