@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +47,7 @@ def attack_dataset(
         load_weights(net, Path(surrogate))
     else:
         net.set_normalization(*channel_stats(train_set, seed=seed))
-        train_model(net, train_set, np.arange(len(train_set)), dataclasses.replace(TrainConfig(), epochs=epochs, seed=seed), run_device, amp, progress=progress, desc="surrogate")
+        train_model(net, train_set, np.arange(len(train_set)), TrainConfig(epochs=epochs, seed=seed), run_device, amp, progress=progress, desc="surrogate")
     config = method_config(method, seed=seed, **craft_options)
     poisons = craft(method, [net], train_set, test_set.load_image(setup.target_index), setup, eps, config, device=run_device, amp_dtype=amp, progress=progress)
     write_poisoned(train_set, poisons, out, seed=seed)
