@@ -63,6 +63,7 @@ class EvaluationConfig:
     eps: float = 16.0
     budget: float = 0.01
     arms: tuple[str, ...] = ARMS
+    model: str | None = None  # override the scale's model (a registry name), for ablations
     epochs: int | None = None  # override the scale's victim epochs
     restarts: int | None = None
     iterations: int | None = None
@@ -78,6 +79,8 @@ class EvaluationConfig:
         if unknown:
             raise SanitizeError(f"unknown arm(s) {', '.join(sorted(unknown))}; choose from {', '.join(ARMS)}")
         scale = SCALES[self.scale]
+        if self.model:
+            scale = dataclasses.replace(scale, model=self.model, model_kwargs={})
         train = dataclasses.replace(scale.train, epochs=self.epochs or scale.train.epochs)
         options = dict(scale.craft)
         options.update({k: v for k, v in (("restarts", self.restarts), ("iterations", self.iterations)) if v})
@@ -146,7 +149,8 @@ class Harness:
 
     def poisons(self, setup: PoisonSetup, surrogate: Classifier) -> PoisonSet:
         """Craft (or load the cached) poisons for this key."""
-        name = f"poisons-{self.config.attack}-{_hash(self.train.fingerprint, setup.key, self.config.eps, self.config.budget, dataclasses.asdict(self.craft_config), self.scale.model)}.pt"
+        recipe = (self.scale.model, self.scale.model_kwargs, dataclasses.asdict(self.recipe))  # the surrogate's
+        name = f"poisons-{self.config.attack}-{_hash(self.train.fingerprint, setup.key, self.config.eps, self.config.budget, dataclasses.asdict(self.craft_config), recipe)}.pt"
         path = self.cache / name
         if path.exists():
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -181,7 +185,7 @@ class Harness:
     def done(self) -> set[tuple]:
         if not self.results.exists():
             return set()
-        return {(r["attack"], r["eps"], r["budget"], r["poison_key"], r["arm"], r["victim_seed"], r["scale"]) for r in _rows(self.out)}
+        return {(r["attack"], r["eps"], r["budget"], r["poison_key"], r["arm"], r["victim_seed"], r["scale"], r["model"], r["epochs"]) for r in _rows(self.out)}
 
     def append(self, row: dict[str, Any]) -> None:
         with self.results.open("a") as handle:
@@ -200,7 +204,7 @@ def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Pat
     for key in config.keys:
         setup = choose_setup(key, harness.train, harness.test, config.budget)
         todo = [(arm, v) for arm in config.arms for v in range(config.victims)
-                if (config.attack, config.eps, config.budget, key, arm, v, config.scale) not in done]
+                if (config.attack, config.eps, config.budget, key, arm, v, config.scale, harness.scale.model, harness.recipe.epochs) not in done]
         if not todo:
             continue
         poisons = harness.poisons(setup, surrogate)
@@ -233,7 +237,7 @@ def _rows(out: Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except ValueError:
             raise SanitizeError(f"{path}:{number} is not a JSON line (truncated by a kill? delete that line)") from None
-        missing = {"attack", "scale", "eps", "budget", "arm", "poison_key", "victim_seed", "success", "clean_acc", "seconds"} - set(row)
+        missing = {"attack", "scale", "eps", "budget", "arm", "poison_key", "victim_seed", "success", "clean_acc", "seconds", "model", "epochs"} - set(row)
         if missing:
             raise SanitizeError(f"{path}:{number} lacks {', '.join(sorted(missing))}")
         rows.append(row)

@@ -168,6 +168,7 @@ def attack(data: Path, test_data: Path, method: str, key: int, budget: float, ep
 @click.option("--eps", type=float, default=16.0, show_default=True)
 @click.option("--budget", type=float, default=0.01, show_default=True)
 @click.option("--arms", default="clean,undefended,random-noise", show_default=True)
+@click.option("--model", default=None, help="Override the scale's model (surrogate and victims), for ablations.")
 @click.option("--epochs", type=int, default=None, help="Override the scale's victim epochs.")
 @click.option("--restarts", type=int, default=None)
 @click.option("--iterations", type=int, default=None)
@@ -176,12 +177,12 @@ def attack(data: Path, test_data: Path, method: str, key: int, budget: float, ep
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True)
 @_handle_errors
-def evaluate(data: Path, test_data: Path, attack_name: str, keys: str, victims: int, scale: str, eps: float, budget: float, arms: str, epochs, restarts, iterations, cache, out: Path, device: str, quiet: bool) -> None:
+def evaluate(data: Path, test_data: Path, attack_name: str, keys: str, victims: int, scale: str, eps: float, budget: float, arms: str, model, epochs, restarts, iterations, cache, out: Path, device: str, quiet: bool) -> None:
     """Train victims from scratch on clean / poisoned / control data; append one JSON line per victim to OUT."""
     from attacks.evaluate import EvaluationConfig, run_evaluation
 
     config = EvaluationConfig(attack=attack_name, scale=scale, keys=parse_keys(keys), victims=victims, eps=eps, budget=budget,
-                              arms=tuple(a.strip() for a in arms.split(",")), epochs=epochs, restarts=restarts, iterations=iterations,
+                              arms=tuple(a.strip() for a in arms.split(",")), model=model, epochs=epochs, restarts=restarts, iterations=iterations,
                               device=device, cache=cache)
     run_evaluation(data, test_data, out, config, progress=not quiet, command="sanitize " + " ".join(sys.argv[1:]))
     click.echo((out / "summary.md").read_text())

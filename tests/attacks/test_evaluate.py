@@ -43,8 +43,20 @@ def test_smoke_evaluation_writes_protocol_rows_and_resumes(tmp_path, split_npz):
     assert "| gradient-matching | smoke | 16 |" in (out / "summary.md").read_text()
 
 
+def test_model_override_is_a_separate_ablation_with_its_own_surrogate_and_poisons(tmp_path, split_npz):
+    train, test = split_npz
+    base = dict(scale="smoke", keys=(0,), victims=1, eps=16, budget=0.02, epochs=1, iterations=2, arms=("undefended",), cache=str(tmp_path / "cache"))
+    out = tmp_path / "eval"
+    run_evaluation(train, test, out, EvaluationConfig(**base), progress=False)
+    run_evaluation(train, test, out, EvaluationConfig(**base, model="convnet"), progress=False)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in rows] == ["tiny", "convnet"]
+    assert len(list((tmp_path / "cache").glob("surrogate-*.pt"))) == 2
+    assert len(list((tmp_path / "cache").glob("poisons-*.pt"))) == 2  # poisons are keyed by the surrogate they were crafted on
+
+
 def test_truncated_results_line_is_a_clear_error(tmp_path):
-    good = json.dumps({k: 0 for k in ("attack", "scale", "eps", "budget", "arm", "poison_key", "victim_seed", "success", "clean_acc")} | {"seconds": {}})
+    good = json.dumps({k: 0 for k in ("attack", "scale", "eps", "budget", "arm", "poison_key", "victim_seed", "success", "clean_acc", "model", "epochs")} | {"seconds": {}})
     (tmp_path / "results.jsonl").write_text(good + '\n{"attack": ')
     with pytest.raises(SanitizeError, match="2 is not a JSON line"):
         aggregate(tmp_path)
