@@ -174,13 +174,16 @@ class Harness:
         images[positions] = changed.permute(0, 2, 3, 1).numpy()
         return self.train.with_images(images)
 
-    def measure(self, model: Classifier, setup: PoisonSetup) -> tuple[int, float]:
-        """The victim's prediction on the target and its accuracy on the test set without the target."""
+    def measure(self, model: Classifier, setup: PoisonSetup) -> dict[str, Any]:
+        """The victim's prediction on the target, its probability of the intended class (a finer signal than success,
+        which is all-or-nothing) and its accuracy on the test set without the target."""
         logits = predict(model, self.test, np.arange(len(self.test)), self.device, self.amp)
         predictions = logits.argmax(axis=1)
         keep = np.ones(len(self.test), bool)
         keep[setup.target_index] = False
-        return int(predictions[setup.target_index]), float((predictions[keep] == self.test.labels[keep]).mean())
+        probabilities = torch.softmax(torch.as_tensor(logits[setup.target_index], dtype=torch.float32), dim=0)
+        return {"target_pred": int(predictions[setup.target_index]), "p_intended": round(float(probabilities[setup.intended_class]), 4),
+                "clean_acc": float((predictions[keep] == self.test.labels[keep]).mean())}
 
     def done(self) -> set[tuple]:
         if not self.results.exists():
@@ -212,12 +215,12 @@ def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Pat
             data = harness.data_for(arm, poisons)
             model, victim_seconds = harness.trained(data, victim_seed, f"victim-{arm}")
             started = time.perf_counter()
-            target_pred, clean_acc = harness.measure(model, setup)
+            measured = harness.measure(model, setup)
             harness.append({
                 "attack": config.attack, "scale": config.scale, "eps": config.eps, "budget": len(setup.poison_indices) / len(harness.train),
                 "poison_key": key, "target_id": setup.target_id, "target_class": setup.target_class, "intended_class": setup.intended_class,
-                "arm": arm, "victim_seed": victim_seed, "success": target_pred == setup.intended_class, "target_pred": target_pred,
-                "clean_acc": clean_acc, "dropped_fraction": 0.0, "poison_precision": None, "poison_recall": None, "auroc": None,
+                "arm": arm, "victim_seed": victim_seed, "success": measured["target_pred"] == setup.intended_class, **measured,
+                "dropped_fraction": 0.0, "poison_precision": None, "poison_recall": None, "auroc": None,
                 "model": harness.scale.model, "train_size": len(harness.train), "epochs": harness.recipe.epochs,
                 "seconds": {"surrogate": round(surrogate_seconds, 1), "crafting": poisons.metadata.get("seconds"), "victim_training": round(victim_seconds, 1), "measure": round(time.perf_counter() - started, 1)},
                 "craft_final_loss": min(poisons.metadata.get("final_loss_per_restart", [float("nan")])),
@@ -245,26 +248,32 @@ def _rows(out: Path) -> list[dict[str, Any]]:
 
 
 def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
-    """summary.json and summary.md: mean +- standard error per (attack, scale, eps, arm)."""
+    """summary.json and summary.md: mean +- standard error per (attack, scale, model, epochs, eps, arm)."""
     groups: dict[tuple, list[dict]] = {}
     for row in _rows(out):
-        groups.setdefault((row["attack"], row["scale"], row["eps"], row["arm"]), []).append(row)
+        groups.setdefault((row["attack"], row["scale"], row["model"], row["epochs"], row["eps"], row["arm"]), []).append(row)
     table = []
-    for (attack, scale, eps, arm), rows in sorted(groups.items()):
+    for (attack, scale, model, epochs, eps, arm), rows in sorted(groups.items()):
         success = np.array([r["success"] for r in rows], float)
         accuracy = np.array([r["clean_acc"] for r in rows], float)
+        p_intended = [r["p_intended"] for r in rows if r.get("p_intended") is not None]
         table.append({
-            "attack": attack, "scale": scale, "eps": eps, "arm": arm, "victims": len(rows), "keys": len({r["poison_key"] for r in rows}),
+            "attack": attack, "scale": scale, "model": model, "epochs": epochs, "eps": eps, "arm": arm, "victims": len(rows),
+            "keys": len({r["poison_key"] for r in rows}),
             "success_mean": float(success.mean()), "success_se": float(success.std(ddof=1) / math.sqrt(len(rows))) if len(rows) > 1 else None,
+            "p_intended_median": float(np.median(p_intended)) if p_intended else None,
             "clean_acc_mean": float(accuracy.mean()), "clean_acc_se": float(accuracy.std(ddof=1) / math.sqrt(len(rows))) if len(rows) > 1 else None,
             "victim_seconds_mean": float(np.mean([r["seconds"]["victim_training"] for r in rows])),
         })
     summary = {"command": command, "git_commit": _git_commit(), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}, "table": table}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    lines = ["| attack | scale | eps | arm | victims (keys) | success | clean accuracy | victim s |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| attack | scale | model | epochs | eps | arm | victims (keys) | success | median p(intended) | clean accuracy | victim s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for t in table:
         se = f" +- {t['success_se']:.1%}" if t["success_se"] is not None else ""
-        lines.append(f"| {t['attack']} | {t['scale']} | {t['eps']:g} | {t['arm']} | {t['victims']} ({t['keys']}) | {t['success_mean']:.1%}{se} | {t['clean_acc_mean']:.2%} | {t['victim_seconds_mean']:.0f} |")
+        p = f"{t['p_intended_median']:.3f}" if t["p_intended_median"] is not None else "-"
+        lines.append(f"| {t['attack']} | {t['scale']} | {t['model']} | {t['epochs']} | {t['eps']:g} | {t['arm']} | {t['victims']} ({t['keys']}) "
+                     f"| {t['success_mean']:.1%}{se} | {p} | {t['clean_acc_mean']:.2%} | {t['victim_seconds_mean']:.0f} |")
     (out / "summary.md").write_text(f"Command: `{command}`\n\nCommit: {summary['git_commit']}\n\n" + "\n".join(lines) + "\n")
     return summary
 

@@ -31,7 +31,7 @@ def test_smoke_evaluation_writes_protocol_rows_and_resumes(tmp_path, split_npz):
     assert len(rows) == 6 and all(REQUIRED <= set(r) for r in rows)
     assert {r["arm"] for r in rows} == {"clean", "undefended", "random-noise"}
     assert all(r["train_size"] == 600 and r["scale"] == "smoke" and 0 <= r["clean_acc"] <= 1 for r in rows)
-    assert all(r["success"] == (r["target_pred"] == r["intended_class"]) for r in rows)
+    assert all(r["success"] == (r["target_pred"] == r["intended_class"]) and 0 <= r["p_intended"] <= 1 for r in rows)
     assert {"surrogate", "crafting", "victim_training"} <= set(rows[0]["seconds"])
     clean = [r for r in rows if r["arm"] == "clean"]
     assert clean[0]["target_id"] != clean[1]["target_id"] or clean[0]["poison_key"] != clean[1]["poison_key"]
@@ -40,7 +40,7 @@ def test_smoke_evaluation_writes_protocol_rows_and_resumes(tmp_path, split_npz):
     assert len((out / "results.jsonl").read_text().splitlines()) == 6
     table = json.loads((out / "summary.json").read_text())["table"]
     assert {t["arm"] for t in table} == {"clean", "undefended", "random-noise"} and all(t["victims"] == 2 for t in table)
-    assert "| gradient-matching | smoke | 16 |" in (out / "summary.md").read_text()
+    assert "| gradient-matching | smoke | tiny | 2 | 16 |" in (out / "summary.md").read_text()
 
 
 def test_model_override_is_a_separate_ablation_with_its_own_surrogate_and_poisons(tmp_path, split_npz):

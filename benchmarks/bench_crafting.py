@@ -1,0 +1,119 @@
+"""Benchmark of gradient-matching crafting: our implementation against ART's `GradientMatchingAttack`.
+
+Same surrogate (the evaluation's cached one), same target, same poison images, same eps, same number of iterations;
+one restart each. Reports seconds per iteration and poison images per second (poisons x iterations / seconds), for
+ours in fp32 and bf16, with and without the differentiable augmentation (ART has none), and ART in fp32. Also
+collects the measured phases of whole trials from an evaluation's results.jsonl.
+
+    pip install -e '.[bench]'
+    python benchmarks/bench_crafting.py --shared ../shared --cache work-data/cache-cpu --out reports/crafting-benchmark
+
+ART is a benchmark-only extra, never a runtime dependency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attacks import choose_setup
+from attacks.evaluate import SURROGATE_SEED, EvaluationConfig, Harness
+from attacks.gradient_matching import craft_gradient_matching
+
+
+def time_ours(harness: Harness, surrogate, setup, eps: float, iterations: int, amp: torch.dtype | None, augment: bool) -> float:
+    config = replace(harness.craft_config, iterations=iterations, restarts=1, augment=augment)
+    target = harness.test.load_image(setup.target_index)
+    started = time.perf_counter()
+    craft_gradient_matching([surrogate], harness.train, target, setup, eps, config, harness.device, amp, progress=False)
+    return time.perf_counter() - started
+
+
+def time_art(harness: Harness, surrogate, setup, eps: float, iterations: int) -> float:
+    """ART on exactly our poison images (percent_poison 1.0 of a training set made of them)."""
+    from art.attacks.poisoning import GradientMatchingAttack
+    from art.estimators.classification import PyTorchClassifier
+
+    classifier = PyTorchClassifier(model=surrogate, loss=torch.nn.CrossEntropyLoss(), input_shape=(3, *harness.train.image_size),
+                                   nb_classes=harness.train.num_classes, clip_values=(0.0, 1.0), device_type="cpu")
+    attack = GradientMatchingAttack(classifier, percent_poison=1.0, epsilon=eps / 255, max_trials=1, max_epochs=iterations,
+                                    learning_rate_schedule=([0.1, 0.01, 0.001, 0.0001], [int(iterations * f) for f in (0, 3 / 8, 5 / 8, 7 / 8)]),
+                                    batch_size=512, verbose=0)
+    images, labels, _ = harness.train.load_batch(np.asarray(setup.poison_indices))
+    target = harness.test.load_image(setup.target_index)[None].float().div(255).numpy()
+    started = time.perf_counter()
+    attack.poison(target, np.array([setup.intended_class]), images.float().div(255).numpy(), labels.numpy())
+    return time.perf_counter() - started
+
+
+def trial_phases(results: Path) -> dict:
+    """Mean measured seconds of each phase over an evaluation's rows (crafting counted once per key)."""
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    crafting = {r["poison_key"]: r["seconds"]["crafting"] for r in rows if r["arm"] == "undefended"}
+    return {
+        "source": str(results),
+        "surrogate_s": rows[0]["seconds"]["surrogate"],
+        "crafting_s_per_key": float(np.mean(list(crafting.values()))),
+        "keys": len(crafting),
+        "victim_training_s": float(np.mean([r["seconds"]["victim_training"] for r in rows])),
+        "measure_s": float(np.mean([r["seconds"]["measure"] for r in rows])),
+        "victims": len(rows),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shared", type=Path, default=Path("../shared"))
+    parser.add_argument("--cache", type=Path, default=Path("work-data/cache-cpu"))
+    parser.add_argument("--out", type=Path, default=Path("reports/crafting-benchmark"))
+    parser.add_argument("--results", type=Path, default=Path("reports/gradient-matching-cpu/results.jsonl"))
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--key", type=int, default=0)
+    parser.add_argument("--eps", type=float, default=16.0)
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    data = args.shared / "data" / "cifar10"
+    config = EvaluationConfig(scale="cpu", model=args.model, cache=str(args.cache))
+    harness = Harness(data / "cifar10_train.npz", data / "cifar10_test.npz", args.out, config, progress=False)
+    surrogate, _ = harness.trained(harness.train, SURROGATE_SEED, "surrogate")
+    setup = choose_setup(args.key, harness.train, harness.test, 0.01)
+    poisons = len(setup.poison_indices)
+    runs = {
+        "ours_bf16_augment": lambda: time_ours(harness, surrogate, setup, args.eps, args.iterations, torch.bfloat16, True),
+        "ours_fp32_augment": lambda: time_ours(harness, surrogate, setup, args.eps, args.iterations, None, True),
+        "ours_bf16_no_augment": lambda: time_ours(harness, surrogate, setup, args.eps, args.iterations, torch.bfloat16, False),
+        "ours_fp32_no_augment": lambda: time_ours(harness, surrogate, setup, args.eps, args.iterations, None, False),
+        "art_fp32_no_augment": lambda: time_art(harness, surrogate, setup, args.eps, args.iterations),
+    }
+    timings: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats):  # interleaved, so drift in machine load hits every variant alike
+        for name, run in runs.items():
+            timings[name].append(run())
+    best = {name: min(values) / args.iterations for name, values in timings.items()}
+    results = {
+        "command": "python benchmarks/bench_crafting.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "model": harness.scale.model, "key": args.key, "poisons": poisons, "eps": args.eps, "iterations": args.iterations,
+        "seconds_per_iteration_best": best,
+        "seconds_all": timings,
+        "poison_images_per_second": {name: poisons / s for name, s in best.items()},
+        "speedup_over_art": {name: best["art_fp32_no_augment"] / s for name, s in best.items() if not name.startswith("art")},
+        "trial_phases": trial_phases(args.results) if args.results.exists() else None,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    print(json.dumps({k: results[k] for k in ("seconds_per_iteration_best", "speedup_over_art")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
