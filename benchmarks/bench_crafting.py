@@ -26,6 +26,7 @@ import torch
 
 from attacks import choose_setup
 from attacks.evaluate import SURROGATE_SEED, EvaluationConfig, Harness
+from attacks.base import PoisonSet, quantize
 from attacks.gradient_matching import craft_gradient_matching
 
 
@@ -37,8 +38,8 @@ def time_ours(harness: Harness, surrogate, setup, eps: float, iterations: int, a
     return time.perf_counter() - started
 
 
-def time_art(harness: Harness, surrogate, setup, eps: float, iterations: int) -> float:
-    """ART on exactly our poison images (percent_poison 1.0 of a training set made of them)."""
+def art_poisons(harness: Harness, surrogate, setup, eps: float, iterations: int, trials: int = 1) -> tuple[PoisonSet, float]:
+    """ART on exactly our poison images (percent_poison 1.0 of a training set made of them); (poisons, seconds)."""
     from art.attacks.poisoning import GradientMatchingAttack
     from art.estimators.classification import PyTorchClassifier
 
@@ -46,12 +47,46 @@ def time_art(harness: Harness, surrogate, setup, eps: float, iterations: int) ->
                                    nb_classes=harness.train.num_classes, clip_values=(0.0, 1.0), device_type="cpu")
     attack = GradientMatchingAttack(classifier, percent_poison=1.0, epsilon=eps / 255, max_trials=1, max_epochs=iterations,
                                     learning_rate_schedule=([0.1, 0.01, 0.001, 0.0001], [int(iterations * f) for f in (0, 3 / 8, 5 / 8, 7 / 8)]),
-                                    batch_size=512, verbose=0)
+                                    max_trials=trials, batch_size=512, verbose=0)
     images, labels, _ = harness.train.load_batch(np.asarray(setup.poison_indices))
     target = harness.test.load_image(setup.target_index)[None].float().div(255).numpy()
+    np.random.seed(setup.key)  # ART permutes the (identical) poison images with numpy's global generator
     started = time.perf_counter()
-    attack.poison(target, np.array([setup.intended_class]), images.float().div(255).numpy(), labels.numpy())
-    return time.perf_counter() - started
+    poisoned, _ = attack.poison(target, np.array([setup.intended_class]), images.float().div(255).numpy(), labels.numpy())
+    seconds = time.perf_counter() - started
+    # ART returns the poison images in their original order (it writes them back at the permuted positions)
+    deltas = quantize(images, torch.from_numpy(poisoned), eps)
+    return PoisonSet(setup, eps, deltas, "art-gradient-matching", {"seconds": round(seconds, 2)}), seconds
+
+
+def art_victims(harness: Harness, surrogate, keys: list[int], eps: float, victims: int, out: Path) -> list[dict]:
+    """Full-strength ART poisons (250 iterations, the scale's restarts as trials) for each key, and victims trained on
+    them exactly as the evaluation trains its undefended arm; one row per victim, appended to OUT/art_victims.jsonl."""
+    rows_path = out / "art_victims.jsonl"
+    done = {(r["poison_key"], r["victim_seed"]) for r in map(json.loads, rows_path.read_text().splitlines())} if rows_path.exists() else set()
+    for key in keys:
+        setup = choose_setup(key, harness.train, harness.test, 0.01)
+        if all((key, seed) in done for seed in range(victims)):
+            continue
+        cached = harness.cache / f"art-{harness.poisons_path(setup).name}"
+        if cached.exists():
+            state = torch.load(cached, map_location="cpu", weights_only=True)
+            poisons = PoisonSet(setup, eps, state["deltas"], "art-gradient-matching", json.loads(state["metadata"]))
+        else:
+            poisons, _ = art_poisons(harness, surrogate, setup, eps, harness.craft_config.iterations, harness.craft_config.restarts)
+            torch.save({"deltas": poisons.deltas, "metadata": json.dumps(poisons.metadata)}, cached)
+        data = harness.data_for("undefended", poisons)
+        for seed in range(victims):
+            if (key, seed) in done:
+                continue
+            model, seconds = harness.trained(data, seed, "victim-art")
+            measured = harness.measure(model, setup)
+            row = {"attack": "art-gradient-matching", "poison_key": key, "victim_seed": seed, "target_class": setup.target_class,
+                   "intended_class": setup.intended_class, "success": measured["target_pred"] == setup.intended_class, **measured,
+                   "seconds": {"crafting": poisons.metadata["seconds"], "victim_training": round(seconds, 1)}}
+            with rows_path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+    return [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
 
 
 def trial_phases(results: Path) -> dict:
@@ -80,6 +115,8 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=16.0)
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--success-keys", default="", help="Also craft full ART poisons for these keys and train victims on them.")
+    parser.add_argument("--victims", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     data = args.shared / "data" / "cifar10"
@@ -93,7 +130,7 @@ def main() -> None:
         "ours_fp32_augment": lambda: time_ours(harness, surrogate, setup, args.eps, args.iterations, None, True),
         "ours_bf16_no_augment": lambda: time_ours(harness, surrogate, setup, args.eps, args.iterations, torch.bfloat16, False),
         "ours_fp32_no_augment": lambda: time_ours(harness, surrogate, setup, args.eps, args.iterations, None, False),
-        "art_fp32_no_augment": lambda: time_art(harness, surrogate, setup, args.eps, args.iterations),
+        "art_fp32_no_augment": lambda: art_poisons(harness, surrogate, setup, args.eps, args.iterations)[1],
     }
     timings: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits every variant alike
@@ -111,6 +148,9 @@ def main() -> None:
         "trial_phases": trial_phases(args.results) if args.results.exists() else None,
     }
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.success_keys:
+        keys = [int(k) for k in args.success_keys.split(",")]
+        results["art_victims"] = art_victims(harness, surrogate, keys, args.eps, args.victims, args.out)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     print(json.dumps({k: results[k] for k in ("seconds_per_iteration_best", "speedup_over_art")}, indent=1))
 

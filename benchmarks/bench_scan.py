@@ -23,7 +23,7 @@ from PIL import Image
 
 from sanitize.data import iterate_batches, open_dataset
 from sanitize.density import knn
-from sanitize.detectors import get_detector
+from sanitize.detectors.knn_density import knn_isolation
 from sanitize.embeddings import compute_embeddings, load_embeddings
 from sanitize.config import TrainConfig
 from sanitize.models import create_model
@@ -134,7 +134,7 @@ def density_scaling(embedding_dir: Path, labels: np.ndarray) -> dict:
     for n in (10_000, 50_000):
         subset = np.sort(rng.permutation(len(labels))[:n])
         started = time.perf_counter()
-        get_detector("knn_density")(space[subset], labels[subset], 10, progress=False)
+        knn_isolation(space[subset], labels[subset], 10, progress=False)
         result[f"knn_density_seconds_n{n}"] = round(time.perf_counter() - started, 2)
     members = np.flatnonzero(labels == 0)
     x = np.ascontiguousarray(space[members], dtype=np.float32)

@@ -40,7 +40,10 @@ class ScanConfig:
     k_max: int = 256  # ... capped here
     index: str = "auto"  # auto | flat | ivf | hnsw
     exact_max: int = 50_000  # classes up to this size use the exact index under auto
-    threshold: float = 0.5  # flag score >= threshold; 0.5 = modified z-score 3.5 (Iglewicz & Hoaglin)
+    detector: str = "knn_density"  # or a baseline: epic, deep_knn, spectral_signatures, activation_clustering
+    threshold: float = 0.5  # knn_density: flag score >= threshold; 0.5 = modified z-score 3.5 (Iglewicz & Hoaglin)
+    expected_poisons: int | None = None  # only for baselines whose rule needs it; the default scan is never told
+    epic_fraction: float = 0.2  # epic: medoids per class = this fraction of the class (EPIC's subset size)
     max_flagged_fraction: float = 0.05  # the gate: fail when more than this fraction is flagged
     device: str = "auto"
     precision: str = "auto"  # auto (bf16 where the device supports it) | bf16 | fp32
@@ -65,8 +68,12 @@ class ScanConfig:
 
     def validate(self) -> None:
         """Reject values that cannot work, with a message naming the option."""
+        from sanitize.detectors import list_detectors  # the detectors import this module
         checks = [
             (self.embedding in ("gradient", "features", "logit_gradient"), "embedding must be gradient, features or logit_gradient"),
+            (self.detector in list_detectors(), f"detector must be one of {', '.join(list_detectors())}"),
+            (self.expected_poisons is None or self.expected_poisons >= 1, "expected_poisons must be >= 1"),
+            (0.0 < self.epic_fraction <= 1.0, "epic_fraction must be in (0, 1]"),
             (self.index in ("auto", "flat", "ivf", "hnsw"), "index must be auto, flat, ivf or hnsw"),
             (self.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
             (0.0 < self.threshold <= 1.0, "threshold must be in (0, 1]"),

@@ -148,14 +148,11 @@ def run_scan(data: str | os.PathLike, out: str | os.PathLike, config: ScanConfig
         )
     model_info["train_accuracy_eval_mode"] = embeddings.accuracy()
     with timer.phase("density"):
-        detection = get_detector("knn_density")(
-            embeddings.space(config.embedding), dataset.labels, dataset.num_classes, threshold=config.threshold,
-            k_small=config.k_small, k_fraction=config.k_fraction, k_max=config.k_max, index=config.index,
-            exact_max=config.exact_max, seed=config.seed, progress=progress,
-        )
+        detection = get_detector(config.detector)(embeddings, config, progress)
     files = {"summary": out / "summary.json", "scores": out / "scores.csv", "flagged": out / "flagged.txt", "embeddings": out / "embeddings"}
     with timer.phase("write"):
-        np.save(out / "embeddings" / "neighbours.npy", detection.arrays["neighbours"])
+        for name, array in detection.arrays.items():  # e.g. knn_density's nearest same-class neighbours
+            np.save(out / "embeddings" / f"{name}.npy", array)
         write_scores(files["scores"], dataset, detection)
         _write_atomic(files["flagged"], "".join(dataset.ids[i] + "\n" for i in np.flatnonzero(detection.flags)))
     summary = _summary(dataset, config, model_info, embeddings, detection, device, amp_dtype, timer, started)

@@ -1,4 +1,8 @@
-"""Scoring rules over the embeddings, one per file; each returns per-example scores, flags and a summary."""
+"""Scoring rules over the embeddings, one per file; each returns per-example scores, flags and a summary.
+
+Every file has a functional core over plain arrays (testable on constructed data) and registers a detector
+`name(embeddings, config, progress) -> Detection` that `sanitize scan --detector NAME` runs on a scan's embeddings.
+"""
 
 from __future__ import annotations
 
@@ -38,6 +42,6 @@ def list_detectors() -> list[str]:
     return sorted(_DETECTORS)
 
 
-from sanitize.detectors import knn_density  # noqa: E402,F401  (registers the rules)
+from sanitize.detectors import activation_clustering, deep_knn, epic, knn_density, spectral_signatures  # noqa: E402,F401  (registers the rules)
 
 __all__ = ["Detection", "get_detector", "list_detectors", "register_detector"]

@@ -13,8 +13,10 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
+from sanitize.config import ScanConfig
 from sanitize.density import choose_index, knn, robust_z, z_to_score
 from sanitize.detectors import Detection, register_detector
+from sanitize.embeddings import Embeddings
 
 
 def scales(n: int, k_small: int, k_fraction: float, k_max: int) -> list[int]:
@@ -25,7 +27,16 @@ def scales(n: int, k_small: int, k_fraction: float, k_max: int) -> list[int]:
 
 
 @register_detector
-def knn_density(
+def knn_density(embeddings: Embeddings, config: ScanConfig, progress: bool = True) -> Detection:
+    """The default: two-scale per-class k-NN isolation in the space `config.embedding` names."""
+    return knn_isolation(
+        embeddings.space(config.embedding), embeddings.labels, embeddings.meta["num_classes"], threshold=config.threshold,
+        k_small=config.k_small, k_fraction=config.k_fraction, k_max=config.k_max, index=config.index,
+        exact_max=config.exact_max, seed=config.seed, progress=progress,
+    )
+
+
+def knn_isolation(
     space: np.ndarray,
     labels: np.ndarray,
     num_classes: int,

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from sanitize.density import knn, robust_z, z_to_score
-from sanitize.detectors import get_detector
+from sanitize.detectors.knn_density import knn_isolation
 
 
 def _brute_force(x, k):
@@ -54,7 +54,7 @@ def test_lone_planted_points_are_ranked_most_isolated():
     x, labels = _two_classes(rng)
     planted = np.array([5, 77, 650])
     x[planted] += rng.normal(size=(3, 8)).astype(np.float32) * 12
-    detection = get_detector("knn_density")(x, labels, 2, progress=False)
+    detection = knn_isolation(x, labels, 2, progress=False)
     assert set(np.argsort(-detection.scores)[:3]) == set(planted)
     assert detection.flags[planted].all()
     assert detection.flags.mean() < 0.05
@@ -66,8 +66,8 @@ def test_a_tight_far_group_is_isolated_at_the_large_scale_only():
     x, labels = _two_classes(rng)
     group = np.arange(100, 140)  # 10% of class 0, packed tightly away from the bulk
     x[group] = 6.0 + 0.05 * rng.normal(size=(40, 8)).astype(np.float32)
-    small_only = get_detector("knn_density")(x, labels, 2, k_max=10, progress=False)
-    both = get_detector("knn_density")(x, labels, 2, progress=False)
+    small_only = knn_isolation(x, labels, 2, k_max=10, progress=False)
+    both = knn_isolation(x, labels, 2, progress=False)
     assert small_only.flags[group].mean() < 0.1
     assert both.flags[group].all()
     assert both.flags[np.setdiff1d(np.arange(800), group)].mean() < 0.05
@@ -76,7 +76,7 @@ def test_a_tight_far_group_is_isolated_at_the_large_scale_only():
 def test_tiny_classes_are_left_unscored():
     x = np.random.default_rng(4).normal(size=(12, 4)).astype(np.float32)
     labels = np.array([0] * 10 + [1] * 2)
-    detection = get_detector("knn_density")(x, labels, 3, progress=False)
+    detection = knn_isolation(x, labels, 3, progress=False)
     assert detection.scores[10:].tolist() == [0, 0]
     assert "not scored" in detection.summary["per_class"][1]["note"]
     assert detection.summary["per_class"][2]["n"] == 0

@@ -1,0 +1,27 @@
+"""EPIC applied once (Yang, Liu & Mirzasoleiman 2022): on a trained proxy, per class, facility-location medoids of the
+last-layer gradient proxy softmax - onehot (eval mode, no augmentation), and the medoids left alone in their cluster are
+flagged. `sanitize train --robust` applies the same rule periodically during training.
+
+Score: 1 / the size of the example's cluster (1 for an isolated medoid).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sanitize.config import ScanConfig
+from sanitize.detectors import Detection, register_detector
+from sanitize.embeddings import Embeddings
+from sanitize.medoids import isolated_medoids
+
+
+def epic_flags(gradient_proxy: np.ndarray, labels: np.ndarray, num_classes: int, fraction: float) -> Detection:
+    isolated, cluster_size = isolated_medoids(gradient_proxy, labels, num_classes, fraction)
+    flags = np.zeros(len(labels), dtype=bool)
+    flags[isolated] = True
+    return Detection(scores=1.0 / np.maximum(cluster_size, 1), flags=flags, summary={"rule": "epic", "fraction": fraction, "isolated": int(len(isolated))})
+
+
+@register_detector
+def epic(embeddings: Embeddings, config: ScanConfig, progress: bool = True) -> Detection:
+    return epic_flags(embeddings.logit_gradient(), embeddings.labels, embeddings.meta["num_classes"], config.epic_fraction)
