@@ -16,7 +16,7 @@ import os
 import platform
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,10 +130,15 @@ class Harness:
         model.set_normalization(self.mean, self.std)
         return model
 
+    def model_path(self, data: ArrayDataset, seed: int, tag: str) -> Path:
+        """Where the model trained on `data` with `seed` is cached: named by data, model, recipe and seed."""
+        return self.cache / f"{tag}-{_hash(data.fingerprint, self.scale.model, self.scale.model_kwargs, dataclasses.asdict(self.recipe), seed)}.pt"
+
     def trained(self, data: ArrayDataset, seed: int, tag: str) -> tuple[Classifier, float]:
-        """A model trained from scratch on `data` with `seed`, cached by data, recipe and seed; (model, seconds)."""
-        name = f"{tag}-{_hash(data.fingerprint, self.scale.model, self.scale.model_kwargs, dataclasses.asdict(self.recipe), seed)}"
-        final, partial = self.cache / f"{name}.pt", self.cache / f"{name}.partial.pt"
+        """A model trained from scratch on `data` with `seed` (or loaded from the cache); (model, seconds)."""
+        final = self.model_path(data, seed, tag)
+        name = final.stem
+        partial = final.with_suffix(".partial.pt")
         model = self.new_model(seed)
         if final.exists():
             state = torch.load(final, map_location="cpu", weights_only=True)
@@ -147,11 +152,14 @@ class Harness:
         partial.unlink(missing_ok=True)
         return model, seconds
 
+    def poisons_path(self, setup: PoisonSetup) -> Path:
+        """Where the poisons for `setup` are cached: named by data, key, eps, budget, attack config and the surrogate's recipe."""
+        surrogate_recipe = (self.scale.model, self.scale.model_kwargs, dataclasses.asdict(self.recipe))
+        return self.cache / f"poisons-{self.config.attack}-{_hash(self.train.fingerprint, setup.key, self.config.eps, self.config.budget, dataclasses.asdict(self.craft_config), surrogate_recipe)}.pt"
+
     def poisons(self, setup: PoisonSetup, surrogate: Classifier) -> PoisonSet:
         """Craft (or load the cached) poisons for this key."""
-        recipe = (self.scale.model, self.scale.model_kwargs, dataclasses.asdict(self.recipe))  # the surrogate's
-        name = f"poisons-{self.config.attack}-{_hash(self.train.fingerprint, setup.key, self.config.eps, self.config.budget, dataclasses.asdict(self.craft_config), recipe)}.pt"
-        path = self.cache / name
+        path = self.poisons_path(setup)
         if path.exists():
             state = torch.load(path, map_location="cpu", weights_only=True)
             return PoisonSet(setup, self.config.eps, state["deltas"], self.config.attack, json.loads(state["metadata"]))

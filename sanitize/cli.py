@@ -12,11 +12,12 @@ from typing import Any, Callable
 import click
 import numpy as np
 
-from sanitize.config import ScanConfig, TrainConfig
+from sanitize.config import RobustConfig, ScanConfig, TrainConfig
 from sanitize.errors import SanitizeError
 
 DEFAULTS = ScanConfig()
 TRAIN_DEFAULTS = TrainConfig()
+ROBUST_DEFAULTS = RobustConfig()
 
 
 def _handle_errors(fn: Callable) -> Callable:
@@ -120,6 +121,42 @@ def demo(out: Path, quiet: bool) -> None:
     print_summary(result)
     caught = set(result.flagged_ids) & {ids[i] for i in moved}
     click.echo(f"planted   {len(caught)} of {len(moved)} mislabeled images are among the flagged")
+
+
+@cli.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("sanitize-train"), show_default=True, help="Output directory (never inside DATA).")
+@click.option("--robust", is_flag=True, help="EPIC: drop isolated examples periodically while training; writes drop_log.json.")
+@click.option("--model", default="auto", show_default=True)
+@click.option("--epochs", type=int, default=TRAIN_DEFAULTS.epochs, show_default=True)
+@click.option("--batch-size", type=int, default=TRAIN_DEFAULTS.batch_size, show_default=True)
+@click.option("--lr", type=float, default=TRAIN_DEFAULTS.lr, show_default=True)
+@click.option("--augment/--no-augment", default=TRAIN_DEFAULTS.augment, show_default=True)
+@click.option("--fraction", type=float, default=ROBUST_DEFAULTS.fraction, show_default=True, help="Robust: medoids per class as a share of the class.")
+@click.option("--every", type=int, default=None, help="Robust: epochs between rounds [default: epochs / 8].")
+@click.option("--warmup", type=int, default=ROBUST_DEFAULTS.warmup, show_default=True, help="Robust: first epoch a round may run.")
+@click.option("--max-dropped-fraction", type=float, default=ROBUST_DEFAULTS.max_dropped_fraction, show_default=True, help="Robust: cap on the share dropped.")
+@click.option("--test", type=click.Path(exists=True), default=None, help="A labelled test set to report accuracy on.")
+@click.option("--image-size", type=int, default=None)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True)
+@click.option("--workers", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True)
+@_handle_errors
+def train(data: Path, out: Path, **options: Any) -> None:
+    """Train a model from scratch on DATA; with --robust, EPIC drops isolated examples as it goes."""
+    from sanitize.train import train as run
+
+    result = run(data, out, **options)
+    summary = result.summary
+    click.echo(f"model     {summary['model']['name']}, {summary['model']['trained_epochs']} epochs, accuracy on the data {summary['train_accuracy']:.1%}"
+               + (f", test {summary['test_accuracy']:.1%}" if "test_accuracy" in summary else ""))
+    if summary["robust"]:
+        robust = summary["robust"]
+        click.echo(f"dropped   {robust['dropped']} ({robust['dropped_fraction']:.2%}) in rounds at epochs {robust['rounds']}")
+    click.echo(f"time      {summary['seconds']:.1f} s")
+    click.echo(f"outputs   {', '.join(str(p) for p in result.files.values())}")
 
 
 def parse_keys(text: str) -> tuple[int, ...]:

@@ -25,6 +25,68 @@ class TrainConfig:
 
 
 @dataclass
+class RobustConfig:
+    """EPIC robust training (sanitize.robust): when to look for isolated examples and how many may go."""
+
+    fraction: float = 0.2  # medoids per class as a share of the class (EPIC's subset size; 0.1-0.3 in its examples)
+    every: int | None = None  # epochs between rounds; None: epochs / 8 (EPIC's 5 of 40)
+    warmup: int = 1  # first epoch a round may run (EPIC's drop_after)
+    max_dropped_fraction: float = 0.1  # cap on everything dropped, as a share of the data
+
+    def period(self, epochs: int) -> int:
+        return self.every or max(1, round(epochs / 8))
+
+
+def route_options(cls: type, options: dict[str, Any], nested: dict[str, type]) -> Any:
+    """Build `cls` from flat keyword options; keys of a nested config (e.g. epochs -> train) go to that field."""
+    own = {f.name for f in dataclasses.fields(cls)}
+    routed = {name: {k: options.pop(k) for k in list(options) if k in {f.name for f in dataclasses.fields(kind)} - own}
+              for name, kind in nested.items()}
+    unknown = set(options) - own
+    if unknown:
+        raise SanitizeError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    for name, kind in nested.items():
+        base = options.pop(name, None) or kind()
+        options[name] = dataclasses.replace(base, **routed[name])
+    config = cls(**options)
+    config.validate()
+    return config
+
+
+@dataclass
+class FitConfig:
+    """Options of `sanitize train`; `sanitize.train(data, **options)` takes the same names."""
+
+    model: str = "auto"
+    image_size: int | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    robust: bool = False
+    epic: RobustConfig = field(default_factory=RobustConfig)
+    test: str | None = None  # a labelled test set to report accuracy on
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int = 0
+    seed: int = 0
+    quiet: bool = False
+
+    @classmethod
+    def from_options(cls, **options: Any) -> "FitConfig":
+        return route_options(cls, options, {"train": TrainConfig, "epic": RobustConfig})
+
+    def validate(self) -> None:
+        checks = [
+            (self.train.epochs >= 1 and self.train.batch_size >= 1, "epochs and batch_size must be >= 1"),
+            (0.0 < self.epic.fraction <= 1.0, "fraction must be in (0, 1]"),
+            (self.epic.every is None or self.epic.every >= 1, "every must be >= 1"),
+            (0.0 <= self.epic.max_dropped_fraction <= 1.0, "max_dropped_fraction must be in [0, 1]"),
+            (self.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SanitizeError(message)
+
+
+@dataclass
 class ScanConfig:
     """Options of `sanitize scan`; `sanitize.scan(data, **options)` takes the same names."""
 
@@ -55,16 +117,7 @@ class ScanConfig:
     @classmethod
     def from_options(cls, **options: Any) -> "ScanConfig":
         """Build a config from flat keyword options; training keys (epochs, lr, ...) go to `train`."""
-        scan_keys = {f.name for f in dataclasses.fields(cls)}
-        train_keys = {f.name for f in dataclasses.fields(TrainConfig)} - scan_keys
-        unknown = set(options) - scan_keys - train_keys
-        if unknown:
-            raise SanitizeError(f"unknown option(s): {', '.join(sorted(unknown))}")
-        train = options.pop("train", None) or TrainConfig()
-        train = dataclasses.replace(train, **{k: options.pop(k) for k in list(options) if k in train_keys})
-        config = cls(train=train, **options)
-        config.validate()
-        return config
+        return route_options(cls, options, {"train": TrainConfig})
 
     def validate(self) -> None:
         """Reject values that cannot work, with a message naming the option."""

@@ -53,6 +53,15 @@ class GradientEmbedder:
         return (g @ a.T) * (f_tilde @ b.T) / math.sqrt(self.dim)
 
 
+def softmax_minus_onehot(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """d CE / d logits for every example: the last-layer gradient's class factor, EPIC's gradient proxy."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    p[np.arange(len(p)), labels] -= 1.0
+    return p.astype(np.float32)
+
+
 @dataclass
 class Embeddings:
     """Read-only views of a finished embedding pass (rows follow the dataset's positions)."""
@@ -66,11 +75,7 @@ class Embeddings:
 
     def logit_gradient(self) -> np.ndarray:
         """softmax - onehot (C): EPIC's gradient proxy."""
-        z = self.logits - self.logits.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        p /= p.sum(axis=1, keepdims=True)
-        p[np.arange(len(p)), self.labels] -= 1.0
-        return p.astype(np.float32)
+        return softmax_minus_onehot(np.asarray(self.logits), self.labels)
 
     def gradient_norm(self) -> np.ndarray:
         """Exact ||last-layer gradient|| = ||g|| ||f~|| (never sketched)."""

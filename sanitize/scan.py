@@ -26,13 +26,12 @@ import torch
 
 import sanitize
 from sanitize.config import ScanConfig
-from sanitize.data import ImageDataset, ensure_outside, open_dataset
+from sanitize.data import ImageDataset, open_dataset, prepare_output
 from sanitize.density import gpu_available
 from sanitize.detectors import Detection, get_detector
 from sanitize.embeddings import Embeddings, compute_embeddings
-from sanitize.errors import SanitizeError
 from sanitize.models import Classifier, create_model, default_model_name, load_weights
-from sanitize.training import channel_stats, resolve_device, resolve_precision, train_model
+from sanitize.training import resolve_device, resolve_precision, train_from_scratch
 
 SCORES_HEADER = ("id", "path", "label", "score", "flagged")
 
@@ -81,27 +80,14 @@ def _embedding_signature(dataset: ImageDataset, model: Classifier, config: ScanC
 def build_proxy(dataset: ImageDataset, config: ScanConfig, out: Path, device: torch.device, amp_dtype, timer: _Timer) -> tuple[Classifier, dict[str, Any]]:
     """Load the user's checkpoint, or train a proxy from scratch on the data (resuming an interrupted run)."""
     name = default_model_name(dataset.image_size) if config.model == "auto" else config.model
-    torch.manual_seed(config.seed)
-    model = create_model(name, dataset.num_classes, (3, *dataset.image_size))
-    info: dict[str, Any] = {"name": name, "parameters": sum(p.numel() for p in model.parameters())}
     if config.checkpoint:
+        torch.manual_seed(config.seed)
+        model = create_model(name, dataset.num_classes, (3, *dataset.image_size))
         load_weights(model, Path(config.checkpoint))
-        info["checkpoint"] = str(config.checkpoint)
-        return model, info
-    proxy_dir = out / "proxy"
-    proxy_dir.mkdir(parents=True, exist_ok=True)
-    with timer.phase("statistics"):
-        mean, std = channel_stats(dataset, seed=config.seed)
-    model.set_normalization(mean, std)
-    meta = {"fingerprint": dataset.fingerprint, "model": name, "train": json.dumps(dataclasses.asdict(config.train), sort_keys=True), "seed": str(config.seed)}
+        return model, {"name": name, "parameters": sum(p.numel() for p in model.parameters()), "checkpoint": str(config.checkpoint)}
     with timer.phase("train_proxy"):
-        history = train_model(
-            model, dataset, np.arange(len(dataset)), config.train, device, amp_dtype,
-            checkpoint=proxy_dir / "checkpoint.pt", meta=meta, workers=config.workers, progress=not config.quiet, desc="proxy",
-        )
-    torch.save(model.state_dict(), proxy_dir / "model.pt")
-    info.update({"trained_epochs": len(history), "history": history, "weights": str(proxy_dir / "model.pt")})
-    return model, info
+        return train_from_scratch(dataset, name, config.train, out / "proxy", device, amp_dtype, seed=config.seed,
+                                  workers=config.workers, progress=not config.quiet, desc="proxy")
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -126,11 +112,7 @@ def _versions() -> dict[str, str]:
 
 def run_scan(data: str | os.PathLike, out: str | os.PathLike, config: ScanConfig) -> ScanResult:
     """Run the whole scan; raises SanitizeError (or DataError) for problems with the input."""
-    data, out = Path(data), Path(out)
-    if not data.exists():
-        raise SanitizeError(f"{data} does not exist")
-    ensure_outside(data, out)
-    out.mkdir(parents=True, exist_ok=True)
+    data, out = prepare_output(data, out)
     timer = _Timer()
     started = time.perf_counter()
     progress = not config.quiet

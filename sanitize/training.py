@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -16,6 +18,7 @@ from tqdm import tqdm
 from sanitize.config import TrainConfig
 from sanitize.data import ImageDataset, iterate_batches
 from sanitize.errors import SanitizeError
+from sanitize.models import Classifier, create_model
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -92,7 +95,7 @@ def channel_stats(dataset: ImageDataset, sample: int = 5000, seed: int = 0) -> t
     return mean.float(), std.float()
 
 
-def _milestones(config: TrainConfig) -> list[int]:
+def milestone_epochs(config: TrainConfig) -> list[int]:
     return sorted({max(1, round(f * config.epochs)) for f in config.milestones})
 
 
@@ -129,7 +132,7 @@ def train_model(
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
     )
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, _milestones(config), gamma=config.gamma)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestone_epochs(config), gamma=config.gamma)
     history: list[dict[str, float]] = []
     indices = np.asarray(indices, dtype=np.int64)
     start_epoch = 0
@@ -193,3 +196,34 @@ def predict(
         with autocast(device, amp_dtype):
             outputs.append(model(to_model_input(images, device)).float().cpu())
     return torch.cat(outputs).numpy()
+
+
+def train_from_scratch(
+    dataset: ImageDataset,
+    model_name: str,
+    recipe: TrainConfig,
+    directory: Path,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    seed: int = 0,
+    workers: int = 0,
+    progress: bool = True,
+    desc: str = "train",
+    after_epoch: EpochHook | None = None,
+    extra_meta: dict[str, str] | None = None,
+) -> tuple[Classifier, dict[str, Any]]:
+    """A fresh `model_name` (seeded, input-normalised on the data) trained on all of `dataset`; resumes from
+    directory/checkpoint.pt when the data, model, recipe and seed match; writes directory/model.pt (a state dict)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = create_model(model_name, dataset.num_classes, (3, *dataset.image_size))
+    started = time.perf_counter()
+    mean, std = channel_stats(dataset, seed=seed)
+    model.set_normalization(mean, std)
+    meta = {"fingerprint": dataset.fingerprint, "model": model_name, "train": json.dumps(dataclasses.asdict(recipe), sort_keys=True), "seed": str(seed)} | (extra_meta or {})
+    history = train_model(model, dataset, np.arange(len(dataset)), recipe, device, amp_dtype, checkpoint=directory / "checkpoint.pt",
+                          meta=meta, workers=workers, progress=progress, desc=desc, after_epoch=after_epoch)
+    torch.save(model.state_dict(), directory / "model.pt")
+    info = {"name": model_name, "parameters": sum(p.numel() for p in model.parameters()), "trained_epochs": len(history),
+            "history": history, "weights": str(directory / "model.pt"), "seconds": round(time.perf_counter() - started, 2)}
+    return model, info

@@ -9,7 +9,7 @@ from sanitize.data.base import ImageDataset, Skipped, iterate_batches
 from sanitize.data.folder import FolderDataset, open_folder
 from sanitize.errors import DataError
 
-__all__ = ["ArrayDataset", "FolderDataset", "ImageDataset", "Skipped", "ensure_outside", "iterate_batches", "open_dataset"]
+__all__ = ["ArrayDataset", "FolderDataset", "ImageDataset", "Skipped", "ensure_outside", "iterate_batches", "open_dataset", "prepare_output"]
 
 
 def open_dataset(path: str | Path, image_size: int | None = None, workers: int = 0, progress: bool = True) -> ImageDataset:
@@ -32,3 +32,13 @@ def ensure_outside(data: str | Path, out: str | Path) -> None:
     data, out = Path(data).resolve(), Path(out).resolve()
     if out == data or (data.is_dir() and data in out.parents):
         raise DataError(f"output {out} is inside DATA {data}; sanitize never writes into the data")
+
+
+def prepare_output(data: str | Path, out: str | Path) -> tuple[Path, Path]:
+    """Check DATA exists and OUT lies outside it, create OUT; (data, out) as Paths."""
+    data, out = Path(data), Path(out)
+    if not data.exists():
+        raise DataError(f"{data} does not exist")
+    ensure_outside(data, out)
+    out.mkdir(parents=True, exist_ok=True)
+    return data, out

@@ -1,0 +1,73 @@
+"""EPIC robust training (Yang, Liu & Mirzasoleiman 2022): drop isolated examples periodically while training from scratch.
+
+Every `every` epochs from epoch `warmup` until the last learning-rate milestone, the model (eval mode, no
+augmentation) gives every example its last-layer gradient proxy softmax - onehot; per class, facility-location medoids
+(ceil(fraction x class size)) are chosen over all examples, every example joins its nearest medoid, and medoids alone in
+their cluster are dropped, for good; the survivors train unweighted. Added to EPIC: a cap on the total dropped
+fraction (beyond it, the isolated examples with the largest gradient proxy go first), deterministic medoids, a drop log
+(id, class, round) and resume after a kill (the log is cut back to the checkpoint's epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sanitize.config import RobustConfig
+from sanitize.data import ImageDataset
+from sanitize.embeddings import softmax_minus_onehot
+from sanitize.medoids import isolated_medoids
+from sanitize.training import predict
+
+
+class EpicDropper:
+    """The `after_epoch` hook of `train_model`: decides the rounds, drops, logs; resumable from the log file."""
+
+    def __init__(self, dataset: ImageDataset, config: RobustConfig, epochs: int, last_milestone: int, log_path: Path,
+                 device: torch.device, amp_dtype: torch.dtype | None):
+        self.dataset, self.config, self.log_path = dataset, config, log_path
+        self.device, self.amp_dtype = device, amp_dtype
+        period = config.period(epochs)
+        self.rounds = [e for e in range(max(1, config.warmup), min(last_milestone, epochs - 1) + 1) if e % period == 0]
+        self.cap = math.floor(config.max_dropped_fraction * len(dataset))
+        self.log = self._read_log()  # a finished run's log stands; a resumed run cuts it back on the first call
+        self.resumed = False
+
+    def __call__(self, epoch: int, model: torch.nn.Module, indices: np.ndarray) -> np.ndarray:
+        """After 0-based `epoch`: run a round when the next epoch is a round epoch; returns the survivors."""
+        if not self.resumed:  # training (re)started after `epoch` finished epochs: later rounds are not in its indices
+            self.log, self.resumed = [row for row in self.log if row["round"] <= epoch], True
+            self._write_log()
+        next_epoch = epoch + 1
+        if next_epoch not in self.rounds or len(self.log) >= self.cap:
+            return indices
+        logits = predict(model, self.dataset, np.arange(len(self.dataset)), self.device, self.amp_dtype)
+        proxy = softmax_minus_onehot(logits, self.dataset.labels)
+        isolated, _ = isolated_medoids(proxy, self.dataset.labels, self.dataset.num_classes, self.config.fraction)
+        new = np.setdiff1d(isolated, np.setdiff1d(np.arange(len(self.dataset)), indices))  # not dropped before
+        room = self.cap - len(self.log)
+        if len(new) > room:
+            new = new[np.argsort(-np.linalg.norm(proxy[new], axis=1), kind="stable")[:room]]
+        self.log += [{"id": self.dataset.ids[i], "position": int(i), "class": int(self.dataset.labels[i]), "round": next_epoch} for i in np.sort(new)]
+        self._write_log()
+        model.train()
+        return np.setdiff1d(indices, new)
+
+    def dropped(self) -> np.ndarray:
+        return np.array([row["position"] for row in self.log], dtype=np.int64)
+
+    def _read_log(self) -> list[dict]:
+        if not self.log_path.exists():
+            return []
+        return json.loads(self.log_path.read_text())["dropped"]
+
+    def _write_log(self) -> None:
+        tmp = self.log_path.with_name(self.log_path.name + ".tmp")
+        tmp.write_text(json.dumps({"config": asdict(self.config), "rounds": self.rounds, "cap": self.cap, "dropped": self.log}, indent=1))
+        os.replace(tmp, self.log_path)

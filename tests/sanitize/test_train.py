@@ -1,0 +1,80 @@
+"""`sanitize train`: plain and robust (EPIC) training, the drop log, the cap, and resume after a kill."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from sanitize.cli import cli
+from sanitize.models import create_model
+from sanitize.robust import EpicDropper
+from sanitize.train import train
+
+FAST = dict(model="tiny", epochs=6, batch_size=32, augment=False, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def mislabeled_npz(tmp_path_factory, digits16):
+    """1,000 digits, 20 of them moved to a wrong label: the isolated examples EPIC's rule exists to drop."""
+    x, y = digits16
+    x, y = x[:1000], y[:1000].copy()
+    rng = np.random.default_rng(0)
+    planted = np.sort(rng.choice(len(y), 20, replace=False))
+    y[planted] = (y[planted] + rng.integers(1, 10, 20)) % 10
+    path = tmp_path_factory.mktemp("robust") / "mislabeled.npz"
+    np.savez(path, x=x, y=y)
+    return path, planted
+
+
+def test_robust_training_drops_the_planted_examples_and_logs_every_drop(tmp_path, mislabeled_npz):
+    data, planted = mislabeled_npz
+    result = train(data, tmp_path / "r", robust=True, every=2, **FAST)
+    log = json.loads(result.files["drop_log"].read_text())
+    positions = [row["position"] for row in log["dropped"]]
+    assert log["rounds"] == [2, 4] and {row["round"] for row in log["dropped"]} <= {2, 4}  # milestones of 6 epochs: 2, 4, 5
+    assert len(positions) == len(set(positions)) <= log["cap"] == 100
+    assert np.isin(planted, positions).mean() >= 0.5
+    kept = result.files["kept"].read_text().split()
+    assert len(kept) + len(positions) == 1000 and not set(kept) & {row["id"] for row in log["dropped"]}
+    assert sum(result.summary["robust"]["dropped_per_class"].values()) == len(positions)
+    labels = np.load(data)["y"]
+    assert all(labels[row["position"]] == row["class"] for row in log["dropped"])
+
+
+def test_the_cap_bounds_what_is_dropped(tmp_path, mislabeled_npz):
+    data, _ = mislabeled_npz
+    result = train(data, tmp_path / "r", robust=True, every=2, max_dropped_fraction=0.005, **FAST)
+    assert len(result.dropped_ids) == 5
+
+
+def test_a_killed_robust_run_resumes_to_the_same_drops(tmp_path, mislabeled_npz, monkeypatch):
+    data, _ = mislabeled_npz
+    reference = train(data, tmp_path / "whole", robust=True, every=2, **FAST)
+    original = EpicDropper.__call__
+
+    def killed_after_second_round(self, epoch, model, indices):
+        survivors = original(self, epoch, model, indices)
+        if epoch == 3:  # the round-4 drops are logged, the epoch's checkpoint is not yet written
+            raise KeyboardInterrupt
+        return survivors
+
+    monkeypatch.setattr(EpicDropper, "__call__", killed_after_second_round)
+    with pytest.raises(KeyboardInterrupt):
+        train(data, tmp_path / "killed", robust=True, every=2, **FAST)
+    monkeypatch.setattr(EpicDropper, "__call__", original)
+    resumed = train(data, tmp_path / "killed", robust=True, every=2, **FAST)
+    assert resumed.summary["model"]["trained_epochs"] == 6
+    assert json.loads(resumed.files["drop_log"].read_text())["dropped"] == json.loads(reference.files["drop_log"].read_text())["dropped"]
+
+
+def test_plain_training_from_the_cli_writes_a_weights_only_checkpoint(tmp_path, digits_npz):
+    result = CliRunner().invoke(cli, ["train", str(digits_npz), "--out", str(tmp_path / "t"), "--model", "tiny", "--epochs", "1", "--test", str(digits_npz), "--quiet"])
+    assert result.exit_code == 0, result.output
+    model = create_model("tiny", 10, (3, 16, 16))
+    model.load_state_dict(torch.load(tmp_path / "t" / "model.pt", weights_only=True))
+    summary = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert summary["robust"] is None and 0 <= summary["test_accuracy"] <= 1 and not (tmp_path / "t" / "drop_log.json").exists()
+    bad = CliRunner().invoke(cli, ["train", str(digits_npz), "--out", str(tmp_path / "u"), "--robust", "--fraction", "0", "--quiet"])
+    assert bad.exit_code == 2 and "fraction" in bad.output
