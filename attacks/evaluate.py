@@ -23,16 +23,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from sklearn.metrics import roc_auc_score
+
 from attacks import choose_setup, craft, method_config
 from attacks.base import PoisonSet, PoisonSetup
-from sanitize.config import TrainConfig
+
+from sanitize.config import RobustConfig, TrainConfig
 from sanitize.data import ImageDataset, open_dataset
 from sanitize.data.arrays import ArrayDataset
 from sanitize.errors import SanitizeError
 from sanitize.models import Classifier, create_model
-from sanitize.training import channel_stats, predict, resolve_device, resolve_precision, train_model
+from sanitize.robust import EpicDropper
+from sanitize.scan import scan
+from sanitize.training import channel_stats, milestone_epochs, predict, resolve_device, resolve_precision, train_model
 
-ARMS = ("clean", "undefended", "random-noise")
+CONTROL_ARMS = ("clean", "undefended", "random-noise")
+DETECTOR_ARMS = {"scan": "knn_density", "epic": "epic", "deep_knn": "deep_knn", "spectral_signatures": "spectral_signatures",
+                 "activation_clustering": "activation_clustering"}  # arm -> `sanitize scan --detector`
+TOLD_THE_COUNT = ("deep_knn", "spectral_signatures")  # baselines whose rule needs the number of poisons: given budget x N
+ARMS = (*CONTROL_ARMS, *DETECTOR_ARMS, "robust")
 SURROGATE_SEED = 10_000  # victims use seeds 0..V-1; the attacker's surrogate never shares one
 
 
@@ -132,10 +141,12 @@ class Harness:
 
     def model_path(self, data: ArrayDataset, seed: int, tag: str) -> Path:
         """Where the model trained on `data` with `seed` is cached: named by data, model, recipe and seed."""
-        return self.cache / f"{tag}-{_hash(data.fingerprint, self.scale.model, self.scale.model_kwargs, dataclasses.asdict(self.recipe), seed)}.pt"
+        robust = dataclasses.asdict(RobustConfig()) if tag.endswith("robust") else None
+        return self.cache / f"{tag}-{_hash(data.fingerprint, self.scale.model, self.scale.model_kwargs, dataclasses.asdict(self.recipe), seed, robust)}.pt"
 
     def trained(self, data: ArrayDataset, seed: int, tag: str) -> tuple[Classifier, float]:
-        """A model trained from scratch on `data` with `seed` (or loaded from the cache); (model, seconds)."""
+        """A model trained from scratch on `data` with `seed` (or loaded from the cache); (model, seconds). A tag ending
+        in "robust" trains with EPIC's dropping (sanitize.robust), its drop log beside the model."""
         final = self.model_path(data, seed, tag)
         name = final.stem
         partial = final.with_suffix(".partial.pt")
@@ -146,7 +157,11 @@ class Harness:
             return model, float(state["seconds"])
         started = time.perf_counter()
         recipe = dataclasses.replace(self.recipe, seed=seed)
-        train_model(model, data, np.arange(len(data)), recipe, self.device, self.amp, checkpoint=partial, meta={"name": name}, progress=self.progress, desc=tag)
+        dropper = None
+        if tag.endswith("robust"):
+            dropper = EpicDropper(data, RobustConfig(), recipe.epochs, max(milestone_epochs(recipe)), final.with_suffix(".drop_log.json"), self.device, self.amp)
+        train_model(model, data, np.arange(len(data)), recipe, self.device, self.amp, checkpoint=partial, meta={"name": name},
+                    progress=self.progress, desc=tag, after_epoch=dropper)
         seconds = time.perf_counter() - started
         torch.save({"model": model.state_dict(), "seconds": seconds}, final)
         partial.unlink(missing_ok=True)
@@ -181,6 +196,41 @@ class Harness:
         images = np.array(self.train.images, copy=True)
         images[positions] = changed.permute(0, 2, 3, 1).numpy()
         return self.train.with_images(images)
+
+    def filtered(self, poisoned: ArrayDataset, arm: str, setup: PoisonSetup) -> tuple[ArrayDataset, dict[str, Any], float]:
+        """What `sanitize scan` (the default, or a baseline's --detector) keeps of the poisoned data, the flags scored
+        against the true poisons, and the scan's wall time. Scans are cached per poisoned set; the baselines reuse
+        the default scan's proxy (--checkpoint), so their cost is that proxy's training plus their own pass."""
+        root = self.cache / f"scan-{_hash(poisoned.fingerprint)}"
+        options = {"quiet": True, "device": self.config.device, "precision": self.config.precision}
+        result, seconds = self._scan_once(poisoned, root / "knn_density", options)
+        told = None
+        if arm != "scan":
+            detector = DETECTOR_ARMS[arm]
+            told = len(setup.poison_indices) if detector in TOLD_THE_COUNT else None
+            result, own = self._scan_once(poisoned, root / detector, options | {"detector": detector, "expected_poisons": told,
+                                                                                  "checkpoint": str(root / "knn_density" / "proxy" / "model.pt")})
+            seconds += own
+        truth = np.zeros(len(poisoned), dtype=bool)
+        truth[list(setup.poison_indices)] = True
+        flags = result.flags
+        metrics = {
+            "dropped_fraction": float(flags.mean()),
+            "poison_precision": float((flags & truth).sum() / flags.sum()) if flags.any() else None,
+            "poison_recall": float((flags & truth).sum() / truth.sum()),
+            "auroc": float(roc_auc_score(truth, result.scores)),
+            "told_expected_poisons": told,
+        }
+        return poisoned.subset(np.flatnonzero(~flags)), metrics, seconds
+
+    def _scan_once(self, data: ArrayDataset, out: Path, options: dict[str, Any]):
+        """(ScanResult, wall seconds of the first run): a rerun reuses the finished proxy and embeddings."""
+        started = time.perf_counter()
+        result = scan(data, out, **options)
+        cost = out / "cost.json"
+        if not cost.exists():
+            cost.write_text(json.dumps({"seconds": time.perf_counter() - started}))
+        return result, json.loads(cost.read_text())["seconds"]
 
     def measure(self, model: Classifier, setup: PoisonSetup) -> dict[str, Any]:
         """The victim's prediction on the target, its probability of the intended class (a finer signal than success,
@@ -221,20 +271,34 @@ def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Pat
         poisons = harness.poisons(setup, surrogate)
         for arm, victim_seed in todo:
             data = harness.data_for(arm, poisons)
+            defense = {"dropped_fraction": 0.0, "poison_precision": None, "poison_recall": None, "auroc": None}
+            seconds = {"surrogate": round(surrogate_seconds, 1), "crafting": poisons.metadata.get("seconds")}
+            if arm in DETECTOR_ARMS:
+                data, defense, scan_seconds = harness.filtered(data, arm, setup)
+                seconds["scan"] = round(scan_seconds, 1)
             model, victim_seconds = harness.trained(data, victim_seed, f"victim-{arm}")
+            if arm == "robust":
+                defense = robust_metrics(harness.model_path(data, victim_seed, "victim-robust").with_suffix(".drop_log.json"), setup, len(data))
             started = time.perf_counter()
             measured = harness.measure(model, setup)
             harness.append({
                 "attack": config.attack, "scale": config.scale, "eps": config.eps, "budget": len(setup.poison_indices) / len(harness.train),
                 "poison_key": key, "target_id": setup.target_id, "target_class": setup.target_class, "intended_class": setup.intended_class,
-                "arm": arm, "victim_seed": victim_seed, "success": measured["target_pred"] == setup.intended_class, **measured,
-                "dropped_fraction": 0.0, "poison_precision": None, "poison_recall": None, "auroc": None,
+                "arm": arm, "victim_seed": victim_seed, "success": measured["target_pred"] == setup.intended_class, **measured, **defense,
                 "model": harness.scale.model, "train_size": len(harness.train), "epochs": harness.recipe.epochs,
-                "seconds": {"surrogate": round(surrogate_seconds, 1), "crafting": poisons.metadata.get("seconds"), "victim_training": round(victim_seconds, 1), "measure": round(time.perf_counter() - started, 1)},
+                "seconds": seconds | {"victim_training": round(victim_seconds, 1), "measure": round(time.perf_counter() - started, 1)},
                 "craft_final_loss": min(poisons.metadata.get("final_loss_per_restart", [float("nan")])),
             })
     aggregate(out, command)
     return out
+
+
+def robust_metrics(drop_log: Path, setup: PoisonSetup, size: int) -> dict[str, Any]:
+    """What robust training dropped, scored against the true poisons (no per-example score: no AUROC)."""
+    dropped = {row["position"] for row in json.loads(drop_log.read_text())["dropped"]}
+    caught = len(dropped & set(setup.poison_indices))
+    return {"dropped_fraction": len(dropped) / size, "poison_precision": caught / len(dropped) if dropped else None,
+            "poison_recall": caught / len(setup.poison_indices), "auroc": None}
 
 
 def _rows(out: Path) -> list[dict[str, Any]]:
@@ -265,6 +329,7 @@ def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
         success = np.array([r["success"] for r in rows], float)
         accuracy = np.array([r["clean_acc"] for r in rows], float)
         p_intended = [r["p_intended"] for r in rows if r.get("p_intended") is not None]
+        plain = [r["seconds"]["victim_training"] for r in groups.get((attack, scale, model, epochs, eps, "undefended"), [])]
         table.append({
             "attack": attack, "scale": scale, "model": model, "epochs": epochs, "eps": eps, "arm": arm, "victims": len(rows),
             "keys": len({r["poison_key"] for r in rows}),
@@ -272,18 +337,32 @@ def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
             "p_intended_median": float(np.median(p_intended)) if p_intended else None,
             "clean_acc_mean": float(accuracy.mean()), "clean_acc_se": float(accuracy.std(ddof=1) / math.sqrt(len(rows))) if len(rows) > 1 else None,
             "victim_seconds_mean": float(np.mean([r["seconds"]["victim_training"] for r in rows])),
+            "dropped_fraction_mean": float(np.mean([r["dropped_fraction"] for r in rows])),
+            "poison_precision_mean": _mean_of(rows, "poison_precision"), "poison_recall_mean": _mean_of(rows, "poison_recall"),
+            "auroc_mean": _mean_of(rows, "auroc"),
+            "cost_vs_plain_training": float(np.mean([r["seconds"].get("scan", 0) + r["seconds"]["victim_training"] for r in rows]) / np.mean(plain)) if plain else None,
         })
     summary = {"command": command, "git_commit": _git_commit(), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}, "table": table}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    lines = ["| attack | scale | model | epochs | eps | arm | victims (keys) | success | median p(intended) | clean accuracy | victim s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| attack | scale | model | epochs | eps | arm | victims (keys) | success | median p(intended) | clean accuracy | dropped "
+             "| poison precision | poison recall | AUROC | victim s | cost vs plain |", "|" + " --- |" * 16]
     for t in table:
         se = f" +- {t['success_se']:.1%}" if t["success_se"] is not None else ""
-        p = f"{t['p_intended_median']:.3f}" if t["p_intended_median"] is not None else "-"
         lines.append(f"| {t['attack']} | {t['scale']} | {t['model']} | {t['epochs']} | {t['eps']:g} | {t['arm']} | {t['victims']} ({t['keys']}) "
-                     f"| {t['success_mean']:.1%}{se} | {p} | {t['clean_acc_mean']:.2%} | {t['victim_seconds_mean']:.0f} |")
+                     f"| {t['success_mean']:.1%}{se} | {_cell(t['p_intended_median'], '.3f')} | {t['clean_acc_mean']:.2%} | {t['dropped_fraction_mean']:.2%} "
+                     f"| {_cell(t['poison_precision_mean'], '.2f')} | {_cell(t['poison_recall_mean'], '.2f')} | {_cell(t['auroc_mean'], '.3f')} "
+                     f"| {t['victim_seconds_mean']:.0f} | {_cell(t['cost_vs_plain_training'], '.2f')} |")
     (out / "summary.md").write_text(f"Command: `{command}`\n\nCommit: {summary['git_commit']}\n\n" + "\n".join(lines) + "\n")
     return summary
+
+
+def _mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def _git_commit() -> str | None:

@@ -110,14 +110,19 @@ def _versions() -> dict[str, str]:
     return {"sanitize": sanitize.__version__, "torch": torch.__version__, "faiss": faiss.__version__, "numpy": np.__version__, "python": platform.python_version()}
 
 
-def run_scan(data: str | os.PathLike, out: str | os.PathLike, config: ScanConfig) -> ScanResult:
-    """Run the whole scan; raises SanitizeError (or DataError) for problems with the input."""
-    data, out = prepare_output(data, out)
+def run_scan(data: str | os.PathLike | ImageDataset, out: str | os.PathLike, config: ScanConfig) -> ScanResult:
+    """Run the whole scan on DATA (a path, or an already opened dataset such as `from_arrays(x, y)`); raises
+    SanitizeError (or DataError) for problems with the input."""
     timer = _Timer()
     started = time.perf_counter()
     progress = not config.quiet
-    with timer.phase("validate"):
-        dataset = open_dataset(data, image_size=config.image_size, workers=config.workers, progress=progress)
+    if isinstance(data, ImageDataset):
+        dataset, out = data, Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        data, out = prepare_output(data, out)
+        with timer.phase("validate"):
+            dataset = open_dataset(data, image_size=config.image_size, workers=config.workers, progress=progress)
     device = resolve_device(config.device)
     amp_dtype = resolve_precision(config.precision, device)
     model, model_info = build_proxy(dataset, config, out, device, amp_dtype, timer)
@@ -178,6 +183,6 @@ def _summary(dataset: ImageDataset, config: ScanConfig, model_info: dict, embedd
     }
 
 
-def scan(data: str | os.PathLike, out: str | os.PathLike = "sanitize-scan", **options: Any) -> ScanResult:
-    """Scan DATA (ImageFolder directory or .npz) and write the outputs to `out`; options are ScanConfig's fields."""
+def scan(data: str | os.PathLike | ImageDataset, out: str | os.PathLike = "sanitize-scan", **options: Any) -> ScanResult:
+    """Scan DATA (ImageFolder directory, .npz, or an opened dataset) and write the outputs to `out`; options are ScanConfig's fields."""
     return run_scan(data, out, ScanConfig.from_options(**options))

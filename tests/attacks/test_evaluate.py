@@ -43,6 +43,26 @@ def test_smoke_evaluation_writes_protocol_rows_and_resumes(tmp_path, split_npz):
     assert "| gradient-matching | smoke | tiny | 2 | 16 |" in (out / "summary.md").read_text()
 
 
+def test_defended_arms_score_their_flags_against_the_true_poisons(tmp_path, split_npz):
+    train, test = split_npz
+    arms = ("undefended", "scan", "robust", "epic", "deep_knn", "spectral_signatures", "activation_clustering")
+    config = EvaluationConfig(scale="smoke", keys=(0,), victims=1, eps=16, budget=0.02, epochs=2, iterations=3, arms=arms)
+    out = run_evaluation(train, test, tmp_path / "eval", config, progress=False, command="test")
+    rows = {r["arm"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert set(rows) == set(arms)
+    for arm in arms[1:]:
+        row = rows[arm]
+        assert 0 <= row["dropped_fraction"] <= 1 and 0 <= row["poison_recall"] <= 1, arm
+        assert (row["auroc"] is None) == (arm == "robust"), arm
+        if arm != "robust":
+            assert 0 <= row["auroc"] <= 1 and row["seconds"]["scan"] > 0
+    assert rows["spectral_signatures"]["told_expected_poisons"] == 12 and rows["deep_knn"]["told_expected_poisons"] == 12
+    assert rows["scan"]["told_expected_poisons"] is None and rows["activation_clustering"]["told_expected_poisons"] is None
+    assert rows["spectral_signatures"]["dropped_fraction"] >= 10 * 18 / 600  # 1.5 x 12 per class, by its rule
+    table = {t["arm"]: t for t in json.loads((out / "summary.json").read_text())["table"]}
+    assert table["scan"]["cost_vs_plain_training"] > 1 and table["undefended"]["cost_vs_plain_training"] == pytest.approx(1)
+
+
 def test_model_override_is_a_separate_ablation_with_its_own_surrogate_and_poisons(tmp_path, split_npz):
     train, test = split_npz
     base = dict(scale="smoke", keys=(0,), victims=1, eps=16, budget=0.02, epochs=1, iterations=2, arms=("undefended",), cache=str(tmp_path / "cache"))
