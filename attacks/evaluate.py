@@ -141,8 +141,10 @@ class Harness:
 
     def model_path(self, data: ArrayDataset, seed: int, tag: str) -> Path:
         """Where the model trained on `data` with `seed` is cached: named by data, model, recipe and seed."""
-        robust = dataclasses.asdict(RobustConfig()) if tag.endswith("robust") else None
-        return self.cache / f"{tag}-{_hash(data.fingerprint, self.scale.model, self.scale.model_kwargs, dataclasses.asdict(self.recipe), seed, robust)}.pt"
+        parts = [data.fingerprint, self.scale.model, self.scale.model_kwargs, dataclasses.asdict(self.recipe), seed]
+        if tag.endswith("robust"):
+            parts.append(dataclasses.asdict(RobustConfig()))
+        return self.cache / f"{tag}-{_hash(*parts)}.pt"
 
     def trained(self, data: ArrayDataset, seed: int, tag: str) -> tuple[Classifier, float]:
         """A model trained from scratch on `data` with `seed` (or loaded from the cache); (model, seconds). A tag ending
