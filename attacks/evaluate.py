@@ -203,7 +203,7 @@ class Harness:
         """What `sanitize scan` (the default, or a baseline's --detector) keeps of the poisoned data, the flags scored
         against the true poisons, and the scan's wall time. Scans are cached per poisoned set; the baselines reuse
         the default scan's proxy (--checkpoint), so their cost is that proxy's training plus their own pass."""
-        root = self.cache / f"scan-{_hash(poisoned.fingerprint)}"
+        root = self.scan_dir(poisoned)
         options = {"quiet": True, "device": self.config.device, "precision": self.config.precision}
         result, seconds = self._scan_once(poisoned, root / "knn_density", options)
         told = None
@@ -213,17 +213,12 @@ class Harness:
             result, own = self._scan_once(poisoned, root / detector, options | {"detector": detector, "expected_poisons": told,
                                                                                   "checkpoint": str(root / "knn_density" / "proxy" / "model.pt")})
             seconds += own
-        truth = np.zeros(len(poisoned), dtype=bool)
-        truth[list(setup.poison_indices)] = True
-        flags = result.flags
-        metrics = {
-            "dropped_fraction": float(flags.mean()),
-            "poison_precision": float((flags & truth).sum() / flags.sum()) if flags.any() else None,
-            "poison_recall": float((flags & truth).sum() / truth.sum()),
-            "auroc": float(roc_auc_score(truth, result.scores)),
-            "told_expected_poisons": told,
-        }
-        return poisoned.subset(np.flatnonzero(~flags)), metrics, seconds
+        metrics = flag_metrics(result.flags, result.scores, setup) | {"told_expected_poisons": told}
+        return poisoned.subset(np.flatnonzero(~result.flags)), metrics, seconds
+
+    def scan_dir(self, poisoned: ArrayDataset) -> Path:
+        """Where the scans of one poisoned set live (one folder per detector)."""
+        return self.cache / f"scan-{_hash(poisoned.fingerprint)}"
 
     def _scan_once(self, data: ArrayDataset, out: Path, options: dict[str, Any]):
         """(ScanResult, wall seconds of the first run): a rerun reuses the finished proxy and embeddings."""
@@ -293,6 +288,18 @@ def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Pat
             })
     aggregate(out, command)
     return out
+
+
+def flag_metrics(flags: np.ndarray, scores: np.ndarray, setup: PoisonSetup) -> dict[str, Any]:
+    """Dropped fraction, and precision / recall / AUROC of the flags and scores against the true poisons."""
+    truth = np.zeros(len(flags), dtype=bool)
+    truth[list(setup.poison_indices)] = True
+    return {
+        "dropped_fraction": float(flags.mean()),
+        "poison_precision": float((flags & truth).sum() / flags.sum()) if flags.any() else None,
+        "poison_recall": float((flags & truth).sum() / truth.sum()),
+        "auroc": float(roc_auc_score(truth, scores)),
+    }
 
 
 def robust_metrics(drop_log: Path, setup: PoisonSetup, size: int) -> dict[str, Any]:

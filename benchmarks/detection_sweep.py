@@ -1,0 +1,88 @@
+"""Detection of real poisons by every detector and knn_density variant, without training victims.
+
+    python benchmarks/detection_sweep.py --cache work-data/cache-cpu --keys 0,1 [--model NAME] [--eps 16] --out reports/...
+
+For each key whose poisons are cached: the default `sanitize scan` of the poisoned set (the same cached scan the
+evaluation's `scan` arm uses), then, on its proxy's embeddings, every baseline detector and knn_density in each
+embedding space and at several neighbourhood sizes (below and above the poison group, PROTOCOL.md's design note).
+Reports flagged fraction, precision, recall and AUROC against the true poisons; appends one JSON line per (key,
+variant) to OUT/detection.jsonl and rewrites OUT/detection.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from attacks import choose_setup
+from attacks.evaluate import TOLD_THE_COUNT, EvaluationConfig, Harness, flag_metrics
+from sanitize.config import ScanConfig
+from sanitize.detectors import get_detector
+from sanitize.embeddings import load_embeddings
+
+VARIANTS = [
+    ("knn_density", {}),  # the default
+    ("knn_density", {"embedding": "gradient"}),
+    ("knn_density", {"embedding": "logit_gradient"}),
+    ("knn_density", {"k_fraction": 0.05}),
+    ("knn_density", {"k_fraction": 0.5, "k_max": 1000}),
+    ("epic", {}),
+    ("deep_knn", {}),
+    ("spectral_signatures", {}),
+    ("activation_clustering", {}),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shared", type=Path, default=Path("../shared"))
+    parser.add_argument("--cache", type=Path, required=True)
+    parser.add_argument("--keys", default="0")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--eps", type=float, default=16.0)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    data = args.shared / "data" / "cifar10"
+    config = EvaluationConfig(scale="cpu", model=args.model, epochs=args.epochs, eps=args.eps, cache=str(args.cache))
+    harness = Harness(data / "cifar10_train.npz", data / "cifar10_test.npz", args.cache, config, progress=False)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows_path = args.out / "detection.jsonl"
+    for key in (int(k) for k in args.keys.split(",")):
+        setup = choose_setup(key, harness.train, harness.test, config.budget)
+        if not harness.poisons_path(setup).exists():
+            print(f"key {key}: no cached poisons, skipped")
+            continue
+        poisoned = harness.data_for("undefended", harness.poisons(setup, None))
+        harness.filtered(poisoned, "scan", setup)  # the default scan: proxy + embeddings, cached
+        scan_dir = harness.scan_dir(poisoned) / "knn_density"
+        embeddings = load_embeddings(scan_dir / "embeddings", poisoned.labels)
+        for detector, options in VARIANTS:
+            told = len(setup.poison_indices) if detector in TOLD_THE_COUNT else None
+            scan_config = dataclasses.replace(ScanConfig(), detector=detector, expected_poisons=told, **options)
+            detection = get_detector(detector)(embeddings, scan_config, False)
+            poison_scores = detection.scores[list(setup.poison_indices)]
+            row = {"key": key, "eps": args.eps, "model": harness.scale.model, "detector": detector, "options": options, "told_expected_poisons": told,
+                   **flag_metrics(detection.flags, detection.scores, setup), "poison_score_median": float(np.median(poison_scores)),
+                   "proxy_accuracy": embeddings.accuracy()}
+            with rows_path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            print(json.dumps(row))
+    render(rows_path, args.out / "detection.md")
+
+
+def render(rows_path: Path, out: Path) -> None:
+    lines = ["| key | eps | model | detector | options | told count | flagged | precision | recall | AUROC | median poison score |", "|" + " --- |" * 11]
+    for r in map(json.loads, rows_path.read_text().splitlines()):
+        precision = "-" if r["poison_precision"] is None else f"{r['poison_precision']:.2f}"
+        lines.append(f"| {r['key']} | {r['eps']:g} | {r['model']} | {r['detector']} | {json.dumps(r['options']) if r['options'] else 'default'} | "
+                     f"{r['told_expected_poisons'] or '-'} | {r['dropped_fraction']:.2%} | {precision} | {r['poison_recall']:.2f} | {r['auroc']:.3f} | {r['poison_score_median']:.3f} |")
+    out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
