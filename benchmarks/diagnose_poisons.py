@@ -5,7 +5,8 @@
 For each key whose poisons are cached, and each cached model (the surrogate; clean, undefended and random-noise
 victims of seeds 0..V-1), prints the model's probability of the target's class and of the intended class on the target,
 and the alignment loss 1 - cos(grad CE(target, intended), grad CE(poison images, labels)) in fp32 without augmentation
-for the poison images as they were (clean), with the random-noise control, and as crafted. Success is all-or-nothing;
+for the poison images as they were (clean), with the random-noise control, and as crafted, and the model's mean
+cross-entropy on the poison images unperturbed and as crafted (has it fitted them?). Success is all-or-nothing;
 these say whether crafting fitted the surrogate, whether the alignment holds on models the attacker never saw, and how
 close the victims came.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from attacks import choose_setup
 from attacks.base import PoisonSet
@@ -44,8 +46,8 @@ def main() -> None:
     data = args.shared / "data" / "cifar10"
     config = EvaluationConfig(scale="cpu", model=args.model, epochs=args.epochs, eps=args.eps, cache=str(args.cache))
     harness = Harness(data / "cifar10_train.npz", data / "cifar10_test.npz", args.cache, config, progress=False)
-    print("| key | target -> intended | model | p(target class) | p(intended) | 1-cos clean | 1-cos noise | 1-cos poisoned |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| key | target -> intended | model | p(target class) | p(intended) | 1-cos clean | 1-cos noise | 1-cos poisoned | CE clean | CE poisoned |")
+    print("|" + " --- |" * 10)
     for key in (int(k) for k in args.keys.split(",")):
         setup = choose_setup(key, harness.train, harness.test, config.budget)
         path = harness.poisons_path(setup)
@@ -70,9 +72,10 @@ def main() -> None:
             model.eval()
             with torch.no_grad():
                 p = torch.softmax(model(target), dim=1)[0]
+                fit = [float(F.cross_entropy(model(versions[arm]), labels)) for arm in ("clean", "undefended")]
             losses = [alignment(model, target, setup.intended_class, versions[arm], labels) for arm in ("clean", "random-noise", "undefended")]
             print(f"| {key} | {setup.target_class} -> {setup.intended_class} | {name} | {p[setup.target_class]:.3f} | {p[setup.intended_class]:.3f} | "
-                  + " | ".join(f"{v:.3f}" for v in losses) + " |", flush=True)
+                  + " | ".join(f"{v:.3f}" for v in losses + fit) + " |", flush=True)
 
 
 if __name__ == "__main__":
