@@ -152,7 +152,33 @@ def main() -> None:
         keys = [int(k) for k in args.success_keys.split(",")]
         results["art_victims"] = art_victims(harness, surrogate, keys, args.eps, args.victims, args.out)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    print(json.dumps({k: results[k] for k in ("seconds_per_iteration_best", "speedup_over_art")}, indent=1))
+    (args.out / "README.md").write_text(render(results))
+    print(render(results))
+
+
+def render(results: dict) -> str:
+    lines = [
+        "# Gradient-matching crafting speed: ours against ART's GradientMatchingAttack", "",
+        f"Command: `{results['command']}`", "",
+        f"Machine: {results['machine']}. Model {results['model']}, key {results['key']}, {results['poisons']} poisons, eps {results['eps']:g}, "
+        f"{results['iterations']} iterations, one restart, the same cached surrogate, target and poison images for every variant; "
+        "best of the interleaved repeats.", "",
+        "| variant | s / iteration | poison images / s | speed-up over ART |", "| --- | --- | --- | --- |",
+    ]
+    for name, seconds in results["seconds_per_iteration_best"].items():
+        speedup = results["speedup_over_art"].get(name)
+        lines.append(f"| {name} | {seconds:.3f} | {results['poison_images_per_second'][name]:.1f} | {'-' if speedup is None else f'{speedup:.2f}x'} |")
+    phases = results.get("trial_phases")
+    if phases:
+        lines += ["", f"Whole-trial phases (means over {phases['victims']} victims of {phases['source']}): surrogate {phases['surrogate_s']:.0f} s "
+                  f"(once per scale), crafting {phases['crafting_s_per_key']:.0f} s per key ({phases['keys']} keys), victim training "
+                  f"{phases['victim_training_s']:.0f} s, measuring {phases['measure_s']:.1f} s."]
+    victims = results.get("art_victims")
+    if victims:
+        flipped = sum(r["success"] for r in victims)
+        lines += ["", f"ART's poisons at full strength, victims trained as the undefended arm: {flipped} of {len(victims)} flipped; "
+                  f"median p(intended) {np.median([r['p_intended'] for r in victims]):.3f} (rows: art_victims.jsonl)."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
