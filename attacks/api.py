@@ -25,7 +25,7 @@ def attack_dataset(
     budget: float = 0.01,
     eps: float = 16.0,
     surrogate: str | None = None,
-    epochs: int = 20,
+    epochs: int = 40,
     model: str = "convnet",
     device: str = "auto",
     seed: int = 0,

@@ -179,7 +179,7 @@ def parse_keys(text: str) -> tuple[int, ...]:
 @click.option("--budget", type=float, default=0.01, show_default=True, help="Fraction of the training set to perturb.")
 @click.option("--eps", type=float, default=16.0, show_default=True, help="l-inf radius in 0..255 units.")
 @click.option("--surrogate", type=click.Path(exists=True, dir_okay=False), default=None, help="Surrogate weights; default: train one on DATA.")
-@click.option("--epochs", type=int, default=20, show_default=True, help="Surrogate training epochs when no --surrogate.")
+@click.option("--epochs", type=int, default=40, show_default=True, help="Surrogate training epochs when no --surrogate (the cpu scale's 40).")
 @click.option("--model", default="convnet", show_default=True)
 @click.option("--iterations", type=int, default=250, show_default=True)
 @click.option("--restarts", type=int, default=8, show_default=True)
