@@ -140,17 +140,18 @@ class Harness:
         model.set_normalization(self.mean, self.std)
         return model
 
-    def model_path(self, data: ArrayDataset, seed: int, tag: str) -> Path:
-        """Where the model trained on `data` with `seed` is cached: named by data, model, recipe and seed."""
+    def model_path(self, data: ArrayDataset, seed: int, tag: str, robust: bool = False) -> Path:
+        """Where the model trained on `data` with `seed` is cached: named by data, model, recipe, seed (and the robust
+        training's settings); a robust model's drop log lies beside it (.drop_log.json)."""
         parts = [data.fingerprint, self.scale.model, self.scale.model_kwargs, dataclasses.asdict(self.recipe), seed]
-        if tag.endswith("robust"):
+        if robust:
             parts.append(dataclasses.asdict(RobustConfig()))
         return self.cache / f"{tag}-{_hash(*parts)}.pt"
 
-    def trained(self, data: ArrayDataset, seed: int, tag: str) -> tuple[Classifier, float]:
-        """A model trained from scratch on `data` with `seed` (or loaded from the cache); (model, seconds). A tag ending
-        in "robust" trains with EPIC's dropping (sanitize.robust), its drop log beside the model."""
-        final = self.model_path(data, seed, tag)
+    def trained(self, data: ArrayDataset, seed: int, tag: str, robust: bool = False) -> tuple[Classifier, float]:
+        """A model trained from scratch on `data` with `seed` (or loaded from the cache); (model, seconds). With
+        `robust`, EPIC's dropping (sanitize.robust) runs during training."""
+        final = self.model_path(data, seed, tag, robust)
         name = final.stem
         partial = final.with_suffix(".partial.pt")
         model = self.new_model(seed)
@@ -161,7 +162,7 @@ class Harness:
         started = time.perf_counter()
         recipe = dataclasses.replace(self.recipe, seed=seed)
         dropper = None
-        if tag.endswith("robust"):
+        if robust:
             dropper = EpicDropper(data, RobustConfig(), recipe.epochs, max(milestone_epochs(recipe)), final.with_suffix(".drop_log.json"), self.device, self.amp)
         train_model(model, data, np.arange(len(data)), recipe, self.device, self.amp, checkpoint=partial, meta={"name": name},
                     progress=self.progress, desc=tag, after_epoch=dropper)
@@ -274,9 +275,10 @@ def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Pat
             if arm in DETECTOR_ARMS:
                 data, defense, scan_seconds = harness.filtered(data, arm, setup)
                 seconds["scan"] = round(scan_seconds, 1)
-            model, victim_seconds = harness.trained(data, victim_seed, f"victim-{arm}")
-            if arm == "robust":
-                defense = robust_metrics(harness.model_path(data, victim_seed, "victim-robust").with_suffix(".drop_log.json"), setup, len(data))
+            robust = arm == "robust"
+            model, victim_seconds = harness.trained(data, victim_seed, f"victim-{arm}", robust)
+            if robust:
+                defense = robust_metrics(harness.model_path(data, victim_seed, f"victim-{arm}", robust).with_suffix(".drop_log.json"), setup, len(data))
             started = time.perf_counter()
             measured = harness.measure(model, setup)
             harness.append({
