@@ -53,7 +53,7 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
     dropped = dropper.dropped() if dropper else np.zeros(0, np.int64)
     if dropper:
         kept = np.setdiff1d(np.arange(len(dataset)), dropped)
-        (files["kept"]).write_text("".join(dataset.ids[i] + "\n" for i in kept))
+        files["kept"].write_text("".join(dataset.ids[i] + "\n" for i in kept))
     summary = {
         "data": {"source": dataset.source, "examples": len(dataset), "classes": dataset.classes, "skipped": len(dataset.skipped)},
         "config": dataclasses.asdict(config), "model": info,
