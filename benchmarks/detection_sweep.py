@@ -66,7 +66,7 @@ def main() -> None:
             scan_config = dataclasses.replace(ScanConfig(), detector=detector, expected_poisons=told, **options)
             detection = get_detector(detector)(embeddings, scan_config, False)
             poison_scores = detection.scores[list(setup.poison_indices)]
-            row = {"key": key, "eps": args.eps, "model": harness.scale.model, "detector": detector, "options": options, "told_expected_poisons": told,
+            row = {"key": key, "eps": args.eps, "model": harness.scale.model, "epochs": harness.recipe.epochs, "detector": detector, "options": options, "told_expected_poisons": told,
                    **flag_metrics(detection.flags, detection.scores, setup), "poison_score_median": float(np.median(poison_scores)),
                    "proxy_accuracy": embeddings.accuracy()}
             with rows_path.open("a") as handle:
@@ -76,10 +76,10 @@ def main() -> None:
 
 
 def render(rows_path: Path, out: Path) -> None:
-    lines = ["| key | eps | model | detector | options | told count | flagged | precision | recall | AUROC | median poison score |", "|" + " --- |" * 11]
+    lines = ["| key | eps | model | epochs | detector | options | told count | flagged | precision | recall | AUROC | median poison score |", "|" + " --- |" * 12]
     for r in map(json.loads, rows_path.read_text().splitlines()):
         precision = "-" if r["poison_precision"] is None else f"{r['poison_precision']:.2f}"
-        lines.append(f"| {r['key']} | {r['eps']:g} | {r['model']} | {r['detector']} | {json.dumps(r['options']) if r['options'] else 'default'} | "
+        lines.append(f"| {r['key']} | {r['eps']:g} | {r['model']} | {r['epochs']} | {r['detector']} | {json.dumps(r['options']) if r['options'] else 'default'} | "
                      f"{r['told_expected_poisons'] or '-'} | {r['dropped_fraction']:.2%} | {precision} | {r['poison_recall']:.2f} | {r['auroc']:.3f} | {r['poison_score_median']:.3f} |")
     out.write_text("\n".join(lines) + "\n")
 
