@@ -45,7 +45,7 @@ def art_poisons(harness: Harness, surrogate, setup, eps: float, iterations: int,
 
     classifier = PyTorchClassifier(model=surrogate, loss=torch.nn.CrossEntropyLoss(), input_shape=(3, *harness.train.image_size),
                                    nb_classes=harness.train.num_classes, clip_values=(0.0, 1.0), device_type="cpu")
-    attack = GradientMatchingAttack(classifier, percent_poison=1.0, epsilon=eps / 255, max_trials=1, max_epochs=iterations,
+    attack = GradientMatchingAttack(classifier, percent_poison=1.0, epsilon=eps / 255, max_epochs=iterations,
                                     learning_rate_schedule=([0.1, 0.01, 0.001, 0.0001], [int(iterations * f) for f in (0, 3 / 8, 5 / 8, 7 / 8)]),
                                     max_trials=trials, batch_size=512, verbose=0)
     images, labels, _ = harness.train.load_batch(np.asarray(setup.poison_indices))
