@@ -89,9 +89,13 @@ def art_victims(harness: Harness, surrogate, keys: list[int], eps: float, victim
     return [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
 
 
-def trial_phases(results: Path) -> dict:
-    """Mean measured seconds of each phase over an evaluation's rows (crafting counted once per key)."""
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+def trial_phases(results: Path, model: str, epochs: int, eps: float) -> dict | None:
+    """Mean measured seconds of each phase over an evaluation's undefended and clean rows of this scale (crafting
+    counted once per key); None when there are none."""
+    rows = [r for r in map(json.loads, filter(str.strip, results.read_text().splitlines()))
+            if r["model"] == model and r["epochs"] == epochs and r["eps"] == eps and r["arm"] in ("undefended", "clean")]
+    if not rows:
+        return None
     crafting = {r["poison_key"]: r["seconds"]["crafting"] for r in rows if r["arm"] == "undefended"}
     return {
         "source": str(results),
@@ -138,14 +142,14 @@ def main() -> None:
             timings[name].append(run())
     best = {name: min(values) / args.iterations for name, values in timings.items()}
     results = {
-        "command": "python benchmarks/bench_crafting.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
+        "command": "python benchmarks/bench_crafting.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, "")),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
         "model": harness.scale.model, "key": args.key, "poisons": poisons, "eps": args.eps, "iterations": args.iterations,
         "seconds_per_iteration_best": best,
         "seconds_all": timings,
         "poison_images_per_second": {name: poisons / s for name, s in best.items()},
         "speedup_over_art": {name: best["art_fp32_no_augment"] / s for name, s in best.items() if not name.startswith("art")},
-        "trial_phases": trial_phases(args.results) if args.results.exists() else None,
+        "trial_phases": trial_phases(args.results, harness.scale.model, harness.recipe.epochs, args.eps) if args.results.exists() else None,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     if args.success_keys:
@@ -170,7 +174,7 @@ def render(results: dict) -> str:
         lines.append(f"| {name} | {seconds:.3f} | {results['poison_images_per_second'][name]:.1f} | {'-' if speedup is None else f'{speedup:.2f}x'} |")
     phases = results.get("trial_phases")
     if phases:
-        lines += ["", f"Whole-trial phases (means over {phases['victims']} victims of {phases['source']}): surrogate {phases['surrogate_s']:.0f} s "
+        lines += ["", f"Whole-trial phases (means over the {phases['victims']} undefended and clean victims of this scale in {phases['source']}): surrogate {phases['surrogate_s']:.0f} s "
                   f"(once per scale), crafting {phases['crafting_s_per_key']:.0f} s per key ({phases['keys']} keys), victim training "
                   f"{phases['victim_training_s']:.0f} s, measuring {phases['measure_s']:.1f} s."]
     victims = results.get("art_victims")
