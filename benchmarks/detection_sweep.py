@@ -5,8 +5,9 @@
 For each key whose poisons are cached: the default `sanitize scan` of the poisoned set (the same cached scan the
 evaluation's `scan` arm uses), then, on its proxy's embeddings, every baseline detector and knn_density in each
 embedding space and at several neighbourhood sizes (below and above the poison group, PROTOCOL.md's design note).
-Reports flagged fraction, precision, recall and AUROC against the true poisons; appends one JSON line per (key,
-variant) to OUT/detection.jsonl and rewrites OUT/detection.md.
+With --proxy-epochs, proxies trained for other lengths are scanned too. Reports flagged fraction, precision, recall
+and AUROC against the true poisons (knn_density also at z cut-offs 2.5 and 3.0 besides its default 3.5); appends one
+JSON line per (key, proxy, variant) to OUT/detection.jsonl and rewrites OUT/detection.md.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import numpy as np
 
 from attacks import choose_setup
 from attacks.evaluate import TOLD_THE_COUNT, EvaluationConfig, Harness, flag_metrics
+from sanitize import scan
 from sanitize.config import ScanConfig
+from sanitize.density import z_to_score
 from sanitize.detectors import get_detector
 from sanitize.embeddings import load_embeddings
 
@@ -30,6 +33,10 @@ VARIANTS = [
     ("knn_density", {"embedding": "logit_gradient"}),
     ("knn_density", {"k_fraction": 0.05}),
     ("knn_density", {"k_fraction": 0.5, "k_max": 1000}),
+    ("knn_density", {"distance": "kth"}),
+    ("knn_density", {"distance": "kth", "k_fraction": 0.5, "k_max": 1000}),
+    ("knn_density", {"low_loss_weight": 1.0}),
+    ("knn_density", {"distance": "kth", "k_fraction": 0.5, "k_max": 1000, "low_loss_weight": 1.0}),
     ("epic", {}),
     ("deep_knn", {}),
     ("spectral_signatures", {}),
@@ -45,6 +52,7 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--eps", type=float, default=16.0)
+    parser.add_argument("--proxy-epochs", default=str(ScanConfig().train.epochs), help="Comma-separated proxy lengths; the default scan's comes from the cache.")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     data = args.shared / "data" / "cifar10"
@@ -59,28 +67,37 @@ def main() -> None:
             continue
         poisoned = harness.data_for("undefended", harness.poisons(setup, None))
         harness.filtered(poisoned, "scan", setup)  # the default scan: proxy + embeddings, cached
-        scan_dir = harness.scan_dir(poisoned) / "knn_density"
-        embeddings = load_embeddings(scan_dir / "embeddings", poisoned.labels)
-        for detector, options in VARIANTS:
-            told = len(setup.poison_indices) if detector in TOLD_THE_COUNT else None
-            scan_config = dataclasses.replace(ScanConfig(), detector=detector, expected_poisons=told, **options)
-            detection = get_detector(detector)(embeddings, scan_config, False)
-            poison_scores = detection.scores[list(setup.poison_indices)]
-            row = {"key": key, "eps": args.eps, "model": harness.scale.model, "epochs": harness.recipe.epochs, "detector": detector, "options": options, "told_expected_poisons": told,
-                   **flag_metrics(detection.flags, detection.scores, setup), "poison_score_median": float(np.median(poison_scores)),
-                   "proxy_accuracy": embeddings.accuracy()}
-            with rows_path.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
-            print(json.dumps(row))
+        for proxy_epochs in (int(e) for e in args.proxy_epochs.split(",")):
+            scan_dir = harness.scan_dir(poisoned) / "knn_density"
+            if proxy_epochs != ScanConfig().train.epochs:
+                scan_dir = scan_dir.with_name(f"knn_density-proxy{proxy_epochs}")
+                scan(poisoned, scan_dir, epochs=proxy_epochs, quiet=True, device=config.device, precision=config.precision)
+            embeddings = load_embeddings(scan_dir / "embeddings", poisoned.labels)
+            for detector, options in VARIANTS:
+                told = len(setup.poison_indices) if detector in TOLD_THE_COUNT else None
+                scan_config = dataclasses.replace(ScanConfig(), detector=detector, expected_poisons=told, **options)
+                detection = get_detector(detector)(embeddings, scan_config, False)
+                poison_scores = detection.scores[list(setup.poison_indices)]
+                row = {"key": key, "eps": args.eps, "model": harness.scale.model, "epochs": harness.recipe.epochs, "proxy_epochs": proxy_epochs,
+                       "detector": detector, "options": options, "told_expected_poisons": told,
+                       **flag_metrics(detection.flags, detection.scores, setup), "poison_score_median": float(np.median(poison_scores)),
+                       "proxy_accuracy": embeddings.accuracy()}
+                if detector == "knn_density":
+                    row["at_z"] = {str(z): flag_metrics(detection.scores >= z_to_score(np.array(z)), detection.scores, setup) for z in (2.5, 3.0)}
+                with rows_path.open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+                print(json.dumps(row))
     render(rows_path, args.out / "detection.md")
 
 
 def render(rows_path: Path, out: Path) -> None:
-    lines = ["| key | eps | model | epochs | detector | options | told count | flagged | precision | recall | AUROC | median poison score |", "|" + " --- |" * 12]
+    lines = ["| key | eps | model | epochs | proxy epochs | detector | options | told count | flagged | precision | recall | AUROC | median poison score | recall / flagged at z 3.0 | at z 2.5 |",
+             "|" + " --- |" * 15]
     for r in map(json.loads, rows_path.read_text().splitlines()):
         precision = "-" if r["poison_precision"] is None else f"{r['poison_precision']:.2f}"
-        lines.append(f"| {r['key']} | {r['eps']:g} | {r['model']} | {r['epochs']} | {r['detector']} | {json.dumps(r['options']) if r['options'] else 'default'} | "
-                     f"{r['told_expected_poisons'] or '-'} | {r['dropped_fraction']:.2%} | {precision} | {r['poison_recall']:.2f} | {r['auroc']:.3f} | {r['poison_score_median']:.3f} |")
+        at_z = [f"{r['at_z'][z]['poison_recall']:.2f} / {r['at_z'][z]['dropped_fraction']:.1%}" if "at_z" in r else "-" for z in ("3.0", "2.5")]
+        lines.append(f"| {r['key']} | {r['eps']:g} | {r['model']} | {r['epochs']} | {r['proxy_epochs']} | {r['detector']} | {json.dumps(r['options']) if r['options'] else 'default'} | "
+                     f"{r['told_expected_poisons'] or '-'} | {r['dropped_fraction']:.2%} | {precision} | {r['poison_recall']:.2f} | {r['auroc']:.3f} | {r['poison_score_median']:.3f} | {at_z[0]} | {at_z[1]} |")
     out.write_text("\n".join(lines) + "\n")
 
 

@@ -100,6 +100,8 @@ class ScanConfig:
     k_small: int = 10  # neighbours for lone points
     k_fraction: float = 0.2  # the large scale: this fraction of the class (finds small dense groups) ...
     k_max: int = 256  # ... capped here
+    distance: str = "mean"  # mean | kth: the statistic of the k neighbour distances
+    low_loss_weight: float = 0.0  # weight of the "too easy" term (class-wise z of -log loss) beside the isolation
     index: str = "auto"  # auto | flat | ivf | hnsw
     exact_max: int = 50_000  # classes up to this size use the exact index under auto
     detector: str = "knn_density"  # or a baseline: epic, deep_knn, spectral_signatures, activation_clustering
@@ -133,6 +135,8 @@ class ScanConfig:
             (0.0 <= self.max_flagged_fraction <= 1.0, "max_flagged_fraction must be in [0, 1]"),
             (self.k_small >= 1 and self.k_max >= self.k_small, "need 1 <= k_small <= k_max"),
             (0.0 < self.k_fraction < 1.0, "k_fraction must be in (0, 1)"),
+            (self.distance in ("mean", "kth"), "distance must be mean or kth"),
+            (self.low_loss_weight >= 0.0, "low_loss_weight must be >= 0"),
             (self.train.epochs >= 0 and self.train.batch_size >= 1, "epochs must be >= 0 and batch_size >= 1"),
             (self.image_size is None or self.image_size >= 8, "image_size must be >= 8"),
             (self.workers >= 0, "workers must be >= 0"),

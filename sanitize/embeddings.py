@@ -62,6 +62,13 @@ def softmax_minus_onehot(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return p.astype(np.float32)
 
 
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-example cross-entropy loss of the proxy, from its logits."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return -log_p[np.arange(len(labels)), labels]
+
+
 @dataclass
 class Embeddings:
     """Read-only views of a finished embedding pass (rows follow the dataset's positions)."""

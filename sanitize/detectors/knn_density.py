@@ -16,7 +16,7 @@ from tqdm import tqdm
 from sanitize.config import ScanConfig
 from sanitize.density import choose_index, knn, robust_z, z_to_score
 from sanitize.detectors import Detection, register_detector
-from sanitize.embeddings import Embeddings
+from sanitize.embeddings import Embeddings, cross_entropy
 
 
 def scales(n: int, k_small: int, k_fraction: float, k_max: int) -> list[int]:
@@ -29,10 +29,12 @@ def scales(n: int, k_small: int, k_fraction: float, k_max: int) -> list[int]:
 @register_detector
 def knn_density(embeddings: Embeddings, config: ScanConfig, progress: bool = True) -> Detection:
     """The default: two-scale per-class k-NN isolation in the space `config.embedding` names."""
+    loss = cross_entropy(np.asarray(embeddings.logits), embeddings.labels) if config.low_loss_weight else None
     return knn_isolation(
         embeddings.space(config.embedding), embeddings.labels, embeddings.meta["num_classes"], threshold=config.threshold,
-        k_small=config.k_small, k_fraction=config.k_fraction, k_max=config.k_max, index=config.index,
-        exact_max=config.exact_max, seed=config.seed, progress=progress,
+        k_small=config.k_small, k_fraction=config.k_fraction, k_max=config.k_max, distance=config.distance,
+        loss=loss, low_loss_weight=config.low_loss_weight, index=config.index, exact_max=config.exact_max,
+        seed=config.seed, progress=progress,
     )
 
 
@@ -44,6 +46,9 @@ def knn_isolation(
     k_small: int = 10,
     k_fraction: float = 0.2,
     k_max: int = 256,
+    distance: str = "mean",
+    loss: np.ndarray | None = None,
+    low_loss_weight: float = 0.0,
     index: str = "auto",
     exact_max: int = 50_000,
     seed: int = 0,
@@ -61,14 +66,19 @@ def knn_isolation(
         ks = scales(len(members), k_small, k_fraction, k_max)
         kind = choose_index(len(members), index, exact_max)
         distances, nearest = knn(np.asarray(space[members]), max(ks), kind=kind, seed=seed)
-        z = np.stack([robust_z(np.log(distances[:, :k].mean(axis=1) + 1e-12)) for k in ks])
-        scores[members] = z_to_score(z.max(axis=0))
+        statistic = (lambda k: distances[:, :k].mean(axis=1)) if distance == "mean" else (lambda k: distances[:, k - 1])
+        z = np.stack([robust_z(np.log(statistic(k) + 1e-12)) for k in ks]).max(axis=0)
+        if loss is not None and low_loss_weight:
+            ease = robust_z(-np.log(loss[members] + 1e-12))
+            z = (z + low_loss_weight * ease) / np.sqrt(1 + low_loss_weight**2)
+        scores[members] = z_to_score(z)
         width = min(k_small, nearest.shape[1])
         neighbours[members, :width] = members[nearest[:, :width]]
         per_class[c] = {"n": int(len(members)), "k": ks, "index": kind}
     return Detection(
         scores=scores,
         flags=scores >= threshold,
-        summary={"rule": "knn_density", "threshold": threshold, "per_class": per_class},
+        summary={"rule": "knn_density", "threshold": threshold, "distance": distance, "low_loss_weight": low_loss_weight if loss is not None else 0.0,
+                 "per_class": per_class},
         arrays={"neighbours": neighbours},
     )

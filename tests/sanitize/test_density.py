@@ -80,3 +80,27 @@ def test_tiny_classes_are_left_unscored():
     assert detection.scores[10:].tolist() == [0, 0]
     assert "not scored" in detection.summary["per_class"][1]["note"]
     assert detection.summary["per_class"][2]["n"] == 0
+
+
+def test_kth_distance_sees_the_edge_of_a_group_the_mean_blurs():
+    rng = np.random.default_rng(5)
+    x, labels = _two_classes(rng)
+    group = np.arange(100, 180)  # 20% of class 0, tight, at a moderate distance from the bulk
+    x[group] = 3.0 + 0.05 * rng.normal(size=(80, 8)).astype(np.float32)
+    mean = knn_isolation(x, labels, 2, k_fraction=0.25, distance="mean", progress=False)
+    kth = knn_isolation(x, labels, 2, k_fraction=0.25, distance="kth", progress=False)
+    assert np.median(kth.scores[group]) > np.median(mean.scores[group])
+    assert kth.flags[group].all()
+
+
+def test_low_loss_term_lifts_examples_that_are_too_easy():
+    rng = np.random.default_rng(6)
+    x, labels = _two_classes(rng)
+    loss = np.exp(rng.normal(-1.0, 0.5, size=len(labels)))
+    easy = np.arange(10, 30)
+    loss[easy] = 1e-5  # far below anything else in the class
+    plain = knn_isolation(x, labels, 2, progress=False)
+    combined = knn_isolation(x, labels, 2, loss=loss, low_loss_weight=1.0, progress=False)
+    assert plain.flags[easy].mean() < 0.2
+    assert combined.flags[easy].all()
+    assert combined.flags.mean() < 0.05
