@@ -54,6 +54,26 @@ def alignment_loss(poison_grad: list[torch.Tensor], target_grad: list[torch.Tens
     return 1 - dot / (poison_norm * target_norm)
 
 
+def poison_pull(model: Classifier, images: torch.Tensor, labels: torch.Tensor, target_image: torch.Tensor, intended_class: int) -> np.ndarray:
+    """Each poison's pull on the target: its own parameter gradient projected on the unit adversarial target gradient
+    (eval mode, fp32, no augmentation). The crafted objective aligns their sum; this says which poisons carry it.
+    Images are uint8 (P, 3, H, W) and (3, H, W)."""
+    model.eval()
+    target_grad = torch.cat([g.flatten() for g in parameter_gradient(model, target_image.float().div(255)[None], torch.tensor([intended_class]), False, None)])
+    direction = target_grad / target_grad.norm()
+    return np.array([float(torch.cat([g.flatten() for g in parameter_gradient(model, image[None].float().div(255), label.view(1).long(), False, None)]) @ direction)
+                     for image, label in zip(images, labels)])
+
+
+def pull_carriers(pull: np.ndarray) -> np.ndarray:
+    """Mask of the fewest poisons whose pulls add up to half of the total: the ones that carry the attack."""
+    order = np.argsort(-pull)
+    count = int(np.searchsorted(np.cumsum(pull[order]), 0.5 * pull.sum())) + 1
+    carriers = np.zeros(len(pull), bool)
+    carriers[order[:count]] = True
+    return carriers
+
+
 def craft_gradient_matching(
     surrogates: list[Classifier],
     train: ImageDataset,

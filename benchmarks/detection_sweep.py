@@ -6,8 +6,11 @@ For each key whose poisons are cached: the default `sanitize scan` of the poison
 evaluation's `scan` arm uses), then, on its proxy's embeddings, every baseline detector and knn_density in each
 embedding space and at several neighbourhood sizes (below and above the poison group, PROTOCOL.md's design note).
 With --proxy-epochs, proxies trained for other lengths are scanned too. Reports flagged fraction, precision, recall
-and AUROC against the true poisons (knn_density also at z cut-offs 2.5 and 3.0 besides its default 3.5); appends one
-JSON line per (key, proxy, variant) to OUT/detection.jsonl and rewrites OUT/detection.md.
+and AUROC against the true poisons (knn_density also at z cut-offs 2.5 and 3.0 besides its default 3.5), and which
+poisons were caught: each poison's pull on the target (its gradient on the clean surrogate projected on the target's
+adversarial gradient, the quantity crafting raises) picks the carriers, the fewest poisons holding half the total
+pull; rows give recall among carriers and among the rest, and the rank correlation of score with pull. Appends one JSON line per (key, proxy, variant) to
+OUT/detection.jsonl and rewrites OUT/detection.md.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import spearmanr
 
 from attacks import choose_setup
-from attacks.evaluate import TOLD_THE_COUNT, EvaluationConfig, Harness, flag_metrics
+from attacks.evaluate import SURROGATE_SEED, TOLD_THE_COUNT, EvaluationConfig, Harness, flag_metrics
+from attacks.gradient_matching import poison_pull, pull_carriers
 from sanitize import scan
 from sanitize.config import ScanConfig
 from sanitize.density import z_to_score
@@ -42,6 +47,21 @@ VARIANTS = [
     ("spectral_signatures", {}),
     ("activation_clustering", {}),
 ]
+
+
+def poison_pulls(harness: Harness, setup, poisoned) -> np.ndarray:
+    """Each poison's pull on the target (attacks.gradient_matching.poison_pull) on the clean surrogate."""
+    surrogate, _ = harness.trained(harness.train, SURROGATE_SEED, "surrogate")
+    images, labels, _ = poisoned.load_batch(np.asarray(setup.poison_indices))
+    return poison_pull(surrogate, images, labels, harness.test.load_image(setup.target_index), setup.intended_class)
+
+
+def caught_by_pull(flags: np.ndarray, scores: np.ndarray, pull: np.ndarray, setup) -> dict:
+    """Recall among the carriers (the fewest poisons holding half the pull) and among the rest; rank correlation."""
+    positions = np.asarray(setup.poison_indices)
+    carriers = pull_carriers(pull)
+    return {"carriers": int(carriers.sum()), "recall_carriers": float(flags[positions][carriers].mean()),
+            "recall_rest": float(flags[positions][~carriers].mean()), "score_pull_spearman": float(spearmanr(scores[positions], pull).statistic)}
 
 
 def main() -> None:
@@ -67,6 +87,7 @@ def main() -> None:
             continue
         poisoned = harness.data_for("undefended", harness.poisons(setup, None))
         harness.filtered(poisoned, "scan", setup)  # the default scan: proxy + embeddings, cached
+        pull = poison_pulls(harness, setup, poisoned)
         for proxy_epochs in (int(e) for e in args.proxy_epochs.split(",")):
             scan_dir = harness.scan_dir(poisoned) / "knn_density"
             if proxy_epochs != ScanConfig().train.epochs:
@@ -81,6 +102,7 @@ def main() -> None:
                 row = {"key": key, "eps": args.eps, "model": harness.scale.model, "epochs": harness.recipe.epochs, "proxy_epochs": proxy_epochs,
                        "detector": detector, "options": options, "told_expected_poisons": told,
                        **flag_metrics(detection.flags, detection.scores, setup), "poison_score_median": float(np.median(poison_scores)),
+                       **caught_by_pull(detection.flags, detection.scores, pull, setup),
                        "proxy_accuracy": embeddings.accuracy()}
                 if detector == "knn_density":
                     row["at_z"] = {str(z): flag_metrics(detection.scores >= z_to_score(np.array(z)), detection.scores, setup) for z in (2.5, 3.0)}
@@ -91,13 +113,14 @@ def main() -> None:
 
 
 def render(rows_path: Path, out: Path) -> None:
-    lines = ["| key | eps | model | epochs | proxy epochs | detector | options | told count | flagged | precision | recall | AUROC | median poison score | recall / flagged at z 3.0 | at z 2.5 |",
-             "|" + " --- |" * 15]
+    lines = ["| key | eps | model | epochs | proxy epochs | detector | options | told count | flagged | precision | recall | AUROC | median poison score | recall / flagged at z 3.0 | at z 2.5 | carriers | recall carriers / rest | rank corr. score-pull |",
+             "|" + " --- |" * 18]
     for r in map(json.loads, rows_path.read_text().splitlines()):
         precision = "-" if r["poison_precision"] is None else f"{r['poison_precision']:.2f}"
+        aligned = f"{r['carriers']} | {r['recall_carriers']:.2f} / {r['recall_rest']:.2f} | {r['score_pull_spearman']:.2f}" if "carriers" in r else "- | - | -"
         at_z = [f"{r['at_z'][z]['poison_recall']:.2f} / {r['at_z'][z]['dropped_fraction']:.1%}" if "at_z" in r else "-" for z in ("3.0", "2.5")]
         lines.append(f"| {r['key']} | {r['eps']:g} | {r['model']} | {r['epochs']} | {r['proxy_epochs']} | {r['detector']} | {json.dumps(r['options']) if r['options'] else 'default'} | "
-                     f"{r['told_expected_poisons'] or '-'} | {r['dropped_fraction']:.2%} | {precision} | {r['poison_recall']:.2f} | {r['auroc']:.3f} | {r['poison_score_median']:.3f} | {at_z[0]} | {at_z[1]} |")
+                     f"{r['told_expected_poisons'] or '-'} | {r['dropped_fraction']:.2%} | {precision} | {r['poison_recall']:.2f} | {r['auroc']:.3f} | {r['poison_score_median']:.3f} | {at_z[0]} | {at_z[1]} | {aligned} |")
     out.write_text("\n".join(lines) + "\n")
 
 

@@ -7,6 +7,7 @@ import torch
 
 from attacks import choose_setup, craft, method_config, read_manifest, write_poisoned
 from attacks.base import random_shift_flip
+from attacks.gradient_matching import poison_pull, pull_carriers
 from sanitize.config import TrainConfig
 from sanitize.data import open_dataset
 from sanitize.data.arrays import from_arrays
@@ -140,3 +141,17 @@ def test_crafted_poisons_move_victims_towards_the_intended_class_more_than_rando
             values.append(logits[setup.intended_class] - logits[setup.target_class])
         margins[name] = float(np.mean(values))
     assert margins["crafted"] > margins["random"] + 1.0, margins
+
+
+def test_crafting_raises_the_poisons_pull_on_the_target_and_carriers_hold_half_of_it(crafted):
+    train, test, setup, poisons = crafted
+    surrogate = _train(train, seed=100)  # the fixture's surrogate, retrained deterministically
+    positions = np.asarray(setup.poison_indices)
+    clean = torch.from_numpy(train.images[positions]).permute(0, 3, 1, 2)
+    labels = torch.from_numpy(train.labels[positions])
+    target = test.load_image(setup.target_index)
+    before = poison_pull(surrogate, clean, labels, target, setup.intended_class)
+    after = poison_pull(surrogate, poisons.apply(clean), labels, target, setup.intended_class)
+    assert after.sum() > before.sum() + abs(before.sum())
+    carriers = pull_carriers(after)
+    assert after[carriers].sum() >= 0.5 * after.sum() > after[carriers].sum() - after[carriers].min()
