@@ -42,6 +42,8 @@ VARIANTS = [
     ("knn_density", {"distance": "kth", "k_fraction": 0.5, "k_max": 1000}),
     ("knn_density", {"low_loss_weight": 1.0}),
     ("knn_density", {"distance": "kth", "k_fraction": 0.5, "k_max": 1000, "low_loss_weight": 1.0}),
+    ("knn_density", {"distance": "kth", "k_fraction": 0.5, "k_max": 1000, "low_loss_weight": 1.0, "class_alarm_p": 1e-3}),
+    ("knn_density", {"distance": "kth", "k_fraction": 0.5, "k_max": 1000, "class_alarm_p": 1e-3}),
     ("epic", {}),
     ("deep_knn", {}),
     ("spectral_signatures", {}),
@@ -64,6 +66,32 @@ def caught_by_pull(flags: np.ndarray, scores: np.ndarray, pull: np.ndarray, setu
             "recall_rest": float(flags[positions][~carriers].mean()), "score_pull_spearman": float(spearmanr(scores[positions], pull).statistic)}
 
 
+def proxy_scan_dir(harness: Harness, data, proxy_epochs: int) -> Path:
+    """The scan of `data` with a proxy of `proxy_epochs` (the default length is the evaluation's cached scan)."""
+    scan_dir = harness.scan_dir(data) / "knn_density"
+    if proxy_epochs != ScanConfig().train.epochs:
+        scan_dir = scan_dir.with_name(f"knn_density-proxy{proxy_epochs}")
+    scan(data, scan_dir, epochs=proxy_epochs, quiet=True, device=harness.config.device, precision=harness.config.precision)
+    return scan_dir
+
+
+def clean_rows(harness: Harness, args, rows_path: Path) -> None:
+    """What every knn_density variant flags on the clean subset (false positives, false class alarms)."""
+    for proxy_epochs in (int(e) for e in args.proxy_epochs.split(",")):
+        embeddings = load_embeddings(proxy_scan_dir(harness, harness.train, proxy_epochs) / "embeddings", harness.train.labels)
+        for detector, options in VARIANTS:
+            if detector != "knn_density":
+                continue
+            detection = get_detector(detector)(embeddings, dataclasses.replace(ScanConfig(), **options), False)
+            alarmed = [c for c, info in detection.summary["per_class"].items() if info.get("alarmed")]
+            row = {"key": "clean", "eps": None, "model": harness.scale.model, "epochs": harness.recipe.epochs, "proxy_epochs": proxy_epochs,
+                   "detector": detector, "options": options, "told_expected_poisons": None, "dropped_fraction": float(detection.flags.mean()),
+                   "alarmed_classes": alarmed, "proxy_accuracy": embeddings.accuracy()}
+            with rows_path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            print(json.dumps(row))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", type=Path, default=Path("../shared"))
@@ -73,6 +101,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--eps", type=float, default=16.0)
     parser.add_argument("--proxy-epochs", default=str(ScanConfig().train.epochs), help="Comma-separated proxy lengths; the default scan's comes from the cache.")
+    parser.add_argument("--clean", action="store_true", help="Also scan the clean subset: what each variant flags without poisons.")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     data = args.shared / "data" / "cifar10"
@@ -80,6 +109,8 @@ def main() -> None:
     harness = Harness(data / "cifar10_train.npz", data / "cifar10_test.npz", args.cache, config, progress=False)
     args.out.mkdir(parents=True, exist_ok=True)
     rows_path = args.out / "detection.jsonl"
+    if args.clean:
+        clean_rows(harness, args, rows_path)
     for key in (int(k) for k in args.keys.split(",")):
         setup = choose_setup(key, harness.train, harness.test, config.budget)
         if not harness.poisons_path(setup).exists():
@@ -89,11 +120,7 @@ def main() -> None:
         harness.filtered(poisoned, "scan", setup)  # the default scan: proxy + embeddings, cached
         pull = poison_pulls(harness, setup, poisoned)
         for proxy_epochs in (int(e) for e in args.proxy_epochs.split(",")):
-            scan_dir = harness.scan_dir(poisoned) / "knn_density"
-            if proxy_epochs != ScanConfig().train.epochs:
-                scan_dir = scan_dir.with_name(f"knn_density-proxy{proxy_epochs}")
-                scan(poisoned, scan_dir, epochs=proxy_epochs, quiet=True, device=config.device, precision=config.precision)
-            embeddings = load_embeddings(scan_dir / "embeddings", poisoned.labels)
+            embeddings = load_embeddings(proxy_scan_dir(harness, poisoned, proxy_epochs) / "embeddings", poisoned.labels)
             for detector, options in VARIANTS:
                 told = len(setup.poison_indices) if detector in TOLD_THE_COUNT else None
                 scan_config = dataclasses.replace(ScanConfig(), detector=detector, expected_poisons=told, **options)
@@ -116,6 +143,11 @@ def render(rows_path: Path, out: Path) -> None:
     lines = ["| key | eps | model | epochs | proxy epochs | detector | options | told count | flagged | precision | recall | AUROC | median poison score | recall / flagged at z 3.0 | at z 2.5 | carriers | recall carriers / rest | rank corr. score-pull |",
              "|" + " --- |" * 18]
     for r in map(json.loads, rows_path.read_text().splitlines()):
+        if r["key"] == "clean":
+            alarmed = f" (alarmed classes: {r['alarmed_classes']})" if r["alarmed_classes"] else ""
+            lines.append(f"| clean | - | {r['model']} | {r['epochs']} | {r['proxy_epochs']} | {r['detector']} | {json.dumps(r['options']) if r['options'] else 'default'} | - | "
+                         f"{r['dropped_fraction']:.2%}{alarmed} |" + " - |" * 9)
+            continue
         precision = "-" if r["poison_precision"] is None else f"{r['poison_precision']:.2f}"
         aligned = f"{r['carriers']} | {r['recall_carriers']:.2f} / {r['recall_rest']:.2f} | {r['score_pull_spearman']:.2f}" if "carriers" in r else "- | - | -"
         at_z = [f"{r['at_z'][z]['poison_recall']:.2f} / {r['at_z'][z]['dropped_fraction']:.1%}" if "at_z" in r else "-" for z in ("3.0", "2.5")]

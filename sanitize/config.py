@@ -102,6 +102,8 @@ class ScanConfig:
     k_max: int = 256  # ... capped here
     distance: str = "mean"  # mean | kth: the statistic of the k neighbour distances
     low_loss_weight: float = 0.0  # weight of the "too easy" term (class-wise z of -log loss) beside the isolation
+    class_alarm_p: float = 0.0  # > 0: a second pass in classes with improbably many flags (Poisson p < this / classes) ...
+    alarm_z: float = 1.5  # ... flags their isolated, hard examples: (isolation z + log-loss z) / sqrt 2 >= this
     index: str = "auto"  # auto | flat | ivf | hnsw
     exact_max: int = 50_000  # classes up to this size use the exact index under auto
     detector: str = "knn_density"  # or a baseline: epic, deep_knn, spectral_signatures, activation_clustering
@@ -137,6 +139,7 @@ class ScanConfig:
             (0.0 < self.k_fraction < 1.0, "k_fraction must be in (0, 1)"),
             (self.distance in ("mean", "kth"), "distance must be mean or kth"),
             (self.low_loss_weight >= 0.0, "low_loss_weight must be >= 0"),
+            (0.0 <= self.class_alarm_p < 1.0, "class_alarm_p must be in [0, 1)"),
             (self.train.epochs >= 0 and self.train.batch_size >= 1, "epochs must be >= 0 and batch_size >= 1"),
             (self.image_size is None or self.image_size >= 8, "image_size must be >= 8"),
             (self.workers >= 0, "workers must be >= 0"),

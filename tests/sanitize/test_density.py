@@ -104,3 +104,31 @@ def test_low_loss_term_lifts_examples_that_are_too_easy():
     assert plain.flags[easy].mean() < 0.2
     assert combined.flags[easy].all()
     assert combined.flags.mean() < 0.05
+
+
+def _five_classes(rng, n=300):
+    centres = rng.normal(size=(5, 8)) * 20
+    labels = np.repeat(np.arange(5), n)
+    return (centres[labels] + rng.normal(size=(5 * n, 8))).astype(np.float32), labels
+
+
+def test_class_alarm_looks_again_only_inside_a_class_with_improbably_many_flags():
+    rng = np.random.default_rng(7)
+    x, labels = _five_classes(rng)
+    loss = np.exp(rng.normal(-1.0, 1.0, size=len(labels)))
+    bulk = np.arange(300, 330)  # class 1: a tampered group that the first pass must find
+    x[bulk] = x[bulk] * 0.0 + x[300:600].mean(0) + 9.0 + 0.05 * rng.normal(size=(30, 8)).astype(np.float32)
+    carriers = np.arange(330, 340)  # class 1: moderately out and hard, below the first pass's cut
+    x[carriers] += (0.9 * rng.normal(size=(10, 8))).astype(np.float32)
+    loss[carriers] = 5.0
+    lookalikes = np.arange(600, 610)  # class 2: the same moderate outliers, but their class raises no alarm
+    x[lookalikes] += (0.9 * rng.normal(size=(10, 8))).astype(np.float32)
+    loss[lookalikes] = 5.0
+    plain = knn_isolation(x, labels, 5, distance="kth", loss=loss, progress=False)
+    alarmed = knn_isolation(x, labels, 5, distance="kth", loss=loss, class_alarm_p=1e-3, progress=False)
+    assert plain.flags[bulk].mean() > 0.9 and plain.flags[carriers].mean() < 0.5
+    assert alarmed.flags[carriers].mean() > 0.8
+    assert alarmed.flags[lookalikes].sum() == plain.flags[lookalikes].sum()
+    per_class = alarmed.summary["per_class"]
+    assert per_class[1]["alarmed"] and not any(per_class[c]["alarmed"] for c in (0, 2, 3, 4))
+    assert alarmed.flags[np.flatnonzero(labels != 1)].mean() < 0.05
