@@ -107,14 +107,17 @@ def alarmed_class_flags(
     A targeted attack puts all its poisons in one class. The tampered bulk is what the first pass finds; the few
     poisons that carry the attack are hard examples (high loss, pulled towards another class) that sit only moderately
     far out. A class is alarmed when P(Poisson(rate x n_c) >= its flag count) < alarm_p / classes, the rate being the
-    median class's flag rate (the poisoned class cannot move a median). In an alarmed class the example's
+    flag rate of all the other classes together (the class under test cannot raise its own baseline; with a median
+    instead, a clean set whose classes flag 0-6 examples each raised false alarms). In an alarmed class the example's
     z = (isolation z + z of log loss) / sqrt 2 >= alarm_z flags it (isolation alone without a loss). Recorded per class.
     """
     scored = [c for c, info in per_class.items() if "k" in info]
     counts = {c: int(flags[labels == c].sum()) for c in scored}
-    rate = max(float(np.median([counts[c] / per_class[c]["n"] for c in scored])), 0.5 / max(info["n"] for info in per_class.values()))
+    total, size = sum(counts.values()), sum(per_class[c]["n"] for c in scored)
     extra = np.zeros(len(labels), dtype=bool)
     for c in scored:
+        others = max(size - per_class[c]["n"], 1)
+        rate = max((total - counts[c]) / others, 0.5 / others)
         p_value = float(poisson.sf(counts[c] - 1, rate * per_class[c]["n"]))
         alarmed = p_value < alarm_p / len(scored)
         per_class[c].update({"first_pass_flags": counts[c], "alarm_p_value": p_value, "alarmed": alarmed})
