@@ -32,18 +32,23 @@ from sanitize.density import z_to_score
 from sanitize.detectors import get_detector
 from sanitize.embeddings import load_embeddings
 
-VARIANTS = [
-    ("knn_density", {}),  # the default
-    ("knn_density", {"embedding": "gradient"}),
-    ("knn_density", {"embedding": "logit_gradient"}),
-    ("knn_density", {"k_fraction": 0.05}),
-    ("knn_density", {"k_fraction": 0.5, "k_max": 1000}),
-    ("knn_density", {"distance": "kth"}),
-    ("knn_density", {"distance": "kth", "k_fraction": 0.5, "k_max": 1000}),
-    ("knn_density", {"low_loss_weight": 1.0}),
-    ("knn_density", {"distance": "kth", "k_fraction": 0.5, "k_max": 1000, "low_loss_weight": 1.0}),
-    ("knn_density", {"distance": "kth", "k_fraction": 0.5, "k_max": 1000, "low_loss_weight": 1.0, "class_alarm_p": 1e-3}),
-    ("knn_density", {"distance": "kth", "k_fraction": 0.5, "k_max": 1000, "class_alarm_p": 1e-3}),
+# knn_density's first default (issue 3): mean distance, large scale 20% of the class (at most 256), nothing else
+FIRST_DEFAULT = {"distance": "mean", "k_fraction": 0.2, "k_max": 256, "low_loss_weight": 0.0, "class_alarm_p": 0.0}
+WIDE = {"distance": "kth", "k_fraction": 0.5, "k_max": 1000}
+VARIANTS = [  # options are given in full against the first default, so rows stay readable when defaults move
+    ("knn_density", FIRST_DEFAULT),
+    ("knn_density", FIRST_DEFAULT | {"embedding": "gradient"}),
+    ("knn_density", FIRST_DEFAULT | {"embedding": "logit_gradient"}),
+    ("knn_density", FIRST_DEFAULT | {"k_fraction": 0.05}),
+    ("knn_density", FIRST_DEFAULT | {"k_fraction": 0.5, "k_max": 1000}),
+    ("knn_density", FIRST_DEFAULT | {"distance": "kth"}),
+    ("knn_density", FIRST_DEFAULT | WIDE),
+    ("knn_density", FIRST_DEFAULT | {"low_loss_weight": 1.0}),
+    ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0}),
+    ("knn_density", FIRST_DEFAULT | WIDE | {"class_alarm_p": 1e-6}),
+    ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-6}),  # the default since issue 4
+    ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-6, "alarm_z": 1.0}),
+    ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-6, "alarm_z": 2.0}),
     ("epic", {}),
     ("deep_knn", {}),
     ("spectral_signatures", {}),
@@ -139,19 +144,31 @@ def main() -> None:
     render(rows_path, args.out / "detection.md")
 
 
+def variant_label(detector: str, options: dict) -> str:
+    """knn_density options as the difference from its first default (rows before issue 4 gave only that difference)."""
+    if detector != "knn_density":
+        return json.dumps(options) if options else "default"
+    effective = FIRST_DEFAULT | options
+    current = dataclasses.asdict(ScanConfig())
+    changed = {k: v for k, v in effective.items() if FIRST_DEFAULT.get(k, current.get(k)) != v}
+    label = "first default" + (f" + {json.dumps(changed)}" if changed else "")
+    is_current = all(current[k] == v for k, v in effective.items()) and effective.get("embedding", "features") == current["embedding"]
+    return f"**{label} = current default**" if is_current else label
+
+
 def render(rows_path: Path, out: Path) -> None:
     lines = ["| key | eps | model | epochs | proxy epochs | detector | options | told count | flagged | precision | recall | AUROC | median poison score | recall / flagged at z 3.0 | at z 2.5 | carriers | recall carriers / rest | rank corr. score-pull |",
              "|" + " --- |" * 18]
     for r in map(json.loads, rows_path.read_text().splitlines()):
         if r["key"] == "clean":
             alarmed = f" (alarmed classes: {r['alarmed_classes']})" if r["alarmed_classes"] else ""
-            lines.append(f"| clean | - | {r['model']} | {r['epochs']} | {r['proxy_epochs']} | {r['detector']} | {json.dumps(r['options']) if r['options'] else 'default'} | - | "
+            lines.append(f"| clean | - | {r['model']} | {r['epochs']} | {r['proxy_epochs']} | {r['detector']} | {variant_label(r['detector'], r['options'])} | - | "
                          f"{r['dropped_fraction']:.2%}{alarmed} |" + " - |" * 9)
             continue
         precision = "-" if r["poison_precision"] is None else f"{r['poison_precision']:.2f}"
         aligned = f"{r['carriers']} | {r['recall_carriers']:.2f} / {r['recall_rest']:.2f} | {r['score_pull_spearman']:.2f}" if "carriers" in r else "- | - | -"
         at_z = [f"{r['at_z'][z]['poison_recall']:.2f} / {r['at_z'][z]['dropped_fraction']:.1%}" if "at_z" in r else "-" for z in ("3.0", "2.5")]
-        lines.append(f"| {r['key']} | {r['eps']:g} | {r['model']} | {r['epochs']} | {r['proxy_epochs']} | {r['detector']} | {json.dumps(r['options']) if r['options'] else 'default'} | "
+        lines.append(f"| {r['key']} | {r['eps']:g} | {r['model']} | {r['epochs']} | {r['proxy_epochs']} | {r['detector']} | {variant_label(r['detector'], r['options'])} | "
                      f"{r['told_expected_poisons'] or '-'} | {r['dropped_fraction']:.2%} | {precision} | {r['poison_recall']:.2f} | {r['auroc']:.3f} | {r['poison_score_median']:.3f} | {at_z[0]} | {at_z[1]} | {aligned} |")
     out.write_text("\n".join(lines) + "\n")
 

@@ -47,7 +47,7 @@ def scan_options(fn: Callable) -> Callable:
         click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("sanitize-scan"), show_default=True, help="Output directory (never inside DATA)."),
         click.option("--model", default=DEFAULTS.model, show_default=True, help="Proxy model from the registry; auto picks by image size."),
         click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None, help="Load these weights instead of training a proxy."),
-        click.option("--epochs", type=int, default=TRAIN_DEFAULTS.epochs, show_default=True, help="Proxy training epochs."),
+        click.option("--epochs", type=int, default=DEFAULTS.train.epochs, show_default=True, help="Proxy training epochs."),
         click.option("--batch-size", type=int, default=TRAIN_DEFAULTS.batch_size, show_default=True, help="Proxy training batch size."),
         click.option("--augment/--no-augment", default=TRAIN_DEFAULTS.augment, show_default=True, help="Random crop + flip while training the proxy."),
         click.option("--image-size", type=int, default=None, help="Side in pixels (folders); default: the most common size."),

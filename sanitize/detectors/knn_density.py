@@ -8,8 +8,9 @@ k-th, which says more about a group's edge), modified z-score (median / MAD); th
 isolation z.
 
 Options, measured in reports/detection-cpu: the isolation can be combined with how *easy* the proxy finds each
-example (class-wise z of -log loss, weight w: z = (z_isolation + w z_ease) / sqrt(1 + w^2)), since most gradient-
-matching poisons are fitted faster and tighter than their class; and a second pass (`alarmed_class_flags`) looks
+example (class-wise z of -log loss, weight w: z = max(z_isolation, (z_isolation + w z_ease) / sqrt(1 + w^2)), so a
+mislabeled example, isolated but hard, stays flagged), since most gradient-matching poisons are fitted faster and
+tighter than their class; and a second pass (`alarmed_class_flags`) looks
 again inside classes that hold improbably many flags, for the few hard poisons that carry the attack. Scores map z to
 [0, 1) with 0.5 at z = 3.5 (Iglewicz & Hoaglin's outlier cut-off). Nothing here knows the poison budget or rate.
 """
@@ -79,9 +80,9 @@ def knn_isolation(
         statistic = (lambda k: distances[:, :k].mean(axis=1)) if distance == "mean" else (lambda k: distances[:, k - 1])
         z = np.stack([robust_z(np.log(statistic(k) + 1e-12)) for k in ks]).max(axis=0)
         isolation[members] = z
-        if loss is not None and low_loss_weight:
+        if loss is not None and low_loss_weight:  # isolated, or isolated and too easy: mislabeled examples stay flagged
             ease = robust_z(-np.log(loss[members] + 1e-12))
-            z = (z + low_loss_weight * ease) / np.sqrt(1 + low_loss_weight**2)
+            z = np.maximum(z, (z + low_loss_weight * ease) / np.sqrt(1 + low_loss_weight**2))
         scores[members] = z_to_score(z)
         width = min(k_small, nearest.shape[1])
         neighbours[members, :width] = members[nearest[:, :width]]
