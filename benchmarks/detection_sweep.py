@@ -144,7 +144,7 @@ def main() -> None:
     render(rows_path, args.out / "detection.md")
 
 
-def variant_label(detector: str, options: dict) -> str:
+def variant_label(detector: str, options: dict, proxy_epochs: int) -> str:
     """knn_density options as the difference from its first default (rows before issue 4 gave only that difference)."""
     if detector != "knn_density":
         return json.dumps(options) if options else "default"
@@ -152,7 +152,8 @@ def variant_label(detector: str, options: dict) -> str:
     current = dataclasses.asdict(ScanConfig())
     changed = {k: v for k, v in effective.items() if FIRST_DEFAULT.get(k, current.get(k)) != v}
     label = "first default" + (f" + {json.dumps(changed)}" if changed else "")
-    is_current = all(current[k] == v for k, v in effective.items()) and effective.get("embedding", "features") == current["embedding"]
+    is_current = (all(current[k] == v for k, v in effective.items()) and effective.get("embedding", "features") == current["embedding"]
+                  and proxy_epochs == current["train"]["epochs"])
     return f"**{label} = current default**" if is_current else label
 
 
@@ -162,13 +163,13 @@ def render(rows_path: Path, out: Path) -> None:
     for r in map(json.loads, rows_path.read_text().splitlines()):
         if r["key"] == "clean":
             alarmed = f" (alarmed classes: {r['alarmed_classes']})" if r["alarmed_classes"] else ""
-            lines.append(f"| clean | - | {r['model']} | {r['epochs']} | {r['proxy_epochs']} | {r['detector']} | {variant_label(r['detector'], r['options'])} | - | "
+            lines.append(f"| clean | - | {r['model']} | {r['epochs']} | {r['proxy_epochs']} | {r['detector']} | {variant_label(r['detector'], r['options'], r['proxy_epochs'])} | - | "
                          f"{r['dropped_fraction']:.2%}{alarmed} |" + " - |" * 9)
             continue
         precision = "-" if r["poison_precision"] is None else f"{r['poison_precision']:.2f}"
         aligned = f"{r['carriers']} | {r['recall_carriers']:.2f} / {r['recall_rest']:.2f} | {r['score_pull_spearman']:.2f}" if "carriers" in r else "- | - | -"
         at_z = [f"{r['at_z'][z]['poison_recall']:.2f} / {r['at_z'][z]['dropped_fraction']:.1%}" if "at_z" in r else "-" for z in ("3.0", "2.5")]
-        lines.append(f"| {r['key']} | {r['eps']:g} | {r['model']} | {r['epochs']} | {r['proxy_epochs']} | {r['detector']} | {variant_label(r['detector'], r['options'])} | "
+        lines.append(f"| {r['key']} | {r['eps']:g} | {r['model']} | {r['epochs']} | {r['proxy_epochs']} | {r['detector']} | {variant_label(r['detector'], r['options'], r['proxy_epochs'])} | "
                      f"{r['told_expected_poisons'] or '-'} | {r['dropped_fraction']:.2%} | {precision} | {r['poison_recall']:.2f} | {r['auroc']:.3f} | {r['poison_score_median']:.3f} | {at_z[0]} | {at_z[1]} | {aligned} |")
     out.write_text("\n".join(lines) + "\n")
 
