@@ -7,7 +7,7 @@ import torch
 
 from attacks import choose_setup, craft, method_config, read_manifest, write_poisoned
 from attacks.base import random_shift_flip
-from attacks.gradient_matching import poison_pull, pull_carriers
+from attacks.gradient_matching import parameter_gradient, poison_pull, pull_carriers
 from sanitize.config import TrainConfig
 from sanitize.data import open_dataset
 from sanitize.data.arrays import from_arrays
@@ -143,15 +143,27 @@ def test_crafted_poisons_move_victims_towards_the_intended_class_more_than_rando
     assert margins["crafted"] > margins["random"] + 1.0, margins
 
 
-def test_crafting_raises_the_poisons_pull_on_the_target_and_carriers_hold_half_of_it(crafted):
+def test_pull_splits_the_aligned_gradient_and_crafting_concentrates_it_in_few_carriers(crafted):
     train, test, setup, poisons = crafted
-    surrogate = _train(train, seed=100)  # the fixture's surrogate, retrained deterministically
+    surrogate = _train(train, seed=100).eval()  # the fixture's surrogate, retrained deterministically
     positions = np.asarray(setup.poison_indices)
     clean = torch.from_numpy(train.images[positions]).permute(0, 3, 1, 2)
-    labels = torch.from_numpy(train.labels[positions])
+    labels = torch.from_numpy(train.labels[positions]).long()
+    signs = torch.randint(0, 2, clean.shape, generator=torch.Generator().manual_seed(0)).to(torch.int16) * 2 - 1
+    variants = {"clean": clean, "crafted": poisons.apply(clean), "random": (clean.to(torch.int16) + EPS * signs).clamp(0, 255).to(torch.uint8)}
     target = test.load_image(setup.target_index)
-    before = poison_pull(surrogate, clean, labels, target, setup.intended_class)
-    after = poison_pull(surrogate, poisons.apply(clean), labels, target, setup.intended_class)
-    assert after.sum() > before.sum() + abs(before.sum())
-    carriers = pull_carriers(after)
-    assert after[carriers].sum() >= 0.5 * after.sum() > after[carriers].sum() - after[carriers].min()
+    flat = lambda grads: torch.cat([g.flatten() for g in grads])  # noqa: E731
+    target_grad = flat(parameter_gradient(surrogate, target.float().div(255)[None], torch.tensor([setup.intended_class]), False, None))
+    direction = target_grad / target_grad.norm()
+    cosine, carriers = {}, {}
+    for name, images in variants.items():
+        pull = poison_pull(surrogate, images, labels, target, setup.intended_class)
+        batch_grad = flat(parameter_gradient(surrogate, images.float().div(255), labels, False, None))
+        # per-poison pulls add up to the poison batch's gradient along the target's: the quantity the attack aligns
+        assert pull.sum() == pytest.approx(len(pull) * float(batch_grad @ direction), rel=1e-4)
+        cosine[name] = float(batch_grad @ direction / batch_grad.norm())
+        mask = pull_carriers(pull)
+        assert pull[mask].sum() >= 0.5 * pull.sum() > pull[mask].sum() - pull[mask].min()  # half, and no fewer would do
+        carriers[name] = int(mask.sum())
+    assert cosine["crafted"] > max(cosine["clean"], cosine["random"]) + 0.1, cosine
+    assert carriers["crafted"] < min(carriers["clean"], carriers["random"]), carriers
