@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from attacks.base import PoisonSet, PoisonSetup, choose_setup, read_manifest, write_poisoned
+from attacks.base import PoisonSet, PoisonSetup, choose_setup, write_poisoned
 from attacks.gradient_matching import GradientMatchingConfig, craft_gradient_matching
 from sanitize.errors import SanitizeError
+from sanitize.manifest import read_manifest
 
 _METHODS: dict[str, tuple[Callable[..., PoisonSet], type]] = {
     "gradient-matching": (craft_gradient_matching, GradientMatchingConfig),

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from attacks import choose_setup, craft, method_config
-from attacks.base import read_manifest, write_poisoned
+from attacks.base import write_poisoned
+from sanitize.manifest import read_manifest
 from sanitize.config import TrainConfig
 from sanitize.data import ensure_outside, open_dataset
 from sanitize.models import create_model, load_weights
@@ -50,5 +51,5 @@ def attack_dataset(
         train_model(net, train_set, np.arange(len(train_set)), TrainConfig(epochs=epochs, seed=seed), run_device, amp, progress=progress, desc="surrogate")
     config = method_config(method, seed=seed, **craft_options)
     poisons = craft(method, [net], train_set, test_set.load_image(setup.target_index), setup, eps, config, device=run_device, amp_dtype=amp, progress=progress)
-    write_poisoned(train_set, poisons, out, seed=seed)
+    write_poisoned(train_set, poisons, out, seed=seed, target_image=test_set.load_image(setup.target_index))
     return read_manifest(out)

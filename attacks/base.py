@@ -23,8 +23,7 @@ from PIL import Image
 
 from sanitize.data import ImageDataset
 from sanitize.errors import SanitizeError
-
-MANIFEST = "poison_manifest.json"
+from sanitize.manifest import MANIFEST, TARGET_IMAGE
 
 
 @dataclass(frozen=True)
@@ -117,8 +116,9 @@ def manifest(poisons: PoisonSet, train: ImageDataset, poisoned_ids: list[str], p
     }
 
 
-def write_poisoned(train: ImageDataset, poisons: PoisonSet, out: Path, seed: int = 0) -> Path:
-    """A poisoned copy of `train` plus poison_manifest.json: `out`.npz for arrays, an ImageFolder of PNGs otherwise.
+def write_poisoned(train: ImageDataset, poisons: PoisonSet, out: Path, seed: int = 0, target_image: torch.Tensor | None = None) -> Path:
+    """A poisoned copy of `train` plus poison_manifest.json: `out`.npz for arrays, an ImageFolder of PNGs otherwise;
+    with `target_image` (uint8, 3 x H x W) also target.png, so an audit report can show what the poisons aimed at.
 
     The source is never modified. Poisoned folder images are written as PNG (JPEG would destroy the perturbation).
     """
@@ -135,6 +135,9 @@ def write_poisoned(train: ImageDataset, poisons: PoisonSet, out: Path, seed: int
     else:
         ids, paths = _write_folder_copy(train, positions, poisoned, out)
     record = manifest(poisons, train, ids, paths, seed)
+    if target_image is not None:
+        Image.fromarray(target_image.permute(1, 2, 0).numpy()).save(out / TARGET_IMAGE)
+        record["target_image"] = TARGET_IMAGE
     (out / MANIFEST).write_text(json.dumps(record, indent=1))
     return out
 
@@ -158,19 +161,6 @@ def _write_folder_copy(train: ImageDataset, positions: np.ndarray, poisoned: tor
             except OSError:
                 shutil.copyfile(train.paths[index], destination)
     return ids, paths
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    """Read a poison manifest, with a clear error for anything that is not one."""
-    path = path / MANIFEST if path.is_dir() else path
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise SanitizeError(f"cannot read poison manifest {path}: {error}") from None
-    required = {"method", "eps", "target_class", "intended_class", "poison_ids"}
-    if not isinstance(record, dict) or not required <= set(record):
-        raise SanitizeError(f"{path} is not a poison manifest (needs {', '.join(sorted(required))})")
-    return record
 
 
 def setup_as_dict(setup: PoisonSetup) -> dict[str, Any]:

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from sklearn.metrics import roc_auc_score
 
 from attacks import choose_setup, craft, method_config
 from attacks.base import PoisonSet, PoisonSetup
@@ -32,7 +31,9 @@ from sanitize.config import RobustConfig, TrainConfig
 from sanitize.data import ImageDataset, open_dataset
 from sanitize.data.arrays import ArrayDataset
 from sanitize.errors import SanitizeError
+from sanitize.manifest import flag_metrics
 from sanitize.models import Classifier, create_model
+from sanitize.report import write_report
 from sanitize.robust import EpicDropper
 from sanitize.scan import scan
 from sanitize.training import channel_stats, milestone_epochs, predict, resolve_device, resolve_precision, train_model
@@ -215,7 +216,7 @@ class Harness:
             result, own = self._scan_once(poisoned, root / detector, options | {"detector": detector, "expected_poisons": told,
                                                                                   "checkpoint": str(root / "knn_density" / "proxy" / "model.pt")})
             seconds += own
-        metrics = flag_metrics(result.flags, result.scores, setup) | {"told_expected_poisons": told}
+        metrics = flag_metrics(result.flags, result.scores, poison_truth(setup, len(result.flags))) | {"told_expected_poisons": told}
         return poisoned.subset(np.flatnonzero(~result.flags)), metrics, seconds
 
     def scan_dir(self, poisoned: ArrayDataset) -> Path:
@@ -293,16 +294,11 @@ def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Pat
     return out
 
 
-def flag_metrics(flags: np.ndarray, scores: np.ndarray, setup: PoisonSetup) -> dict[str, Any]:
-    """Dropped fraction, and precision / recall / AUROC of the flags and scores against the true poisons."""
-    truth = np.zeros(len(flags), dtype=bool)
+def poison_truth(setup: PoisonSetup, size: int) -> np.ndarray:
+    """Mask over the training positions: True at the poisons."""
+    truth = np.zeros(size, dtype=bool)
     truth[list(setup.poison_indices)] = True
-    return {
-        "dropped_fraction": float(flags.mean()),
-        "poison_precision": float((flags & truth).sum() / flags.sum()) if flags.any() else None,
-        "poison_recall": float((flags & truth).sum() / truth.sum()),
-        "auroc": float(roc_auc_score(truth, scores)),
-    }
+    return truth
 
 
 def robust_metrics(drop_log: Path, setup: PoisonSetup, size: int) -> dict[str, Any]:
@@ -365,6 +361,7 @@ def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
                      f"| {_cell(t['poison_precision_mean'], '.2f')} | {_cell(t['poison_recall_mean'], '.2f')} | {_cell(t['auroc_mean'], '.3f')} "
                      f"| {t['victim_seconds_mean']:.0f} | {_cell(t['cost_vs_plain_training'], '.2f')} |")
     (out / "summary.md").write_text(f"Command: `{command}`\n\nCommit: {summary['git_commit']}\n\n" + "\n".join(lines) + "\n")
+    write_report(out)
     return summary
 
 

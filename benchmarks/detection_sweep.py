@@ -24,13 +24,14 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from attacks import choose_setup
-from attacks.evaluate import SURROGATE_SEED, TOLD_THE_COUNT, EvaluationConfig, Harness, flag_metrics
+from attacks.evaluate import SURROGATE_SEED, TOLD_THE_COUNT, EvaluationConfig, Harness, poison_truth
 from attacks.gradient_matching import poison_pull, pull_carriers
 from sanitize import scan
 from sanitize.config import ScanConfig
 from sanitize.density import z_to_score
 from sanitize.detectors import get_detector
 from sanitize.embeddings import load_embeddings
+from sanitize.manifest import flag_metrics
 
 # knn_density's first default (issue 3): mean distance, large scale 20% of the class (at most 256), nothing else
 FIRST_DEFAULT = {"distance": "mean", "k_fraction": 0.2, "k_max": 256, "low_loss_weight": 0.0, "class_alarm_p": 0.0}
@@ -131,13 +132,14 @@ def main() -> None:
                 scan_config = dataclasses.replace(ScanConfig(), detector=detector, expected_poisons=told, **options)
                 detection = get_detector(detector)(embeddings, scan_config, False)
                 poison_scores = detection.scores[list(setup.poison_indices)]
+                truth = poison_truth(setup, len(detection.flags))
                 row = {"key": key, "eps": args.eps, "model": harness.scale.model, "epochs": harness.recipe.epochs, "proxy_epochs": proxy_epochs,
                        "detector": detector, "options": options, "told_expected_poisons": told,
-                       **flag_metrics(detection.flags, detection.scores, setup), "poison_score_median": float(np.median(poison_scores)),
+                       **flag_metrics(detection.flags, detection.scores, truth), "poison_score_median": float(np.median(poison_scores)),
                        **caught_by_pull(detection.flags, detection.scores, pull, setup),
                        "proxy_accuracy": embeddings.accuracy()}
                 if detector == "knn_density":
-                    row["at_z"] = {str(z): flag_metrics(detection.scores >= z_to_score(np.array(z)), detection.scores, setup) for z in (2.5, 3.0)}
+                    row["at_z"] = {str(z): flag_metrics(detection.scores >= z_to_score(np.array(z)), detection.scores, truth) for z in (2.5, 3.0)}
                 with rows_path.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
                 print(json.dumps(row))

@@ -65,6 +65,8 @@ def scan_options(fn: Callable) -> Callable:
         click.option("--expected-poisons", type=int, default=None, help="Only for baselines whose rule needs a poison count (spectral_signatures, deep_knn); recorded as told."),
         click.option("--epic-fraction", type=float, default=DEFAULTS.epic_fraction, show_default=True, help="epic: medoids per class as a fraction of the class."),
         click.option("--max-flagged-fraction", type=float, default=DEFAULTS.max_flagged_fraction, show_default=True, help="Gate: exit 1 when more is flagged."),
+        click.option("--manifest", type=click.Path(exists=True), default=None, help="A poison manifest (or its folder): score the flags against it in the summary and report."),
+        click.option("--max-thumbnails", type=int, default=DEFAULTS.max_thumbnails, show_default=True, help="report.html: at most this many flagged examples as images."),
         click.option("--device", default=DEFAULTS.device, show_default=True),
         click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default=DEFAULTS.precision, show_default=True),
         click.option("--workers", type=int, default=DEFAULTS.workers, show_default=True, help="Data-loading processes."),
@@ -144,6 +146,7 @@ def demo(out: Path, quiet: bool) -> None:
 @click.option("--warmup", type=int, default=ROBUST_DEFAULTS.warmup, show_default=True, help="Robust: first epoch a round may run.")
 @click.option("--max-dropped-fraction", type=float, default=ROBUST_DEFAULTS.max_dropped_fraction, show_default=True, help="Robust: cap on the share dropped.")
 @click.option("--test", type=click.Path(exists=True), default=None, help="A labelled test set to report accuracy on.")
+@click.option("--max-thumbnails", type=int, default=48, show_default=True, help="report.html: at most this many dropped examples as images.")
 @click.option("--image-size", type=int, default=None)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True)
@@ -164,6 +167,20 @@ def train(data: Path, out: Path, **options: Any) -> None:
         click.echo(f"dropped   {robust['dropped']} ({robust['dropped_fraction']:.2%}) in rounds at epochs {robust['rounds']}")
     click.echo(f"time      {summary['seconds']:.1f} s")
     click.echo(f"outputs   {', '.join(str(p) for p in result.files.values())}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", type=click.Path(exists=True, path_type=Path), default=None, help="Where the run's data is now (default: the source in summary.json).")
+@click.option("--max-thumbnails", type=int, default=DEFAULTS.max_thumbnails, show_default=True)
+@click.option("--max-projection-classes", type=int, default=10, show_default=True, help="Classes offered in the 2-D embedding view.")
+@_handle_errors
+def report(run_dir: Path, data: Path | None, max_thumbnails: int, max_projection_classes: int) -> None:
+    """Re-render RUN_DIR/report.html from a scan's, training run's or evaluation's outputs."""
+    from sanitize.report import write_report
+
+    path = write_report(run_dir, data, max_thumbnails=max_thumbnails, max_projection_classes=max_projection_classes)
+    click.echo(f"report    {path} ({path.stat().st_size / 1024:.0f} KiB)")
 
 
 def parse_keys(text: str) -> tuple[int, ...]:

@@ -64,6 +64,7 @@ class FitConfig:
     robust: bool = False
     epic: RobustConfig = field(default_factory=RobustConfig)
     test: str | None = None  # a labelled test set to report accuracy on
+    max_thumbnails: int = 48  # report.html shows at most this many dropped examples as images
     device: str = "auto"
     precision: str = "auto"
     workers: int = 0
@@ -81,6 +82,7 @@ class FitConfig:
             (self.epic.every is None or self.epic.every >= 1, "every must be >= 1"),
             (0.0 <= self.epic.max_dropped_fraction <= 1.0, "max_dropped_fraction must be in [0, 1]"),
             (self.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
+            (self.max_thumbnails >= 0, "max_thumbnails must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -105,8 +107,8 @@ class ScanConfig:
     k_max: int = 1000  # ... capped here
     distance: str = "kth"  # kth | mean: the statistic of the k neighbour distances (kth: AUROC +0.03-0.06)
     low_loss_weight: float = 1.0  # weight of the "too easy" term (class-wise z of -log loss) beside the isolation
-    # a second pass in classes with improbably many flags (Poisson p < this / classes); measured: poisoned classes
-    # 1e-17..1e-80, the most extreme clean class 1e-4 ...
+    # a second pass in classes with improbably many flags (Poisson p < this / classes); measured (reports/detection-cpu):
+    # poisoned classes 4e-15 and 3e-38, the most extreme clean class 2e-3 ...
     class_alarm_p: float = 1e-6
     alarm_z: float = 1.5  # ... flags their isolated, hard examples: (isolation z + log-loss z) / sqrt 2 >= this
     index: str = "auto"  # auto | flat | ivf | hnsw
@@ -116,6 +118,8 @@ class ScanConfig:
     expected_poisons: int | None = None  # only for baselines whose rule needs it; the default scan is never told
     epic_fraction: float = 0.2  # epic: medoids per class = this fraction of the class (EPIC's subset size)
     max_flagged_fraction: float = 0.05  # the gate: fail when more than this fraction is flagged
+    manifest: str | None = None  # a poison manifest (attack runs, audits of a defense): score the flags against it
+    max_thumbnails: int = 48  # report.html shows at most this many flagged examples as images; scores.csv has all
     device: str = "auto"
     precision: str = "auto"  # auto (bf16 where the device supports it) | bf16 | fp32
     eval_batch_size: int = 512
@@ -148,6 +152,7 @@ class ScanConfig:
             (self.train.epochs >= 0 and self.train.batch_size >= 1, "epochs must be >= 0 and batch_size >= 1"),
             (self.image_size is None or self.image_size >= 8, "image_size must be >= 8"),
             (self.workers >= 0, "workers must be >= 0"),
+            (self.max_thumbnails >= 0, "max_thumbnails must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,7 +1,7 @@
 """The scan pipeline: data -> proxy model -> embeddings -> detector -> files on disk -> ScanResult.
 
-Outputs under `out` (never inside DATA, which is only read): summary.json, scores.csv, flagged.txt, proxy/ (the
-model) and embeddings/ (memory-mapped arrays). A killed scan rerun with the same options resumes: the proxy from
+Outputs under `out` (never inside DATA, which is only read): summary.json, scores.csv, flagged.txt, report.html (the
+audit report), proxy/ (the model) and embeddings/ (memory-mapped arrays). A killed scan rerun with the same options resumes: the proxy from
 its last finished epoch, the embedding pass from its last written rows.
 """
 
@@ -30,7 +30,9 @@ from sanitize.data import ImageDataset, open_dataset, prepare_output
 from sanitize.density import gpu_available
 from sanitize.detectors import Detection, get_detector
 from sanitize.embeddings import Embeddings, compute_embeddings
+from sanitize.manifest import flag_metrics, manifest_file, poison_mask, read_manifest
 from sanitize.models import Classifier, create_model, default_model_name, load_weights
+from sanitize.report import write_report
 from sanitize.training import resolve_device, resolve_precision, train_from_scratch
 
 SCORES_HEADER = ("id", "path", "label", "score", "flagged")
@@ -123,6 +125,8 @@ def run_scan(data: str | os.PathLike | ImageDataset, out: str | os.PathLike, con
         data, out = prepare_output(data, out)
         with timer.phase("validate"):
             dataset = open_dataset(data, image_size=config.image_size, workers=config.workers, progress=progress)
+    record = read_manifest(config.manifest) if config.manifest else None
+    truth = poison_mask(record, dataset.ids) if record else None  # checked before the long part, not after
     device = resolve_device(config.device)
     amp_dtype = resolve_precision(config.precision, device)
     model, model_info = build_proxy(dataset, config, out, device, amp_dtype, timer)
@@ -136,15 +140,25 @@ def run_scan(data: str | os.PathLike | ImageDataset, out: str | os.PathLike, con
     model_info["train_accuracy_eval_mode"] = embeddings.accuracy()
     with timer.phase("density"):
         detection = get_detector(config.detector)(embeddings, config, progress)
-    files = {"summary": out / "summary.json", "scores": out / "scores.csv", "flagged": out / "flagged.txt", "embeddings": out / "embeddings"}
+    files = {"summary": out / "summary.json", "scores": out / "scores.csv", "flagged": out / "flagged.txt", "report": out / "report.html",
+             "embeddings": out / "embeddings"}
     with timer.phase("write"):
         for name, array in detection.arrays.items():  # e.g. knn_density's nearest same-class neighbours
             np.save(out / "embeddings" / f"{name}.npy", array)
         write_scores(files["scores"], dataset, detection)
         _write_atomic(files["flagged"], "".join(dataset.ids[i] + "\n" for i in np.flatnonzero(detection.flags)))
     summary = _summary(dataset, config, model_info, embeddings, detection, device, amp_dtype, timer, started)
+    if record:
+        summary["poisons"] = poison_summary(record, Path(config.manifest), truth, detection)
     _write_atomic(files["summary"], json.dumps(summary, indent=2, default=str))
+    write_report(out, dataset, max_thumbnails=config.max_thumbnails)
     return ScanResult(list(dataset.ids), list(dataset.paths), dataset.labels, detection.scores, detection.flags, summary, files)
+
+
+def poison_summary(record: dict[str, Any], manifest: Path, truth: np.ndarray, detection: Detection) -> dict[str, Any]:
+    """The flags scored against a poison manifest: what it says, how many poisons were caught, precision / recall / AUROC."""
+    return {"manifest": str(manifest_file(manifest).resolve()), **{k: record.get(k) for k in ("method", "eps", "key", "target_id", "target_class", "intended_class")},
+            "ids": [str(i) for i in record["poison_ids"]], "caught": int((detection.flags & truth).sum()), **flag_metrics(detection.flags, detection.scores, truth)}
 
 
 def _summary(dataset: ImageDataset, config: ScanConfig, model_info: dict, embeddings: Embeddings, detection: Detection, device, amp_dtype, timer: _Timer, started: float) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import numpy as np
 from sanitize.config import FitConfig
 from sanitize.data import open_dataset, prepare_output
 from sanitize.models import Classifier, default_model_name
+from sanitize.report import write_report
 from sanitize.robust import EpicDropper
 from sanitize.training import milestone_epochs, predict, resolve_device, resolve_precision, train_from_scratch
 
@@ -42,7 +43,7 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
     amp_dtype = resolve_precision(config.precision, device)
     name = default_model_name(dataset.image_size) if config.model == "auto" else config.model
     recipe = dataclasses.replace(config.train, seed=config.seed)
-    files = {"model": out / "model.pt", "summary": out / "summary.json"}
+    files = {"model": out / "model.pt", "summary": out / "summary.json", "report": out / "report.html"}
     dropper = None
     if config.robust:
         files |= {"drop_log": out / "drop_log.json", "kept": out / "kept.txt"}
@@ -55,7 +56,8 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
         kept = np.setdiff1d(np.arange(len(dataset)), dropped)
         files["kept"].write_text("".join(dataset.ids[i] + "\n" for i in kept))
     summary = {
-        "data": {"source": dataset.source, "examples": len(dataset), "classes": dataset.classes, "skipped": len(dataset.skipped)},
+        "data": {"source": dataset.source, "fingerprint": dataset.fingerprint, "image_size": list(dataset.image_size), "examples": len(dataset),
+                 "classes": dataset.classes, "skipped": len(dataset.skipped)},
         "config": dataclasses.asdict(config), "model": info,
         "train_accuracy": _accuracy(model, dataset, device, amp_dtype),
         "robust": {"rounds": dropper.rounds, "dropped": int(len(dropped)), "dropped_fraction": len(dropped) / len(dataset),
@@ -67,6 +69,7 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
         test = open_dataset(Path(config.test), image_size=dataset.image_size[0], progress=progress)
         summary["test_accuracy"] = _accuracy(model, test, device, amp_dtype)
     files["summary"].write_text(json.dumps(summary, indent=1, default=str))
+    write_report(out, dataset, max_thumbnails=config.max_thumbnails)
     return TrainResult(model, summary, [dataset.ids[i] for i in dropped], files)
 
 

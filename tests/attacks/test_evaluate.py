@@ -41,6 +41,8 @@ def test_smoke_evaluation_writes_protocol_rows_and_resumes(tmp_path, split_npz):
     table = json.loads((out / "summary.json").read_text())["table"]
     assert {t["arm"] for t in table} == {"clean", "undefended", "random-noise"} and all(t["victims"] == 2 for t in table)
     assert "| gradient-matching | smoke | tiny | 2 | 16 |" in (out / "summary.md").read_text()
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "Success per arm" in html and all(f"<td>{arm}</td>" in html for arm in ("clean", "undefended", "random-noise"))
 
 
 def test_defended_arms_score_their_flags_against_the_true_poisons(tmp_path, split_npz):

@@ -41,6 +41,8 @@ def test_robust_training_drops_the_planted_examples_and_logs_every_drop(tmp_path
     assert sum(result.summary["robust"]["dropped_per_class"].values()) == len(positions)
     labels = np.load(data)["y"]
     assert all(labels[row["position"]] == row["class"] for row in log["dropped"])
+    html = result.files["report"].read_text(encoding="utf-8")
+    assert f"<strong>{len(positions)}</strong> examples" in html and html.count("<figure") == min(len(positions), 48)
 
 
 def test_the_cap_bounds_what_is_dropped(tmp_path, mislabeled_npz):
