@@ -188,13 +188,15 @@ class Harness:
         return poisons
 
     def data_for(self, arm: str, poisons: PoisonSet) -> ArrayDataset:
+        """The training set an arm starts from: clean, the random-noise control, or the poisoned set (undefended, and
+        every defended arm, which filters it)."""
         if arm == "clean":
             return self.train
         positions = np.asarray(poisons.setup.poison_indices)
         clean = torch.from_numpy(self.train.images[positions]).permute(0, 3, 1, 2)
-        if arm == "undefended":
+        if arm != "random-noise":
             changed = poisons.apply(clean)
-        else:  # random-noise: random signs at full eps on the same images, the control
+        else:  # random signs at full eps on the same images, the control
             generator = torch.Generator().manual_seed(poisons.setup.key)
             signs = torch.randint(0, 2, clean.shape, generator=generator).to(torch.int16) * 2 - 1
             changed = (clean.to(torch.int16) + signs * int(math.floor(self.config.eps))).clamp(0, 255).to(torch.uint8)

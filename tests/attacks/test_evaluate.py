@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from attacks.evaluate import EvaluationConfig, aggregate, run_evaluation
+from attacks import choose_setup
+from attacks.evaluate import EvaluationConfig, Harness, aggregate, run_evaluation
 from sanitize.cli import cli, parse_keys
 from sanitize.errors import SanitizeError
 
@@ -61,6 +62,11 @@ def test_defended_arms_score_their_flags_against_the_true_poisons(tmp_path, spli
     assert rows["spectral_signatures"]["told_expected_poisons"] == 12 and rows["deep_knn"]["told_expected_poisons"] == 12
     assert rows["scan"]["told_expected_poisons"] is None and rows["activation_clustering"]["told_expected_poisons"] is None
     assert rows["spectral_signatures"]["dropped_fraction"] >= 10 * 18 / 600  # 1.5 x 12 per class, by its rule
+    harness = Harness(train, test, out, config, progress=False)
+    poisons = harness.poisons(choose_setup(0, harness.train, harness.test, config.budget), None)
+    poisoned = harness.data_for("undefended", poisons).fingerprint
+    assert all(harness.data_for(arm, poisons).fingerprint == poisoned for arm in arms[1:])  # defenses filter the poisoned set
+    assert harness.data_for("random-noise", poisons).fingerprint not in (poisoned, harness.train.fingerprint)
     table = {t["arm"]: t for t in json.loads((out / "summary.json").read_text())["table"]}
     assert table["scan"]["cost_vs_plain_training"] > 1 and table["undefended"]["cost_vs_plain_training"] == pytest.approx(1)
 
