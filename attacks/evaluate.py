@@ -352,7 +352,9 @@ def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
             "auroc_mean": _mean_of(rows, "auroc"),
             "cost_vs_plain_training": float(np.mean([r["seconds"].get("scan", 0) + r["seconds"]["victim_training"] for r in rows]) / np.mean(plain)) if plain else None,
         })
-    summary = {"command": command, "git_commit": _git_commit(), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__}, "table": table}
+    paired = paired_with_undefended(groups)
+    summary = {"command": command, "git_commit": _git_commit(), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+               "table": table, "paired": paired}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     lines = ["| attack | scale | model | epochs | eps | arm | victims (keys) | success | median p(intended) | clean accuracy | dropped "
              "| poison precision | poison recall | AUROC | victim s | cost vs plain |", "|" + " --- |" * 16]
@@ -362,9 +364,38 @@ def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
                      f"| {t['success_mean']:.1%}{se} | {_cell(t['p_intended_median'], '.3f')} | {t['clean_acc_mean']:.2%} | {t['dropped_fraction_mean']:.2%} "
                      f"| {_cell(t['poison_precision_mean'], '.2f')} | {_cell(t['poison_recall_mean'], '.2f')} | {_cell(t['auroc_mean'], '.3f')} "
                      f"| {t['victim_seconds_mean']:.0f} | {_cell(t['cost_vs_plain_training'], '.2f')} |")
+    if paired:
+        lines += ["", "Paired with the undefended victims of the same key and seed (defended arms may cover fewer keys than the table's undefended row):", "",
+                  "| eps | epochs | arm | pairs (keys) | undefended success | arm success | clean accuracy change |", "|" + " --- |" * 7]
+        for t in paired:
+            lines.append(f"| {t['eps']:g} | {t['epochs']} | {t['arm']} | {t['pairs']} ({t['keys']}) | {t['undefended_success']:.1%} | {t['arm_success']:.1%} "
+                         f"| {t['clean_acc_change']:+.2%}{_se(t['clean_acc_change_se'], '.2%')} |")
     (out / "summary.md").write_text(f"Command: `{command}`\n\nCommit: {summary['git_commit']}\n\n" + "\n".join(lines) + "\n")
     write_report(out)
     return summary
+
+
+def paired_with_undefended(groups: dict[tuple, list[dict]]) -> list[dict[str, Any]]:
+    """Every arm but the controls against the undefended victims of the same (key, seed): success on the same pairs
+    and the change in clean accuracy, so that an arm run on a few keys is not read against every key's rate."""
+    paired = []
+    for (attack, scale, model, epochs, eps, arm), rows in sorted(groups.items()):
+        if arm in CONTROL_ARMS:
+            continue
+        plain = {(r["poison_key"], r["victim_seed"]): r for r in groups.get((attack, scale, model, epochs, eps, "undefended"), [])}
+        pairs = [(plain[(r["poison_key"], r["victim_seed"])], r) for r in rows if (r["poison_key"], r["victim_seed"]) in plain]
+        if not pairs:
+            continue
+        change = np.array([d["clean_acc"] - u["clean_acc"] for u, d in pairs])
+        paired.append({"attack": attack, "scale": scale, "model": model, "epochs": epochs, "eps": eps, "arm": arm, "pairs": len(pairs),
+                       "keys": len({u["poison_key"] for u, _ in pairs}), "undefended_success": float(np.mean([u["success"] for u, _ in pairs])),
+                       "arm_success": float(np.mean([d["success"] for _, d in pairs])), "clean_acc_change": float(change.mean()),
+                       "clean_acc_change_se": float(change.std(ddof=1) / math.sqrt(len(change))) if len(change) > 1 else None})
+    return paired
+
+
+def _se(value: float | None, spec: str) -> str:
+    return "" if value is None else f" +- {format(value, spec)}"
 
 
 def _mean_of(rows: list[dict[str, Any]], key: str) -> float | None:

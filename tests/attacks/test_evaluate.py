@@ -67,7 +67,12 @@ def test_defended_arms_score_their_flags_against_the_true_poisons(tmp_path, spli
     poisoned = harness.data_for("undefended", poisons).fingerprint
     assert all(harness.data_for(arm, poisons).fingerprint == poisoned for arm in arms[1:])  # defenses filter the poisoned set
     assert harness.data_for("random-noise", poisons).fingerprint not in (poisoned, harness.train.fingerprint)
-    table = {t["arm"]: t for t in json.loads((out / "summary.json").read_text())["table"]}
+    summary = json.loads((out / "summary.json").read_text())
+    paired = {t["arm"]: t for t in summary["paired"]}
+    assert set(paired) == set(arms[1:]) and all(t["pairs"] == 1 and t["undefended_success"] == rows["undefended"]["success"] for t in paired.values())
+    assert paired["scan"]["clean_acc_change"] == pytest.approx(rows["scan"]["clean_acc"] - rows["undefended"]["clean_acc"])
+    assert "Paired with the undefended victims" in (out / "summary.md").read_text() and "Paired with the undefended" in (out / "report.html").read_text()
+    table = {t["arm"]: t for t in summary["table"]}
     assert table["scan"]["cost_vs_plain_training"] > 1 and table["undefended"]["cost_vs_plain_training"] == pytest.approx(1)
 
 
