@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 
-
 from attacks import choose_setup, craft, method_config
 from attacks.base import PoisonSet, PoisonSetup
 
@@ -359,9 +358,8 @@ def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
     lines = ["| attack | scale | model | epochs | eps | arm | victims (keys) | success | median p(intended) | clean accuracy | dropped "
              "| poison precision | poison recall | AUROC | victim s | cost vs plain |", "|" + " --- |" * 16]
     for t in table:
-        se = f" +- {t['success_se']:.1%}" if t["success_se"] is not None else ""
         lines.append(f"| {t['attack']} | {t['scale']} | {t['model']} | {t['epochs']} | {t['eps']:g} | {t['arm']} | {t['victims']} ({t['keys']}) "
-                     f"| {t['success_mean']:.1%}{se} | {_cell(t['p_intended_median'], '.3f')} | {t['clean_acc_mean']:.2%} | {t['dropped_fraction_mean']:.2%} "
+                     f"| {t['success_mean']:.1%}{_se(t['success_se'], '.1%')} | {_cell(t['p_intended_median'], '.3f')} | {t['clean_acc_mean']:.2%} | {t['dropped_fraction_mean']:.2%} "
                      f"| {_cell(t['poison_precision_mean'], '.2f')} | {_cell(t['poison_recall_mean'], '.2f')} | {_cell(t['auroc_mean'], '.3f')} "
                      f"| {t['victim_seconds_mean']:.0f} | {_cell(t['cost_vs_plain_training'], '.2f')} |")
     if paired:

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from sklearn.decomposition import PCA
 
-from sanitize.data import ImageDataset, open_dataset
+from sanitize.data import ImageDataset, open_dataset, write_atomic
 from sanitize.errors import SanitizeError
 from sanitize.manifest import TARGET_IMAGE
 
@@ -68,9 +68,7 @@ def write_report(run_dir: str | os.PathLike, data: str | os.PathLike | ImageData
     else:
         raise SanitizeError(f"{run_dir / 'summary.json'} is not the summary of a scan, training run or evaluation")
     path = run_dir / REPORT
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render(context), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, render(context))
     return path
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 
 from sanitize.config import RobustConfig
-from sanitize.data import ImageDataset
+from sanitize.data import ImageDataset, write_atomic
 from sanitize.embeddings import softmax_minus_onehot
 from sanitize.medoids import isolated_medoids
 from sanitize.training import predict
@@ -68,6 +67,4 @@ class EpicDropper:
         return json.loads(self.log_path.read_text())["dropped"]
 
     def _write_log(self) -> None:
-        tmp = self.log_path.with_name(self.log_path.name + ".tmp")
-        tmp.write_text(json.dumps({"config": asdict(self.config), "rounds": self.rounds, "cap": self.cap, "dropped": self.log}, indent=1))
-        os.replace(tmp, self.log_path)
+        write_atomic(self.log_path, json.dumps({"config": asdict(self.config), "rounds": self.rounds, "cap": self.cap, "dropped": self.log}, indent=1))

@@ -26,7 +26,7 @@ import torch
 
 import sanitize
 from sanitize.config import ScanConfig
-from sanitize.data import ImageDataset, open_dataset, prepare_output
+from sanitize.data import ImageDataset, open_dataset, prepare_output, write_atomic
 from sanitize.density import gpu_available
 from sanitize.detectors import Detection, get_detector
 from sanitize.embeddings import Embeddings, compute_embeddings
@@ -92,12 +92,6 @@ def build_proxy(dataset: ImageDataset, config: ScanConfig, out: Path, device: to
                                   workers=config.workers, progress=not config.quiet, desc="proxy")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_scores(path: Path, dataset: ImageDataset, detection: Detection) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", newline="", encoding="utf-8") as handle:
@@ -146,11 +140,11 @@ def run_scan(data: str | os.PathLike | ImageDataset, out: str | os.PathLike, con
         for name, array in detection.arrays.items():  # e.g. knn_density's nearest same-class neighbours
             np.save(out / "embeddings" / f"{name}.npy", array)
         write_scores(files["scores"], dataset, detection)
-        _write_atomic(files["flagged"], "".join(dataset.ids[i] + "\n" for i in np.flatnonzero(detection.flags)))
+        write_atomic(files["flagged"], "".join(dataset.ids[i] + "\n" for i in np.flatnonzero(detection.flags)))
     summary = _summary(dataset, config, model_info, embeddings, detection, device, amp_dtype, timer, started)
     if record:
         summary["poisons"] = poison_summary(record, Path(config.manifest), truth, detection)
-    _write_atomic(files["summary"], json.dumps(summary, indent=2, default=str))
+    write_atomic(files["summary"], json.dumps(summary, indent=2, default=str))
     write_report(out, dataset, max_thumbnails=config.max_thumbnails)
     return ScanResult(list(dataset.ids), list(dataset.paths), dataset.labels, detection.scores, detection.flags, summary, files)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from sanitize.data.arrays import ArrayDataset, open_npz
@@ -9,7 +10,7 @@ from sanitize.data.base import ImageDataset, Skipped, iterate_batches
 from sanitize.data.folder import FolderDataset, open_folder
 from sanitize.errors import DataError
 
-__all__ = ["ArrayDataset", "FolderDataset", "ImageDataset", "Skipped", "ensure_outside", "iterate_batches", "open_dataset", "prepare_output"]
+__all__ = ["ArrayDataset", "FolderDataset", "ImageDataset", "Skipped", "ensure_outside", "iterate_batches", "open_dataset", "prepare_output", "write_atomic"]
 
 
 def open_dataset(path: str | Path, image_size: int | None = None, workers: int = 0, progress: bool = True) -> ImageDataset:
@@ -42,3 +43,10 @@ def prepare_output(data: str | Path, out: str | Path) -> tuple[Path, Path]:
     ensure_outside(data, out)
     out.mkdir(parents=True, exist_ok=True)
     return data, out
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename, so a kill never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
