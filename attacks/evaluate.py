@@ -186,7 +186,7 @@ class Harness:
         torch.save({"deltas": poisons.deltas, "metadata": json.dumps(poisons.metadata)}, path)
         return poisons
 
-    def data_for(self, arm: str, poisons: PoisonSet) -> ArrayDataset:
+    def data_for(self, arm: str, poisons: PoisonSet | None) -> ArrayDataset:
         """The training set an arm starts from: clean, the random-noise control, or the poisoned set (undefended, and
         every defended arm, which filters it)."""
         if arm == "clean":
@@ -262,18 +262,24 @@ def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Pat
     out.mkdir(parents=True, exist_ok=True)
     harness = Harness(Path(train_path), Path(test_path), out, config, progress)
     done = harness.done()
-    surrogate, surrogate_seconds = harness.trained(harness.train, SURROGATE_SEED, "surrogate")
+    surrogate = None
     for key in config.keys:
         setup = choose_setup(key, harness.train, harness.test, config.budget)
         todo = [(arm, v) for arm in config.arms for v in range(config.victims)
                 if (config.attack, config.eps, config.budget, key, arm, v, config.scale, harness.scale.model, harness.recipe.epochs) not in done]
         if not todo:
             continue
-        poisons = harness.poisons(setup, surrogate)
+        poisons = None  # the clean arm needs neither surrogate nor poisons
+        if any(arm != "clean" for arm, _ in todo):
+            if surrogate is None:
+                surrogate, surrogate_seconds = harness.trained(harness.train, SURROGATE_SEED, "surrogate")
+            poisons = harness.poisons(setup, surrogate)
         for arm, victim_seed in todo:
             data = harness.data_for(arm, poisons)
             defense = {"dropped_fraction": 0.0, "poison_precision": None, "poison_recall": None, "auroc": None}
-            seconds = {"surrogate": round(surrogate_seconds, 1), "crafting": poisons.metadata.get("seconds")}
+            seconds = {"surrogate": None, "crafting": None}
+            if poisons is not None:
+                seconds = {"surrogate": round(surrogate_seconds, 1), "crafting": poisons.metadata.get("seconds")}
             if arm in DETECTOR_ARMS:
                 data, defense, scan_seconds = harness.filtered(data, arm, setup)
                 seconds["scan"] = round(scan_seconds, 1)
@@ -289,7 +295,7 @@ def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Pat
                 "arm": arm, "victim_seed": victim_seed, "success": measured["target_pred"] == setup.intended_class, **measured, **defense,
                 "model": harness.scale.model, "train_size": len(harness.train), "epochs": harness.recipe.epochs,
                 "seconds": seconds | {"victim_training": round(victim_seconds, 1), "measure": round(time.perf_counter() - started, 1)},
-                "craft_final_loss": min(poisons.metadata.get("final_loss_per_restart", [float("nan")])),
+                "craft_final_loss": min(poisons.metadata.get("final_loss_per_restart", [float("nan")])) if poisons else None,
             })
     aggregate(out, command)
     return out

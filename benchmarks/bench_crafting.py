@@ -99,7 +99,7 @@ def trial_phases(results: Path, model: str, epochs: int, eps: float) -> dict | N
     crafting = {r["poison_key"]: r["seconds"]["crafting"] for r in rows if r["arm"] == "undefended"}
     return {
         "source": str(results),
-        "surrogate_s": rows[0]["seconds"]["surrogate"],
+        "surrogate_s": next((r["seconds"]["surrogate"] for r in rows if r["arm"] == "undefended"), None),
         "crafting_s_per_key": float(np.mean(list(crafting.values()))),
         "keys": len(crafting),
         "victim_training_s": float(np.mean([r["seconds"]["victim_training"] for r in rows])),

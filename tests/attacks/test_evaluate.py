@@ -76,6 +76,16 @@ def test_defended_arms_score_their_flags_against_the_true_poisons(tmp_path, spli
     assert table["scan"]["cost_vs_plain_training"] > 1 and table["undefended"]["cost_vs_plain_training"] == pytest.approx(1)
 
 
+def test_clean_arm_alone_trains_no_surrogate_and_crafts_nothing(tmp_path, split_npz):
+    train, test = split_npz
+    config = EvaluationConfig(scale="smoke", keys=(0, 1), victims=1, eps=16, budget=0.02, epochs=1, iterations=2, arms=("clean",), cache=str(tmp_path / "cache"))
+    out = run_evaluation(train, test, tmp_path / "eval", config, progress=False)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["poison_key"] for r in rows] == [0, 1] and all(r["seconds"]["crafting"] is None and r["craft_final_loss"] is None for r in rows)
+    cached = {path.name.split("-")[0] for path in (tmp_path / "cache").glob("*.pt")}
+    assert cached == {"victim"}  # one clean victim, measured on both keys' targets
+
+
 def test_model_override_is_a_separate_ablation_with_its_own_surrogate_and_poisons(tmp_path, split_npz):
     train, test = split_npz
     base = dict(scale="smoke", keys=(0,), victims=1, eps=16, budget=0.02, epochs=1, iterations=2, arms=("undefended",), cache=str(tmp_path / "cache"))
