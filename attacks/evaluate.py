@@ -25,6 +25,7 @@ import torch
 
 from attacks import choose_setup, craft, method_config
 from attacks.base import PoisonSet, PoisonSetup
+from attacks.gradient_matching import poison_pull, pull_carriers
 
 from sanitize.config import RobustConfig, TrainConfig
 from sanitize.data import ImageDataset, open_dataset
@@ -203,9 +204,9 @@ class Harness:
         images[positions] = changed.permute(0, 2, 3, 1).numpy()
         return self.train.with_images(images)
 
-    def filtered(self, poisoned: ArrayDataset, arm: str, setup: PoisonSetup) -> tuple[ArrayDataset, dict[str, Any], float]:
-        """What `sanitize scan` (the default, or a baseline's --detector) keeps of the poisoned data, the flags scored
-        against the true poisons, and the scan's wall time. Scans are cached per poisoned set; the baselines reuse
+    def filtered(self, poisoned: ArrayDataset, arm: str, setup: PoisonSetup) -> tuple[ArrayDataset, np.ndarray, dict[str, Any], float]:
+        """What `sanitize scan` (the default, or a baseline's --detector) keeps of the poisoned data, its flags, the
+        flags scored against the true poisons, and the scan's wall time. Scans are cached per poisoned set; the baselines reuse
         the default scan's proxy (--checkpoint), so their cost is that proxy's training plus their own pass."""
         root = self.scan_dir(poisoned)
         options = {"quiet": True, "device": self.config.device, "precision": self.config.precision}
@@ -218,7 +219,14 @@ class Harness:
                                                                                   "checkpoint": str(root / "knn_density" / "proxy" / "model.pt")})
             seconds += own
         metrics = flag_metrics(result.flags, result.scores, poison_truth(setup, len(result.flags))) | {"told_expected_poisons": told}
-        return poisoned.subset(np.flatnonzero(~result.flags)), metrics, seconds
+        return poisoned.subset(np.flatnonzero(~result.flags)), result.flags, metrics, seconds
+
+    def carriers(self, setup: PoisonSetup, poisoned: ArrayDataset, surrogate: Classifier) -> np.ndarray:
+        """Mask over the poisons (in setup order): the carriers, the fewest poisons holding half of the pull on the
+        target measured on the surrogate (attacks.gradient_matching.poison_pull). They are what makes the attack work
+        (reports/detection-cpu), so defended rows say how many of them each defense caught."""
+        images, labels, _ = poisoned.load_batch(np.asarray(setup.poison_indices))
+        return pull_carriers(poison_pull(surrogate, images, labels, self.test.load_image(setup.target_index), setup.intended_class))
 
     def scan_dir(self, poisoned: ArrayDataset) -> Path:
         """Where the scans of one poisoned set live (one folder per detector)."""
@@ -274,19 +282,23 @@ def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Pat
             if surrogate is None:
                 surrogate, surrogate_seconds = harness.trained(harness.train, SURROGATE_SEED, "surrogate")
             poisons = harness.poisons(setup, surrogate)
+        carriers = None
         for arm, victim_seed in todo:
             data = harness.data_for(arm, poisons)
             defense = {"dropped_fraction": 0.0, "poison_precision": None, "poison_recall": None, "auroc": None}
             seconds = {"surrogate": None, "crafting": None}
             if poisons is not None:
                 seconds = {"surrogate": round(surrogate_seconds, 1), "crafting": poisons.metadata.get("seconds")}
-            if arm in DETECTOR_ARMS:
-                data, defense, scan_seconds = harness.filtered(data, arm, setup)
-                seconds["scan"] = round(scan_seconds, 1)
             robust = arm == "robust"
+            if arm in DETECTOR_ARMS or robust:
+                carriers = harness.carriers(setup, data, surrogate) if carriers is None else carriers
+            if arm in DETECTOR_ARMS:
+                data, caught, defense, scan_seconds = harness.filtered(data, arm, setup)
+                defense |= split_by_carriers(caught, setup, carriers)
+                seconds["scan"] = round(scan_seconds, 1)
             model, victim_seconds = harness.trained(data, victim_seed, f"victim-{arm}", robust)
             if robust:
-                defense = robust_metrics(harness.model_path(data, victim_seed, f"victim-{arm}", robust).with_suffix(".drop_log.json"), setup, len(data))
+                defense = robust_metrics(harness.model_path(data, victim_seed, f"victim-{arm}", robust).with_suffix(".drop_log.json"), setup, len(data), carriers)
             started = time.perf_counter()
             measured = harness.measure(model, setup)
             harness.append({
@@ -308,12 +320,18 @@ def poison_truth(setup: PoisonSetup, size: int) -> np.ndarray:
     return truth
 
 
-def robust_metrics(drop_log: Path, setup: PoisonSetup, size: int) -> dict[str, Any]:
+def robust_metrics(drop_log: Path, setup: PoisonSetup, size: int, carriers: np.ndarray) -> dict[str, Any]:
     """What robust training dropped, scored against the true poisons (no per-example score: no AUROC)."""
-    dropped = {row["position"] for row in json.loads(drop_log.read_text())["dropped"]}
-    caught = len(dropped & set(setup.poison_indices))
-    return {"dropped_fraction": len(dropped) / size, "poison_precision": caught / len(dropped) if dropped else None,
-            "poison_recall": caught / len(setup.poison_indices), "auroc": None}
+    dropped = np.zeros(size, dtype=bool)
+    dropped[[row["position"] for row in json.loads(drop_log.read_text())["dropped"]]] = True
+    return flag_metrics(dropped, None, poison_truth(setup, size)) | split_by_carriers(dropped, setup, carriers)
+
+
+def split_by_carriers(caught: np.ndarray, setup: PoisonSetup, carriers: np.ndarray) -> dict[str, Any]:
+    """How many carriers a defense caught, and its recall among them and among the other poisons."""
+    hit = caught[np.asarray(setup.poison_indices)]
+    return {"carriers": int(carriers.sum()), "carrier_recall": float(hit[carriers].mean()),
+            "rest_recall": float(hit[~carriers].mean()) if (~carriers).any() else None}
 
 
 def _rows(out: Path) -> list[dict[str, Any]]:
@@ -370,10 +388,10 @@ def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
                      f"| {t['victim_seconds_mean']:.0f} | {_cell(t['cost_vs_plain_training'], '.2f')} |")
     if paired:
         lines += ["", "Paired with the undefended victims of the same key and seed (defended arms may cover fewer keys than the table's undefended row):", "",
-                  "| eps | epochs | arm | pairs (keys) | undefended success | arm success | clean accuracy change |", "|" + " --- |" * 7]
+                  "| eps | epochs | arm | pairs (keys) | undefended success | arm success | clean accuracy change | recall of carriers / other poisons |", "|" + " --- |" * 8]
         for t in paired:
             lines.append(f"| {t['eps']:g} | {t['epochs']} | {t['arm']} | {t['pairs']} ({t['keys']}) | {t['undefended_success']:.1%} | {t['arm_success']:.1%} "
-                         f"| {t['clean_acc_change']:+.2%}{_se(t['clean_acc_change_se'], '.2%')} |")
+                         f"| {t['clean_acc_change']:+.2%}{_se(t['clean_acc_change_se'], '.2%')} | {_cell(t.get('carrier_recall'), '.2f')} / {_cell(t.get('rest_recall'), '.2f')} |")
     (out / "summary.md").write_text(f"Command: `{command}`\n\nCommit: {summary['git_commit']}\n\n" + "\n".join(lines) + "\n")
     write_report(out)
     return summary
@@ -394,7 +412,8 @@ def paired_with_undefended(groups: dict[tuple, list[dict]]) -> list[dict[str, An
         paired.append({"attack": attack, "scale": scale, "model": model, "epochs": epochs, "eps": eps, "arm": arm, "pairs": len(pairs),
                        "keys": len({u["poison_key"] for u, _ in pairs}), "undefended_success": float(np.mean([u["success"] for u, _ in pairs])),
                        "arm_success": float(np.mean([d["success"] for _, d in pairs])), "clean_acc_change": float(change.mean()),
-                       "clean_acc_change_se": float(change.std(ddof=1) / math.sqrt(len(change))) if len(change) > 1 else None})
+                       "clean_acc_change_se": float(change.std(ddof=1) / math.sqrt(len(change))) if len(change) > 1 else None,
+                       "carrier_recall": _mean_of([d for _, d in pairs], "carrier_recall"), "rest_recall": _mean_of([d for _, d in pairs], "rest_recall")})
     return paired
 
 

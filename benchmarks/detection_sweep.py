@@ -24,7 +24,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from attacks import choose_setup
-from attacks.evaluate import SURROGATE_SEED, TOLD_THE_COUNT, EvaluationConfig, Harness, poison_truth
+from attacks.evaluate import SURROGATE_SEED, TOLD_THE_COUNT, EvaluationConfig, Harness, poison_truth, split_by_carriers
 from attacks.gradient_matching import poison_pull, pull_carriers
 from sanitize import scan
 from sanitize.config import ScanConfig
@@ -66,10 +66,9 @@ def poison_pulls(harness: Harness, setup, poisoned) -> np.ndarray:
 
 def caught_by_pull(flags: np.ndarray, scores: np.ndarray, pull: np.ndarray, setup) -> dict:
     """Recall among the carriers (the fewest poisons holding half the pull) and among the rest; rank correlation."""
-    positions = np.asarray(setup.poison_indices)
-    carriers = pull_carriers(pull)
-    return {"carriers": int(carriers.sum()), "recall_carriers": float(flags[positions][carriers].mean()),
-            "recall_rest": float(flags[positions][~carriers].mean()), "score_pull_spearman": float(spearmanr(scores[positions], pull).statistic)}
+    split = split_by_carriers(flags, setup, pull_carriers(pull))
+    return {"carriers": split["carriers"], "recall_carriers": split["carrier_recall"], "recall_rest": split["rest_recall"],
+            "score_pull_spearman": float(spearmanr(scores[np.asarray(setup.poison_indices)], pull).statistic)}
 
 
 def proxy_scan_dir(harness: Harness, data, proxy_epochs: int) -> Path:

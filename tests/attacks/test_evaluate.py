@@ -59,6 +59,10 @@ def test_defended_arms_score_their_flags_against_the_true_poisons(tmp_path, spli
         assert (row["auroc"] is None) == (arm == "robust"), arm
         if arm != "robust":
             assert 0 <= row["auroc"] <= 1 and row["seconds"]["scan"] > 0
+        # the carriers (fewest poisons holding half the pull) and the rest partition the poisons: recalls add up
+        carriers = row["carriers"]
+        assert 1 <= carriers < 12 and row["poison_recall"] == pytest.approx((carriers * row["carrier_recall"] + (12 - carriers) * row["rest_recall"]) / 12), arm
+    assert "carriers" not in rows["undefended"]
     assert rows["spectral_signatures"]["told_expected_poisons"] == 12 and rows["deep_knn"]["told_expected_poisons"] == 12
     assert rows["scan"]["told_expected_poisons"] is None and rows["activation_clustering"]["told_expected_poisons"] is None
     assert rows["spectral_signatures"]["dropped_fraction"] >= 10 * 18 / 600  # 1.5 x 12 per class, by its rule
@@ -70,6 +74,7 @@ def test_defended_arms_score_their_flags_against_the_true_poisons(tmp_path, spli
     summary = json.loads((out / "summary.json").read_text())
     paired = {t["arm"]: t for t in summary["paired"]}
     assert set(paired) == set(arms[1:]) and all(t["pairs"] == 1 and t["undefended_success"] == rows["undefended"]["success"] for t in paired.values())
+    assert all(t["carrier_recall"] == rows[arm]["carrier_recall"] for arm, t in paired.items())
     assert paired["scan"]["clean_acc_change"] == pytest.approx(rows["scan"]["clean_acc"] - rows["undefended"]["clean_acc"])
     assert "Paired with the undefended victims" in (out / "summary.md").read_text() and "Paired with the undefended" in (out / "report.html").read_text()
     table = {t["arm"]: t for t in summary["table"]}
