@@ -18,7 +18,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -118,6 +118,14 @@ def _hash(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+class Cost(NamedTuple):
+    """Wall seconds, and process CPU seconds on a CPU device (None elsewhere, or for runs cached before they were
+    kept): with several single-thread evaluations sharing a machine, CPU seconds still measure the work."""
+
+    wall: float
+    cpu: float | None
+
+
 class Harness:
     """Shared state of one evaluation: data, device, caches and the results file."""
 
@@ -149,9 +157,10 @@ class Harness:
             parts.append(dataclasses.asdict(RobustConfig()))
         return self.cache / f"{tag}-{_hash(*parts)}.pt"
 
-    def trained(self, data: ArrayDataset, seed: int, tag: str, robust: bool = False) -> tuple[Classifier, float]:
-        """A model trained from scratch on `data` with `seed` (or loaded from the cache); (model, seconds). With
-        `robust`, EPIC's dropping (sanitize.robust) runs during training."""
+    def trained(self, data: ArrayDataset, seed: int, tag: str, robust: bool = False) -> tuple[Classifier, Cost]:
+        """A model trained from scratch on `data` with `seed` (or loaded from the cache), and what its training cost
+        (summed over epochs, so a resumed run counts every epoch once). With `robust`, EPIC's dropping
+        (sanitize.robust) runs during training."""
         final = self.model_path(data, seed, tag, robust)
         name = final.stem
         partial = final.with_suffix(".partial.pt")
@@ -159,18 +168,17 @@ class Harness:
         if final.exists():
             state = torch.load(final, map_location="cpu", weights_only=True)
             model.load_state_dict(state["model"])
-            return model, float(state["seconds"])
-        started = time.perf_counter()
+            return model, Cost(float(state["seconds"]), state.get("cpu_seconds"))
         recipe = dataclasses.replace(self.recipe, seed=seed)
         dropper = None
         if robust:
             dropper = EpicDropper(data, RobustConfig(), recipe.epochs, max(milestone_epochs(recipe)), final.with_suffix(".drop_log.json"), self.device, self.amp)
-        train_model(model, data, np.arange(len(data)), recipe, self.device, self.amp, checkpoint=partial, meta={"name": name},
-                    progress=self.progress, desc=tag, after_epoch=dropper)
-        seconds = time.perf_counter() - started
-        torch.save({"model": model.state_dict(), "seconds": seconds}, final)
+        history = train_model(model, data, np.arange(len(data)), recipe, self.device, self.amp, checkpoint=partial, meta={"name": name},
+                              progress=self.progress, desc=tag, after_epoch=dropper)
+        cost = Cost(sum(epoch["seconds"] for epoch in history), sum(epoch["cpu_seconds"] for epoch in history) if self.device.type == "cpu" else None)
+        torch.save({"model": model.state_dict(), "seconds": cost.wall, "cpu_seconds": cost.cpu}, final)
         partial.unlink(missing_ok=True)
-        return model, seconds
+        return model, cost
 
     def poisons_path(self, setup: PoisonSetup) -> Path:
         """Where the poisons for `setup` are cached: named by data, key, eps, budget, attack config and the surrogate's recipe."""
@@ -204,9 +212,9 @@ class Harness:
         images[positions] = changed.permute(0, 2, 3, 1).numpy()
         return self.train.with_images(images)
 
-    def filtered(self, poisoned: ArrayDataset, arm: str, setup: PoisonSetup) -> tuple[ArrayDataset, np.ndarray, dict[str, Any], float]:
+    def filtered(self, poisoned: ArrayDataset, arm: str, setup: PoisonSetup) -> tuple[ArrayDataset, np.ndarray, dict[str, Any], Cost]:
         """What `sanitize scan` (the default, or a baseline's --detector) keeps of the poisoned data, its flags, the
-        flags scored against the true poisons, and the scan's wall time. Scans are cached per poisoned set; the baselines reuse
+        flags scored against the true poisons, and what the scan cost. Scans are cached per poisoned set; the baselines reuse
         the default scan's proxy (--checkpoint), so their cost is that proxy's training plus their own pass."""
         root = self.scan_dir(poisoned)
         options = {"quiet": True, "device": self.config.device, "precision": self.config.precision}
@@ -217,7 +225,7 @@ class Harness:
             told = len(setup.poison_indices) if detector in TOLD_THE_COUNT else None
             result, own = self._scan_once(poisoned, root / detector, options | {"detector": detector, "expected_poisons": told,
                                                                                   "checkpoint": str(root / "knn_density" / "proxy" / "model.pt")})
-            seconds += own
+            seconds = Cost(seconds.wall + own.wall, None if None in (seconds.cpu, own.cpu) else seconds.cpu + own.cpu)
         metrics = flag_metrics(result.flags, result.scores, poison_truth(setup, len(result.flags))) | {"told_expected_poisons": told}
         return poisoned.subset(np.flatnonzero(~result.flags)), result.flags, metrics, seconds
 
@@ -232,14 +240,16 @@ class Harness:
         """Where the scans of one poisoned set live (one folder per detector)."""
         return self.cache / f"scan-{_hash(poisoned.fingerprint)}"
 
-    def _scan_once(self, data: ArrayDataset, out: Path, options: dict[str, Any]):
-        """(ScanResult, wall seconds of the first run): a rerun reuses the finished proxy and embeddings."""
-        started = time.perf_counter()
+    def _scan_once(self, data: ArrayDataset, out: Path, options: dict[str, Any]) -> tuple[Any, Cost]:
+        """(ScanResult, the first run's cost): a rerun reuses the finished proxy and embeddings."""
+        started, cpu_started = time.perf_counter(), time.process_time()
         result = scan(data, out, **options)
         cost = out / "cost.json"
         if not cost.exists():
-            cost.write_text(json.dumps({"seconds": time.perf_counter() - started}))
-        return result, json.loads(cost.read_text())["seconds"]
+            cpu = time.process_time() - cpu_started if self.device.type == "cpu" else None
+            cost.write_text(json.dumps({"seconds": time.perf_counter() - started, "cpu_seconds": cpu}))
+        recorded = json.loads(cost.read_text())
+        return result, Cost(recorded["seconds"], recorded.get("cpu_seconds"))
 
     def measure(self, model: Classifier, setup: PoisonSetup) -> dict[str, Any]:
         """The victim's prediction on the target, its probability of the intended class (a finer signal than success,
@@ -280,7 +290,7 @@ def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Pat
         poisons = None  # the clean arm needs neither surrogate nor poisons
         if any(arm != "clean" for arm, _ in todo):
             if surrogate is None:
-                surrogate, surrogate_seconds = harness.trained(harness.train, SURROGATE_SEED, "surrogate")
+                surrogate, surrogate_cost = harness.trained(harness.train, SURROGATE_SEED, "surrogate")
             poisons = harness.poisons(setup, surrogate)
         carriers = None
         for arm, victim_seed in todo:
@@ -288,15 +298,15 @@ def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Pat
             defense = {"dropped_fraction": 0.0, "poison_precision": None, "poison_recall": None, "auroc": None}
             seconds = {"surrogate": None, "crafting": None}
             if poisons is not None:
-                seconds = {"surrogate": round(surrogate_seconds, 1), "crafting": poisons.metadata.get("seconds")}
+                seconds = {"surrogate": round(surrogate_cost.wall, 1), "crafting": poisons.metadata.get("seconds")}
             robust = arm == "robust"
             if arm in DETECTOR_ARMS or robust:
                 carriers = harness.carriers(setup, data, surrogate) if carriers is None else carriers
             if arm in DETECTOR_ARMS:
-                data, caught, defense, scan_seconds = harness.filtered(data, arm, setup)
+                data, caught, defense, scan_cost = harness.filtered(data, arm, setup)
                 defense |= split_by_carriers(caught, setup, carriers)
-                seconds["scan"] = round(scan_seconds, 1)
-            model, victim_seconds = harness.trained(data, victim_seed, f"victim-{arm}", robust)
+                seconds |= {"scan": round(scan_cost.wall, 1), "scan_cpu": _rounded(scan_cost.cpu)}
+            model, victim_cost = harness.trained(data, victim_seed, f"victim-{arm}", robust)
             if robust:
                 defense = robust_metrics(harness.model_path(data, victim_seed, f"victim-{arm}", robust).with_suffix(".drop_log.json"), setup, len(data), carriers)
             started = time.perf_counter()
@@ -306,7 +316,8 @@ def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Pat
                 "poison_key": key, "target_id": setup.target_id, "target_class": setup.target_class, "intended_class": setup.intended_class,
                 "arm": arm, "victim_seed": victim_seed, "success": measured["target_pred"] == setup.intended_class, **measured, **defense,
                 "model": harness.scale.model, "train_size": len(harness.train), "epochs": harness.recipe.epochs,
-                "seconds": seconds | {"victim_training": round(victim_seconds, 1), "measure": round(time.perf_counter() - started, 1)},
+                "seconds": seconds | {"victim_training": round(victim_cost.wall, 1), "victim_training_cpu": _rounded(victim_cost.cpu),
+                                      "measure": round(time.perf_counter() - started, 1)},
                 "craft_final_loss": min(poisons.metadata.get("final_loss_per_restart", [float("nan")])) if poisons else None,
             })
     aggregate(out, command)
@@ -362,7 +373,7 @@ def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
         success = np.array([r["success"] for r in rows], float)
         accuracy = np.array([r["clean_acc"] for r in rows], float)
         p_intended = [r["p_intended"] for r in rows if r.get("p_intended") is not None]
-        plain = [r["seconds"]["victim_training"] for r in groups.get((attack, scale, model, epochs, eps, "undefended"), [])]
+        cost, basis = _cost_vs_plain(rows, groups.get((attack, scale, model, epochs, eps, "undefended"), []))
         table.append({
             "attack": attack, "scale": scale, "model": model, "epochs": epochs, "eps": eps, "arm": arm, "victims": len(rows),
             "keys": len({r["poison_key"] for r in rows}),
@@ -373,7 +384,7 @@ def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
             "dropped_fraction_mean": float(np.mean([r["dropped_fraction"] for r in rows])),
             "poison_precision_mean": _mean_of(rows, "poison_precision"), "poison_recall_mean": _mean_of(rows, "poison_recall"),
             "auroc_mean": _mean_of(rows, "auroc"),
-            "cost_vs_plain_training": float(np.mean([r["seconds"].get("scan", 0) + r["seconds"]["victim_training"] for r in rows]) / np.mean(plain)) if plain else None,
+            "cost_vs_plain_training": cost, "cost_basis": basis,
         })
     paired = paired_with_undefended(groups)
     summary = {"command": command, "git_commit": _git_commit(), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
@@ -385,7 +396,7 @@ def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
         lines.append(f"| {t['attack']} | {t['scale']} | {t['model']} | {t['epochs']} | {t['eps']:g} | {t['arm']} | {t['victims']} ({t['keys']}) "
                      f"| {t['success_mean']:.1%}{_se(t['success_se'], '.1%')} | {_cell(t['p_intended_median'], '.3f')} | {t['clean_acc_mean']:.2%} | {t['dropped_fraction_mean']:.2%} "
                      f"| {_cell(t['poison_precision_mean'], '.2f')} | {_cell(t['poison_recall_mean'], '.2f')} | {_cell(t['auroc_mean'], '.3f')} "
-                     f"| {t['victim_seconds_mean']:.0f} | {_cell(t['cost_vs_plain_training'], '.2f')} |")
+                     f"| {t['victim_seconds_mean']:.0f} | {_cell(t['cost_vs_plain_training'], '.2f')}{' (' + t['cost_basis'] + ')' if t['cost_basis'] else ''} |")
     if paired:
         lines += ["", "Paired with the undefended victims of the same key and seed (defended arms may cover fewer keys than the table's undefended row):", "",
                   "| eps | epochs | arm | pairs (keys) | undefended success | arm success | clean accuracy change | recall of carriers / other poisons |", "|" + " --- |" * 8]
@@ -415,6 +426,22 @@ def paired_with_undefended(groups: dict[tuple, list[dict]]) -> list[dict[str, An
                        "clean_acc_change_se": float(change.std(ddof=1) / math.sqrt(len(change))) if len(change) > 1 else None,
                        "carrier_recall": _mean_of([d for _, d in pairs], "carrier_recall"), "rest_recall": _mean_of([d for _, d in pairs], "rest_recall")})
     return paired
+
+
+def _cost_vs_plain(rows: list[dict[str, Any]], plain: list[dict[str, Any]]) -> tuple[float | None, str | None]:
+    """An arm's mean scan + training time over the undefended victims' mean training time, in process CPU seconds
+    when every row has them (single-thread runs sharing a machine: wall time would measure the sharing), else wall."""
+    if not plain:
+        return None, None
+    both = rows + plain
+    cpu = all(r["seconds"].get("victim_training_cpu") is not None and ("scan" not in r["seconds"] or r["seconds"].get("scan_cpu") is not None) for r in both)
+    training, scan = ("victim_training_cpu", "scan_cpu") if cpu else ("victim_training", "scan")
+    spent = np.mean([r["seconds"].get(scan) or 0 for r in rows]) + np.mean([r["seconds"][training] for r in rows])
+    return float(spent / np.mean([r["seconds"][training] for r in plain])), "cpu" if cpu else "wall"
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 def _se(value: float | None, spec: str) -> str:

@@ -79,11 +79,11 @@ def art_victims(harness: Harness, surrogate, keys: list[int], eps: float, victim
         for seed in range(victims):
             if (key, seed) in done:
                 continue
-            model, seconds = harness.trained(data, seed, "victim-art")
+            model, cost = harness.trained(data, seed, "victim-art")
             measured = harness.measure(model, setup)
             row = {"attack": "art-gradient-matching", "poison_key": key, "victim_seed": seed, "target_class": setup.target_class,
                    "intended_class": setup.intended_class, "success": measured["target_pred"] == setup.intended_class, **measured,
-                   "seconds": {"crafting": poisons.metadata["seconds"], "victim_training": round(seconds, 1)}}
+                   "seconds": {"crafting": poisons.metadata["seconds"], "victim_training": round(cost.wall, 1)}}
             with rows_path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
     return [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []

@@ -84,11 +84,11 @@ def main() -> None:
             for seed in range(args.victims):
                 if (key, choice, seed) in done:
                     continue
-                model, seconds = harness.trained(data, seed, "victim-dose")
+                model, cost = harness.trained(data, seed, "victim-dose")
                 measured = harness.measure(model, setup)
                 row = {"poison_key": key, "eps": args.eps, "keep": choice, "poisons_left": int(keep.sum()),
                        "victim_seed": seed, "success": measured["target_pred"] == setup.intended_class, **measured,
-                       "model": harness.scale.model, "epochs": harness.recipe.epochs, "victim_seconds": round(seconds, 1)}
+                       "model": harness.scale.model, "epochs": harness.recipe.epochs, "victim_seconds": round(cost.wall, 1)}
                 with rows_path.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)

@@ -123,7 +123,8 @@ def train_model(
     after_epoch: EpochHook | None = None,
     memory_format: torch.memory_format = torch.channels_last,
 ) -> list[dict[str, float]]:
-    """Train `model` on `indices` from its current weights; returns per-epoch loss, accuracy and seconds.
+    """Train `model` on `indices` from its current weights; returns per-epoch loss, accuracy, wall and process CPU
+    seconds (the epoch hook included), kept across a resume.
 
     With `checkpoint`, state is saved after every epoch and a run whose `meta` matches resumes from it.
     `after_epoch(epoch, model, indices)` may return a smaller index set for the next epochs (robust training).
@@ -146,7 +147,7 @@ def train_model(
             indices = state["indices"].numpy()
     for epoch in range(start_epoch, config.epochs):
         model.train()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         order = np.random.default_rng([config.seed, epoch]).permutation(indices)
         if len(order) % config.batch_size == 1:
@@ -168,9 +169,10 @@ def train_model(
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
         scheduler.step()
-        history.append({"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), "seconds": time.perf_counter() - started, "examples": seen})
         if after_epoch is not None:
             indices = np.asarray(after_epoch(epoch, model, indices), dtype=np.int64)
+        history.append({"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), "examples": seen,
+                        "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started})
         if checkpoint is not None:
             _save_atomic(
                 {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history, "epoch": epoch + 1, "indices": torch.from_numpy(indices), "meta": meta or {}},

@@ -34,6 +34,7 @@ def test_smoke_evaluation_writes_protocol_rows_and_resumes(tmp_path, split_npz):
     assert all(r["train_size"] == 600 and r["scale"] == "smoke" and 0 <= r["clean_acc"] <= 1 for r in rows)
     assert all(r["success"] == (r["target_pred"] == r["intended_class"]) and 0 <= r["p_intended"] <= 1 for r in rows)
     assert {"surrogate", "crafting", "victim_training"} <= set(rows[0]["seconds"])
+    assert all(0 < r["seconds"]["victim_training_cpu"] for r in rows)  # process CPU time: the cost basis on a shared CPU
     clean = [r for r in rows if r["arm"] == "clean"]
     assert clean[0]["target_id"] != clean[1]["target_id"] or clean[0]["poison_key"] != clean[1]["poison_key"]
     # a rerun finds every row done: nothing is trained or appended again
@@ -79,6 +80,7 @@ def test_defended_arms_score_their_flags_against_the_true_poisons(tmp_path, spli
     assert "Paired with the undefended victims" in (out / "summary.md").read_text() and "Paired with the undefended" in (out / "report.html").read_text()
     table = {t["arm"]: t for t in summary["table"]}
     assert table["scan"]["cost_vs_plain_training"] > 1 and table["undefended"]["cost_vs_plain_training"] == pytest.approx(1)
+    assert table["scan"]["cost_basis"] == "cpu" and rows["scan"]["seconds"]["scan_cpu"] > 0
 
 
 def test_clean_arm_alone_trains_no_surrogate_and_crafts_nothing(tmp_path, split_npz):

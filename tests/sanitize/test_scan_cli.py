@@ -118,6 +118,8 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, digits_npz):
     resumed = run(tmp_path / "killed.pt")
     for name, tensor in straight.items():
         torch.testing.assert_close(resumed[name], tensor)
+    history = torch.load(tmp_path / "killed.pt", weights_only=True)["history"]  # every epoch's time, across the kill
+    assert [h["epoch"] for h in history] == [1, 2, 3] and all(h["seconds"] > 0 and h["cpu_seconds"] > 0 for h in history)
 
 
 def test_demo_runs_and_finds_planted_examples(tmp_path):
