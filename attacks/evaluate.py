@@ -293,6 +293,7 @@ def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Pat
                 surrogate, surrogate_cost = harness.trained(harness.train, SURROGATE_SEED, "surrogate")
             poisons = harness.poisons(setup, surrogate)
         carriers = None
+        poisoned_fingerprint = harness.data_for("undefended", poisons).fingerprint if poisons is not None else None
         for arm, victim_seed in todo:
             data = harness.data_for(arm, poisons)
             defense = {"dropped_fraction": 0.0, "poison_precision": None, "poison_recall": None, "auroc": None}
@@ -306,7 +307,9 @@ def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Pat
                 data, caught, defense, scan_cost = harness.filtered(data, arm, setup)
                 defense |= split_by_carriers(caught, setup, carriers)
                 seconds |= {"scan": round(scan_cost.wall, 1), "scan_cpu": _rounded(scan_cost.cpu)}
-            model, victim_cost = harness.trained(data, victim_seed, f"victim-{arm}", robust)
+            # a detector that flagged nothing leaves the undefended victim's data: that victim (cached) is this arm's
+            tag = "victim-undefended" if arm in DETECTOR_ARMS and data.fingerprint == poisoned_fingerprint else f"victim-{arm}"
+            model, victim_cost = harness.trained(data, victim_seed, tag, robust)
             if robust:
                 defense = robust_metrics(harness.model_path(data, victim_seed, f"victim-{arm}", robust).with_suffix(".drop_log.json"), setup, len(data), carriers)
             started = time.perf_counter()

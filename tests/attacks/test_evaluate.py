@@ -5,7 +5,7 @@ import pytest
 from click.testing import CliRunner
 
 from attacks import choose_setup
-from attacks.evaluate import EvaluationConfig, Harness, aggregate, run_evaluation
+from attacks.evaluate import Cost, EvaluationConfig, Harness, aggregate, run_evaluation
 from sanitize.cli import cli, parse_keys
 from sanitize.errors import SanitizeError
 
@@ -91,6 +91,22 @@ def test_clean_arm_alone_trains_no_surrogate_and_crafts_nothing(tmp_path, split_
     assert [r["poison_key"] for r in rows] == [0, 1] and all(r["seconds"]["crafting"] is None and r["craft_final_loss"] is None for r in rows)
     cached = {path.name.split("-")[0] for path in (tmp_path / "cache").glob("*.pt")}
     assert cached == {"victim"}  # one clean victim, measured on both keys' targets
+
+
+def test_a_detector_that_flags_nothing_reuses_the_undefended_victim(tmp_path, split_npz, monkeypatch):
+    train, test = split_npz
+
+    def flags_nothing(self, poisoned, arm, setup):
+        flags = np.zeros(len(poisoned), dtype=bool)
+        return poisoned.subset(np.arange(len(poisoned))), flags, {"dropped_fraction": 0.0, "poison_precision": None, "poison_recall": 0.0, "auroc": None}, Cost(1.0, 1.0)
+
+    monkeypatch.setattr(Harness, "filtered", flags_nothing)
+    config = EvaluationConfig(scale="smoke", keys=(0,), victims=1, eps=16, budget=0.02, epochs=1, iterations=2,
+                              arms=("undefended", "activation_clustering"), cache=str(tmp_path / "cache"))
+    out = run_evaluation(train, test, tmp_path / "eval", config, progress=False)
+    rows = {r["arm"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert rows["activation_clustering"]["clean_acc"] == rows["undefended"]["clean_acc"]
+    assert not list((tmp_path / "cache").glob("victim-activation_clustering-*"))  # no second training of the same victim
 
 
 def test_model_override_is_a_separate_ablation_with_its_own_surrogate_and_poisons(tmp_path, split_npz):
