@@ -83,6 +83,10 @@ class EvaluationConfig:
     subset_seed: int = 0
     cache: str | None = None  # where surrogates, clean victims and poisons are kept; default OUT/cache
 
+    def __post_init__(self) -> None:
+        # cache names hash these: eps=16 and eps=16.0 must name the same poisons (an int once re-crafted a cached key)
+        self.eps, self.budget = float(self.eps), float(self.budget)
+
     def resolved(self) -> tuple[Scale, TrainConfig, Any]:
         if self.scale not in SCALES:
             raise SanitizeError(f"unknown scale {self.scale!r}; choose from {', '.join(SCALES)}")

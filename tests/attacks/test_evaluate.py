@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -68,6 +69,8 @@ def test_defended_arms_score_their_flags_against_the_true_poisons(tmp_path, spli
     assert rows["scan"]["told_expected_poisons"] is None and rows["activation_clustering"]["told_expected_poisons"] is None
     assert rows["spectral_signatures"]["dropped_fraction"] >= 10 * 18 / 600  # 1.5 x 12 per class, by its rule
     harness = Harness(train, test, out, config, progress=False)
+    assert Harness(train, test, out, dataclasses.replace(config, eps=16.0), progress=False).poisons_path(choose_setup(0, harness.train, harness.test, 0.02)) \
+        == harness.poisons_path(choose_setup(0, harness.train, harness.test, 0.02))  # config above says eps=16, an int
     poisons = harness.poisons(choose_setup(0, harness.train, harness.test, config.budget), None)
     poisoned = harness.data_for("undefended", poisons).fingerprint
     assert all(harness.data_for(arm, poisons).fingerprint == poisoned for arm in arms[1:])  # defenses filter the poisoned set
