@@ -195,8 +195,11 @@ class Harness:
         if path.exists():
             state = torch.load(path, map_location="cpu", weights_only=True)
             return PoisonSet(setup, self.config.eps, state["deltas"], self.config.attack, json.loads(state["metadata"]))
-        poisons = craft(self.config.attack, [surrogate], self.train, self.test.load_image(setup.target_index), setup, self.config.eps, self.craft_config, device=self.device, amp_dtype=self.amp, progress=self.progress)
+        partial = path.with_suffix(".partial.pt")
+        poisons = craft(self.config.attack, [surrogate], self.train, self.test.load_image(setup.target_index), setup, self.config.eps, self.craft_config,
+                        device=self.device, amp_dtype=self.amp, progress=self.progress, checkpoint=partial)
         torch.save({"deltas": poisons.deltas, "metadata": json.dumps(poisons.metadata)}, path)
+        partial.unlink(missing_ok=True)
         return poisons
 
     def data_for(self, arm: str, poisons: PoisonSet | None) -> ArrayDataset:

@@ -14,8 +14,11 @@ all batches is accumulated before each step, so the result does not depend on th
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -84,8 +87,10 @@ def craft_gradient_matching(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     progress: bool = True,
+    checkpoint: Path | None = None,
 ) -> PoisonSet:
-    """Craft the poisons for `setup` against the (ensemble of) surrogate(s); returns integer deltas."""
+    """Craft the poisons for `setup` against the (ensemble of) surrogate(s); returns integer deltas. With `checkpoint`,
+    the best restart so far is saved after every restart and a killed run resumes from it, to the same result."""
     for model in surrogates:
         model.to(device).eval()
         for p in model.parameters():
@@ -101,9 +106,15 @@ def craft_gradient_matching(
     std = surrogates[0].std.to(device)  # deltas are optimised in normalised units, as in the reference
     bound = eps / 255 / std
     generator = torch.Generator().manual_seed(config.seed)
-    best_delta, best_loss, losses_per_restart = None, float("inf"), []
-    started = time.perf_counter()
-    for restart in range(config.restarts):
+    best_delta, best_loss, losses_per_restart, done, spent = None, float("inf"), [], 0, 0.0
+    if checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if state["config"] == json.dumps(asdict(config)):
+            best_delta, best_loss, done, spent = state["best_delta"].to(device), state["best_loss"], state["restarts_done"], state["seconds"]
+            losses_per_restart = state["losses_per_restart"]
+            generator.set_state(state["generator"])
+    started = time.perf_counter() - spent
+    for restart in range(done, config.restarts):
         delta = (torch.randn(clean.shape, generator=generator).to(device) * bound).clamp(-bound, bound)
         delta = _project(delta, clean, bound, std).requires_grad_(True)
         optimizer = torch.optim.Adam([delta], lr=config.lr)
@@ -130,6 +141,11 @@ def craft_gradient_matching(
         losses_per_restart.append(history)
         if history[-1] < best_loss:
             best_loss, best_delta = history[-1], delta.detach().clone()
+        if checkpoint is not None:
+            tmp = checkpoint.with_name(checkpoint.name + ".tmp")
+            torch.save({"config": json.dumps(asdict(config)), "best_delta": best_delta.cpu(), "best_loss": best_loss, "restarts_done": restart + 1,
+                        "losses_per_restart": losses_per_restart, "generator": generator.get_state(), "seconds": time.perf_counter() - started}, tmp)
+            os.replace(tmp, checkpoint)
     deltas = quantize(clean_uint8, (clean + best_delta * std).cpu(), eps)
     metadata = {
         "config": asdict(config),

@@ -167,3 +167,36 @@ def test_pull_splits_the_aligned_gradient_and_crafting_concentrates_it_in_few_ca
         carriers[name] = int(mask.sum())
     assert cosine["crafted"] > max(cosine["clean"], cosine["random"]) + 0.1, cosine
     assert carriers["crafted"] < min(carriers["clean"], carriers["random"]), carriers
+
+
+def test_killed_crafting_resumes_from_its_last_restart_to_the_same_poisons(tmp_path, split, monkeypatch):
+    import attacks.gradient_matching as gm
+
+    train, test = split
+    surrogate = _train(train, seed=100)
+    setup = choose_setup(1, train, test, budget=0.05)
+    config = method_config("gradient-matching", iterations=4, restarts=3, batch_size=64, augment=True, seed=0)
+
+    def run(checkpoint=None):
+        return craft("gradient-matching", [surrogate], train, test.load_image(setup.target_index), setup, EPS, config, device=CPU, progress=False, checkpoint=checkpoint)
+
+    straight = run()
+    real_loss, calls = gm._batch_loss, []
+    per_restart = config.iterations * -(-len(setup.poison_indices) // config.batch_size)
+
+    def dies_in_the_second_restart(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == per_restart + 2:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(gm, "_batch_loss", dies_in_the_second_restart)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "partial.pt")
+    assert torch.load(tmp_path / "partial.pt", weights_only=True)["restarts_done"] == 1
+    calls.clear()
+    monkeypatch.setattr(gm, "_batch_loss", lambda *args, **kwargs: calls.append(1) or real_loss(*args, **kwargs))
+    resumed = run(tmp_path / "partial.pt")
+    assert len(calls) == 2 * per_restart  # restarts 2 and 3 only
+    assert torch.equal(resumed.deltas, straight.deltas)
+    assert resumed.metadata["final_loss_per_restart"] == pytest.approx(straight.metadata["final_loss_per_restart"])
