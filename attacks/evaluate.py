@@ -179,7 +179,8 @@ class Harness:
             dropper = EpicDropper(data, RobustConfig(), recipe.epochs, max(milestone_epochs(recipe)), final.with_suffix(".drop_log.json"), self.device, self.amp)
         history = train_model(model, data, np.arange(len(data)), recipe, self.device, self.amp, checkpoint=partial, meta={"name": name},
                               progress=self.progress, desc=tag, after_epoch=dropper)
-        cost = Cost(sum(epoch["seconds"] for epoch in history), sum(epoch["cpu_seconds"] for epoch in history) if self.device.type == "cpu" else None)
+        cpu = [epoch.get("cpu_seconds") for epoch in history]  # a run resumed from an older checkpoint lacks some
+        cost = Cost(sum(epoch["seconds"] for epoch in history), sum(cpu) if self.device.type == "cpu" and None not in cpu else None)
         torch.save({"model": model.state_dict(), "seconds": cost.wall, "cpu_seconds": cost.cpu}, final)
         partial.unlink(missing_ok=True)
         return model, cost

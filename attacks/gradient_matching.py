@@ -15,7 +15,6 @@ all batches is accumulated before each step, so the result does not depend on th
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from tqdm import tqdm
 from attacks.base import PoisonSet, PoisonSetup, quantize, random_shift_flip
 from sanitize.data import ImageDataset
 from sanitize.models import Classifier
-from sanitize.training import autocast
+from sanitize.training import autocast, save_atomic
 
 
 @dataclass
@@ -142,10 +141,8 @@ def craft_gradient_matching(
         if history[-1] < best_loss:
             best_loss, best_delta = history[-1], delta.detach().clone()
         if checkpoint is not None:
-            tmp = checkpoint.with_name(checkpoint.name + ".tmp")
-            torch.save({"config": json.dumps(asdict(config)), "best_delta": best_delta.cpu(), "best_loss": best_loss, "restarts_done": restart + 1,
-                        "losses_per_restart": losses_per_restart, "generator": generator.get_state(), "seconds": time.perf_counter() - started}, tmp)
-            os.replace(tmp, checkpoint)
+            save_atomic({"config": json.dumps(asdict(config)), "best_delta": best_delta.cpu(), "best_loss": best_loss, "restarts_done": restart + 1,
+                         "losses_per_restart": losses_per_restart, "generator": generator.get_state(), "seconds": time.perf_counter() - started}, checkpoint)
     deltas = quantize(clean_uint8, (clean + best_delta * std).cpu(), eps)
     metadata = {
         "config": asdict(config),

@@ -99,7 +99,8 @@ def milestone_epochs(config: TrainConfig) -> list[int]:
     return sorted({max(1, round(f * config.epochs)) for f in config.milestones})
 
 
-def _save_atomic(state: dict[str, Any], path: Path) -> None:
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    """torch.save through a temporary file and a rename, so a kill never leaves half a checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -174,7 +175,7 @@ def train_model(
         history.append({"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), "examples": seen,
                         "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started})
         if checkpoint is not None:
-            _save_atomic(
+            save_atomic(
                 {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history, "epoch": epoch + 1, "indices": torch.from_numpy(indices), "meta": meta or {}},
                 checkpoint,
             )

@@ -3,12 +3,16 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from attacks import choose_setup
 from attacks.evaluate import Cost, EvaluationConfig, Harness, aggregate, run_evaluation
 from sanitize.cli import cli, parse_keys
 from sanitize.errors import SanitizeError
+from sanitize.training import train_model
+
+CPU_DEVICE = torch.device("cpu")
 
 REQUIRED = {
     "attack", "scale", "eps", "budget", "poison_key", "target_id", "target_class", "intended_class", "arm", "victim_seed",
@@ -110,6 +114,29 @@ def test_a_detector_that_flags_nothing_reuses_the_undefended_victim(tmp_path, sp
     rows = {r["arm"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert rows["activation_clustering"]["clean_acc"] == rows["undefended"]["clean_acc"]
     assert not list((tmp_path / "cache").glob("victim-activation_clustering-*"))  # no second training of the same victim
+
+
+def test_a_victim_resumed_from_a_checkpoint_without_cpu_times_trains_and_reports_no_cpu_cost(tmp_path, split_npz):
+    train, test = split_npz
+    config = EvaluationConfig(scale="smoke", keys=(0,), victims=1, epochs=2, cache=str(tmp_path / "cache"))
+    harness = Harness(train, test, tmp_path / "eval", config, progress=False)
+    final = harness.model_path(harness.train, 0, "victim-clean")
+    partial = final.with_suffix(".partial.pt")
+
+    def killed_after_the_first_epoch(epoch, _model, indices):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return indices
+
+    with pytest.raises(KeyboardInterrupt):
+        train_model(harness.new_model(0), harness.train, np.arange(len(harness.train)), dataclasses.replace(harness.recipe, seed=0), CPU_DEVICE, None,
+                    checkpoint=partial, meta={"name": final.stem}, progress=False, after_epoch=killed_after_the_first_epoch)
+    state = torch.load(partial, weights_only=True)
+    for epoch in state["history"]:
+        del epoch["cpu_seconds"]  # as written before rows carried CPU time
+    torch.save(state, partial)
+    _, cost = harness.trained(harness.train, 0, "victim-clean")
+    assert cost.wall > 0 and cost.cpu is None and final.exists()
 
 
 def test_model_override_is_a_separate_ablation_with_its_own_surrogate_and_poisons(tmp_path, split_npz):
