@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from attacks import choose_setup
-from attacks.evaluate import SURROGATE_SEED, EvaluationConfig, Harness
+from attacks.evaluate import SURROGATE_SEED, EvaluationConfig, Harness, _rows
 from attacks.base import PoisonSet, quantize
 from attacks.gradient_matching import craft_gradient_matching
 
@@ -89,16 +89,15 @@ def art_victims(harness: Harness, surrogate, keys: list[int], eps: float, victim
     return [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.exists() else []
 
 
-def trial_phases(results: Path, model: str, epochs: int, eps: float) -> dict | None:
+def trial_phases(evaluation: list[dict], source: Path, model: str, epochs: int, eps: float) -> dict | None:
     """Mean measured seconds of each phase over an evaluation's undefended and clean rows of this scale (crafting
     counted once per key); None when there are none."""
-    rows = [r for r in map(json.loads, filter(str.strip, results.read_text().splitlines()))
-            if r["model"] == model and r["epochs"] == epochs and r["eps"] == eps and r["arm"] in ("undefended", "clean")]
+    rows = [r for r in evaluation if r["model"] == model and r["epochs"] == epochs and r["eps"] == eps and r["arm"] in ("undefended", "clean")]
     if not rows:
         return None
     crafting = {r["poison_key"]: r["seconds"]["crafting"] for r in rows if r["arm"] == "undefended"}
     return {
-        "source": str(results),
+        "source": str(source),
         "surrogate_s": next((r["seconds"]["surrogate"] for r in rows if r["arm"] == "undefended"), None),
         "crafting_s_per_key": float(np.mean(list(crafting.values()))),
         "keys": len(crafting),
@@ -122,6 +121,9 @@ def main() -> None:
     parser.add_argument("--success-keys", default="", help="Also craft full ART poisons for these keys and train victims on them.")
     parser.add_argument("--victims", type=int, default=2)
     args = parser.parse_args()
+    if args.results.name != "results.jsonl":
+        parser.error("--results names an evaluation's results.jsonl")
+    evaluation = _rows(args.results.parent) if args.results.exists() else []
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     data = args.shared / "data" / "cifar10"
     config = EvaluationConfig(scale="cpu", model=args.model, cache=str(args.cache))
@@ -135,18 +137,18 @@ def main() -> None:
         results = json.loads(results_path.read_text())
         results["success_command"] = command
     else:
-        results = timing_results(harness, surrogate, args, command)
+        results = timing_results(harness, surrogate, args, command, evaluation)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.success_keys:
         keys = [int(k) for k in args.success_keys.split(",")]
         results["art_victims"] = art_victims(harness, surrogate, keys, args.eps, args.victims, args.out)
-        results["our_victims"] = our_victims(args.results, keys, args.eps, args.victims, harness.recipe.epochs)
+        results["our_victims"] = our_victims(evaluation, keys, args.eps, args.victims, harness.recipe.epochs)
     results_path.write_text(json.dumps(results, indent=1))
     (args.out / "README.md").write_text(render(results))
     print(render(results))
 
 
-def timing_results(harness: Harness, surrogate, args: argparse.Namespace, command: str) -> dict:
+def timing_results(harness: Harness, surrogate, args: argparse.Namespace, command: str, evaluation: list[dict]) -> dict:
     """Interleaved timing repeats of every variant (so drift in machine load hits each alike), best of them."""
     setup = choose_setup(args.key, harness.train, harness.test, 0.01)
     poisons = len(setup.poison_indices)
@@ -170,17 +172,14 @@ def timing_results(harness: Harness, surrogate, args: argparse.Namespace, comman
         "seconds_all": timings,
         "poison_images_per_second": {name: poisons / s for name, s in best.items()},
         "speedup_over_art": {name: best["art_fp32_no_augment"] / s for name, s in best.items() if not name.startswith("art")},
-        "trial_phases": trial_phases(args.results, harness.scale.model, harness.recipe.epochs, args.eps) if args.results.exists() else None,
+        "trial_phases": trial_phases(evaluation, args.results, harness.scale.model, harness.recipe.epochs, args.eps),
     }
 
 
-def our_victims(results: Path, keys: list[int], eps: float, victims: int, epochs: int) -> list[dict]:
+def our_victims(evaluation: list[dict], keys: list[int], eps: float, victims: int, epochs: int) -> list[dict]:
     """The evaluation's undefended rows for the same keys, seeds, eps and epochs as the ART victims (the comparison)."""
-    if not results.exists():
-        return []
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["arm"] == "undefended" and r["poison_key"] in keys and r["victim_seed"] < victims
-            and float(r["eps"]) == eps and r["epochs"] == epochs]
+    return [r for r in evaluation if r["arm"] == "undefended" and r["poison_key"] in keys and r["victim_seed"] < victims
+            and r["eps"] == eps and r["epochs"] == epochs]
 
 
 def render(results: dict) -> str:
