@@ -203,17 +203,19 @@ class Harness:
         partial.unlink(missing_ok=True)
         return poisons
 
-    def data_for(self, arm: str, poisons: PoisonSet | None) -> ArrayDataset:
+    def data_for(self, arm: str, poisons: PoisonSet | None, setup: PoisonSetup | None = None) -> ArrayDataset:
         """The training set an arm starts from: clean, the random-noise control, or the poisoned set (undefended, and
-        every defended arm, which filters it)."""
+        every defended arm, which filters it). The control needs only the key's `setup` (its poison positions), so it
+        runs without a surrogate or crafted poisons; `setup` defaults to the poisons'."""
         if arm == "clean":
             return self.train
-        positions = np.asarray(poisons.setup.poison_indices)
+        setup = setup or poisons.setup
+        positions = np.asarray(setup.poison_indices)
         clean = torch.from_numpy(self.train.images[positions]).permute(0, 3, 1, 2)
         if arm != "random-noise":
             changed = poisons.apply(clean)
         else:  # random signs at full eps on the same images, the control
-            generator = torch.Generator().manual_seed(poisons.setup.key)
+            generator = torch.Generator().manual_seed(setup.key)
             signs = torch.randint(0, 2, clean.shape, generator=generator).to(torch.int16) * 2 - 1
             changed = (clean.to(torch.int16) + signs * int(math.floor(self.config.eps))).clamp(0, 255).to(torch.uint8)
         images = np.array(self.train.images, copy=True)
@@ -295,15 +297,15 @@ def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Pat
                 if (config.attack, config.eps, config.budget, key, arm, v, config.scale, harness.scale.model, harness.recipe.epochs) not in done]
         if not todo:
             continue
-        poisons = None  # the clean arm needs neither surrogate nor poisons
-        if any(arm != "clean" for arm, _ in todo):
+        poisons = None  # the clean arm and the random-noise control need neither surrogate nor poisons
+        if any(arm not in ("clean", "random-noise") for arm, _ in todo):
             if surrogate is None:
                 surrogate, surrogate_cost = harness.trained(harness.train, SURROGATE_SEED, "surrogate")
             poisons = harness.poisons(setup, surrogate)
         carriers = None
         poisoned_fingerprint = harness.data_for("undefended", poisons).fingerprint if poisons is not None else None
         for arm, victim_seed in todo:
-            data = harness.data_for(arm, poisons)
+            data = harness.data_for(arm, poisons, setup)
             defense = {"dropped_fraction": 0.0, "poison_precision": None, "poison_recall": None, "auroc": None}
             seconds = {"surrogate": None, "crafting": None}
             if poisons is not None:

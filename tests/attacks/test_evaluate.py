@@ -90,14 +90,16 @@ def test_defended_arms_score_their_flags_against_the_true_poisons(tmp_path, spli
     assert table["scan"]["cost_basis"] == "cpu" and rows["scan"]["seconds"]["scan_cpu"] > 0
 
 
-def test_clean_arm_alone_trains_no_surrogate_and_crafts_nothing(tmp_path, split_npz):
+def test_the_clean_and_random_noise_controls_train_no_surrogate_and_craft_nothing(tmp_path, split_npz):
     train, test = split_npz
-    config = EvaluationConfig(scale="smoke", keys=(0, 1), victims=1, eps=16, budget=0.02, epochs=1, iterations=2, arms=("clean",), cache=str(tmp_path / "cache"))
+    config = EvaluationConfig(scale="smoke", keys=(0, 1), victims=1, eps=16, budget=0.02, epochs=1, iterations=2, arms=("clean", "random-noise"),
+                              cache=str(tmp_path / "cache"))
     out = run_evaluation(train, test, tmp_path / "eval", config, progress=False)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["poison_key"] for r in rows] == [0, 1] and all(r["seconds"]["crafting"] is None and r["craft_final_loss"] is None for r in rows)
-    cached = {path.name.split("-")[0] for path in (tmp_path / "cache").glob("*.pt")}
-    assert cached == {"victim"}  # one clean victim, measured on both keys' targets
+    assert [(r["poison_key"], r["arm"]) for r in rows] == [(0, "clean"), (0, "random-noise"), (1, "clean"), (1, "random-noise")]
+    assert all(r["seconds"]["crafting"] is None and r["craft_final_loss"] is None for r in rows)
+    cached = sorted(path.name.split("-")[1] for path in (tmp_path / "cache").glob("*.pt"))
+    assert cached == ["clean", "random", "random"]  # one clean victim for both keys' targets, one control victim per key
 
 
 def test_a_detector_that_flags_nothing_reuses_the_undefended_victim(tmp_path, split_npz, monkeypatch):
