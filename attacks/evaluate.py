@@ -275,7 +275,7 @@ class Harness:
     def done(self) -> set[tuple]:
         if not self.results.exists():
             return set()
-        return {(r["attack"], r["eps"], r["budget"], r["poison_key"], r["arm"], r["victim_seed"], r["scale"], r["model"], r["epochs"]) for r in _rows(self.out)}
+        return {(r["attack"], r["eps"], r["budget"], r["poison_key"], r["arm"], r["victim_seed"], r["scale"], r["model"], r["epochs"]) for r in read_rows(self.out)}
 
     def append(self, row: dict[str, Any]) -> None:
         with self.results.open("a") as handle:
@@ -358,7 +358,7 @@ def split_by_carriers(caught: np.ndarray, setup: PoisonSetup, carriers: np.ndarr
             "rest_recall": float(hit[~carriers].mean()) if (~carriers).any() else None}
 
 
-def _rows(out: Path) -> list[dict[str, Any]]:
+def read_rows(out: Path) -> list[dict[str, Any]]:
     """Every row of results.jsonl, with a clear error for a damaged line or a row missing the protocol's keys."""
     path = out / "results.jsonl"
     rows = []
@@ -379,7 +379,7 @@ def _rows(out: Path) -> list[dict[str, Any]]:
 def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
     """summary.json and summary.md: mean +- standard error per (attack, scale, model, epochs, eps, arm)."""
     groups: dict[tuple, list[dict]] = {}
-    for row in _rows(out):
+    for row in read_rows(out):
         groups.setdefault((row["attack"], row["scale"], row["model"], row["epochs"], row["eps"], row["arm"]), []).append(row)
     table = []
     for (attack, scale, model, epochs, eps, arm), rows in sorted(groups.items()):

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from attacks import choose_setup
-from attacks.evaluate import DETECTOR_ARMS, SCALES, SURROGATE_SEED, EvaluationConfig, Harness, _rows, aggregate, robust_metrics, split_by_carriers
+from attacks.evaluate import DETECTOR_ARMS, SCALES, SURROGATE_SEED, EvaluationConfig, Harness, read_rows, aggregate, robust_metrics, split_by_carriers
 from sanitize.data import write_atomic
 
 
@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, required=True, help="the evaluation's --cache")
     parser.add_argument("--data", type=Path, default=Path("../shared/data/cifar10"))
     args = parser.parse_args()
-    rows = list(_rows(args.results))
+    rows = list(read_rows(args.results))
     harnesses: dict[tuple, Harness] = {}
     added = skipped = 0
     for row in rows:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from attacks import choose_setup
-from attacks.evaluate import SURROGATE_SEED, EvaluationConfig, Harness, _rows
+from attacks.evaluate import SURROGATE_SEED, EvaluationConfig, Harness, read_rows
 from attacks.base import PoisonSet, quantize
 from attacks.gradient_matching import craft_gradient_matching
 
@@ -123,7 +123,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.results.name != "results.jsonl":
         parser.error("--results names an evaluation's results.jsonl")
-    evaluation = _rows(args.results.parent) if args.results.exists() else []
+    evaluation = read_rows(args.results.parent) if args.results.exists() else []
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     data = args.shared / "data" / "cifar10"
     config = EvaluationConfig(scale="cpu", model=args.model, cache=str(args.cache))
