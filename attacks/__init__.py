@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from attacks.base import PoisonSet, PoisonSetup, choose_setup, write_poisoned
+from attacks.base import PoisonSet, PoisonSetup, choose_setup, load_poisons, save_poisons, write_poisoned
 from attacks.gradient_matching import GradientMatchingConfig, craft_gradient_matching
 from sanitize.errors import SanitizeError
 from sanitize.manifest import read_manifest
@@ -34,4 +34,4 @@ def craft(method: str, surrogates, train, target_image, setup: PoisonSetup, eps:
     return _lookup(method)[0](surrogates, train, target_image, setup, eps, config, **kwargs)
 
 
-__all__ = ["PoisonSet", "PoisonSetup", "choose_setup", "craft", "list_methods", "method_config", "read_manifest", "write_poisoned"]
+__all__ = ["PoisonSet", "PoisonSetup", "choose_setup", "craft", "list_methods", "load_poisons", "method_config", "read_manifest", "save_poisons", "write_poisoned"]

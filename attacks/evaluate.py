@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from attacks import choose_setup, craft, method_config
-from attacks.base import PoisonSet, PoisonSetup
+from attacks.base import PoisonSet, PoisonSetup, load_poisons, save_poisons
 from attacks.gradient_matching import poison_pull, pull_carriers
 
 from sanitize.config import RobustConfig, TrainConfig
@@ -188,18 +188,29 @@ class Harness:
     def poisons_path(self, setup: PoisonSetup) -> Path:
         """Where the poisons for `setup` are cached: named by data, key, eps, budget, attack config and the surrogate's recipe."""
         surrogate_recipe = (self.scale.model, self.scale.model_kwargs, dataclasses.asdict(self.recipe))
-        return self.cache / f"poisons-{self.config.attack}-{_hash(self.train.fingerprint, setup.key, self.config.eps, self.config.budget, dataclasses.asdict(self.craft_config), surrogate_recipe)}.pt"
+        digest = _hash(self.train.fingerprint, setup.key, self.config.eps, self.config.budget, dataclasses.asdict(self.craft_config), surrogate_recipe)
+        return self.cache / f"poisons-{self.config.attack}-key{setup.key}-eps{self.config.eps:g}-{digest}.npz"
+
+    def published_poisons_path(self, setup: PoisonSetup) -> Path:
+        """The copy of the poisons beside results.jsonl (OUT/poisons/): the victims' poisons are part of the result, and
+        an evaluation resumed on a machine without the cache uses them instead of crafting again."""
+        return self.out / "poisons" / self.poisons_path(setup).name
 
     def poisons(self, setup: PoisonSetup, surrogate: Classifier) -> PoisonSet:
-        """Craft (or load the cached) poisons for this key."""
-        path = self.poisons_path(setup)
-        if path.exists():
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            return PoisonSet(setup, self.config.eps, state["deltas"], self.config.attack, json.loads(state["metadata"]))
-        partial = path.with_suffix(".partial.pt")
+        """Craft (or load the cached or published) poisons for this key."""
+        path, published = self.poisons_path(setup), self.published_poisons_path(setup)
+        for stored in (path, published):
+            if stored.exists():
+                poisons = load_poisons(stored, setup)
+                for copy in (path, published):  # keep both: benchmarks read the cache, a fresh machine the published copy
+                    if not copy.exists():
+                        save_poisons(poisons, copy)
+                return poisons
+        partial = path.with_name(path.stem + ".partial.pt")
         poisons = craft(self.config.attack, [surrogate], self.train, self.test.load_image(setup.target_index), setup, self.config.eps, self.craft_config,
                         device=self.device, amp_dtype=self.amp, progress=self.progress, checkpoint=partial)
-        torch.save({"deltas": poisons.deltas, "metadata": json.dumps(poisons.metadata)}, path)
+        save_poisons(poisons, path)
+        save_poisons(poisons, published)
         partial.unlink(missing_ok=True)
         return poisons
 

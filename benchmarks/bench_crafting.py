@@ -26,7 +26,7 @@ import torch
 
 from attacks import choose_setup
 from attacks.evaluate import SURROGATE_SEED, EvaluationConfig, Harness, read_rows
-from attacks.base import PoisonSet, quantize
+from attacks.base import PoisonSet, load_poisons, quantize, save_poisons
 from attacks.gradient_matching import craft_gradient_matching
 
 
@@ -70,11 +70,10 @@ def art_victims(harness: Harness, surrogate, keys: list[int], eps: float, victim
             continue
         cached = harness.cache / f"art-{harness.poisons_path(setup).name}"
         if cached.exists():
-            state = torch.load(cached, map_location="cpu", weights_only=True)
-            poisons = PoisonSet(setup, eps, state["deltas"], "art-gradient-matching", json.loads(state["metadata"]))
+            poisons = load_poisons(cached, setup)
         else:
             poisons, _ = art_poisons(harness, surrogate, setup, eps, harness.craft_config.iterations, harness.craft_config.restarts)
-            torch.save({"deltas": poisons.deltas, "metadata": json.dumps(poisons.metadata)}, cached)
+            save_poisons(poisons, cached)
         data = harness.data_for("undefended", poisons)
         for seed in range(victims):
             if (key, seed) in done:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from attacks import choose_setup
-from attacks.base import PoisonSet
+from attacks.base import load_poisons
 from attacks.evaluate import SURROGATE_SEED, EvaluationConfig, Harness
 from attacks.gradient_matching import alignment_loss, parameter_gradient
 from sanitize.models import Classifier
@@ -54,8 +54,7 @@ def main() -> None:
         if not path.exists():
             print(f"| {key} | no cached poisons ({path.name}) | | | | | | |")
             continue
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        poisons = PoisonSet(setup, config.eps, state["deltas"], config.attack, {})
+        poisons = load_poisons(path, setup)
         positions = np.asarray(setup.poison_indices)
         labels = torch.from_numpy(harness.train.labels[positions]).long()
         versions = {arm: torch.from_numpy(harness.data_for(arm, poisons).images[positions]).permute(0, 3, 1, 2).float() / 255

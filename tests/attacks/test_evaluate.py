@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -102,6 +103,24 @@ def test_the_clean_and_random_noise_controls_train_no_surrogate_and_craft_nothin
     assert cached == ["clean", "random", "random"]  # one clean victim for both keys' targets, one control victim per key
 
 
+def test_the_poisons_are_published_beside_the_results_and_a_run_without_the_cache_reuses_them(tmp_path, split_npz, monkeypatch):
+    train, test = split_npz
+    base = dict(scale="smoke", keys=(0,), eps=16, budget=0.02, epochs=1, iterations=2, arms=("undefended",), cache=str(tmp_path / "cache"))
+    out = run_evaluation(train, test, tmp_path / "eval", EvaluationConfig(**base, victims=1), progress=False)
+    published = list((out / "poisons").glob("poisons-gradient-matching-key0-eps16-*.npz"))
+    assert len(published) == 1 and (tmp_path / "cache" / published[0].name).exists()
+    shutil.rmtree(tmp_path / "cache")  # a fresh machine: the results and their poisons, nothing else
+
+    def no_crafting(*args, **kwargs):
+        raise AssertionError("crafted again although the poisons were published")
+
+    monkeypatch.setattr("attacks.evaluate.craft", no_crafting)
+    run_evaluation(train, test, out, EvaluationConfig(**base, victims=2), progress=False)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["victim_seed"] for r in rows] == [0, 1] and rows[0]["craft_final_loss"] == rows[1]["craft_final_loss"]
+    assert (tmp_path / "cache" / published[0].name).exists()  # copied back for the benchmarks that read the cache
+
+
 def test_a_detector_that_flags_nothing_reuses_the_undefended_victim(tmp_path, split_npz, monkeypatch):
     train, test = split_npz
 
@@ -150,7 +169,7 @@ def test_model_override_is_a_separate_ablation_with_its_own_surrogate_and_poison
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["model"] for r in rows] == ["tiny", "convnet"]
     assert len(list((tmp_path / "cache").glob("surrogate-*.pt"))) == 2
-    assert len(list((tmp_path / "cache").glob("poisons-*.pt"))) == 2  # poisons are keyed by the surrogate they were crafted on
+    assert len(list((tmp_path / "cache").glob("poisons-*.npz"))) == 2  # poisons are keyed by the surrogate they were crafted on
 
 
 def test_truncated_results_line_is_a_clear_error(tmp_path):

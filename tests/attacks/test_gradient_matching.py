@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from attacks import choose_setup, craft, method_config, read_manifest, write_poisoned
+from attacks import choose_setup, craft, load_poisons, method_config, read_manifest, save_poisons, write_poisoned
 from attacks.base import random_shift_flip
 from attacks.gradient_matching import parameter_gradient, poison_pull, pull_carriers
 from sanitize.config import TrainConfig
@@ -102,6 +102,23 @@ def test_npz_and_folder_copies_round_trip_bit_exactly(tmp_path, crafted):
     record = read_manifest(tmp_path / "folder")
     by_id = {id_: i for i, id_ in enumerate(copy.ids)}
     assert torch.equal(copy.load_batch([by_id[i] for i in record["poison_ids"]])[0], expected)
+
+
+def test_a_saved_poison_set_loads_back_exactly_and_a_wrong_or_damaged_one_is_a_clear_error(tmp_path, crafted):
+    _, _, setup, poisons = crafted
+    save_poisons(poisons, tmp_path / "p.npz")
+    back = load_poisons(tmp_path / "p.npz", setup)
+    assert torch.equal(back.deltas, poisons.deltas) and back.eps == poisons.eps and back.metadata == json.loads(json.dumps(poisons.metadata)) and back.method == poisons.method
+    other = dataclasses.replace(setup, poison_indices=tuple(i + 1 for i in setup.poison_indices))
+    with pytest.raises(SanitizeError, match="other positions"):
+        load_poisons(tmp_path / "p.npz", other)
+    too_big = dataclasses.replace(poisons, deltas=poisons.deltas * 0 + int(EPS) + 1)
+    save_poisons(too_big, tmp_path / "big.npz")
+    with pytest.raises(SanitizeError, match="larger than its eps"):
+        load_poisons(tmp_path / "big.npz", setup)
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "p.npz").read_bytes()[:100])
+    with pytest.raises(SanitizeError, match="not a poison set"):
+        load_poisons(tmp_path / "cut.npz", setup)
 
 
 def test_bad_manifest_is_a_clear_error(tmp_path):
