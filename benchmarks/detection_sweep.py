@@ -50,6 +50,7 @@ VARIANTS = [  # options are given in full against the first default, so rows sta
     ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-6}),  # the default since issue 4
     ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-6, "alarm_z": 1.0}),
     ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-6, "alarm_z": 2.0}),
+    ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-4}),  # a looser alarm, for eps 8
     ("epic", {}),
     ("deep_knn", {}),
     ("spectral_signatures", {}),
@@ -80,21 +81,49 @@ def proxy_scan_dir(harness: Harness, data, proxy_epochs: int) -> Path:
     return scan_dir
 
 
+def done_rows(rows_path: Path) -> set[str]:
+    """The (key, eps, model, epochs, proxy, detector, options) of every row already written: a rerun adds only new ones."""
+    if not rows_path.exists():
+        return set()
+    return {row_identity(r) for r in map(json.loads, rows_path.read_text().splitlines())}
+
+
+def row_identity(row: dict) -> str:
+    return json.dumps([row["key"], row["eps"], row["model"], row["epochs"], row["proxy_epochs"], row["detector"], row["options"]], sort_keys=True)
+
+
+def alarm_p_values(detection, intended: int | None) -> dict | None:
+    """The class alarm's p-values (alarmed_class_flags): the intended class's and the smallest of the others (the
+    margin a looser alarm has before it fires on a clean class); None for a variant without the alarm."""
+    p_values = {c: info["alarm_p_value"] for c, info in detection.summary["per_class"].items() if "alarm_p_value" in info}
+    if not p_values:
+        return None
+    others = [p for c, p in p_values.items() if c != intended]
+    return {"intended": p_values.get(intended), "min_other": min(others)}
+
+
+def append_row(rows_path: Path, row: dict) -> None:
+    with rows_path.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
+
+
 def clean_rows(harness: Harness, args, rows_path: Path) -> None:
     """What every knn_density variant flags on the clean subset (false positives, false class alarms)."""
+    done = done_rows(rows_path)
     for proxy_epochs in (int(e) for e in args.proxy_epochs.split(",")):
-        embeddings = load_embeddings(proxy_scan_dir(harness, harness.train, proxy_epochs) / "embeddings", harness.train.labels)
+        embeddings = None
         for detector, options in VARIANTS:
-            if detector != "knn_density":
+            identity = {"key": "clean", "eps": None, "model": harness.scale.model, "epochs": harness.recipe.epochs, "proxy_epochs": proxy_epochs,
+                        "detector": detector, "options": options}
+            if detector != "knn_density" or row_identity(identity) in done:
                 continue
+            if embeddings is None:
+                embeddings = load_embeddings(proxy_scan_dir(harness, harness.train, proxy_epochs) / "embeddings", harness.train.labels)
             detection = get_detector(detector)(embeddings, dataclasses.replace(ScanConfig(), **options), False)
             alarmed = [c for c, info in detection.summary["per_class"].items() if info.get("alarmed")]
-            row = {"key": "clean", "eps": None, "model": harness.scale.model, "epochs": harness.recipe.epochs, "proxy_epochs": proxy_epochs,
-                   "detector": detector, "options": options, "told_expected_poisons": None, "dropped_fraction": float(detection.flags.mean()),
-                   "alarmed_classes": alarmed, "proxy_accuracy": embeddings.accuracy()}
-            with rows_path.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
-            print(json.dumps(row))
+            append_row(rows_path, identity | {"told_expected_poisons": None, "dropped_fraction": float(detection.flags.mean()), "alarmed_classes": alarmed,
+                                              "alarm_p": alarm_p_values(detection, None), "proxy_accuracy": embeddings.accuracy()})
 
 
 def main() -> None:
@@ -116,6 +145,7 @@ def main() -> None:
     rows_path = args.out / "detection.jsonl"
     if args.clean:
         clean_rows(harness, args, rows_path)
+    done = done_rows(rows_path)
     for key in (int(k) for k in args.keys.split(",")):
         setup = choose_setup(key, harness.train, harness.test, config.budget)
         if not harness.poisons_path(setup).exists():
@@ -127,21 +157,22 @@ def main() -> None:
         for proxy_epochs in (int(e) for e in args.proxy_epochs.split(",")):
             embeddings = load_embeddings(proxy_scan_dir(harness, poisoned, proxy_epochs) / "embeddings", poisoned.labels)
             for detector, options in VARIANTS:
+                identity = {"key": key, "eps": args.eps, "model": harness.scale.model, "epochs": harness.recipe.epochs, "proxy_epochs": proxy_epochs,
+                            "detector": detector, "options": options}
+                if row_identity(identity) in done:
+                    continue
                 told = len(setup.poison_indices) if detector in TOLD_THE_COUNT else None
                 scan_config = dataclasses.replace(ScanConfig(), detector=detector, expected_poisons=told, **options)
                 detection = get_detector(detector)(embeddings, scan_config, False)
                 poison_scores = detection.scores[list(setup.poison_indices)]
                 truth = poison_truth(setup, len(detection.flags))
-                row = {"key": key, "eps": args.eps, "model": harness.scale.model, "epochs": harness.recipe.epochs, "proxy_epochs": proxy_epochs,
-                       "detector": detector, "options": options, "told_expected_poisons": told,
-                       **flag_metrics(detection.flags, detection.scores, truth), "poison_score_median": float(np.median(poison_scores)),
-                       **caught_by_pull(detection.flags, detection.scores, pull, setup),
-                       "proxy_accuracy": embeddings.accuracy()}
+                row = identity | {"told_expected_poisons": told, **flag_metrics(detection.flags, detection.scores, truth),
+                                  "poison_score_median": float(np.median(poison_scores)), **caught_by_pull(detection.flags, detection.scores, pull, setup),
+                                  "proxy_accuracy": embeddings.accuracy()}
                 if detector == "knn_density":
                     row["at_z"] = {str(z): flag_metrics(detection.scores >= z_to_score(np.array(z)), detection.scores, truth) for z in (2.5, 3.0)}
-                with rows_path.open("a") as handle:
-                    handle.write(json.dumps(row) + "\n")
-                print(json.dumps(row))
+                    row["alarm_p"] = alarm_p_values(detection, setup.intended_class)
+                append_row(rows_path, row)
     render(rows_path, args.out / "detection.md")
 
 
@@ -158,20 +189,28 @@ def variant_label(detector: str, options: dict, proxy_epochs: int) -> str:
     return f"**{label} = current default**" if is_current else label
 
 
+def alarm_cell(row: dict) -> str:
+    alarm = row.get("alarm_p")
+    if not alarm:
+        return "-"
+    intended = "-" if alarm["intended"] is None else f"{alarm['intended']:.1e}"
+    return f"{intended} / {alarm['min_other']:.1e}"
+
+
 def render(rows_path: Path, out: Path) -> None:
-    lines = ["| key | eps | model | epochs | proxy epochs | detector | options | told count | flagged | precision | recall | AUROC | median poison score | recall / flagged at z 3.0 | at z 2.5 | carriers | recall carriers / rest | rank corr. score-pull |",
-             "|" + " --- |" * 18]
+    lines = ["| key | eps | model | epochs | proxy epochs | detector | options | told count | flagged | precision | recall | AUROC | median poison score | recall / flagged at z 3.0 | at z 2.5 | carriers | recall carriers / rest | rank corr. score-pull | class alarm p: intended / lowest other |",
+             "|" + " --- |" * 19]
     for r in map(json.loads, rows_path.read_text().splitlines()):
         if r["key"] == "clean":
             alarmed = f" (alarmed classes: {r['alarmed_classes']})" if r["alarmed_classes"] else ""
             lines.append(f"| clean | - | {r['model']} | {r['epochs']} | {r['proxy_epochs']} | {r['detector']} | {variant_label(r['detector'], r['options'], r['proxy_epochs'])} | - | "
-                         f"{r['dropped_fraction']:.2%}{alarmed} |" + " - |" * 9)
+                         f"{r['dropped_fraction']:.2%}{alarmed} |" + " - |" * 9 + f" {alarm_cell(r)} |")
             continue
         precision = "-" if r["poison_precision"] is None else f"{r['poison_precision']:.2f}"
         aligned = f"{r['carriers']} | {r['recall_carriers']:.2f} / {r['recall_rest']:.2f} | {r['score_pull_spearman']:.2f}" if "carriers" in r else "- | - | -"
         at_z = [f"{r['at_z'][z]['poison_recall']:.2f} / {r['at_z'][z]['dropped_fraction']:.1%}" if "at_z" in r else "-" for z in ("3.0", "2.5")]
         lines.append(f"| {r['key']} | {r['eps']:g} | {r['model']} | {r['epochs']} | {r['proxy_epochs']} | {r['detector']} | {variant_label(r['detector'], r['options'], r['proxy_epochs'])} | "
-                     f"{r['told_expected_poisons'] or '-'} | {r['dropped_fraction']:.2%} | {precision} | {r['poison_recall']:.2f} | {r['auroc']:.3f} | {r['poison_score_median']:.3f} | {at_z[0]} | {at_z[1]} | {aligned} |")
+                     f"{r['told_expected_poisons'] or '-'} | {r['dropped_fraction']:.2%} | {precision} | {r['poison_recall']:.2f} | {r['auroc']:.3f} | {r['poison_score_median']:.3f} | {at_z[0]} | {at_z[1]} | {aligned} | {alarm_cell(r)} |")
     out.write_text("\n".join(lines) + "\n")
 
 
