@@ -8,6 +8,7 @@ to PNG or npz read back bit-exactly.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -70,6 +71,13 @@ class PoisonSet:
     def apply(self, clean: torch.Tensor) -> torch.Tensor:
         """Poisoned uint8 images from the clean uint8 images of the poison positions."""
         return (clean.to(torch.int16) + self.deltas).clamp_(0, 255).to(torch.uint8)
+
+    def digest(self) -> str:
+        """sha256 of the positions and the perturbations (16 hex digits): names these exact poisons, since crafting the
+        same key twice (another machine, thread count or torch build) gives other poisons."""
+        content = hashlib.sha256(np.asarray(self.setup.poison_indices, dtype=np.int64).tobytes())
+        content.update(self.deltas.to(torch.int16).contiguous().numpy().tobytes())
+        return content.hexdigest()[:16]
 
 
 def save_poisons(poisons: PoisonSet, path: Path) -> None:

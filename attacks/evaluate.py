@@ -196,8 +196,8 @@ class Harness:
         an evaluation resumed on a machine without the cache uses them instead of crafting again."""
         return self.out / "poisons" / self.poisons_path(setup).name
 
-    def poisons(self, setup: PoisonSetup, surrogate: Classifier) -> PoisonSet:
-        """Craft (or load the cached or published) poisons for this key."""
+    def stored_poisons(self, setup: PoisonSetup) -> PoisonSet | None:
+        """The cached or published poisons for this key, or None when they would have to be crafted."""
         path, published = self.poisons_path(setup), self.published_poisons_path(setup)
         for stored in (path, published):
             if stored.exists():
@@ -206,6 +206,14 @@ class Harness:
                     if not copy.exists():
                         save_poisons(poisons, copy)
                 return poisons
+        return None
+
+    def poisons(self, setup: PoisonSetup, surrogate: Classifier) -> PoisonSet:
+        """Craft (or load the cached or published) poisons for this key."""
+        stored = self.stored_poisons(setup)
+        if stored is not None:
+            return stored
+        path, published = self.poisons_path(setup), self.published_poisons_path(setup)
         partial = path.with_name(path.stem + ".partial.pt")
         poisons = craft(self.config.attack, [surrogate], self.train, self.test.load_image(setup.target_index), setup, self.config.eps, self.craft_config,
                         device=self.device, amp_dtype=self.amp, progress=self.progress, checkpoint=partial)
@@ -283,10 +291,33 @@ class Harness:
         return {"target_pred": int(predictions[setup.target_index]), "p_intended": round(float(probabilities[setup.intended_class]), 4),
                 "clean_acc": float((predictions[keep] == self.test.labels[keep]).mean())}
 
-    def done(self) -> set[tuple]:
-        if not self.results.exists():
-            return set()
-        return {(r["attack"], r["eps"], r["budget"], r["poison_key"], r["arm"], r["victim_seed"], r["scale"], r["model"], r["epochs"]) for r in read_rows(self.out)}
+    def done(self) -> dict[tuple, set[str | None]]:
+        """Per (attack, eps, budget, key, arm, seed, scale, model, epochs): the digests of the poisons its rows were
+        trained on (None for the controls, and for rows written before rows named their poisons)."""
+        finished: dict[tuple, set[str | None]] = {}
+        for r in read_rows(self.out) if self.results.exists() else []:
+            identity = (r["attack"], r["eps"], r["budget"], r["poison_key"], r["arm"], r["victim_seed"], r["scale"], r["model"], r["epochs"])
+            finished.setdefault(identity, set()).add(r.get("poisons_sha256"))
+        return finished
+
+    def plan(self, key: int, done: dict[tuple, set[str | None]], digest: str | None) -> list[tuple[str, int]]:
+        """The (arm, seed) victims still to train for `key` on the poisons named `digest` (None: not crafted yet).
+
+        A row counts when it was trained on these poisons, or on unnamed ones (rows from before rows named their
+        poisons). A defended arm is measured against the undefended victim of the same seed *on the same poisons*, so
+        that twin is planned too when the undefended rows of that seed were trained on other poisons."""
+        config = self.config
+
+        def trained(arm: str, seed: int, exact: bool = False) -> bool:
+            digests = done.get((config.attack, config.eps, config.budget, key, arm, seed, config.scale, self.scale.model, self.recipe.epochs), set())
+            if arm in ("clean", "random-noise"):
+                return bool(digests)
+            return digest is not None and digest in digests or (not exact and None in digests)
+
+        todo = [(arm, seed) for arm in config.arms for seed in range(config.victims) if not trained(arm, seed)]
+        defended_seeds = sorted({seed for arm, seed in todo if arm not in CONTROL_ARMS})
+        twins = [("undefended", seed) for seed in defended_seeds if not trained("undefended", seed, exact=True) and ("undefended", seed) not in todo]
+        return twins + todo
 
     def append(self, row: dict[str, Any]) -> None:
         with self.results.open("a") as handle:
@@ -304,15 +335,15 @@ def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Pat
     surrogate = None
     for key in config.keys:
         setup = choose_setup(key, harness.train, harness.test, config.budget)
-        todo = [(arm, v) for arm in config.arms for v in range(config.victims)
-                if (config.attack, config.eps, config.budget, key, arm, v, config.scale, harness.scale.model, harness.recipe.epochs) not in done]
+        stored = harness.stored_poisons(setup)
+        todo = harness.plan(key, done, stored.digest() if stored else None)
         if not todo:
             continue
         poisons = None  # the clean arm and the random-noise control need neither surrogate nor poisons
         if any(arm not in ("clean", "random-noise") for arm, _ in todo):
             if surrogate is None:
                 surrogate, surrogate_cost = harness.trained(harness.train, SURROGATE_SEED, "surrogate")
-            poisons = harness.poisons(setup, surrogate)
+            poisons = stored or harness.poisons(setup, surrogate)
         carriers = None
         poisoned_fingerprint = harness.data_for("undefended", poisons).fingerprint if poisons is not None else None
         for arm, victim_seed in todo:
@@ -339,6 +370,7 @@ def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Pat
                 "attack": config.attack, "scale": config.scale, "eps": config.eps, "budget": len(setup.poison_indices) / len(harness.train),
                 "poison_key": key, "target_id": setup.target_id, "target_class": setup.target_class, "intended_class": setup.intended_class,
                 "arm": arm, "victim_seed": victim_seed, "success": measured["target_pred"] == setup.intended_class, **measured, **defense,
+                "poisons_sha256": poisons.digest() if poisons is not None and arm not in ("clean", "random-noise") else None,
                 "model": harness.scale.model, "train_size": len(harness.train), "epochs": harness.recipe.epochs,
                 "seconds": seconds | {"victim_training": round(victim_cost.wall, 1), "victim_training_cpu": _rounded(victim_cost.cpu),
                                       "measure": round(time.perf_counter() - started, 1)},
@@ -433,14 +465,15 @@ def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
 
 
 def paired_with_undefended(groups: dict[tuple, list[dict]]) -> list[dict[str, Any]]:
-    """Every arm but the controls against the undefended victims of the same (key, seed): success on the same pairs
-    and the change in clean accuracy, so that an arm run on a few keys is not read against every key's rate."""
+    """Every arm but the controls against the undefended victims of the same (key, seed, poisons): success on the same
+    pairs and the change in clean accuracy, so that an arm run on a few keys is not read against every key's rate.
+    Rows from before rows named their poisons pair among themselves (they shared one cache of poisons)."""
     paired = []
     for (attack, scale, model, epochs, eps, arm), rows in sorted(groups.items()):
         if arm in CONTROL_ARMS:
             continue
-        plain = {(r["poison_key"], r["victim_seed"]): r for r in groups.get((attack, scale, model, epochs, eps, "undefended"), [])}
-        pairs = [(plain[(r["poison_key"], r["victim_seed"])], r) for r in rows if (r["poison_key"], r["victim_seed"]) in plain]
+        plain = {_pair_key(r): r for r in groups.get((attack, scale, model, epochs, eps, "undefended"), [])}
+        pairs = [(plain[_pair_key(r)], r) for r in rows if _pair_key(r) in plain]
         if not pairs:
             continue
         change = np.array([d["clean_acc"] - u["clean_acc"] for u, d in pairs])
@@ -450,6 +483,10 @@ def paired_with_undefended(groups: dict[tuple, list[dict]]) -> list[dict[str, An
                        "clean_acc_change_se": float(change.std(ddof=1) / math.sqrt(len(change))) if len(change) > 1 else None,
                        "carrier_recall": _mean_of([d for _, d in pairs], "carrier_recall"), "rest_recall": _mean_of([d for _, d in pairs], "rest_recall")})
     return paired
+
+
+def _pair_key(row: dict[str, Any]) -> tuple:
+    return row["poison_key"], row["victim_seed"], row.get("poisons_sha256")
 
 
 def _cost_vs_plain(rows: list[dict[str, Any]], plain: list[dict[str, Any]]) -> tuple[float | None, str | None]:

@@ -89,7 +89,9 @@ def done_rows(rows_path: Path) -> set[str]:
 
 
 def row_identity(row: dict) -> str:
-    return json.dumps([row["key"], row["eps"], row["model"], row["epochs"], row["proxy_epochs"], row["detector"], row["options"]], sort_keys=True)
+    """Rows before session 7 do not name their poisons (None): they were the poisons cached then."""
+    return json.dumps([row["key"], row["eps"], row["model"], row["epochs"], row["proxy_epochs"], row["detector"], row["options"], row.get("poisons_sha256")],
+                      sort_keys=True)
 
 
 def alarm_p_values(detection, intended: int | None) -> dict | None:
@@ -151,14 +153,15 @@ def main() -> None:
         if not harness.poisons_path(setup).exists():
             print(f"key {key}: no cached poisons, skipped")
             continue
-        poisoned = harness.data_for("undefended", harness.poisons(setup, None))
+        poisons = harness.poisons(setup, None)
+        poisoned = harness.data_for("undefended", poisons)
         harness.filtered(poisoned, "scan", setup)  # the default scan: proxy + embeddings, cached
         pull = poison_pulls(harness, setup, poisoned)
         for proxy_epochs in (int(e) for e in args.proxy_epochs.split(",")):
             embeddings = load_embeddings(proxy_scan_dir(harness, poisoned, proxy_epochs) / "embeddings", poisoned.labels)
             for detector, options in VARIANTS:
                 identity = {"key": key, "eps": args.eps, "model": harness.scale.model, "epochs": harness.recipe.epochs, "proxy_epochs": proxy_epochs,
-                            "detector": detector, "options": options}
+                            "detector": detector, "options": options, "poisons_sha256": poisons.digest()}
                 if row_identity(identity) in done:
                     continue
                 told = len(setup.poison_indices) if detector in TOLD_THE_COUNT else None
@@ -198,18 +201,18 @@ def alarm_cell(row: dict) -> str:
 
 
 def render(rows_path: Path, out: Path) -> None:
-    lines = ["| key | eps | model | epochs | proxy epochs | detector | options | told count | flagged | precision | recall | AUROC | median poison score | recall / flagged at z 3.0 | at z 2.5 | carriers | recall carriers / rest | rank corr. score-pull | class alarm p: intended / lowest other |",
-             "|" + " --- |" * 19]
+    lines = ["| key | poisons | eps | model | epochs | proxy epochs | detector | options | told count | flagged | precision | recall | AUROC | median poison score | recall / flagged at z 3.0 | at z 2.5 | carriers | recall carriers / rest | rank corr. score-pull | class alarm p: intended / lowest other |",
+             "|" + " --- |" * 20]
     for r in map(json.loads, rows_path.read_text().splitlines()):
         if r["key"] == "clean":
             alarmed = f" (alarmed classes: {r['alarmed_classes']})" if r["alarmed_classes"] else ""
-            lines.append(f"| clean | - | {r['model']} | {r['epochs']} | {r['proxy_epochs']} | {r['detector']} | {variant_label(r['detector'], r['options'], r['proxy_epochs'])} | - | "
+            lines.append(f"| clean | - | - | {r['model']} | {r['epochs']} | {r['proxy_epochs']} | {r['detector']} | {variant_label(r['detector'], r['options'], r['proxy_epochs'])} | - | "
                          f"{r['dropped_fraction']:.2%}{alarmed} |" + " - |" * 9 + f" {alarm_cell(r)} |")
             continue
         precision = "-" if r["poison_precision"] is None else f"{r['poison_precision']:.2f}"
         aligned = f"{r['carriers']} | {r['recall_carriers']:.2f} / {r['recall_rest']:.2f} | {r['score_pull_spearman']:.2f}" if "carriers" in r else "- | - | -"
         at_z = [f"{r['at_z'][z]['poison_recall']:.2f} / {r['at_z'][z]['dropped_fraction']:.1%}" if "at_z" in r else "-" for z in ("3.0", "2.5")]
-        lines.append(f"| {r['key']} | {r['eps']:g} | {r['model']} | {r['epochs']} | {r['proxy_epochs']} | {r['detector']} | {variant_label(r['detector'], r['options'], r['proxy_epochs'])} | "
+        lines.append(f"| {r['key']} | {(r.get('poisons_sha256') or '-')[:6]} | {r['eps']:g} | {r['model']} | {r['epochs']} | {r['proxy_epochs']} | {r['detector']} | {variant_label(r['detector'], r['options'], r['proxy_epochs'])} | "
                      f"{r['told_expected_poisons'] or '-'} | {r['dropped_fraction']:.2%} | {precision} | {r['poison_recall']:.2f} | {r['auroc']:.3f} | {r['poison_score_median']:.3f} | {at_z[0]} | {at_z[1]} | {aligned} | {alarm_cell(r)} |")
     out.write_text("\n".join(lines) + "\n")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from attacks import choose_setup
+from attacks import choose_setup, load_poisons
 from attacks.evaluate import Cost, EvaluationConfig, Harness, aggregate, run_evaluation
 from sanitize.cli import cli, parse_keys
 from sanitize.errors import SanitizeError
@@ -119,6 +119,31 @@ def test_the_poisons_are_published_beside_the_results_and_a_run_without_the_cach
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["victim_seed"] for r in rows] == [0, 1] and rows[0]["craft_final_loss"] == rows[1]["craft_final_loss"]
     assert (tmp_path / "cache" / published[0].name).exists()  # copied back for the benchmarks that read the cache
+
+
+def test_rows_name_their_poisons_and_a_defended_arm_gets_its_undefended_twin_on_the_same_poisons(tmp_path, split_npz):
+    train, test = split_npz
+    base = dict(scale="smoke", keys=(0,), eps=16, budget=0.02, epochs=1, iterations=2, victims=1, cache=str(tmp_path / "cache"))
+    out = run_evaluation(train, test, tmp_path / "eval", EvaluationConfig(**base, arms=("clean", "undefended", "random-noise")), progress=False)
+    rows = {r["arm"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    published = next((out / "poisons").glob("*.npz"))
+    harness = Harness(train, test, out, EvaluationConfig(**base), progress=False)
+    digest = load_poisons(published, choose_setup(0, harness.train, harness.test, 0.02)).digest()
+    assert rows["undefended"]["poisons_sha256"] == digest and rows["clean"]["poisons_sha256"] is None and rows["random-noise"]["poisons_sha256"] is None
+
+    # the undefended row was trained on other poisons (say, crafted again elsewhere): a defended arm needs its twin
+    results = out / "results.jsonl"
+    results.write_text(results.read_text().replace(digest, "0" * 16))
+    run_evaluation(train, test, out, EvaluationConfig(**base, arms=("undefended", "scan")), progress=False)
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [(r["arm"], r["poisons_sha256"]) for r in rows[3:]] == [("undefended", digest), ("scan", digest)]
+    paired = json.loads((out / "summary.json").read_text())["paired"]
+    assert [(t["arm"], t["pairs"]) for t in paired] == [("scan", 1)]
+
+    # rows from before rows named their poisons count as done: nothing is trained again
+    results.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "poisons_sha256"}) + "\n" for r in rows))
+    run_evaluation(train, test, out, EvaluationConfig(**base, arms=("undefended", "scan")), progress=False)
+    assert len(results.read_text().splitlines()) == len(rows)
 
 
 def test_a_detector_that_flags_nothing_reuses_the_undefended_victim(tmp_path, split_npz, monkeypatch):
