@@ -51,6 +51,10 @@ VARIANTS = [  # options are given in full against the first default, so rows sta
     ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-6, "alarm_z": 1.0}),
     ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-6, "alarm_z": 2.0}),
     ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-4}),  # a looser alarm, for eps 8
+    # the second pass by the proxy's class assignment (alarm_rule), for eps 8's carriers past the boundary
+    ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-6, "alarm_rule": "either"}),
+    ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-4, "alarm_rule": "misassigned"}),
+    ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-4, "alarm_rule": "either"}),
     ("epic", {}),
     ("deep_knn", {}),
     ("spectral_signatures", {}),

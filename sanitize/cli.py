@@ -12,7 +12,7 @@ from typing import Any, Callable
 import click
 import numpy as np
 
-from sanitize.config import RobustConfig, ScanConfig, TrainConfig
+from sanitize.config import ALARM_RULES, RobustConfig, ScanConfig, TrainConfig
 from sanitize.errors import SanitizeError
 
 DEFAULTS = ScanConfig()
@@ -60,7 +60,9 @@ def scan_options(fn: Callable) -> Callable:
         click.option("--distance", type=click.Choice(["mean", "kth"]), default=DEFAULTS.distance, show_default=True, help="knn_density: mean distance to the k neighbours, or distance to the k-th."),
         click.option("--low-loss-weight", type=float, default=DEFAULTS.low_loss_weight, show_default=True, help="knn_density: weight of the 'too easy' (low proxy loss) term beside isolation."),
         click.option("--class-alarm-p", type=float, default=DEFAULTS.class_alarm_p, show_default=True, help="knn_density: > 0 alarms classes with improbably many flags (Poisson p < this / classes) ..."),
-        click.option("--alarm-z", type=float, default=DEFAULTS.alarm_z, show_default=True, help="... and flags their isolated, hard examples (combined z >= this)."),
+        click.option("--alarm-z", type=float, default=DEFAULTS.alarm_z, show_default=True, help="... and flags their isolated, hard examples (combined z >= this) ..."),
+        click.option("--alarm-rule", type=click.Choice(ALARM_RULES), default=DEFAULTS.alarm_rule, show_default=True,
+                     help="... by that rule (hard), or the examples the proxy assigns to another class (misassigned), or both (either)."),
         click.option("--threshold", type=float, default=DEFAULTS.threshold, show_default=True, help="knn_density: flag examples with score >= this."),
         click.option("--expected-poisons", type=int, default=None, help="Only for baselines whose rule needs a poison count (spectral_signatures, deep_knn); recorded as told."),
         click.option("--epic-fraction", type=float, default=DEFAULTS.epic_fraction, show_default=True, help="epic: medoids per class as a fraction of the class."),

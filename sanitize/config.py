@@ -8,6 +8,8 @@ from typing import Any
 
 from sanitize.errors import SanitizeError
 
+ALARM_RULES = ("hard", "misassigned", "either")  # knn_density's second pass in an alarmed class
+
 
 @dataclass
 class TrainConfig:
@@ -111,6 +113,9 @@ class ScanConfig:
     # poisoned classes 4e-15 and 3e-38, the most extreme clean class 2e-3 ...
     class_alarm_p: float = 1e-6
     alarm_z: float = 1.5  # ... flags their isolated, hard examples: (isolation z + log-loss z) / sqrt 2 >= this
+    # ... by that rule (hard), or every example there the proxy assigns to another class (misassigned: eps-8 carriers
+    # are called the target's class; reports/detection-cpu), or both (either)
+    alarm_rule: str = "hard"
     index: str = "auto"  # auto | flat | ivf | hnsw
     exact_max: int = 50_000  # classes up to this size use the exact index under auto
     detector: str = "knn_density"  # or a baseline: epic, deep_knn, spectral_signatures, activation_clustering
@@ -149,6 +154,7 @@ class ScanConfig:
             (self.distance in ("mean", "kth"), "distance must be mean or kth"),
             (self.low_loss_weight >= 0.0, "low_loss_weight must be >= 0"),
             (0.0 <= self.class_alarm_p < 1.0, "class_alarm_p must be in [0, 1)"),
+            (self.alarm_rule in ALARM_RULES, f"alarm_rule must be one of {', '.join(ALARM_RULES)}"),
             (self.train.epochs >= 0 and self.train.batch_size >= 1, "epochs must be >= 0 and batch_size >= 1"),
             (self.image_size is None or self.image_size >= 8, "image_size must be >= 8"),
             (self.workers >= 0, "workers must be >= 0"),

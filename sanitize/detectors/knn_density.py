@@ -11,7 +11,8 @@ Options, measured in reports/detection-cpu: the isolation can be combined with h
 example (class-wise z of -log loss, weight w: z = max(z_isolation, (z_isolation + w z_ease) / sqrt(1 + w^2)), so a
 mislabeled example, isolated but hard, stays flagged), since most gradient-matching poisons are fitted faster and
 tighter than their class; and a second pass (`alarmed_class_flags`) looks
-again inside classes that hold improbably many flags, for the few hard poisons that carry the attack. Scores map z to
+again inside classes that hold improbably many flags, for the few hard poisons that carry the attack (or, with
+`alarm_rule`, for the examples the proxy assigns to another class). Scores map z to
 [0, 1) with 0.5 at z = 3.5 (Iglewicz & Hoaglin's outlier cut-off). Nothing here knows the poison budget or rate.
 """
 
@@ -21,7 +22,7 @@ import numpy as np
 from scipy.stats import poisson
 from tqdm import tqdm
 
-from sanitize.config import ScanConfig
+from sanitize.config import ALARM_RULES, ScanConfig
 from sanitize.density import choose_index, knn, robust_z, z_to_score
 from sanitize.detectors import Detection, register_detector
 from sanitize.embeddings import Embeddings, cross_entropy
@@ -37,11 +38,13 @@ def scales(n: int, k_small: int, k_fraction: float, k_max: int) -> list[int]:
 @register_detector
 def knn_density(embeddings: Embeddings, config: ScanConfig, progress: bool = True) -> Detection:
     """The default: two-scale per-class k-NN isolation in the space `config.embedding` names."""
-    loss = cross_entropy(np.asarray(embeddings.logits), embeddings.labels) if config.low_loss_weight or config.class_alarm_p else None
+    logits = np.asarray(embeddings.logits)
+    loss = cross_entropy(logits, embeddings.labels) if config.low_loss_weight or config.class_alarm_p else None
     return knn_isolation(
         embeddings.space(config.embedding), embeddings.labels, embeddings.meta["num_classes"], threshold=config.threshold,
         k_small=config.k_small, k_fraction=config.k_fraction, k_max=config.k_max, distance=config.distance,
-        loss=loss, low_loss_weight=config.low_loss_weight, class_alarm_p=config.class_alarm_p, alarm_z=config.alarm_z, index=config.index, exact_max=config.exact_max,
+        loss=loss, low_loss_weight=config.low_loss_weight, class_alarm_p=config.class_alarm_p, alarm_z=config.alarm_z,
+        alarm_rule=config.alarm_rule, predicted=logits.argmax(axis=1), index=config.index, exact_max=config.exact_max,
         seed=config.seed, progress=progress,
     )
 
@@ -59,6 +62,8 @@ def knn_isolation(
     low_loss_weight: float = 0.0,
     class_alarm_p: float = 0.0,
     alarm_z: float = 1.5,
+    alarm_rule: str = "hard",
+    predicted: np.ndarray | None = None,
     index: str = "auto",
     exact_max: int = 50_000,
     seed: int = 0,
@@ -89,18 +94,20 @@ def knn_isolation(
         per_class[c] = {"n": int(len(members)), "k": ks, "index": kind}
     flags = scores >= threshold
     if class_alarm_p:
-        flags |= alarmed_class_flags(flags, isolation, labels, per_class, loss, class_alarm_p, alarm_z)
+        flags |= alarmed_class_flags(flags, isolation, labels, per_class, loss, class_alarm_p, alarm_z, alarm_rule, predicted)
     return Detection(
         scores=scores,
         flags=flags,
         summary={"rule": "knn_density", "threshold": threshold, "distance": distance, "low_loss_weight": low_loss_weight if loss is not None else 0.0,
-                 "class_alarm_p": class_alarm_p, "alarm_z": alarm_z if class_alarm_p else None, "per_class": per_class},
+                 "class_alarm_p": class_alarm_p, "alarm_z": alarm_z if class_alarm_p else None, "alarm_rule": alarm_rule if class_alarm_p else None,
+                 "per_class": per_class},
         arrays={"neighbours": neighbours},
     )
 
 
 def alarmed_class_flags(
-    flags: np.ndarray, isolation: np.ndarray, labels: np.ndarray, per_class: dict[int, dict], loss: np.ndarray | None, alarm_p: float, alarm_z: float
+    flags: np.ndarray, isolation: np.ndarray, labels: np.ndarray, per_class: dict[int, dict], loss: np.ndarray | None, alarm_p: float, alarm_z: float,
+    rule: str = "hard", predicted: np.ndarray | None = None,
 ) -> np.ndarray:
     """The second pass: classes holding far more flags than the typical class are alarmed, and in them every example
     that is both isolated and hard is flagged too.
@@ -110,8 +117,13 @@ def alarmed_class_flags(
     far out. A class is alarmed when P(Poisson(rate x n_c) >= its flag count) < alarm_p / classes, the rate being the
     flag rate of all the other classes together (the class under test cannot raise its own baseline; with a median
     instead, a clean set whose classes flag 0-6 examples each raised false alarms). In an alarmed class the example's
-    z = (isolation z + z of log loss) / sqrt 2 >= alarm_z flags it (isolation alone without a loss). Recorded per class.
+    z = (isolation z + z of log loss) / sqrt 2 >= alarm_z flags it (isolation alone without a loss): rule `hard`.
+    Rule `misassigned` flags instead every example of the class that the proxy assigns to another class (at eps 8 the
+    carriers sit past the boundary, called the target's class, yet not isolated within their own); `either` both.
+    Recorded per class.
     """
+    if rule not in ALARM_RULES or (rule != "hard" and predicted is None):
+        raise ValueError(f"alarm rule {rule!r}: choose from {', '.join(ALARM_RULES)}; all but hard need the proxy's predictions")
     scored = [c for c, info in per_class.items() if "k" in info]
     counts = {c: int(flags[labels == c].sum()) for c in scored}
     total, size = sum(counts.values()), sum(per_class[c]["n"] for c in scored)
@@ -127,6 +139,9 @@ def alarmed_class_flags(
             z = isolation[members]
             if loss is not None:
                 z = (z + robust_z(np.log(loss[members] + 1e-12))) / np.sqrt(2)
-            extra[members[z >= alarm_z]] = True
-            per_class[c]["second_pass_flags"] = int((z >= alarm_z).sum())
+            hard = z >= alarm_z
+            misassigned = predicted[members] != c if predicted is not None else np.zeros(len(members), dtype=bool)
+            second = {"hard": hard, "misassigned": misassigned, "either": hard | misassigned}[rule]
+            extra[members[second]] = True
+            per_class[c]["second_pass_flags"] = int(second.sum())
     return extra

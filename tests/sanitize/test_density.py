@@ -132,3 +132,17 @@ def test_class_alarm_looks_again_only_inside_a_class_with_improbably_many_flags(
     per_class = alarmed.summary["per_class"]
     assert per_class[1]["alarmed"] and not any(per_class[c]["alarmed"] for c in (0, 2, 3, 4))
     assert alarmed.flags[np.flatnonzero(labels != 1)].mean() < 0.05
+
+    # carriers past the class boundary but neither isolated nor hard: only the misassigned rule reaches them
+    loss[carriers] = np.median(loss)
+    x[carriers] = x[300:600].mean(0)
+    predicted = labels.copy()
+    predicted[carriers] = 3
+    predicted[lookalikes] = 3  # misassigned too, in a class that raises no alarm
+    by_rule = {rule: knn_isolation(x, labels, 5, distance="kth", loss=loss, class_alarm_p=1e-3, alarm_rule=rule, predicted=predicted, progress=False)
+               for rule in ("hard", "misassigned", "either")}
+    assert by_rule["hard"].flags[carriers].mean() < 0.5 and by_rule["misassigned"].flags[carriers].all() and by_rule["either"].flags[carriers].all()
+    assert (by_rule["misassigned"].flags[lookalikes] == by_rule["hard"].flags[lookalikes]).all()  # no alarm in their class: nothing added
+    assert by_rule["either"].flags.sum() >= max(by_rule["hard"].flags.sum(), by_rule["misassigned"].flags.sum())
+    with pytest.raises(ValueError, match="predictions"):
+        knn_isolation(x, labels, 5, loss=loss, class_alarm_p=1e-3, alarm_rule="misassigned", progress=False)
