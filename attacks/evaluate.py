@@ -39,6 +39,9 @@ from sanitize.scan import scan
 from sanitize.training import channel_stats, milestone_epochs, predict, resolve_device, resolve_precision, train_model
 
 CONTROL_ARMS = ("clean", "undefended", "random-noise")
+# what a detector arm's row records of the scan that made its flags, so rows stay readable when the defaults move
+SCAN_OPTIONS_RECORDED = ("detector", "embedding", "k_small", "k_fraction", "k_max", "distance", "low_loss_weight", "class_alarm_p", "alarm_z",
+                         "alarm_rule", "threshold", "epic_fraction", "expected_poisons")
 DETECTOR_ARMS = {"scan": "knn_density", "epic": "epic", "deep_knn": "deep_knn", "spectral_signatures": "spectral_signatures",
                  "activation_clustering": "activation_clustering"}  # arm -> `sanitize scan --detector`
 TOLD_THE_COUNT = ("deep_knn", "spectral_signatures")  # baselines whose rule needs the number of poisons: given budget x N
@@ -255,7 +258,9 @@ class Harness:
             result, own = self._scan_once(poisoned, root / detector, options | {"detector": detector, "expected_poisons": told,
                                                                                   "checkpoint": str(root / "knn_density" / "proxy" / "model.pt")})
             seconds = Cost(seconds.wall + own.wall, None if None in (seconds.cpu, own.cpu) else seconds.cpu + own.cpu)
-        metrics = flag_metrics(result.flags, result.scores, poison_truth(setup, len(result.flags))) | {"told_expected_poisons": told}
+        settings = result.summary["config"]
+        metrics = flag_metrics(result.flags, result.scores, poison_truth(setup, len(result.flags))) | {
+            "told_expected_poisons": told, "scan_options": {name: settings[name] for name in SCAN_OPTIONS_RECORDED} | {"proxy_epochs": settings["train"]["epochs"]}}
         return poisoned.subset(np.flatnonzero(~result.flags)), result.flags, metrics, seconds
 
     def carriers(self, setup: PoisonSetup, poisoned: ArrayDataset, surrogate: Classifier) -> np.ndarray:

@@ -8,8 +8,9 @@ import torch
 from click.testing import CliRunner
 
 from attacks import choose_setup, load_poisons
-from attacks.evaluate import Cost, EvaluationConfig, Harness, aggregate, run_evaluation
+from attacks.evaluate import SCAN_OPTIONS_RECORDED, Cost, EvaluationConfig, Harness, aggregate, run_evaluation
 from sanitize.cli import cli, parse_keys
+from sanitize.config import ScanConfig
 from sanitize.errors import SanitizeError
 from sanitize.training import train_model
 
@@ -71,6 +72,8 @@ def test_defended_arms_score_their_flags_against_the_true_poisons(tmp_path, spli
         assert 1 <= carriers < 12 and row["poison_recall"] == pytest.approx((carriers * row["carrier_recall"] + (12 - carriers) * row["rest_recall"]) / 12), arm
     assert "carriers" not in rows["undefended"]
     assert rows["spectral_signatures"]["told_expected_poisons"] == 12 and rows["deep_knn"]["told_expected_poisons"] == 12
+    assert rows["scan"]["scan_options"] == {name: getattr(ScanConfig(), name) for name in SCAN_OPTIONS_RECORDED} | {"proxy_epochs": ScanConfig().train.epochs}
+    assert rows["deep_knn"]["scan_options"]["detector"] == "deep_knn" and rows["deep_knn"]["scan_options"]["expected_poisons"] == 12
     assert rows["scan"]["told_expected_poisons"] is None and rows["activation_clustering"]["told_expected_poisons"] is None
     assert rows["spectral_signatures"]["dropped_fraction"] >= 10 * 18 / 600  # 1.5 x 12 per class, by its rule
     harness = Harness(train, test, out, config, progress=False)
