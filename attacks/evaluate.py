@@ -39,6 +39,7 @@ from sanitize.scan import scan
 from sanitize.training import channel_stats, milestone_epochs, predict, resolve_device, resolve_precision, train_model
 
 CONTROL_ARMS = ("clean", "undefended", "random-noise")
+UNPOISONED_ARMS = ("clean", "random-noise")  # controls that train on no crafted poisons (no surrogate, no crafting)
 # what a detector arm's row records of the scan that made its flags, so rows stay readable when the defaults move
 SCAN_OPTIONS_RECORDED = ("detector", "embedding", "k_small", "k_fraction", "k_max", "distance", "low_loss_weight", "class_alarm_p", "alarm_z",
                          "alarm_rule", "threshold", "epic_fraction", "expected_poisons")
@@ -315,7 +316,7 @@ class Harness:
 
         def trained(arm: str, seed: int, exact: bool = False) -> bool:
             digests = done.get((config.attack, config.eps, config.budget, key, arm, seed, config.scale, self.scale.model, self.recipe.epochs), set())
-            if arm in ("clean", "random-noise"):
+            if arm in UNPOISONED_ARMS:
                 return bool(digests)
             return digest is not None and digest in digests or (not exact and None in digests)
 
@@ -344,8 +345,8 @@ def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Pat
         todo = harness.plan(key, done, stored.digest() if stored else None)
         if not todo:
             continue
-        poisons = None  # the clean arm and the random-noise control need neither surrogate nor poisons
-        if any(arm not in ("clean", "random-noise") for arm, _ in todo):
+        poisons = None  # the unpoisoned controls need neither surrogate nor poisons
+        if any(arm not in UNPOISONED_ARMS for arm, _ in todo):
             if surrogate is None:
                 surrogate, surrogate_cost = harness.trained(harness.train, SURROGATE_SEED, "surrogate")
             poisons = stored or harness.poisons(setup, surrogate)
@@ -375,7 +376,7 @@ def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Pat
                 "attack": config.attack, "scale": config.scale, "eps": config.eps, "budget": len(setup.poison_indices) / len(harness.train),
                 "poison_key": key, "target_id": setup.target_id, "target_class": setup.target_class, "intended_class": setup.intended_class,
                 "arm": arm, "victim_seed": victim_seed, "success": measured["target_pred"] == setup.intended_class, **measured, **defense,
-                "poisons_sha256": poisons.digest() if poisons is not None and arm not in ("clean", "random-noise") else None,
+                "poisons_sha256": poisons.digest() if poisons is not None and arm not in UNPOISONED_ARMS else None,
                 "model": harness.scale.model, "train_size": len(harness.train), "epochs": harness.recipe.epochs,
                 "seconds": seconds | {"victim_training": round(victim_cost.wall, 1), "victim_training_cpu": _rounded(victim_cost.cpu),
                                       "measure": round(time.perf_counter() - started, 1)},
