@@ -9,6 +9,7 @@ to PNG or npz read back bit-exactly.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sanitize.data import ImageDataset
+from sanitize.data import ImageDataset, write_atomic
 from sanitize.errors import SanitizeError
 from sanitize.manifest import MANIFEST, TARGET_IMAGE
 
@@ -82,13 +83,12 @@ class PoisonSet:
 
 def save_poisons(poisons: PoisonSet, path: Path) -> None:
     """The poison set as a compressed npz (deltas, poison positions, eps, method, metadata as JSON): lossless, readable
-    without pickle, a few hundred KB for 100 CIFAR poisons. Written through a temporary file: a kill leaves none."""
+    without pickle, ~130 KB for 100 CIFAR poisons. Written atomically: a kill leaves no half file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as handle:
-        np.savez_compressed(handle, deltas=poisons.deltas.numpy(), poison_indices=np.asarray(poisons.setup.poison_indices), eps=poisons.eps,
-                            method=poisons.method, metadata=json.dumps(poisons.metadata))
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, deltas=poisons.deltas.numpy(), poison_indices=np.asarray(poisons.setup.poison_indices), eps=poisons.eps,
+                        method=poisons.method, metadata=json.dumps(poisons.metadata))
+    write_atomic(path, buffer.getvalue())
 
 
 def load_poisons(path: Path, setup: PoisonSetup) -> PoisonSet:

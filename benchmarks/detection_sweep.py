@@ -154,10 +154,10 @@ def main() -> None:
     done = done_rows(rows_path)
     for key in (int(k) for k in args.keys.split(",")):
         setup = choose_setup(key, harness.train, harness.test, config.budget)
-        if not harness.poisons_path(setup).exists():
+        poisons = harness.stored_poisons(setup)
+        if poisons is None:
             print(f"key {key}: no cached poisons, skipped")
             continue
-        poisons = harness.poisons(setup, None)
         poisoned = harness.data_for("undefended", poisons)
         harness.filtered(poisoned, "scan", setup)  # the default scan: proxy + embeddings, cached
         pull = poison_pulls(harness, setup, poisoned)

@@ -45,8 +45,9 @@ def prepare_output(data: str | Path, out: str | Path) -> tuple[Path, Path]:
     return data, out
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename, so a kill never leaves half a file."""
+def write_atomic(path: Path, content: str | bytes) -> None:
+    """Write `content` (text as UTF-8, or bytes) to `path` through a temporary file and a rename, so a kill never leaves
+    half a file."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
     os.replace(tmp, path)
