@@ -27,7 +27,7 @@ from attacks import choose_setup, craft, method_config
 from attacks.base import PoisonSet, PoisonSetup, load_poisons, save_poisons
 from attacks.gradient_matching import poison_pull, pull_carriers
 
-from sanitize.config import RobustConfig, TrainConfig
+from sanitize.config import RobustConfig, ScanConfig, TrainConfig
 from sanitize.data import ImageDataset, open_dataset
 from sanitize.data.arrays import ArrayDataset
 from sanitize.errors import SanitizeError
@@ -43,6 +43,7 @@ UNPOISONED_ARMS = ("clean", "random-noise")  # controls that train on no crafted
 # what a detector arm's row records of the scan that made its flags, so rows stay readable when the defaults move
 SCAN_OPTIONS_RECORDED = ("detector", "embedding", "k_small", "k_fraction", "k_max", "distance", "low_loss_weight", "class_alarm_p", "alarm_z",
                          "alarm_rule", "threshold", "epic_fraction", "expected_poisons")
+KNN_DENSITY_OPTIONS = ("embedding", "k_small", "k_fraction", "k_max", "distance", "low_loss_weight", "class_alarm_p", "alarm_z", "alarm_rule", "threshold")
 DETECTOR_ARMS = {"scan": "knn_density", "epic": "epic", "deep_knn": "deep_knn", "spectral_signatures": "spectral_signatures",
                  "activation_clustering": "activation_clustering"}  # arm -> `sanitize scan --detector`
 TOLD_THE_COUNT = ("deep_knn", "spectral_signatures")  # baselines whose rule needs the number of poisons: given budget x N
@@ -75,6 +76,7 @@ class EvaluationConfig:
     scale: str = "cpu"
     keys: tuple[int, ...] = tuple(range(8))
     victims: int = 4
+    seeds: tuple[int, ...] | None = None  # the victims' seeds; None: 0..victims-1 (a subset splits one run across processes)
     eps: float = 16.0
     budget: float = 0.01
     arms: tuple[str, ...] = CONTROL_ARMS  # defended arms are asked for by name
@@ -259,10 +261,18 @@ class Harness:
             result, own = self._scan_once(poisoned, root / detector, options | {"detector": detector, "expected_poisons": told,
                                                                                   "checkpoint": str(root / "knn_density" / "proxy" / "model.pt")})
             seconds = Cost(seconds.wall + own.wall, None if None in (seconds.cpu, own.cpu) else seconds.cpu + own.cpu)
-        settings = result.summary["config"]
         metrics = flag_metrics(result.flags, result.scores, poison_truth(setup, len(result.flags))) | {
-            "told_expected_poisons": told, "scan_options": {name: settings[name] for name in SCAN_OPTIONS_RECORDED} | {"proxy_epochs": settings["train"]["epochs"]}}
+            "told_expected_poisons": told, "scan_options": recorded_scan_options(result.summary["config"])}
         return poisoned.subset(np.flatnonzero(~result.flags)), result.flags, metrics, seconds
+
+    def defense(self, arm: str, setup: PoisonSetup) -> str | None:
+        """What makes a detector arm's rows this arm's under today's defaults (None for the other arms): a row scanned with
+        other options (an older default) is another variant of the arm, trained again rather than counted as done."""
+        if arm not in DETECTOR_ARMS:
+            return None
+        detector = DETECTOR_ARMS[arm]
+        told = len(setup.poison_indices) if detector in TOLD_THE_COUNT else None
+        return defense_key(recorded_scan_options(dataclasses.asdict(ScanConfig(detector=detector, expected_poisons=told))))
 
     def carriers(self, setup: PoisonSetup, poisoned: ArrayDataset, surrogate: Classifier) -> np.ndarray:
         """Mask over the poisons (in setup order): the carriers, the fewest poisons holding half of the pull on the
@@ -297,30 +307,35 @@ class Harness:
         return {"target_pred": int(predictions[setup.target_index]), "p_intended": round(float(probabilities[setup.intended_class]), 4),
                 "clean_acc": float((predictions[keep] == self.test.labels[keep]).mean())}
 
-    def done(self) -> dict[tuple, set[str | None]]:
-        """Per (attack, eps, budget, key, arm, seed, scale, model, epochs): the digests of the poisons its rows were
-        trained on (None for the controls, and for rows written before rows named their poisons)."""
-        finished: dict[tuple, set[str | None]] = {}
+    def done(self) -> dict[tuple, set[tuple[str | None, str | None]]]:
+        """Per (attack, eps, budget, key, arm, seed, scale, model, epochs): (the digest of the poisons, the defense) of
+        its rows: the digest None for the controls and for rows written before rows named their poisons, the defense
+        None but for detector arms (`defense_key`)."""
+        finished: dict[tuple, set[tuple[str | None, str | None]]] = {}
         for r in read_rows(self.out) if self.results.exists() else []:
             identity = (r["attack"], r["eps"], r["budget"], r["poison_key"], r["arm"], r["victim_seed"], r["scale"], r["model"], r["epochs"])
-            finished.setdefault(identity, set()).add(r.get("poisons_sha256"))
+            defense = defense_key(r.get("scan_options")) if r["arm"] in DETECTOR_ARMS else None
+            finished.setdefault(identity, set()).add((r.get("poisons_sha256"), defense))
         return finished
 
-    def plan(self, key: int, done: dict[tuple, set[str | None]], digest: str | None) -> list[tuple[str, int]]:
+    def plan(self, key: int, done: dict[tuple, set[tuple[str | None, str | None]]], digest: str | None, setup: PoisonSetup) -> list[tuple[str, int]]:
         """The (arm, seed) victims still to train for `key` on the poisons named `digest` (None: not crafted yet).
 
         A row counts when it was trained on these poisons, or on unnamed ones (rows from before rows named their
-        poisons). A defended arm is measured against the undefended victim of the same seed *on the same poisons*, so
-        that twin is planned too when the undefended rows of that seed were trained on other poisons."""
+        poisons), and, for a detector arm, scanned with today's options. A defended arm is measured against the
+        undefended victim of the same seed *on the same poisons*, so that twin is planned too when the undefended rows
+        of that seed were trained on other poisons."""
         config = self.config
 
         def trained(arm: str, seed: int, exact: bool = False) -> bool:
-            digests = done.get((config.attack, config.eps, config.budget, key, arm, seed, config.scale, self.scale.model, self.recipe.epochs), set())
+            rows = done.get((config.attack, config.eps, config.budget, key, arm, seed, config.scale, self.scale.model, self.recipe.epochs), set())
             if arm in UNPOISONED_ARMS:
-                return bool(digests)
-            return digest is not None and digest in digests or (not exact and None in digests)
+                return bool(rows)
+            wanted = self.defense(arm, setup)
+            return any(defense == wanted and (digest is not None and made == digest or (not exact and made is None)) for made, defense in rows)
 
-        todo = [(arm, seed) for arm in config.arms for seed in range(config.victims) if not trained(arm, seed)]
+        seeds = config.seeds if config.seeds is not None else range(config.victims)
+        todo = [(arm, seed) for arm in config.arms for seed in seeds if not trained(arm, seed)]
         defended_seeds = sorted({seed for arm, seed in todo if arm not in CONTROL_ARMS})
         twins = [("undefended", seed) for seed in defended_seeds if not trained("undefended", seed, exact=True) and ("undefended", seed) not in todo]
         return twins + todo
@@ -342,7 +357,7 @@ def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Pat
     for key in config.keys:
         setup = choose_setup(key, harness.train, harness.test, config.budget)
         stored = harness.stored_poisons(setup)
-        todo = harness.plan(key, done, stored.digest() if stored else None)
+        todo = harness.plan(key, done, stored.digest() if stored else None, setup)
         if not todo:
             continue
         poisons = None  # the unpoisoned controls need neither surrogate nor poisons
@@ -386,6 +401,36 @@ def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Pat
     return out
 
 
+def recorded_scan_options(settings: dict[str, Any]) -> dict[str, Any]:
+    """What a detector arm's row records of the scan (a ScanConfig as a dict) that made its flags."""
+    return {name: settings[name] for name in SCAN_OPTIONS_RECORDED} | {"proxy_epochs": settings["train"]["epochs"]}
+
+
+def defense_options(scan_options: dict[str, Any]) -> dict[str, Any]:
+    """The recorded options that decide a detector's flags: every one for the default scan; for a baseline, all but
+    knn_density's own (a baseline row stays current when only the default detector's settings move)."""
+    if scan_options["detector"] == "knn_density":
+        return scan_options
+    return {name: value for name, value in scan_options.items() if name not in KNN_DENSITY_OPTIONS}
+
+
+def defense_key(scan_options: dict[str, Any] | None) -> str:
+    """A detector arm's defense as one comparable string ("unrecorded" for a row that kept no scan options)."""
+    return "unrecorded" if scan_options is None else json.dumps(defense_options(scan_options), sort_keys=True)
+
+
+def defense_variant(row: dict[str, Any]) -> str:
+    """How a detector arm's row was scanned, as the options that differ from today's defaults ("" when none do, and
+    for the other arms), so that aggregate keeps rows scanned under an older default apart from the current arm."""
+    if row["arm"] not in DETECTOR_ARMS:
+        return ""
+    recorded = row.get("scan_options")
+    if recorded is None:
+        return "scan options not recorded"
+    current = defense_options(recorded_scan_options(dataclasses.asdict(ScanConfig(detector=recorded["detector"], expected_poisons=recorded["expected_poisons"]))))
+    return ", ".join(f"{name}={value}" for name, value in defense_options(recorded).items() if current.get(name) != value)
+
+
 def poison_truth(setup: PoisonSetup, size: int) -> np.ndarray:
     """Mask over the training positions: True at the poisons."""
     truth = np.zeros(size, dtype=bool)
@@ -426,18 +471,19 @@ def read_rows(out: Path) -> list[dict[str, Any]]:
 
 
 def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
-    """summary.json and summary.md: mean +- standard error per (attack, scale, model, epochs, eps, arm)."""
+    """summary.json and summary.md: mean +- standard error per (attack, scale, model, epochs, eps, arm, variant): a
+    detector arm's rows scanned under an older default are their own variant (`defense_variant`)."""
     groups: dict[tuple, list[dict]] = {}
     for row in read_rows(out):
-        groups.setdefault((row["attack"], row["scale"], row["model"], row["epochs"], row["eps"], row["arm"]), []).append(row)
+        groups.setdefault((row["attack"], row["scale"], row["model"], row["epochs"], row["eps"], row["arm"], defense_variant(row)), []).append(row)
     table = []
-    for (attack, scale, model, epochs, eps, arm), rows in sorted(groups.items()):
+    for (attack, scale, model, epochs, eps, arm, variant), rows in sorted(groups.items()):
         success = np.array([r["success"] for r in rows], float)
         accuracy = np.array([r["clean_acc"] for r in rows], float)
         p_intended = [r["p_intended"] for r in rows if r.get("p_intended") is not None]
-        cost, basis = _cost_vs_plain(rows, groups.get((attack, scale, model, epochs, eps, "undefended"), []))
+        cost, basis = _cost_vs_plain(rows, groups.get((attack, scale, model, epochs, eps, "undefended", ""), []))
         table.append({
-            "attack": attack, "scale": scale, "model": model, "epochs": epochs, "eps": eps, "arm": arm, "victims": len(rows),
+            "attack": attack, "scale": scale, "model": model, "epochs": epochs, "eps": eps, "arm": arm, "variant": variant, "victims": len(rows),
             "keys": len({r["poison_key"] for r in rows}),
             "success_mean": float(success.mean()), "success_se": float(success.std(ddof=1) / math.sqrt(len(rows))) if len(rows) > 1 else None,
             "p_intended_median": float(np.median(p_intended)) if p_intended else None,
@@ -455,7 +501,7 @@ def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
     lines = ["| attack | scale | model | epochs | eps | arm | victims (keys) | success | median p(intended) | clean accuracy | dropped "
              "| poison precision | poison recall | AUROC | victim s | cost vs plain |", "|" + " --- |" * 16]
     for t in table:
-        lines.append(f"| {t['attack']} | {t['scale']} | {t['model']} | {t['epochs']} | {t['eps']:g} | {t['arm']} | {t['victims']} ({t['keys']}) "
+        lines.append(f"| {t['attack']} | {t['scale']} | {t['model']} | {t['epochs']} | {t['eps']:g} | {_arm_label(t)} | {t['victims']} ({t['keys']}) "
                      f"| {t['success_mean']:.1%}{_se(t['success_se'], '.1%')} | {_cell(t['p_intended_median'], '.3f')} | {t['clean_acc_mean']:.2%} | {t['dropped_fraction_mean']:.2%} "
                      f"| {_cell(t['poison_precision_mean'], '.2f')} | {_cell(t['poison_recall_mean'], '.2f')} | {_cell(t['auroc_mean'], '.3f')} "
                      f"| {t['victim_seconds_mean']:.0f} | {_cell(t['cost_vs_plain_training'], '.2f')}{' (' + t['cost_basis'] + ')' if t['cost_basis'] else ''} |")
@@ -463,7 +509,7 @@ def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
         lines += ["", "Paired with the undefended victims of the same key and seed (defended arms may cover fewer keys than the table's undefended row):", "",
                   "| eps | epochs | arm | pairs (keys) | undefended success | arm success | clean accuracy change | recall of carriers / other poisons |", "|" + " --- |" * 8]
         for t in paired:
-            lines.append(f"| {t['eps']:g} | {t['epochs']} | {t['arm']} | {t['pairs']} ({t['keys']}) | {t['undefended_success']:.1%} | {t['arm_success']:.1%} "
+            lines.append(f"| {t['eps']:g} | {t['epochs']} | {_arm_label(t)} | {t['pairs']} ({t['keys']}) | {t['undefended_success']:.1%} | {t['arm_success']:.1%} "
                          f"| {t['clean_acc_change']:+.2%}{_se(t['clean_acc_change_se'], '.2%')} | {_cell(t.get('carrier_recall'), '.2f')} / {_cell(t.get('rest_recall'), '.2f')} |")
     (out / "summary.md").write_text(f"Command: `{command}`\n\nCommit: {summary['git_commit']}\n\n" + "\n".join(lines) + "\n")
     write_report(out)
@@ -475,20 +521,24 @@ def paired_with_undefended(groups: dict[tuple, list[dict]]) -> list[dict[str, An
     pairs and the change in clean accuracy, so that an arm run on a few keys is not read against every key's rate.
     Rows from before rows named their poisons pair among themselves (they shared one cache of poisons)."""
     paired = []
-    for (attack, scale, model, epochs, eps, arm), rows in sorted(groups.items()):
+    for (attack, scale, model, epochs, eps, arm, variant), rows in sorted(groups.items()):
         if arm in CONTROL_ARMS:
             continue
-        plain = {_pair_key(r): r for r in groups.get((attack, scale, model, epochs, eps, "undefended"), [])}
+        plain = {_pair_key(r): r for r in groups.get((attack, scale, model, epochs, eps, "undefended", ""), [])}
         pairs = [(plain[_pair_key(r)], r) for r in rows if _pair_key(r) in plain]
         if not pairs:
             continue
         change = np.array([d["clean_acc"] - u["clean_acc"] for u, d in pairs])
-        paired.append({"attack": attack, "scale": scale, "model": model, "epochs": epochs, "eps": eps, "arm": arm, "pairs": len(pairs),
+        paired.append({"attack": attack, "scale": scale, "model": model, "epochs": epochs, "eps": eps, "arm": arm, "variant": variant, "pairs": len(pairs),
                        "keys": len({u["poison_key"] for u, _ in pairs}), "undefended_success": float(np.mean([u["success"] for u, _ in pairs])),
                        "arm_success": float(np.mean([d["success"] for _, d in pairs])), "clean_acc_change": float(change.mean()),
                        "clean_acc_change_se": float(change.std(ddof=1) / math.sqrt(len(change))) if len(change) > 1 else None,
                        "carrier_recall": _mean_of([d for _, d in pairs], "carrier_recall"), "rest_recall": _mean_of([d for _, d in pairs], "rest_recall")})
     return paired
+
+
+def _arm_label(entry: dict[str, Any]) -> str:
+    return f"{entry['arm']} ({entry['variant']})" if entry["variant"] else entry["arm"]
 
 
 def _pair_key(row: dict[str, Any]) -> tuple:

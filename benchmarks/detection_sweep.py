@@ -35,6 +35,7 @@ from sanitize.manifest import flag_metrics
 
 # knn_density's first default (issue 3): mean distance, large scale 20% of the class (at most 256), nothing else
 FIRST_DEFAULT = {"distance": "mean", "k_fraction": 0.2, "k_max": 256, "low_loss_weight": 0.0, "class_alarm_p": 0.0}
+UNSTATED = {"alarm_rule": "hard"}  # what a knn_density variant leaves unstated means what it meant when the variant was written
 WIDE = {"distance": "kth", "k_fraction": 0.5, "k_max": 1000}
 VARIANTS = [  # options are given in full against the first default, so rows stay readable when defaults move
     ("knn_density", FIRST_DEFAULT),
@@ -126,7 +127,7 @@ def clean_rows(harness: Harness, args, rows_path: Path) -> None:
                 continue
             if embeddings is None:
                 embeddings = load_embeddings(proxy_scan_dir(harness, harness.train, proxy_epochs) / "embeddings", harness.train.labels)
-            detection = get_detector(detector)(embeddings, dataclasses.replace(ScanConfig(), **options), False)
+            detection = get_detector(detector)(embeddings, dataclasses.replace(ScanConfig(), **UNSTATED, **options), False)
             alarmed = [c for c, info in detection.summary["per_class"].items() if info.get("alarmed")]
             append_row(rows_path, identity | {"told_expected_poisons": None, "dropped_fraction": float(detection.flags.mean()), "alarmed_classes": alarmed,
                                               "alarm_p": alarm_p_values(detection, None), "proxy_accuracy": embeddings.accuracy()})
@@ -169,7 +170,7 @@ def main() -> None:
                 if row_identity(identity) in done:
                     continue
                 told = len(setup.poison_indices) if detector in TOLD_THE_COUNT else None
-                scan_config = dataclasses.replace(ScanConfig(), detector=detector, expected_poisons=told, **options)
+                scan_config = dataclasses.replace(ScanConfig(), detector=detector, expected_poisons=told, **(UNSTATED | options if detector == "knn_density" else options))
                 detection = get_detector(detector)(embeddings, scan_config, False)
                 poison_scores = detection.scores[list(setup.poison_indices)]
                 truth = poison_truth(setup, len(detection.flags))
@@ -187,9 +188,9 @@ def variant_label(detector: str, options: dict, proxy_epochs: int) -> str:
     """knn_density options as the difference from its first default (rows before issue 4 gave only that difference)."""
     if detector != "knn_density":
         return json.dumps(options) if options else "default"
-    effective = FIRST_DEFAULT | options
+    effective = FIRST_DEFAULT | UNSTATED | options
     current = dataclasses.asdict(ScanConfig())
-    changed = {k: v for k, v in effective.items() if FIRST_DEFAULT.get(k, current.get(k)) != v}
+    changed = {k: v for k, v in effective.items() if (FIRST_DEFAULT | UNSTATED).get(k, current.get(k)) != v}
     label = "first default" + (f" + {json.dumps(changed)}" if changed else "")
     is_current = (all(current[k] == v for k, v in effective.items()) and effective.get("embedding", "features") == current["embedding"]
                   and proxy_epochs == current["train"]["epochs"])

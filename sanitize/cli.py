@@ -185,15 +185,15 @@ def report(run_dir: Path, data: Path | None, max_thumbnails: int, max_projection
     click.echo(f"report    {path} ({path.stat().st_size / 1024:.0f} KiB)")
 
 
-def parse_keys(text: str) -> tuple[int, ...]:
-    """'0-7' or '0,3,5' or '2' -> a tuple of keys."""
+def parse_keys(text: str, option: str = "--keys") -> tuple[int, ...]:
+    """'0-7' or '0,3,5' or '2' -> a tuple of keys (or of `option`'s numbers)."""
     keys: list[int] = []
     try:
         for part in text.split(","):
             low, _, high = part.partition("-")
             keys.extend(range(int(low), int(high) + 1) if high else [int(low)])
     except ValueError:
-        raise SanitizeError(f"bad --keys {text!r}; use e.g. 0-7 or 0,3,5") from None
+        raise SanitizeError(f"bad {option} {text!r}; use e.g. 0-7 or 0,3,5") from None
     return tuple(keys)
 
 
@@ -230,6 +230,7 @@ def attack(data: Path, test_data: Path, method: str, key: int, budget: float, ep
 @click.option("--attack", "attack_name", default="gradient-matching", show_default=True)
 @click.option("--keys", default="0-7", show_default=True)
 @click.option("--victims", type=int, default=4, show_default=True)
+@click.option("--seeds", default=None, help="The victims' seeds, e.g. 4-7 (default 0..victims-1): to split one run's victims across processes.")
 @click.option("--scale", type=click.Choice(["smoke", "cpu", "paper"]), default="cpu", show_default=True)
 @click.option("--eps", type=float, default=16.0, show_default=True)
 @click.option("--budget", type=float, default=0.01, show_default=True)
@@ -243,11 +244,12 @@ def attack(data: Path, test_data: Path, method: str, key: int, budget: float, ep
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True)
 @_handle_errors
-def evaluate(data: Path, test_data: Path, attack_name: str, keys: str, victims: int, scale: str, eps: float, budget: float, arms: str, model, epochs, restarts, iterations, cache, out: Path, device: str, quiet: bool) -> None:
+def evaluate(data: Path, test_data: Path, attack_name: str, keys: str, victims: int, seeds: str | None, scale: str, eps: float, budget: float, arms: str, model, epochs, restarts, iterations, cache, out: Path, device: str, quiet: bool) -> None:
     """Train victims from scratch on clean / poisoned / control data; append one JSON line per victim to OUT."""
     from attacks.evaluate import EvaluationConfig, run_evaluation
 
-    config = EvaluationConfig(attack=attack_name, scale=scale, keys=parse_keys(keys), victims=victims, eps=eps, budget=budget,
+    config = EvaluationConfig(attack=attack_name, scale=scale, keys=parse_keys(keys), victims=victims,
+                              seeds=parse_keys(seeds, "--seeds") if seeds else None, eps=eps, budget=budget,
                               arms=tuple(a.strip() for a in arms.split(",")), model=model, epochs=epochs, restarts=restarts, iterations=iterations,
                               device=device, cache=cache)
     run_evaluation(data, test_data, out, config, progress=not quiet, command="sanitize " + " ".join(sys.argv[1:]))

@@ -110,12 +110,12 @@ class ScanConfig:
     distance: str = "kth"  # kth | mean: the statistic of the k neighbour distances (kth: AUROC +0.03-0.06)
     low_loss_weight: float = 1.0  # weight of the "too easy" term (class-wise z of -log loss) beside the isolation
     # a second pass in classes with improbably many flags (Poisson p < this / classes); measured (reports/detection-cpu):
-    # poisoned classes 4e-15 and 3e-38, the most extreme clean class 2e-3 ...
-    class_alarm_p: float = 1e-6
-    alarm_z: float = 1.5  # ... flags their isolated, hard examples: (isolation z + log-loss z) / sqrt 2 >= this
-    # ... by that rule (hard), or every example there the proxy assigns to another class (misassigned: eps-8 carriers
-    # are called the target's class; reports/detection-cpu), or both (either)
-    alarm_rule: str = "hard"
+    # poisoned classes 2e-7 (eps 8) to 3e-38, the most extreme clean class 2e-3 ...
+    class_alarm_p: float = 1e-4
+    alarm_z: float = 1.5  # ... flags their isolated, hard examples: (isolation z + log-loss z) / sqrt 2 >= this (hard:
+    # the carriers at eps 16), and every example there the proxy assigns to another class (misassigned: the eps-8
+    # carriers, called the target's class); either: both, the default, since the attack's eps is unknown
+    alarm_rule: str = "either"
     index: str = "auto"  # auto | flat | ivf | hnsw
     exact_max: int = 50_000  # classes up to this size use the exact index under auto
     detector: str = "knn_density"  # or a baseline: epic, deep_knn, spectral_signatures, activation_clustering

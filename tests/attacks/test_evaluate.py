@@ -104,6 +104,10 @@ def test_the_clean_and_random_noise_controls_train_no_surrogate_and_craft_nothin
     assert all(r["seconds"]["crafting"] is None and r["craft_final_loss"] is None for r in rows)
     cached = sorted(path.name.split("-")[1] for path in (tmp_path / "cache").glob("*.pt"))
     assert cached == ["clean", "random", "random"]  # one clean victim for both keys' targets, one control victim per key
+    # --seeds picks victims by seed, so that processes can share one run: seed 0 is done, seed 2 is new, seed 1 not asked
+    run_evaluation(train, test, tmp_path / "eval", dataclasses.replace(config, keys=(0,), arms=("clean",), seeds=(0, 2)), progress=False)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["poison_key"], r["arm"], r["victim_seed"]) for r in rows[4:]] == [(0, "clean", 2)]
 
 
 def test_the_poisons_are_published_beside_the_results_and_a_run_without_the_cache_reuses_them(tmp_path, split_npz, monkeypatch):
@@ -147,6 +151,27 @@ def test_rows_name_their_poisons_and_a_defended_arm_gets_its_undefended_twin_on_
     results.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "poisons_sha256"}) + "\n" for r in rows))
     run_evaluation(train, test, out, EvaluationConfig(**base, arms=("undefended", "scan")), progress=False)
     assert len(results.read_text().splitlines()) == len(rows)
+
+
+def test_a_detector_row_scanned_under_an_older_default_is_its_own_variant_and_the_arm_runs_again(tmp_path, split_npz):
+    train, test = split_npz
+    config = EvaluationConfig(scale="smoke", keys=(0,), eps=16, budget=0.02, epochs=1, iterations=2, victims=1, cache=str(tmp_path / "cache"),
+                              arms=("undefended", "scan", "deep_knn"))
+    out = run_evaluation(train, test, tmp_path / "eval", config, progress=False)
+    results = out / "results.jsonl"
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    for row in rows:  # as if scanned before the default alarm moved: knn_density's option, which deep_knn does not use
+        if row["arm"] != "undefended":
+            row["scan_options"]["class_alarm_p"] = 1e-6
+    results.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    run_evaluation(train, test, out, config, progress=False)
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [row["arm"] for row in rows[3:]] == ["scan"]  # no twin: the undefended row is on these poisons
+    assert rows[3]["scan_options"]["class_alarm_p"] == ScanConfig().class_alarm_p
+    summary = json.loads((out / "summary.json").read_text())
+    assert {(t["arm"], t["variant"]) for t in summary["table"]} == {("undefended", ""), ("scan", ""), ("scan", "class_alarm_p=1e-06"), ("deep_knn", "")}
+    assert {(t["arm"], t["variant"]) for t in summary["paired"]} == {("scan", ""), ("scan", "class_alarm_p=1e-06"), ("deep_knn", "")}
+    assert "| scan (class_alarm_p=1e-06) |" in (out / "summary.md").read_text() and "(class_alarm_p=1e-06)" in (out / "report.html").read_text()
 
 
 def test_a_detector_that_flags_nothing_reuses_the_undefended_victim(tmp_path, split_npz, monkeypatch):
@@ -217,6 +242,8 @@ def test_bad_options_are_clear_errors(tmp_path, split_npz, digits_folder):
     assert parse_keys("0-3,7") == (0, 1, 2, 3, 7)
     result = CliRunner().invoke(cli, ["evaluate", str(train), "--test", str(test), "--keys", "a-b", "--out", str(tmp_path / "e")])
     assert result.exit_code == 2 and "bad --keys" in result.output
+    result = CliRunner().invoke(cli, ["evaluate", str(train), "--test", str(test), "--seeds", "4-x", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 2 and "bad --seeds" in result.output
     result = CliRunner().invoke(cli, ["attack", str(digits_folder), "--test", str(test), "--out", str(digits_folder / "poisoned")])
     assert result.exit_code == 2 and "never writes into the data" in result.output
     assert not (digits_folder / "poisoned").exists()
