@@ -272,7 +272,7 @@ class Harness:
             return None
         detector = DETECTOR_ARMS[arm]
         told = len(setup.poison_indices) if detector in TOLD_THE_COUNT else None
-        return defense_key(recorded_scan_options(dataclasses.asdict(ScanConfig(detector=detector, expected_poisons=told))))
+        return defense_key(default_scan_options(detector, told))
 
     def carriers(self, setup: PoisonSetup, poisoned: ArrayDataset, surrogate: Classifier) -> np.ndarray:
         """Mask over the poisons (in setup order): the carriers, the fewest poisons holding half of the pull on the
@@ -406,6 +406,11 @@ def recorded_scan_options(settings: dict[str, Any]) -> dict[str, Any]:
     return {name: settings[name] for name in SCAN_OPTIONS_RECORDED} | {"proxy_epochs": settings["train"]["epochs"]}
 
 
+def default_scan_options(detector: str, told: int | None) -> dict[str, Any]:
+    """What a row of `detector`'s arm records when scanned with today's defaults (told `told` poisons)."""
+    return recorded_scan_options(dataclasses.asdict(ScanConfig(detector=detector, expected_poisons=told)))
+
+
 def defense_options(scan_options: dict[str, Any]) -> dict[str, Any]:
     """The recorded options that decide a detector's flags: every one for the default scan; for a baseline, all but
     knn_density's own (a baseline row stays current when only the default detector's settings move)."""
@@ -427,7 +432,7 @@ def defense_variant(row: dict[str, Any]) -> str:
     recorded = row.get("scan_options")
     if recorded is None:
         return "scan options not recorded"
-    current = defense_options(recorded_scan_options(dataclasses.asdict(ScanConfig(detector=recorded["detector"], expected_poisons=recorded["expected_poisons"]))))
+    current = defense_options(default_scan_options(recorded["detector"], recorded["expected_poisons"]))
     return ", ".join(f"{name}={value}" for name, value in defense_options(recorded).items() if current.get(name) != value)
 
 
