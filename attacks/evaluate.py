@@ -40,10 +40,9 @@ from sanitize.training import channel_stats, milestone_epochs, predict, resolve_
 
 CONTROL_ARMS = ("clean", "undefended", "random-noise")
 UNPOISONED_ARMS = ("clean", "random-noise")  # controls that train on no crafted poisons (no surrogate, no crafting)
-# what a detector arm's row records of the scan that made its flags, so rows stay readable when the defaults move
-SCAN_OPTIONS_RECORDED = ("detector", "embedding", "k_small", "k_fraction", "k_max", "distance", "low_loss_weight", "class_alarm_p", "alarm_z",
-                         "alarm_rule", "threshold", "epic_fraction", "expected_poisons")
 KNN_DENSITY_OPTIONS = ("embedding", "k_small", "k_fraction", "k_max", "distance", "low_loss_weight", "class_alarm_p", "alarm_z", "alarm_rule", "threshold")
+# what a detector arm's row records of the scan that made its flags, so rows stay readable when the defaults move
+SCAN_OPTIONS_RECORDED = ("detector", *KNN_DENSITY_OPTIONS, "epic_fraction", "expected_poisons")
 DETECTOR_ARMS = {"scan": "knn_density", "epic": "epic", "deep_knn": "deep_knn", "spectral_signatures": "spectral_signatures",
                  "activation_clustering": "activation_clustering"}  # arm -> `sanitize scan --detector`
 TOLD_THE_COUNT = ("deep_knn", "spectral_signatures")  # baselines whose rule needs the number of poisons: given budget x N
@@ -257,7 +256,7 @@ class Harness:
         told = None
         if arm != "scan":
             detector = DETECTOR_ARMS[arm]
-            told = len(setup.poison_indices) if detector in TOLD_THE_COUNT else None
+            told = told_count(detector, setup)
             result, own = self._scan_once(poisoned, root / detector, options | {"detector": detector, "expected_poisons": told,
                                                                                   "checkpoint": str(root / "knn_density" / "proxy" / "model.pt")})
             seconds = Cost(seconds.wall + own.wall, None if None in (seconds.cpu, own.cpu) else seconds.cpu + own.cpu)
@@ -271,8 +270,7 @@ class Harness:
         if arm not in DETECTOR_ARMS:
             return None
         detector = DETECTOR_ARMS[arm]
-        told = len(setup.poison_indices) if detector in TOLD_THE_COUNT else None
-        return defense_key(default_scan_options(detector, told))
+        return defense_key(default_scan_options(detector, told_count(detector, setup)))
 
     def carriers(self, setup: PoisonSetup, poisoned: ArrayDataset, surrogate: Classifier) -> np.ndarray:
         """Mask over the poisons (in setup order): the carriers, the fewest poisons holding half of the pull on the
@@ -404,6 +402,11 @@ def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Pat
 def recorded_scan_options(settings: dict[str, Any]) -> dict[str, Any]:
     """What a detector arm's row records of the scan (a ScanConfig as a dict) that made its flags."""
     return {name: settings[name] for name in SCAN_OPTIONS_RECORDED} | {"proxy_epochs": settings["train"]["epochs"]}
+
+
+def told_count(detector: str, setup: PoisonSetup) -> int | None:
+    """The poison count a detector is told: the true one for the baselines whose rule needs it, else None."""
+    return len(setup.poison_indices) if detector in TOLD_THE_COUNT else None
 
 
 def default_scan_options(detector: str, told: int | None) -> dict[str, Any]:

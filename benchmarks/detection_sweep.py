@@ -24,7 +24,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from attacks import choose_setup
-from attacks.evaluate import SURROGATE_SEED, TOLD_THE_COUNT, EvaluationConfig, Harness, poison_truth, split_by_carriers
+from attacks.evaluate import SURROGATE_SEED, EvaluationConfig, Harness, poison_truth, split_by_carriers, told_count
 from attacks.gradient_matching import poison_pull, pull_carriers
 from sanitize import scan
 from sanitize.config import ScanConfig
@@ -61,6 +61,12 @@ VARIANTS = [  # options are given in full against the first default, so rows sta
     ("spectral_signatures", {}),
     ("activation_clustering", {}),
 ]
+
+
+def variant_config(detector: str, options: dict, told: int | None = None) -> ScanConfig:
+    """The scan settings of one swept variant; knn_density's unstated options keep the meaning they had when written."""
+    stated = UNSTATED | options if detector == "knn_density" else options
+    return dataclasses.replace(ScanConfig(), detector=detector, expected_poisons=told, **stated)
 
 
 def poison_pulls(harness: Harness, setup, poisoned) -> np.ndarray:
@@ -127,7 +133,7 @@ def clean_rows(harness: Harness, args, rows_path: Path) -> None:
                 continue
             if embeddings is None:
                 embeddings = load_embeddings(proxy_scan_dir(harness, harness.train, proxy_epochs) / "embeddings", harness.train.labels)
-            detection = get_detector(detector)(embeddings, dataclasses.replace(ScanConfig(), **UNSTATED, **options), False)
+            detection = get_detector(detector)(embeddings, variant_config(detector, options), False)
             alarmed = [c for c, info in detection.summary["per_class"].items() if info.get("alarmed")]
             append_row(rows_path, identity | {"told_expected_poisons": None, "dropped_fraction": float(detection.flags.mean()), "alarmed_classes": alarmed,
                                               "alarm_p": alarm_p_values(detection, None), "proxy_accuracy": embeddings.accuracy()})
@@ -169,8 +175,8 @@ def main() -> None:
                             "detector": detector, "options": options, "poisons_sha256": poisons.digest()}
                 if row_identity(identity) in done:
                     continue
-                told = len(setup.poison_indices) if detector in TOLD_THE_COUNT else None
-                scan_config = dataclasses.replace(ScanConfig(), detector=detector, expected_poisons=told, **(UNSTATED | options if detector == "knn_density" else options))
+                told = told_count(detector, setup)
+                scan_config = variant_config(detector, options, told)
                 detection = get_detector(detector)(embeddings, scan_config, False)
                 poison_scores = detection.scores[list(setup.poison_indices)]
                 truth = poison_truth(setup, len(detection.flags))
