@@ -40,7 +40,10 @@ from sanitize.training import channel_stats, milestone_epochs, predict, resolve_
 
 CONTROL_ARMS = ("clean", "undefended", "random-noise")
 UNPOISONED_ARMS = ("clean", "random-noise")  # controls that train on no crafted poisons (no surrogate, no crafting)
-KNN_DENSITY_OPTIONS = ("embedding", "k_small", "k_fraction", "k_max", "distance", "low_loss_weight", "class_alarm_p", "alarm_z", "alarm_rule", "threshold")
+KNN_DENSITY_OPTIONS = ("embedding", "k_small", "k_fraction", "k_max", "distance", "low_loss_weight", "class_alarm_p", "alarm_z", "alarm_rule",
+                       "alarm_confidence", "threshold")
+# options recorded only since they were added, with the value that reproduces the rows written before (session 9)
+BEFORE_RECORDED = {"alarm_confidence": 0.0}
 # what a detector arm's row records of the scan that made its flags, so rows stay readable when the defaults move
 SCAN_OPTIONS_RECORDED = ("detector", *KNN_DENSITY_OPTIONS, "epic_fraction", "expected_poisons")
 DETECTOR_ARMS = {"scan": "knn_density", "epic": "epic", "deep_knn": "deep_knn", "spectral_signatures": "spectral_signatures",
@@ -418,7 +421,7 @@ def defense_options(scan_options: dict[str, Any]) -> dict[str, Any]:
     """The recorded options that decide a detector's flags: every one for the default scan; for a baseline, all but
     knn_density's own (a baseline row stays current when only the default detector's settings move)."""
     if scan_options["detector"] == "knn_density":
-        return scan_options
+        return scan_options | {name: value for name, value in BEFORE_RECORDED.items() if name not in scan_options}
     return {name: value for name, value in scan_options.items() if name not in KNN_DENSITY_OPTIONS}
 
 

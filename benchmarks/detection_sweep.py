@@ -35,7 +35,7 @@ from sanitize.manifest import flag_metrics
 
 # knn_density's first default (issue 3): mean distance, large scale 20% of the class (at most 256), nothing else
 FIRST_DEFAULT = {"distance": "mean", "k_fraction": 0.2, "k_max": 256, "low_loss_weight": 0.0, "class_alarm_p": 0.0}
-UNSTATED = {"alarm_rule": "hard"}  # what a knn_density variant leaves unstated means what it meant when the variant was written
+UNSTATED = {"alarm_rule": "hard", "alarm_confidence": 0.0}  # what a knn_density variant leaves unstated means what it meant when the variant was written
 WIDE = {"distance": "kth", "k_fraction": 0.5, "k_max": 1000}
 VARIANTS = [  # options are given in full against the first default, so rows stay readable when defaults move
     ("knn_density", FIRST_DEFAULT),
@@ -56,6 +56,9 @@ VARIANTS = [  # options are given in full against the first default, so rows sta
     ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-6, "alarm_rule": "either"}),
     ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-4, "alarm_rule": "misassigned"}),
     ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-4, "alarm_rule": "either"}),
+    # misassigned only with conviction (the proxy gives the other class >= p): the carriers, fewer clean boundary examples
+    ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-4, "alarm_rule": "either", "alarm_confidence": 0.5}),
+    ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-4, "alarm_rule": "either", "alarm_confidence": 0.6}),
     ("epic", {}),
     ("deep_knn", {}),
     ("spectral_signatures", {}),

@@ -63,6 +63,8 @@ def scan_options(fn: Callable) -> Callable:
         click.option("--alarm-z", type=float, default=DEFAULTS.alarm_z, show_default=True, help="... and flags their isolated, hard examples (combined z >= this) ..."),
         click.option("--alarm-rule", type=click.Choice(ALARM_RULES), default=DEFAULTS.alarm_rule, show_default=True,
                      help="... by that rule (hard), or the examples the proxy assigns to another class (misassigned), or both (either)."),
+        click.option("--alarm-confidence", type=float, default=DEFAULTS.alarm_confidence, show_default=True,
+                     help="... misassigned: only those the proxy gives the other class at least this probability (0: any)."),
         click.option("--threshold", type=float, default=DEFAULTS.threshold, show_default=True, help="knn_density: flag examples with score >= this."),
         click.option("--expected-poisons", type=int, default=None, help="Only for baselines whose rule needs a poison count (spectral_signatures, deep_knn); recorded as told."),
         click.option("--epic-fraction", type=float, default=DEFAULTS.epic_fraction, show_default=True, help="epic: medoids per class as a fraction of the class."),

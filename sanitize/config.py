@@ -116,6 +116,9 @@ class ScanConfig:
     # the carriers at eps 16), and every example there the proxy assigns to another class (misassigned: the eps-8
     # carriers, called the target's class); either: both, the default, since the attack's eps is unknown
     alarm_rule: str = "either"
+    # misassigned counts only when the proxy gives the other class at least this probability (0: any): 0.5 keeps the
+    # carriers (called the other class with 0.45-0.79) and spares a third of the class's clean boundary examples
+    alarm_confidence: float = 0.5
     index: str = "auto"  # auto | flat | ivf | hnsw
     exact_max: int = 50_000  # classes up to this size use the exact index under auto
     detector: str = "knn_density"  # or a baseline: epic, deep_knn, spectral_signatures, activation_clustering
@@ -155,6 +158,7 @@ class ScanConfig:
             (self.low_loss_weight >= 0.0, "low_loss_weight must be >= 0"),
             (0.0 <= self.class_alarm_p < 1.0, "class_alarm_p must be in [0, 1)"),
             (self.alarm_rule in ALARM_RULES, f"alarm_rule must be one of {', '.join(ALARM_RULES)}"),
+            (0.0 <= self.alarm_confidence < 1.0, "alarm_confidence must be in [0, 1)"),
             (self.train.epochs >= 0 and self.train.batch_size >= 1, "epochs must be >= 0 and batch_size >= 1"),
             (self.image_size is None or self.image_size >= 8, "image_size must be >= 8"),
             (self.workers >= 0, "workers must be >= 0"),

@@ -12,7 +12,7 @@ example (class-wise z of -log loss, weight w: z = max(z_isolation, (z_isolation 
 mislabeled example, isolated but hard, stays flagged), since most gradient-matching poisons are fitted faster and
 tighter than their class; and a second pass (`alarmed_class_flags`) looks
 again inside classes that hold improbably many flags, for the few hard poisons that carry the attack (or, with
-`alarm_rule`, for the examples the proxy assigns to another class). Scores map z to
+`alarm_rule`, for the examples the proxy confidently assigns to another class). Scores map z to
 [0, 1) with 0.5 at z = 3.5 (Iglewicz & Hoaglin's outlier cut-off). Nothing here knows the poison budget or rate.
 """
 
@@ -40,11 +40,14 @@ def knn_density(embeddings: Embeddings, config: ScanConfig, progress: bool = Tru
     """The default: two-scale per-class k-NN isolation in the space `config.embedding` names."""
     logits = np.asarray(embeddings.logits)
     loss = cross_entropy(logits, embeddings.labels) if config.low_loss_weight or config.class_alarm_p else None
+    predicted = logits.argmax(axis=1)
+    confidence = 1.0 / np.exp(logits - logits.max(axis=1, keepdims=True)).sum(axis=1)  # softmax at the predicted class
     return knn_isolation(
         embeddings.space(config.embedding), embeddings.labels, embeddings.meta["num_classes"], threshold=config.threshold,
         k_small=config.k_small, k_fraction=config.k_fraction, k_max=config.k_max, distance=config.distance,
         loss=loss, low_loss_weight=config.low_loss_weight, class_alarm_p=config.class_alarm_p, alarm_z=config.alarm_z,
-        alarm_rule=config.alarm_rule, predicted=logits.argmax(axis=1), index=config.index, exact_max=config.exact_max,
+        alarm_rule=config.alarm_rule, predicted=predicted, predicted_confidence=confidence, alarm_confidence=config.alarm_confidence,
+        index=config.index, exact_max=config.exact_max,
         seed=config.seed, progress=progress,
     )
 
@@ -64,6 +67,8 @@ def knn_isolation(
     alarm_z: float = 1.5,
     alarm_rule: str = "hard",
     predicted: np.ndarray | None = None,
+    predicted_confidence: np.ndarray | None = None,
+    alarm_confidence: float = 0.0,
     index: str = "auto",
     exact_max: int = 50_000,
     seed: int = 0,
@@ -94,12 +99,18 @@ def knn_isolation(
         per_class[c] = {"n": int(len(members)), "k": ks, "index": kind}
     flags = scores >= threshold
     if class_alarm_p:
-        flags |= alarmed_class_flags(flags, isolation, labels, per_class, loss, class_alarm_p, alarm_z, alarm_rule, predicted)
+        misassigned = None
+        if predicted is not None:
+            misassigned = predicted != labels
+            if alarm_confidence and predicted_confidence is not None:
+                misassigned &= predicted_confidence >= alarm_confidence
+        flags |= alarmed_class_flags(flags, isolation, labels, per_class, loss, class_alarm_p, alarm_z, alarm_rule, misassigned)
     return Detection(
         scores=scores,
         flags=flags,
         summary={"rule": "knn_density", "threshold": threshold, "distance": distance, "low_loss_weight": low_loss_weight if loss is not None else 0.0,
                  "class_alarm_p": class_alarm_p, "alarm_z": alarm_z if class_alarm_p else None, "alarm_rule": alarm_rule if class_alarm_p else None,
+                 "alarm_confidence": alarm_confidence if class_alarm_p and alarm_rule != "hard" else None,
                  "per_class": per_class},
         arrays={"neighbours": neighbours},
     )
@@ -107,7 +118,7 @@ def knn_isolation(
 
 def alarmed_class_flags(
     flags: np.ndarray, isolation: np.ndarray, labels: np.ndarray, per_class: dict[int, dict], loss: np.ndarray | None, alarm_p: float, alarm_z: float,
-    rule: str = "hard", predicted: np.ndarray | None = None,
+    rule: str = "hard", misassigned: np.ndarray | None = None,
 ) -> np.ndarray:
     """The second pass: classes holding far more flags than the typical class are alarmed, and in them every example
     that is both isolated and hard is flagged too.
@@ -118,11 +129,11 @@ def alarmed_class_flags(
     flag rate of all the other classes together (the class under test cannot raise its own baseline; with a median
     instead, a clean set whose classes flag 0-6 examples each raised false alarms). In an alarmed class the example's
     z = (isolation z + z of log loss) / sqrt 2 >= alarm_z flags it (isolation alone without a loss): rule `hard`.
-    Rule `misassigned` flags instead every example of the class that the proxy assigns to another class (at eps 8 the
-    carriers sit past the boundary, called the target's class, yet not isolated within their own); `either` both.
-    Recorded per class.
+    Rule `misassigned` flags instead the examples of the class marked in `misassigned` (those the proxy assigns to
+    another class, with at least `alarm_confidence` of probability: at eps 8 the carriers sit past the boundary, called
+    the target's class, yet not isolated within their own); `either` both. Recorded per class.
     """
-    if rule not in ALARM_RULES or (rule != "hard" and predicted is None):
+    if rule not in ALARM_RULES or (rule != "hard" and misassigned is None):
         raise ValueError(f"alarm rule {rule!r}: choose from {', '.join(ALARM_RULES)}; all but hard need the proxy's predictions")
     scored = [c for c, info in per_class.items() if "k" in info]
     counts = {c: int(flags[labels == c].sum()) for c in scored}
@@ -140,8 +151,8 @@ def alarmed_class_flags(
             if loss is not None:
                 z = (z + robust_z(np.log(loss[members] + 1e-12))) / np.sqrt(2)
             hard = z >= alarm_z
-            misassigned = predicted[members] != c if predicted is not None else np.zeros(len(members), dtype=bool)
-            second = {"hard": hard, "misassigned": misassigned, "either": hard | misassigned}[rule]
+            elsewhere = misassigned[members] if misassigned is not None else np.zeros(len(members), dtype=bool)
+            second = {"hard": hard, "misassigned": elsewhere, "either": hard | elsewhere}[rule]
             extra[members[second]] = True
             per_class[c]["second_pass_flags"] = int(second.sum())
     return extra

@@ -163,15 +163,17 @@ def test_a_detector_row_scanned_under_an_older_default_is_its_own_variant_and_th
     for row in rows:  # as if scanned before the default alarm moved: knn_density's option, which deep_knn does not use
         if row["arm"] != "undefended":
             row["scan_options"]["class_alarm_p"] = 1e-6
+            del row["scan_options"]["alarm_confidence"]  # and before that option was recorded: read as its value then (0)
     results.write_text("".join(json.dumps(row) + "\n" for row in rows))
     run_evaluation(train, test, out, config, progress=False)
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [row["arm"] for row in rows[3:]] == ["scan"]  # no twin: the undefended row is on these poisons
     assert rows[3]["scan_options"]["class_alarm_p"] == ScanConfig().class_alarm_p
     summary = json.loads((out / "summary.json").read_text())
-    assert {(t["arm"], t["variant"]) for t in summary["table"]} == {("undefended", ""), ("scan", ""), ("scan", "class_alarm_p=1e-06"), ("deep_knn", "")}
-    assert {(t["arm"], t["variant"]) for t in summary["paired"]} == {("scan", ""), ("scan", "class_alarm_p=1e-06"), ("deep_knn", "")}
-    assert "| scan (class_alarm_p=1e-06) |" in (out / "summary.md").read_text() and "(class_alarm_p=1e-06)" in (out / "report.html").read_text()
+    old = "class_alarm_p=1e-06, alarm_confidence=0.0"
+    assert {(t["arm"], t["variant"]) for t in summary["table"]} == {("undefended", ""), ("scan", ""), ("scan", old), ("deep_knn", "")}
+    assert {(t["arm"], t["variant"]) for t in summary["paired"]} == {("scan", ""), ("scan", old), ("deep_knn", "")}
+    assert f"| scan ({old}) |" in (out / "summary.md").read_text() and f"({old})" in (out / "report.html").read_text()
 
 
 def test_a_detector_that_flags_nothing_reuses_the_undefended_victim(tmp_path, split_npz, monkeypatch):

@@ -146,3 +146,16 @@ def test_class_alarm_looks_again_only_inside_a_class_with_improbably_many_flags(
     assert by_rule["either"].flags.sum() >= max(by_rule["hard"].flags.sum(), by_rule["misassigned"].flags.sum())
     with pytest.raises(ValueError, match="predictions"):
         knn_isolation(x, labels, 5, loss=loss, class_alarm_p=1e-3, alarm_rule="misassigned", progress=False)
+
+    # alarm_confidence: the alarmed class's clean boundary examples, called another class without conviction, are spared
+    boundary = np.arange(340, 370)
+    predicted[boundary] = 4
+    confidence = np.full(len(labels), 0.9)
+    confidence[boundary] = 0.4
+    confident = knn_isolation(x, labels, 5, distance="kth", loss=loss, class_alarm_p=1e-3, alarm_rule="either", predicted=predicted,
+                              predicted_confidence=confidence, alarm_confidence=0.5, progress=False)
+    anyhow = knn_isolation(x, labels, 5, distance="kth", loss=loss, class_alarm_p=1e-3, alarm_rule="either", predicted=predicted,
+                           predicted_confidence=confidence, alarm_confidence=0.0, progress=False)
+    assert confident.flags[carriers].all() and anyhow.flags[boundary].all()
+    assert confident.flags[boundary].sum() == by_rule["hard"].flags[boundary].sum() < len(boundary)
+    assert confident.summary["alarm_confidence"] == 0.5
