@@ -117,7 +117,7 @@ class ScanConfig:
     # carriers, called the target's class); either: both, the default, since the attack's eps is unknown
     alarm_rule: str = "either"
     # misassigned counts only when the proxy gives the other class at least this probability (0: any): 0.5 keeps the
-    # carriers (called the other class with 0.45-0.79) and spares a third of the class's clean boundary examples
+    # carriers (called the other class with 0.42-0.82) and spares a third of the class's clean boundary examples
     alarm_confidence: float = 0.5
     index: str = "auto"  # auto | flat | ivf | hnsw
     exact_max: int = 50_000  # classes up to this size use the exact index under auto
