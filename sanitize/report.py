@@ -187,6 +187,7 @@ def _scan_context(run_dir: Path, summary: dict[str, Any], data, max_thumbnails: 
         info = per_class_detector.get(str(c), {})
         per_class.append({"name": name, "examples": int(members.sum()), "flagged": int(table.flags[members].sum()),
                           "fraction": float(table.flags[members].mean()) if members.any() else 0.0, "alarmed": bool(info.get("alarmed")),
+                          "alarm_p": info.get("alarm_p_value"), "first_pass": info.get("first_pass_flags"), "second_pass": info.get("second_pass_flags"),
                           "note": info.get("note"), "bars": histogram(table.scores[members], threshold)})
 
     def shown(position: int) -> dict[str, Any]:
