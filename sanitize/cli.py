@@ -69,6 +69,7 @@ def scan_options(fn: Callable) -> Callable:
         click.option("--expected-poisons", type=int, default=None, help="Only for baselines whose rule needs a poison count (spectral_signatures, deep_knn); recorded as told."),
         click.option("--epic-fraction", type=float, default=DEFAULTS.epic_fraction, show_default=True, help="epic: medoids per class as a fraction of the class."),
         click.option("--max-flagged-fraction", type=float, default=DEFAULTS.max_flagged_fraction, show_default=True, help="Gate: exit 1 when more is flagged."),
+        click.option("--fail-on-class-alarm", is_flag=True, default=DEFAULTS.fail_on_class_alarm, help="Gate: exit 1 also when a class raises the class alarm."),
         click.option("--manifest", type=click.Path(exists=True), default=None, help="A poison manifest (or its folder): score the flags against it in the summary and report."),
         click.option("--max-thumbnails", type=int, default=DEFAULTS.max_thumbnails, show_default=True, help="report.html: at most this many flagged examples as images."),
         click.option("--device", default=DEFAULTS.device, show_default=True),
@@ -91,6 +92,9 @@ def print_summary(result: Any) -> None:
     click.echo(f"flagged   {flagged['count']} ({flagged['fraction']:.2%}); most in {', '.join(f'{k}: {v}' for k, v in worst)}")
     verdict = "PASSED" if gate["passed"] else "FAILED"
     click.echo(f"gate      {verdict} (flagged {gate['flagged_fraction']:.2%}, limit {gate['max_flagged_fraction']:.2%})")
+    if gate["alarmed_classes"]:
+        consequence = "the gate fails on it" if gate["fail_on_class_alarm"] else "--fail-on-class-alarm would fail the gate"
+        click.echo(f"alarm     improbably many flags in {', '.join(gate['alarmed_classes'])}: a targeted attack's signature ({consequence})")
     click.echo(f"time      {summary['seconds']['total']:.1f} s  " + ", ".join(f"{k} {v:.1f}" for k, v in summary["seconds"].items() if k != "total"))
     for note in data["notes"]:
         click.echo(f"note      {note}")

@@ -125,7 +125,10 @@ class ScanConfig:
     threshold: float = 0.5  # knn_density: flag score >= threshold; 0.5 = modified z-score 3.5 (Iglewicz & Hoaglin)
     expected_poisons: int | None = None  # only for baselines whose rule needs it; the default scan is never told
     epic_fraction: float = 0.2  # epic: medoids per class = this fraction of the class (EPIC's subset size)
-    max_flagged_fraction: float = 0.05  # the gate: fail when more than this fraction is flagged
+    max_flagged_fraction: float = 0.05  # the gate: fail when more than this fraction is flagged ...
+    # ... or, opted in, when a class raises the class alarm: a targeted attack's poisons are few (0.01-1%) and can pass the
+    # fraction gate while their class's alarm fires (a poisoned CIFAR-10 set: 2.6-2.8% flagged, alarm p 1e-8 to 1e-14)
+    fail_on_class_alarm: bool = False
     manifest: str | None = None  # a poison manifest (attack runs, audits of a defense): score the flags against it
     max_thumbnails: int = 48  # report.html shows at most this many flagged examples as images; scores.csv has all
     device: str = "auto"

@@ -155,6 +155,14 @@ def poison_summary(record: dict[str, Any], manifest: Path, truth: np.ndarray, de
             "ids": [str(i) for i in record["poison_ids"]], "caught": int((detection.flags & truth).sum()), **flag_metrics(detection.flags, detection.scores, truth)}
 
 
+def gate(flagged_fraction: float, alarmed_classes: list[str], config: ScanConfig) -> dict[str, Any]:
+    """The verdict: fail when more than `max_flagged_fraction` is flagged or, with `fail_on_class_alarm`, when any class
+    raised the class alarm (knn_density's improbably-many-flags test; other detectors raise none)."""
+    passed = flagged_fraction <= config.max_flagged_fraction and not (config.fail_on_class_alarm and alarmed_classes)
+    return {"max_flagged_fraction": config.max_flagged_fraction, "flagged_fraction": flagged_fraction, "alarmed_classes": alarmed_classes,
+            "fail_on_class_alarm": config.fail_on_class_alarm, "passed": passed}
+
+
 def _summary(dataset: ImageDataset, config: ScanConfig, model_info: dict, embeddings: Embeddings, detection: Detection, device, amp_dtype, timer: _Timer, started: float) -> dict[str, Any]:
     n = len(dataset)
     flagged = int(detection.flags.sum())
@@ -185,7 +193,7 @@ def _summary(dataset: ImageDataset, config: ScanConfig, model_info: dict, embedd
             "fraction": fraction,
             "per_class": {name: int(f) for name, f in zip(dataset.classes, flagged_per_class)},
         },
-        "gate": {"max_flagged_fraction": config.max_flagged_fraction, "flagged_fraction": fraction, "passed": fraction <= config.max_flagged_fraction},
+        "gate": gate(fraction, [dataset.classes[int(c)] for c, info in detection.summary.get("per_class", {}).items() if info.get("alarmed")], config),
         "seconds": timer.seconds | {"total": round(time.perf_counter() - started, 3)},
         "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }

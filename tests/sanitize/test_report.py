@@ -14,6 +14,7 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
+import markupsafe
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -130,16 +131,19 @@ def test_thumbnails_are_capped_and_the_rerender_checks_the_data(hostile_scan, tm
     write_report(base / "out", data)  # back to the full report for the other tests
 
 
-def test_an_alarmed_class_shows_its_p_value_and_second_pass(hostile_scan, tmp_path):
+def test_an_alarmed_class_shows_its_p_value_second_pass_and_escaped_name(hostile_scan, tmp_path):
     base, data, _ = hostile_scan
     run = tmp_path / "run"
     shutil.copytree(base / "out", run)
     summary = json.loads((run / "summary.json").read_text())
     assert not any(info.get("alarmed") for info in summary["detector"]["per_class"].values())
-    summary["detector"]["per_class"]["1"].update({"alarmed": True, "alarm_p_value": 3.2e-9, "first_pass_flags": 12, "second_pass_flags": 7})
+    hostile = summary["data"]["classes"].index(HOSTILE_CLASS)  # its name is escaped in the verdict line too
+    summary["detector"]["per_class"][str(hostile)].update({"alarmed": True, "alarm_p_value": 3.2e-9, "first_pass_flags": 12, "second_pass_flags": 7})
+    summary["gate"]["alarmed_classes"] = [HOSTILE_CLASS]
     (run / "summary.json").write_text(json.dumps(summary))
     html = write_report(run, data).read_text(encoding="utf-8")
-    assert html.count("class alarm") == 1 and "(12 in the first pass, Poisson p 3.2e-09); the second pass flagged 7" in html
+    assert "(12 in the first pass, Poisson p 3.2e-09); the second pass flagged 7" in html
+    assert f"class alarm in {markupsafe.escape(HOSTILE_CLASS)}</span>" in html and "<b>" not in html
 
 
 def test_bad_run_folders_and_manifests_are_clear_errors(tmp_path, hostile_scan):

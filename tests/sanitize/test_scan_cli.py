@@ -7,11 +7,12 @@ import torch
 from click.testing import CliRunner
 
 import sanitize
-from sanitize.cli import cli
-from sanitize.config import TrainConfig
+from sanitize.cli import cli, print_summary
+from sanitize.config import ScanConfig, TrainConfig
 from sanitize.data import open_dataset
 from sanitize.errors import SanitizeError
 from sanitize.models import create_model
+from sanitize.scan import gate
 from sanitize.training import train_model
 
 FAST_ARGS = ["--model", "tiny", "--epochs", "2", "--batch-size", "64", "--no-augment", "--quiet"]
@@ -39,7 +40,7 @@ def test_scan_writes_the_documented_outputs(tmp_path, digits_folder):
     assert summary["data"]["skipped"][0]["id"] == "digit_0/broken.png"
     assert summary["data"]["counts_per_class"]["digit_0"] == sum(r[0].startswith("digit_0/") for r in rows[1:])
     assert summary["flagged"]["count"] == len(flagged)
-    assert summary["gate"] == {"max_flagged_fraction": 0.05, "flagged_fraction": len(flagged) / 400, "passed": True}
+    assert summary["gate"] == {"max_flagged_fraction": 0.05, "flagged_fraction": len(flagged) / 400, "alarmed_classes": [], "fail_on_class_alarm": False, "passed": True}
     assert summary["config"]["train"]["epochs"] == 2
     assert {"validate", "train_proxy", "embed", "density", "total"} <= set(summary["seconds"])
     for name in ("features", "logits", "gradient"):
@@ -53,6 +54,19 @@ def test_gate_failure_exits_1_and_api_agrees(tmp_path, digits_npz):
     assert result.exit_code == 1 and "gate      FAILED" in result.output
     api = sanitize.scan(digits_npz, tmp_path / "o", max_flagged_fraction=0.0, **FAST)
     assert not api.passed and api.flagged_ids == (tmp_path / "o" / "flagged.txt").read_text().split()
+
+
+def test_the_class_alarm_fails_the_gate_only_when_asked_and_is_printed(tmp_path, digits_npz, capsys):
+    quiet, strict = ScanConfig(), ScanConfig(fail_on_class_alarm=True)
+    assert gate(0.03, ["horse"], quiet)["passed"] and not gate(0.03, ["horse"], strict)["passed"]
+    assert gate(0.03, [], strict)["passed"] and not gate(0.06, [], quiet)["passed"]
+    assert gate(0.03, ["horse"], strict)["alarmed_classes"] == ["horse"]
+    result = sanitize.scan(digits_npz, tmp_path / "o", fail_on_class_alarm=True, **FAST)
+    assert result.summary["gate"]["fail_on_class_alarm"] and result.summary["config"]["fail_on_class_alarm"]
+    result.summary["gate"] |= {"alarmed_classes": ["digit_3"], "passed": False}
+    print_summary(result)
+    printed = capsys.readouterr().out
+    assert "gate      FAILED" in printed and "alarm     improbably many flags in digit_3" in printed and "the gate fails on it" in printed
 
 
 @pytest.mark.parametrize(
