@@ -1,0 +1,75 @@
+"""Candidate second passes for an alarmed class, scored on real poisons without victims (../reports/detection-cpu).
+
+    python benchmarks/second_pass_candidates.py --cache work-data/cache-cpu --sets 0:16,3:8 --out reports/detection-cpu/second_pass.md
+
+For each cached poisoned set (its default scan and surrogate cached by the evaluation), inside the intended class:
+how many clean examples and how many carriers each rule flags (besides the first pass): `hard`, every misassigned
+example, hard + those sent to the class most misassigned examples go to, and hard + misassigned with the proxy's
+probability of the other class >= 0.5 / 0.6. Also where the carriers' nearest neighbours lie (first-pass flags?).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from attacks import choose_setup
+from attacks.evaluate import EvaluationConfig, Harness
+from attacks.gradient_matching import pull_carriers
+from detection_sweep import poison_pulls  # run as a script: benchmarks/ is on the path
+from sanitize.config import ScanConfig
+from sanitize.density import knn
+from sanitize.detectors import get_detector
+from sanitize.embeddings import load_embeddings
+
+
+def candidate_rows(harness: Harness, key: int) -> list[str]:
+    setup = choose_setup(key, harness.train, harness.test, harness.config.budget)
+    poisoned = harness.data_for("undefended", harness.stored_poisons(setup))
+    embeddings = load_embeddings(harness.scan_dir(poisoned) / "knn_density" / "embeddings", poisoned.labels)
+    carriers = np.asarray(setup.poison_indices)[pull_carriers(poison_pulls(harness, setup, poisoned))]
+    members = np.flatnonzero(poisoned.labels == setup.intended_class)
+    is_poison, is_carrier = np.isin(members, setup.poison_indices), np.isin(members, carriers)
+    logits = np.asarray(embeddings.logits)[members]
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    predicted, confidence = probabilities.argmax(axis=1), probabilities.max(axis=1)
+    misassigned = predicted != setup.intended_class
+    detect = lambda **options: get_detector("knn_density")(embeddings, dataclasses.replace(ScanConfig(), **options), False).flags[members]  # noqa: E731
+    first, hard = detect(class_alarm_p=0.0), detect(alarm_rule="hard")
+    dominant = np.bincount(predicted[misassigned], minlength=logits.shape[1]).argmax()
+    rules = {"hard": hard, "every misassigned": misassigned, "either (any confidence)": hard | misassigned,
+             f"hard + sent to the dominant class ({dominant})": hard | (predicted == dominant),
+             "hard + misassigned, p >= 0.5": hard | (misassigned & (confidence >= 0.5)), "hard + misassigned, p >= 0.6": hard | (misassigned & (confidence >= 0.6))}
+    rows = [f"| {key} | {harness.config.eps:g} | {name} | {int((flags & ~first & ~is_poison).sum())} | {int((flags & is_carrier).sum())} of {int(is_carrier.sum())} |"
+            for name, flags in rules.items()]
+    _, nearest = knn(np.ascontiguousarray(np.asarray(embeddings.features)[members], dtype=np.float32), 10, kind="flat")
+    near_flags = first[nearest[is_carrier]].sum()
+    carrier_classes = np.bincount(predicted[is_carrier & misassigned], minlength=logits.shape[1])
+    rows.append(f"| {key} | {harness.config.eps:g} | (carriers: misassigned to classes {np.flatnonzero(carrier_classes).tolist()}, "
+                f"p of that class {[round(float(c), 2) for c in np.sort(confidence[is_carrier & misassigned])]}; first-pass flags among their 10 nearest: {int(near_flags)}) | - | - |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shared", type=Path, default=Path("../shared"))
+    parser.add_argument("--cache", type=Path, required=True)
+    parser.add_argument("--sets", default="0:16,3:8", help="key:eps pairs")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    data = args.shared / "data" / "cifar10"
+    lines = ["| key | eps | rule in the alarmed class | clean examples flagged beyond the first pass | carriers flagged |", "| --- | --- | --- | --- | --- |"]
+    for pair in args.sets.split(","):
+        key, eps = pair.split(":")
+        config = EvaluationConfig(scale="cpu", eps=float(eps), cache=str(args.cache))
+        lines += candidate_rows(Harness(data / "cifar10_train.npz", data / "cifar10_test.npz", args.cache, config, progress=False), int(key))
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
