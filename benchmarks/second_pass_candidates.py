@@ -23,7 +23,7 @@ from detection_sweep import poison_pulls  # run as a script: benchmarks/ is on t
 from sanitize.config import ScanConfig
 from sanitize.density import knn
 from sanitize.detectors import get_detector
-from sanitize.embeddings import load_embeddings
+from sanitize.embeddings import load_embeddings, softmax
 
 
 def candidate_rows(harness: Harness, key: int) -> list[str]:
@@ -34,8 +34,7 @@ def candidate_rows(harness: Harness, key: int) -> list[str]:
     members = np.flatnonzero(poisoned.labels == setup.intended_class)
     is_poison, is_carrier = np.isin(members, setup.poison_indices), np.isin(members, carriers)
     logits = np.asarray(embeddings.logits)[members]
-    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    probabilities = softmax(logits)
     predicted, confidence = probabilities.argmax(axis=1), probabilities.max(axis=1)
     misassigned = predicted != setup.intended_class
     detect = lambda **options: get_detector("knn_density")(embeddings, dataclasses.replace(ScanConfig(), **options), False).flags[members]  # noqa: E731

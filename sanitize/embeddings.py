@@ -53,11 +53,16 @@ class GradientEmbedder:
         return (g @ a.T) * (f_tilde @ b.T) / math.sqrt(self.dim)
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """The proxy's class probabilities, row by row (shifted by the row maximum: no overflow)."""
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    return p
+
+
 def softmax_minus_onehot(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """d CE / d logits for every example: the last-layer gradient's class factor, EPIC's gradient proxy."""
-    z = logits - logits.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=1, keepdims=True)
+    p = softmax(logits)
     p[np.arange(len(p)), labels] -= 1.0
     return p.astype(np.float32)
 

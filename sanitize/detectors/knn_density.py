@@ -25,7 +25,7 @@ from tqdm import tqdm
 from sanitize.config import ALARM_RULES, ScanConfig
 from sanitize.density import choose_index, knn, robust_z, z_to_score
 from sanitize.detectors import Detection, register_detector
-from sanitize.embeddings import Embeddings, cross_entropy
+from sanitize.embeddings import Embeddings, cross_entropy, softmax
 
 
 def scales(n: int, k_small: int, k_fraction: float, k_max: int) -> list[int]:
@@ -40,8 +40,8 @@ def knn_density(embeddings: Embeddings, config: ScanConfig, progress: bool = Tru
     """The default: two-scale per-class k-NN isolation in the space `config.embedding` names."""
     logits = np.asarray(embeddings.logits)
     loss = cross_entropy(logits, embeddings.labels) if config.low_loss_weight or config.class_alarm_p else None
-    predicted = logits.argmax(axis=1)
-    confidence = 1.0 / np.exp(logits - logits.max(axis=1, keepdims=True)).sum(axis=1)  # softmax at the predicted class
+    probabilities = softmax(logits)
+    predicted, confidence = probabilities.argmax(axis=1), probabilities.max(axis=1)
     return knn_isolation(
         embeddings.space(config.embedding), embeddings.labels, embeddings.meta["num_classes"], threshold=config.threshold,
         k_small=config.k_small, k_fraction=config.k_fraction, k_max=config.k_max, distance=config.distance,
