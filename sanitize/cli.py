@@ -13,6 +13,7 @@ import click
 import numpy as np
 
 from sanitize.config import ALARM_RULES, RobustConfig, ScanConfig, TrainConfig
+from sanitize.distributed import current_world
 from sanitize.errors import SanitizeError
 
 DEFAULTS = ScanConfig()
@@ -116,7 +117,8 @@ def scan(data: Path, out: Path, **options: Any) -> None:
     from sanitize.scan import scan as run
 
     result = run(data, out, **options)
-    print_summary(result)
+    if current_world().is_main:  # under torchrun every rank has the verdict; one prints it
+        print_summary(result)
     sys.exit(0 if result.passed else 1)
 
 
@@ -167,6 +169,8 @@ def train(data: Path, out: Path, **options: Any) -> None:
     from sanitize.train import train as run
 
     result = run(data, out, **options)
+    if not current_world().is_main:
+        return
     summary = result.summary
     click.echo(f"model     {summary['model']['name']}, {summary['model']['trained_epochs']} epochs, accuracy on the data {summary['train_accuracy']:.1%}"
                + (f", test {summary['test_accuracy']:.1%}" if "test_accuracy" in summary else ""))

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
-from sanitize.data import ImageDataset, iterate_batches
+from sanitize.data import ImageDataset, iterate_batches, write_atomic
+from sanitize.distributed import World, barrier, broadcast_from_main
 from sanitize.models import Classifier
 from sanitize.training import autocast, to_model_input
 
@@ -126,8 +127,11 @@ def compute_embeddings(
     seed: int = 0,
     signature: str = "",
     progress: bool = True,
+    world: World = World(),
 ) -> Embeddings:
-    """Run the pass, writing rows as they come; a pass with the same `signature` resumes where it stopped."""
+    """Run the pass, writing rows as they come; a pass with the same `signature` resumes where it stopped. Under
+    torchrun rank 0 creates the files and every rank fills its contiguous share of the rows (and keeps its own
+    progress file)."""
     directory.mkdir(parents=True, exist_ok=True)
     embedder = GradientEmbedder(model.num_classes, model.feature_dim, sketch_dim, exact_gradient_max, seed)
     n = len(dataset)
@@ -140,20 +144,25 @@ def compute_embeddings(
         "gradient_dim": embedder.dim,
         "sketch_seed": seed,
     }
-    meta_path, progress_path = directory / "meta.json", directory / "progress.json"
+    meta_path = directory / "meta.json"
+    progress_path = directory / ("progress.json" if not world.distributed else f"progress-{world.rank}-of-{world.world_size}.json")
     shapes = {"features": (n, model.feature_dim), "logits": (n, model.num_classes), "gradient": (n, embedder.dim)}
-    resume = meta_path.exists() and json.loads(meta_path.read_text()) == meta and progress_path.exists()
-    start = json.loads(progress_path.read_text())["rows_done"] if resume else 0
-    if not resume:
-        progress_path.unlink(missing_ok=True)
-        meta_path.write_text(json.dumps(meta, indent=1))
-    arrays = {
-        name: open_memmap(directory / f"{name}.npy", mode="r+" if resume else "w+", dtype=np.float32, shape=shape)
-        for name, shape in shapes.items()
-    }
+    same_pass = None
+    if world.is_main:
+        same_pass = meta_path.exists() and json.loads(meta_path.read_text()) == meta and all((directory / f"{name}.npy").exists() for name in ARRAYS)
+        if not same_pass:
+            for stale in directory.glob("progress*.json"):
+                stale.unlink()
+            for name, shape in shapes.items():
+                open_memmap(directory / f"{name}.npy", mode="w+", dtype=np.float32, shape=shape).flush()
+            write_atomic(meta_path, json.dumps(meta, indent=1))
+    same_pass = broadcast_from_main(same_pass, world)  # after rank 0 made the files: no rank opens them before
+    lo, hi = world.row_range(n)
+    start = json.loads(progress_path.read_text())["rows_done"] if same_pass and progress_path.exists() else lo
+    arrays = {name: open_memmap(directory / f"{name}.npy", mode="r+") for name in ARRAYS}
     model.to(device, memory_format=torch.channels_last).eval()
-    rows = np.arange(start, n)
-    bar = tqdm(total=n, initial=start, desc="embed", unit="img", disable=not progress)
+    rows = np.arange(start, hi)
+    bar = tqdm(total=hi - lo, initial=start - lo, desc="embed", unit="img", disable=not progress)
     checkpoint_every = max(1, 20_000 // batch_size)
     for step, (images, labels, positions) in enumerate(iterate_batches(dataset, rows, batch_size, workers), 1):
         with autocast(device, amp_dtype):
@@ -161,15 +170,16 @@ def compute_embeddings(
             logits = model.head(features)
         labels = labels.to(device)
         g, f_tilde = last_layer_gradient_factors(features, logits, labels)
-        lo, hi = int(positions[0]), int(positions[-1]) + 1
-        arrays["features"][lo:hi] = features.float().cpu().numpy()
-        arrays["logits"][lo:hi] = logits.float().cpu().numpy()
-        arrays["gradient"][lo:hi] = embedder(g, f_tilde).cpu().numpy()
-        bar.update(hi - lo)
-        if step % checkpoint_every == 0 or hi == n:
+        first, end = int(positions[0]), int(positions[-1]) + 1
+        arrays["features"][first:end] = features.float().cpu().numpy()
+        arrays["logits"][first:end] = logits.float().cpu().numpy()
+        arrays["gradient"][first:end] = embedder(g, f_tilde).cpu().numpy()
+        bar.update(end - first)
+        if step % checkpoint_every == 0 or end == hi:
             for array in arrays.values():
                 array.flush()
-            progress_path.write_text(json.dumps({"rows_done": hi}))
+            write_atomic(progress_path, json.dumps({"rows_done": end}))
     bar.close()
     del arrays
+    barrier(world)  # every share is written
     return load_embeddings(directory, dataset.labels)

@@ -20,6 +20,7 @@ import torch
 
 from sanitize.config import RobustConfig
 from sanitize.data import ImageDataset, write_atomic
+from sanitize.distributed import World
 from sanitize.embeddings import softmax_minus_onehot
 from sanitize.medoids import isolated_medoids
 from sanitize.training import predict
@@ -29,9 +30,9 @@ class EpicDropper:
     """The `after_epoch` hook of `train_model`: decides the rounds, drops, logs; resumable from the log file."""
 
     def __init__(self, dataset: ImageDataset, config: RobustConfig, epochs: int, last_milestone: int, log_path: Path,
-                 device: torch.device, amp_dtype: torch.dtype | None):
+                 device: torch.device, amp_dtype: torch.dtype | None, world: World = World()):
         self.dataset, self.config, self.log_path = dataset, config, log_path
-        self.device, self.amp_dtype = device, amp_dtype
+        self.device, self.amp_dtype, self.world = device, amp_dtype, world
         period = config.period(epochs)
         self.rounds = [e for e in range(max(1, config.warmup), min(last_milestone, epochs - 1) + 1) if e % period == 0]
         self.cap = math.floor(config.max_dropped_fraction * len(dataset))
@@ -46,7 +47,7 @@ class EpicDropper:
         next_epoch = epoch + 1
         if next_epoch not in self.rounds or len(self.log) >= self.cap:
             return indices
-        logits = predict(model, self.dataset, np.arange(len(self.dataset)), self.device, self.amp_dtype)
+        logits = predict(model, self.dataset, np.arange(len(self.dataset)), self.device, self.amp_dtype, world=self.world)  # every rank: all rows
         proxy = softmax_minus_onehot(logits, self.dataset.labels)
         isolated, _ = isolated_medoids(proxy, self.dataset.labels, self.dataset.num_classes, self.config.fraction)
         new = np.setdiff1d(isolated, np.setdiff1d(np.arange(len(self.dataset)), indices))  # not dropped before
@@ -67,4 +68,6 @@ class EpicDropper:
         return json.loads(self.log_path.read_text())["dropped"]
 
     def _write_log(self) -> None:
+        if not self.world.is_main:  # the ranks drop the same examples (same predictions, deterministic medoids)
+            return
         write_atomic(self.log_path, json.dumps({"config": asdict(self.config), "rounds": self.rounds, "cap": self.cap, "dropped": self.log}, indent=1))

@@ -2,7 +2,8 @@
 
 Outputs under `out` (never inside DATA, which is only read): summary.json, scores.csv, flagged.txt, report.html (the
 audit report), proxy/ (the model) and embeddings/ (memory-mapped arrays). A killed scan rerun with the same options resumes: the proxy from
-its last finished epoch, the embedding pass from its last written rows.
+its last finished epoch, the embedding pass from its last written rows. Under torchrun the ranks share validation, proxy
+training (DDP) and the embedding pass; rank 0 runs the detector and writes the files; every rank returns the result.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from sanitize.config import ScanConfig
 from sanitize.data import ImageDataset, open_dataset, prepare_output, write_atomic
 from sanitize.density import gpu_available
 from sanitize.detectors import Detection, get_detector
+from sanitize.distributed import World, broadcast_from_main, current_world
 from sanitize.embeddings import Embeddings, compute_embeddings
 from sanitize.manifest import flag_metrics, manifest_file, poison_mask, read_manifest
 from sanitize.models import Classifier, create_model, default_model_name, load_weights
@@ -79,7 +81,7 @@ def _embedding_signature(dataset: ImageDataset, model: Classifier, config: ScanC
     return digest.hexdigest()[:32]
 
 
-def build_proxy(dataset: ImageDataset, config: ScanConfig, out: Path, device: torch.device, amp_dtype, timer: _Timer) -> tuple[Classifier, dict[str, Any]]:
+def build_proxy(dataset: ImageDataset, config: ScanConfig, out: Path, device: torch.device, amp_dtype, timer: _Timer, world: World = World()) -> tuple[Classifier, dict[str, Any]]:
     """Load the user's checkpoint, or train a proxy from scratch on the data (resuming an interrupted run)."""
     name = default_model_name(dataset.image_size) if config.model == "auto" else config.model
     if config.checkpoint:
@@ -89,7 +91,7 @@ def build_proxy(dataset: ImageDataset, config: ScanConfig, out: Path, device: to
         return model, {"name": name, "parameters": sum(p.numel() for p in model.parameters()), "checkpoint": str(config.checkpoint)}
     with timer.phase("train_proxy"):
         return train_from_scratch(dataset, name, config.train, out / "proxy", device, amp_dtype, seed=config.seed,
-                                  workers=config.workers, progress=not config.quiet, desc="proxy")
+                                  workers=config.workers, progress=not config.quiet and world.is_main, desc="proxy", world=world)
 
 
 def write_scores(path: Path, dataset: ImageDataset, detection: Detection) -> None:
@@ -111,42 +113,53 @@ def run_scan(data: str | os.PathLike | ImageDataset, out: str | os.PathLike, con
     SanitizeError (or DataError) for problems with the input."""
     timer = _Timer()
     started = time.perf_counter()
-    progress = not config.quiet
+    world = current_world()
+    progress = not config.quiet and world.is_main
     if isinstance(data, ImageDataset):
         dataset, out = data, Path(out)
         out.mkdir(parents=True, exist_ok=True)
     else:
         data, out = prepare_output(data, out)
         with timer.phase("validate"):
-            dataset = open_dataset(data, image_size=config.image_size, workers=config.workers, progress=progress)
+            dataset = open_dataset(data, image_size=config.image_size, workers=config.workers, progress=progress, world=world)
     record = read_manifest(config.manifest) if config.manifest else None
     truth = poison_mask(record, dataset.ids) if record else None  # checked before the long part, not after
-    device = resolve_device(config.device)
+    device = resolve_device(config.device, world)
     amp_dtype = resolve_precision(config.precision, device)
-    model, model_info = build_proxy(dataset, config, out, device, amp_dtype, timer)
+    model, model_info = build_proxy(dataset, config, out, device, amp_dtype, timer, world)
     signature = _embedding_signature(dataset, model, config)
     with timer.phase("embed"):
         embeddings = compute_embeddings(
             model, dataset, out / "embeddings", device, amp_dtype, sketch_dim=config.sketch_dim,
             exact_gradient_max=config.exact_gradient_max, batch_size=config.eval_batch_size, workers=config.workers,
-            seed=config.seed, signature=signature, progress=progress,
+            seed=config.seed, signature=signature, progress=progress, world=world,
         )
-    model_info["train_accuracy_eval_mode"] = embeddings.accuracy()
-    with timer.phase("density"):
-        detection = get_detector(config.detector)(embeddings, config, progress)
     files = {"summary": out / "summary.json", "scores": out / "scores.csv", "flagged": out / "flagged.txt", "report": out / "report.html",
              "embeddings": out / "embeddings"}
+    outcome = None
+    if world.is_main:
+        model_info["train_accuracy_eval_mode"] = embeddings.accuracy()
+        detection = _detect_and_write(dataset, config, embeddings, files, timer, progress)
+        summary = _summary(dataset, config, model_info, embeddings, detection, device, amp_dtype, timer, started, world)
+        if record:
+            summary["poisons"] = poison_summary(record, Path(config.manifest), truth, detection)
+        write_atomic(files["summary"], json.dumps(summary, indent=2, default=str))
+        write_report(out, dataset, max_thumbnails=config.max_thumbnails)
+        outcome = detection.scores, detection.flags, summary
+    scores, flags, summary = broadcast_from_main(outcome, world)
+    return ScanResult(list(dataset.ids), list(dataset.paths), dataset.labels, scores, flags, summary, files)
+
+
+def _detect_and_write(dataset: ImageDataset, config: ScanConfig, embeddings: Embeddings, files: dict[str, Path], timer: _Timer, progress: bool) -> Detection:
+    """The detector's scores and flags, written as scores.csv, flagged.txt and the detector's own arrays."""
+    with timer.phase("density"):
+        detection = get_detector(config.detector)(embeddings, config, progress)
     with timer.phase("write"):
         for name, array in detection.arrays.items():  # e.g. knn_density's nearest same-class neighbours
-            np.save(out / "embeddings" / f"{name}.npy", array)
+            np.save(files["embeddings"] / f"{name}.npy", array)
         write_scores(files["scores"], dataset, detection)
         write_atomic(files["flagged"], "".join(dataset.ids[i] + "\n" for i in np.flatnonzero(detection.flags)))
-    summary = _summary(dataset, config, model_info, embeddings, detection, device, amp_dtype, timer, started)
-    if record:
-        summary["poisons"] = poison_summary(record, Path(config.manifest), truth, detection)
-    write_atomic(files["summary"], json.dumps(summary, indent=2, default=str))
-    write_report(out, dataset, max_thumbnails=config.max_thumbnails)
-    return ScanResult(list(dataset.ids), list(dataset.paths), dataset.labels, detection.scores, detection.flags, summary, files)
+    return detection
 
 
 def poison_summary(record: dict[str, Any], manifest: Path, truth: np.ndarray, detection: Detection) -> dict[str, Any]:
@@ -163,7 +176,7 @@ def gate(flagged_fraction: float, alarmed_classes: list[str], config: ScanConfig
             "fail_on_class_alarm": config.fail_on_class_alarm, "passed": passed}
 
 
-def _summary(dataset: ImageDataset, config: ScanConfig, model_info: dict, embeddings: Embeddings, detection: Detection, device, amp_dtype, timer: _Timer, started: float) -> dict[str, Any]:
+def _summary(dataset: ImageDataset, config: ScanConfig, model_info: dict, embeddings: Embeddings, detection: Detection, device, amp_dtype, timer: _Timer, started: float, world: World) -> dict[str, Any]:
     n = len(dataset)
     flagged = int(detection.flags.sum())
     fraction = flagged / n
@@ -172,7 +185,8 @@ def _summary(dataset: ImageDataset, config: ScanConfig, model_info: dict, embedd
     notes = list(dataset.notes) + [f"class {name!r} has no images" for name, c in counts.items() if c == 0]
     return {
         "versions": _versions(),
-        "device": {"device": str(device), "precision": "bf16" if amp_dtype is not None else "fp32", "faiss_gpu": gpu_available(), "threads": torch.get_num_threads()},
+        "device": {"device": str(device), "precision": "bf16" if amp_dtype is not None else "fp32", "faiss_gpu": gpu_available(), "threads": torch.get_num_threads(),
+                   "processes": world.world_size},
         "data": {
             "source": dataset.source,
             "kind": dataset.kind,

@@ -3,7 +3,8 @@
 Outputs under `out` (never inside DATA): model.pt (a state dict, loadable with weights_only=True), checkpoint.pt (a
 killed run rerun with the same options resumes from its last finished epoch), summary.json (recipe, per-epoch
 history, accuracy, seconds, dropped counts per class) and, when robust, drop_log.json (id, position, class and round of
-every dropped example) and kept.txt.
+every dropped example) and kept.txt. Under torchrun the ranks train data-parallel (DDP) and share the robust rounds'
+predictions; rank 0 writes the files; every rank returns the result.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 from sanitize.config import FitConfig
 from sanitize.data import open_dataset, prepare_output
+from sanitize.distributed import World, current_world
 from sanitize.models import Classifier, default_model_name
 from sanitize.report import write_report
 from sanitize.robust import EpicDropper
@@ -37,9 +39,10 @@ class TrainResult:
 def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig) -> TrainResult:
     data, out = prepare_output(data, out)
     started = time.perf_counter()
-    progress = not config.quiet
-    dataset = open_dataset(data, image_size=config.image_size, workers=config.workers, progress=progress)
-    device = resolve_device(config.device)
+    world = current_world()
+    progress = not config.quiet and world.is_main
+    dataset = open_dataset(data, image_size=config.image_size, workers=config.workers, progress=progress, world=world)
+    device = resolve_device(config.device, world)
     amp_dtype = resolve_precision(config.precision, device)
     name = default_model_name(dataset.image_size) if config.model == "auto" else config.model
     recipe = dataclasses.replace(config.train, seed=config.seed)
@@ -47,29 +50,31 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
     dropper = None
     if config.robust:
         files |= {"drop_log": out / "drop_log.json", "kept": out / "kept.txt"}
-        dropper = EpicDropper(dataset, config.epic, recipe.epochs, max(milestone_epochs(recipe)), files["drop_log"], device, amp_dtype)
+        dropper = EpicDropper(dataset, config.epic, recipe.epochs, max(milestone_epochs(recipe)), files["drop_log"], device, amp_dtype, world)
     model, info = train_from_scratch(dataset, name, recipe, out, device, amp_dtype, seed=config.seed, workers=config.workers,
                                      progress=progress, desc="robust" if config.robust else "train", after_epoch=dropper,
-                                     extra_meta={"robust": json.dumps(dataclasses.asdict(config.epic)) if config.robust else "no"})
+                                     extra_meta={"robust": json.dumps(dataclasses.asdict(config.epic)) if config.robust else "no"}, world=world)
     dropped = dropper.dropped() if dropper else np.zeros(0, np.int64)
-    if dropper:
+    if dropper and world.is_main:
         kept = np.setdiff1d(np.arange(len(dataset)), dropped)
         files["kept"].write_text("".join(dataset.ids[i] + "\n" for i in kept))
     summary = {
         "data": {"source": dataset.source, "fingerprint": dataset.fingerprint, "image_size": list(dataset.image_size), "examples": len(dataset),
                  "classes": dataset.classes, "skipped": len(dataset.skipped)},
         "config": dataclasses.asdict(config), "model": info,
-        "train_accuracy": _accuracy(model, dataset, device, amp_dtype),
+        "train_accuracy": _accuracy(model, dataset, device, amp_dtype, world),
         "robust": {"rounds": dropper.rounds, "dropped": int(len(dropped)), "dropped_fraction": len(dropped) / len(dataset),
                    "dropped_per_class": {dataset.classes[c]: int(n) for c, n in enumerate(np.bincount(dataset.labels[dropped], minlength=dataset.num_classes))}}
         if dropper else None,
         "seconds": round(time.perf_counter() - started, 2),
+        "processes": world.world_size,
     }
     if config.test:
-        test = open_dataset(Path(config.test), image_size=dataset.image_size[0], progress=progress)
-        summary["test_accuracy"] = _accuracy(model, test, device, amp_dtype)
-    files["summary"].write_text(json.dumps(summary, indent=1, default=str))
-    write_report(out, dataset, max_thumbnails=config.max_thumbnails)
+        test = open_dataset(Path(config.test), image_size=dataset.image_size[0], progress=progress, world=world)
+        summary["test_accuracy"] = _accuracy(model, test, device, amp_dtype, world)
+    if world.is_main:
+        files["summary"].write_text(json.dumps(summary, indent=1, default=str))
+        write_report(out, dataset, max_thumbnails=config.max_thumbnails)
     return TrainResult(model, summary, [dataset.ids[i] for i in dropped], files)
 
 
@@ -78,7 +83,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "sanitize-train", **
     return run_train(data, out, FitConfig.from_options(**options))
 
 
-def _accuracy(model: Classifier, dataset, device, amp_dtype) -> float:
-    logits = predict(model, dataset, np.arange(len(dataset)), device, amp_dtype)
+def _accuracy(model: Classifier, dataset, device, amp_dtype, world: World) -> float:
+    logits = predict(model, dataset, np.arange(len(dataset)), device, amp_dtype, world=world)
     return float((logits.argmax(axis=1) == dataset.labels).mean())
 

@@ -17,20 +17,21 @@ from tqdm import tqdm
 
 from sanitize.config import TrainConfig
 from sanitize.data import ImageDataset, iterate_batches
+from sanitize.distributed import World, all_reduce_sum, gather_rows
 from sanitize.errors import SanitizeError
 from sanitize.models import Classifier, create_model
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` picks CUDA when present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def resolve_device(name: str = "auto", world: World = World()) -> torch.device:
+    """`auto` picks CUDA when present, else the CPU; under torchrun, `cuda` means this rank's GPU (its local rank)."""
     try:
-        device = torch.device(name)
+        device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
     except RuntimeError as error:
         raise SanitizeError(f"bad device {name!r}: {error}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SanitizeError("--device cuda was asked for but no CUDA device is available")
+    if device.type == "cuda" and device.index is None and world.distributed:
+        device = torch.device("cuda", world.local_rank)
     return device
 
 
@@ -123,14 +124,20 @@ def train_model(
     desc: str = "train",
     after_epoch: EpochHook | None = None,
     memory_format: torch.memory_format = torch.channels_last,
+    world: World = World(),
 ) -> list[dict[str, float]]:
     """Train `model` on `indices` from its current weights; returns per-epoch loss, accuracy, wall and process CPU
     seconds (the epoch hook included), kept across a resume.
 
     With `checkpoint`, state is saved after every epoch and a run whose `meta` matches resumes from it.
     `after_epoch(epoch, model, indices)` may return a smaller index set for the next epochs (robust training).
+    Under torchrun the model is wrapped in DDP and every rank trains on its share of each epoch's order with
+    batch_size / world_size examples a step (the recipe's global batch); rank 0 writes the checkpoint; the history
+    counts all ranks.
     """
     model.to(device, memory_format=memory_format)
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world.distributed else model
+    batch_size = max(1, config.batch_size // world.world_size)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
     )
@@ -150,18 +157,18 @@ def train_model(
         model.train()
         started, cpu_started = time.perf_counter(), time.process_time()
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        order = np.random.default_rng([config.seed, epoch]).permutation(indices)
-        if len(order) % config.batch_size == 1:
+        order = world.epoch_share(np.random.default_rng([config.seed, epoch]).permutation(indices))
+        if len(order) % batch_size == 1:
             order = order[:-1]  # a batch of one breaks batch norm
         loss_sum, correct, seen = 0.0, 0, 0
-        batches = iterate_batches(dataset, order, config.batch_size, workers, pin_memory=device.type == "cuda")
-        for images, labels, _ in tqdm(batches, total=-(-len(order) // config.batch_size), desc=f"{desc} {epoch + 1}/{config.epochs}", leave=False, disable=not progress):
+        batches = iterate_batches(dataset, order, batch_size, workers, pin_memory=device.type == "cuda")
+        for images, labels, _ in tqdm(batches, total=-(-len(order) // batch_size), desc=f"{desc} {epoch + 1}/{config.epochs}", leave=False, disable=not progress):
             x = to_model_input(images, device, memory_format)
             if config.augment:
                 x = random_crop_flip(x, generator)
             y = labels.to(device, non_blocking=True)
             with autocast(device, amp_dtype):
-                logits = model(x)
+                logits = net(x)
                 loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -170,11 +177,12 @@ def train_model(
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
         scheduler.step()
+        loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], world)
         if after_epoch is not None:
             indices = np.asarray(after_epoch(epoch, model, indices), dtype=np.int64)
-        history.append({"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), "examples": seen,
+        history.append({"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), "examples": int(seen),
                         "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started})
-        if checkpoint is not None:
+        if checkpoint is not None and world.is_main:
             save_atomic(
                 {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history, "epoch": epoch + 1, "indices": torch.from_numpy(indices), "meta": meta or {}},
                 checkpoint,
@@ -184,21 +192,25 @@ def train_model(
 
 @torch.no_grad()
 def predict(
-    model: torch.nn.Module,
+    model: Classifier,
     dataset: ImageDataset,
     indices: np.ndarray,
     device: torch.device,
     amp_dtype: torch.dtype | None,
     batch_size: int = 512,
     workers: int = 0,
+    world: World = World(),
 ) -> np.ndarray:
-    """Logits (N, C) float32 in eval mode, no augmentation."""
+    """Logits (N, C) float32 in eval mode, no augmentation; under torchrun each rank predicts its share of the rows and
+    every rank gets them all."""
     model.to(device, memory_format=torch.channels_last).eval()
-    outputs = []
-    for images, _, _ in iterate_batches(dataset, np.asarray(indices), batch_size, workers):
+    indices = np.asarray(indices)
+    lo, hi = world.row_range(len(indices))
+    outputs = [torch.zeros(0, model.num_classes)]
+    for images, _, _ in iterate_batches(dataset, indices[lo:hi], batch_size, workers):
         with autocast(device, amp_dtype):
             outputs.append(model(to_model_input(images, device)).float().cpu())
-    return torch.cat(outputs).numpy()
+    return gather_rows(torch.cat(outputs).numpy(), world)
 
 
 def train_from_scratch(
@@ -214,9 +226,11 @@ def train_from_scratch(
     desc: str = "train",
     after_epoch: EpochHook | None = None,
     extra_meta: dict[str, str] | None = None,
+    world: World = World(),
 ) -> tuple[Classifier, dict[str, Any]]:
     """A fresh `model_name` (seeded, input-normalised on the data) trained on all of `dataset`; resumes from
-    directory/checkpoint.pt when the data, model, recipe and seed match; writes directory/model.pt (a state dict)."""
+    directory/checkpoint.pt when the data, model, recipe and seed match; writes directory/model.pt (a state dict;
+    rank 0 under torchrun)."""
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = create_model(model_name, dataset.num_classes, (3, *dataset.image_size))
@@ -225,8 +239,9 @@ def train_from_scratch(
     model.set_normalization(mean, std)
     meta = {"fingerprint": dataset.fingerprint, "model": model_name, "train": json.dumps(dataclasses.asdict(recipe), sort_keys=True), "seed": str(seed)} | (extra_meta or {})
     history = train_model(model, dataset, np.arange(len(dataset)), recipe, device, amp_dtype, checkpoint=directory / "checkpoint.pt",
-                          meta=meta, workers=workers, progress=progress, desc=desc, after_epoch=after_epoch)
-    torch.save(model.state_dict(), directory / "model.pt")
+                          meta=meta, workers=workers, progress=progress, desc=desc, after_epoch=after_epoch, world=world)
+    if world.is_main:
+        save_atomic(model.state_dict(), directory / "model.pt")
     info = {"name": model_name, "parameters": sum(p.numel() for p in model.parameters()), "trained_epochs": len(history),
             "history": history, "weights": str(directory / "model.pt"), "seconds": round(time.perf_counter() - started, 2)}
     return model, info

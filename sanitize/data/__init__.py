@@ -8,16 +8,17 @@ from pathlib import Path
 from sanitize.data.arrays import ArrayDataset, open_npz
 from sanitize.data.base import ImageDataset, Skipped, iterate_batches
 from sanitize.data.folder import FolderDataset, open_folder
+from sanitize.distributed import World
 from sanitize.errors import DataError
 
 __all__ = ["ArrayDataset", "FolderDataset", "ImageDataset", "Skipped", "ensure_outside", "iterate_batches", "open_dataset", "prepare_output", "write_atomic"]
 
 
-def open_dataset(path: str | Path, image_size: int | None = None, workers: int = 0, progress: bool = True) -> ImageDataset:
-    """Open DATA: a directory is an ImageFolder, a .npz file holds arrays."""
+def open_dataset(path: str | Path, image_size: int | None = None, workers: int = 0, progress: bool = True, world: World = World()) -> ImageDataset:
+    """Open DATA: a directory is an ImageFolder (validated in shares under torchrun), a .npz file holds arrays."""
     path = Path(path)
     if path.is_dir():
-        return open_folder(path, image_size=image_size, workers=workers, progress=progress)
+        return open_folder(path, image_size=image_size, workers=workers, progress=progress, world=world)
     if path.is_file() and path.suffix.lower() == ".npz":
         dataset = open_npz(path)
         if image_size is not None and dataset.image_size != (image_size, image_size):

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from sanitize.data.base import ImageDataset, Skipped
+from sanitize.distributed import World, gather_lists
 from sanitize.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
@@ -78,18 +79,21 @@ def _list_classes(root: Path) -> tuple[list[str], list[tuple[Path, int]], int]:
     return classes, files, ignored
 
 
-def open_folder(root: Path, image_size: int | None = None, workers: int = 0, progress: bool = True) -> "FolderDataset":
-    """List and validate an ImageFolder tree; undecodable files are recorded in `skipped`, not raised."""
+def open_folder(root: Path, image_size: int | None = None, workers: int = 0, progress: bool = True, world: World = World()) -> "FolderDataset":
+    """List and validate an ImageFolder tree; undecodable files are recorded in `skipped`, not raised. Under torchrun
+    every rank decodes every world_size-th file and all ranks share the results."""
     classes, files, ignored = _list_classes(root)
     if not classes:
         raise DataError(f"{root} has no class subfolders (expected DATA/<class>/<image>)")
     if not files:
         raise DataError(f"{root} has no image files ({', '.join(IMAGE_EXTENSIONS)})")
-    results = DataLoader(_Validate([path for path, _ in files]), batch_size=None, num_workers=workers)
+    mine = range(world.rank, len(files), world.world_size)
+    results = DataLoader(_Validate([files[i][0] for i in mine]), batch_size=None, num_workers=workers)
+    checked = [(mine[j], size, digest, reason) for j, size, digest, reason in tqdm(results, total=len(mine), desc="validate", unit="img", disable=not progress)]
     sizes: dict[int, tuple[int, int]] = {}
     digests: dict[int, str] = {}
     skipped = []
-    for i, size, digest, reason in tqdm(results, total=len(files), desc="validate", unit="img", disable=not progress):
+    for i, size, digest, reason in sorted(gather_lists(checked, world), key=lambda result: result[0]):
         rel = files[i][0].relative_to(root).as_posix()
         if size is None:
             skipped.append(Skipped(id=rel, path=str(files[i][0]), reason=reason))

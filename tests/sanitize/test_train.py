@@ -15,19 +15,6 @@ from sanitize.train import train
 FAST = dict(model="tiny", epochs=6, batch_size=32, augment=False, quiet=True)
 
 
-@pytest.fixture(scope="module")
-def mislabeled_npz(tmp_path_factory, digits16):
-    """1,000 digits, 20 of them moved to a wrong label: the isolated examples EPIC's rule exists to drop."""
-    x, y = digits16
-    x, y = x[:1000], y[:1000].copy()
-    rng = np.random.default_rng(0)
-    planted = np.sort(rng.choice(len(y), 20, replace=False))
-    y[planted] = (y[planted] + rng.integers(1, 10, 20)) % 10
-    path = tmp_path_factory.mktemp("robust") / "mislabeled.npz"
-    np.savez(path, x=x, y=y)
-    return path, planted
-
-
 def test_robust_training_drops_the_planted_examples_and_logs_every_drop(tmp_path, mislabeled_npz):
     data, planted = mislabeled_npz
     result = train(data, tmp_path / "r", robust=True, every=2, **FAST)
