@@ -13,7 +13,7 @@ import click
 import numpy as np
 
 from sanitize.config import ALARM_RULES, RobustConfig, ScanConfig, TrainConfig
-from sanitize.distributed import current_world
+from sanitize.distributed import current_world, refuse_torchrun
 from sanitize.errors import SanitizeError
 
 DEFAULTS = ScanConfig()
@@ -128,6 +128,7 @@ def scan(data: Path, out: Path, **options: Any) -> None:
 @_handle_errors
 def demo(out: Path, quiet: bool) -> None:
     """Scan a built-in dataset (scikit-learn's digits as PNGs, 2% mislabeled on purpose); no downloads."""
+    refuse_torchrun("demo")
     from sanitize.data.digits import digits_arrays, mislabel, write_image_folder
     from sanitize.scan import scan as run
 
@@ -189,6 +190,7 @@ def train(data: Path, out: Path, **options: Any) -> None:
 @_handle_errors
 def report(run_dir: Path, data: Path | None, max_thumbnails: int, max_projection_classes: int) -> None:
     """Re-render RUN_DIR/report.html from a scan's, training run's or evaluation's outputs."""
+    refuse_torchrun("report")
     from sanitize.report import write_report
 
     path = write_report(run_dir, data, max_thumbnails=max_thumbnails, max_projection_classes=max_projection_classes)
@@ -226,6 +228,7 @@ def parse_keys(text: str, option: str = "--keys") -> tuple[int, ...]:
 @_handle_errors
 def attack(data: Path, test_data: Path, method: str, key: int, budget: float, eps: float, surrogate: str | None, epochs: int, model: str, iterations: int, restarts: int, out: Path, device: str, seed: int, quiet: bool) -> None:
     """Craft poisons against DATA and write a poisoned copy (lossless) with its ground-truth manifest."""
+    refuse_torchrun("attack")
     from attacks.api import attack_dataset
 
     manifest = attack_dataset(data, test_data, out, method=method, key=key, budget=budget, eps=eps, surrogate=surrogate, epochs=epochs,
@@ -256,6 +259,7 @@ def attack(data: Path, test_data: Path, method: str, key: int, budget: float, ep
 @_handle_errors
 def evaluate(data: Path, test_data: Path, attack_name: str, keys: str, victims: int, seeds: str | None, scale: str, eps: float, budget: float, arms: str, model, epochs, restarts, iterations, cache, out: Path, device: str, quiet: bool) -> None:
     """Train victims from scratch on clean / poisoned / control data; append one JSON line per victim to OUT."""
+    refuse_torchrun("evaluate")
     from attacks.evaluate import EvaluationConfig, run_evaluation
 
     config = EvaluationConfig(attack=attack_name, scale=scale, keys=parse_keys(keys), victims=victims,

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sanitize.errors import SanitizeError
+
 T = TypeVar("T")
 RANK_0_ALONE = timedelta(hours=6)  # the longest the other ranks wait on rank 0 (detector, report) before giving up
 
@@ -63,6 +65,13 @@ def current_world() -> World:
             torch.cuda.set_device(world.local_rank)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=RANK_0_ALONE)
     return world
+
+
+def refuse_torchrun(command: str) -> None:
+    """Commands that are not split across ranks would run once per rank and race on their outputs: refuse them."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SanitizeError(f"`sanitize {command}` runs in one process; under torchrun only scan and train are split across ranks"
+                            " (evaluate's victims split across processes with --seeds)")
 
 
 def barrier(world: World) -> None:

@@ -8,7 +8,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
+from sanitize.cli import cli
 from sanitize.distributed import World
 from sanitize.scan import scan
 
@@ -71,3 +73,10 @@ def test_robust_training_under_torchrun_drops_the_planted_examples_once(tmp_path
     assert len(positions) == len(set(positions)) == summary["robust"]["dropped"] <= log["cap"]
     assert np.isin(planted, positions).mean() >= 0.5
     torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("command", [["evaluate", "x.npz", "--test", "y.npz", "--out", "o"], ["demo"], ["report", "."]])
+def test_commands_not_split_across_ranks_refuse_torchrun(command, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(cli, command)
+    assert result.exit_code == 2 and "runs in one process" in result.output
