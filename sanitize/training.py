@@ -24,8 +24,10 @@ from sanitize.models import Classifier, create_model
 
 def resolve_device(name: str = "auto", world: World = World()) -> torch.device:
     """`auto` picks CUDA when present, else the CPU; under torchrun, `cuda` means this rank's GPU (its local rank)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+        device = torch.device(name)
     except RuntimeError as error:
         raise SanitizeError(f"bad device {name!r}: {error}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
