@@ -92,11 +92,7 @@ def all_reduce_sum(values: list[float], world: World) -> list[float]:
 
 def gather_rows(rows: np.ndarray, world: World) -> np.ndarray:
     """Concatenate every rank's rows in rank order (each rank holds its `row_range` share), on every rank."""
-    if not world.distributed:
-        return rows
-    shares: list[Any] = [None] * world.world_size
-    dist.all_gather_object(shares, rows)
-    return np.concatenate(shares)
+    return np.concatenate(gather_lists([rows], world)) if world.distributed else rows
 
 
 def gather_lists(items: list[T], world: World) -> list[T]:
