@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -193,6 +194,20 @@ class Harness:
         partial.unlink(missing_ok=True)
         return model, cost
 
+    def surrogate(self) -> tuple[Classifier, Cost]:
+        """The attacker's surrogate, trained once and published beside the results (OUT/surrogates/) like the poisons:
+        a run on another machine loads it instead of training another, so carriers (and any crafting) are measured on
+        the same model in every session."""
+        cached = self.model_path(self.train, SURROGATE_SEED, "surrogate")
+        published = self.out / "surrogates" / cached.name
+        if published.exists() and not cached.exists():
+            shutil.copyfile(published, cached)
+        model, cost = self.trained(self.train, SURROGATE_SEED, "surrogate")
+        if not published.exists():
+            published.parent.mkdir(exist_ok=True)
+            shutil.copyfile(cached, published)
+        return model, cost
+
     def poisons_path(self, setup: PoisonSetup) -> Path:
         """Where the poisons for `setup` are cached: named by data, key, eps, budget, attack config and the surrogate's recipe."""
         surrogate_recipe = (self.scale.model, self.scale.model_kwargs, dataclasses.asdict(self.recipe))
@@ -364,7 +379,7 @@ def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Pat
         poisons = None  # the unpoisoned controls need neither surrogate nor poisons
         if any(arm not in UNPOISONED_ARMS for arm, _ in todo):
             if surrogate is None:
-                surrogate, surrogate_cost = harness.trained(harness.train, SURROGATE_SEED, "surrogate")
+                surrogate, surrogate_cost = harness.surrogate()
             poisons = stored or harness.poisons(setup, surrogate)
         carriers = None
         poisoned_fingerprint = harness.data_for("undefended", poisons).fingerprint if poisons is not None else None

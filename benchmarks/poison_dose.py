@@ -26,7 +26,7 @@ import torch
 
 from attacks import choose_setup
 from attacks.base import PoisonSet
-from attacks.evaluate import SURROGATE_SEED, EvaluationConfig, Harness
+from attacks.evaluate import EvaluationConfig, Harness
 from attacks.gradient_matching import poison_pull, pull_carriers
 
 
@@ -37,7 +37,7 @@ def kept_mask(choice: str, poisons: PoisonSet, harness: Harness) -> np.ndarray:
         keep = np.zeros(count, bool)
         keep[np.random.default_rng([poisons.setup.key, 7]).permutation(count)[: round(float(choice.split(":")[1]) * count)]] = True
         return keep
-    surrogate, _ = harness.trained(harness.train, SURROGATE_SEED, "surrogate")
+    surrogate, _ = harness.surrogate()
     positions = np.asarray(poisons.setup.poison_indices)
     clean = torch.from_numpy(harness.train.images[positions]).permute(0, 3, 1, 2)
     labels = torch.from_numpy(harness.train.labels[positions])

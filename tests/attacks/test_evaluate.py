@@ -110,21 +110,26 @@ def test_the_clean_and_random_noise_controls_train_no_surrogate_and_craft_nothin
     assert [(r["poison_key"], r["arm"], r["victim_seed"]) for r in rows[4:]] == [(0, "clean", 2)]
 
 
-def test_the_poisons_are_published_beside_the_results_and_a_run_without_the_cache_reuses_them(tmp_path, split_npz, monkeypatch):
+def test_the_poisons_and_surrogate_are_published_beside_the_results_and_a_run_without_the_cache_reuses_them(tmp_path, split_npz, monkeypatch):
     train, test = split_npz
     base = dict(scale="smoke", keys=(0,), eps=16, budget=0.02, epochs=1, iterations=2, arms=("undefended",), cache=str(tmp_path / "cache"))
     out = run_evaluation(train, test, tmp_path / "eval", EvaluationConfig(**base, victims=1), progress=False)
     published = list((out / "poisons").glob("poisons-gradient-matching-key0-eps16-*.npz"))
     assert len(published) == 1 and (tmp_path / "cache" / published[0].name).exists()
-    shutil.rmtree(tmp_path / "cache")  # a fresh machine: the results and their poisons, nothing else
+    surrogates = list((out / "surrogates").glob("surrogate-*.pt"))
+    assert len(surrogates) == 1 and (tmp_path / "cache" / surrogates[0].name).exists()
+    shutil.rmtree(tmp_path / "cache")  # a fresh machine: the results, their poisons and surrogate, nothing else
 
     def no_crafting(*args, **kwargs):
         raise AssertionError("crafted again although the poisons were published")
 
+    trained = []
     monkeypatch.setattr("attacks.evaluate.craft", no_crafting)
-    run_evaluation(train, test, out, EvaluationConfig(**base, victims=2), progress=False)
+    monkeypatch.setattr("attacks.evaluate.train_model", lambda *args, desc="train", **kwargs: trained.append(desc) or train_model(*args, desc=desc, **kwargs))
+    run_evaluation(train, test, out, EvaluationConfig(**base | {"arms": ("undefended", "scan")}, victims=2), progress=False)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["victim_seed"] for r in rows] == [0, 1] and rows[0]["craft_final_loss"] == rows[1]["craft_final_loss"]
+    assert [r["victim_seed"] for r in rows] == [0, 1, 0, 1] and rows[0]["craft_final_loss"] == rows[1]["craft_final_loss"]
+    assert trained and "surrogate" not in trained  # victims trained; the surrogate the scan arm's carriers need was loaded
     assert (tmp_path / "cache" / published[0].name).exists()  # copied back for the benchmarks that read the cache
 
 
