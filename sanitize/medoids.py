@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -88,12 +89,14 @@ def assign(points: np.ndarray, medoids: np.ndarray, chunk: int = 8192) -> np.nda
     return result
 
 
-def isolated_medoids(space: np.ndarray, labels: np.ndarray, num_classes: int, fraction: float, dense_max: int = 5000) -> tuple[np.ndarray, np.ndarray]:
+def isolated_medoids(space: np.ndarray, labels: np.ndarray, num_classes: int, fraction: float, dense_max: int = 5000,
+                     classes: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """EPIC's rule: per class, facility-location medoids (ceil(fraction x class size)), nearest-medoid clusters, and
-    the medoids whose cluster is a singleton. Returns (isolated positions, cluster size of every row)."""
+    the medoids whose cluster is a singleton. Returns (isolated positions, cluster size of every row; 0 outside
+    `classes`). `space` may be memory-mapped: only one class's rows are read at a time."""
     cluster_size = np.zeros(len(labels), dtype=np.int64)
     isolated = [np.zeros(0, np.int64)]
-    for c in range(num_classes):
+    for c in range(num_classes) if classes is None else classes:
         members = np.flatnonzero(labels == c)
         if len(members) == 0:
             continue

@@ -5,7 +5,9 @@ augmentation) gives every example its last-layer gradient proxy softmax - onehot
 (ceil(fraction x class size)) are chosen over all examples, every example joins its nearest medoid, and medoids alone in
 their cluster are dropped, for good; the survivors train unweighted. Added to EPIC: a cap on the total dropped
 fraction (beyond it, the isolated examples with the largest gradient proxy go first), deterministic medoids, a drop log
-(id, class, round) and resume after a kill (the log is cut back to the checkpoint's epoch).
+(id, class, round) and resume after a kill (the log is cut back to the checkpoint's epoch). A round's gradient proxy
+goes to a memory-mapped file beside the log (removed after the round) and is read one class at a time; under torchrun
+each rank fills its share of the rows and picks the medoids of every world_size-th class.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from numpy.lib.format import open_memmap
 
 from sanitize.config import RobustConfig
 from sanitize.data import ImageDataset, write_atomic
-from sanitize.distributed import World
+from sanitize.distributed import World, barrier, gather_rows
 from sanitize.embeddings import softmax_minus_onehot
 from sanitize.medoids import isolated_medoids
 from sanitize.training import predict
@@ -47,17 +50,39 @@ class EpicDropper:
         next_epoch = epoch + 1
         if next_epoch not in self.rounds or len(self.log) >= self.cap:
             return indices
-        logits = predict(model, self.dataset, np.arange(len(self.dataset)), self.device, self.amp_dtype, world=self.world)  # every rank: all rows
-        proxy = softmax_minus_onehot(logits, self.dataset.labels)
-        isolated, _ = isolated_medoids(proxy, self.dataset.labels, self.dataset.num_classes, self.config.fraction)
+        proxy_path = self.log_path.with_name(self.log_path.stem + ".proxy.npy")
+        proxy = self._gradient_proxy(model, proxy_path)
+        my_classes = range(self.world.rank, self.dataset.num_classes, self.world.world_size)
+        isolated, _ = isolated_medoids(proxy, self.dataset.labels, self.dataset.num_classes, self.config.fraction, classes=my_classes)
+        isolated = np.sort(gather_rows(isolated, self.world))
         new = np.setdiff1d(isolated, np.setdiff1d(np.arange(len(self.dataset)), indices))  # not dropped before
         room = self.cap - len(self.log)
         if len(new) > room:
             new = new[np.argsort(-np.linalg.norm(proxy[new], axis=1), kind="stable")[:room]]
+        del proxy
+        barrier(self.world)  # every rank has read the proxy
+        if self.world.is_main:
+            proxy_path.unlink()
         self.log += [{"id": self.dataset.ids[i], "position": int(i), "class": int(self.dataset.labels[i]), "round": next_epoch} for i in np.sort(new)]
         self._write_log()
         model.train()
         return np.setdiff1d(indices, new)
+
+    def _gradient_proxy(self, model: torch.nn.Module, path: Path) -> np.ndarray:
+        """softmax - onehot of every example (eval mode), in a memory-mapped file beside the log: each rank fills its
+        share of the rows, and the medoids then read one class at a time (no N x C array in memory, at ImageNet's
+        1.28M x 1000 5 GB per process)."""
+        n, labels = len(self.dataset), self.dataset.labels
+        if self.world.is_main:
+            open_memmap(path, mode="w+", dtype=np.float32, shape=(n, self.dataset.num_classes)).flush()
+        barrier(self.world)
+        lo, hi = self.world.row_range(n)
+        rows = open_memmap(path, mode="r+")
+        rows[lo:hi] = softmax_minus_onehot(predict(model, self.dataset, np.arange(lo, hi), self.device, self.amp_dtype), labels[lo:hi])
+        rows.flush()
+        del rows
+        barrier(self.world)
+        return np.load(path, mmap_mode="r")
 
     def dropped(self) -> np.ndarray:
         return np.array([row["position"] for row in self.log], dtype=np.int64)

@@ -51,6 +51,19 @@ def test_singleton_medoids_are_the_isolated_points():
     assert len(clean) == 0
 
 
+def test_medoids_split_by_class_across_ranks_add_up_to_the_whole_from_a_memory_mapped_file(tmp_path):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(400, 5)).astype(np.float32)
+    x[::37] *= 6  # a few isolated points in every class
+    labels = rng.integers(0, 5, len(x))
+    np.save(tmp_path / "space.npy", x)
+    whole, sizes = isolated_medoids(x, labels, 5, fraction=0.1)
+    assert len(whole) > 0
+    shares = [isolated_medoids(np.load(tmp_path / "space.npy", mmap_mode="r"), labels, 5, fraction=0.1, classes=range(rank, 5, 2)) for rank in range(2)]
+    np.testing.assert_array_equal(np.sort(np.concatenate([isolated for isolated, _ in shares])), whole)
+    np.testing.assert_array_equal(shares[0][1] + shares[1][1], sizes)
+
+
 def test_epic_flags_isolated_gradients_only():
     rng = np.random.default_rng(3)
     g = np.concatenate([0.02 * rng.normal(size=(200, 10)), [[0.9] + [0.0] * 9]]).astype(np.float32)
