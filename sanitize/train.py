@@ -21,7 +21,7 @@ import numpy as np
 
 from sanitize.config import FitConfig
 from sanitize.data import open_dataset, prepare_output
-from sanitize.distributed import World, current_world
+from sanitize.distributed import World, all_reduce_sum, current_world
 from sanitize.models import Classifier, default_model_name
 from sanitize.report import write_report
 from sanitize.robust import EpicDropper
@@ -84,6 +84,9 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "sanitize-train", **
 
 
 def _accuracy(model: Classifier, dataset, device, amp_dtype, world: World) -> float:
-    logits = predict(model, dataset, np.arange(len(dataset)), device, amp_dtype, world=world)
-    return float((logits.argmax(axis=1) == dataset.labels).mean())
+    """Eval-mode accuracy on `dataset`; under torchrun each rank predicts its share of the rows."""
+    lo, hi = world.row_range(len(dataset))
+    logits = predict(model, dataset, np.arange(lo, hi), device, amp_dtype)
+    correct, total = all_reduce_sum([float((logits.argmax(axis=1) == dataset.labels[lo:hi]).sum()), float(hi - lo)], world)
+    return correct / total
 

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from sanitize.config import TrainConfig
 from sanitize.data import ImageDataset, iterate_batches
-from sanitize.distributed import World, all_reduce_sum, gather_rows
+from sanitize.distributed import World, all_reduce_sum
 from sanitize.errors import SanitizeError
 from sanitize.models import Classifier, create_model
 
@@ -201,18 +201,14 @@ def predict(
     amp_dtype: torch.dtype | None,
     batch_size: int = 512,
     workers: int = 0,
-    world: World = World(),
 ) -> np.ndarray:
-    """Logits (N, C) float32 in eval mode, no augmentation; under torchrun each rank predicts its share of the rows and
-    every rank gets them all."""
+    """Logits (N, C) float32 in eval mode, no augmentation."""
     model.to(device, memory_format=torch.channels_last).eval()
-    indices = np.asarray(indices)
-    lo, hi = world.row_range(len(indices))
-    outputs = [torch.zeros(0, model.num_classes)]
-    for images, _, _ in iterate_batches(dataset, indices[lo:hi], batch_size, workers):
+    outputs = [torch.zeros(0, model.num_classes)]  # no rows: (0, C)
+    for images, _, _ in iterate_batches(dataset, np.asarray(indices), batch_size, workers):
         with autocast(device, amp_dtype):
             outputs.append(model(to_model_input(images, device)).float().cpu())
-    return gather_rows(torch.cat(outputs).numpy(), world)
+    return torch.cat(outputs).numpy()
 
 
 def train_from_scratch(
