@@ -28,6 +28,8 @@ from sanitize.embeddings import softmax_minus_onehot
 from sanitize.medoids import isolated_medoids
 from sanitize.training import predict
 
+PROXY_CHUNK = 50_000  # rows predicted at a time in a round (200 MB of logits with 1,000 classes)
+
 
 class EpicDropper:
     """The `after_epoch` hook of `train_model`: decides the rounds, drops, logs; resumable from the log file."""
@@ -78,7 +80,9 @@ class EpicDropper:
         barrier(self.world)
         lo, hi = self.world.row_range(n)
         rows = open_memmap(path, mode="r+")
-        rows[lo:hi] = softmax_minus_onehot(predict(model, self.dataset, np.arange(lo, hi), self.device, self.amp_dtype), labels[lo:hi])
+        for start in range(lo, hi, PROXY_CHUNK):
+            end = min(start + PROXY_CHUNK, hi)
+            rows[start:end] = softmax_minus_onehot(predict(model, self.dataset, np.arange(start, end), self.device, self.amp_dtype), labels[start:end])
         rows.flush()
         del rows
         barrier(self.world)
@@ -93,6 +97,6 @@ class EpicDropper:
         return json.loads(self.log_path.read_text())["dropped"]
 
     def _write_log(self) -> None:
-        if not self.world.is_main:  # the ranks drop the same examples (same predictions, deterministic medoids)
+        if not self.world.is_main:  # every rank holds the same log (the ranks share the isolated examples)
             return
         write_atomic(self.log_path, json.dumps({"config": asdict(self.config), "rounds": self.rounds, "cap": self.cap, "dropped": self.log}, indent=1))

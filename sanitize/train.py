@@ -3,8 +3,8 @@
 Outputs under `out` (never inside DATA): model.pt (a state dict, loadable with weights_only=True), checkpoint.pt (a
 killed run rerun with the same options resumes from its last finished epoch), summary.json (recipe, per-epoch
 history, accuracy, seconds, dropped counts per class) and, when robust, drop_log.json (id, position, class and round of
-every dropped example) and kept.txt. Under torchrun the ranks train data-parallel (DDP) and share the robust rounds'
-predictions; rank 0 writes the files; every rank returns the result.
+every dropped example) and kept.txt. Under torchrun the ranks train data-parallel (DDP) and split the robust rounds (rows to
+predict, classes to pick medoids in); rank 0 writes the files; every rank returns the result.
 """
 
 from __future__ import annotations

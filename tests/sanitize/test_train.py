@@ -53,9 +53,11 @@ def test_a_killed_robust_run_resumes_to_the_same_drops(tmp_path, mislabeled_npz,
     with pytest.raises(KeyboardInterrupt):
         train(data, tmp_path / "killed", robust=True, every=2, **FAST)
     monkeypatch.setattr(EpicDropper, "__call__", original)
+    monkeypatch.setattr("sanitize.robust.PROXY_CHUNK", 77)  # the resumed round predicts in 13 chunks, not one
     resumed = train(data, tmp_path / "killed", robust=True, every=2, **FAST)
     assert resumed.summary["model"]["trained_epochs"] == 6
     assert json.loads(resumed.files["drop_log"].read_text())["dropped"] == json.loads(reference.files["drop_log"].read_text())["dropped"]
+    assert not list((tmp_path / "killed").glob("*.proxy.npy"))  # each round's gradient proxy file is removed after it
 
 
 def test_plain_training_from_the_cli_writes_a_weights_only_checkpoint(tmp_path, digits_npz):
