@@ -25,7 +25,7 @@ from tqdm import tqdm
 from sanitize.config import ALARM_RULES, ScanConfig
 from sanitize.density import choose_index, knn, robust_z, z_to_score
 from sanitize.detectors import Detection, register_detector
-from sanitize.embeddings import Embeddings, cross_entropy, softmax
+from sanitize.embeddings import Embeddings
 
 
 def scales(n: int, k_small: int, k_fraction: float, k_max: int) -> list[int]:
@@ -38,10 +38,9 @@ def scales(n: int, k_small: int, k_fraction: float, k_max: int) -> list[int]:
 @register_detector
 def knn_density(embeddings: Embeddings, config: ScanConfig, progress: bool = True) -> Detection:
     """The default: two-scale per-class k-NN isolation in the space `config.embedding` names."""
-    logits = np.asarray(embeddings.logits)
-    loss = cross_entropy(logits, embeddings.labels) if config.low_loss_weight or config.class_alarm_p else None
-    probabilities = softmax(logits)
-    predicted, confidence = probabilities.argmax(axis=1), probabilities.max(axis=1)
+    loss, predicted, confidence = embeddings.proxy_statistics()
+    if not (config.low_loss_weight or config.class_alarm_p):
+        loss = None
     return knn_isolation(
         embeddings.space(config.embedding), embeddings.labels, embeddings.meta["num_classes"], threshold=config.threshold,
         k_small=config.k_small, k_fraction=config.k_fraction, k_max=config.k_max, distance=config.distance,

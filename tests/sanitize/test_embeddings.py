@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from sanitize.data import open_dataset
-from sanitize.embeddings import GradientEmbedder, compute_embeddings, last_layer_gradient_factors
+from sanitize.embeddings import Embeddings, GradientEmbedder, compute_embeddings, last_layer_gradient_factors
 from sanitize.models import create_model
 
 
@@ -66,3 +66,18 @@ def test_embedding_pass_writes_memmaps_and_resumes(tmp_path, digits_npz):
     resumed = compute_embeddings(model, dataset, tmp_path / "emb", **args)
     np.testing.assert_array_equal(np.array(resumed.gradient), reference)
     np.testing.assert_allclose(resumed.gradient_norm(), np.linalg.norm(reference, axis=1), rtol=1e-4)
+
+
+def test_proxy_statistics_read_in_chunks_match_the_loss_and_softmax_of_the_whole(tmp_path):
+    rng = np.random.default_rng(5)
+    logits = (rng.normal(size=(1000, 7)) * 4).astype(np.float32)
+    labels = rng.integers(0, 7, 1000)
+    np.save(tmp_path / "logits.npy", logits)
+    embeddings = Embeddings(tmp_path, features=np.zeros((1000, 2), np.float32), logits=np.load(tmp_path / "logits.npy", mmap_mode="r"),
+                            gradient=np.zeros((1000, 2), np.float32), labels=labels, meta={})
+    loss, predicted, confidence = embeddings.proxy_statistics(chunk=64)
+    expected_loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels), reduction="none").numpy()
+    probabilities = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(predicted, probabilities.argmax(axis=1))
+    np.testing.assert_allclose(confidence, probabilities.max(axis=1), rtol=1e-6)
