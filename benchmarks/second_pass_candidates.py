@@ -23,7 +23,7 @@ from detection_sweep import poison_pulls  # run as a script: benchmarks/ is on t
 from sanitize.config import ScanConfig
 from sanitize.density import knn
 from sanitize.detectors import get_detector
-from sanitize.embeddings import load_embeddings, softmax
+from sanitize.embeddings import load_embeddings
 
 
 def candidate_rows(harness: Harness, key: int) -> list[str]:
@@ -33,13 +33,12 @@ def candidate_rows(harness: Harness, key: int) -> list[str]:
     carriers = np.asarray(setup.poison_indices)[pull_carriers(poison_pulls(harness, setup, poisoned))]
     members = np.flatnonzero(poisoned.labels == setup.intended_class)
     is_poison, is_carrier = np.isin(members, setup.poison_indices), np.isin(members, carriers)
-    logits = np.asarray(embeddings.logits)[members]
-    probabilities = softmax(logits)
-    predicted, confidence = probabilities.argmax(axis=1), probabilities.max(axis=1)
+    _, predicted, confidence = (statistic[members] for statistic in embeddings.proxy_statistics())
+    num_classes = embeddings.meta["num_classes"]
     misassigned = predicted != setup.intended_class
     detect = lambda **options: get_detector("knn_density")(embeddings, dataclasses.replace(ScanConfig(), **options), False).flags[members]  # noqa: E731
     first, hard = detect(class_alarm_p=0.0), detect(alarm_rule="hard")
-    dominant = np.bincount(predicted[misassigned], minlength=logits.shape[1]).argmax()
+    dominant = np.bincount(predicted[misassigned], minlength=num_classes).argmax()
     rules = {"hard": hard, "every misassigned": misassigned, "either (any confidence)": hard | misassigned,
              f"hard + sent to the dominant class ({dominant})": hard | (predicted == dominant),
              "hard + misassigned, p >= 0.5": hard | (misassigned & (confidence >= 0.5)), "hard + misassigned, p >= 0.6": hard | (misassigned & (confidence >= 0.6))}
@@ -47,7 +46,7 @@ def candidate_rows(harness: Harness, key: int) -> list[str]:
             for name, flags in rules.items()]
     _, nearest = knn(np.ascontiguousarray(np.asarray(embeddings.features)[members], dtype=np.float32), 10, kind="flat")
     near_flags = first[nearest[is_carrier]].sum()
-    carrier_classes = np.bincount(predicted[is_carrier & misassigned], minlength=logits.shape[1])
+    carrier_classes = np.bincount(predicted[is_carrier & misassigned], minlength=num_classes)
     rows.append(f"| {key} | {harness.config.eps:g} | (carriers: misassigned to classes {np.flatnonzero(carrier_classes).tolist()}, "
                 f"p of that class {[round(float(c), 2) for c in np.sort(confidence[is_carrier & misassigned])]}; first-pass flags among their 10 nearest: {int(near_flags)}) | - | - |")
     return rows
