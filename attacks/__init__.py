@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 from attacks.base import PoisonSet, PoisonSetup, choose_setup, load_poisons, save_poisons, write_poisoned
@@ -25,8 +26,31 @@ def _lookup(method: str) -> tuple[Callable[..., PoisonSet], type]:
 
 
 def method_config(method: str, **options: Any) -> Any:
-    """The method's config dataclass with `options` applied."""
-    return _lookup(method)[1](**options)
+    """The method's config dataclass with `options` applied; an option the method does not have is a clear error."""
+    kind = _lookup(method)[1]
+    unknown = set(options) - {f.name for f in dataclasses.fields(kind)}
+    if unknown:
+        raise SanitizeError(f"{method} has no option(s) {', '.join(sorted(unknown))}")
+    return kind(**options)
+
+
+def parse_option(method: str, text: str) -> tuple[str, Any]:
+    """'name=value' -> (name, value typed as the method's option: bool, int, float or str)."""
+    name, sep, value = text.partition("=")
+    fields = {f.name: f for f in dataclasses.fields(_lookup(method)[1])}
+    if not sep or name not in fields:
+        raise SanitizeError(f"bad attack option {text!r}; use NAME=VALUE with NAME one of {', '.join(fields)}")
+    kind = type(fields[name].default)
+    try:
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            return name, value.lower() in ("true", "1")
+        if kind in (int, float, str):
+            return name, kind(value)
+    except ValueError:
+        raise SanitizeError(f"attack option {name} must be {kind.__name__}, not {value!r}") from None
+    raise SanitizeError(f"attack option {name} cannot be set from the command line")
 
 
 def craft(method: str, surrogates, train, target_image, setup: PoisonSetup, eps: float, config: Any, **kwargs: Any) -> PoisonSet:

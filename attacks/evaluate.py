@@ -87,6 +87,8 @@ class EvaluationConfig:
     epochs: int | None = None  # override the scale's victim epochs
     restarts: int | None = None
     iterations: int | None = None
+    augment: bool | None = None  # override the scale's crop + flip for surrogate and victims (the no-augmentation check)
+    craft_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # override the attack's own options by name
     device: str = "auto"
     precision: str = "auto"
     subset_seed: int = 0
@@ -106,8 +108,11 @@ class EvaluationConfig:
         if self.model:
             scale = dataclasses.replace(scale, model=self.model, model_kwargs={})
         train = dataclasses.replace(scale.train, epochs=self.epochs or scale.train.epochs)
+        if self.augment is not None:
+            train = dataclasses.replace(train, augment=self.augment)
         options = dict(scale.craft)
         options.update({k: v for k, v in (("restarts", self.restarts), ("iterations", self.iterations)) if v})
+        options.update(self.craft_options)
         return scale, train, method_config(self.attack, **options)
 
 
@@ -408,7 +413,8 @@ def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Pat
                 "poison_key": key, "target_id": setup.target_id, "target_class": setup.target_class, "intended_class": setup.intended_class,
                 "arm": arm, "victim_seed": victim_seed, "success": measured["target_pred"] == setup.intended_class, **measured, **defense,
                 "poisons_sha256": poisons.digest() if poisons is not None and arm not in UNPOISONED_ARMS else None,
-                "model": harness.scale.model, "train_size": len(harness.train), "epochs": harness.recipe.epochs,
+                "model": harness.scale.model, "train_size": len(harness.train), "epochs": harness.recipe.epochs, "augment": harness.recipe.augment,
+                "craft_config": dataclasses.asdict(harness.craft_config) if arm not in UNPOISONED_ARMS else None,
                 "seconds": seconds | {"victim_training": round(victim_cost.wall, 1), "victim_training_cpu": _rounded(victim_cost.cpu),
                                       "measure": round(time.perf_counter() - started, 1)},
                 "craft_final_loss": min(poisons.metadata.get("final_loss_per_restart", [float("nan")])) if poisons else None,

@@ -252,20 +252,23 @@ def attack(data: Path, test_data: Path, method: str, key: int, budget: float, ep
 @click.option("--epochs", type=int, default=None, help="Override the scale's victim epochs.")
 @click.option("--restarts", type=int, default=None)
 @click.option("--iterations", type=int, default=None)
+@click.option("--augment/--no-augment", default=None, help="Override the scale's crop + flip for surrogate and victims.")
+@click.option("--craft-option", "craft_options", multiple=True, metavar="NAME=VALUE", help="Override one of the attack's own options (repeatable).")
 @click.option("--cache", type=click.Path(file_okay=False), default=None, help="Surrogates, victims and poisons (default OUT/cache).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True)
 @_handle_errors
-def evaluate(data: Path, test_data: Path, attack_name: str, keys: str, victims: int, seeds: str | None, scale: str, eps: float, budget: float, arms: str, model, epochs, restarts, iterations, cache, out: Path, device: str, quiet: bool) -> None:
+def evaluate(data: Path, test_data: Path, attack_name: str, keys: str, victims: int, seeds: str | None, scale: str, eps: float, budget: float, arms: str, model, epochs, restarts, iterations, augment, craft_options, cache, out: Path, device: str, quiet: bool) -> None:
     """Train victims from scratch on clean / poisoned / control data; append one JSON line per victim to OUT."""
     refuse_torchrun("evaluate")
+    from attacks import parse_option
     from attacks.evaluate import EvaluationConfig, run_evaluation
 
     config = EvaluationConfig(attack=attack_name, scale=scale, keys=parse_keys(keys), victims=victims,
                               seeds=parse_keys(seeds, "--seeds") if seeds else None, eps=eps, budget=budget,
                               arms=tuple(a.strip() for a in arms.split(",")), model=model, epochs=epochs, restarts=restarts, iterations=iterations,
-                              device=device, cache=cache)
+                              augment=augment, craft_options=dict(parse_option(attack_name, text) for text in craft_options), device=device, cache=cache)
     run_evaluation(data, test_data, out, config, progress=not quiet, command="sanitize " + " ".join(sys.argv[1:]))
     click.echo((out / "summary.md").read_text())
 

@@ -267,3 +267,23 @@ def test_attack_command_writes_a_poisoned_copy(tmp_path, split_npz):
     original = np.load(train, allow_pickle=False)
     changed = np.flatnonzero((poisoned["x"] != original["x"]).any(axis=(1, 2, 3)))
     assert set(changed) <= set(manifest["poison_indices"]) and len(changed) > 0
+
+
+def test_overrides_reach_the_recipe_and_the_attack_and_are_recorded(tmp_path, split_npz):
+    """--no-augment trains surrogate and victims without crop + flip; --craft-option sets the attack's own option."""
+    train, test = split_npz
+    result = CliRunner().invoke(cli, ["evaluate", str(train), "--test", str(test), "--scale", "smoke", "--keys", "0", "--victims", "1", "--budget", "0.02",
+                                      "--epochs", "1", "--iterations", "2", "--arms", "undefended,clean", "--no-augment", "--craft-option", "augment=false",
+                                      "--craft-option", "max_shift=2", "--out", str(tmp_path / "e"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    rows = {r["arm"]: r for r in map(json.loads, (tmp_path / "e" / "results.jsonl").read_text().splitlines())}
+    assert rows["undefended"]["augment"] is False and rows["clean"]["augment"] is False
+    assert rows["undefended"]["craft_config"]["augment"] is False and rows["undefended"]["craft_config"]["max_shift"] == 2
+    assert rows["clean"]["craft_config"] is None
+    config = EvaluationConfig(scale="smoke", augment=False, craft_options={"augment": False})
+    assert not config.resolved()[1].augment and not config.resolved()[2].augment
+    for bad, message in (("restarts=two", "must be int"), ("lr", "NAME=VALUE"), ("colour=1", "NAME=VALUE"), ("augment=maybe", "must be bool")):
+        result = CliRunner().invoke(cli, ["evaluate", str(train), "--test", str(test), "--craft-option", bad, "--out", str(tmp_path / "bad")])
+        assert result.exit_code == 2 and message in result.output, (bad, result.output)
+    with pytest.raises(SanitizeError, match="has no option"):
+        EvaluationConfig(scale="smoke", craft_options={"colour": 1}).resolved()
