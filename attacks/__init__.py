@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from attacks.base import PoisonSet, PoisonSetup, choose_setup, load_poisons, save_poisons, write_poisoned
 from attacks.gradient_matching import GradientMatchingConfig, craft_gradient_matching
@@ -53,9 +54,22 @@ def parse_option(method: str, text: str) -> tuple[str, Any]:
     raise SanitizeError(f"attack option {name} cannot be set from the command line")
 
 
-def craft(method: str, surrogates, train, target_image, setup: PoisonSetup, eps: float, config: Any, **kwargs: Any) -> PoisonSet:
+def craft(
+    method: str, surrogates, train, target_image, setup: PoisonSetup, eps: float, config: Any, **kwargs: Any
+) -> PoisonSet:
     """Craft poisons with `method` (see list_methods()) for the given setup."""
     return _lookup(method)[0](surrogates, train, target_image, setup, eps, config, **kwargs)
 
 
-__all__ = ["PoisonSet", "PoisonSetup", "choose_setup", "craft", "list_methods", "load_poisons", "method_config", "read_manifest", "save_poisons", "write_poisoned"]
+__all__ = [
+    "PoisonSet",
+    "PoisonSetup",
+    "choose_setup",
+    "craft",
+    "list_methods",
+    "load_poisons",
+    "method_config",
+    "read_manifest",
+    "save_poisons",
+    "write_poisoned",
+]

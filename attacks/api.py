@@ -10,9 +10,9 @@ import torch
 
 from attacks import choose_setup, craft, method_config
 from attacks.base import write_poisoned
-from sanitize.manifest import read_manifest
 from sanitize.config import TrainConfig
 from sanitize.data import ensure_outside, open_dataset
+from sanitize.manifest import read_manifest
 from sanitize.models import create_model, load_weights
 from sanitize.training import channel_stats, resolve_device, resolve_precision, train_model
 
@@ -48,8 +48,28 @@ def attack_dataset(
         load_weights(net, Path(surrogate))
     else:
         net.set_normalization(*channel_stats(train_set, seed=seed))
-        train_model(net, train_set, np.arange(len(train_set)), TrainConfig(epochs=epochs, seed=seed), run_device, amp, progress=progress, desc="surrogate")
+        train_model(
+            net,
+            train_set,
+            np.arange(len(train_set)),
+            TrainConfig(epochs=epochs, seed=seed),
+            run_device,
+            amp,
+            progress=progress,
+            desc="surrogate",
+        )
     config = method_config(method, seed=seed, **craft_options)
-    poisons = craft(method, [net], train_set, test_set.load_image(setup.target_index), setup, eps, config, device=run_device, amp_dtype=amp, progress=progress)
+    poisons = craft(
+        method,
+        [net],
+        train_set,
+        test_set.load_image(setup.target_index),
+        setup,
+        eps,
+        config,
+        device=run_device,
+        amp_dtype=amp,
+        progress=progress,
+    )
     write_poisoned(train_set, poisons, out, seed=seed, target_image=test_set.load_image(setup.target_index))
     return read_manifest(out)

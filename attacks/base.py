@@ -54,7 +54,9 @@ def choose_setup(key: int, train: ImageDataset, test: ImageDataset, budget: floa
     count = max(1, round(budget * len(train)))
     pool = np.flatnonzero(train.labels == intended_class)
     if count > len(pool):
-        raise SanitizeError(f"budget {budget} asks for {count} poisons but class {intended_class} has {len(pool)} images")
+        raise SanitizeError(
+            f"budget {budget} asks for {count} poisons but class {intended_class} has {len(pool)} images"
+        )
     poison_indices = tuple(int(i) for i in np.sort(rng.choice(pool, count, replace=False)))
     return PoisonSetup(key, target_class, intended_class, target_index, test.ids[target_index], poison_indices)
 
@@ -86,8 +88,14 @@ def save_poisons(poisons: PoisonSet, path: Path) -> None:
     without pickle, ~130 KB for 100 CIFAR poisons. Written atomically: a kill leaves no half file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, deltas=poisons.deltas.numpy(), poison_indices=np.asarray(poisons.setup.poison_indices), eps=poisons.eps,
-                        method=poisons.method, metadata=json.dumps(poisons.metadata))
+    np.savez_compressed(
+        buffer,
+        deltas=poisons.deltas.numpy(),
+        poison_indices=np.asarray(poisons.setup.poison_indices),
+        eps=poisons.eps,
+        method=poisons.method,
+        metadata=json.dumps(poisons.metadata),
+    )
     write_atomic(path, buffer.getvalue())
 
 
@@ -130,7 +138,9 @@ def random_shift_flip(x: torch.Tensor, max_shift: int = 4, generator: torch.Gene
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def manifest(poisons: PoisonSet, train: ImageDataset, poisoned_ids: list[str], poisoned_paths: list[str], seed: int) -> dict[str, Any]:
+def manifest(
+    poisons: PoisonSet, train: ImageDataset, poisoned_ids: list[str], poisoned_paths: list[str], seed: int
+) -> dict[str, Any]:
     setup = poisons.setup
     return {
         "method": poisons.method,
@@ -152,7 +162,9 @@ def manifest(poisons: PoisonSet, train: ImageDataset, poisoned_ids: list[str], p
     }
 
 
-def write_poisoned(train: ImageDataset, poisons: PoisonSet, out: Path, seed: int = 0, target_image: torch.Tensor | None = None) -> Path:
+def write_poisoned(
+    train: ImageDataset, poisons: PoisonSet, out: Path, seed: int = 0, target_image: torch.Tensor | None = None
+) -> Path:
     """A poisoned copy of `train` plus poison_manifest.json: `out`.npz for arrays, an ImageFolder of PNGs otherwise;
     with `target_image` (uint8, 3 x H x W) also target.png, so an audit report can show what the poisons aimed at.
 
@@ -178,7 +190,9 @@ def write_poisoned(train: ImageDataset, poisons: PoisonSet, out: Path, seed: int
     return out
 
 
-def _write_folder_copy(train: ImageDataset, positions: np.ndarray, poisoned: torch.Tensor, out: Path) -> tuple[list[str], list[str]]:
+def _write_folder_copy(
+    train: ImageDataset, positions: np.ndarray, poisoned: torch.Tensor, out: Path
+) -> tuple[list[str], list[str]]:
     """Copy every clean file as it is (hard link where possible) and write the poisons as PNG under data/."""
     root = out / "data"
     replaced = {int(p): poisoned[i] for i, p in enumerate(positions)}

@@ -27,7 +27,6 @@ import torch
 from attacks import choose_setup, craft, method_config
 from attacks.base import PoisonSet, PoisonSetup, load_poisons, save_poisons
 from attacks.gradient_matching import poison_pull, pull_carriers
-
 from sanitize.config import RobustConfig, ScanConfig, TrainConfig
 from sanitize.data import ImageDataset, open_dataset
 from sanitize.data.arrays import ArrayDataset
@@ -41,15 +40,34 @@ from sanitize.training import channel_stats, milestone_epochs, predict, resolve_
 
 CONTROL_ARMS = ("clean", "undefended", "random-noise")
 UNPOISONED_ARMS = ("clean", "random-noise")  # controls that train on no crafted poisons (no surrogate, no crafting)
-KNN_DENSITY_OPTIONS = ("embedding", "k_small", "k_fraction", "k_max", "distance", "low_loss_weight", "class_alarm_p", "alarm_z", "alarm_rule",
-                       "alarm_confidence", "threshold")
+KNN_DENSITY_OPTIONS = (
+    "embedding",
+    "k_small",
+    "k_fraction",
+    "k_max",
+    "distance",
+    "low_loss_weight",
+    "class_alarm_p",
+    "alarm_z",
+    "alarm_rule",
+    "alarm_confidence",
+    "threshold",
+)
 # options recorded only since they were added, with the value that reproduces the rows written before (session 9)
 BEFORE_RECORDED = {"alarm_confidence": 0.0}
 # what a detector arm's row records of the scan that made its flags, so rows stay readable when the defaults move
 SCAN_OPTIONS_RECORDED = ("detector", *KNN_DENSITY_OPTIONS, "epic_fraction", "expected_poisons")
-DETECTOR_ARMS = {"scan": "knn_density", "epic": "epic", "deep_knn": "deep_knn", "spectral_signatures": "spectral_signatures",
-                 "activation_clustering": "activation_clustering"}  # arm -> `sanitize scan --detector`
-TOLD_THE_COUNT = ("deep_knn", "spectral_signatures")  # baselines whose rule needs the number of poisons: given budget x N
+DETECTOR_ARMS = {
+    "scan": "knn_density",
+    "epic": "epic",
+    "deep_knn": "deep_knn",
+    "spectral_signatures": "spectral_signatures",
+    "activation_clustering": "activation_clustering",
+}  # arm -> `sanitize scan --detector`
+TOLD_THE_COUNT = (
+    "deep_knn",
+    "spectral_signatures",
+)  # baselines whose rule needs the number of poisons: given budget x N
 ARMS = (*CONTROL_ARMS, *DETECTOR_ARMS, "robust")
 SURROGATE_SEED = 10_000  # victims use seeds 0..V-1; the attacker's surrogate never shares one
 
@@ -69,7 +87,13 @@ SCALES = {
     "smoke": Scale("tiny", {}, 60, TrainConfig(epochs=6, batch_size=64), {"iterations": 20, "restarts": 1}),
     # 40 epochs, not 20: 20-epoch victims stayed too underfit to be poisoned (reports/gradient-matching-cpu-ablations)
     "cpu": Scale("convnet", {}, 1000, TrainConfig(epochs=40), {"iterations": 250, "restarts": 4}),
-    "paper": Scale("resnet18_cifar", {}, None, TrainConfig(epochs=40, milestones=(14 / 40, 24 / 40, 35 / 40)), {"iterations": 250, "restarts": 8}),
+    "paper": Scale(
+        "resnet18_cifar",
+        {},
+        None,
+        TrainConfig(epochs=40, milestones=(14 / 40, 24 / 40, 35 / 40)),
+        {"iterations": 250, "restarts": 8},
+    ),
 }
 
 
@@ -79,7 +103,9 @@ class EvaluationConfig:
     scale: str = "cpu"
     keys: tuple[int, ...] = tuple(range(8))
     victims: int = 4
-    seeds: tuple[int, ...] | None = None  # the victims' seeds; None: 0..victims-1 (a subset splits one run across processes)
+    seeds: tuple[int, ...] | None = (
+        None  # the victims' seeds; None: 0..victims-1 (a subset splits one run across processes)
+    )
     eps: float = 16.0
     budget: float = 0.01
     arms: tuple[str, ...] = CONTROL_ARMS  # defended arms are asked for by name
@@ -87,7 +113,9 @@ class EvaluationConfig:
     epochs: int | None = None  # override the scale's victim epochs
     restarts: int | None = None
     iterations: int | None = None
-    augment: bool | None = None  # override the scale's crop + flip for surrogate and victims (the no-augmentation check)
+    augment: bool | None = (
+        None  # override the scale's crop + flip for surrogate and victims (the no-augmentation check)
+    )
     craft_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # override the attack's own options by name
     device: str = "auto"
     precision: str = "auto"
@@ -150,7 +178,9 @@ class Harness:
     def __init__(self, train_path: Path, test_path: Path, out: Path, config: EvaluationConfig, progress: bool = True):
         self.config, self.progress, self.out = config, progress, out
         self.scale, self.recipe, self.craft_config = config.resolved()
-        self.train = class_balanced_subset(open_dataset(train_path, progress=progress), self.scale.per_class, config.subset_seed)
+        self.train = class_balanced_subset(
+            open_dataset(train_path, progress=progress), self.scale.per_class, config.subset_seed
+        )
         self.test = open_dataset(test_path, progress=progress)
         if self.test.num_classes > self.train.num_classes or self.test.image_size != self.train.image_size:
             raise SanitizeError("the test set's classes or image size do not match the training set's")
@@ -163,7 +193,9 @@ class Harness:
 
     def new_model(self, seed: int) -> Classifier:
         torch.manual_seed(seed)
-        model = create_model(self.scale.model, self.train.num_classes, (3, *self.train.image_size), **self.scale.model_kwargs)
+        model = create_model(
+            self.scale.model, self.train.num_classes, (3, *self.train.image_size), **self.scale.model_kwargs
+        )
         model.set_normalization(self.mean, self.std)
         return model
 
@@ -190,11 +222,33 @@ class Harness:
         recipe = dataclasses.replace(self.recipe, seed=seed)
         dropper = None
         if robust:
-            dropper = EpicDropper(data, RobustConfig(), recipe.epochs, max(milestone_epochs(recipe)), final.with_suffix(".drop_log.json"), self.device, self.amp)
-        history = train_model(model, data, np.arange(len(data)), recipe, self.device, self.amp, checkpoint=partial, meta={"name": name},
-                              progress=self.progress, desc=tag, after_epoch=dropper)
+            dropper = EpicDropper(
+                data,
+                RobustConfig(),
+                recipe.epochs,
+                max(milestone_epochs(recipe)),
+                final.with_suffix(".drop_log.json"),
+                self.device,
+                self.amp,
+            )
+        history = train_model(
+            model,
+            data,
+            np.arange(len(data)),
+            recipe,
+            self.device,
+            self.amp,
+            checkpoint=partial,
+            meta={"name": name},
+            progress=self.progress,
+            desc=tag,
+            after_epoch=dropper,
+        )
         cpu = [epoch.get("cpu_seconds") for epoch in history]  # a run resumed from an older checkpoint lacks some
-        cost = Cost(sum(epoch["seconds"] for epoch in history), sum(cpu) if self.device.type == "cpu" and None not in cpu else None)
+        cost = Cost(
+            sum(epoch["seconds"] for epoch in history),
+            sum(cpu) if self.device.type == "cpu" and None not in cpu else None,
+        )
         torch.save({"model": model.state_dict(), "seconds": cost.wall, "cpu_seconds": cost.cpu}, final)
         partial.unlink(missing_ok=True)
         return model, cost
@@ -216,7 +270,14 @@ class Harness:
     def poisons_path(self, setup: PoisonSetup) -> Path:
         """Where the poisons for `setup` are cached: named by data, key, eps, budget, attack config and the surrogate's recipe."""
         surrogate_recipe = (self.scale.model, self.scale.model_kwargs, dataclasses.asdict(self.recipe))
-        digest = _hash(self.train.fingerprint, setup.key, self.config.eps, self.config.budget, dataclasses.asdict(self.craft_config), surrogate_recipe)
+        digest = _hash(
+            self.train.fingerprint,
+            setup.key,
+            self.config.eps,
+            self.config.budget,
+            dataclasses.asdict(self.craft_config),
+            surrogate_recipe,
+        )
         return self.cache / f"poisons-{self.config.attack}-key{setup.key}-eps{self.config.eps:g}-{digest}.npz"
 
     def published_poisons_path(self, setup: PoisonSetup) -> Path:
@@ -230,7 +291,10 @@ class Harness:
         for stored in (path, published):
             if stored.exists():
                 poisons = load_poisons(stored, setup)
-                for copy in (path, published):  # keep both: benchmarks read the cache, a fresh machine the published copy
+                for copy in (
+                    path,
+                    published,
+                ):  # keep both: benchmarks read the cache, a fresh machine the published copy
                     if not copy.exists():
                         save_poisons(poisons, copy)
                 return poisons
@@ -243,8 +307,19 @@ class Harness:
             return stored
         path, published = self.poisons_path(setup), self.published_poisons_path(setup)
         partial = path.with_name(path.stem + ".partial.pt")
-        poisons = craft(self.config.attack, [surrogate], self.train, self.test.load_image(setup.target_index), setup, self.config.eps, self.craft_config,
-                        device=self.device, amp_dtype=self.amp, progress=self.progress, checkpoint=partial)
+        poisons = craft(
+            self.config.attack,
+            [surrogate],
+            self.train,
+            self.test.load_image(setup.target_index),
+            setup,
+            self.config.eps,
+            self.craft_config,
+            device=self.device,
+            amp_dtype=self.amp,
+            progress=self.progress,
+            checkpoint=partial,
+        )
         save_poisons(poisons, path)
         save_poisons(poisons, published)
         partial.unlink(missing_ok=True)
@@ -269,7 +344,9 @@ class Harness:
         images[positions] = changed.permute(0, 2, 3, 1).numpy()
         return self.train.with_images(images)
 
-    def filtered(self, poisoned: ArrayDataset, arm: str, setup: PoisonSetup) -> tuple[ArrayDataset, np.ndarray, dict[str, Any], Cost]:
+    def filtered(
+        self, poisoned: ArrayDataset, arm: str, setup: PoisonSetup
+    ) -> tuple[ArrayDataset, np.ndarray, dict[str, Any], Cost]:
         """What `sanitize scan` (the default, or a baseline's --detector) keeps of the poisoned data, its flags, the
         flags scored against the true poisons, and what the scan cost. Scans are cached per poisoned set; the baselines reuse
         the default scan's proxy (--checkpoint), so their cost is that proxy's training plus their own pass."""
@@ -280,11 +357,21 @@ class Harness:
         if arm != "scan":
             detector = DETECTOR_ARMS[arm]
             told = told_count(detector, setup)
-            result, own = self._scan_once(poisoned, root / detector, options | {"detector": detector, "expected_poisons": told,
-                                                                                  "checkpoint": str(root / "knn_density" / "proxy" / "model.pt")})
+            result, own = self._scan_once(
+                poisoned,
+                root / detector,
+                options
+                | {
+                    "detector": detector,
+                    "expected_poisons": told,
+                    "checkpoint": str(root / "knn_density" / "proxy" / "model.pt"),
+                },
+            )
             seconds = Cost(seconds.wall + own.wall, None if None in (seconds.cpu, own.cpu) else seconds.cpu + own.cpu)
         metrics = flag_metrics(result.flags, result.scores, poison_truth(setup, len(result.flags))) | {
-            "told_expected_poisons": told, "scan_options": recorded_scan_options(result.summary["config"])}
+            "told_expected_poisons": told,
+            "scan_options": recorded_scan_options(result.summary["config"]),
+        }
         return poisoned.subset(np.flatnonzero(~result.flags)), result.flags, metrics, seconds
 
     def defense(self, arm: str, setup: PoisonSetup) -> str | None:
@@ -300,7 +387,9 @@ class Harness:
         target measured on the surrogate (attacks.gradient_matching.poison_pull). They are what makes the attack work
         (reports/detection-cpu), so defended rows say how many of them each defense caught."""
         images, labels, _ = poisoned.load_batch(np.asarray(setup.poison_indices))
-        return pull_carriers(poison_pull(surrogate, images, labels, self.test.load_image(setup.target_index), setup.intended_class))
+        return pull_carriers(
+            poison_pull(surrogate, images, labels, self.test.load_image(setup.target_index), setup.intended_class)
+        )
 
     def scan_dir(self, poisoned: ArrayDataset) -> Path:
         """Where the scans of one poisoned set live (one folder per detector)."""
@@ -325,8 +414,11 @@ class Harness:
         keep = np.ones(len(self.test), bool)
         keep[setup.target_index] = False
         probabilities = torch.softmax(torch.as_tensor(logits[setup.target_index], dtype=torch.float32), dim=0)
-        return {"target_pred": int(predictions[setup.target_index]), "p_intended": round(float(probabilities[setup.intended_class]), 4),
-                "clean_acc": float((predictions[keep] == self.test.labels[keep]).mean())}
+        return {
+            "target_pred": int(predictions[setup.target_index]),
+            "p_intended": round(float(probabilities[setup.intended_class]), 4),
+            "clean_acc": float((predictions[keep] == self.test.labels[keep]).mean()),
+        }
 
     def done(self) -> dict[tuple, set[tuple[str | None, str | None]]]:
         """Per (attack, eps, budget, key, arm, seed, scale, model, epochs): (the digest of the poisons, the defense) of
@@ -334,12 +426,24 @@ class Harness:
         None but for detector arms (`defense_key`)."""
         finished: dict[tuple, set[tuple[str | None, str | None]]] = {}
         for r in read_rows(self.out) if self.results.exists() else []:
-            identity = (r["attack"], r["eps"], r["budget"], r["poison_key"], r["arm"], r["victim_seed"], r["scale"], r["model"], r["epochs"])
+            identity = (
+                r["attack"],
+                r["eps"],
+                r["budget"],
+                r["poison_key"],
+                r["arm"],
+                r["victim_seed"],
+                r["scale"],
+                r["model"],
+                r["epochs"],
+            )
             defense = defense_key(r.get("scan_options")) if r["arm"] in DETECTOR_ARMS else None
             finished.setdefault(identity, set()).add((r.get("poisons_sha256"), defense))
         return finished
 
-    def plan(self, key: int, done: dict[tuple, set[tuple[str | None, str | None]]], digest: str | None, setup: PoisonSetup) -> list[tuple[str, int]]:
+    def plan(
+        self, key: int, done: dict[tuple, set[tuple[str | None, str | None]]], digest: str | None, setup: PoisonSetup
+    ) -> list[tuple[str, int]]:
         """The (arm, seed) victims still to train for `key` on the poisons named `digest` (None: not crafted yet).
 
         A row counts when it was trained on these poisons, or on unnamed ones (rows from before rows named their
@@ -349,16 +453,36 @@ class Harness:
         config = self.config
 
         def trained(arm: str, seed: int, exact: bool = False) -> bool:
-            rows = done.get((config.attack, config.eps, config.budget, key, arm, seed, config.scale, self.scale.model, self.recipe.epochs), set())
+            rows = done.get(
+                (
+                    config.attack,
+                    config.eps,
+                    config.budget,
+                    key,
+                    arm,
+                    seed,
+                    config.scale,
+                    self.scale.model,
+                    self.recipe.epochs,
+                ),
+                set(),
+            )
             if arm in UNPOISONED_ARMS:
                 return bool(rows)
             wanted = self.defense(arm, setup)
-            return any(defense == wanted and (digest is not None and made == digest or (not exact and made is None)) for made, defense in rows)
+            return any(
+                defense == wanted and (digest is not None and made == digest or (not exact and made is None))
+                for made, defense in rows
+            )
 
         seeds = config.seeds if config.seeds is not None else range(config.victims)
         todo = [(arm, seed) for arm in config.arms for seed in seeds if not trained(arm, seed)]
         defended_seeds = sorted({seed for arm, seed in todo if arm not in CONTROL_ARMS})
-        twins = [("undefended", seed) for seed in defended_seeds if not trained("undefended", seed, exact=True) and ("undefended", seed) not in todo]
+        twins = [
+            ("undefended", seed)
+            for seed in defended_seeds
+            if not trained("undefended", seed, exact=True) and ("undefended", seed) not in todo
+        ]
         return twins + todo
 
     def append(self, row: dict[str, Any]) -> None:
@@ -368,7 +492,14 @@ class Harness:
             os.fsync(handle.fileno())
 
 
-def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Path, config: EvaluationConfig, progress: bool = True, command: str | None = None) -> Path:
+def run_evaluation(
+    train_path: str | Path,
+    test_path: str | Path,
+    out: str | Path,
+    config: EvaluationConfig,
+    progress: bool = True,
+    command: str | None = None,
+) -> Path:
     """Train and measure every (key, arm, victim) not yet in OUT/results.jsonl; then aggregate."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -402,23 +533,53 @@ def run_evaluation(train_path: str | Path, test_path: str | Path, out: str | Pat
                 defense |= split_by_carriers(caught, setup, carriers)
                 seconds |= {"scan": round(scan_cost.wall, 1), "scan_cpu": _rounded(scan_cost.cpu)}
             # a detector that flagged nothing leaves the undefended victim's data: that victim (cached) is this arm's
-            tag = "victim-undefended" if arm in DETECTOR_ARMS and data.fingerprint == poisoned_fingerprint else f"victim-{arm}"
+            tag = (
+                "victim-undefended"
+                if arm in DETECTOR_ARMS and data.fingerprint == poisoned_fingerprint
+                else f"victim-{arm}"
+            )
             model, victim_cost = harness.trained(data, victim_seed, tag, robust)
             if robust:
-                defense = robust_metrics(harness.model_path(data, victim_seed, f"victim-{arm}", robust).with_suffix(".drop_log.json"), setup, len(data), carriers)
+                defense = robust_metrics(
+                    harness.model_path(data, victim_seed, f"victim-{arm}", robust).with_suffix(".drop_log.json"),
+                    setup,
+                    len(data),
+                    carriers,
+                )
             started = time.perf_counter()
             measured = harness.measure(model, setup)
-            harness.append({
-                "attack": config.attack, "scale": config.scale, "eps": config.eps, "budget": len(setup.poison_indices) / len(harness.train),
-                "poison_key": key, "target_id": setup.target_id, "target_class": setup.target_class, "intended_class": setup.intended_class,
-                "arm": arm, "victim_seed": victim_seed, "success": measured["target_pred"] == setup.intended_class, **measured, **defense,
-                "poisons_sha256": poisons.digest() if poisons is not None and arm not in UNPOISONED_ARMS else None,
-                "model": harness.scale.model, "train_size": len(harness.train), "epochs": harness.recipe.epochs, "augment": harness.recipe.augment,
-                "craft_config": dataclasses.asdict(harness.craft_config) if arm not in UNPOISONED_ARMS else None,
-                "seconds": seconds | {"victim_training": round(victim_cost.wall, 1), "victim_training_cpu": _rounded(victim_cost.cpu),
-                                      "measure": round(time.perf_counter() - started, 1)},
-                "craft_final_loss": min(poisons.metadata.get("final_loss_per_restart", [float("nan")])) if poisons else None,
-            })
+            harness.append(
+                {
+                    "attack": config.attack,
+                    "scale": config.scale,
+                    "eps": config.eps,
+                    "budget": len(setup.poison_indices) / len(harness.train),
+                    "poison_key": key,
+                    "target_id": setup.target_id,
+                    "target_class": setup.target_class,
+                    "intended_class": setup.intended_class,
+                    "arm": arm,
+                    "victim_seed": victim_seed,
+                    "success": measured["target_pred"] == setup.intended_class,
+                    **measured,
+                    **defense,
+                    "poisons_sha256": poisons.digest() if poisons is not None and arm not in UNPOISONED_ARMS else None,
+                    "model": harness.scale.model,
+                    "train_size": len(harness.train),
+                    "epochs": harness.recipe.epochs,
+                    "augment": harness.recipe.augment,
+                    "craft_config": dataclasses.asdict(harness.craft_config) if arm not in UNPOISONED_ARMS else None,
+                    "seconds": seconds
+                    | {
+                        "victim_training": round(victim_cost.wall, 1),
+                        "victim_training_cpu": _rounded(victim_cost.cpu),
+                        "measure": round(time.perf_counter() - started, 1),
+                    },
+                    "craft_final_loss": min(poisons.metadata.get("final_loss_per_restart", [float("nan")]))
+                    if poisons
+                    else None,
+                }
+            )
     aggregate(out, command)
     return out
 
@@ -460,7 +621,9 @@ def defense_variant(row: dict[str, Any]) -> str:
     if recorded is None:
         return "scan options not recorded"
     current = defense_options(default_scan_options(recorded["detector"], recorded["expected_poisons"]))
-    return ", ".join(f"{name}={value}" for name, value in defense_options(recorded).items() if current.get(name) != value)
+    return ", ".join(
+        f"{name}={value}" for name, value in defense_options(recorded).items() if current.get(name) != value
+    )
 
 
 def poison_truth(setup: PoisonSetup, size: int) -> np.ndarray:
@@ -480,8 +643,11 @@ def robust_metrics(drop_log: Path, setup: PoisonSetup, size: int, carriers: np.n
 def split_by_carriers(caught: np.ndarray, setup: PoisonSetup, carriers: np.ndarray) -> dict[str, Any]:
     """How many carriers a defense caught, and its recall among them and among the other poisons."""
     hit = caught[np.asarray(setup.poison_indices)]
-    return {"carriers": int(carriers.sum()), "carrier_recall": float(hit[carriers].mean()),
-            "rest_recall": float(hit[~carriers].mean()) if (~carriers).any() else None}
+    return {
+        "carriers": int(carriers.sum()),
+        "carrier_recall": float(hit[carriers].mean()),
+        "rest_recall": float(hit[~carriers].mean()) if (~carriers).any() else None,
+    }
 
 
 def read_rows(out: Path) -> list[dict[str, Any]]:
@@ -495,7 +661,20 @@ def read_rows(out: Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except ValueError:
             raise SanitizeError(f"{path}:{number} is not a JSON line (truncated by a kill? delete that line)") from None
-        missing = {"attack", "scale", "eps", "budget", "arm", "poison_key", "victim_seed", "success", "clean_acc", "seconds", "model", "epochs"} - set(row)
+        missing = {
+            "attack",
+            "scale",
+            "eps",
+            "budget",
+            "arm",
+            "poison_key",
+            "victim_seed",
+            "success",
+            "clean_acc",
+            "seconds",
+            "model",
+            "epochs",
+        } - set(row)
         if missing:
             raise SanitizeError(f"{path}:{number} lacks {', '.join(sorted(missing))}")
         rows.append(row)
@@ -507,43 +686,77 @@ def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
     detector arm's rows scanned under an older default are their own variant (`defense_variant`)."""
     groups: dict[tuple, list[dict]] = {}
     for row in read_rows(out):
-        groups.setdefault((row["attack"], row["scale"], row["model"], row["epochs"], row["eps"], row["arm"], defense_variant(row)), []).append(row)
+        groups.setdefault(
+            (row["attack"], row["scale"], row["model"], row["epochs"], row["eps"], row["arm"], defense_variant(row)), []
+        ).append(row)
     table = []
     for (attack, scale, model, epochs, eps, arm, variant), rows in sorted(groups.items()):
         success = np.array([r["success"] for r in rows], float)
         accuracy = np.array([r["clean_acc"] for r in rows], float)
         p_intended = [r["p_intended"] for r in rows if r.get("p_intended") is not None]
         cost, basis = _cost_vs_plain(rows, groups.get((attack, scale, model, epochs, eps, "undefended", ""), []))
-        table.append({
-            "attack": attack, "scale": scale, "model": model, "epochs": epochs, "eps": eps, "arm": arm, "variant": variant, "victims": len(rows),
-            "keys": len({r["poison_key"] for r in rows}),
-            "success_mean": float(success.mean()), "success_se": float(success.std(ddof=1) / math.sqrt(len(rows))) if len(rows) > 1 else None,
-            "p_intended_median": float(np.median(p_intended)) if p_intended else None,
-            "clean_acc_mean": float(accuracy.mean()), "clean_acc_se": float(accuracy.std(ddof=1) / math.sqrt(len(rows))) if len(rows) > 1 else None,
-            "victim_seconds_mean": float(np.mean([r["seconds"]["victim_training"] for r in rows])),
-            "dropped_fraction_mean": float(np.mean([r["dropped_fraction"] for r in rows])),
-            "poison_precision_mean": _mean_of(rows, "poison_precision"), "poison_recall_mean": _mean_of(rows, "poison_recall"),
-            "auroc_mean": _mean_of(rows, "auroc"),
-            "cost_vs_plain_training": cost, "cost_basis": basis,
-        })
+        table.append(
+            {
+                "attack": attack,
+                "scale": scale,
+                "model": model,
+                "epochs": epochs,
+                "eps": eps,
+                "arm": arm,
+                "variant": variant,
+                "victims": len(rows),
+                "keys": len({r["poison_key"] for r in rows}),
+                "success_mean": float(success.mean()),
+                "success_se": float(success.std(ddof=1) / math.sqrt(len(rows))) if len(rows) > 1 else None,
+                "p_intended_median": float(np.median(p_intended)) if p_intended else None,
+                "clean_acc_mean": float(accuracy.mean()),
+                "clean_acc_se": float(accuracy.std(ddof=1) / math.sqrt(len(rows))) if len(rows) > 1 else None,
+                "victim_seconds_mean": float(np.mean([r["seconds"]["victim_training"] for r in rows])),
+                "dropped_fraction_mean": float(np.mean([r["dropped_fraction"] for r in rows])),
+                "poison_precision_mean": _mean_of(rows, "poison_precision"),
+                "poison_recall_mean": _mean_of(rows, "poison_recall"),
+                "auroc_mean": _mean_of(rows, "auroc"),
+                "cost_vs_plain_training": cost,
+                "cost_basis": basis,
+            }
+        )
     paired = paired_with_undefended(groups)
-    summary = {"command": command, "git_commit": _git_commit(), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
-               "table": table, "paired": paired}
+    summary = {
+        "command": command,
+        "git_commit": _git_commit(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "table": table,
+        "paired": paired,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    lines = ["| attack | scale | model | epochs | eps | arm | victims (keys) | success | median p(intended) | clean accuracy | dropped "
-             "| poison precision | poison recall | AUROC | victim s | cost vs plain |", "|" + " --- |" * 16]
+    lines = [
+        "| attack | scale | model | epochs | eps | arm | victims (keys) | success | median p(intended) | clean accuracy | dropped "
+        "| poison precision | poison recall | AUROC | victim s | cost vs plain |",
+        "|" + " --- |" * 16,
+    ]
     for t in table:
-        lines.append(f"| {t['attack']} | {t['scale']} | {t['model']} | {t['epochs']} | {t['eps']:g} | {_arm_label(t)} | {t['victims']} ({t['keys']}) "
-                     f"| {t['success_mean']:.1%}{_se(t['success_se'], '.1%')} | {_cell(t['p_intended_median'], '.3f')} | {t['clean_acc_mean']:.2%} | {t['dropped_fraction_mean']:.2%} "
-                     f"| {_cell(t['poison_precision_mean'], '.2f')} | {_cell(t['poison_recall_mean'], '.2f')} | {_cell(t['auroc_mean'], '.3f')} "
-                     f"| {t['victim_seconds_mean']:.0f} | {_cell(t['cost_vs_plain_training'], '.2f')}{' (' + t['cost_basis'] + ')' if t['cost_basis'] else ''} |")
+        lines.append(
+            f"| {t['attack']} | {t['scale']} | {t['model']} | {t['epochs']} | {t['eps']:g} | {_arm_label(t)} | {t['victims']} ({t['keys']}) "
+            f"| {t['success_mean']:.1%}{_se(t['success_se'], '.1%')} | {_cell(t['p_intended_median'], '.3f')} | {t['clean_acc_mean']:.2%} | {t['dropped_fraction_mean']:.2%} "
+            f"| {_cell(t['poison_precision_mean'], '.2f')} | {_cell(t['poison_recall_mean'], '.2f')} | {_cell(t['auroc_mean'], '.3f')} "
+            f"| {t['victim_seconds_mean']:.0f} | {_cell(t['cost_vs_plain_training'], '.2f')}{' (' + t['cost_basis'] + ')' if t['cost_basis'] else ''} |"
+        )
     if paired:
-        lines += ["", "Paired with the undefended victims of the same key and seed (defended arms may cover fewer keys than the table's undefended row):", "",
-                  "| eps | epochs | arm | pairs (keys) | undefended success | arm success | clean accuracy change | recall of carriers / other poisons |", "|" + " --- |" * 8]
+        lines += [
+            "",
+            "Paired with the undefended victims of the same key and seed (defended arms may cover fewer keys than the table's undefended row):",
+            "",
+            "| eps | epochs | arm | pairs (keys) | undefended success | arm success | clean accuracy change | recall of carriers / other poisons |",
+            "|" + " --- |" * 8,
+        ]
         for t in paired:
-            lines.append(f"| {t['eps']:g} | {t['epochs']} | {_arm_label(t)} | {t['pairs']} ({t['keys']}) | {t['undefended_success']:.1%} | {t['arm_success']:.1%} "
-                         f"| {t['clean_acc_change']:+.2%}{_se(t['clean_acc_change_se'], '.2%')} | {_cell(t.get('carrier_recall'), '.2f')} / {_cell(t.get('rest_recall'), '.2f')} |")
-    (out / "summary.md").write_text(f"Command: `{command}`\n\nCommit: {summary['git_commit']}\n\n" + "\n".join(lines) + "\n")
+            lines.append(
+                f"| {t['eps']:g} | {t['epochs']} | {_arm_label(t)} | {t['pairs']} ({t['keys']}) | {t['undefended_success']:.1%} | {t['arm_success']:.1%} "
+                f"| {t['clean_acc_change']:+.2%}{_se(t['clean_acc_change_se'], '.2%')} | {_cell(t.get('carrier_recall'), '.2f')} / {_cell(t.get('rest_recall'), '.2f')} |"
+            )
+    (out / "summary.md").write_text(
+        f"Command: `{command}`\n\nCommit: {summary['git_commit']}\n\n" + "\n".join(lines) + "\n"
+    )
     write_report(out)
     return summary
 
@@ -561,11 +774,25 @@ def paired_with_undefended(groups: dict[tuple, list[dict]]) -> list[dict[str, An
         if not pairs:
             continue
         change = np.array([d["clean_acc"] - u["clean_acc"] for u, d in pairs])
-        paired.append({"attack": attack, "scale": scale, "model": model, "epochs": epochs, "eps": eps, "arm": arm, "variant": variant, "pairs": len(pairs),
-                       "keys": len({u["poison_key"] for u, _ in pairs}), "undefended_success": float(np.mean([u["success"] for u, _ in pairs])),
-                       "arm_success": float(np.mean([d["success"] for _, d in pairs])), "clean_acc_change": float(change.mean()),
-                       "clean_acc_change_se": float(change.std(ddof=1) / math.sqrt(len(change))) if len(change) > 1 else None,
-                       "carrier_recall": _mean_of([d for _, d in pairs], "carrier_recall"), "rest_recall": _mean_of([d for _, d in pairs], "rest_recall")})
+        paired.append(
+            {
+                "attack": attack,
+                "scale": scale,
+                "model": model,
+                "epochs": epochs,
+                "eps": eps,
+                "arm": arm,
+                "variant": variant,
+                "pairs": len(pairs),
+                "keys": len({u["poison_key"] for u, _ in pairs}),
+                "undefended_success": float(np.mean([u["success"] for u, _ in pairs])),
+                "arm_success": float(np.mean([d["success"] for _, d in pairs])),
+                "clean_acc_change": float(change.mean()),
+                "clean_acc_change_se": float(change.std(ddof=1) / math.sqrt(len(change))) if len(change) > 1 else None,
+                "carrier_recall": _mean_of([d for _, d in pairs], "carrier_recall"),
+                "rest_recall": _mean_of([d for _, d in pairs], "rest_recall"),
+            }
+        )
     return paired
 
 
@@ -583,7 +810,11 @@ def _cost_vs_plain(rows: list[dict[str, Any]], plain: list[dict[str, Any]]) -> t
     if not plain:
         return None, None
     both = rows + plain
-    cpu = all(r["seconds"].get("victim_training_cpu") is not None and ("scan" not in r["seconds"] or r["seconds"].get("scan_cpu") is not None) for r in both)
+    cpu = all(
+        r["seconds"].get("victim_training_cpu") is not None
+        and ("scan" not in r["seconds"] or r["seconds"].get("scan_cpu") is not None)
+        for r in both
+    )
     training, scan = ("victim_training_cpu", "scan_cpu") if cpu else ("victim_training", "scan")
     spent = np.mean([r["seconds"].get(scan) or 0 for r in rows]) + np.mean([r["seconds"][training] for r in rows])
     return float(spent / np.mean([r["seconds"][training] for r in plain])), "cpu" if cpu else "wall"

@@ -42,29 +42,58 @@ class GradientMatchingConfig:
     seed: int = 0
 
 
-def parameter_gradient(model: Classifier, x: torch.Tensor, y: torch.Tensor, create_graph: bool, amp_dtype: torch.dtype | None) -> list[torch.Tensor]:
+def parameter_gradient(
+    model: Classifier, x: torch.Tensor, y: torch.Tensor, create_graph: bool, amp_dtype: torch.dtype | None
+) -> list[torch.Tensor]:
     """grad_theta of the mean cross-entropy over (x, y), one tensor per parameter."""
     with autocast(x.device, amp_dtype):
         loss = F.cross_entropy(model(x).float(), y)
-    return list(torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], create_graph=create_graph))
+    return list(
+        torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], create_graph=create_graph)
+    )
 
 
-def alignment_loss(poison_grad: list[torch.Tensor], target_grad: list[torch.Tensor], target_norm: torch.Tensor) -> torch.Tensor:
+def alignment_loss(
+    poison_grad: list[torch.Tensor], target_grad: list[torch.Tensor], target_norm: torch.Tensor
+) -> torch.Tensor:
     """1 - cosine similarity of the two gradients as single flattened vectors."""
     dot = sum((p.float() * t).sum() for p, t in zip(poison_grad, target_grad))
     poison_norm = torch.sqrt(sum(p.float().pow(2).sum() for p in poison_grad))
     return 1 - dot / (poison_norm * target_norm)
 
 
-def poison_pull(model: Classifier, images: torch.Tensor, labels: torch.Tensor, target_image: torch.Tensor, intended_class: int) -> np.ndarray:
+def poison_pull(
+    model: Classifier, images: torch.Tensor, labels: torch.Tensor, target_image: torch.Tensor, intended_class: int
+) -> np.ndarray:
     """Each poison's pull on the target: its own parameter gradient projected on the unit adversarial target gradient
     (eval mode, fp32, no augmentation). The crafted objective aligns their sum; this says which poisons carry it.
     Images are uint8 (P, 3, H, W) and (3, H, W)."""
     model.eval()
-    target_grad = torch.cat([g.flatten() for g in parameter_gradient(model, target_image.float().div(255)[None], torch.tensor([intended_class]), False, None)])
+    target_grad = torch.cat(
+        [
+            g.flatten()
+            for g in parameter_gradient(
+                model, target_image.float().div(255)[None], torch.tensor([intended_class]), False, None
+            )
+        ]
+    )
     direction = target_grad / target_grad.norm()
-    return np.array([float(torch.cat([g.flatten() for g in parameter_gradient(model, image[None].float().div(255), label.view(1).long(), False, None)]) @ direction)
-                     for image, label in zip(images, labels)])
+    return np.array(
+        [
+            float(
+                torch.cat(
+                    [
+                        g.flatten()
+                        for g in parameter_gradient(
+                            model, image[None].float().div(255), label.view(1).long(), False, None
+                        )
+                    ]
+                )
+                @ direction
+            )
+            for image, label in zip(images, labels)
+        ]
+    )
 
 
 def pull_carriers(pull: np.ndarray) -> np.ndarray:
@@ -109,7 +138,12 @@ def craft_gradient_matching(
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if state["config"] == json.dumps(asdict(config)):
-            best_delta, best_loss, done, spent = state["best_delta"].to(device), state["best_loss"], state["restarts_done"], state["seconds"]
+            best_delta, best_loss, done, spent = (
+                state["best_delta"].to(device),
+                state["best_loss"],
+                state["restarts_done"],
+                state["seconds"],
+            )
             losses_per_restart = state["losses_per_restart"]
             generator.set_state(state["generator"])
     started = time.perf_counter() - spent
@@ -120,13 +154,27 @@ def craft_gradient_matching(
         steps = sorted({int(config.iterations * f) for f in config.milestones})
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, steps, gamma=0.1)
         history = []
-        bar = tqdm(range(config.iterations), desc=f"craft restart {restart + 1}/{config.restarts}", leave=False, disable=not progress)
+        bar = tqdm(
+            range(config.iterations),
+            desc=f"craft restart {restart + 1}/{config.restarts}",
+            leave=False,
+            disable=not progress,
+        )
         for _ in bar:
             optimizer.zero_grad()
             total = 0.0
             for start in range(0, len(positions), config.batch_size):
                 part = slice(start, start + config.batch_size)
-                loss = _batch_loss(surrogates, clean[part] + delta[part] * std, labels[part], target_grads, target_norms, config, generator, amp_dtype)
+                loss = _batch_loss(
+                    surrogates,
+                    clean[part] + delta[part] * std,
+                    labels[part],
+                    target_grads,
+                    target_norms,
+                    config,
+                    generator,
+                    amp_dtype,
+                )
                 weight = (min(len(positions), start + config.batch_size) - start) / len(positions)
                 (loss * weight).backward()
                 total += float(loss.detach()) * weight
@@ -141,8 +189,18 @@ def craft_gradient_matching(
         if history[-1] < best_loss:
             best_loss, best_delta = history[-1], delta.detach().clone()
         if checkpoint is not None:
-            save_atomic({"config": json.dumps(asdict(config)), "best_delta": best_delta.cpu(), "best_loss": best_loss, "restarts_done": restart + 1,
-                         "losses_per_restart": losses_per_restart, "generator": generator.get_state(), "seconds": time.perf_counter() - started}, checkpoint)
+            save_atomic(
+                {
+                    "config": json.dumps(asdict(config)),
+                    "best_delta": best_delta.cpu(),
+                    "best_loss": best_loss,
+                    "restarts_done": restart + 1,
+                    "losses_per_restart": losses_per_restart,
+                    "generator": generator.get_state(),
+                    "seconds": time.perf_counter() - started,
+                },
+                checkpoint,
+            )
     deltas = quantize(clean_uint8, (clean + best_delta * std).cpu(), eps)
     metadata = {
         "config": asdict(config),

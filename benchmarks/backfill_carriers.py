@@ -16,7 +16,17 @@ import json
 from pathlib import Path
 
 from attacks import choose_setup
-from attacks.evaluate import DETECTOR_ARMS, SCALES, SURROGATE_SEED, EvaluationConfig, Harness, read_rows, aggregate, robust_metrics, split_by_carriers
+from attacks.evaluate import (
+    DETECTOR_ARMS,
+    SCALES,
+    SURROGATE_SEED,
+    EvaluationConfig,
+    Harness,
+    aggregate,
+    read_rows,
+    robust_metrics,
+    split_by_carriers,
+)
 from sanitize.data import write_atomic
 
 
@@ -33,10 +43,19 @@ def main() -> None:
         if "carriers" in row or not (row["arm"] in DETECTOR_ARMS or row["arm"] == "robust"):
             continue
         model = None if row["model"] == SCALES[row["scale"]].model else row["model"]
-        config = EvaluationConfig(scale=row["scale"], model=model, epochs=row["epochs"], eps=float(row["eps"]), budget=0.01, cache=str(args.cache))
+        config = EvaluationConfig(
+            scale=row["scale"],
+            model=model,
+            epochs=row["epochs"],
+            eps=float(row["eps"]),
+            budget=0.01,
+            cache=str(args.cache),
+        )
         key = (row["scale"], model, row["epochs"], row["eps"])
         if key not in harnesses:
-            harnesses[key] = Harness(args.data / "cifar10_train.npz", args.data / "cifar10_test.npz", args.results, config, progress=False)
+            harnesses[key] = Harness(
+                args.data / "cifar10_train.npz", args.data / "cifar10_test.npz", args.results, config, progress=False
+            )
         harness = harnesses[key]
         setup = choose_setup(row["poison_key"], harness.train, harness.test, config.budget)
         surrogate_path = harness.model_path(harness.train, SURROGATE_SEED, "surrogate")
@@ -47,7 +66,9 @@ def main() -> None:
         data = harness.data_for(row["arm"], harness.poisons(setup, surrogate))
         carriers = harness.carriers(setup, data, surrogate)
         if row["arm"] == "robust":
-            drop_log = harness.model_path(data, row["victim_seed"], "victim-robust", robust=True).with_suffix(".drop_log.json")
+            drop_log = harness.model_path(data, row["victim_seed"], "victim-robust", robust=True).with_suffix(
+                ".drop_log.json"
+            )
             if not drop_log.exists():
                 skipped += 1
                 continue

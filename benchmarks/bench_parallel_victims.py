@@ -30,11 +30,19 @@ def train_victims(shared: str, epochs: int, threads: int, seed: int) -> float:
     """Train one cpu-scale victim for `epochs` with `threads` threads; returns seconds."""
     torch.set_num_threads(threads)
     data = Path(shared) / "data" / "cifar10"
-    harness = Harness(data / "cifar10_train.npz", data / "cifar10_test.npz", Path("/tmp"), EvaluationConfig(scale="cpu", cache="/tmp/bench-parallel-cache"), progress=False)
+    harness = Harness(
+        data / "cifar10_train.npz",
+        data / "cifar10_test.npz",
+        Path("/tmp"),
+        EvaluationConfig(scale="cpu", cache="/tmp/bench-parallel-cache"),
+        progress=False,
+    )
     recipe = dataclasses.replace(harness.recipe, epochs=epochs, seed=seed)
     model = harness.new_model(seed)
     started = time.perf_counter()
-    train_model(model, harness.train, np.arange(len(harness.train)), recipe, harness.device, harness.amp, progress=False)
+    train_model(
+        model, harness.train, np.arange(len(harness.train)), recipe, harness.device, harness.amp, progress=False
+    )
     return time.perf_counter() - started
 
 

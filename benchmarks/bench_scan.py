@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sanitize.config import TrainConfig
 from sanitize.data import iterate_batches, open_dataset
 from sanitize.density import knn
 from sanitize.detectors.knn_density import knn_isolation
 from sanitize.embeddings import compute_embeddings, load_embeddings
-from sanitize.config import TrainConfig
 from sanitize.models import create_model
 from sanitize.training import autocast, resolve_precision, to_model_input, train_model
 
@@ -93,7 +93,9 @@ def embedding_overhead(npz: Path, out: Path, batch_size: int = 512, rows: int = 
 
     def embed() -> float:
         started = time.perf_counter()
-        compute_embeddings(model, Rows(dataset), out / f"overhead-{time.time_ns()}", device, amp, batch_size=batch_size, progress=False)
+        compute_embeddings(
+            model, Rows(dataset), out / f"overhead-{time.time_ns()}", device, amp, batch_size=batch_size, progress=False
+        )
         return rows / (time.perf_counter() - started)
 
     forward_only(), embed()  # warm-up
@@ -101,7 +103,13 @@ def embedding_overhead(npz: Path, out: Path, batch_size: int = 512, rows: int = 
     for _ in range(3):
         plain.append(forward_only())
         full.append(embed())
-    return {"rows": rows, "batch_size": batch_size, "forward_img_per_s": plain, "embed_img_per_s": full, "ratio_median": float(np.median(full) / np.median(plain))}
+    return {
+        "rows": rows,
+        "batch_size": batch_size,
+        "forward_img_per_s": plain,
+        "embed_img_per_s": full,
+        "ratio_median": float(np.median(full) / np.median(plain)),
+    }
 
 
 def training_speed(npz: Path, images: int = 3072) -> dict:
@@ -118,10 +126,23 @@ def training_speed(npz: Path, images: int = 3072) -> dict:
                 amp = torch.bfloat16 if variant.startswith("bf16") else None
                 memory_format = torch.contiguous_format if variant == "fp32" else torch.channels_last
                 started = time.perf_counter()
-                train_model(model, dataset, np.arange(images), TrainConfig(epochs=1), device, amp, progress=False, memory_format=memory_format)
+                train_model(
+                    model,
+                    dataset,
+                    np.arange(images),
+                    TrainConfig(epochs=1),
+                    device,
+                    amp,
+                    progress=False,
+                    memory_format=memory_format,
+                )
                 rates[variant].append(images / (time.perf_counter() - started))
         best = {k: max(v) for k, v in rates.items()}
-        result[name] = {"img_per_s": rates, "bf16_channels_last_over_fp32": best["bf16_channels_last"] / best["fp32"], "channels_last_over_fp32": best["fp32_channels_last"] / best["fp32"]}
+        result[name] = {
+            "img_per_s": rates,
+            "bf16_channels_last_over_fp32": best["bf16_channels_last"] / best["fp32"],
+            "channels_last_over_fp32": best["fp32_channels_last"] / best["fp32"],
+        }
     return result
 
 
@@ -176,7 +197,14 @@ def large_class(n: int = 1_000_000, dim: int = 128, queries: int = 2000, k: int 
         _, approx = index.search(x[sample], k + 1)
         rate = queries / (time.perf_counter() - started)
         recall = float(np.mean([len(set(a) & set(b)) / (k + 1) for a, b in zip(approx, exact)]))
-        sweep.append({"nprobe": nprobe, "queries_per_second": round(rate, 1), "estimated_full_search_seconds": round(n / rate, 1), f"recall_at_{k}": round(recall, 4)})
+        sweep.append(
+            {
+                "nprobe": nprobe,
+                "queries_per_second": round(rate, 1),
+                "estimated_full_search_seconds": round(n / rate, 1),
+                f"recall_at_{k}": round(recall, 4),
+            }
+        )
     return {"n": n, "dim": dim, "index": "ivf", "nlist": index.nlist, "build_seconds": round(built, 1), "sweep": sweep}
 
 
@@ -206,12 +234,26 @@ def label_noise(npz: Path, work: Path, per_class: int = 1000, fraction: float = 
     spaces = {}
     for space in ("gradient", "features", "logit_gradient"):
         for label, options in (("two_scales", {}), ("small_scale_only", {"k_max": 10})):
-            clean, noisy_det = (knn_isolation(runs[n][0].space(space), runs[n][0].labels, 10, progress=False, **options) for n in ("clean", "noisy"))
-            row = {"auroc": round(float(roc_auc_score(truth, noisy_det.scores)), 4), "clean_flagged_fraction": float(clean.flags.mean())}
-            for cut_name, cut in (("default_threshold", 0.5), ("clean_1pct_cut", float(np.quantile(clean.scores, 0.99)))):
+            clean, noisy_det = (
+                knn_isolation(runs[n][0].space(space), runs[n][0].labels, 10, progress=False, **options)
+                for n in ("clean", "noisy")
+            )
+            row = {
+                "auroc": round(float(roc_auc_score(truth, noisy_det.scores)), 4),
+                "clean_flagged_fraction": float(clean.flags.mean()),
+            }
+            for cut_name, cut in (
+                ("default_threshold", 0.5),
+                ("clean_1pct_cut", float(np.quantile(clean.scores, 0.99))),
+            ):
                 flags = noisy_det.scores >= cut
                 caught = int((flags & truth).sum())
-                row[cut_name] = {"cut": round(cut, 4), "flagged": int(flags.sum()), "precision": round(caught / max(int(flags.sum()), 1), 4), "recall": round(caught / int(truth.sum()), 4)}
+                row[cut_name] = {
+                    "cut": round(cut, 4),
+                    "flagged": int(flags.sum()),
+                    "precision": round(caught / max(int(flags.sum()), 1), 4),
+                    "recall": round(caught / int(truth.sum()), 4),
+                }
             spaces[f"{space}/{label}"] = row
     return {
         "examples": len(subset),
@@ -247,50 +289,96 @@ NOTES = """
 
 def render_report(results: dict) -> str:
     """reports/scan-benchmark/README.md from results.json, so that no number is copied by hand."""
-    lines = ["# `sanitize scan` benchmark on CIFAR-10 (CPU)", "", "Commands (each run wrote the parts it names into results.json):", "",
-             *[f"- `{run['command']}` ({run['started']}): {run['parts']}" for run in results.get("runs", [])], "", f"Machine: {results['machine']}", ""]
+    lines = [
+        "# `sanitize scan` benchmark on CIFAR-10 (CPU)",
+        "",
+        "Commands (each run wrote the parts it names into results.json):",
+        "",
+        *[f"- `{run['command']}` ({run['started']}): {run['parts']}" for run in results.get("runs", [])],
+        "",
+        f"Machine: {results['machine']}",
+        "",
+    ]
     for part in ("folder_scan", "npz_scan"):
         if part in results:
             r = results[part]
-            lines += [f"## {part.replace('_', ' ')}: `{r['command']}`", "",
-                      f"{r['examples']} examples, exit code {r['exit_code']}, wall {r['wall_seconds']} s, peak memory {r['peak_memory_mb']} MB, "
-                      f"proxy {r['proxy']['name']} ({r['proxy']['parameters']} parameters) accuracy on the data {r['proxy']['train_accuracy_eval_mode']:.1%}, "
-                      f"flagged {r['flagged_fraction']:.2%} (gate passed: {r['gate_passed']}), embeddings {r['embeddings']}", "",
-                      "| phase | seconds |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in r["seconds"].items()], ""]
+            lines += [
+                f"## {part.replace('_', ' ')}: `{r['command']}`",
+                "",
+                f"{r['examples']} examples, exit code {r['exit_code']}, wall {r['wall_seconds']} s, peak memory {r['peak_memory_mb']} MB, "
+                f"proxy {r['proxy']['name']} ({r['proxy']['parameters']} parameters) accuracy on the data {r['proxy']['train_accuracy_eval_mode']:.1%}, "
+                f"flagged {r['flagged_fraction']:.2%} (gate passed: {r['gate_passed']}), embeddings {r['embeddings']}",
+                "",
+                "| phase | seconds |",
+                "| --- | --- |",
+                *[f"| {k} | {v} |" for k, v in r["seconds"].items()],
+                "",
+            ]
             if part == "folder_scan" and "png_write_seconds" in results:
                 lines += [f"Writing the 50,000 PNGs once took {results['png_write_seconds']} s.", ""]
     if "overhead" in results:
         r = results["overhead"]
-        lines += ["## Embedding pass vs plain forward pass", "",
-                  f"Same convnet, data ({r['rows']} rows), batch {r['batch_size']}, bf16, alternated 3 times: forward {[round(v) for v in r['forward_img_per_s']]} img/s, "
-                  f"embedding pass (features + logits + last-layer gradient, written to memory-mapped files) {[round(v) for v in r['embed_img_per_s']]} img/s. "
-                  f"**Ratio of medians: {r['ratio_median']:.2f}** (goal >= 0.9).", ""]
+        lines += [
+            "## Embedding pass vs plain forward pass",
+            "",
+            f"Same convnet, data ({r['rows']} rows), batch {r['batch_size']}, bf16, alternated 3 times: forward {[round(v) for v in r['forward_img_per_s']]} img/s, "
+            f"embedding pass (features + logits + last-layer gradient, written to memory-mapped files) {[round(v) for v in r['embed_img_per_s']]} img/s. "
+            f"**Ratio of medians: {r['ratio_median']:.2f}** (goal >= 0.9).",
+            "",
+        ]
     if "train_speed" in results:
-        lines += ["## Training speed: bf16 autocast and channels_last on this CPU", "", "| model | fp32 | fp32 channels_last | bf16 channels_last | bf16+CL / fp32 |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "## Training speed: bf16 autocast and channels_last on this CPU",
+            "",
+            "| model | fp32 | fp32 channels_last | bf16 channels_last | bf16+CL / fp32 |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for name, r in results["train_speed"].items():
             best = {k: round(max(v)) for k, v in r["img_per_s"].items()}
-            lines.append(f"| {name} | {best['fp32']} | {best['fp32_channels_last']} | {best['bf16_channels_last']} | {r['bf16_channels_last_over_fp32']:.2f}x |")
+            lines.append(
+                f"| {name} | {best['fp32']} | {best['fp32_channels_last']} | {best['bf16_channels_last']} | {r['bf16_channels_last_over_fp32']:.2f}x |"
+            )
         lines += ["", "Training images/s, best of the alternated repeats, one epoch of 3,072 images each.", ""]
     if "density" in results:
         r = results["density"]
-        lines += ["## Density time vs N (real CIFAR embeddings of the npz scan, gradient space)", "",
-                  f"Dimension {r['dim']}. knn_density over 10 classes: N = 10,000: {r['knn_density_seconds_n10000']} s; N = 50,000: {r['knn_density_seconds_n50000']} s. "
-                  f"One class ({r['one_class_n']} points, k = 256): FAISS flat {r['faiss_flat_one_class_seconds']} s vs torch matmul + top-k {r['torch_matmul_topk_one_class_seconds']} s.", ""]
+        lines += [
+            "## Density time vs N (real CIFAR embeddings of the npz scan, gradient space)",
+            "",
+            f"Dimension {r['dim']}. knn_density over 10 classes: N = 10,000: {r['knn_density_seconds_n10000']} s; N = 50,000: {r['knn_density_seconds_n50000']} s. "
+            f"One class ({r['one_class_n']} points, k = 256): FAISS flat {r['faiss_flat_one_class_seconds']} s vs torch matmul + top-k {r['torch_matmul_topk_one_class_seconds']} s.",
+            "",
+        ]
     if "large" in results:
         r = results["large"]
-        lines += ["## One synthetic class of 1,000,000 x 128 with the large-class index", "",
-                  f"IVF with {r['nlist']} lists (about 4 sqrt(n)), built in {r['build_seconds']} s; 2,000 sampled queries against exact search:", "",
-                  "| nprobe | queries/s | full self-search (estimate) s | recall@10 |", "| --- | --- | --- | --- |",
-                  *[f"| {row['nprobe']} | {row['queries_per_second']} | {row['estimated_full_search_seconds']} | {row['recall_at_10']:.3f} |" for row in r["sweep"]], ""]
+        lines += [
+            "## One synthetic class of 1,000,000 x 128 with the large-class index",
+            "",
+            f"IVF with {r['nlist']} lists (about 4 sqrt(n)), built in {r['build_seconds']} s; 2,000 sampled queries against exact search:",
+            "",
+            "| nprobe | queries/s | full self-search (estimate) s | recall@10 |",
+            "| --- | --- | --- | --- |",
+            *[
+                f"| {row['nprobe']} | {row['queries_per_second']} | {row['estimated_full_search_seconds']} | {row['recall_at_10']:.3f} |"
+                for row in r["sweep"]
+            ],
+            "",
+        ]
     if "label_noise" in results:
         r = results["label_noise"]
-        lines += ["## Which embedding: planted mislabeled examples", "",
-                  f"{r['examples']} CIFAR-10 images (1,000 per class), scanned clean and with {r['mislabeled']} labels moved to another class "
-                  f"(proxy accuracy {r['proxy_accuracy']}). Mislabeled examples, like poisons, look to the model like another class than their label.", "",
-                  "| space / scales | AUROC | clean flagged | default cut: flagged, precision, recall | cut flagging 1% of clean: precision, recall |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "## Which embedding: planted mislabeled examples",
+            "",
+            f"{r['examples']} CIFAR-10 images (1,000 per class), scanned clean and with {r['mislabeled']} labels moved to another class "
+            f"(proxy accuracy {r['proxy_accuracy']}). Mislabeled examples, like poisons, look to the model like another class than their label.",
+            "",
+            "| space / scales | AUROC | clean flagged | default cut: flagged, precision, recall | cut flagging 1% of clean: precision, recall |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for name, row in r["spaces"].items():
             d, c = row["default_threshold"], row["clean_1pct_cut"]
-            lines.append(f"| {name} | {row['auroc']:.3f} | {row['clean_flagged_fraction']:.2%} | {d['flagged']}, {d['precision']:.2f}, {d['recall']:.2f} | {c['precision']:.2f}, {c['recall']:.2f} |")
+            lines.append(
+                f"| {name} | {row['auroc']:.3f} | {row['clean_flagged_fraction']:.2%} | {d['flagged']}, {d['precision']:.2f}, {d['recall']:.2f} | {c['precision']:.2f}, {c['recall']:.2f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -313,8 +401,16 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    results["machine"] = {"platform": platform.platform(), "cpu": _cpu_model(), "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    results.setdefault("runs", []).append({"command": "python " + " ".join(sys.argv), "parts": args.parts, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    results["machine"] = {
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    results.setdefault("runs", []).append(
+        {"command": "python " + " ".join(sys.argv), "parts": args.parts, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    )
     for part in args.parts.split(","):
         started = time.perf_counter()
         if part == "train_speed":
@@ -337,7 +433,9 @@ def main() -> None:
         elif part == "large":
             results[part] = large_class()
         results.setdefault("part_seconds", {})[part] = round(time.perf_counter() - started, 1)
-        results["peak_memory_mb_benchmark_process"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        results["peak_memory_mb_benchmark_process"] = round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1
+        )
         results_path.write_text(json.dumps(results, indent=2))
         (args.out / "README.md").write_text(render_report(results) + NOTES)
         print(part, "done", flush=True)

@@ -35,7 +35,10 @@ from sanitize.manifest import flag_metrics
 
 # knn_density's first default (issue 3): mean distance, large scale 20% of the class (at most 256), nothing else
 FIRST_DEFAULT = {"distance": "mean", "k_fraction": 0.2, "k_max": 256, "low_loss_weight": 0.0, "class_alarm_p": 0.0}
-UNSTATED = {"alarm_rule": "hard", "alarm_confidence": 0.0}  # what a knn_density variant leaves unstated means what it meant when the variant was written
+UNSTATED = {
+    "alarm_rule": "hard",
+    "alarm_confidence": 0.0,
+}  # what a knn_density variant leaves unstated means what it meant when the variant was written
 WIDE = {"distance": "kth", "k_fraction": 0.5, "k_max": 1000}
 VARIANTS = [  # options are given in full against the first default, so rows stay readable when defaults move
     ("knn_density", FIRST_DEFAULT),
@@ -48,17 +51,36 @@ VARIANTS = [  # options are given in full against the first default, so rows sta
     ("knn_density", FIRST_DEFAULT | {"low_loss_weight": 1.0}),
     ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0}),
     ("knn_density", FIRST_DEFAULT | WIDE | {"class_alarm_p": 1e-6}),
-    ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-6}),  # the default since issue 4
+    (
+        "knn_density",
+        FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-6},
+    ),  # the default since issue 4
     ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-6, "alarm_z": 1.0}),
     ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-6, "alarm_z": 2.0}),
-    ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-4}),  # a looser alarm, for eps 8
+    (
+        "knn_density",
+        FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-4},
+    ),  # a looser alarm, for eps 8
     # the second pass by the proxy's class assignment (alarm_rule), for eps 8's carriers past the boundary
     ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-6, "alarm_rule": "either"}),
-    ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-4, "alarm_rule": "misassigned"}),
+    (
+        "knn_density",
+        FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-4, "alarm_rule": "misassigned"},
+    ),
     ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-4, "alarm_rule": "either"}),
     # misassigned only with conviction (the proxy gives the other class >= p): the carriers, fewer clean boundary examples
-    ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-4, "alarm_rule": "either", "alarm_confidence": 0.5}),
-    ("knn_density", FIRST_DEFAULT | WIDE | {"low_loss_weight": 1.0, "class_alarm_p": 1e-4, "alarm_rule": "either", "alarm_confidence": 0.6}),
+    (
+        "knn_density",
+        FIRST_DEFAULT
+        | WIDE
+        | {"low_loss_weight": 1.0, "class_alarm_p": 1e-4, "alarm_rule": "either", "alarm_confidence": 0.5},
+    ),
+    (
+        "knn_density",
+        FIRST_DEFAULT
+        | WIDE
+        | {"low_loss_weight": 1.0, "class_alarm_p": 1e-4, "alarm_rule": "either", "alarm_confidence": 0.6},
+    ),
     ("epic", {}),
     ("deep_knn", {}),
     ("spectral_signatures", {}),
@@ -82,8 +104,12 @@ def poison_pulls(harness: Harness, setup, poisoned) -> np.ndarray:
 def caught_by_pull(flags: np.ndarray, scores: np.ndarray, pull: np.ndarray, setup) -> dict:
     """Recall among the carriers (the fewest poisons holding half the pull) and among the rest; rank correlation."""
     split = split_by_carriers(flags, setup, pull_carriers(pull))
-    return {"carriers": split["carriers"], "recall_carriers": split["carrier_recall"], "recall_rest": split["rest_recall"],
-            "score_pull_spearman": float(spearmanr(scores[np.asarray(setup.poison_indices)], pull).statistic)}
+    return {
+        "carriers": split["carriers"],
+        "recall_carriers": split["carrier_recall"],
+        "recall_rest": split["rest_recall"],
+        "score_pull_spearman": float(spearmanr(scores[np.asarray(setup.poison_indices)], pull).statistic),
+    }
 
 
 def proxy_scan_dir(harness: Harness, data, proxy_epochs: int) -> Path:
@@ -91,7 +117,14 @@ def proxy_scan_dir(harness: Harness, data, proxy_epochs: int) -> Path:
     scan_dir = harness.scan_dir(data) / "knn_density"
     if proxy_epochs != ScanConfig().train.epochs:
         scan_dir = scan_dir.with_name(f"knn_density-proxy{proxy_epochs}")
-    scan(data, scan_dir, epochs=proxy_epochs, quiet=True, device=harness.config.device, precision=harness.config.precision)
+    scan(
+        data,
+        scan_dir,
+        epochs=proxy_epochs,
+        quiet=True,
+        device=harness.config.device,
+        precision=harness.config.precision,
+    )
     return scan_dir
 
 
@@ -104,14 +137,27 @@ def done_rows(rows_path: Path) -> set[str]:
 
 def row_identity(row: dict) -> str:
     """Rows before session 7 do not name their poisons (None): they were the poisons cached then."""
-    return json.dumps([row["key"], row["eps"], row["model"], row["epochs"], row["proxy_epochs"], row["detector"], row["options"], row.get("poisons_sha256")],
-                      sort_keys=True)
+    return json.dumps(
+        [
+            row["key"],
+            row["eps"],
+            row["model"],
+            row["epochs"],
+            row["proxy_epochs"],
+            row["detector"],
+            row["options"],
+            row.get("poisons_sha256"),
+        ],
+        sort_keys=True,
+    )
 
 
 def alarm_p_values(detection, intended: int | None) -> dict | None:
     """The class alarm's p-values (alarmed_class_flags): the intended class's and the smallest of the others (the
     margin a looser alarm has before it fires on a clean class); None for a variant without the alarm."""
-    p_values = {c: info["alarm_p_value"] for c, info in detection.summary["per_class"].items() if "alarm_p_value" in info}
+    p_values = {
+        c: info["alarm_p_value"] for c, info in detection.summary["per_class"].items() if "alarm_p_value" in info
+    }
     if not p_values:
         return None
     others = [p for c, p in p_values.items() if c != intended]
@@ -130,16 +176,34 @@ def clean_rows(harness: Harness, args, rows_path: Path) -> None:
     for proxy_epochs in (int(e) for e in args.proxy_epochs.split(",")):
         embeddings = None
         for detector, options in VARIANTS:
-            identity = {"key": "clean", "eps": None, "model": harness.scale.model, "epochs": harness.recipe.epochs, "proxy_epochs": proxy_epochs,
-                        "detector": detector, "options": options}
+            identity = {
+                "key": "clean",
+                "eps": None,
+                "model": harness.scale.model,
+                "epochs": harness.recipe.epochs,
+                "proxy_epochs": proxy_epochs,
+                "detector": detector,
+                "options": options,
+            }
             if detector != "knn_density" or row_identity(identity) in done:
                 continue
             if embeddings is None:
-                embeddings = load_embeddings(proxy_scan_dir(harness, harness.train, proxy_epochs) / "embeddings", harness.train.labels)
+                embeddings = load_embeddings(
+                    proxy_scan_dir(harness, harness.train, proxy_epochs) / "embeddings", harness.train.labels
+                )
             detection = get_detector(detector)(embeddings, variant_config(detector, options), False)
             alarmed = [c for c, info in detection.summary["per_class"].items() if info.get("alarmed")]
-            append_row(rows_path, identity | {"told_expected_poisons": None, "dropped_fraction": float(detection.flags.mean()), "alarmed_classes": alarmed,
-                                              "alarm_p": alarm_p_values(detection, None), "proxy_accuracy": embeddings.accuracy()})
+            append_row(
+                rows_path,
+                identity
+                | {
+                    "told_expected_poisons": None,
+                    "dropped_fraction": float(detection.flags.mean()),
+                    "alarmed_classes": alarmed,
+                    "alarm_p": alarm_p_values(detection, None),
+                    "proxy_accuracy": embeddings.accuracy(),
+                },
+            )
 
 
 def main() -> None:
@@ -150,8 +214,14 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--eps", type=float, default=16.0)
-    parser.add_argument("--proxy-epochs", default=str(ScanConfig().train.epochs), help="Comma-separated proxy lengths; the default scan's comes from the cache.")
-    parser.add_argument("--clean", action="store_true", help="Also scan the clean subset: what each variant flags without poisons.")
+    parser.add_argument(
+        "--proxy-epochs",
+        default=str(ScanConfig().train.epochs),
+        help="Comma-separated proxy lengths; the default scan's comes from the cache.",
+    )
+    parser.add_argument(
+        "--clean", action="store_true", help="Also scan the clean subset: what each variant flags without poisons."
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     data = args.shared / "data" / "cifar10"
@@ -172,10 +242,20 @@ def main() -> None:
         harness.filtered(poisoned, "scan", setup)  # the default scan: proxy + embeddings, cached
         pull = poison_pulls(harness, setup, poisoned)
         for proxy_epochs in (int(e) for e in args.proxy_epochs.split(",")):
-            embeddings = load_embeddings(proxy_scan_dir(harness, poisoned, proxy_epochs) / "embeddings", poisoned.labels)
+            embeddings = load_embeddings(
+                proxy_scan_dir(harness, poisoned, proxy_epochs) / "embeddings", poisoned.labels
+            )
             for detector, options in VARIANTS:
-                identity = {"key": key, "eps": args.eps, "model": harness.scale.model, "epochs": harness.recipe.epochs, "proxy_epochs": proxy_epochs,
-                            "detector": detector, "options": options, "poisons_sha256": poisons.digest()}
+                identity = {
+                    "key": key,
+                    "eps": args.eps,
+                    "model": harness.scale.model,
+                    "epochs": harness.recipe.epochs,
+                    "proxy_epochs": proxy_epochs,
+                    "detector": detector,
+                    "options": options,
+                    "poisons_sha256": poisons.digest(),
+                }
                 if row_identity(identity) in done:
                     continue
                 told = told_count(detector, setup)
@@ -183,11 +263,18 @@ def main() -> None:
                 detection = get_detector(detector)(embeddings, scan_config, False)
                 poison_scores = detection.scores[list(setup.poison_indices)]
                 truth = poison_truth(setup, len(detection.flags))
-                row = identity | {"told_expected_poisons": told, **flag_metrics(detection.flags, detection.scores, truth),
-                                  "poison_score_median": float(np.median(poison_scores)), **caught_by_pull(detection.flags, detection.scores, pull, setup),
-                                  "proxy_accuracy": embeddings.accuracy()}
+                row = identity | {
+                    "told_expected_poisons": told,
+                    **flag_metrics(detection.flags, detection.scores, truth),
+                    "poison_score_median": float(np.median(poison_scores)),
+                    **caught_by_pull(detection.flags, detection.scores, pull, setup),
+                    "proxy_accuracy": embeddings.accuracy(),
+                }
                 if detector == "knn_density":
-                    row["at_z"] = {str(z): flag_metrics(detection.scores >= z_to_score(np.array(z)), detection.scores, truth) for z in (2.5, 3.0)}
+                    row["at_z"] = {
+                        str(z): flag_metrics(detection.scores >= z_to_score(np.array(z)), detection.scores, truth)
+                        for z in (2.5, 3.0)
+                    }
                     row["alarm_p"] = alarm_p_values(detection, setup.intended_class)
                 append_row(rows_path, row)
     render(rows_path, args.out / "detection.md")
@@ -201,8 +288,11 @@ def variant_label(detector: str, options: dict, proxy_epochs: int) -> str:
     current = dataclasses.asdict(ScanConfig())
     changed = {k: v for k, v in effective.items() if (FIRST_DEFAULT | UNSTATED).get(k, current.get(k)) != v}
     label = "first default" + (f" + {json.dumps(changed)}" if changed else "")
-    is_current = (all(current[k] == v for k, v in effective.items()) and effective.get("embedding", "features") == current["embedding"]
-                  and proxy_epochs == current["train"]["epochs"])
+    is_current = (
+        all(current[k] == v for k, v in effective.items())
+        and effective.get("embedding", "features") == current["embedding"]
+        and proxy_epochs == current["train"]["epochs"]
+    )
     return f"**{label} = current default**" if is_current else label
 
 
@@ -215,19 +305,32 @@ def alarm_cell(row: dict) -> str:
 
 
 def render(rows_path: Path, out: Path) -> None:
-    lines = ["| key | poisons | eps | model | epochs | proxy epochs | detector | options | told count | flagged | precision | recall | AUROC | median poison score | recall / flagged at z 3.0 | at z 2.5 | carriers | recall carriers / rest | rank corr. score-pull | class alarm p: intended / lowest other |",
-             "|" + " --- |" * 20]
+    lines = [
+        "| key | poisons | eps | model | epochs | proxy epochs | detector | options | told count | flagged | precision | recall | AUROC | median poison score | recall / flagged at z 3.0 | at z 2.5 | carriers | recall carriers / rest | rank corr. score-pull | class alarm p: intended / lowest other |",
+        "|" + " --- |" * 20,
+    ]
     for r in map(json.loads, rows_path.read_text().splitlines()):
         if r["key"] == "clean":
             alarmed = f" (alarmed classes: {r['alarmed_classes']})" if r["alarmed_classes"] else ""
-            lines.append(f"| clean | - | - | {r['model']} | {r['epochs']} | {r['proxy_epochs']} | {r['detector']} | {variant_label(r['detector'], r['options'], r['proxy_epochs'])} | - | "
-                         f"{r['dropped_fraction']:.2%}{alarmed} |" + " - |" * 9 + f" {alarm_cell(r)} |")
+            lines.append(
+                f"| clean | - | - | {r['model']} | {r['epochs']} | {r['proxy_epochs']} | {r['detector']} | {variant_label(r['detector'], r['options'], r['proxy_epochs'])} | - | "
+                f"{r['dropped_fraction']:.2%}{alarmed} |" + " - |" * 9 + f" {alarm_cell(r)} |"
+            )
             continue
         precision = "-" if r["poison_precision"] is None else f"{r['poison_precision']:.2f}"
-        aligned = f"{r['carriers']} | {r['recall_carriers']:.2f} / {r['recall_rest']:.2f} | {r['score_pull_spearman']:.2f}" if "carriers" in r else "- | - | -"
-        at_z = [f"{r['at_z'][z]['poison_recall']:.2f} / {r['at_z'][z]['dropped_fraction']:.1%}" if "at_z" in r else "-" for z in ("3.0", "2.5")]
-        lines.append(f"| {r['key']} | {(r.get('poisons_sha256') or '-')[:6]} | {r['eps']:g} | {r['model']} | {r['epochs']} | {r['proxy_epochs']} | {r['detector']} | {variant_label(r['detector'], r['options'], r['proxy_epochs'])} | "
-                     f"{r['told_expected_poisons'] or '-'} | {r['dropped_fraction']:.2%} | {precision} | {r['poison_recall']:.2f} | {r['auroc']:.3f} | {r['poison_score_median']:.3f} | {at_z[0]} | {at_z[1]} | {aligned} | {alarm_cell(r)} |")
+        aligned = (
+            f"{r['carriers']} | {r['recall_carriers']:.2f} / {r['recall_rest']:.2f} | {r['score_pull_spearman']:.2f}"
+            if "carriers" in r
+            else "- | - | -"
+        )
+        at_z = [
+            f"{r['at_z'][z]['poison_recall']:.2f} / {r['at_z'][z]['dropped_fraction']:.1%}" if "at_z" in r else "-"
+            for z in ("3.0", "2.5")
+        ]
+        lines.append(
+            f"| {r['key']} | {(r.get('poisons_sha256') or '-')[:6]} | {r['eps']:g} | {r['model']} | {r['epochs']} | {r['proxy_epochs']} | {r['detector']} | {variant_label(r['detector'], r['options'], r['proxy_epochs'])} | "
+            f"{r['told_expected_poisons'] or '-'} | {r['dropped_fraction']:.2%} | {precision} | {r['poison_recall']:.2f} | {r['auroc']:.3f} | {r['poison_score_median']:.3f} | {at_z[0]} | {at_z[1]} | {aligned} | {alarm_cell(r)} |"
+        )
     out.write_text("\n".join(lines) + "\n")
 
 

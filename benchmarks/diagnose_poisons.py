@@ -27,7 +27,9 @@ from attacks.gradient_matching import alignment_loss, parameter_gradient
 from sanitize.models import Classifier
 
 
-def alignment(model: Classifier, target: torch.Tensor, intended: int, images: torch.Tensor, labels: torch.Tensor) -> float:
+def alignment(
+    model: Classifier, target: torch.Tensor, intended: int, images: torch.Tensor, labels: torch.Tensor
+) -> float:
     target_grad = [g.detach() for g in parameter_gradient(model, target, torch.tensor([intended]), False, None)]
     target_norm = torch.sqrt(sum(g.pow(2).sum() for g in target_grad))
     return float(alignment_loss(parameter_gradient(model, images, labels, False, None), target_grad, target_norm))
@@ -46,7 +48,9 @@ def main() -> None:
     data = args.shared / "data" / "cifar10"
     config = EvaluationConfig(scale="cpu", model=args.model, epochs=args.epochs, eps=args.eps, cache=str(args.cache))
     harness = Harness(data / "cifar10_train.npz", data / "cifar10_test.npz", args.cache, config, progress=False)
-    print("| key | target -> intended | model | p(target class) | p(intended) | 1-cos clean | 1-cos noise | 1-cos poisoned | CE clean | CE poisoned |")
+    print(
+        "| key | target -> intended | model | p(target class) | p(intended) | 1-cos clean | 1-cos noise | 1-cos poisoned | CE clean | CE poisoned |"
+    )
     print("|" + " --- |" * 10)
     for key in (int(k) for k in args.keys.split(",")):
         setup = choose_setup(key, harness.train, harness.test, config.budget)
@@ -57,12 +61,17 @@ def main() -> None:
         poisons = load_poisons(path, setup)
         positions = np.asarray(setup.poison_indices)
         labels = torch.from_numpy(harness.train.labels[positions]).long()
-        versions = {arm: torch.from_numpy(harness.data_for(arm, poisons).images[positions]).permute(0, 3, 1, 2).float() / 255
-                    for arm in ("clean", "random-noise", "undefended")}
+        versions = {
+            arm: torch.from_numpy(harness.data_for(arm, poisons).images[positions]).permute(0, 3, 1, 2).float() / 255
+            for arm in ("clean", "random-noise", "undefended")
+        }
         target = harness.test.load_image(setup.target_index)[None].float() / 255
         models = [("surrogate", harness.model_path(harness.train, SURROGATE_SEED, "surrogate"))]
-        models += [(f"{arm} victim {seed}", harness.model_path(harness.data_for(arm, poisons), seed, f"victim-{arm}"))
-                   for arm in ("clean", "random-noise", "undefended") for seed in range(args.victims)]
+        models += [
+            (f"{arm} victim {seed}", harness.model_path(harness.data_for(arm, poisons), seed, f"victim-{arm}"))
+            for arm in ("clean", "random-noise", "undefended")
+            for seed in range(args.victims)
+        ]
         for name, model_path in models:
             if not model_path.exists():
                 continue
@@ -72,9 +81,16 @@ def main() -> None:
             with torch.no_grad():
                 p = torch.softmax(model(target), dim=1)[0]
                 fit = [float(F.cross_entropy(model(versions[arm]), labels)) for arm in ("clean", "undefended")]
-            losses = [alignment(model, target, setup.intended_class, versions[arm], labels) for arm in ("clean", "random-noise", "undefended")]
-            print(f"| {key} | {setup.target_class} -> {setup.intended_class} | {name} | {p[setup.target_class]:.3f} | {p[setup.intended_class]:.3f} | "
-                  + " | ".join(f"{v:.3f}" for v in losses + fit) + " |", flush=True)
+            losses = [
+                alignment(model, target, setup.intended_class, versions[arm], labels)
+                for arm in ("clean", "random-noise", "undefended")
+            ]
+            print(
+                f"| {key} | {setup.target_class} -> {setup.intended_class} | {name} | {p[setup.target_class]:.3f} | {p[setup.intended_class]:.3f} | "
+                + " | ".join(f"{v:.3f}" for v in losses + fit)
+                + " |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

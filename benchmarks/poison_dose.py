@@ -35,13 +35,25 @@ def kept_mask(choice: str, poisons: PoisonSet, harness: Harness) -> np.ndarray:
     count = len(poisons.deltas)
     if choice.startswith("random:"):
         keep = np.zeros(count, bool)
-        keep[np.random.default_rng([poisons.setup.key, 7]).permutation(count)[: round(float(choice.split(":")[1]) * count)]] = True
+        keep[
+            np.random.default_rng([poisons.setup.key, 7]).permutation(count)[
+                : round(float(choice.split(":")[1]) * count)
+            ]
+        ] = True
         return keep
     surrogate, _ = harness.surrogate()
     positions = np.asarray(poisons.setup.poison_indices)
     clean = torch.from_numpy(harness.train.images[positions]).permute(0, 3, 1, 2)
     labels = torch.from_numpy(harness.train.labels[positions])
-    carriers = pull_carriers(poison_pull(surrogate, poisons.apply(clean), labels, harness.test.load_image(poisons.setup.target_index), poisons.setup.intended_class))
+    carriers = pull_carriers(
+        poison_pull(
+            surrogate,
+            poisons.apply(clean),
+            labels,
+            harness.test.load_image(poisons.setup.target_index),
+            poisons.setup.intended_class,
+        )
+    )
     if choice == "carriers":
         return carriers
     if choice == "rest":
@@ -71,7 +83,11 @@ def main() -> None:
     harness = Harness(data / "cifar10_train.npz", data / "cifar10_test.npz", args.cache, config, progress=False)
     args.out.mkdir(parents=True, exist_ok=True)
     rows_path = args.out / "dose.jsonl"
-    done = {(r["poison_key"], r["keep"], r["victim_seed"]) for r in map(json.loads, rows_path.read_text().splitlines())} if rows_path.exists() else set()
+    done = (
+        {(r["poison_key"], r["keep"], r["victim_seed"]) for r in map(json.loads, rows_path.read_text().splitlines())}
+        if rows_path.exists()
+        else set()
+    )
     for key in (int(k) for k in args.keys.split(",")):
         setup = choose_setup(key, harness.train, harness.test, config.budget)
         if not harness.poisons_path(setup).exists():
@@ -86,9 +102,18 @@ def main() -> None:
                     continue
                 model, cost = harness.trained(data, seed, "victim-dose")
                 measured = harness.measure(model, setup)
-                row = {"poison_key": key, "eps": args.eps, "keep": choice, "poisons_left": int(keep.sum()),
-                       "victim_seed": seed, "success": measured["target_pred"] == setup.intended_class, **measured,
-                       "model": harness.scale.model, "epochs": harness.recipe.epochs, "victim_seconds": round(cost.wall, 1)}
+                row = {
+                    "poison_key": key,
+                    "eps": args.eps,
+                    "keep": choice,
+                    "poisons_left": int(keep.sum()),
+                    "victim_seed": seed,
+                    "success": measured["target_pred"] == setup.intended_class,
+                    **measured,
+                    "model": harness.scale.model,
+                    "epochs": harness.recipe.epochs,
+                    "victim_seconds": round(cost.wall, 1),
+                }
                 with rows_path.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
                 print(json.dumps(row), flush=True)
@@ -99,11 +124,18 @@ def render(rows_path: Path, out: Path, command: str) -> None:
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in map(json.loads, rows_path.read_text().splitlines()):
         groups[(r["poison_key"], r["eps"], r["keep"])].append(r)
-    lines = [f"Command: `python {command}`", "", "| key | eps | kept | poisons left | victims | flipped | p(intended) | clean acc |", "|" + " --- |" * 8]
+    lines = [
+        f"Command: `python {command}`",
+        "",
+        "| key | eps | kept | poisons left | victims | flipped | p(intended) | clean acc |",
+        "|" + " --- |" * 8,
+    ]
     for (key, eps, choice), rows in sorted(groups.items()):
         p_intended = ", ".join(f"{r['p_intended']:.2f}" for r in rows)
-        lines.append(f"| {key} | {eps:g} | {choice} | {rows[0]['poisons_left']} | {len(rows)} | {sum(r['success'] for r in rows)} | "
-                     f"{p_intended} | {np.mean([r['clean_acc'] for r in rows]):.1%} |")
+        lines.append(
+            f"| {key} | {eps:g} | {choice} | {rows[0]['poisons_left']} | {len(rows)} | {sum(r['success'] for r in rows)} | "
+            f"{p_intended} | {np.mean([r['clean_acc'] for r in rows]):.1%} |"
+        )
     out.write_text("\n".join(lines) + "\n")
 
 

@@ -24,16 +24,36 @@ from attacks.evaluate import EvaluationConfig, Harness
 from sanitize import scan
 from sanitize.report import write_report
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--disable-quic", "--hide-scrollbars"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--hide-scrollbars",
+]
 
 
 def screenshot(page: Path, png: Path, profile: Path, height: int) -> None:
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if not browser:
         raise SystemExit("no chromium on PATH (Debian: apt-get install chromium)")
-    subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={png}", f"--window-size=1150,{height}",
-                    page.resolve().as_uri()], check=True, capture_output=True, timeout=180)
+    subprocess.run(
+        [
+            browser,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={profile}",
+            f"--screenshot={png}",
+            f"--window-size=1150,{height}",
+            page.resolve().as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
 
 
 def main() -> None:
@@ -41,13 +61,23 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=Path("../shared"))
     parser.add_argument("--cache", type=Path, required=True)
     parser.add_argument("--key", type=int, default=0)
-    parser.add_argument("--work", type=Path, required=True, help="Where the poisoned copy and the scan go (large: not for reports/).")
-    parser.add_argument("--large-scan", type=Path, default=None, help="A finished scan of many images whose report size to measure.")
+    parser.add_argument(
+        "--work", type=Path, required=True, help="Where the poisoned copy and the scan go (large: not for reports/)."
+    )
+    parser.add_argument(
+        "--large-scan", type=Path, default=None, help="A finished scan of many images whose report size to measure."
+    )
     parser.add_argument("--height", type=int, default=2600, help="Screenshot height in pixels.")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     data = args.shared / "data" / "cifar10"
-    harness = Harness(data / "cifar10_train.npz", data / "cifar10_test.npz", args.cache, EvaluationConfig(scale="cpu", cache=str(args.cache)), progress=False)
+    harness = Harness(
+        data / "cifar10_train.npz",
+        data / "cifar10_test.npz",
+        args.cache,
+        EvaluationConfig(scale="cpu", cache=str(args.cache)),
+        progress=False,
+    )
     setup = choose_setup(args.key, harness.train, harness.test, harness.config.budget)
     if not harness.poisons_path(setup).exists():
         raise SystemExit(f"key {args.key}: no cached poisons in {args.cache}; run sanitize evaluate first")
@@ -68,7 +98,13 @@ def main() -> None:
         examples = json.loads((args.large_scan / "summary.json").read_text())["data"]["examples"]
         sizes |= {"large_scan_examples": examples, "large_scan_report_kib": round(large.stat().st_size / 1024, 1)}
     poisons_summary = {k: v for k, v in result.summary["poisons"].items() if k != "ids"}
-    record = {"command": "python " + " ".join(sys.argv), "key": args.key, "flagged": result.summary["flagged"], "poisons": poisons_summary, **sizes}
+    record = {
+        "command": "python " + " ".join(sys.argv),
+        "key": args.key,
+        "flagged": result.summary["flagged"],
+        "poisons": poisons_summary,
+        **sizes,
+    }
     (args.out / "results.json").write_text(json.dumps(record, indent=1))
     print(json.dumps(record, indent=1))
 

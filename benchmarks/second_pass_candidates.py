@@ -15,11 +15,11 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+from detection_sweep import poison_pulls  # run as a script: benchmarks/ is on the path
 
 from attacks import choose_setup
 from attacks.evaluate import EvaluationConfig, Harness
 from attacks.gradient_matching import pull_carriers
-from detection_sweep import poison_pulls  # run as a script: benchmarks/ is on the path
 from sanitize.config import ScanConfig
 from sanitize.density import knn
 from sanitize.detectors import get_detector
@@ -36,19 +36,32 @@ def candidate_rows(harness: Harness, key: int) -> list[str]:
     _, predicted, confidence = (statistic[members] for statistic in embeddings.proxy_statistics())
     num_classes = embeddings.meta["num_classes"]
     misassigned = predicted != setup.intended_class
-    detect = lambda **options: get_detector("knn_density")(embeddings, dataclasses.replace(ScanConfig(), **options), False).flags[members]  # noqa: E731
+
+    def detect(**options):
+        detection = get_detector("knn_density")(embeddings, dataclasses.replace(ScanConfig(), **options), False)
+        return detection.flags[members]
+
     first, hard = detect(class_alarm_p=0.0), detect(alarm_rule="hard")
     dominant = np.bincount(predicted[misassigned], minlength=num_classes).argmax()
-    rules = {"hard": hard, "every misassigned": misassigned, "either (any confidence)": hard | misassigned,
-             f"hard + sent to the dominant class ({dominant})": hard | (predicted == dominant),
-             "hard + misassigned, p >= 0.5": hard | (misassigned & (confidence >= 0.5)), "hard + misassigned, p >= 0.6": hard | (misassigned & (confidence >= 0.6))}
-    rows = [f"| {key} | {harness.config.eps:g} | {name} | {int((flags & ~first & ~is_poison).sum())} | {int((flags & is_carrier).sum())} of {int(is_carrier.sum())} |"
-            for name, flags in rules.items()]
+    rules = {
+        "hard": hard,
+        "every misassigned": misassigned,
+        "either (any confidence)": hard | misassigned,
+        f"hard + sent to the dominant class ({dominant})": hard | (predicted == dominant),
+        "hard + misassigned, p >= 0.5": hard | (misassigned & (confidence >= 0.5)),
+        "hard + misassigned, p >= 0.6": hard | (misassigned & (confidence >= 0.6)),
+    }
+    rows = [
+        f"| {key} | {harness.config.eps:g} | {name} | {int((flags & ~first & ~is_poison).sum())} | {int((flags & is_carrier).sum())} of {int(is_carrier.sum())} |"
+        for name, flags in rules.items()
+    ]
     _, nearest = knn(np.ascontiguousarray(np.asarray(embeddings.features)[members], dtype=np.float32), 10, kind="flat")
     near_flags = first[nearest[is_carrier]].sum()
     carrier_classes = np.bincount(predicted[is_carrier & misassigned], minlength=num_classes)
-    rows.append(f"| {key} | {harness.config.eps:g} | (carriers: misassigned to classes {np.flatnonzero(carrier_classes).tolist()}, "
-                f"p of that class {[round(float(c), 2) for c in np.sort(confidence[is_carrier & misassigned])]}; first-pass flags among their 10 nearest: {int(near_flags)}) | - | - |")
+    rows.append(
+        f"| {key} | {harness.config.eps:g} | (carriers: misassigned to classes {np.flatnonzero(carrier_classes).tolist()}, "
+        f"p of that class {[round(float(c), 2) for c in np.sort(confidence[is_carrier & misassigned])]}; first-pass flags among their 10 nearest: {int(near_flags)}) | - | - |"
+    )
     return rows
 
 
@@ -60,11 +73,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     data = args.shared / "data" / "cifar10"
-    lines = ["| key | eps | rule in the alarmed class | clean examples flagged beyond the first pass | carriers flagged |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| key | eps | rule in the alarmed class | clean examples flagged beyond the first pass | carriers flagged |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for pair in args.sets.split(","):
         key, eps = pair.split(":")
         config = EvaluationConfig(scale="cpu", eps=float(eps), cache=str(args.cache))
-        lines += candidate_rows(Harness(data / "cifar10_train.npz", data / "cifar10_test.npz", args.cache, config, progress=False), int(key))
+        lines += candidate_rows(
+            Harness(data / "cifar10_train.npz", data / "cifar10_test.npz", args.cache, config, progress=False), int(key)
+        )
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -6,11 +6,11 @@ import functools
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
-import numpy as np
 
 from sanitize.config import ALARM_RULES, RobustConfig, ScanConfig, TrainConfig
 from sanitize.distributed import current_world, refuse_torchrun
@@ -37,7 +37,9 @@ def _handle_errors(fn: Callable) -> Callable:
         except Exception as error:
             if os.environ.get("SANITIZE_DEBUG"):
                 raise
-            click.echo(f"internal error: {type(error).__name__}: {error} (set SANITIZE_DEBUG=1 for the traceback)", err=True)
+            click.echo(
+                f"internal error: {type(error).__name__}: {error} (set SANITIZE_DEBUG=1 for the traceback)", err=True
+            )
             sys.exit(3)
 
     return wrapper
@@ -45,37 +47,171 @@ def _handle_errors(fn: Callable) -> Callable:
 
 def scan_options(fn: Callable) -> Callable:
     options = [
-        click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("sanitize-scan"), show_default=True, help="Output directory (never inside DATA)."),
-        click.option("--model", default=DEFAULTS.model, show_default=True, help="Proxy model from the registry; auto picks by image size."),
-        click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None, help="Load these weights instead of training a proxy."),
-        click.option("--epochs", type=int, default=DEFAULTS.train.epochs, show_default=True, help="Proxy training epochs."),
-        click.option("--batch-size", type=int, default=TRAIN_DEFAULTS.batch_size, show_default=True, help="Proxy training batch size."),
-        click.option("--augment/--no-augment", default=TRAIN_DEFAULTS.augment, show_default=True, help="Random crop + flip while training the proxy."),
-        click.option("--image-size", type=int, default=None, help="Side in pixels (folders); default: the most common size."),
-        click.option("--embedding", type=click.Choice(["gradient", "features", "logit_gradient"]), default=DEFAULTS.embedding, show_default=True),
-        click.option("--index", type=click.Choice(["auto", "flat", "ivf", "hnsw"]), default=DEFAULTS.index, show_default=True),
-        click.option("--detector", default=DEFAULTS.detector, show_default=True, help="The rule: knn_density, or a baseline (epic, deep_knn, spectral_signatures, activation_clustering)."),
-        click.option("--k-small", type=int, default=DEFAULTS.k_small, show_default=True, help="knn_density: neighbours at the small scale (lone points)."),
-        click.option("--k-fraction", type=float, default=DEFAULTS.k_fraction, show_default=True, help="knn_density: the large scale as a fraction of the class (groups) ..."),
-        click.option("--k-max", type=int, default=DEFAULTS.k_max, show_default=True, help="... capped at this many neighbours."),
-        click.option("--distance", type=click.Choice(["mean", "kth"]), default=DEFAULTS.distance, show_default=True, help="knn_density: mean distance to the k neighbours, or distance to the k-th."),
-        click.option("--low-loss-weight", type=float, default=DEFAULTS.low_loss_weight, show_default=True, help="knn_density: weight of the 'too easy' (low proxy loss) term beside isolation."),
-        click.option("--class-alarm-p", type=float, default=DEFAULTS.class_alarm_p, show_default=True, help="knn_density: > 0 alarms classes with improbably many flags (Poisson p < this / classes) ..."),
-        click.option("--alarm-z", type=float, default=DEFAULTS.alarm_z, show_default=True, help="... and flags their isolated, hard examples (combined z >= this) ..."),
-        click.option("--alarm-rule", type=click.Choice(ALARM_RULES), default=DEFAULTS.alarm_rule, show_default=True,
-                     help="... by that rule (hard), or the examples the proxy assigns to another class (misassigned), or both (either)."),
-        click.option("--alarm-confidence", type=float, default=DEFAULTS.alarm_confidence, show_default=True,
-                     help="... misassigned: only those the proxy gives the other class at least this probability (0: any)."),
-        click.option("--threshold", type=float, default=DEFAULTS.threshold, show_default=True, help="knn_density: flag examples with score >= this."),
-        click.option("--expected-poisons", type=int, default=None, help="Only for baselines whose rule needs a poison count (spectral_signatures, deep_knn); recorded as told."),
-        click.option("--epic-fraction", type=float, default=DEFAULTS.epic_fraction, show_default=True, help="epic: medoids per class as a fraction of the class."),
-        click.option("--max-flagged-fraction", type=float, default=DEFAULTS.max_flagged_fraction, show_default=True, help="Gate: exit 1 when more is flagged."),
-        click.option("--fail-on-class-alarm", is_flag=True, default=DEFAULTS.fail_on_class_alarm, help="Gate: exit 1 also when a class raises the class alarm."),
-        click.option("--manifest", type=click.Path(exists=True), default=None, help="A poison manifest (or its folder): score the flags against it in the summary and report."),
-        click.option("--max-thumbnails", type=int, default=DEFAULTS.max_thumbnails, show_default=True, help="report.html: at most this many flagged examples as images."),
+        click.option(
+            "--out",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=Path("sanitize-scan"),
+            show_default=True,
+            help="Output directory (never inside DATA).",
+        ),
+        click.option(
+            "--model",
+            default=DEFAULTS.model,
+            show_default=True,
+            help="Proxy model from the registry; auto picks by image size.",
+        ),
+        click.option(
+            "--checkpoint",
+            type=click.Path(exists=True, dir_okay=False),
+            default=None,
+            help="Load these weights instead of training a proxy.",
+        ),
+        click.option(
+            "--epochs", type=int, default=DEFAULTS.train.epochs, show_default=True, help="Proxy training epochs."
+        ),
+        click.option(
+            "--batch-size",
+            type=int,
+            default=TRAIN_DEFAULTS.batch_size,
+            show_default=True,
+            help="Proxy training batch size.",
+        ),
+        click.option(
+            "--augment/--no-augment",
+            default=TRAIN_DEFAULTS.augment,
+            show_default=True,
+            help="Random crop + flip while training the proxy.",
+        ),
+        click.option(
+            "--image-size", type=int, default=None, help="Side in pixels (folders); default: the most common size."
+        ),
+        click.option(
+            "--embedding",
+            type=click.Choice(["gradient", "features", "logit_gradient"]),
+            default=DEFAULTS.embedding,
+            show_default=True,
+        ),
+        click.option(
+            "--index", type=click.Choice(["auto", "flat", "ivf", "hnsw"]), default=DEFAULTS.index, show_default=True
+        ),
+        click.option(
+            "--detector",
+            default=DEFAULTS.detector,
+            show_default=True,
+            help="The rule: knn_density, or a baseline (epic, deep_knn, spectral_signatures, activation_clustering).",
+        ),
+        click.option(
+            "--k-small",
+            type=int,
+            default=DEFAULTS.k_small,
+            show_default=True,
+            help="knn_density: neighbours at the small scale (lone points).",
+        ),
+        click.option(
+            "--k-fraction",
+            type=float,
+            default=DEFAULTS.k_fraction,
+            show_default=True,
+            help="knn_density: the large scale as a fraction of the class (groups) ...",
+        ),
+        click.option(
+            "--k-max", type=int, default=DEFAULTS.k_max, show_default=True, help="... capped at this many neighbours."
+        ),
+        click.option(
+            "--distance",
+            type=click.Choice(["mean", "kth"]),
+            default=DEFAULTS.distance,
+            show_default=True,
+            help="knn_density: mean distance to the k neighbours, or distance to the k-th.",
+        ),
+        click.option(
+            "--low-loss-weight",
+            type=float,
+            default=DEFAULTS.low_loss_weight,
+            show_default=True,
+            help="knn_density: weight of the 'too easy' (low proxy loss) term beside isolation.",
+        ),
+        click.option(
+            "--class-alarm-p",
+            type=float,
+            default=DEFAULTS.class_alarm_p,
+            show_default=True,
+            help="knn_density: > 0 alarms classes with improbably many flags (Poisson p < this / classes) ...",
+        ),
+        click.option(
+            "--alarm-z",
+            type=float,
+            default=DEFAULTS.alarm_z,
+            show_default=True,
+            help="... and flags their isolated, hard examples (combined z >= this) ...",
+        ),
+        click.option(
+            "--alarm-rule",
+            type=click.Choice(ALARM_RULES),
+            default=DEFAULTS.alarm_rule,
+            show_default=True,
+            help="... by that rule (hard), or the examples the proxy assigns to another class (misassigned), or both (either).",
+        ),
+        click.option(
+            "--alarm-confidence",
+            type=float,
+            default=DEFAULTS.alarm_confidence,
+            show_default=True,
+            help="... misassigned: only those the proxy gives the other class at least this probability (0: any).",
+        ),
+        click.option(
+            "--threshold",
+            type=float,
+            default=DEFAULTS.threshold,
+            show_default=True,
+            help="knn_density: flag examples with score >= this.",
+        ),
+        click.option(
+            "--expected-poisons",
+            type=int,
+            default=None,
+            help="Only for baselines whose rule needs a poison count (spectral_signatures, deep_knn); recorded as told.",
+        ),
+        click.option(
+            "--epic-fraction",
+            type=float,
+            default=DEFAULTS.epic_fraction,
+            show_default=True,
+            help="epic: medoids per class as a fraction of the class.",
+        ),
+        click.option(
+            "--max-flagged-fraction",
+            type=float,
+            default=DEFAULTS.max_flagged_fraction,
+            show_default=True,
+            help="Gate: exit 1 when more is flagged.",
+        ),
+        click.option(
+            "--fail-on-class-alarm",
+            is_flag=True,
+            default=DEFAULTS.fail_on_class_alarm,
+            help="Gate: exit 1 also when a class raises the class alarm.",
+        ),
+        click.option(
+            "--manifest",
+            type=click.Path(exists=True),
+            default=None,
+            help="A poison manifest (or its folder): score the flags against it in the summary and report.",
+        ),
+        click.option(
+            "--max-thumbnails",
+            type=int,
+            default=DEFAULTS.max_thumbnails,
+            show_default=True,
+            help="report.html: at most this many flagged examples as images.",
+        ),
         click.option("--device", default=DEFAULTS.device, show_default=True),
-        click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default=DEFAULTS.precision, show_default=True),
-        click.option("--workers", type=int, default=DEFAULTS.workers, show_default=True, help="Data-loading processes."),
+        click.option(
+            "--precision", type=click.Choice(["auto", "bf16", "fp32"]), default=DEFAULTS.precision, show_default=True
+        ),
+        click.option(
+            "--workers", type=int, default=DEFAULTS.workers, show_default=True, help="Data-loading processes."
+        ),
         click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True),
         click.option("--quiet", is_flag=True, help="No progress bars."),
     ]
@@ -87,16 +223,31 @@ def scan_options(fn: Callable) -> Callable:
 def print_summary(result: Any) -> None:
     summary = result.summary
     data, flagged, gate = summary["data"], summary["flagged"], summary["gate"]
-    click.echo(f"data      {data['source']} ({data['kind']}, {data['examples']} examples, {len(data['classes'])} classes, {len(data['skipped'])} skipped)")
-    click.echo(f"proxy     {summary['model']['name']}, accuracy on the data {summary['model']['train_accuracy_eval_mode']:.1%}")
+    click.echo(
+        f"data      {data['source']} ({data['kind']}, {data['examples']} examples, {len(data['classes'])} classes, {len(data['skipped'])} skipped)"
+    )
+    click.echo(
+        f"proxy     {summary['model']['name']}, accuracy on the data {summary['model']['train_accuracy_eval_mode']:.1%}"
+    )
     worst = sorted(flagged["per_class"].items(), key=lambda kv: -kv[1])[:3]
-    click.echo(f"flagged   {flagged['count']} ({flagged['fraction']:.2%}); most in {', '.join(f'{k}: {v}' for k, v in worst)}")
+    click.echo(
+        f"flagged   {flagged['count']} ({flagged['fraction']:.2%}); most in {', '.join(f'{k}: {v}' for k, v in worst)}"
+    )
     verdict = "PASSED" if gate["passed"] else "FAILED"
-    click.echo(f"gate      {verdict} (flagged {gate['flagged_fraction']:.2%}, limit {gate['max_flagged_fraction']:.2%})")
+    click.echo(
+        f"gate      {verdict} (flagged {gate['flagged_fraction']:.2%}, limit {gate['max_flagged_fraction']:.2%})"
+    )
     if gate["alarmed_classes"]:
-        consequence = "the gate fails on it" if gate["fail_on_class_alarm"] else "--fail-on-class-alarm would fail the gate"
-        click.echo(f"alarm     improbably many flags in {', '.join(gate['alarmed_classes'])}: a targeted attack's signature ({consequence})")
-    click.echo(f"time      {summary['seconds']['total']:.1f} s  " + ", ".join(f"{k} {v:.1f}" for k, v in summary["seconds"].items() if k != "total"))
+        consequence = (
+            "the gate fails on it" if gate["fail_on_class_alarm"] else "--fail-on-class-alarm would fail the gate"
+        )
+        click.echo(
+            f"alarm     improbably many flags in {', '.join(gate['alarmed_classes'])}: a targeted attack's signature ({consequence})"
+        )
+    click.echo(
+        f"time      {summary['seconds']['total']:.1f} s  "
+        + ", ".join(f"{k} {v:.1f}" for k, v in summary["seconds"].items() if k != "total")
+    )
     for note in data["notes"]:
         click.echo(f"note      {note}")
     click.echo(f"outputs   {', '.join(str(p) for p in result.files.values())}")
@@ -123,7 +274,9 @@ def scan(data: Path, out: Path, **options: Any) -> None:
 
 
 @cli.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("sanitize-demo"), show_default=True)
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("sanitize-demo"), show_default=True
+)
 @click.option("--quiet", is_flag=True)
 @_handle_errors
 def demo(out: Path, quiet: bool) -> None:
@@ -137,7 +290,9 @@ def demo(out: Path, quiet: bool) -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="sanitize-demo-data-"))
     ids = write_image_folder(data_dir, images, noisy, [f"digit_{d}" for d in range(10)])
     click.echo(f"demo data {data_dir}: {len(ids)} digit images, {len(moved)} moved to a wrong class folder")
-    result = run(data_dir, out, model="tiny", epochs=15, batch_size=32, augment=False, quiet=quiet, seed=0)  # flips would mix up digits
+    result = run(
+        data_dir, out, model="tiny", epochs=15, batch_size=32, augment=False, quiet=quiet, seed=0
+    )  # flips would mix up digits
     print_summary(result)
     caught = set(result.flagged_ids) & {ids[i] for i in moved}
     click.echo(f"planted   {len(caught)} of {len(moved)} mislabeled images are among the flagged")
@@ -145,19 +300,47 @@ def demo(out: Path, quiet: bool) -> None:
 
 @cli.command()
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("sanitize-train"), show_default=True, help="Output directory (never inside DATA).")
-@click.option("--robust", is_flag=True, help="EPIC: drop isolated examples periodically while training; writes drop_log.json.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("sanitize-train"),
+    show_default=True,
+    help="Output directory (never inside DATA).",
+)
+@click.option(
+    "--robust", is_flag=True, help="EPIC: drop isolated examples periodically while training; writes drop_log.json."
+)
 @click.option("--model", default="auto", show_default=True)
 @click.option("--epochs", type=int, default=TRAIN_DEFAULTS.epochs, show_default=True)
 @click.option("--batch-size", type=int, default=TRAIN_DEFAULTS.batch_size, show_default=True)
 @click.option("--lr", type=float, default=TRAIN_DEFAULTS.lr, show_default=True)
 @click.option("--augment/--no-augment", default=TRAIN_DEFAULTS.augment, show_default=True)
-@click.option("--fraction", type=float, default=ROBUST_DEFAULTS.fraction, show_default=True, help="Robust: medoids per class as a share of the class.")
+@click.option(
+    "--fraction",
+    type=float,
+    default=ROBUST_DEFAULTS.fraction,
+    show_default=True,
+    help="Robust: medoids per class as a share of the class.",
+)
 @click.option("--every", type=int, default=None, help="Robust: epochs between rounds [default: epochs / 8].")
-@click.option("--warmup", type=int, default=ROBUST_DEFAULTS.warmup, show_default=True, help="Robust: first epoch a round may run.")
-@click.option("--max-dropped-fraction", type=float, default=ROBUST_DEFAULTS.max_dropped_fraction, show_default=True, help="Robust: cap on the share dropped.")
+@click.option(
+    "--warmup", type=int, default=ROBUST_DEFAULTS.warmup, show_default=True, help="Robust: first epoch a round may run."
+)
+@click.option(
+    "--max-dropped-fraction",
+    type=float,
+    default=ROBUST_DEFAULTS.max_dropped_fraction,
+    show_default=True,
+    help="Robust: cap on the share dropped.",
+)
 @click.option("--test", type=click.Path(exists=True), default=None, help="A labelled test set to report accuracy on.")
-@click.option("--max-thumbnails", type=int, default=48, show_default=True, help="report.html: at most this many dropped examples as images.")
+@click.option(
+    "--max-thumbnails",
+    type=int,
+    default=48,
+    show_default=True,
+    help="report.html: at most this many dropped examples as images.",
+)
 @click.option("--image-size", type=int, default=None)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True)
@@ -173,20 +356,35 @@ def train(data: Path, out: Path, **options: Any) -> None:
     if not current_world().is_main:
         return
     summary = result.summary
-    click.echo(f"model     {summary['model']['name']}, {summary['model']['trained_epochs']} epochs, accuracy on the data {summary['train_accuracy']:.1%}"
-               + (f", test {summary['test_accuracy']:.1%}" if "test_accuracy" in summary else ""))
+    click.echo(
+        f"model     {summary['model']['name']}, {summary['model']['trained_epochs']} epochs, accuracy on the data {summary['train_accuracy']:.1%}"
+        + (f", test {summary['test_accuracy']:.1%}" if "test_accuracy" in summary else "")
+    )
     if summary["robust"]:
         robust = summary["robust"]
-        click.echo(f"dropped   {robust['dropped']} ({robust['dropped_fraction']:.2%}) in rounds at epochs {robust['rounds']}")
+        click.echo(
+            f"dropped   {robust['dropped']} ({robust['dropped_fraction']:.2%}) in rounds at epochs {robust['rounds']}"
+        )
     click.echo(f"time      {summary['seconds']:.1f} s")
     click.echo(f"outputs   {', '.join(str(p) for p in result.files.values())}")
 
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--data", type=click.Path(exists=True, path_type=Path), default=None, help="Where the run's data is now (default: the source in summary.json).")
+@click.option(
+    "--data",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="Where the run's data is now (default: the source in summary.json).",
+)
 @click.option("--max-thumbnails", type=int, default=DEFAULTS.max_thumbnails, show_default=True)
-@click.option("--max-projection-classes", type=int, default=10, show_default=True, help="Classes offered in the 2-D embedding view.")
+@click.option(
+    "--max-projection-classes",
+    type=int,
+    default=10,
+    show_default=True,
+    help="Classes offered in the 2-D embedding view.",
+)
 @_handle_errors
 def report(run_dir: Path, data: Path | None, max_thumbnails: int, max_projection_classes: int) -> None:
     """Re-render RUN_DIR/report.html from a scan's, training run's or evaluation's outputs."""
@@ -211,29 +409,86 @@ def parse_keys(text: str, option: str = "--keys") -> tuple[int, ...]:
 
 @cli.command()
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--test", "test_data", type=click.Path(path_type=Path), required=True, help="Test set the target image is drawn from.")
+@click.option(
+    "--test",
+    "test_data",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Test set the target image is drawn from.",
+)
 @click.option("--method", default="gradient-matching", show_default=True)
-@click.option("--key", type=int, default=0, show_default=True, help="Poison key: picks target, intended class and poisons.")
+@click.option(
+    "--key", type=int, default=0, show_default=True, help="Poison key: picks target, intended class and poisons."
+)
 @click.option("--budget", type=float, default=0.01, show_default=True, help="Fraction of the training set to perturb.")
 @click.option("--eps", type=float, default=16.0, show_default=True, help="l-inf radius in 0..255 units.")
-@click.option("--surrogate", type=click.Path(exists=True, dir_okay=False), default=None, help="Surrogate weights; default: train one on DATA.")
-@click.option("--epochs", type=int, default=40, show_default=True, help="Surrogate training epochs when no --surrogate (the cpu scale's 40).")
+@click.option(
+    "--surrogate",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Surrogate weights; default: train one on DATA.",
+)
+@click.option(
+    "--epochs",
+    type=int,
+    default=40,
+    show_default=True,
+    help="Surrogate training epochs when no --surrogate (the cpu scale's 40).",
+)
 @click.option("--model", default="convnet", show_default=True)
 @click.option("--iterations", type=int, default=250, show_default=True)
 @click.option("--restarts", type=int, default=8, show_default=True)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Where the poisoned copy and poison_manifest.json go.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Where the poisoned copy and poison_manifest.json go.",
+)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True)
 @_handle_errors
-def attack(data: Path, test_data: Path, method: str, key: int, budget: float, eps: float, surrogate: str | None, epochs: int, model: str, iterations: int, restarts: int, out: Path, device: str, seed: int, quiet: bool) -> None:
+def attack(
+    data: Path,
+    test_data: Path,
+    method: str,
+    key: int,
+    budget: float,
+    eps: float,
+    surrogate: str | None,
+    epochs: int,
+    model: str,
+    iterations: int,
+    restarts: int,
+    out: Path,
+    device: str,
+    seed: int,
+    quiet: bool,
+) -> None:
     """Craft poisons against DATA and write a poisoned copy (lossless) with its ground-truth manifest."""
     refuse_torchrun("attack")
     from attacks.api import attack_dataset
 
-    manifest = attack_dataset(data, test_data, out, method=method, key=key, budget=budget, eps=eps, surrogate=surrogate, epochs=epochs,
-                              model=model, iterations=iterations, restarts=restarts, device=device, seed=seed, progress=not quiet)
-    click.echo(f"poisoned  {len(manifest['poison_ids'])} images of class {manifest['intended_class']} for target {manifest['target_id']} (class {manifest['target_class']})")
+    manifest = attack_dataset(
+        data,
+        test_data,
+        out,
+        method=method,
+        key=key,
+        budget=budget,
+        eps=eps,
+        surrogate=surrogate,
+        epochs=epochs,
+        model=model,
+        iterations=iterations,
+        restarts=restarts,
+        device=device,
+        seed=seed,
+        progress=not quiet,
+    )
+    click.echo(
+        f"poisoned  {len(manifest['poison_ids'])} images of class {manifest['intended_class']} for target {manifest['target_id']} (class {manifest['target_class']})"
+    )
     click.echo(f"outputs   {out}")
 
 
@@ -243,7 +498,11 @@ def attack(data: Path, test_data: Path, method: str, key: int, budget: float, ep
 @click.option("--attack", "attack_name", default="gradient-matching", show_default=True)
 @click.option("--keys", default="0-7", show_default=True)
 @click.option("--victims", type=int, default=4, show_default=True)
-@click.option("--seeds", default=None, help="The victims' seeds, e.g. 4-7 (default 0..victims-1): to split one run's victims across processes.")
+@click.option(
+    "--seeds",
+    default=None,
+    help="The victims' seeds, e.g. 4-7 (default 0..victims-1): to split one run's victims across processes.",
+)
 @click.option("--scale", type=click.Choice(["smoke", "cpu", "paper"]), default="cpu", show_default=True)
 @click.option("--eps", type=float, default=16.0, show_default=True)
 @click.option("--budget", type=float, default=0.01, show_default=True)
@@ -252,23 +511,71 @@ def attack(data: Path, test_data: Path, method: str, key: int, budget: float, ep
 @click.option("--epochs", type=int, default=None, help="Override the scale's victim epochs.")
 @click.option("--restarts", type=int, default=None)
 @click.option("--iterations", type=int, default=None)
-@click.option("--augment/--no-augment", default=None, help="Override the scale's crop + flip for surrogate and victims.")
-@click.option("--craft-option", "craft_options", multiple=True, metavar="NAME=VALUE", help="Override one of the attack's own options (repeatable).")
-@click.option("--cache", type=click.Path(file_okay=False), default=None, help="Surrogates, victims and poisons (default OUT/cache).")
+@click.option(
+    "--augment/--no-augment", default=None, help="Override the scale's crop + flip for surrogate and victims."
+)
+@click.option(
+    "--craft-option",
+    "craft_options",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Override one of the attack's own options (repeatable).",
+)
+@click.option(
+    "--cache",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Surrogates, victims and poisons (default OUT/cache).",
+)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True)
 @_handle_errors
-def evaluate(data: Path, test_data: Path, attack_name: str, keys: str, victims: int, seeds: str | None, scale: str, eps: float, budget: float, arms: str, model, epochs, restarts, iterations, augment, craft_options, cache, out: Path, device: str, quiet: bool) -> None:
+def evaluate(
+    data: Path,
+    test_data: Path,
+    attack_name: str,
+    keys: str,
+    victims: int,
+    seeds: str | None,
+    scale: str,
+    eps: float,
+    budget: float,
+    arms: str,
+    model,
+    epochs,
+    restarts,
+    iterations,
+    augment,
+    craft_options,
+    cache,
+    out: Path,
+    device: str,
+    quiet: bool,
+) -> None:
     """Train victims from scratch on clean / poisoned / control data; append one JSON line per victim to OUT."""
     refuse_torchrun("evaluate")
     from attacks import parse_option
     from attacks.evaluate import EvaluationConfig, run_evaluation
 
-    config = EvaluationConfig(attack=attack_name, scale=scale, keys=parse_keys(keys), victims=victims,
-                              seeds=parse_keys(seeds, "--seeds") if seeds else None, eps=eps, budget=budget,
-                              arms=tuple(a.strip() for a in arms.split(",")), model=model, epochs=epochs, restarts=restarts, iterations=iterations,
-                              augment=augment, craft_options=dict(parse_option(attack_name, text) for text in craft_options), device=device, cache=cache)
+    config = EvaluationConfig(
+        attack=attack_name,
+        scale=scale,
+        keys=parse_keys(keys),
+        victims=victims,
+        seeds=parse_keys(seeds, "--seeds") if seeds else None,
+        eps=eps,
+        budget=budget,
+        arms=tuple(a.strip() for a in arms.split(",")),
+        model=model,
+        epochs=epochs,
+        restarts=restarts,
+        iterations=iterations,
+        augment=augment,
+        craft_options=dict(parse_option(attack_name, text) for text in craft_options),
+        device=device,
+        cache=cache,
+    )
     run_evaluation(data, test_data, out, config, progress=not quiet, command="sanitize " + " ".join(sys.argv[1:]))
     click.echo((out / "summary.md").read_text())
 

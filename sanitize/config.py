@@ -42,12 +42,16 @@ class RobustConfig:
 def route_options(cls: type, options: dict[str, Any], nested: dict[str, type]) -> Any:
     """Build `cls` from flat keyword options; keys of a nested config (e.g. epochs -> train) go to that field."""
     own = {f.name for f in dataclasses.fields(cls)}
-    routed = {name: {k: options.pop(k) for k in list(options) if k in {f.name for f in dataclasses.fields(kind)} - own}
-              for name, kind in nested.items()}
+    routed = {
+        name: {k: options.pop(k) for k in list(options) if k in {f.name for f in dataclasses.fields(kind)} - own}
+        for name, kind in nested.items()
+    }
     unknown = set(options) - own
     if unknown:
         raise SanitizeError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    defaults = {f.name: f.default_factory for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING}
+    defaults = {
+        f.name: f.default_factory for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING
+    }
     for name, kind in nested.items():
         base = options.pop(name, None) or defaults.get(name, kind)()
         options[name] = dataclasses.replace(base, **routed[name])
@@ -74,7 +78,7 @@ class FitConfig:
     quiet: bool = False
 
     @classmethod
-    def from_options(cls, **options: Any) -> "FitConfig":
+    def from_options(cls, **options: Any) -> FitConfig:
         return route_options(cls, options, {"train": TrainConfig, "epic": RobustConfig})
 
     def validate(self) -> None:
@@ -139,15 +143,19 @@ class ScanConfig:
     quiet: bool = False
 
     @classmethod
-    def from_options(cls, **options: Any) -> "ScanConfig":
+    def from_options(cls, **options: Any) -> ScanConfig:
         """Build a config from flat keyword options; training keys (epochs, lr, ...) go to `train`."""
         return route_options(cls, options, {"train": TrainConfig})
 
     def validate(self) -> None:
         """Reject values that cannot work, with a message naming the option."""
         from sanitize.detectors import list_detectors  # the detectors import this module
+
         checks = [
-            (self.embedding in ("gradient", "features", "logit_gradient"), "embedding must be gradient, features or logit_gradient"),
+            (
+                self.embedding in ("gradient", "features", "logit_gradient"),
+                "embedding must be gradient, features or logit_gradient",
+            ),
             (self.detector in list_detectors(), f"detector must be one of {', '.join(list_detectors())}"),
             (self.expected_poisons is None or self.expected_poisons >= 1, "expected_poisons must be >= 1"),
             (0.0 < self.epic_fraction <= 1.0, "epic_fraction must be in (0, 1]"),

@@ -49,7 +49,9 @@ def build_index(x: np.ndarray, kind: str, seed: int = 0, nprobe: int | None = No
     return index
 
 
-def knn(x: np.ndarray, k: int, kind: str = "flat", seed: int = 0, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def knn(
+    x: np.ndarray, k: int, kind: str = "flat", seed: int = 0, nprobe: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Euclidean distances (n, k) and positions (n, k) of each row's k nearest other rows, nearest first."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)

@@ -59,7 +59,9 @@ def current_world() -> World:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return World()
-    world = World(rank=int(os.environ["RANK"]), world_size=world_size, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    world = World(
+        rank=int(os.environ["RANK"]), world_size=world_size, local_rank=int(os.environ.get("LOCAL_RANK", "0"))
+    )
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(world.local_rank)
@@ -70,8 +72,10 @@ def current_world() -> World:
 def refuse_torchrun(command: str) -> None:
     """Commands that are not split across ranks would run once per rank and race on their outputs: refuse them."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SanitizeError(f"`sanitize {command}` runs in one process; under torchrun only scan and train are split across ranks"
-                            " (evaluate's victims split across processes with --seeds)")
+        raise SanitizeError(
+            f"`sanitize {command}` runs in one process; under torchrun only scan and train are split across ranks"
+            " (evaluate's victims split across processes with --seeds)"
+        )
 
 
 def barrier(world: World) -> None:

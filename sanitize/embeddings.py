@@ -28,7 +28,9 @@ from sanitize.training import autocast, to_model_input
 ARRAYS = ("features", "logits", "gradient")
 
 
-def last_layer_gradient_factors(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def last_layer_gradient_factors(
+    features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(g, f~): the per-example last-layer gradient is their outer product g (x) f~."""
     g = torch.softmax(logits.float(), dim=1) - F.one_hot(labels, logits.shape[1]).float()
     f_tilde = torch.cat([features.float(), torch.ones_like(features[:, :1], dtype=torch.float32)], dim=1)
@@ -158,11 +160,17 @@ def compute_embeddings(
         "sketch_seed": seed,
     }
     meta_path = directory / "meta.json"
-    progress_path = directory / ("progress.json" if not world.distributed else f"progress-{world.rank}-of-{world.world_size}.json")
+    progress_path = directory / (
+        "progress.json" if not world.distributed else f"progress-{world.rank}-of-{world.world_size}.json"
+    )
     shapes = {"features": (n, model.feature_dim), "logits": (n, model.num_classes), "gradient": (n, embedder.dim)}
     same_pass = None
     if world.is_main:
-        same_pass = meta_path.exists() and json.loads(meta_path.read_text()) == meta and all((directory / f"{name}.npy").exists() for name in ARRAYS)
+        same_pass = (
+            meta_path.exists()
+            and json.loads(meta_path.read_text()) == meta
+            and all((directory / f"{name}.npy").exists() for name in ARRAYS)
+        )
         if not same_pass:
             for stale in directory.glob("progress*.json"):
                 stale.unlink()

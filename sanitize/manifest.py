@@ -7,8 +7,9 @@ target and intended class, and the ids of the poisoned examples as the poisoned 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -44,8 +45,10 @@ def poison_mask(record: dict[str, Any], ids: Sequence[str]) -> np.ndarray:
     named = [str(id_) for id_ in record["poison_ids"]]
     missing = [id_ for id_ in named if id_ not in position]
     if missing:
-        raise SanitizeError(f"{len(missing)} of the manifest's {len(named)} poison ids are not in the data (first: {missing[0]!r}); "
-                            "was the manifest written for this dataset?")
+        raise SanitizeError(
+            f"{len(missing)} of the manifest's {len(named)} poison ids are not in the data (first: {missing[0]!r}); "
+            "was the manifest written for this dataset?"
+        )
     mask = np.zeros(len(ids), dtype=bool)
     mask[[position[id_] for id_ in named]] = True
     return mask

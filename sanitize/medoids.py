@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -83,14 +83,20 @@ def assign(points: np.ndarray, medoids: np.ndarray, chunk: int = 8192) -> np.nda
     """Index into `medoids` of each point's nearest medoid (a medoid is its own nearest)."""
     x = torch.as_tensor(np.ascontiguousarray(points, dtype=np.float32))
     centres = x[torch.as_tensor(medoids)]
-    nearest = [torch.cdist(x[i:i + chunk], centres).argmin(dim=1) for i in range(0, len(x), chunk)]
+    nearest = [torch.cdist(x[i : i + chunk], centres).argmin(dim=1) for i in range(0, len(x), chunk)]
     result = torch.cat(nearest).numpy()
     result[medoids] = np.arange(len(medoids))
     return result
 
 
-def isolated_medoids(space: np.ndarray, labels: np.ndarray, num_classes: int, fraction: float, dense_max: int = 5000,
-                     classes: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def isolated_medoids(
+    space: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    fraction: float,
+    dense_max: int = 5000,
+    classes: Iterable[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """EPIC's rule: per class, facility-location medoids (ceil(fraction x class size)), nearest-medoid clusters, and
     the medoids whose cluster is a singleton. Returns (isolated positions, cluster size of every row; 0 outside
     `classes`). `space` may be memory-mapped: only one class's rows are read at a time."""

@@ -36,8 +36,13 @@ HISTOGRAM_BINS = 20
 PROJECTION_POINTS = 400  # unflagged points drawn per class; every flagged one is drawn too (up to the thumbnail cap)
 PLOT_SIZE = 320
 
-_ENVIRONMENT = jinja2.Environment(loader=jinja2.PackageLoader("sanitize", "templates"), autoescape=True, undefined=jinja2.ChainableUndefined,  # older runs lack newer fields: blank, not a crash
-                                  trim_blocks=True, lstrip_blocks=True)
+_ENVIRONMENT = jinja2.Environment(
+    loader=jinja2.PackageLoader("sanitize", "templates"),
+    autoescape=True,
+    undefined=jinja2.ChainableUndefined,  # older runs lack newer fields: blank, not a crash
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
 
 
 @dataclass
@@ -51,8 +56,12 @@ class ScoreTable:
     flags: np.ndarray
 
 
-def write_report(run_dir: str | os.PathLike, data: str | os.PathLike | ImageDataset | None = None, max_thumbnails: int = 48,
-                 max_projection_classes: int = 10) -> Path:
+def write_report(
+    run_dir: str | os.PathLike,
+    data: str | os.PathLike | ImageDataset | None = None,
+    max_thumbnails: int = 48,
+    max_projection_classes: int = 10,
+) -> Path:
     """Render RUN_DIR/report.html from the run's outputs. `data` gives the images for thumbnails (default: the source
     recorded in summary.json; a dataset whose fingerprint differs is not used)."""
     run_dir = Path(run_dir)
@@ -76,8 +85,10 @@ def render(context: dict[str, Any]) -> str:
     """The report's HTML for `context`, with the inline CSS and JS admitted by their hashes in the CSP."""
     assets = resources.files("sanitize") / "templates"
     css, js = (assets / "report.css").read_text(encoding="utf-8"), (assets / "report.js").read_text(encoding="utf-8")
-    csp = (f"default-src 'none'; img-src data:; style-src '{_csp_hash(css)}'; script-src '{_csp_hash(js)}'; "
-           "base-uri 'none'; form-action 'none'")
+    csp = (
+        f"default-src 'none'; img-src data:; style-src '{_csp_hash(css)}'; script-src '{_csp_hash(js)}'; "
+        "base-uri 'none'; form-action 'none'"
+    )
     return _ENVIRONMENT.get_template("report.html.j2").render(csp=csp, css=css, js=js, **context)
 
 
@@ -121,7 +132,9 @@ def thumbnail(image: torch.Tensor) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _images(summary: dict[str, Any], data: str | os.PathLike | ImageDataset | None) -> tuple[ImageDataset | None, str | None]:
+def _images(
+    summary: dict[str, Any], data: str | os.PathLike | ImageDataset | None
+) -> tuple[ImageDataset | None, str | None]:
     """The dataset the run read, for thumbnails, or (None, why not)."""
     expected = summary["data"].get("fingerprint")
     if not isinstance(data, ImageDataset):
@@ -141,11 +154,22 @@ def histogram(values: np.ndarray, threshold: float) -> list[dict[str, Any]]:
     counts, edges = np.histogram(np.clip(values, 0, 1), bins=HISTOGRAM_BINS, range=(0, 1))
     top = max(int(counts.max()), 1) if len(counts) else 1
     width = 100 / HISTOGRAM_BINS
-    return [{"x": round(i * width, 2), "width": round(width, 2), "height": round(30 * np.sqrt(c / top), 2), "count": int(c),
-             "flagged": bool(edges[i + 1] > threshold)} for i, c in enumerate(counts) if c]
+    return [
+        {
+            "x": round(i * width, 2),
+            "width": round(width, 2),
+            "height": round(30 * np.sqrt(c / top), 2),
+            "count": int(c),
+            "flagged": bool(edges[i + 1] > threshold),
+        }
+        for i, c in enumerate(counts)
+        if c
+    ]
 
 
-def projection(space: np.ndarray, members: np.ndarray, flags: np.ndarray, ids: list[str], seed: int) -> list[dict[str, Any]]:
+def projection(
+    space: np.ndarray, members: np.ndarray, flags: np.ndarray, ids: list[str], seed: int
+) -> list[dict[str, Any]]:
     """One class's embeddings projected on their top two principal components, scaled into the plot; every flagged
     member and a random sample of the others."""
     flagged = members[flags[members]]
@@ -158,63 +182,121 @@ def projection(space: np.ndarray, members: np.ndarray, flags: np.ndarray, ids: l
     xy = PCA(n_components=2, random_state=seed).fit_transform(np.asarray(space[chosen], dtype=np.float64))
     low, high = xy.min(axis=0), xy.max(axis=0)
     xy = 8 + (PLOT_SIZE - 16) * (xy - low) / np.where(high > low, high - low, 1)
-    return [{"x": round(float(x), 1), "y": round(float(PLOT_SIZE - y), 1), "flagged": bool(flags[i]), "id": ids[i] if flags[i] else None}
-            for (x, y), i in zip(xy, chosen)]
+    return [
+        {
+            "x": round(float(x), 1),
+            "y": round(float(PLOT_SIZE - y), 1),
+            "flagged": bool(flags[i]),
+            "id": ids[i] if flags[i] else None,
+        }
+        for (x, y), i in zip(xy, chosen)
+    ]
 
 
 def _nearest(space: np.ndarray, labels: np.ndarray, position: int, count: int) -> list[int]:
     """The `count` nearest examples of the same class in `space` (fallback when the detector kept no neighbours)."""
     members = np.flatnonzero(labels == labels[position])
     members = members[members != position]
-    distances = np.linalg.norm(np.asarray(space[members], dtype=np.float32) - np.asarray(space[position], dtype=np.float32), axis=1)
+    distances = np.linalg.norm(
+        np.asarray(space[members], dtype=np.float32) - np.asarray(space[position], dtype=np.float32), axis=1
+    )
     return [int(i) for i in members[np.argsort(distances, kind="stable")[:count]]]
 
 
-def _scan_context(run_dir: Path, summary: dict[str, Any], data, max_thumbnails: int, max_projection_classes: int) -> dict[str, Any]:
+def _scan_context(
+    run_dir: Path, summary: dict[str, Any], data, max_thumbnails: int, max_projection_classes: int
+) -> dict[str, Any]:
     table = read_scores(run_dir / "scores.csv")
     classes = summary["data"]["classes"]
     threshold = float(summary["detector"].get("threshold") or 0.5)
-    dataset, images_note = _images(summary, data) if max_thumbnails else (None, "images not shown (max_thumbnails is 0)")
+    dataset, images_note = (
+        _images(summary, data) if max_thumbnails else (None, "images not shown (max_thumbnails is 0)")
+    )
     embeddings = run_dir / "embeddings"
-    space_file = embeddings / f"{summary.get('embeddings', {}).get('space', 'features')}.npy"  # logit_gradient: not stored
+    space_file = (
+        embeddings / f"{summary.get('embeddings', {}).get('space', 'features')}.npy"
+    )  # logit_gradient: not stored
     space_file = space_file if space_file.exists() else embeddings / "features.npy"
     space = np.load(space_file, mmap_mode="r", allow_pickle=False) if space_file.exists() else None
-    neighbours = np.load(embeddings / "neighbours.npy", mmap_mode="r", allow_pickle=False) if (embeddings / "neighbours.npy").exists() else None
+    neighbours = (
+        np.load(embeddings / "neighbours.npy", mmap_mode="r", allow_pickle=False)
+        if (embeddings / "neighbours.npy").exists()
+        else None
+    )
     per_class_detector = summary["detector"].get("per_class", {})
     per_class = []
     for c, name in enumerate(classes):
         members = table.labels == c
         info = per_class_detector.get(str(c), {})
-        per_class.append({"name": name, "examples": int(members.sum()), "flagged": int(table.flags[members].sum()),
-                          "fraction": float(table.flags[members].mean()) if members.any() else 0.0, "alarmed": bool(info.get("alarmed")),
-                          "alarm_p": info.get("alarm_p_value"), "first_pass": info.get("first_pass_flags"), "second_pass": info.get("second_pass_flags"),
-                          "note": info.get("note"), "bars": histogram(table.scores[members], threshold)})
+        per_class.append(
+            {
+                "name": name,
+                "examples": int(members.sum()),
+                "flagged": int(table.flags[members].sum()),
+                "fraction": float(table.flags[members].mean()) if members.any() else 0.0,
+                "alarmed": bool(info.get("alarmed")),
+                "alarm_p": info.get("alarm_p_value"),
+                "first_pass": info.get("first_pass_flags"),
+                "second_pass": info.get("second_pass_flags"),
+                "note": info.get("note"),
+                "bars": histogram(table.scores[members], threshold),
+            }
+        )
 
     def shown(position: int) -> dict[str, Any]:
-        return {"id": table.ids[position], "path": table.paths[position], "class": classes[table.labels[position]],
-                "score": float(table.scores[position]), "image": thumbnail(dataset.load_image(position)) if dataset else None}
+        return {
+            "id": table.ids[position],
+            "path": table.paths[position],
+            "class": classes[table.labels[position]],
+            "score": float(table.scores[position]),
+            "image": thumbnail(dataset.load_image(position)) if dataset else None,
+        }
 
     order = np.flatnonzero(table.flags)
     order = order[np.argsort(-table.scores[order], kind="stable")][:max_thumbnails]
     examples = []
     for position in order:
-        near = [int(i) for i in neighbours[position][:5] if i >= 0] if neighbours is not None else \
-            (_nearest(space, table.labels, position, 5) if space is not None else [])
+        near = (
+            [int(i) for i in neighbours[position][:5] if i >= 0]
+            if neighbours is not None
+            else (_nearest(space, table.labels, position, 5) if space is not None else [])
+        )
         examples.append(shown(position) | {"neighbours": [shown(i) for i in near] if dataset else []})
     ranked = sorted(range(len(classes)), key=lambda c: (-per_class[c]["flagged"], c))[:max_projection_classes]
-    projections = [{"index": c, "name": classes[c], "points": projection(space, np.flatnonzero(table.labels == c), table.flags, table.ids, c)}
-                   for c in ranked] if space is not None else []
+    projections = (
+        [
+            {
+                "index": c,
+                "name": classes[c],
+                "points": projection(space, np.flatnonzero(table.labels == c), table.flags, table.ids, c),
+            }
+            for c in ranked
+        ]
+        if space is not None
+        else []
+    )
     poisons = None
     if "poisons" in summary:
         poisons = dict(summary["poisons"])
         index = {id_: i for i, id_ in enumerate(table.ids)}
-        positions = sorted((index[i] for i in poisons["ids"] if i in index), key=lambda p: -table.scores[p])[:max_thumbnails]
+        positions = sorted((index[i] for i in poisons["ids"] if i in index), key=lambda p: -table.scores[p])[
+            :max_thumbnails
+        ]
         poisons["shown"] = [shown(p) | {"caught": bool(table.flags[p])} for p in positions] if dataset else []
         target = Path(poisons.get("manifest", "")).parent / TARGET_IMAGE
         poisons["target_image"] = _target_thumbnail(target)
-    return {"kind": "scan", "title": "sanitize scan", "summary": summary, "per_class": per_class, "examples": examples,
-            "flagged_total": int(table.flags.sum()), "images_note": images_note, "projections": projections, "poisons": poisons,
-            "max_thumbnails": max_thumbnails}
+    return {
+        "kind": "scan",
+        "title": "sanitize scan",
+        "summary": summary,
+        "per_class": per_class,
+        "examples": examples,
+        "flagged_total": int(table.flags.sum()),
+        "images_note": images_note,
+        "projections": projections,
+        "poisons": poisons,
+        "max_thumbnails": max_thumbnails,
+    }
 
 
 def _target_thumbnail(path: Path) -> str | None:
@@ -229,7 +311,13 @@ def _target_thumbnail(path: Path) -> str | None:
 
 
 def _train_context(run_dir: Path, summary: dict[str, Any], data, max_thumbnails: int) -> dict[str, Any]:
-    context: dict[str, Any] = {"kind": "train", "title": "sanitize train", "summary": summary, "rounds": [], "dropped": []}
+    context: dict[str, Any] = {
+        "kind": "train",
+        "title": "sanitize train",
+        "summary": summary,
+        "rounds": [],
+        "dropped": [],
+    }
     if not summary.get("robust"):
         return context
     log = _read_json(run_dir / "drop_log.json")
@@ -237,10 +325,23 @@ def _train_context(run_dir: Path, summary: dict[str, Any], data, max_thumbnails:
     rows = log.get("dropped", [])
     for round_epoch in log.get("rounds", []):
         in_round = [r for r in rows if r["round"] == round_epoch]
-        counts = np.bincount([r["class"] for r in in_round], minlength=len(classes)) if in_round else np.zeros(len(classes), int)
-        context["rounds"].append({"epoch": round_epoch, "dropped": len(in_round), "per_class": [int(n) for n in counts]})
+        counts = (
+            np.bincount([r["class"] for r in in_round], minlength=len(classes))
+            if in_round
+            else np.zeros(len(classes), int)
+        )
+        context["rounds"].append(
+            {"epoch": round_epoch, "dropped": len(in_round), "per_class": [int(n) for n in counts]}
+        )
     dataset, note = _images(summary, data) if max_thumbnails else (None, None)
     context["images_note"] = note
-    context["dropped"] = [{"id": r["id"], "class": classes[r["class"]], "round": r["round"],
-                           "image": thumbnail(dataset.load_image(r["position"])) if dataset else None} for r in rows[:max_thumbnails]]
+    context["dropped"] = [
+        {
+            "id": r["id"],
+            "class": classes[r["class"]],
+            "round": r["round"],
+            "image": thumbnail(dataset.load_image(r["position"])) if dataset else None,
+        }
+        for r in rows[:max_thumbnails]
+    ]
     return context

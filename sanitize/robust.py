@@ -34,8 +34,17 @@ PROXY_CHUNK = 50_000  # rows predicted at a time in a round (200 MB of logits wi
 class EpicDropper:
     """The `after_epoch` hook of `train_model`: decides the rounds, drops, logs; resumable from the log file."""
 
-    def __init__(self, dataset: ImageDataset, config: RobustConfig, epochs: int, last_milestone: int, log_path: Path,
-                 device: torch.device, amp_dtype: torch.dtype | None, world: World = World()):
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        config: RobustConfig,
+        epochs: int,
+        last_milestone: int,
+        log_path: Path,
+        device: torch.device,
+        amp_dtype: torch.dtype | None,
+        world: World = World(),
+    ):
         self.dataset, self.config, self.log_path = dataset, config, log_path
         self.device, self.amp_dtype, self.world = device, amp_dtype, world
         period = config.period(epochs)
@@ -55,7 +64,9 @@ class EpicDropper:
         proxy_path = self.log_path.with_name(self.log_path.stem + ".proxy.npy")
         proxy = self._gradient_proxy(model, proxy_path)
         my_classes = range(self.world.rank, self.dataset.num_classes, self.world.world_size)
-        isolated, _ = isolated_medoids(proxy, self.dataset.labels, self.dataset.num_classes, self.config.fraction, classes=my_classes)
+        isolated, _ = isolated_medoids(
+            proxy, self.dataset.labels, self.dataset.num_classes, self.config.fraction, classes=my_classes
+        )
         isolated = np.sort(gather_rows(isolated, self.world))
         new = np.setdiff1d(isolated, np.setdiff1d(np.arange(len(self.dataset)), indices))  # not dropped before
         room = self.cap - len(self.log)
@@ -65,7 +76,10 @@ class EpicDropper:
         barrier(self.world)  # every rank has read the proxy
         if self.world.is_main:
             proxy_path.unlink()
-        self.log += [{"id": self.dataset.ids[i], "position": int(i), "class": int(self.dataset.labels[i]), "round": next_epoch} for i in np.sort(new)]
+        self.log += [
+            {"id": self.dataset.ids[i], "position": int(i), "class": int(self.dataset.labels[i]), "round": next_epoch}
+            for i in np.sort(new)
+        ]
         self._write_log()
         model.train()
         return np.setdiff1d(indices, new)
@@ -82,7 +96,9 @@ class EpicDropper:
         rows = open_memmap(path, mode="r+")
         for start in range(lo, hi, PROXY_CHUNK):
             end = min(start + PROXY_CHUNK, hi)
-            rows[start:end] = softmax_minus_onehot(predict(model, self.dataset, np.arange(start, end), self.device, self.amp_dtype), labels[start:end])
+            rows[start:end] = softmax_minus_onehot(
+                predict(model, self.dataset, np.arange(start, end), self.device, self.amp_dtype), labels[start:end]
+            )
         rows.flush()
         del rows
         barrier(self.world)
@@ -99,4 +115,9 @@ class EpicDropper:
     def _write_log(self) -> None:
         if not self.world.is_main:  # every rank holds the same log (the ranks share the isolated examples)
             return
-        write_atomic(self.log_path, json.dumps({"config": asdict(self.config), "rounds": self.rounds, "cap": self.cap, "dropped": self.log}, indent=1))
+        write_atomic(
+            self.log_path,
+            json.dumps(
+                {"config": asdict(self.config), "rounds": self.rounds, "cap": self.cap, "dropped": self.log}, indent=1
+            ),
+        )

@@ -16,10 +16,11 @@ import os
 import platform
 import resource
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import faiss
 import numpy as np
@@ -74,24 +75,49 @@ class _Timer:
 
 def _embedding_signature(dataset: ImageDataset, model: Classifier, config: ScanConfig) -> str:
     """What the embedding pass depends on: the data, the exact weights, the gradient embedder and the precision."""
-    digest = hashlib.sha256(f"{dataset.fingerprint}|{config.sketch_dim}|{config.exact_gradient_max}|{config.seed}|{config.precision}".encode())
+    digest = hashlib.sha256(
+        f"{dataset.fingerprint}|{config.sketch_dim}|{config.exact_gradient_max}|{config.seed}|{config.precision}".encode()
+    )
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:32]
 
 
-def build_proxy(dataset: ImageDataset, config: ScanConfig, out: Path, device: torch.device, amp_dtype, timer: _Timer, world: World = World()) -> tuple[Classifier, dict[str, Any]]:
+def build_proxy(
+    dataset: ImageDataset,
+    config: ScanConfig,
+    out: Path,
+    device: torch.device,
+    amp_dtype,
+    timer: _Timer,
+    world: World = World(),
+) -> tuple[Classifier, dict[str, Any]]:
     """Load the user's checkpoint, or train a proxy from scratch on the data (resuming an interrupted run)."""
     name = default_model_name(dataset.image_size) if config.model == "auto" else config.model
     if config.checkpoint:
         torch.manual_seed(config.seed)
         model = create_model(name, dataset.num_classes, (3, *dataset.image_size))
         load_weights(model, Path(config.checkpoint))
-        return model, {"name": name, "parameters": sum(p.numel() for p in model.parameters()), "checkpoint": str(config.checkpoint)}
+        return model, {
+            "name": name,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "checkpoint": str(config.checkpoint),
+        }
     with timer.phase("train_proxy"):
-        return train_from_scratch(dataset, name, config.train, out / "proxy", device, amp_dtype, seed=config.seed,
-                                  workers=config.workers, progress=not config.quiet and world.is_main, desc="proxy", world=world)
+        return train_from_scratch(
+            dataset,
+            name,
+            config.train,
+            out / "proxy",
+            device,
+            amp_dtype,
+            seed=config.seed,
+            workers=config.workers,
+            progress=not config.quiet and world.is_main,
+            desc="proxy",
+            world=world,
+        )
 
 
 def write_scores(path: Path, dataset: ImageDataset, detection: Detection) -> None:
@@ -100,12 +126,26 @@ def write_scores(path: Path, dataset: ImageDataset, detection: Detection) -> Non
         writer = csv.writer(handle)
         writer.writerow(SCORES_HEADER)
         for i in range(len(dataset)):
-            writer.writerow((dataset.ids[i], dataset.paths[i], int(dataset.labels[i]), f"{detection.scores[i]:.6f}", int(detection.flags[i])))
+            writer.writerow(
+                (
+                    dataset.ids[i],
+                    dataset.paths[i],
+                    int(dataset.labels[i]),
+                    f"{detection.scores[i]:.6f}",
+                    int(detection.flags[i]),
+                )
+            )
     os.replace(tmp, path)
 
 
 def _versions() -> dict[str, str]:
-    return {"sanitize": sanitize.__version__, "torch": torch.__version__, "faiss": faiss.__version__, "numpy": np.__version__, "python": platform.python_version()}
+    return {
+        "sanitize": sanitize.__version__,
+        "torch": torch.__version__,
+        "faiss": faiss.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def run_scan(data: str | os.PathLike | ImageDataset, out: str | os.PathLike, config: ScanConfig) -> ScanResult:
@@ -121,7 +161,9 @@ def run_scan(data: str | os.PathLike | ImageDataset, out: str | os.PathLike, con
     else:
         data, out = prepare_output(data, out)
         with timer.phase("validate"):
-            dataset = open_dataset(data, image_size=config.image_size, workers=config.workers, progress=progress, world=world)
+            dataset = open_dataset(
+                data, image_size=config.image_size, workers=config.workers, progress=progress, world=world
+            )
     record = read_manifest(config.manifest) if config.manifest else None
     truth = poison_mask(record, dataset.ids) if record else None  # checked before the long part, not after
     device = resolve_device(config.device, world)
@@ -130,12 +172,27 @@ def run_scan(data: str | os.PathLike | ImageDataset, out: str | os.PathLike, con
     signature = _embedding_signature(dataset, model, config)
     with timer.phase("embed"):
         embeddings = compute_embeddings(
-            model, dataset, out / "embeddings", device, amp_dtype, sketch_dim=config.sketch_dim,
-            exact_gradient_max=config.exact_gradient_max, batch_size=config.eval_batch_size, workers=config.workers,
-            seed=config.seed, signature=signature, progress=progress, world=world,
+            model,
+            dataset,
+            out / "embeddings",
+            device,
+            amp_dtype,
+            sketch_dim=config.sketch_dim,
+            exact_gradient_max=config.exact_gradient_max,
+            batch_size=config.eval_batch_size,
+            workers=config.workers,
+            seed=config.seed,
+            signature=signature,
+            progress=progress,
+            world=world,
         )
-    files = {"summary": out / "summary.json", "scores": out / "scores.csv", "flagged": out / "flagged.txt", "report": out / "report.html",
-             "embeddings": out / "embeddings"}
+    files = {
+        "summary": out / "summary.json",
+        "scores": out / "scores.csv",
+        "flagged": out / "flagged.txt",
+        "report": out / "report.html",
+        "embeddings": out / "embeddings",
+    }
     outcome = None
     if world.is_main:
         model_info["train_accuracy_eval_mode"] = embeddings.accuracy()
@@ -150,7 +207,14 @@ def run_scan(data: str | os.PathLike | ImageDataset, out: str | os.PathLike, con
     return ScanResult(list(dataset.ids), list(dataset.paths), dataset.labels, scores, flags, summary, files)
 
 
-def _detect_and_write(dataset: ImageDataset, config: ScanConfig, embeddings: Embeddings, files: dict[str, Path], timer: _Timer, progress: bool) -> Detection:
+def _detect_and_write(
+    dataset: ImageDataset,
+    config: ScanConfig,
+    embeddings: Embeddings,
+    files: dict[str, Path],
+    timer: _Timer,
+    progress: bool,
+) -> Detection:
     """The detector's scores and flags, written as scores.csv, flagged.txt and the detector's own arrays."""
     with timer.phase("density"):
         detection = get_detector(config.detector)(embeddings, config, progress)
@@ -164,19 +228,40 @@ def _detect_and_write(dataset: ImageDataset, config: ScanConfig, embeddings: Emb
 
 def poison_summary(record: dict[str, Any], manifest: Path, truth: np.ndarray, detection: Detection) -> dict[str, Any]:
     """The flags scored against a poison manifest: what it says, how many poisons were caught, precision / recall / AUROC."""
-    return {"manifest": str(manifest_file(manifest).resolve()), **{k: record.get(k) for k in ("method", "eps", "key", "target_id", "target_class", "intended_class")},
-            "ids": [str(i) for i in record["poison_ids"]], "caught": int((detection.flags & truth).sum()), **flag_metrics(detection.flags, detection.scores, truth)}
+    return {
+        "manifest": str(manifest_file(manifest).resolve()),
+        **{k: record.get(k) for k in ("method", "eps", "key", "target_id", "target_class", "intended_class")},
+        "ids": [str(i) for i in record["poison_ids"]],
+        "caught": int((detection.flags & truth).sum()),
+        **flag_metrics(detection.flags, detection.scores, truth),
+    }
 
 
 def gate(flagged_fraction: float, alarmed_classes: list[str], config: ScanConfig) -> dict[str, Any]:
     """The verdict: fail when more than `max_flagged_fraction` is flagged or, with `fail_on_class_alarm`, when any class
     raised the class alarm (knn_density's improbably-many-flags test; other detectors raise none)."""
     passed = flagged_fraction <= config.max_flagged_fraction and not (config.fail_on_class_alarm and alarmed_classes)
-    return {"max_flagged_fraction": config.max_flagged_fraction, "flagged_fraction": flagged_fraction, "alarmed_classes": alarmed_classes,
-            "fail_on_class_alarm": config.fail_on_class_alarm, "passed": passed}
+    return {
+        "max_flagged_fraction": config.max_flagged_fraction,
+        "flagged_fraction": flagged_fraction,
+        "alarmed_classes": alarmed_classes,
+        "fail_on_class_alarm": config.fail_on_class_alarm,
+        "passed": passed,
+    }
 
 
-def _summary(dataset: ImageDataset, config: ScanConfig, model_info: dict, embeddings: Embeddings, detection: Detection, device, amp_dtype, timer: _Timer, started: float, world: World) -> dict[str, Any]:
+def _summary(
+    dataset: ImageDataset,
+    config: ScanConfig,
+    model_info: dict,
+    embeddings: Embeddings,
+    detection: Detection,
+    device,
+    amp_dtype,
+    timer: _Timer,
+    started: float,
+    world: World,
+) -> dict[str, Any]:
     n = len(dataset)
     flagged = int(detection.flags.sum())
     fraction = flagged / n
@@ -185,8 +270,13 @@ def _summary(dataset: ImageDataset, config: ScanConfig, model_info: dict, embedd
     notes = list(dataset.notes) + [f"class {name!r} has no images" for name, c in counts.items() if c == 0]
     return {
         "versions": _versions(),
-        "device": {"device": str(device), "precision": "bf16" if amp_dtype is not None else "fp32", "faiss_gpu": gpu_available(), "threads": torch.get_num_threads(),
-                   "processes": world.world_size},
+        "device": {
+            "device": str(device),
+            "precision": "bf16" if amp_dtype is not None else "fp32",
+            "faiss_gpu": gpu_available(),
+            "threads": torch.get_num_threads(),
+            "processes": world.world_size,
+        },
         "data": {
             "source": dataset.source,
             "kind": dataset.kind,
@@ -200,19 +290,30 @@ def _summary(dataset: ImageDataset, config: ScanConfig, model_info: dict, embedd
         },
         "config": config.to_dict(),
         "model": model_info,
-        "embeddings": {k: embeddings.meta[k] for k in ("feature_dim", "num_classes", "gradient", "gradient_dim")} | {"space": config.embedding},
+        "embeddings": {k: embeddings.meta[k] for k in ("feature_dim", "num_classes", "gradient", "gradient_dim")}
+        | {"space": config.embedding},
         "detector": detection.summary,
         "flagged": {
             "count": flagged,
             "fraction": fraction,
             "per_class": {name: int(f) for name, f in zip(dataset.classes, flagged_per_class)},
         },
-        "gate": gate(fraction, [dataset.classes[int(c)] for c, info in detection.summary.get("per_class", {}).items() if info.get("alarmed")], config),
+        "gate": gate(
+            fraction,
+            [
+                dataset.classes[int(c)]
+                for c, info in detection.summary.get("per_class", {}).items()
+                if info.get("alarmed")
+            ],
+            config,
+        ),
         "seconds": timer.seconds | {"total": round(time.perf_counter() - started, 3)},
         "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 
 
-def scan(data: str | os.PathLike | ImageDataset, out: str | os.PathLike = "sanitize-scan", **options: Any) -> ScanResult:
+def scan(
+    data: str | os.PathLike | ImageDataset, out: str | os.PathLike = "sanitize-scan", **options: Any
+) -> ScanResult:
     """Scan DATA (ImageFolder directory, .npz, or an opened dataset) and write the outputs to `out`; options are ScanConfig's fields."""
     return run_scan(data, out, ScanConfig.from_options(**options))

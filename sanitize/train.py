@@ -50,22 +50,58 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
     dropper = None
     if config.robust:
         files |= {"drop_log": out / "drop_log.json", "kept": out / "kept.txt"}
-        dropper = EpicDropper(dataset, config.epic, recipe.epochs, max(milestone_epochs(recipe)), files["drop_log"], device, amp_dtype, world)
-    model, info = train_from_scratch(dataset, name, recipe, out, device, amp_dtype, seed=config.seed, workers=config.workers,
-                                     progress=progress, desc="robust" if config.robust else "train", after_epoch=dropper,
-                                     extra_meta={"robust": json.dumps(dataclasses.asdict(config.epic)) if config.robust else "no"}, world=world)
+        dropper = EpicDropper(
+            dataset,
+            config.epic,
+            recipe.epochs,
+            max(milestone_epochs(recipe)),
+            files["drop_log"],
+            device,
+            amp_dtype,
+            world,
+        )
+    model, info = train_from_scratch(
+        dataset,
+        name,
+        recipe,
+        out,
+        device,
+        amp_dtype,
+        seed=config.seed,
+        workers=config.workers,
+        progress=progress,
+        desc="robust" if config.robust else "train",
+        after_epoch=dropper,
+        extra_meta={"robust": json.dumps(dataclasses.asdict(config.epic)) if config.robust else "no"},
+        world=world,
+    )
     dropped = dropper.dropped() if dropper else np.zeros(0, np.int64)
     if dropper and world.is_main:
         kept = np.setdiff1d(np.arange(len(dataset)), dropped)
         files["kept"].write_text("".join(dataset.ids[i] + "\n" for i in kept))
     summary = {
-        "data": {"source": dataset.source, "fingerprint": dataset.fingerprint, "image_size": list(dataset.image_size), "examples": len(dataset),
-                 "classes": dataset.classes, "skipped": len(dataset.skipped)},
-        "config": dataclasses.asdict(config), "model": info,
+        "data": {
+            "source": dataset.source,
+            "fingerprint": dataset.fingerprint,
+            "image_size": list(dataset.image_size),
+            "examples": len(dataset),
+            "classes": dataset.classes,
+            "skipped": len(dataset.skipped),
+        },
+        "config": dataclasses.asdict(config),
+        "model": info,
         "train_accuracy": _accuracy(model, dataset, device, amp_dtype, world),
-        "robust": {"rounds": dropper.rounds, "dropped": int(len(dropped)), "dropped_fraction": len(dropped) / len(dataset),
-                   "dropped_per_class": {dataset.classes[c]: int(n) for c, n in enumerate(np.bincount(dataset.labels[dropped], minlength=dataset.num_classes))}}
-        if dropper else None,
+        "robust": {
+            "rounds": dropper.rounds,
+            "dropped": int(len(dropped)),
+            "dropped_fraction": len(dropped) / len(dataset),
+            "dropped_per_class": {
+                dataset.classes[c]: int(n)
+                for c, n in enumerate(np.bincount(dataset.labels[dropped], minlength=dataset.num_classes))
+            },
+        }
+        if dropper
+        else None,
         "seconds": round(time.perf_counter() - started, 2),
         "processes": world.world_size,
     }
@@ -87,6 +123,7 @@ def _accuracy(model: Classifier, dataset, device, amp_dtype, world: World) -> fl
     """Eval-mode accuracy on `dataset`; under torchrun each rank predicts its share of the rows."""
     lo, hi = world.row_range(len(dataset))
     logits = predict(model, dataset, np.arange(lo, hi), device, amp_dtype)
-    correct, total = all_reduce_sum([float((logits.argmax(axis=1) == dataset.labels[lo:hi]).sum()), float(hi - lo)], world)
+    correct, total = all_reduce_sum(
+        [float((logits.argmax(axis=1) == dataset.labels[lo:hi]).sum()), float(hi - lo)], world
+    )
     return correct / total
-

@@ -7,8 +7,9 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,7 +59,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def to_model_input(images: torch.Tensor, device: torch.device, memory_format: torch.memory_format = torch.channels_last) -> torch.Tensor:
+def to_model_input(
+    images: torch.Tensor, device: torch.device, memory_format: torch.memory_format = torch.channels_last
+) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float in [0, 1] on `device`, channels_last by default (faster convolutions on CPU and GPU)."""
     x = images.to(device, non_blocking=True).float().div_(255)
     return x.contiguous(memory_format=memory_format)
@@ -138,7 +141,11 @@ def train_model(
     counts all ranks.
     """
     model.to(device, memory_format=memory_format)
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world.distributed else model
+    net = (
+        torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if world.distributed
+        else model
+    )
     batch_size = max(1, config.batch_size // world.world_size)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
@@ -164,7 +171,13 @@ def train_model(
             order = order[:-1]  # a batch of one breaks batch norm
         loss_sum, correct, seen = 0.0, 0, 0
         batches = iterate_batches(dataset, order, batch_size, workers, pin_memory=device.type == "cuda")
-        for images, labels, _ in tqdm(batches, total=-(-len(order) // batch_size), desc=f"{desc} {epoch + 1}/{config.epochs}", leave=False, disable=not progress):
+        for images, labels, _ in tqdm(
+            batches,
+            total=-(-len(order) // batch_size),
+            desc=f"{desc} {epoch + 1}/{config.epochs}",
+            leave=False,
+            disable=not progress,
+        ):
             x = to_model_input(images, device, memory_format)
             if config.augment:
                 x = random_crop_flip(x, generator)
@@ -182,11 +195,27 @@ def train_model(
         loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], world)
         if after_epoch is not None:
             indices = np.asarray(after_epoch(epoch, model, indices), dtype=np.int64)
-        history.append({"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), "examples": int(seen),
-                        "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "loss": loss_sum / max(seen, 1),
+                "train_acc": correct / max(seen, 1),
+                "examples": int(seen),
+                "seconds": time.perf_counter() - started,
+                "cpu_seconds": time.process_time() - cpu_started,
+            }
+        )
         if checkpoint is not None and world.is_main:
             save_atomic(
-                {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history, "epoch": epoch + 1, "indices": torch.from_numpy(indices), "meta": meta or {}},
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "history": history,
+                    "epoch": epoch + 1,
+                    "indices": torch.from_numpy(indices),
+                    "meta": meta or {},
+                },
                 checkpoint,
             )
     return history
@@ -235,11 +264,35 @@ def train_from_scratch(
     started = time.perf_counter()
     mean, std = channel_stats(dataset, seed=seed)
     model.set_normalization(mean, std)
-    meta = {"fingerprint": dataset.fingerprint, "model": model_name, "train": json.dumps(dataclasses.asdict(recipe), sort_keys=True), "seed": str(seed)} | (extra_meta or {})
-    history = train_model(model, dataset, np.arange(len(dataset)), recipe, device, amp_dtype, checkpoint=directory / "checkpoint.pt",
-                          meta=meta, workers=workers, progress=progress, desc=desc, after_epoch=after_epoch, world=world)
+    meta = {
+        "fingerprint": dataset.fingerprint,
+        "model": model_name,
+        "train": json.dumps(dataclasses.asdict(recipe), sort_keys=True),
+        "seed": str(seed),
+    } | (extra_meta or {})
+    history = train_model(
+        model,
+        dataset,
+        np.arange(len(dataset)),
+        recipe,
+        device,
+        amp_dtype,
+        checkpoint=directory / "checkpoint.pt",
+        meta=meta,
+        workers=workers,
+        progress=progress,
+        desc=desc,
+        after_epoch=after_epoch,
+        world=world,
+    )
     if world.is_main:
         save_atomic(model.state_dict(), directory / "model.pt")
-    info = {"name": model_name, "parameters": sum(p.numel() for p in model.parameters()), "trained_epochs": len(history),
-            "history": history, "weights": str(directory / "model.pt"), "seconds": round(time.perf_counter() - started, 2)}
+    info = {
+        "name": model_name,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trained_epochs": len(history),
+        "history": history,
+        "weights": str(directory / "model.pt"),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
     return model, info

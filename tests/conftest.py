@@ -32,7 +32,6 @@ def digits_folder(tmp_path, digits16) -> Path:
     return root
 
 
-
 @pytest.fixture(scope="session")
 def mislabeled_npz(tmp_path_factory, digits16) -> tuple[Path, np.ndarray]:
     """1,000 digits, 20 of them moved to a wrong label: the isolated examples EPIC's rule exists to drop."""

@@ -11,10 +11,22 @@ from sanitize.data.folder import FolderDataset, open_folder
 from sanitize.distributed import World
 from sanitize.errors import DataError
 
-__all__ = ["ArrayDataset", "FolderDataset", "ImageDataset", "Skipped", "ensure_outside", "iterate_batches", "open_dataset", "prepare_output", "write_atomic"]
+__all__ = [
+    "ArrayDataset",
+    "FolderDataset",
+    "ImageDataset",
+    "Skipped",
+    "ensure_outside",
+    "iterate_batches",
+    "open_dataset",
+    "prepare_output",
+    "write_atomic",
+]
 
 
-def open_dataset(path: str | Path, image_size: int | None = None, workers: int = 0, progress: bool = True, world: World = World()) -> ImageDataset:
+def open_dataset(
+    path: str | Path, image_size: int | None = None, workers: int = 0, progress: bool = True, world: World = World()
+) -> ImageDataset:
     """Open DATA: a directory is an ImageFolder (validated in shares under torchrun), a .npz file holds arrays."""
     path = Path(path)
     if path.is_dir():

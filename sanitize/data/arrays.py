@@ -24,7 +24,9 @@ def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
         names = set(archive.files)
         pair = next(((xk, yk) for xk, yk in KEY_PAIRS if xk in names and yk in names), None)
         if pair is None:
-            raise DataError(f"{path} has keys {sorted(names)}; expected x and y (or x_train and y_train, x_test and y_test)")
+            raise DataError(
+                f"{path} has keys {sorted(names)}; expected x and y (or x_train and y_train, x_test and y_test)"
+            )
         try:
             x, y = archive[pair[0]], archive[pair[1]]
             classes = [str(c) for c in archive["classes"]] if "classes" in names else None
@@ -45,7 +47,7 @@ def _to_nhwc_rgb(x: np.ndarray, path: Path) -> np.ndarray:
     return x
 
 
-def open_npz(path: Path) -> "ArrayDataset":
+def open_npz(path: Path) -> ArrayDataset:
     """Read and validate an .npz dataset; images stay as one in-memory array (use folders for data beyond RAM)."""
     x, y, classes = _load_arrays(path)
     x = _to_nhwc_rgb(x, path)
@@ -64,7 +66,9 @@ def open_npz(path: Path) -> "ArrayDataset":
     return from_arrays(x, labels, classes, source=str(path))
 
 
-def from_arrays(x: np.ndarray, labels: np.ndarray, classes: list[str], source: str, ids: list[str] | None = None) -> "ArrayDataset":
+def from_arrays(
+    x: np.ndarray, labels: np.ndarray, classes: list[str], source: str, ids: list[str] | None = None
+) -> ArrayDataset:
     """An in-memory dataset over (N, H, W, C) uint8 images; its fingerprint hashes the array bytes."""
     digest = hashlib.sha256()
     for array in (x, labels):
@@ -87,12 +91,14 @@ def from_arrays(x: np.ndarray, labels: np.ndarray, classes: list[str], source: s
 class ArrayDataset(ImageDataset):
     images: np.ndarray
 
-    def subset(self, positions: np.ndarray) -> "ArrayDataset":
+    def subset(self, positions: np.ndarray) -> ArrayDataset:
         """The examples at `positions`, keeping their ids (so results trace back to the source)."""
         positions = np.asarray(positions, dtype=np.int64)
-        return from_arrays(self.images[positions], self.labels[positions], self.classes, self.source, [self.ids[p] for p in positions])
+        return from_arrays(
+            self.images[positions], self.labels[positions], self.classes, self.source, [self.ids[p] for p in positions]
+        )
 
-    def with_images(self, images: np.ndarray) -> "ArrayDataset":
+    def with_images(self, images: np.ndarray) -> ArrayDataset:
         """The same examples with other pixels (a poisoned copy); ids and labels unchanged."""
         return from_arrays(images, self.labels, self.classes, self.source, list(self.ids))
 

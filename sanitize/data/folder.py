@@ -37,7 +37,9 @@ def fit_to_size(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     if image.size == (width, height):
         return image
     scale = max(width / image.width, height / image.height)
-    resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))), Image.BILINEAR)
+    resized = image.resize(
+        (max(width, round(image.width * scale)), max(height, round(image.height * scale))), Image.BILINEAR
+    )
     left, top = (resized.width - width) // 2, (resized.height - height) // 2
     return resized.crop((left, top, left + width, top + height))
 
@@ -62,7 +64,9 @@ class _Validate(Dataset):
 
 def _list_classes(root: Path) -> tuple[list[str], list[tuple[Path, int]], int]:
     try:
-        class_dirs = sorted((e for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")), key=lambda e: e.name)
+        class_dirs = sorted(
+            (e for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")), key=lambda e: e.name
+        )
     except OSError as error:
         raise DataError(f"cannot list {root}: {error}") from None
     classes = [entry.name for entry in class_dirs]
@@ -79,7 +83,9 @@ def _list_classes(root: Path) -> tuple[list[str], list[tuple[Path, int]], int]:
     return classes, files, ignored
 
 
-def open_folder(root: Path, image_size: int | None = None, workers: int = 0, progress: bool = True, world: World = World()) -> "FolderDataset":
+def open_folder(
+    root: Path, image_size: int | None = None, workers: int = 0, progress: bool = True, world: World = World()
+) -> FolderDataset:
     """List and validate an ImageFolder tree; undecodable files are recorded in `skipped`, not raised. Under torchrun
     every rank decodes every world_size-th file and all ranks share the results."""
     classes, files, ignored = _list_classes(root)
@@ -89,7 +95,10 @@ def open_folder(root: Path, image_size: int | None = None, workers: int = 0, pro
         raise DataError(f"{root} has no image files ({', '.join(IMAGE_EXTENSIONS)})")
     mine = range(world.rank, len(files), world.world_size)
     results = DataLoader(_Validate([files[i][0] for i in mine]), batch_size=None, num_workers=workers)
-    checked = [(mine[j], size, digest, reason) for j, size, digest, reason in tqdm(results, total=len(mine), desc="validate", unit="img", disable=not progress)]
+    checked = [
+        (mine[j], size, digest, reason)
+        for j, size, digest, reason in tqdm(results, total=len(mine), desc="validate", unit="img", disable=not progress)
+    ]
     sizes: dict[int, tuple[int, int]] = {}
     digests: dict[int, str] = {}
     skipped = []

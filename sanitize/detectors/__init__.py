@@ -6,8 +6,9 @@ Every file has a functional core over plain arrays (testable on constructed data
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 

@@ -38,7 +38,9 @@ def _independent_components(x: np.ndarray, seed: int) -> np.ndarray:
         return centred @ vt[:1].T if rank else np.zeros((len(x), 1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        return FastICA(n_components=components, whiten="unit-variance", random_state=seed, max_iter=400).fit_transform(centred @ vt[:rank].T)
+        return FastICA(n_components=components, whiten="unit-variance", random_state=seed, max_iter=400).fit_transform(
+            centred @ vt[:rank].T
+        )
 
 
 def activation_cluster_flags(features: np.ndarray, labels: np.ndarray, num_classes: int, seed: int = 0) -> Detection:
@@ -55,14 +57,29 @@ def activation_cluster_flags(features: np.ndarray, labels: np.ndarray, num_class
         clusters = KMeans(n_clusters=2, n_init=10, random_state=seed).fit_predict(reduced)
         sizes = np.bincount(clusters, minlength=2) / len(members)
         smaller = int(np.argmin(sizes))
-        silhouette = float(silhouette_score(reduced, clusters, sample_size=min(len(members), SILHOUETTE_SAMPLE), random_state=seed))
+        silhouette = float(
+            silhouette_score(reduced, clusters, sample_size=min(len(members), SILHOUETTE_SAMPLE), random_state=seed)
+        )
         in_smaller = clusters == smaller
         scores[members[in_smaller]] = (1 - sizes[smaller]) * max(silhouette, 0.0)
         poisoned = sizes[smaller] < SIZE_THRESHOLD and silhouette > SILHOUETTE_THRESHOLD
         flags[members[in_smaller]] = poisoned
-        per_class[c] = {"n": int(len(members)), "smaller_fraction": round(float(sizes[smaller]), 4), "silhouette": round(silhouette, 4), "flagged": bool(poisoned)}
-    return Detection(scores=scores, flags=flags, summary={"rule": "activation_clustering", "size_threshold": SIZE_THRESHOLD,
-                                                           "silhouette_threshold": SILHOUETTE_THRESHOLD, "per_class": per_class})
+        per_class[c] = {
+            "n": int(len(members)),
+            "smaller_fraction": round(float(sizes[smaller]), 4),
+            "silhouette": round(silhouette, 4),
+            "flagged": bool(poisoned),
+        }
+    return Detection(
+        scores=scores,
+        flags=flags,
+        summary={
+            "rule": "activation_clustering",
+            "size_threshold": SIZE_THRESHOLD,
+            "silhouette_threshold": SILHOUETTE_THRESHOLD,
+            "per_class": per_class,
+        },
+    )
 
 
 @register_detector

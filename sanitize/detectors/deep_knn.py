@@ -18,19 +18,37 @@ from sanitize.embeddings import Embeddings
 K_DEFAULT = 50
 
 
-def deep_knn_flags(features: np.ndarray, labels: np.ndarray, num_classes: int, k: int, index: str = "auto", exact_max: int = 50_000, seed: int = 0) -> Detection:
+def deep_knn_flags(
+    features: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    k: int,
+    index: str = "auto",
+    exact_max: int = 50_000,
+    seed: int = 0,
+) -> Detection:
     n = len(labels)
     _, neighbours = knn(np.asarray(features), k, kind=choose_index(n, index, exact_max), seed=seed)
     votes = np.zeros((n, num_classes), dtype=np.int64)
     np.add.at(votes, (np.repeat(np.arange(n), neighbours.shape[1]), labels[neighbours].ravel()), 1)
     own = votes[np.arange(n), labels]
     flags = own < votes.max(axis=1)  # ties keep the example: its label is among the pluralities
-    return Detection(scores=1.0 - own / neighbours.shape[1], flags=flags, summary={"rule": "deep_knn", "k": int(neighbours.shape[1])})
+    return Detection(
+        scores=1.0 - own / neighbours.shape[1], flags=flags, summary={"rule": "deep_knn", "k": int(neighbours.shape[1])}
+    )
 
 
 @register_detector
 def deep_knn(embeddings: Embeddings, config: ScanConfig, progress: bool = True) -> Detection:
     k = 2 * config.expected_poisons if config.expected_poisons else K_DEFAULT
-    detection = deep_knn_flags(embeddings.features, embeddings.labels, embeddings.meta["num_classes"], k, config.index, config.exact_max, config.seed)
+    detection = deep_knn_flags(
+        embeddings.features,
+        embeddings.labels,
+        embeddings.meta["num_classes"],
+        k,
+        config.index,
+        config.exact_max,
+        config.seed,
+    )
     detection.summary["told_expected_poisons"] = config.expected_poisons
     return detection

@@ -19,9 +19,15 @@ def epic_flags(gradient_proxy: np.ndarray, labels: np.ndarray, num_classes: int,
     isolated, cluster_size = isolated_medoids(gradient_proxy, labels, num_classes, fraction)
     flags = np.zeros(len(labels), dtype=bool)
     flags[isolated] = True
-    return Detection(scores=1.0 / np.maximum(cluster_size, 1), flags=flags, summary={"rule": "epic", "fraction": fraction, "isolated": int(len(isolated))})
+    return Detection(
+        scores=1.0 / np.maximum(cluster_size, 1),
+        flags=flags,
+        summary={"rule": "epic", "fraction": fraction, "isolated": int(len(isolated))},
+    )
 
 
 @register_detector
 def epic(embeddings: Embeddings, config: ScanConfig, progress: bool = True) -> Detection:
-    return epic_flags(embeddings.logit_gradient(), embeddings.labels, embeddings.meta["num_classes"], config.epic_fraction)
+    return epic_flags(
+        embeddings.logit_gradient(), embeddings.labels, embeddings.meta["num_classes"], config.epic_fraction
+    )

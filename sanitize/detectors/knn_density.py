@@ -35,6 +35,11 @@ def scales(n: int, k_small: int, k_fraction: float, k_max: int) -> list[int]:
     return sorted({small, large})
 
 
+def neighbour_statistic(distances: np.ndarray, k: int, distance: str) -> np.ndarray:
+    """Per row of sorted neighbour distances: the mean of the first k (`mean`) or the k-th (`kth`)."""
+    return distances[:, :k].mean(axis=1) if distance == "mean" else distances[:, k - 1]
+
+
 @register_detector
 def knn_density(embeddings: Embeddings, config: ScanConfig, progress: bool = True) -> Detection:
     """The default: two-scale per-class k-NN isolation in the space `config.embedding` names."""
@@ -42,12 +47,26 @@ def knn_density(embeddings: Embeddings, config: ScanConfig, progress: bool = Tru
     if not (config.low_loss_weight or config.class_alarm_p):
         loss = None
     return knn_isolation(
-        embeddings.space(config.embedding), embeddings.labels, embeddings.meta["num_classes"], threshold=config.threshold,
-        k_small=config.k_small, k_fraction=config.k_fraction, k_max=config.k_max, distance=config.distance,
-        loss=loss, low_loss_weight=config.low_loss_weight, class_alarm_p=config.class_alarm_p, alarm_z=config.alarm_z,
-        alarm_rule=config.alarm_rule, predicted=predicted, predicted_confidence=confidence, alarm_confidence=config.alarm_confidence,
-        index=config.index, exact_max=config.exact_max,
-        seed=config.seed, progress=progress,
+        embeddings.space(config.embedding),
+        embeddings.labels,
+        embeddings.meta["num_classes"],
+        threshold=config.threshold,
+        k_small=config.k_small,
+        k_fraction=config.k_fraction,
+        k_max=config.k_max,
+        distance=config.distance,
+        loss=loss,
+        low_loss_weight=config.low_loss_weight,
+        class_alarm_p=config.class_alarm_p,
+        alarm_z=config.alarm_z,
+        alarm_rule=config.alarm_rule,
+        predicted=predicted,
+        predicted_confidence=confidence,
+        alarm_confidence=config.alarm_confidence,
+        index=config.index,
+        exact_max=config.exact_max,
+        seed=config.seed,
+        progress=progress,
     )
 
 
@@ -86,8 +105,7 @@ def knn_isolation(
         ks = scales(len(members), k_small, k_fraction, k_max)
         kind = choose_index(len(members), index, exact_max)
         distances, nearest = knn(np.asarray(space[members]), max(ks), kind=kind, seed=seed)
-        statistic = (lambda k: distances[:, :k].mean(axis=1)) if distance == "mean" else (lambda k: distances[:, k - 1])
-        z = np.stack([robust_z(np.log(statistic(k) + 1e-12)) for k in ks]).max(axis=0)
+        z = np.stack([robust_z(np.log(neighbour_statistic(distances, k, distance) + 1e-12)) for k in ks]).max(axis=0)
         isolation[members] = z
         if loss is not None and low_loss_weight:  # isolated, or isolated and too easy: mislabeled examples stay flagged
             ease = robust_z(-np.log(loss[members] + 1e-12))
@@ -103,21 +121,37 @@ def knn_isolation(
             misassigned = predicted != labels
             if alarm_confidence and predicted_confidence is not None:
                 misassigned &= predicted_confidence >= alarm_confidence
-        flags |= alarmed_class_flags(flags, isolation, labels, per_class, loss, class_alarm_p, alarm_z, alarm_rule, misassigned)
+        flags |= alarmed_class_flags(
+            flags, isolation, labels, per_class, loss, class_alarm_p, alarm_z, alarm_rule, misassigned
+        )
     return Detection(
         scores=scores,
         flags=flags,
-        summary={"rule": "knn_density", "threshold": threshold, "distance": distance, "low_loss_weight": low_loss_weight if loss is not None else 0.0,
-                 "class_alarm_p": class_alarm_p, "alarm_z": alarm_z if class_alarm_p else None, "alarm_rule": alarm_rule if class_alarm_p else None,
-                 "alarm_confidence": alarm_confidence if class_alarm_p and alarm_rule != "hard" else None,
-                 "per_class": per_class},
+        summary={
+            "rule": "knn_density",
+            "threshold": threshold,
+            "distance": distance,
+            "low_loss_weight": low_loss_weight if loss is not None else 0.0,
+            "class_alarm_p": class_alarm_p,
+            "alarm_z": alarm_z if class_alarm_p else None,
+            "alarm_rule": alarm_rule if class_alarm_p else None,
+            "alarm_confidence": alarm_confidence if class_alarm_p and alarm_rule != "hard" else None,
+            "per_class": per_class,
+        },
         arrays={"neighbours": neighbours},
     )
 
 
 def alarmed_class_flags(
-    flags: np.ndarray, isolation: np.ndarray, labels: np.ndarray, per_class: dict[int, dict], loss: np.ndarray | None, alarm_p: float, alarm_z: float,
-    rule: str = "hard", misassigned: np.ndarray | None = None,
+    flags: np.ndarray,
+    isolation: np.ndarray,
+    labels: np.ndarray,
+    per_class: dict[int, dict],
+    loss: np.ndarray | None,
+    alarm_p: float,
+    alarm_z: float,
+    rule: str = "hard",
+    misassigned: np.ndarray | None = None,
 ) -> np.ndarray:
     """The second pass: classes holding far more flags than the typical class are alarmed, and in them every example
     that is both isolated and hard is flagged too.
@@ -133,7 +167,9 @@ def alarmed_class_flags(
     the target's class, yet not isolated within their own); `either` both. Recorded per class.
     """
     if rule not in ALARM_RULES or (rule != "hard" and misassigned is None):
-        raise ValueError(f"alarm rule {rule!r}: choose from {', '.join(ALARM_RULES)}; all but hard need the proxy's predictions")
+        raise ValueError(
+            f"alarm rule {rule!r}: choose from {', '.join(ALARM_RULES)}; all but hard need the proxy's predictions"
+        )
     scored = [c for c, info in per_class.items() if "k" in info]
     counts = {c: int(flags[labels == c].sum()) for c in scored}
     total, size = sum(counts.values()), sum(per_class[c]["n"] for c in scored)

@@ -18,7 +18,9 @@ from sanitize.errors import SanitizeError
 REMOVAL_FACTOR = 1.5
 
 
-def spectral_signature_flags(features: np.ndarray, labels: np.ndarray, num_classes: int, expected_poisons: int) -> Detection:
+def spectral_signature_flags(
+    features: np.ndarray, labels: np.ndarray, num_classes: int, expected_poisons: int
+) -> Detection:
     n = len(labels)
     scores, flags = np.zeros(n), np.zeros(n, dtype=bool)
     remove = int(round(REMOVAL_FACTOR * expected_poisons))
@@ -32,11 +34,19 @@ def spectral_signature_flags(features: np.ndarray, labels: np.ndarray, num_class
         projection = (centred @ top) ** 2
         scores[members] = z_to_score(robust_z(projection))
         flags[members[np.argsort(-projection, kind="stable")[: min(remove, len(members))]]] = True
-    return Detection(scores=scores, flags=flags, summary={"rule": "spectral_signatures", "removed_per_class": remove, "told_expected_poisons": expected_poisons})
+    return Detection(
+        scores=scores,
+        flags=flags,
+        summary={"rule": "spectral_signatures", "removed_per_class": remove, "told_expected_poisons": expected_poisons},
+    )
 
 
 @register_detector
 def spectral_signatures(embeddings: Embeddings, config: ScanConfig, progress: bool = True) -> Detection:
     if not config.expected_poisons:
-        raise SanitizeError("spectral_signatures removes 1.5 x the expected number of poisons per class: give --expected-poisons")
-    return spectral_signature_flags(embeddings.features, embeddings.labels, embeddings.meta["num_classes"], config.expected_poisons)
+        raise SanitizeError(
+            "spectral_signatures removes 1.5 x the expected number of poisons per class: give --expected-poisons"
+        )
+    return spectral_signature_flags(
+        embeddings.features, embeddings.labels, embeddings.meta["num_classes"], config.expected_poisons
+    )

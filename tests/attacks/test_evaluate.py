@@ -17,9 +17,27 @@ from sanitize.training import train_model
 CPU_DEVICE = torch.device("cpu")
 
 REQUIRED = {
-    "attack", "scale", "eps", "budget", "poison_key", "target_id", "target_class", "intended_class", "arm", "victim_seed",
-    "success", "target_pred", "clean_acc", "dropped_fraction", "poison_precision", "poison_recall", "auroc", "model",
-    "train_size", "epochs", "seconds",
+    "attack",
+    "scale",
+    "eps",
+    "budget",
+    "poison_key",
+    "target_id",
+    "target_class",
+    "intended_class",
+    "arm",
+    "victim_seed",
+    "success",
+    "target_pred",
+    "clean_acc",
+    "dropped_fraction",
+    "poison_precision",
+    "poison_recall",
+    "auroc",
+    "model",
+    "train_size",
+    "epochs",
+    "seconds",
 }
 
 
@@ -41,23 +59,31 @@ def test_smoke_evaluation_writes_protocol_rows_and_resumes(tmp_path, split_npz):
     assert all(r["train_size"] == 600 and r["scale"] == "smoke" and 0 <= r["clean_acc"] <= 1 for r in rows)
     assert all(r["success"] == (r["target_pred"] == r["intended_class"]) and 0 <= r["p_intended"] <= 1 for r in rows)
     assert {"surrogate", "crafting", "victim_training"} <= set(rows[0]["seconds"])
-    assert all(0 < r["seconds"]["victim_training_cpu"] for r in rows)  # process CPU time: the cost basis on a shared CPU
+    assert all(
+        0 < r["seconds"]["victim_training_cpu"] for r in rows
+    )  # process CPU time: the cost basis on a shared CPU
     clean = [r for r in rows if r["arm"] == "clean"]
     assert clean[0]["target_id"] != clean[1]["target_id"] or clean[0]["poison_key"] != clean[1]["poison_key"]
     # a rerun finds every row done: nothing is trained or appended again
     run_evaluation(train, test, tmp_path / "eval", config, progress=False)
     assert len((out / "results.jsonl").read_text().splitlines()) == 6
     table = json.loads((out / "summary.json").read_text())["table"]
-    assert {t["arm"] for t in table} == {"clean", "undefended", "random-noise"} and all(t["victims"] == 2 for t in table)
+    assert {t["arm"] for t in table} == {"clean", "undefended", "random-noise"} and all(
+        t["victims"] == 2 for t in table
+    )
     assert "| gradient-matching | smoke | tiny | 2 | 16 |" in (out / "summary.md").read_text()
     html = (out / "report.html").read_text(encoding="utf-8")
-    assert "Success per arm" in html and all(f"<td>{arm}</td>" in html for arm in ("clean", "undefended", "random-noise"))
+    assert "Success per arm" in html and all(
+        f"<td>{arm}</td>" in html for arm in ("clean", "undefended", "random-noise")
+    )
 
 
 def test_defended_arms_score_their_flags_against_the_true_poisons(tmp_path, split_npz):
     train, test = split_npz
     arms = ("undefended", "scan", "robust", "epic", "deep_knn", "spectral_signatures", "activation_clustering")
-    config = EvaluationConfig(scale="smoke", keys=(0,), victims=1, eps=16, budget=0.02, epochs=2, iterations=3, arms=arms)
+    config = EvaluationConfig(
+        scale="smoke", keys=(0,), victims=1, eps=16, budget=0.02, epochs=2, iterations=3, arms=arms
+    )
     out = run_evaluation(train, test, tmp_path / "eval", config, progress=False, command="test")
     rows = {r["arm"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert set(rows) == set(arms)
@@ -69,50 +95,108 @@ def test_defended_arms_score_their_flags_against_the_true_poisons(tmp_path, spli
             assert 0 <= row["auroc"] <= 1 and row["seconds"]["scan"] > 0
         # the carriers (fewest poisons holding half the pull) and the rest partition the poisons: recalls add up
         carriers = row["carriers"]
-        assert 1 <= carriers < 12 and row["poison_recall"] == pytest.approx((carriers * row["carrier_recall"] + (12 - carriers) * row["rest_recall"]) / 12), arm
+        assert 1 <= carriers < 12 and row["poison_recall"] == pytest.approx(
+            (carriers * row["carrier_recall"] + (12 - carriers) * row["rest_recall"]) / 12
+        ), arm
     assert "carriers" not in rows["undefended"]
-    assert rows["spectral_signatures"]["told_expected_poisons"] == 12 and rows["deep_knn"]["told_expected_poisons"] == 12
-    assert rows["scan"]["scan_options"] == {name: getattr(ScanConfig(), name) for name in SCAN_OPTIONS_RECORDED} | {"proxy_epochs": ScanConfig().train.epochs}
-    assert rows["deep_knn"]["scan_options"]["detector"] == "deep_knn" and rows["deep_knn"]["scan_options"]["expected_poisons"] == 12
-    assert rows["scan"]["told_expected_poisons"] is None and rows["activation_clustering"]["told_expected_poisons"] is None
+    assert (
+        rows["spectral_signatures"]["told_expected_poisons"] == 12 and rows["deep_knn"]["told_expected_poisons"] == 12
+    )
+    assert rows["scan"]["scan_options"] == {name: getattr(ScanConfig(), name) for name in SCAN_OPTIONS_RECORDED} | {
+        "proxy_epochs": ScanConfig().train.epochs
+    }
+    assert (
+        rows["deep_knn"]["scan_options"]["detector"] == "deep_knn"
+        and rows["deep_knn"]["scan_options"]["expected_poisons"] == 12
+    )
+    assert (
+        rows["scan"]["told_expected_poisons"] is None and rows["activation_clustering"]["told_expected_poisons"] is None
+    )
     assert rows["spectral_signatures"]["dropped_fraction"] >= 10 * 18 / 600  # 1.5 x 12 per class, by its rule
     harness = Harness(train, test, out, config, progress=False)
-    assert Harness(train, test, out, dataclasses.replace(config, eps=16.0), progress=False).poisons_path(choose_setup(0, harness.train, harness.test, 0.02)) \
-        == harness.poisons_path(choose_setup(0, harness.train, harness.test, 0.02))  # config above says eps=16, an int
+    assert Harness(train, test, out, dataclasses.replace(config, eps=16.0), progress=False).poisons_path(
+        choose_setup(0, harness.train, harness.test, 0.02)
+    ) == harness.poisons_path(choose_setup(0, harness.train, harness.test, 0.02))  # config above says eps=16, an int
     poisons = harness.poisons(choose_setup(0, harness.train, harness.test, config.budget), None)
     poisoned = harness.data_for("undefended", poisons).fingerprint
-    assert all(harness.data_for(arm, poisons).fingerprint == poisoned for arm in arms[1:])  # defenses filter the poisoned set
+    assert all(
+        harness.data_for(arm, poisons).fingerprint == poisoned for arm in arms[1:]
+    )  # defenses filter the poisoned set
     assert harness.data_for("random-noise", poisons).fingerprint not in (poisoned, harness.train.fingerprint)
     summary = json.loads((out / "summary.json").read_text())
     paired = {t["arm"]: t for t in summary["paired"]}
-    assert set(paired) == set(arms[1:]) and all(t["pairs"] == 1 and t["undefended_success"] == rows["undefended"]["success"] for t in paired.values())
+    assert set(paired) == set(arms[1:]) and all(
+        t["pairs"] == 1 and t["undefended_success"] == rows["undefended"]["success"] for t in paired.values()
+    )
     assert all(t["carrier_recall"] == rows[arm]["carrier_recall"] for arm, t in paired.items())
-    assert paired["scan"]["clean_acc_change"] == pytest.approx(rows["scan"]["clean_acc"] - rows["undefended"]["clean_acc"])
-    assert "Paired with the undefended victims" in (out / "summary.md").read_text() and "Paired with the undefended" in (out / "report.html").read_text()
+    assert paired["scan"]["clean_acc_change"] == pytest.approx(
+        rows["scan"]["clean_acc"] - rows["undefended"]["clean_acc"]
+    )
+    assert (
+        "Paired with the undefended victims" in (out / "summary.md").read_text()
+        and "Paired with the undefended" in (out / "report.html").read_text()
+    )
     table = {t["arm"]: t for t in summary["table"]}
-    assert table["scan"]["cost_vs_plain_training"] > 1 and table["undefended"]["cost_vs_plain_training"] == pytest.approx(1)
+    assert table["scan"]["cost_vs_plain_training"] > 1 and table["undefended"][
+        "cost_vs_plain_training"
+    ] == pytest.approx(1)
     assert table["scan"]["cost_basis"] == "cpu" and rows["scan"]["seconds"]["scan_cpu"] > 0
 
 
 def test_the_clean_and_random_noise_controls_train_no_surrogate_and_craft_nothing(tmp_path, split_npz):
     train, test = split_npz
-    config = EvaluationConfig(scale="smoke", keys=(0, 1), victims=1, eps=16, budget=0.02, epochs=1, iterations=2, arms=("clean", "random-noise"),
-                              cache=str(tmp_path / "cache"))
+    config = EvaluationConfig(
+        scale="smoke",
+        keys=(0, 1),
+        victims=1,
+        eps=16,
+        budget=0.02,
+        epochs=1,
+        iterations=2,
+        arms=("clean", "random-noise"),
+        cache=str(tmp_path / "cache"),
+    )
     out = run_evaluation(train, test, tmp_path / "eval", config, progress=False)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [(r["poison_key"], r["arm"]) for r in rows] == [(0, "clean"), (0, "random-noise"), (1, "clean"), (1, "random-noise")]
+    assert [(r["poison_key"], r["arm"]) for r in rows] == [
+        (0, "clean"),
+        (0, "random-noise"),
+        (1, "clean"),
+        (1, "random-noise"),
+    ]
     assert all(r["seconds"]["crafting"] is None and r["craft_final_loss"] is None for r in rows)
     cached = sorted(path.name.split("-")[1] for path in (tmp_path / "cache").glob("*.pt"))
-    assert cached == ["clean", "random", "random"]  # one clean victim for both keys' targets, one control victim per key
+    assert cached == [
+        "clean",
+        "random",
+        "random",
+    ]  # one clean victim for both keys' targets, one control victim per key
     # --seeds picks victims by seed, so that processes can share one run: seed 0 is done, seed 2 is new, seed 1 not asked
-    run_evaluation(train, test, tmp_path / "eval", dataclasses.replace(config, keys=(0,), arms=("clean",), seeds=(0, 2)), progress=False)
+    run_evaluation(
+        train,
+        test,
+        tmp_path / "eval",
+        dataclasses.replace(config, keys=(0,), arms=("clean",), seeds=(0, 2)),
+        progress=False,
+    )
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [(r["poison_key"], r["arm"], r["victim_seed"]) for r in rows[4:]] == [(0, "clean", 2)]
 
 
-def test_the_poisons_and_surrogate_are_published_beside_the_results_and_a_run_without_the_cache_reuses_them(tmp_path, split_npz, monkeypatch):
+def test_the_poisons_and_surrogate_are_published_beside_the_results_and_a_run_without_the_cache_reuses_them(
+    tmp_path, split_npz, monkeypatch
+):
     train, test = split_npz
-    base = dict(scale="smoke", keys=(0,), eps=16, budget=0.02, epochs=1, iterations=2, arms=("undefended",), cache=str(tmp_path / "cache"))
+    base = dict(
+        scale="smoke",
+        keys=(0,),
+        eps=16,
+        budget=0.02,
+        epochs=1,
+        iterations=2,
+        arms=("undefended",),
+        cache=str(tmp_path / "cache"),
+    )
     out = run_evaluation(train, test, tmp_path / "eval", EvaluationConfig(**base, victims=1), progress=False)
     published = list((out / "poisons").glob("poisons-gradient-matching-key0-eps16-*.npz"))
     assert len(published) == 1 and (tmp_path / "cache" / published[0].name).exists()
@@ -125,23 +209,44 @@ def test_the_poisons_and_surrogate_are_published_beside_the_results_and_a_run_wi
 
     trained = []
     monkeypatch.setattr("attacks.evaluate.craft", no_crafting)
-    monkeypatch.setattr("attacks.evaluate.train_model", lambda *args, desc="train", **kwargs: trained.append(desc) or train_model(*args, desc=desc, **kwargs))
-    run_evaluation(train, test, out, EvaluationConfig(**base | {"arms": ("undefended", "scan")}, victims=2), progress=False)
+    monkeypatch.setattr(
+        "attacks.evaluate.train_model",
+        lambda *args, desc="train", **kwargs: trained.append(desc) or train_model(*args, desc=desc, **kwargs),
+    )
+    run_evaluation(
+        train, test, out, EvaluationConfig(**base | {"arms": ("undefended", "scan")}, victims=2), progress=False
+    )
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["victim_seed"] for r in rows] == [0, 1, 0, 1] and rows[0]["craft_final_loss"] == rows[1]["craft_final_loss"]
-    assert trained and "surrogate" not in trained  # victims trained; the surrogate the scan arm's carriers need was loaded
+    assert [r["victim_seed"] for r in rows] == [0, 1, 0, 1] and rows[0]["craft_final_loss"] == rows[1][
+        "craft_final_loss"
+    ]
+    assert (
+        trained and "surrogate" not in trained
+    )  # victims trained; the surrogate the scan arm's carriers need was loaded
     assert (tmp_path / "cache" / published[0].name).exists()  # copied back for the benchmarks that read the cache
 
 
 def test_rows_name_their_poisons_and_a_defended_arm_gets_its_undefended_twin_on_the_same_poisons(tmp_path, split_npz):
     train, test = split_npz
-    base = dict(scale="smoke", keys=(0,), eps=16, budget=0.02, epochs=1, iterations=2, victims=1, cache=str(tmp_path / "cache"))
-    out = run_evaluation(train, test, tmp_path / "eval", EvaluationConfig(**base, arms=("clean", "undefended", "random-noise")), progress=False)
+    base = dict(
+        scale="smoke", keys=(0,), eps=16, budget=0.02, epochs=1, iterations=2, victims=1, cache=str(tmp_path / "cache")
+    )
+    out = run_evaluation(
+        train,
+        test,
+        tmp_path / "eval",
+        EvaluationConfig(**base, arms=("clean", "undefended", "random-noise")),
+        progress=False,
+    )
     rows = {r["arm"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     published = next((out / "poisons").glob("*.npz"))
     harness = Harness(train, test, out, EvaluationConfig(**base), progress=False)
     digest = load_poisons(published, choose_setup(0, harness.train, harness.test, 0.02)).digest()
-    assert rows["undefended"]["poisons_sha256"] == digest and rows["clean"]["poisons_sha256"] is None and rows["random-noise"]["poisons_sha256"] is None
+    assert (
+        rows["undefended"]["poisons_sha256"] == digest
+        and rows["clean"]["poisons_sha256"] is None
+        and rows["random-noise"]["poisons_sha256"] is None
+    )
 
     # the undefended row was trained on other poisons (say, crafted again elsewhere): a defended arm needs its twin
     results = out / "results.jsonl"
@@ -160,15 +265,26 @@ def test_rows_name_their_poisons_and_a_defended_arm_gets_its_undefended_twin_on_
 
 def test_a_detector_row_scanned_under_an_older_default_is_its_own_variant_and_the_arm_runs_again(tmp_path, split_npz):
     train, test = split_npz
-    config = EvaluationConfig(scale="smoke", keys=(0,), eps=16, budget=0.02, epochs=1, iterations=2, victims=1, cache=str(tmp_path / "cache"),
-                              arms=("undefended", "scan", "deep_knn"))
+    config = EvaluationConfig(
+        scale="smoke",
+        keys=(0,),
+        eps=16,
+        budget=0.02,
+        epochs=1,
+        iterations=2,
+        victims=1,
+        cache=str(tmp_path / "cache"),
+        arms=("undefended", "scan", "deep_knn"),
+    )
     out = run_evaluation(train, test, tmp_path / "eval", config, progress=False)
     results = out / "results.jsonl"
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     for row in rows:  # as if scanned before the default alarm moved: knn_density's option, which deep_knn does not use
         if row["arm"] != "undefended":
             row["scan_options"]["class_alarm_p"] = 1e-6
-            del row["scan_options"]["alarm_confidence"]  # and before that option was recorded: read as its value then (0)
+            del row["scan_options"][
+                "alarm_confidence"
+            ]  # and before that option was recorded: read as its value then (0)
     results.write_text("".join(json.dumps(row) + "\n" for row in rows))
     run_evaluation(train, test, out, config, progress=False)
     rows = [json.loads(line) for line in results.read_text().splitlines()]
@@ -176,7 +292,12 @@ def test_a_detector_row_scanned_under_an_older_default_is_its_own_variant_and_th
     assert rows[3]["scan_options"]["class_alarm_p"] == ScanConfig().class_alarm_p
     summary = json.loads((out / "summary.json").read_text())
     old = "class_alarm_p=1e-06, alarm_confidence=0.0"
-    assert {(t["arm"], t["variant"]) for t in summary["table"]} == {("undefended", ""), ("scan", ""), ("scan", old), ("deep_knn", "")}
+    assert {(t["arm"], t["variant"]) for t in summary["table"]} == {
+        ("undefended", ""),
+        ("scan", ""),
+        ("scan", old),
+        ("deep_knn", ""),
+    }
     assert {(t["arm"], t["variant"]) for t in summary["paired"]} == {("scan", ""), ("scan", old), ("deep_knn", "")}
     assert f"| scan ({old}) |" in (out / "summary.md").read_text() and f"({old})" in (out / "report.html").read_text()
 
@@ -186,15 +307,31 @@ def test_a_detector_that_flags_nothing_reuses_the_undefended_victim(tmp_path, sp
 
     def flags_nothing(self, poisoned, arm, setup):
         flags = np.zeros(len(poisoned), dtype=bool)
-        return poisoned.subset(np.arange(len(poisoned))), flags, {"dropped_fraction": 0.0, "poison_precision": None, "poison_recall": 0.0, "auroc": None}, Cost(1.0, 1.0)
+        return (
+            poisoned.subset(np.arange(len(poisoned))),
+            flags,
+            {"dropped_fraction": 0.0, "poison_precision": None, "poison_recall": 0.0, "auroc": None},
+            Cost(1.0, 1.0),
+        )
 
     monkeypatch.setattr(Harness, "filtered", flags_nothing)
-    config = EvaluationConfig(scale="smoke", keys=(0,), victims=1, eps=16, budget=0.02, epochs=1, iterations=2,
-                              arms=("undefended", "activation_clustering"), cache=str(tmp_path / "cache"))
+    config = EvaluationConfig(
+        scale="smoke",
+        keys=(0,),
+        victims=1,
+        eps=16,
+        budget=0.02,
+        epochs=1,
+        iterations=2,
+        arms=("undefended", "activation_clustering"),
+        cache=str(tmp_path / "cache"),
+    )
     out = run_evaluation(train, test, tmp_path / "eval", config, progress=False)
     rows = {r["arm"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert rows["activation_clustering"]["clean_acc"] == rows["undefended"]["clean_acc"]
-    assert not list((tmp_path / "cache").glob("victim-activation_clustering-*"))  # no second training of the same victim
+    assert not list(
+        (tmp_path / "cache").glob("victim-activation_clustering-*")
+    )  # no second training of the same victim
 
 
 def test_a_victim_resumed_from_a_checkpoint_without_cpu_times_trains_and_reports_no_cpu_cost(tmp_path, split_npz):
@@ -210,8 +347,18 @@ def test_a_victim_resumed_from_a_checkpoint_without_cpu_times_trains_and_reports
         return indices
 
     with pytest.raises(KeyboardInterrupt):
-        train_model(harness.new_model(0), harness.train, np.arange(len(harness.train)), dataclasses.replace(harness.recipe, seed=0), CPU_DEVICE, None,
-                    checkpoint=partial, meta={"name": final.stem}, progress=False, after_epoch=killed_after_the_first_epoch)
+        train_model(
+            harness.new_model(0),
+            harness.train,
+            np.arange(len(harness.train)),
+            dataclasses.replace(harness.recipe, seed=0),
+            CPU_DEVICE,
+            None,
+            checkpoint=partial,
+            meta={"name": final.stem},
+            progress=False,
+            after_epoch=killed_after_the_first_epoch,
+        )
     state = torch.load(partial, weights_only=True)
     for epoch in state["history"]:
         del epoch["cpu_seconds"]  # as written before rows carried CPU time
@@ -222,18 +369,48 @@ def test_a_victim_resumed_from_a_checkpoint_without_cpu_times_trains_and_reports
 
 def test_model_override_is_a_separate_ablation_with_its_own_surrogate_and_poisons(tmp_path, split_npz):
     train, test = split_npz
-    base = dict(scale="smoke", keys=(0,), victims=1, eps=16, budget=0.02, epochs=1, iterations=2, arms=("undefended",), cache=str(tmp_path / "cache"))
+    base = dict(
+        scale="smoke",
+        keys=(0,),
+        victims=1,
+        eps=16,
+        budget=0.02,
+        epochs=1,
+        iterations=2,
+        arms=("undefended",),
+        cache=str(tmp_path / "cache"),
+    )
     out = tmp_path / "eval"
     run_evaluation(train, test, out, EvaluationConfig(**base), progress=False)
     run_evaluation(train, test, out, EvaluationConfig(**base, model="convnet"), progress=False)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["model"] for r in rows] == ["tiny", "convnet"]
     assert len(list((tmp_path / "cache").glob("surrogate-*.pt"))) == 2
-    assert len(list((tmp_path / "cache").glob("poisons-*.npz"))) == 2  # poisons are keyed by the surrogate they were crafted on
+    assert (
+        len(list((tmp_path / "cache").glob("poisons-*.npz"))) == 2
+    )  # poisons are keyed by the surrogate they were crafted on
 
 
 def test_truncated_results_line_is_a_clear_error(tmp_path):
-    good = json.dumps({k: 0 for k in ("attack", "scale", "eps", "budget", "arm", "poison_key", "victim_seed", "success", "clean_acc", "model", "epochs")} | {"seconds": {}})
+    good = json.dumps(
+        {
+            k: 0
+            for k in (
+                "attack",
+                "scale",
+                "eps",
+                "budget",
+                "arm",
+                "poison_key",
+                "victim_seed",
+                "success",
+                "clean_acc",
+                "model",
+                "epochs",
+            )
+        }
+        | {"seconds": {}}
+    )
     (tmp_path / "results.jsonl").write_text(good + '\n{"attack": ')
     with pytest.raises(SanitizeError, match="2 is not a JSON line"):
         aggregate(tmp_path)
@@ -245,21 +422,51 @@ def test_truncated_results_line_is_a_clear_error(tmp_path):
 def test_bad_options_are_clear_errors(tmp_path, split_npz, digits_folder):
     train, test = split_npz
     with pytest.raises(SanitizeError, match="unknown arm"):
-        run_evaluation(train, test, tmp_path / "e", EvaluationConfig(scale="smoke", arms=("clean", "sometimes")), progress=False)
+        run_evaluation(
+            train, test, tmp_path / "e", EvaluationConfig(scale="smoke", arms=("clean", "sometimes")), progress=False
+        )
     assert parse_keys("0-3,7") == (0, 1, 2, 3, 7)
-    result = CliRunner().invoke(cli, ["evaluate", str(train), "--test", str(test), "--keys", "a-b", "--out", str(tmp_path / "e")])
+    result = CliRunner().invoke(
+        cli, ["evaluate", str(train), "--test", str(test), "--keys", "a-b", "--out", str(tmp_path / "e")]
+    )
     assert result.exit_code == 2 and "bad --keys" in result.output
-    result = CliRunner().invoke(cli, ["evaluate", str(train), "--test", str(test), "--seeds", "4-x", "--out", str(tmp_path / "e")])
+    result = CliRunner().invoke(
+        cli, ["evaluate", str(train), "--test", str(test), "--seeds", "4-x", "--out", str(tmp_path / "e")]
+    )
     assert result.exit_code == 2 and "bad --seeds" in result.output
-    result = CliRunner().invoke(cli, ["attack", str(digits_folder), "--test", str(test), "--out", str(digits_folder / "poisoned")])
+    result = CliRunner().invoke(
+        cli, ["attack", str(digits_folder), "--test", str(test), "--out", str(digits_folder / "poisoned")]
+    )
     assert result.exit_code == 2 and "never writes into the data" in result.output
     assert not (digits_folder / "poisoned").exists()
 
 
 def test_attack_command_writes_a_poisoned_copy(tmp_path, split_npz):
     train, test = split_npz
-    result = CliRunner().invoke(cli, ["attack", str(train), "--test", str(test), "--key", "2", "--budget", "0.02", "--model", "tiny",
-                                      "--epochs", "1", "--iterations", "2", "--restarts", "1", "--out", str(tmp_path / "p"), "--quiet"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "attack",
+            str(train),
+            "--test",
+            str(test),
+            "--key",
+            "2",
+            "--budget",
+            "0.02",
+            "--model",
+            "tiny",
+            "--epochs",
+            "1",
+            "--iterations",
+            "2",
+            "--restarts",
+            "1",
+            "--out",
+            str(tmp_path / "p"),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "p" / "poison_manifest.json").read_text())
     assert len(manifest["poison_ids"]) == 30 and manifest["method"] == "gradient-matching"
@@ -272,18 +479,55 @@ def test_attack_command_writes_a_poisoned_copy(tmp_path, split_npz):
 def test_overrides_reach_the_recipe_and_the_attack_and_are_recorded(tmp_path, split_npz):
     """--no-augment trains surrogate and victims without crop + flip; --craft-option sets the attack's own option."""
     train, test = split_npz
-    result = CliRunner().invoke(cli, ["evaluate", str(train), "--test", str(test), "--scale", "smoke", "--keys", "0", "--victims", "1", "--budget", "0.02",
-                                      "--epochs", "1", "--iterations", "2", "--arms", "undefended,clean", "--no-augment", "--craft-option", "augment=false",
-                                      "--craft-option", "max_shift=2", "--out", str(tmp_path / "e"), "--quiet"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "evaluate",
+            str(train),
+            "--test",
+            str(test),
+            "--scale",
+            "smoke",
+            "--keys",
+            "0",
+            "--victims",
+            "1",
+            "--budget",
+            "0.02",
+            "--epochs",
+            "1",
+            "--iterations",
+            "2",
+            "--arms",
+            "undefended,clean",
+            "--no-augment",
+            "--craft-option",
+            "augment=false",
+            "--craft-option",
+            "max_shift=2",
+            "--out",
+            str(tmp_path / "e"),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = {r["arm"]: r for r in map(json.loads, (tmp_path / "e" / "results.jsonl").read_text().splitlines())}
     assert rows["undefended"]["augment"] is False and rows["clean"]["augment"] is False
-    assert rows["undefended"]["craft_config"]["augment"] is False and rows["undefended"]["craft_config"]["max_shift"] == 2
+    assert (
+        rows["undefended"]["craft_config"]["augment"] is False and rows["undefended"]["craft_config"]["max_shift"] == 2
+    )
     assert rows["clean"]["craft_config"] is None
     config = EvaluationConfig(scale="smoke", augment=False, craft_options={"augment": False})
     assert not config.resolved()[1].augment and not config.resolved()[2].augment
-    for bad, message in (("restarts=two", "must be int"), ("lr", "NAME=VALUE"), ("colour=1", "NAME=VALUE"), ("augment=maybe", "must be bool")):
-        result = CliRunner().invoke(cli, ["evaluate", str(train), "--test", str(test), "--craft-option", bad, "--out", str(tmp_path / "bad")])
+    for bad, message in (
+        ("restarts=two", "must be int"),
+        ("lr", "NAME=VALUE"),
+        ("colour=1", "NAME=VALUE"),
+        ("augment=maybe", "must be bool"),
+    ):
+        result = CliRunner().invoke(
+            cli, ["evaluate", str(train), "--test", str(test), "--craft-option", bad, "--out", str(tmp_path / "bad")]
+        )
         assert result.exit_code == 2 and message in result.output, (bad, result.output)
     with pytest.raises(SanitizeError, match="has no option"):
         EvaluationConfig(scale="smoke", craft_options={"colour": 1}).resolved()

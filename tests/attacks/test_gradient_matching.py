@@ -27,14 +27,24 @@ def split(digits16):
     x, y = digits16
     order = np.random.default_rng(0).permutation(len(x))
     train, test = order[:1500], order[1500:]
-    return from_arrays(x[train], y[train], [str(c) for c in range(10)], "digits"), from_arrays(x[test], y[test], [str(c) for c in range(10)], "digits-test")
+    return from_arrays(x[train], y[train], [str(c) for c in range(10)], "digits"), from_arrays(
+        x[test], y[test], [str(c) for c in range(10)], "digits-test"
+    )
 
 
 def _train(dataset, seed):
     torch.manual_seed(seed)
     model = create_model("tiny", 10, (3, 16, 16), width=32)
     model.set_normalization(*channel_stats(dataset))
-    train_model(model, dataset, np.arange(len(dataset)), TrainConfig(**{**RECIPE.__dict__, "seed": seed}), CPU, None, progress=False)
+    train_model(
+        model,
+        dataset,
+        np.arange(len(dataset)),
+        TrainConfig(**{**RECIPE.__dict__, "seed": seed}),
+        CPU,
+        None,
+        progress=False,
+    )
     return model
 
 
@@ -45,7 +55,17 @@ def crafted(split):
     setup = choose_setup(1, train, test, budget=0.1)
     # victims here do not augment (flipped digits are other digits), so neither does the crafting
     config = method_config("gradient-matching", iterations=60, restarts=2, batch_size=64, augment=False, seed=0)
-    poisons = craft("gradient-matching", [surrogate], train, test.load_image(setup.target_index), setup, EPS, config, device=CPU, progress=False)
+    poisons = craft(
+        "gradient-matching",
+        [surrogate],
+        train,
+        test.load_image(setup.target_index),
+        setup,
+        EPS,
+        config,
+        device=CPU,
+        progress=False,
+    )
     return train, test, setup, poisons
 
 
@@ -87,7 +107,11 @@ def test_npz_and_folder_copies_round_trip_bit_exactly(tmp_path, crafted):
     others = np.setdiff1d(np.arange(len(train)), positions)
     np.testing.assert_array_equal(back.images[others], train.images[others])
     record = read_manifest(tmp_path / "npz")
-    assert record["poison_ids"] == [str(p) for p in positions] and record["eps"] == EPS and record["intended_class"] == setup.intended_class
+    assert (
+        record["poison_ids"] == [str(p) for p in positions]
+        and record["eps"] == EPS
+        and record["intended_class"] == setup.intended_class
+    )
 
     folder = tmp_path / "source"
     ids = write_image_folder(folder, train.images, train.labels, [str(c) for c in range(10)])
@@ -108,7 +132,12 @@ def test_a_saved_poison_set_loads_back_exactly_and_a_wrong_or_damaged_one_is_a_c
     _, _, setup, poisons = crafted
     save_poisons(poisons, tmp_path / "p.npz")
     back = load_poisons(tmp_path / "p.npz", setup)
-    assert torch.equal(back.deltas, poisons.deltas) and back.eps == poisons.eps and back.metadata == json.loads(json.dumps(poisons.metadata)) and back.method == poisons.method
+    assert (
+        torch.equal(back.deltas, poisons.deltas)
+        and back.eps == poisons.eps
+        and back.metadata == json.loads(json.dumps(poisons.metadata))
+        and back.method == poisons.method
+    )
     other = dataclasses.replace(setup, poison_indices=tuple(i + 1 for i in setup.poison_indices))
     with pytest.raises(SanitizeError, match="other positions"):
         load_poisons(tmp_path / "p.npz", other)
@@ -146,7 +175,10 @@ def test_crafted_poisons_move_victims_towards_the_intended_class_more_than_rando
     positions = np.asarray(setup.poison_indices)
     clean = torch.from_numpy(train.images[positions]).permute(0, 3, 1, 2)
     signs = torch.randint(0, 2, clean.shape, generator=torch.Generator().manual_seed(0)).to(torch.int16) * 2 - 1
-    variants = {"crafted": poisons.apply(clean), "random": (clean.to(torch.int16) + EPS * signs).clamp(0, 255).to(torch.uint8)}
+    variants = {
+        "crafted": poisons.apply(clean),
+        "random": (clean.to(torch.int16) + EPS * signs).clamp(0, 255).to(torch.uint8),
+    }
     margins = {}
     for name, images in variants.items():
         x = train.images.copy()
@@ -167,10 +199,16 @@ def test_pull_splits_the_aligned_gradient_and_crafting_concentrates_it_in_few_ca
     clean = torch.from_numpy(train.images[positions]).permute(0, 3, 1, 2)
     labels = torch.from_numpy(train.labels[positions]).long()
     signs = torch.randint(0, 2, clean.shape, generator=torch.Generator().manual_seed(0)).to(torch.int16) * 2 - 1
-    variants = {"clean": clean, "crafted": poisons.apply(clean), "random": (clean.to(torch.int16) + EPS * signs).clamp(0, 255).to(torch.uint8)}
+    variants = {
+        "clean": clean,
+        "crafted": poisons.apply(clean),
+        "random": (clean.to(torch.int16) + EPS * signs).clamp(0, 255).to(torch.uint8),
+    }
     target = test.load_image(setup.target_index)
     flat = lambda grads: torch.cat([g.flatten() for g in grads])  # noqa: E731
-    target_grad = flat(parameter_gradient(surrogate, target.float().div(255)[None], torch.tensor([setup.intended_class]), False, None))
+    target_grad = flat(
+        parameter_gradient(surrogate, target.float().div(255)[None], torch.tensor([setup.intended_class]), False, None)
+    )
     direction = target_grad / target_grad.norm()
     cosine, carriers = {}, {}
     for name, images in variants.items():
@@ -195,7 +233,18 @@ def test_killed_crafting_resumes_from_its_last_restart_to_the_same_poisons(tmp_p
     config = method_config("gradient-matching", iterations=4, restarts=3, batch_size=64, augment=True, seed=0)
 
     def run(checkpoint=None):
-        return craft("gradient-matching", [surrogate], train, test.load_image(setup.target_index), setup, EPS, config, device=CPU, progress=False, checkpoint=checkpoint)
+        return craft(
+            "gradient-matching",
+            [surrogate],
+            train,
+            test.load_image(setup.target_index),
+            setup,
+            EPS,
+            config,
+            device=CPU,
+            progress=False,
+            checkpoint=checkpoint,
+        )
 
     straight = run()
     real_loss, calls = gm._batch_loss, []

@@ -47,7 +47,14 @@ def test_same_arrays_same_fingerprint_and_different_arrays_differ(tmp_path, digi
         ({"x": np.zeros((2, 4, 4, 3), np.float32), "y": np.zeros(2, int)}, "uint8"),
         ({"x": np.zeros((2, 4, 4, 3), np.uint8), "y": np.zeros(3, int)}, "labels must be"),
         ({"x": np.zeros((2, 4, 4, 3), np.uint8), "y": np.array([0, -1])}, "non-negative"),
-        ({"x": np.zeros((2, 4, 4, 3), np.uint8), "y": np.array([0, 1]), "classes": np.array([{"a": 1}], dtype=object)}, "cannot read"),
+        (
+            {
+                "x": np.zeros((2, 4, 4, 3), np.uint8),
+                "y": np.array([0, 1]),
+                "classes": np.array([{"a": 1}], dtype=object),
+            },
+            "cannot read",
+        ),
     ],
 )
 def test_bad_npz_is_a_data_error(tmp_path, arrays, message):
@@ -120,5 +127,7 @@ def test_worker_processes_load_the_same_batches(digits_folder):
     parallel = open_dataset(digits_folder, workers=2, progress=False)
     assert parallel.ids == single.ids and parallel.fingerprint == single.fingerprint
     order = np.random.default_rng(0).permutation(len(single))
-    for (a, la, pa), (b, lb, pb) in zip(iterate_batches(single, order, 64), iterate_batches(parallel, order, 64, workers=2)):
+    for (a, la, pa), (b, lb, pb) in zip(
+        iterate_batches(single, order, 64), iterate_batches(parallel, order, 64, workers=2)
+    ):
         assert torch.equal(a, b) and torch.equal(la, lb) and torch.equal(pa, pb)

@@ -139,10 +139,28 @@ def test_class_alarm_looks_again_only_inside_a_class_with_improbably_many_flags(
     predicted = labels.copy()
     predicted[carriers] = 3
     predicted[lookalikes] = 3  # misassigned too, in a class that raises no alarm
-    by_rule = {rule: knn_isolation(x, labels, 5, distance="kth", loss=loss, class_alarm_p=1e-3, alarm_rule=rule, predicted=predicted, progress=False)
-               for rule in ("hard", "misassigned", "either")}
-    assert by_rule["hard"].flags[carriers].mean() < 0.5 and by_rule["misassigned"].flags[carriers].all() and by_rule["either"].flags[carriers].all()
-    assert (by_rule["misassigned"].flags[lookalikes] == by_rule["hard"].flags[lookalikes]).all()  # no alarm in their class: nothing added
+    by_rule = {
+        rule: knn_isolation(
+            x,
+            labels,
+            5,
+            distance="kth",
+            loss=loss,
+            class_alarm_p=1e-3,
+            alarm_rule=rule,
+            predicted=predicted,
+            progress=False,
+        )
+        for rule in ("hard", "misassigned", "either")
+    }
+    assert (
+        by_rule["hard"].flags[carriers].mean() < 0.5
+        and by_rule["misassigned"].flags[carriers].all()
+        and by_rule["either"].flags[carriers].all()
+    )
+    assert (
+        by_rule["misassigned"].flags[lookalikes] == by_rule["hard"].flags[lookalikes]
+    ).all()  # no alarm in their class: nothing added
     assert by_rule["either"].flags.sum() >= max(by_rule["hard"].flags.sum(), by_rule["misassigned"].flags.sum())
     with pytest.raises(ValueError, match="predictions"):
         knn_isolation(x, labels, 5, loss=loss, class_alarm_p=1e-3, alarm_rule="misassigned", progress=False)
@@ -152,10 +170,32 @@ def test_class_alarm_looks_again_only_inside_a_class_with_improbably_many_flags(
     predicted[boundary] = 4
     confidence = np.full(len(labels), 0.9)
     confidence[boundary] = 0.4
-    confident = knn_isolation(x, labels, 5, distance="kth", loss=loss, class_alarm_p=1e-3, alarm_rule="either", predicted=predicted,
-                              predicted_confidence=confidence, alarm_confidence=0.5, progress=False)
-    anyhow = knn_isolation(x, labels, 5, distance="kth", loss=loss, class_alarm_p=1e-3, alarm_rule="either", predicted=predicted,
-                           predicted_confidence=confidence, alarm_confidence=0.0, progress=False)
+    confident = knn_isolation(
+        x,
+        labels,
+        5,
+        distance="kth",
+        loss=loss,
+        class_alarm_p=1e-3,
+        alarm_rule="either",
+        predicted=predicted,
+        predicted_confidence=confidence,
+        alarm_confidence=0.5,
+        progress=False,
+    )
+    anyhow = knn_isolation(
+        x,
+        labels,
+        5,
+        distance="kth",
+        loss=loss,
+        class_alarm_p=1e-3,
+        alarm_rule="either",
+        predicted=predicted,
+        predicted_confidence=confidence,
+        alarm_confidence=0.0,
+        progress=False,
+    )
     assert confident.flags[carriers].all() and anyhow.flags[boundary].all()
     assert confident.flags[boundary].sum() == by_rule["hard"].flags[boundary].sum() < len(boundary)
     assert confident.summary["alarm_confidence"] == 0.5

@@ -59,7 +59,12 @@ def test_medoids_split_by_class_across_ranks_add_up_to_the_whole_from_a_memory_m
     np.save(tmp_path / "space.npy", x)
     whole, sizes = isolated_medoids(x, labels, 5, fraction=0.1)
     assert len(whole) > 0
-    shares = [isolated_medoids(np.load(tmp_path / "space.npy", mmap_mode="r"), labels, 5, fraction=0.1, classes=range(rank, 5, 2)) for rank in range(2)]
+    shares = [
+        isolated_medoids(
+            np.load(tmp_path / "space.npy", mmap_mode="r"), labels, 5, fraction=0.1, classes=range(rank, 5, 2)
+        )
+        for rank in range(2)
+    ]
     np.testing.assert_array_equal(np.sort(np.concatenate([isolated for isolated, _ in shares])), whole)
     np.testing.assert_array_equal(shares[0][1] + shares[1][1], sizes)
 

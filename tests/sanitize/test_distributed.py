@@ -18,8 +18,20 @@ TINY = dict(model="tiny", epochs=2, batch_size=32, augment=False, precision="fp3
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "sanitize", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "sanitize",
+        *args,
+    ]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"}
+    )
 
 
 @pytest.mark.parametrize("n, world_size", [(10, 3), (1000, 2), (2, 4)])
@@ -42,8 +54,19 @@ def test_one_process_is_a_world_of_one():
 def test_a_two_process_scan_matches_one_process(tmp_path, digits_folder):
     (digits_folder / "digit_3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     single = scan(digits_folder, tmp_path / "one", **TINY)
-    done = torchrun("scan", str(digits_folder), "--out", str(tmp_path / "two"), "--checkpoint", str(tmp_path / "one" / "proxy" / "model.pt"),
-                    "--model", "tiny", "--precision", "fp32", "--quiet")
+    done = torchrun(
+        "scan",
+        str(digits_folder),
+        "--out",
+        str(tmp_path / "two"),
+        "--checkpoint",
+        str(tmp_path / "one" / "proxy" / "model.pt"),
+        "--model",
+        "tiny",
+        "--precision",
+        "fp32",
+        "--quiet",
+    )
     assert done.returncode == (0 if single.passed else 1), done.stderr[-3000:]
     assert done.stdout.count("gate ") == 1  # rank 0 alone prints the verdict
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
@@ -55,13 +78,31 @@ def test_a_two_process_scan_matches_one_process(tmp_path, digits_folder):
         one = np.load(tmp_path / "one" / "embeddings" / f"{name}.npy")
         np.testing.assert_allclose(two, one, rtol=1e-4, atol=1e-5)  # each rank wrote its rows, none lost or shifted
     assert (tmp_path / "two" / "flagged.txt").read_text() == (tmp_path / "one" / "flagged.txt").read_text()
-    assert sorted(p.name for p in (tmp_path / "two" / "embeddings").glob("progress*.json")) == ["progress-0-of-2.json", "progress-1-of-2.json"]
+    assert sorted(p.name for p in (tmp_path / "two" / "embeddings").glob("progress*.json")) == [
+        "progress-0-of-2.json",
+        "progress-1-of-2.json",
+    ]
 
 
 def test_robust_training_under_torchrun_drops_the_planted_examples_once(tmp_path, mislabeled_npz):
     data, planted = mislabeled_npz
-    done = torchrun("train", str(data), "--out", str(tmp_path / "run"), "--robust", "--every", "2", "--model", "tiny",
-                    "--epochs", "6", "--batch-size", "32", "--no-augment", "--quiet")
+    done = torchrun(
+        "train",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        "--robust",
+        "--every",
+        "2",
+        "--model",
+        "tiny",
+        "--epochs",
+        "6",
+        "--batch-size",
+        "32",
+        "--no-augment",
+        "--quiet",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("dropped ") == 1
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

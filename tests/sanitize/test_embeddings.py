@@ -44,7 +44,7 @@ def test_sketch_inner_products_converge_to_the_true_ones():
         sketch = GradientEmbedder(50, 63, sketch_dim=m, exact_max=0, seed=3)
         assert not sketch.exact and sketch.dim == m
         s = sketch(g, f_tilde)
-        errors.append(float(((s @ s.T - truth).norm() / truth.norm())))
+        errors.append(float((s @ s.T - truth).norm() / truth.norm()))
     assert errors[1] < 0.25 * errors[0]  # error ~ 1/sqrt(m): 8x less for 64x the dimensions
     assert errors[1] < 0.2
 
@@ -73,8 +73,14 @@ def test_proxy_statistics_read_in_chunks_match_the_loss_and_softmax_of_the_whole
     logits = (rng.normal(size=(1000, 7)) * 4).astype(np.float32)
     labels = rng.integers(0, 7, 1000)
     np.save(tmp_path / "logits.npy", logits)
-    embeddings = Embeddings(tmp_path, features=np.zeros((1000, 2), np.float32), logits=np.load(tmp_path / "logits.npy", mmap_mode="r"),
-                            gradient=np.zeros((1000, 2), np.float32), labels=labels, meta={})
+    embeddings = Embeddings(
+        tmp_path,
+        features=np.zeros((1000, 2), np.float32),
+        logits=np.load(tmp_path / "logits.npy", mmap_mode="r"),
+        gradient=np.zeros((1000, 2), np.float32),
+        labels=labels,
+        meta={},
+    )
     loss, predicted, confidence = embeddings.proxy_statistics(chunk=64)
     expected_loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels), reduction="none").numpy()
     probabilities = torch.softmax(torch.from_numpy(logits), dim=1).numpy()

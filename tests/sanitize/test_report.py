@@ -74,8 +74,18 @@ def hostile_scan(tmp_path_factory, digits16):
     base = tmp_path_factory.mktemp("hostile")
     data, ids = hostile_folder(base / "data", digits16)
     manifest = base / "poison_manifest.json"
-    manifest.write_text(json.dumps({"method": "test", "eps": 16, "target_class": 1, "intended_class": 0, "target_id": "t<i>",
-                                    "poison_ids": [ids[0], ids[1], ids[2]]}))
+    manifest.write_text(
+        json.dumps(
+            {
+                "method": "test",
+                "eps": 16,
+                "target_class": 1,
+                "intended_class": 0,
+                "target_id": "t<i>",
+                "poison_ids": [ids[0], ids[1], ids[2]],
+            }
+        )
+    )
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(base / "target.png")
     result = scan(data, base / "out", manifest=str(manifest), threshold=0.3, **FAST)
     return base, data, result
@@ -92,7 +102,9 @@ def test_everything_from_the_data_is_escaped_and_only_our_script_may_run(hostile
     assert "&lt;img src=x onerror=document.title=&#39;pwned&#39;&gt;.png" in html
     assert "&lt;svg onload=alert(2)&gt;.png" in html  # the unreadable file is listed, escaped, with its reason
     assert "cl&#34;a&#39;ss &lt;b&gt;é ✓" in html
-    csp = next(a["content"] for tag, a in page.tags if tag == "meta" and a.get("http-equiv") == "Content-Security-Policy")
+    csp = next(
+        a["content"] for tag, a in page.tags if tag == "meta" and a.get("http-equiv") == "Content-Security-Policy"
+    )
     assert "default-src 'none'" in csp and "http" not in csp
     for block in ("style", "script"):
         digest = base64.b64encode(hashlib.sha256("".join(page.blocks[block]).encode()).digest()).decode()
@@ -104,11 +116,13 @@ def test_report_holds_the_verdict_classes_flagged_thumbnails_projection_and_the_
     _, _, result = hostile_scan
     html = result.files["report"].read_text(encoding="utf-8")
     summary = result.summary
-    assert ("PASSED" if result.passed else "FAILED") in html and f"{summary['flagged']['count']}</strong> of {summary['data']['examples']}" in html
+    assert (
+        "PASSED" if result.passed else "FAILED"
+    ) in html and f"{summary['flagged']['count']}</strong> of {summary['data']['examples']}" in html
     flagged = int(result.flags.sum())
     assert flagged >= 1
     assert html.count('class="example"') == min(flagged, 48)
-    assert html.count("<svg class=\"hist\"") == 3 and 'data-projection="' in html
+    assert html.count('<svg class="hist"') == 3 and 'data-projection="' in html
     poisons = summary["poisons"]
     assert poisons["caught"] == sum(int(result.flags[result.ids.index(i)]) for i in poisons["ids"])
     assert "Against the poison manifest" in html and "t&lt;i&gt;" in html and 'alt="target"' in html
@@ -127,7 +141,10 @@ def test_thumbnails_are_capped_and_the_rerender_checks_the_data(hostile_scan, tm
     moved = runner.invoke(cli, ["report", str(base / "out"), "--data", str(other)])
     assert moved.exit_code == 0, moved.output
     html = (base / "out" / "report.html").read_text(encoding="utf-8")
-    assert "is not the data this run read" in html and "data:image/png" not in html.split("<h2>Most isolated")[1].split("<h2>")[0]
+    assert (
+        "is not the data this run read" in html
+        and "data:image/png" not in html.split("<h2>Most isolated")[1].split("<h2>")[0]
+    )
     write_report(base / "out", data)  # back to the full report for the other tests
 
 
@@ -138,7 +155,9 @@ def test_an_alarmed_class_shows_its_p_value_second_pass_and_escaped_name(hostile
     summary = json.loads((run / "summary.json").read_text())
     assert not any(info.get("alarmed") for info in summary["detector"]["per_class"].values())
     hostile = summary["data"]["classes"].index(HOSTILE_CLASS)  # its name is escaped in the verdict line too
-    summary["detector"]["per_class"][str(hostile)].update({"alarmed": True, "alarm_p_value": 3.2e-9, "first_pass_flags": 12, "second_pass_flags": 7})
+    summary["detector"]["per_class"][str(hostile)].update(
+        {"alarmed": True, "alarm_p_value": 3.2e-9, "first_pass_flags": 12, "second_pass_flags": 7}
+    )
     summary["gate"]["alarmed_classes"] = [HOSTILE_CLASS]
     (run / "summary.json").write_text(json.dumps(summary))
     html = write_report(run, data).read_text(encoding="utf-8")
@@ -155,8 +174,25 @@ def test_bad_run_folders_and_manifests_are_clear_errors(tmp_path, hostile_scan):
     wrong = runner.invoke(cli, ["report", str(tmp_path)])
     assert wrong.exit_code == 2 and "not a JSON object" in wrong.output
     stranger = tmp_path / "m.json"
-    stranger.write_text(json.dumps({"method": "x", "eps": 1, "target_class": 0, "intended_class": 1, "poison_ids": ["nope.png"]}))
-    foreign = runner.invoke(cli, ["scan", str(data), "--out", str(tmp_path / "s"), "--manifest", str(stranger), "--model", "tiny", "--epochs", "1", "--quiet"])
+    stranger.write_text(
+        json.dumps({"method": "x", "eps": 1, "target_class": 0, "intended_class": 1, "poison_ids": ["nope.png"]})
+    )
+    foreign = runner.invoke(
+        cli,
+        [
+            "scan",
+            str(data),
+            "--out",
+            str(tmp_path / "s"),
+            "--manifest",
+            str(stranger),
+            "--model",
+            "tiny",
+            "--epochs",
+            "1",
+            "--quiet",
+        ],
+    )
     assert foreign.exit_code == 2 and "not in the data" in foreign.output
     assert not (tmp_path / "s" / "proxy").exists()  # refused before any training
 
@@ -171,8 +207,17 @@ def chromium() -> str:
 
 
 def headless(browser: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--disable-quic", f"--user-data-dir={profile}"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-quic",
+        f"--user-data-dir={profile}",
+    ]
     return subprocess.run([browser, *flags, *args], capture_output=True, text=True, timeout=120)
 
 
@@ -181,12 +226,16 @@ def test_a_real_browser_renders_the_report_runs_our_script_and_none_from_the_dat
     base, _, result = hostile_scan
     page = result.files["report"].resolve().as_uri()
     shot = tmp_path / "report.png"
-    rendered = headless(browser, tmp_path / "profile-1", f"--screenshot={shot}", "--window-size=1200,1600", "--hide-scrollbars", page)
+    rendered = headless(
+        browser, tmp_path / "profile-1", f"--screenshot={shot}", "--window-size=1200,1600", "--hide-scrollbars", page
+    )
     assert shot.exists(), rendered.stderr[-2000:]
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
     assert pixels.std() > 10 and (pixels < 128).mean() > 0.01  # text, tables and thumbnails, not a blank page
     dom = headless(browser, tmp_path / "profile-2", "--dump-dom", "--virtual-time-budget=2000", page).stdout
-    assert "<title>sanitize scan</title>" in dom and "pwned" not in dom.split("</title>")[0]  # the file name's handler never ran
+    assert (
+        "<title>sanitize scan</title>" in dom and "pwned" not in dom.split("</title>")[0]
+    )  # the file name's handler never ran
     tags = parse(dom).tags
     assert not any(tag == "img" and a.get("src") == "x" for tag, a in tags) and "b" not in [tag for tag, _ in tags]
     plots = [a for tag, a in tags if "data-projection" in a]

@@ -40,7 +40,13 @@ def test_scan_writes_the_documented_outputs(tmp_path, digits_folder):
     assert summary["data"]["skipped"][0]["id"] == "digit_0/broken.png"
     assert summary["data"]["counts_per_class"]["digit_0"] == sum(r[0].startswith("digit_0/") for r in rows[1:])
     assert summary["flagged"]["count"] == len(flagged)
-    assert summary["gate"] == {"max_flagged_fraction": 0.05, "flagged_fraction": len(flagged) / 400, "alarmed_classes": [], "fail_on_class_alarm": False, "passed": True}
+    assert summary["gate"] == {
+        "max_flagged_fraction": 0.05,
+        "flagged_fraction": len(flagged) / 400,
+        "alarmed_classes": [],
+        "fail_on_class_alarm": False,
+        "passed": True,
+    }
     assert summary["config"]["train"]["epochs"] == 2
     assert {"validate", "train_proxy", "embed", "density", "total"} <= set(summary["seconds"])
     for name in ("features", "logits", "gradient"):
@@ -48,7 +54,9 @@ def test_scan_writes_the_documented_outputs(tmp_path, digits_folder):
 
 
 def test_gate_failure_exits_1_and_api_agrees(tmp_path, digits_npz):
-    result = CliRunner().invoke(cli, ["scan", str(digits_npz), "--out", str(tmp_path / "o"), "--max-flagged-fraction", "0", *FAST_ARGS])
+    result = CliRunner().invoke(
+        cli, ["scan", str(digits_npz), "--out", str(tmp_path / "o"), "--max-flagged-fraction", "0", *FAST_ARGS]
+    )
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["flagged"]["count"] > 0  # a proxy trained 2 epochs always has some isolated examples
     assert result.exit_code == 1 and "gate      FAILED" in result.output
@@ -66,7 +74,11 @@ def test_the_class_alarm_fails_the_gate_only_when_asked_and_is_printed(tmp_path,
     result.summary["gate"] |= {"alarmed_classes": ["digit_3"], "passed": False}
     print_summary(result)
     printed = capsys.readouterr().out
-    assert "gate      FAILED" in printed and "alarm     improbably many flags in digit_3" in printed and "the gate fails on it" in printed
+    assert (
+        "gate      FAILED" in printed
+        and "alarm     improbably many flags in digit_3" in printed
+        and "the gate fails on it" in printed
+    )
 
 
 @pytest.mark.parametrize(
@@ -105,7 +117,9 @@ def test_same_seed_same_scores_and_checkpoint_reuse(tmp_path, digits_npz):
     np.testing.assert_array_equal(first.scores, second.scores)
     other = sanitize.scan(digits_npz, tmp_path / "c", seed=4, **FAST)
     assert not np.array_equal(first.scores, other.scores)
-    reused = sanitize.scan(digits_npz, tmp_path / "d", checkpoint=str(tmp_path / "a" / "proxy" / "model.pt"), seed=3, **FAST)
+    reused = sanitize.scan(
+        digits_npz, tmp_path / "d", checkpoint=str(tmp_path / "a" / "proxy" / "model.pt"), seed=3, **FAST
+    )
     np.testing.assert_allclose(reused.scores, first.scores, atol=1e-6)
     assert reused.summary["model"]["checkpoint"].endswith("model.pt")
 
@@ -123,7 +137,17 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, digits_npz):
                 raise KeyboardInterrupt
             return indices
 
-        train_model(model, dataset, np.arange(len(dataset)), config, torch.device("cpu"), None, checkpoint=checkpoint, progress=False, after_epoch=hook)
+        train_model(
+            model,
+            dataset,
+            np.arange(len(dataset)),
+            config,
+            torch.device("cpu"),
+            None,
+            checkpoint=checkpoint,
+            progress=False,
+            after_epoch=hook,
+        )
         return model.state_dict()
 
     straight = run(tmp_path / "straight.pt")
@@ -133,7 +157,9 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, digits_npz):
     for name, tensor in straight.items():
         torch.testing.assert_close(resumed[name], tensor)
     history = torch.load(tmp_path / "killed.pt", weights_only=True)["history"]  # every epoch's time, across the kill
-    assert [h["epoch"] for h in history] == [1, 2, 3] and all(h["seconds"] > 0 and h["cpu_seconds"] > 0 for h in history)
+    assert [h["epoch"] for h in history] == [1, 2, 3] and all(
+        h["seconds"] > 0 and h["cpu_seconds"] > 0 for h in history
+    )
 
 
 def test_demo_runs_and_finds_planted_examples(tmp_path):

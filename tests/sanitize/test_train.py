@@ -20,7 +20,10 @@ def test_robust_training_drops_the_planted_examples_and_logs_every_drop(tmp_path
     result = train(data, tmp_path / "r", robust=True, every=2, **FAST)
     log = json.loads(result.files["drop_log"].read_text())
     positions = [row["position"] for row in log["dropped"]]
-    assert log["rounds"] == [2, 4] and {row["round"] for row in log["dropped"]} <= {2, 4}  # milestones of 6 epochs: 2, 4, 5
+    assert log["rounds"] == [2, 4] and {row["round"] for row in log["dropped"]} <= {
+        2,
+        4,
+    }  # milestones of 6 epochs: 2, 4, 5
     assert len(positions) == len(set(positions)) <= log["cap"] == 100
     assert np.isin(planted, positions).mean() >= 0.5
     kept = result.files["kept"].read_text().split()
@@ -56,16 +59,40 @@ def test_a_killed_robust_run_resumes_to_the_same_drops(tmp_path, mislabeled_npz,
     monkeypatch.setattr("sanitize.robust.PROXY_CHUNK", 77)  # the resumed round predicts in 13 chunks, not one
     resumed = train(data, tmp_path / "killed", robust=True, every=2, **FAST)
     assert resumed.summary["model"]["trained_epochs"] == 6
-    assert json.loads(resumed.files["drop_log"].read_text())["dropped"] == json.loads(reference.files["drop_log"].read_text())["dropped"]
+    assert (
+        json.loads(resumed.files["drop_log"].read_text())["dropped"]
+        == json.loads(reference.files["drop_log"].read_text())["dropped"]
+    )
     assert not list((tmp_path / "killed").glob("*.proxy.npy"))  # each round's gradient proxy file is removed after it
 
 
 def test_plain_training_from_the_cli_writes_a_weights_only_checkpoint(tmp_path, digits_npz):
-    result = CliRunner().invoke(cli, ["train", str(digits_npz), "--out", str(tmp_path / "t"), "--model", "tiny", "--epochs", "1", "--test", str(digits_npz), "--quiet"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train",
+            str(digits_npz),
+            "--out",
+            str(tmp_path / "t"),
+            "--model",
+            "tiny",
+            "--epochs",
+            "1",
+            "--test",
+            str(digits_npz),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     model = create_model("tiny", 10, (3, 16, 16))
     model.load_state_dict(torch.load(tmp_path / "t" / "model.pt", weights_only=True))
     summary = json.loads((tmp_path / "t" / "summary.json").read_text())
-    assert summary["robust"] is None and 0 <= summary["test_accuracy"] <= 1 and not (tmp_path / "t" / "drop_log.json").exists()
-    bad = CliRunner().invoke(cli, ["train", str(digits_npz), "--out", str(tmp_path / "u"), "--robust", "--fraction", "0", "--quiet"])
+    assert (
+        summary["robust"] is None
+        and 0 <= summary["test_accuracy"] <= 1
+        and not (tmp_path / "t" / "drop_log.json").exists()
+    )
+    bad = CliRunner().invoke(
+        cli, ["train", str(digits_npz), "--out", str(tmp_path / "u"), "--robust", "--fraction", "0", "--quiet"]
+    )
     assert bad.exit_code == 2 and "fraction" in bad.output
