@@ -30,6 +30,8 @@ from attacks.gradient_matching import poison_pull, pull_carriers
 from sanitize.config import RobustConfig, ScanConfig, TrainConfig
 from sanitize.data import ImageDataset, open_dataset
 from sanitize.data.arrays import ArrayDataset
+from sanitize.detectors.epic import EpicOptions
+from sanitize.detectors.knn_density import KnnDensityOptions
 from sanitize.errors import SanitizeError
 from sanitize.manifest import flag_metrics
 from sanitize.models import Classifier, create_model
@@ -40,23 +42,14 @@ from sanitize.training import channel_stats, milestone_epochs, predict, resolve_
 
 CONTROL_ARMS = ("clean", "undefended", "random-noise")
 UNPOISONED_ARMS = ("clean", "random-noise")  # controls that train on no crafted poisons (no surrogate, no crafting)
-KNN_DENSITY_OPTIONS = (
-    "embedding",
-    "k_small",
-    "k_fraction",
-    "k_max",
-    "distance",
-    "low_loss_weight",
-    "class_alarm_p",
-    "alarm_z",
-    "alarm_rule",
-    "alarm_confidence",
-    "threshold",
-)
+KNN_DENSITY_OPTIONS = tuple(f.name for f in dataclasses.fields(KnnDensityOptions))
 # options recorded only since they were added, with the value that reproduces the rows written before (session 9)
 BEFORE_RECORDED = {"alarm_confidence": 0.0}
 # what a detector arm's row records of the scan that made its flags, so rows stay readable when the defaults move
 SCAN_OPTIONS_RECORDED = ("detector", *KNN_DENSITY_OPTIONS, "epic_fraction", "expected_poisons")
+RECORDED_DEFAULTS = (
+    dataclasses.asdict(KnnDensityOptions()) | dataclasses.asdict(EpicOptions()) | {"expected_poisons": None}
+)
 DETECTOR_ARMS = {
     "scan": "knn_density",
     "epic": "epic",
@@ -585,8 +578,14 @@ def run_evaluation(
 
 
 def recorded_scan_options(settings: dict[str, Any]) -> dict[str, Any]:
-    """What a detector arm's row records of the scan (a ScanConfig as a dict) that made its flags."""
-    return {name: settings[name] for name in SCAN_OPTIONS_RECORDED} | {"proxy_epochs": settings["train"]["epochs"]}
+    """What a detector arm's row records of the scan (a ScanConfig as a dict) that made its flags: flat, the detector's
+    own options and, for the names it does not have, the other detectors' defaults (the rows' format since before
+    detectors owned their options, so every row compares with every other)."""
+    detector_options = settings["options"] or {}
+    flat = {"detector": settings["detector"]} | {
+        name: detector_options.get(name, RECORDED_DEFAULTS[name]) for name in SCAN_OPTIONS_RECORDED[1:]
+    }
+    return flat | {"proxy_epochs": settings["train"]["epochs"]}
 
 
 def told_count(detector: str, setup: PoisonSetup) -> int | None:
@@ -596,7 +595,7 @@ def told_count(detector: str, setup: PoisonSetup) -> int | None:
 
 def default_scan_options(detector: str, told: int | None) -> dict[str, Any]:
     """What a row of `detector`'s arm records when scanned with today's defaults (told `told` poisons)."""
-    return recorded_scan_options(dataclasses.asdict(ScanConfig(detector=detector, expected_poisons=told)))
+    return recorded_scan_options(ScanConfig.from_options(detector=detector, expected_poisons=told).to_dict())
 
 
 def defense_options(scan_options: dict[str, Any]) -> dict[str, Any]:

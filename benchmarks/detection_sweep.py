@@ -29,7 +29,8 @@ from attacks.gradient_matching import poison_pull, pull_carriers
 from sanitize import scan
 from sanitize.config import ScanConfig
 from sanitize.density import z_to_score
-from sanitize.detectors import get_detector
+from sanitize.detectors import run_detector
+from sanitize.detectors.knn_density import KnnDensityOptions
 from sanitize.embeddings import load_embeddings
 from sanitize.manifest import flag_metrics
 
@@ -91,7 +92,7 @@ VARIANTS = [  # options are given in full against the first default, so rows sta
 def variant_config(detector: str, options: dict, told: int | None = None) -> ScanConfig:
     """The scan settings of one swept variant; knn_density's unstated options keep the meaning they had when written."""
     stated = UNSTATED | options if detector == "knn_density" else options
-    return dataclasses.replace(ScanConfig(), detector=detector, expected_poisons=told, **stated)
+    return ScanConfig.from_options(detector=detector, expected_poisons=told, **stated)
 
 
 def poison_pulls(harness: Harness, setup, poisoned) -> np.ndarray:
@@ -191,7 +192,8 @@ def clean_rows(harness: Harness, args, rows_path: Path) -> None:
                 embeddings = load_embeddings(
                     proxy_scan_dir(harness, harness.train, proxy_epochs) / "embeddings", harness.train.labels
                 )
-            detection = get_detector(detector)(embeddings, variant_config(detector, options), False)
+            config = variant_config(detector, options)
+            detection = run_detector(detector, embeddings, config.options, config.context(False))
             alarmed = [c for c, info in detection.summary["per_class"].items() if info.get("alarmed")]
             append_row(
                 rows_path,
@@ -260,7 +262,7 @@ def main() -> None:
                     continue
                 told = told_count(detector, setup)
                 scan_config = variant_config(detector, options, told)
-                detection = get_detector(detector)(embeddings, scan_config, False)
+                detection = run_detector(detector, embeddings, scan_config.options, scan_config.context(False))
                 poison_scores = detection.scores[list(setup.poison_indices)]
                 truth = poison_truth(setup, len(detection.flags))
                 row = identity | {
@@ -285,13 +287,13 @@ def variant_label(detector: str, options: dict, proxy_epochs: int) -> str:
     if detector != "knn_density":
         return json.dumps(options) if options else "default"
     effective = FIRST_DEFAULT | UNSTATED | options
-    current = dataclasses.asdict(ScanConfig())
+    current = dataclasses.asdict(KnnDensityOptions())
     changed = {k: v for k, v in effective.items() if (FIRST_DEFAULT | UNSTATED).get(k, current.get(k)) != v}
     label = "first default" + (f" + {json.dumps(changed)}" if changed else "")
     is_current = (
         all(current[k] == v for k, v in effective.items())
         and effective.get("embedding", "features") == current["embedding"]
-        and proxy_epochs == current["train"]["epochs"]
+        and proxy_epochs == ScanConfig().train.epochs
     )
     return f"**{label} = current default**" if is_current else label
 

@@ -20,9 +20,9 @@ from detection_sweep import poison_pulls  # run as a script: benchmarks/ is on t
 from attacks import choose_setup
 from attacks.evaluate import EvaluationConfig, Harness
 from attacks.gradient_matching import pull_carriers
-from sanitize.config import ScanConfig
 from sanitize.density import knn
-from sanitize.detectors import get_detector
+from sanitize.detectors import run_detector
+from sanitize.detectors.knn_density import KnnDensityOptions
 from sanitize.embeddings import load_embeddings
 
 
@@ -38,7 +38,7 @@ def candidate_rows(harness: Harness, key: int) -> list[str]:
     misassigned = predicted != setup.intended_class
 
     def detect(**options):
-        detection = get_detector("knn_density")(embeddings, dataclasses.replace(ScanConfig(), **options), False)
+        detection = run_detector("knn_density", embeddings, dataclasses.replace(KnnDensityOptions(), **options))
         return detection.flags[members]
 
     first, hard = detect(class_alarm_p=0.0), detect(alarm_rule="hard")

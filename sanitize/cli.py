@@ -12,11 +12,16 @@ from typing import Any
 
 import click
 
-from sanitize.config import ALARM_RULES, RobustConfig, ScanConfig, TrainConfig
+from sanitize.config import RobustConfig, ScanConfig, TrainConfig
+from sanitize.detectors import list_detectors
+from sanitize.detectors.epic import EpicOptions
+from sanitize.detectors.knn_density import ALARM_RULES, KnnDensityOptions
 from sanitize.distributed import current_world, refuse_torchrun
+from sanitize.embeddings import EMBEDDINGS
 from sanitize.errors import SanitizeError
 
 DEFAULTS = ScanConfig()
+KNN = KnnDensityOptions()  # the default detector's own defaults
 TRAIN_DEFAULTS = TrainConfig()
 ROBUST_DEFAULTS = RobustConfig()
 
@@ -87,8 +92,8 @@ def scan_options(fn: Callable) -> Callable:
         ),
         click.option(
             "--embedding",
-            type=click.Choice(["gradient", "features", "logit_gradient"]),
-            default=DEFAULTS.embedding,
+            type=click.Choice(EMBEDDINGS),
+            default=KNN.embedding,
             show_default=True,
         ),
         click.option(
@@ -96,6 +101,7 @@ def scan_options(fn: Callable) -> Callable:
         ),
         click.option(
             "--detector",
+            type=click.Choice(list_detectors()),
             default=DEFAULTS.detector,
             show_default=True,
             help="The rule: knn_density, or a baseline (epic, deep_knn, spectral_signatures, activation_clustering).",
@@ -103,66 +109,66 @@ def scan_options(fn: Callable) -> Callable:
         click.option(
             "--k-small",
             type=int,
-            default=DEFAULTS.k_small,
+            default=KNN.k_small,
             show_default=True,
             help="knn_density: neighbours at the small scale (lone points).",
         ),
         click.option(
             "--k-fraction",
             type=float,
-            default=DEFAULTS.k_fraction,
+            default=KNN.k_fraction,
             show_default=True,
             help="knn_density: the large scale as a fraction of the class (groups) ...",
         ),
         click.option(
-            "--k-max", type=int, default=DEFAULTS.k_max, show_default=True, help="... capped at this many neighbours."
+            "--k-max", type=int, default=KNN.k_max, show_default=True, help="... capped at this many neighbours."
         ),
         click.option(
             "--distance",
             type=click.Choice(["mean", "kth"]),
-            default=DEFAULTS.distance,
+            default=KNN.distance,
             show_default=True,
             help="knn_density: mean distance to the k neighbours, or distance to the k-th.",
         ),
         click.option(
             "--low-loss-weight",
             type=float,
-            default=DEFAULTS.low_loss_weight,
+            default=KNN.low_loss_weight,
             show_default=True,
             help="knn_density: weight of the 'too easy' (low proxy loss) term beside isolation.",
         ),
         click.option(
             "--class-alarm-p",
             type=float,
-            default=DEFAULTS.class_alarm_p,
+            default=KNN.class_alarm_p,
             show_default=True,
             help="knn_density: > 0 alarms classes with improbably many flags (Poisson p < this / classes) ...",
         ),
         click.option(
             "--alarm-z",
             type=float,
-            default=DEFAULTS.alarm_z,
+            default=KNN.alarm_z,
             show_default=True,
             help="... and flags their isolated, hard examples (combined z >= this) ...",
         ),
         click.option(
             "--alarm-rule",
             type=click.Choice(ALARM_RULES),
-            default=DEFAULTS.alarm_rule,
+            default=KNN.alarm_rule,
             show_default=True,
             help="... by that rule (hard), or the examples the proxy assigns to another class (misassigned), or both (either).",
         ),
         click.option(
             "--alarm-confidence",
             type=float,
-            default=DEFAULTS.alarm_confidence,
+            default=KNN.alarm_confidence,
             show_default=True,
             help="... misassigned: only those the proxy gives the other class at least this probability (0: any).",
         ),
         click.option(
             "--threshold",
             type=float,
-            default=DEFAULTS.threshold,
+            default=KNN.threshold,
             show_default=True,
             help="knn_density: flag examples with score >= this.",
         ),
@@ -175,7 +181,7 @@ def scan_options(fn: Callable) -> Callable:
         click.option(
             "--epic-fraction",
             type=float,
-            default=DEFAULTS.epic_fraction,
+            default=EpicOptions().epic_fraction,
             show_default=True,
             help="epic: medoids per class as a fraction of the class.",
         ),

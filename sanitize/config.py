@@ -8,8 +8,6 @@ from typing import Any
 
 from sanitize.errors import SanitizeError
 
-ALARM_RULES = ("hard", "misassigned", "either")  # knn_density's second pass in an alarmed class
-
 
 @dataclass
 class TrainConfig:
@@ -97,7 +95,8 @@ class FitConfig:
 
 @dataclass
 class ScanConfig:
-    """Options of `sanitize scan`; `sanitize.scan(data, **options)` takes the same names."""
+    """Options of `sanitize scan`; `sanitize.scan(data, **options)` takes the same names. The detector's own options
+    live in its file (sanitize/detectors/); flat names such as k_small reach them through `from_options`."""
 
     model: str = "auto"  # a registry name, or auto: `convnet` for images up to 64 px, else `resnet18`
     checkpoint: str | None = None  # load these weights instead of training a proxy
@@ -105,30 +104,12 @@ class ScanConfig:
     # the proxy's recipe: 16 epochs, not 8, because the poisons only stand out once the proxy has learned them
     # (reports/detection-cpu: AUROC 0.68 -> 0.80 default rule, and the class alarm only fires from 16)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=16))
-    embedding: str = "features"  # features | gradient | logit_gradient (measured: reports/scan-benchmark)
     sketch_dim: int = 1024  # last-layer gradients longer than exact_gradient_max are sketched to this many dims
     exact_gradient_max: int = 8192
-    k_small: int = 10  # neighbours for lone points
-    k_fraction: float = 0.5  # the large scale: this fraction of the class (finds dense groups up to half of it) ...
-    k_max: int = 1000  # ... capped here
-    distance: str = "kth"  # kth | mean: the statistic of the k neighbour distances (kth: AUROC +0.03-0.06)
-    low_loss_weight: float = 1.0  # weight of the "too easy" term (class-wise z of -log loss) beside the isolation
-    # a second pass in classes with improbably many flags (Poisson p < this / classes); measured (reports/detection-cpu):
-    # poisoned classes 2e-7 (eps 8) to 3e-38, the most extreme clean class 2e-3 ...
-    class_alarm_p: float = 1e-4
-    alarm_z: float = 1.5  # ... flags their isolated, hard examples: (isolation z + log-loss z) / sqrt 2 >= this (hard:
-    # the carriers at eps 16), and every example there the proxy assigns to another class (misassigned: the eps-8
-    # carriers, called the target's class); either: both, the default, since the attack's eps is unknown
-    alarm_rule: str = "either"
-    # misassigned counts only when the proxy gives the other class at least this probability (0: any): 0.5 keeps the
-    # carriers (called the other class with 0.42-0.82) and spares a third of the class's clean boundary examples
-    alarm_confidence: float = 0.5
+    detector: str = "knn_density"  # or a baseline: epic, deep_knn, spectral_signatures, activation_clustering
+    options: Any = None  # the detector's options dataclass; None: its defaults
     index: str = "auto"  # auto | flat | ivf | hnsw
     exact_max: int = 50_000  # classes up to this size use the exact index under auto
-    detector: str = "knn_density"  # or a baseline: epic, deep_knn, spectral_signatures, activation_clustering
-    threshold: float = 0.5  # knn_density: flag score >= threshold; 0.5 = modified z-score 3.5 (Iglewicz & Hoaglin)
-    expected_poisons: int | None = None  # only for baselines whose rule needs it; the default scan is never told
-    epic_fraction: float = 0.2  # epic: medoids per class = this fraction of the class (EPIC's subset size)
     max_flagged_fraction: float = 0.05  # the gate: fail when more than this fraction is flagged ...
     # ... or, opted in, when a class raises the class alarm: a targeted attack's poisons are few (0.01-1%) and can pass the
     # fraction gate while their class's alarm fires (a poisoned CIFAR-10 set: 2.6-2.8% flagged, alarm p 1e-8 to 1e-14)
@@ -142,34 +123,43 @@ class ScanConfig:
     seed: int = 0
     quiet: bool = False
 
+    def __post_init__(self) -> None:
+        if self.options is None:
+            from sanitize.detectors import detector_options  # the detectors need torch; configs are built before
+
+            self.options = detector_options(self.detector)
+
     @classmethod
     def from_options(cls, **options: Any) -> ScanConfig:
-        """Build a config from flat keyword options; training keys (epochs, lr, ...) go to `train`."""
+        """Build a config from flat keyword options: training keys (epochs, lr, ...) go to `train`, the detector's own
+        (k_small, epic_fraction, ...) to `options`. Another detector's option is accepted only at its default (the
+        CLI passes every flag), else it is an error naming the detector it belongs to."""
+        from sanitize.detectors import detector_options, list_detectors, option_names, options_class
+
+        detector = options.get("detector", cls.detector)
+        mine = {name: options.pop(name) for name in list(options) if name in option_names(detector)}
+        own_fields = {f.name for f in dataclasses.fields(cls)}
+        for other in list_detectors():
+            defaults = dataclasses.asdict(options_class(other)())
+            for name in [n for n in options if n in defaults and n not in own_fields]:
+                if options[name] != defaults[name]:
+                    raise SanitizeError(f"{name} is an option of the {other} detector, not of {detector}")
+                del options[name]
+        base = options.pop("options", None)
+        options["options"] = (
+            dataclasses.replace(base, **mine) if base is not None else detector_options(detector, **mine)
+        )
         return route_options(cls, options, {"train": TrainConfig})
 
     def validate(self) -> None:
         """Reject values that cannot work, with a message naming the option."""
-        from sanitize.detectors import list_detectors  # the detectors import this module
+        from sanitize.detectors import list_detectors, options_class
 
         checks = [
-            (
-                self.embedding in ("gradient", "features", "logit_gradient"),
-                "embedding must be gradient, features or logit_gradient",
-            ),
             (self.detector in list_detectors(), f"detector must be one of {', '.join(list_detectors())}"),
-            (self.expected_poisons is None or self.expected_poisons >= 1, "expected_poisons must be >= 1"),
-            (0.0 < self.epic_fraction <= 1.0, "epic_fraction must be in (0, 1]"),
             (self.index in ("auto", "flat", "ivf", "hnsw"), "index must be auto, flat, ivf or hnsw"),
             (self.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
-            (0.0 < self.threshold <= 1.0, "threshold must be in (0, 1]"),
             (0.0 <= self.max_flagged_fraction <= 1.0, "max_flagged_fraction must be in [0, 1]"),
-            (self.k_small >= 1 and self.k_max >= self.k_small, "need 1 <= k_small <= k_max"),
-            (0.0 < self.k_fraction < 1.0, "k_fraction must be in (0, 1)"),
-            (self.distance in ("mean", "kth"), "distance must be mean or kth"),
-            (self.low_loss_weight >= 0.0, "low_loss_weight must be >= 0"),
-            (0.0 <= self.class_alarm_p < 1.0, "class_alarm_p must be in [0, 1)"),
-            (self.alarm_rule in ALARM_RULES, f"alarm_rule must be one of {', '.join(ALARM_RULES)}"),
-            (0.0 <= self.alarm_confidence < 1.0, "alarm_confidence must be in [0, 1)"),
             (self.train.epochs >= 0 and self.train.batch_size >= 1, "epochs must be >= 0 and batch_size >= 1"),
             (self.image_size is None or self.image_size >= 8, "image_size must be >= 8"),
             (self.workers >= 0, "workers must be >= 0"),
@@ -178,6 +168,18 @@ class ScanConfig:
         for ok, message in checks:
             if not ok:
                 raise SanitizeError(message)
+        if not isinstance(self.options, options_class(self.detector)):
+            raise SanitizeError(
+                f"options must be the {self.detector} detector's ({options_class(self.detector).__name__})"
+            )
+        if hasattr(self.options, "validate"):
+            self.options.validate()
+
+    def context(self, progress: bool) -> Any:
+        """What the detector gets of this scan besides its options."""
+        from sanitize.detectors import DetectorContext
+
+        return DetectorContext(index=self.index, exact_max=self.exact_max, seed=self.seed, progress=progress)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -26,6 +26,7 @@ from sanitize.models import Classifier
 from sanitize.training import autocast, to_model_input
 
 ARRAYS = ("features", "logits", "gradient")
+EMBEDDINGS = ("features", "gradient", "logit_gradient")  # the spaces a detector may work in (`space`)
 
 
 def last_layer_gradient_factors(

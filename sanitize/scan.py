@@ -30,7 +30,7 @@ import sanitize
 from sanitize.config import ScanConfig
 from sanitize.data import ImageDataset, open_dataset, prepare_output, write_atomic
 from sanitize.density import gpu_available
-from sanitize.detectors import Detection, get_detector
+from sanitize.detectors import Detection, run_detector
 from sanitize.distributed import World, broadcast_from_main, current_world
 from sanitize.embeddings import Embeddings, compute_embeddings
 from sanitize.manifest import flag_metrics, manifest_file, poison_mask, read_manifest
@@ -217,7 +217,7 @@ def _detect_and_write(
 ) -> Detection:
     """The detector's scores and flags, written as scores.csv, flagged.txt and the detector's own arrays."""
     with timer.phase("density"):
-        detection = get_detector(config.detector)(embeddings, config, progress)
+        detection = run_detector(config.detector, embeddings, config.options, config.context(progress))
     with timer.phase("write"):
         for name, array in detection.arrays.items():  # e.g. knn_density's nearest same-class neighbours
             np.save(files["embeddings"] / f"{name}.npy", array)
@@ -291,7 +291,7 @@ def _summary(
         "config": config.to_dict(),
         "model": model_info,
         "embeddings": {k: embeddings.meta[k] for k in ("feature_dim", "num_classes", "gradient", "gradient_dim")}
-        | {"space": config.embedding},
+        | {"space": getattr(config.options, "embedding", "features")},
         "detector": detection.summary,
         "flagged": {
             "count": flagged,

@@ -10,6 +10,7 @@ silhouette when its cluster is the smaller one, else 0.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.cluster import KMeans
@@ -17,8 +18,7 @@ from sklearn.decomposition import FastICA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import silhouette_score
 
-from sanitize.config import ScanConfig
-from sanitize.detectors import Detection, register_detector
+from sanitize.detectors import Detection, DetectorContext, register_detector
 from sanitize.embeddings import Embeddings
 
 COMPONENTS = 10
@@ -82,6 +82,15 @@ def activation_cluster_flags(features: np.ndarray, labels: np.ndarray, num_class
     )
 
 
-@register_detector
-def activation_clustering(embeddings: Embeddings, config: ScanConfig, progress: bool = True) -> Detection:
-    return activation_cluster_flags(embeddings.features, embeddings.labels, embeddings.meta["num_classes"], config.seed)
+@dataclass(frozen=True)
+class ActivationClusteringOptions:
+    """No options: the size and silhouette thresholds are the method's (module constants)."""
+
+
+@register_detector(ActivationClusteringOptions)
+def activation_clustering(
+    embeddings: Embeddings, options: ActivationClusteringOptions, context: DetectorContext
+) -> Detection:
+    return activation_cluster_flags(
+        embeddings.features, embeddings.labels, embeddings.meta["num_classes"], context.seed
+    )

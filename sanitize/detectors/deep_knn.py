@@ -8,11 +8,12 @@ k neighbours that disagree with the example's label.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from sanitize.config import ScanConfig
 from sanitize.density import choose_index, knn
-from sanitize.detectors import Detection, register_detector
+from sanitize.detectors import Detection, DetectorContext, check, register_detector
 from sanitize.embeddings import Embeddings
 
 K_DEFAULT = 50
@@ -38,17 +39,20 @@ def deep_knn_flags(
     )
 
 
-@register_detector
-def deep_knn(embeddings: Embeddings, config: ScanConfig, progress: bool = True) -> Detection:
-    k = 2 * config.expected_poisons if config.expected_poisons else K_DEFAULT
+@dataclass(frozen=True)
+class DeepKnnOptions:
+    expected_poisons: int | None = None  # told the poison count: k = 2 x this (the paper's guideline), else K_DEFAULT
+
+    def validate(self) -> None:
+        check([(self.expected_poisons is None or self.expected_poisons >= 1, "expected_poisons must be >= 1")])
+
+
+@register_detector(DeepKnnOptions)
+def deep_knn(embeddings: Embeddings, options: DeepKnnOptions, context: DetectorContext) -> Detection:
+    k = 2 * options.expected_poisons if options.expected_poisons else K_DEFAULT
+    features, labels = embeddings.features, embeddings.labels
     detection = deep_knn_flags(
-        embeddings.features,
-        embeddings.labels,
-        embeddings.meta["num_classes"],
-        k,
-        config.index,
-        config.exact_max,
-        config.seed,
+        features, labels, embeddings.meta["num_classes"], k, context.index, context.exact_max, context.seed
     )
-    detection.summary["told_expected_poisons"] = config.expected_poisons
+    detection.summary["told_expected_poisons"] = options.expected_poisons
     return detection

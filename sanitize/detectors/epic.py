@@ -7,10 +7,11 @@ Score: 1 / the size of the example's cluster (1 for an isolated medoid).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from sanitize.config import ScanConfig
-from sanitize.detectors import Detection, register_detector
+from sanitize.detectors import Detection, DetectorContext, check, register_detector
 from sanitize.embeddings import Embeddings
 from sanitize.medoids import isolated_medoids
 
@@ -26,8 +27,16 @@ def epic_flags(gradient_proxy: np.ndarray, labels: np.ndarray, num_classes: int,
     )
 
 
-@register_detector
-def epic(embeddings: Embeddings, config: ScanConfig, progress: bool = True) -> Detection:
+@dataclass(frozen=True)
+class EpicOptions:
+    epic_fraction: float = 0.2  # medoids per class as this fraction of the class (EPIC's subset size)
+
+    def validate(self) -> None:
+        check([(0.0 < self.epic_fraction <= 1.0, "epic_fraction must be in (0, 1]")])
+
+
+@register_detector(EpicOptions)
+def epic(embeddings: Embeddings, options: EpicOptions, context: DetectorContext) -> Detection:
     return epic_flags(
-        embeddings.logit_gradient(), embeddings.labels, embeddings.meta["num_classes"], config.epic_fraction
+        embeddings.logit_gradient(), embeddings.labels, embeddings.meta["num_classes"], options.epic_fraction
     )

@@ -18,14 +18,17 @@ again inside classes that hold improbably many flags, for the few hard poisons t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy.stats import poisson
 from tqdm import tqdm
 
-from sanitize.config import ALARM_RULES, ScanConfig
 from sanitize.density import choose_index, knn, robust_z, z_to_score
-from sanitize.detectors import Detection, register_detector
-from sanitize.embeddings import Embeddings
+from sanitize.detectors import Detection, DetectorContext, check, register_detector
+from sanitize.embeddings import EMBEDDINGS, Embeddings
+
+ALARM_RULES = ("hard", "misassigned", "either")  # the second pass in an alarmed class
 
 
 def scales(n: int, k_small: int, k_fraction: float, k_max: int) -> list[int]:
@@ -40,33 +43,59 @@ def neighbour_statistic(distances: np.ndarray, k: int, distance: str) -> np.ndar
     return distances[:, :k].mean(axis=1) if distance == "mean" else distances[:, k - 1]
 
 
-@register_detector
-def knn_density(embeddings: Embeddings, config: ScanConfig, progress: bool = True) -> Detection:
-    """The default: two-scale per-class k-NN isolation in the space `config.embedding` names."""
+@dataclass(frozen=True)
+class KnnDensityOptions:
+    """The default rule's options; every default measured in reports/detection-cpu."""
+
+    embedding: str = "features"  # features | gradient | logit_gradient (measured: reports/scan-benchmark)
+    k_small: int = 10  # neighbours for lone points
+    k_fraction: float = 0.5  # the large scale: this fraction of the class (finds dense groups up to half of it) ...
+    k_max: int = 1000  # ... capped here
+    distance: str = "kth"  # kth | mean: the statistic of the k neighbour distances (kth: AUROC +0.03-0.06)
+    low_loss_weight: float = 1.0  # weight of the "too easy" term (class-wise z of -log loss) beside the isolation
+    # a second pass in classes with improbably many flags (Poisson p < this / classes); measured (reports/detection-cpu):
+    # poisoned classes 2e-7 (eps 8) to 3e-38, the most extreme clean class 2e-3 ...
+    class_alarm_p: float = 1e-4
+    alarm_z: float = 1.5  # ... flags their isolated, hard examples: (isolation z + log-loss z) / sqrt 2 >= this (hard:
+    # the carriers at eps 16), and every example there the proxy assigns to another class (misassigned: the eps-8
+    # carriers, called the target's class); either: both, the default, since the attack's eps is unknown
+    alarm_rule: str = "either"
+    # misassigned counts only when the proxy gives the other class at least this probability (0: any): 0.5 keeps the
+    # carriers (called the other class with 0.42-0.82) and spares a third of the class's clean boundary examples
+    alarm_confidence: float = 0.5
+    threshold: float = 0.5  # flag score >= threshold; 0.5 = modified z-score 3.5 (Iglewicz & Hoaglin)
+
+    def validate(self) -> None:
+        check(
+            [
+                (self.embedding in EMBEDDINGS, f"embedding must be one of {', '.join(EMBEDDINGS)}"),
+                (0.0 < self.threshold <= 1.0, "threshold must be in (0, 1]"),
+                (self.k_small >= 1 and self.k_max >= self.k_small, "need 1 <= k_small <= k_max"),
+                (0.0 < self.k_fraction < 1.0, "k_fraction must be in (0, 1)"),
+                (self.distance in ("mean", "kth"), "distance must be mean or kth"),
+                (self.low_loss_weight >= 0.0, "low_loss_weight must be >= 0"),
+                (0.0 <= self.class_alarm_p < 1.0, "class_alarm_p must be in [0, 1)"),
+                (self.alarm_rule in ALARM_RULES, f"alarm_rule must be one of {', '.join(ALARM_RULES)}"),
+                (0.0 <= self.alarm_confidence < 1.0, "alarm_confidence must be in [0, 1)"),
+            ]
+        )
+
+
+@register_detector(KnnDensityOptions)
+def knn_density(embeddings: Embeddings, options: KnnDensityOptions, context: DetectorContext) -> Detection:
+    """The default: two-scale per-class k-NN isolation in the space `options.embedding` names."""
     loss, predicted, confidence = embeddings.proxy_statistics()
-    if not (config.low_loss_weight or config.class_alarm_p):
+    if not (options.low_loss_weight or options.class_alarm_p):
         loss = None
     return knn_isolation(
-        embeddings.space(config.embedding),
+        embeddings.space(options.embedding),
         embeddings.labels,
         embeddings.meta["num_classes"],
-        threshold=config.threshold,
-        k_small=config.k_small,
-        k_fraction=config.k_fraction,
-        k_max=config.k_max,
-        distance=config.distance,
+        options,
         loss=loss,
-        low_loss_weight=config.low_loss_weight,
-        class_alarm_p=config.class_alarm_p,
-        alarm_z=config.alarm_z,
-        alarm_rule=config.alarm_rule,
         predicted=predicted,
         predicted_confidence=confidence,
-        alarm_confidence=config.alarm_confidence,
-        index=config.index,
-        exact_max=config.exact_max,
-        seed=config.seed,
-        progress=progress,
+        context=context,
     )
 
 
@@ -74,68 +103,61 @@ def knn_isolation(
     space: np.ndarray,
     labels: np.ndarray,
     num_classes: int,
-    threshold: float = 0.5,
-    k_small: int = 10,
-    k_fraction: float = 0.2,
-    k_max: int = 256,
-    distance: str = "mean",
+    options: KnnDensityOptions = KnnDensityOptions(),
     loss: np.ndarray | None = None,
-    low_loss_weight: float = 0.0,
-    class_alarm_p: float = 0.0,
-    alarm_z: float = 1.5,
-    alarm_rule: str = "hard",
     predicted: np.ndarray | None = None,
     predicted_confidence: np.ndarray | None = None,
-    alarm_confidence: float = 0.0,
-    index: str = "auto",
-    exact_max: int = 50_000,
-    seed: int = 0,
-    progress: bool = True,
+    context: DetectorContext = DetectorContext(),
 ) -> Detection:
+    """The rule on plain arrays: `loss` feeds the low-loss term and the alarm's hard rule, `predicted` (and its
+    confidence) the alarm's misassigned rule; without them those parts are off."""
+    o = options
     n = len(labels)
     scores = np.zeros(n, dtype=np.float64)
     isolation = np.zeros(n, dtype=np.float64)  # the isolation z alone, for the alarmed classes' second pass
-    neighbours = np.full((n, k_small), -1, dtype=np.int64)
+    neighbours = np.full((n, o.k_small), -1, dtype=np.int64)
     per_class: dict[int, dict] = {}
-    for c in tqdm(range(num_classes), desc="density", unit="class", disable=not progress):
+    for c in tqdm(range(num_classes), desc="density", unit="class", disable=not context.progress):
         members = np.flatnonzero(labels == c)
         if len(members) < 3:
             per_class[c] = {"n": int(len(members)), "note": "fewer than 3 examples: not scored"}
             continue
-        ks = scales(len(members), k_small, k_fraction, k_max)
-        kind = choose_index(len(members), index, exact_max)
-        distances, nearest = knn(np.asarray(space[members]), max(ks), kind=kind, seed=seed)
-        z = np.stack([robust_z(np.log(neighbour_statistic(distances, k, distance) + 1e-12)) for k in ks]).max(axis=0)
+        ks = scales(len(members), o.k_small, o.k_fraction, o.k_max)
+        kind = choose_index(len(members), context.index, context.exact_max)
+        distances, nearest = knn(np.asarray(space[members]), max(ks), kind=kind, seed=context.seed)
+        z = np.stack([robust_z(np.log(neighbour_statistic(distances, k, o.distance) + 1e-12)) for k in ks]).max(axis=0)
         isolation[members] = z
-        if loss is not None and low_loss_weight:  # isolated, or isolated and too easy: mislabeled examples stay flagged
+        if (
+            loss is not None and o.low_loss_weight
+        ):  # isolated, or isolated and too easy: mislabeled examples stay flagged
             ease = robust_z(-np.log(loss[members] + 1e-12))
-            z = np.maximum(z, (z + low_loss_weight * ease) / np.sqrt(1 + low_loss_weight**2))
+            z = np.maximum(z, (z + o.low_loss_weight * ease) / np.sqrt(1 + o.low_loss_weight**2))
         scores[members] = z_to_score(z)
-        width = min(k_small, nearest.shape[1])
+        width = min(o.k_small, nearest.shape[1])
         neighbours[members, :width] = members[nearest[:, :width]]
         per_class[c] = {"n": int(len(members)), "k": ks, "index": kind}
-    flags = scores >= threshold
-    if class_alarm_p:
+    flags = scores >= o.threshold
+    if o.class_alarm_p:
         misassigned = None
         if predicted is not None:
             misassigned = predicted != labels
-            if alarm_confidence and predicted_confidence is not None:
-                misassigned &= predicted_confidence >= alarm_confidence
+            if o.alarm_confidence and predicted_confidence is not None:
+                misassigned &= predicted_confidence >= o.alarm_confidence
         flags |= alarmed_class_flags(
-            flags, isolation, labels, per_class, loss, class_alarm_p, alarm_z, alarm_rule, misassigned
+            flags, isolation, labels, per_class, loss, o.class_alarm_p, o.alarm_z, o.alarm_rule, misassigned
         )
     return Detection(
         scores=scores,
         flags=flags,
         summary={
             "rule": "knn_density",
-            "threshold": threshold,
-            "distance": distance,
-            "low_loss_weight": low_loss_weight if loss is not None else 0.0,
-            "class_alarm_p": class_alarm_p,
-            "alarm_z": alarm_z if class_alarm_p else None,
-            "alarm_rule": alarm_rule if class_alarm_p else None,
-            "alarm_confidence": alarm_confidence if class_alarm_p and alarm_rule != "hard" else None,
+            "threshold": o.threshold,
+            "distance": o.distance,
+            "low_loss_weight": o.low_loss_weight if loss is not None else 0.0,
+            "class_alarm_p": o.class_alarm_p,
+            "alarm_z": o.alarm_z if o.class_alarm_p else None,
+            "alarm_rule": o.alarm_rule if o.class_alarm_p else None,
+            "alarm_confidence": o.alarm_confidence if o.class_alarm_p and o.alarm_rule != "hard" else None,
             "per_class": per_class,
         },
         arrays={"neighbours": neighbours},

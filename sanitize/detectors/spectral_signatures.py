@@ -7,11 +7,12 @@ was. Scores in [0, 1) for ranking: the squared projection's modified z-score wit
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from sanitize.config import ScanConfig
 from sanitize.density import robust_z, z_to_score
-from sanitize.detectors import Detection, register_detector
+from sanitize.detectors import Detection, DetectorContext, check, register_detector
 from sanitize.embeddings import Embeddings
 from sanitize.errors import SanitizeError
 
@@ -41,12 +42,22 @@ def spectral_signature_flags(
     )
 
 
-@register_detector
-def spectral_signatures(embeddings: Embeddings, config: ScanConfig, progress: bool = True) -> Detection:
-    if not config.expected_poisons:
+@dataclass(frozen=True)
+class SpectralSignaturesOptions:
+    expected_poisons: int | None = None  # required: the rule removes 1.5 x this many per class
+
+    def validate(self) -> None:
+        check([(self.expected_poisons is None or self.expected_poisons >= 1, "expected_poisons must be >= 1")])
+
+
+@register_detector(SpectralSignaturesOptions)
+def spectral_signatures(
+    embeddings: Embeddings, options: SpectralSignaturesOptions, context: DetectorContext
+) -> Detection:
+    if not options.expected_poisons:
         raise SanitizeError(
             "spectral_signatures removes 1.5 x the expected number of poisons per class: give --expected-poisons"
         )
     return spectral_signature_flags(
-        embeddings.features, embeddings.labels, embeddings.meta["num_classes"], config.expected_poisons
+        embeddings.features, embeddings.labels, embeddings.meta["num_classes"], options.expected_poisons
     )

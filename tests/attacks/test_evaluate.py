@@ -11,6 +11,8 @@ from attacks import choose_setup, load_poisons
 from attacks.evaluate import SCAN_OPTIONS_RECORDED, Cost, EvaluationConfig, Harness, aggregate, run_evaluation
 from sanitize.cli import cli, parse_keys
 from sanitize.config import ScanConfig
+from sanitize.detectors.epic import EpicOptions
+from sanitize.detectors.knn_density import KnnDensityOptions
 from sanitize.errors import SanitizeError
 from sanitize.training import train_model
 
@@ -102,9 +104,10 @@ def test_defended_arms_score_their_flags_against_the_true_poisons(tmp_path, spli
     assert (
         rows["spectral_signatures"]["told_expected_poisons"] == 12 and rows["deep_knn"]["told_expected_poisons"] == 12
     )
-    assert rows["scan"]["scan_options"] == {name: getattr(ScanConfig(), name) for name in SCAN_OPTIONS_RECORDED} | {
-        "proxy_epochs": ScanConfig().train.epochs
-    }
+    knn, epic = dataclasses.asdict(KnnDensityOptions()), dataclasses.asdict(EpicOptions())
+    recorded = {"detector": "knn_density"} | knn | epic | {"expected_poisons": None}
+    assert rows["scan"]["scan_options"] == recorded | {"proxy_epochs": ScanConfig().train.epochs}
+    assert list(rows["scan"]["scan_options"]) == [*SCAN_OPTIONS_RECORDED, "proxy_epochs"]
     assert (
         rows["deep_knn"]["scan_options"]["detector"] == "deep_knn"
         and rows["deep_knn"]["scan_options"]["expected_poisons"] == 12
@@ -289,7 +292,7 @@ def test_a_detector_row_scanned_under_an_older_default_is_its_own_variant_and_th
     run_evaluation(train, test, out, config, progress=False)
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [row["arm"] for row in rows[3:]] == ["scan"]  # no twin: the undefended row is on these poisons
-    assert rows[3]["scan_options"]["class_alarm_p"] == ScanConfig().class_alarm_p
+    assert rows[3]["scan_options"]["class_alarm_p"] == KnnDensityOptions().class_alarm_p
     summary = json.loads((out / "summary.json").read_text())
     old = "class_alarm_p=1e-06, alarm_confidence=0.0"
     assert {(t["arm"], t["variant"]) for t in summary["table"]} == {

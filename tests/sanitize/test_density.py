@@ -1,8 +1,28 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
 from sanitize.density import knn, robust_z, z_to_score
-from sanitize.detectors.knn_density import knn_isolation
+from sanitize.detectors import DetectorContext
+from sanitize.detectors.knn_density import KnnDensityOptions, knn_isolation
+
+# the rule without its optional terms (no low-loss term, no class alarm); each test switches on what it is about
+PLAIN = KnnDensityOptions(
+    k_fraction=0.2,
+    k_max=256,
+    distance="mean",
+    low_loss_weight=0.0,
+    class_alarm_p=0.0,
+    alarm_rule="hard",
+    alarm_confidence=0.0,
+)
+
+
+def isolation(x, labels, num_classes, loss=None, predicted=None, predicted_confidence=None, **changes):
+    options = dataclasses.replace(PLAIN, **changes)
+    context = DetectorContext(progress=False)
+    return knn_isolation(x, labels, num_classes, options, loss, predicted, predicted_confidence, context)
 
 
 def _brute_force(x, k):
@@ -54,7 +74,7 @@ def test_lone_planted_points_are_ranked_most_isolated():
     x, labels = _two_classes(rng)
     planted = np.array([5, 77, 650])
     x[planted] += rng.normal(size=(3, 8)).astype(np.float32) * 12
-    detection = knn_isolation(x, labels, 2, progress=False)
+    detection = isolation(x, labels, 2)
     assert set(np.argsort(-detection.scores)[:3]) == set(planted)
     assert detection.flags[planted].all()
     assert detection.flags.mean() < 0.05
@@ -66,8 +86,8 @@ def test_a_tight_far_group_is_isolated_at_the_large_scale_only():
     x, labels = _two_classes(rng)
     group = np.arange(100, 140)  # 10% of class 0, packed tightly away from the bulk
     x[group] = 6.0 + 0.05 * rng.normal(size=(40, 8)).astype(np.float32)
-    small_only = knn_isolation(x, labels, 2, k_max=10, progress=False)
-    both = knn_isolation(x, labels, 2, progress=False)
+    small_only = isolation(x, labels, 2, k_max=10)
+    both = isolation(x, labels, 2)
     assert small_only.flags[group].mean() < 0.1
     assert both.flags[group].all()
     assert both.flags[np.setdiff1d(np.arange(800), group)].mean() < 0.05
@@ -76,7 +96,7 @@ def test_a_tight_far_group_is_isolated_at_the_large_scale_only():
 def test_tiny_classes_are_left_unscored():
     x = np.random.default_rng(4).normal(size=(12, 4)).astype(np.float32)
     labels = np.array([0] * 10 + [1] * 2)
-    detection = knn_isolation(x, labels, 3, progress=False)
+    detection = isolation(x, labels, 3)
     assert detection.scores[10:].tolist() == [0, 0]
     assert "not scored" in detection.summary["per_class"][1]["note"]
     assert detection.summary["per_class"][2]["n"] == 0
@@ -87,8 +107,8 @@ def test_kth_distance_sees_the_edge_of_a_group_the_mean_blurs():
     x, labels = _two_classes(rng)
     group = np.arange(100, 180)  # 20% of class 0, tight, at a moderate distance from the bulk
     x[group] = 3.0 + 0.05 * rng.normal(size=(80, 8)).astype(np.float32)
-    mean = knn_isolation(x, labels, 2, k_fraction=0.25, distance="mean", progress=False)
-    kth = knn_isolation(x, labels, 2, k_fraction=0.25, distance="kth", progress=False)
+    mean = isolation(x, labels, 2, k_fraction=0.25, distance="mean")
+    kth = isolation(x, labels, 2, k_fraction=0.25, distance="kth")
     assert np.median(kth.scores[group]) > np.median(mean.scores[group])
     assert kth.flags[group].all()
 
@@ -99,8 +119,8 @@ def test_low_loss_term_lifts_examples_that_are_too_easy():
     loss = np.exp(rng.normal(-1.0, 0.5, size=len(labels)))
     easy = np.arange(10, 30)
     loss[easy] = 1e-5  # far below anything else in the class
-    plain = knn_isolation(x, labels, 2, progress=False)
-    combined = knn_isolation(x, labels, 2, loss=loss, low_loss_weight=1.0, progress=False)
+    plain = isolation(x, labels, 2)
+    combined = isolation(x, labels, 2, loss=loss, low_loss_weight=1.0)
     assert plain.flags[easy].mean() < 0.2
     assert combined.flags[easy].all()
     assert combined.flags.mean() < 0.05
@@ -124,8 +144,8 @@ def test_class_alarm_looks_again_only_inside_a_class_with_improbably_many_flags(
     lookalikes = np.arange(600, 610)  # class 2: the same moderate outliers, but their class raises no alarm
     x[lookalikes] += (0.9 * rng.normal(size=(10, 8))).astype(np.float32)
     loss[lookalikes] = 5.0
-    plain = knn_isolation(x, labels, 5, distance="kth", loss=loss, progress=False)
-    alarmed = knn_isolation(x, labels, 5, distance="kth", loss=loss, class_alarm_p=1e-3, progress=False)
+    plain = isolation(x, labels, 5, distance="kth", loss=loss)
+    alarmed = isolation(x, labels, 5, distance="kth", loss=loss, class_alarm_p=1e-3)
     assert plain.flags[bulk].mean() > 0.9 and plain.flags[carriers].mean() < 0.5
     assert alarmed.flags[carriers].mean() > 0.8
     assert alarmed.flags[lookalikes].sum() == plain.flags[lookalikes].sum()
@@ -140,7 +160,7 @@ def test_class_alarm_looks_again_only_inside_a_class_with_improbably_many_flags(
     predicted[carriers] = 3
     predicted[lookalikes] = 3  # misassigned too, in a class that raises no alarm
     by_rule = {
-        rule: knn_isolation(
+        rule: isolation(
             x,
             labels,
             5,
@@ -149,7 +169,6 @@ def test_class_alarm_looks_again_only_inside_a_class_with_improbably_many_flags(
             class_alarm_p=1e-3,
             alarm_rule=rule,
             predicted=predicted,
-            progress=False,
         )
         for rule in ("hard", "misassigned", "either")
     }
@@ -163,14 +182,14 @@ def test_class_alarm_looks_again_only_inside_a_class_with_improbably_many_flags(
     ).all()  # no alarm in their class: nothing added
     assert by_rule["either"].flags.sum() >= max(by_rule["hard"].flags.sum(), by_rule["misassigned"].flags.sum())
     with pytest.raises(ValueError, match="predictions"):
-        knn_isolation(x, labels, 5, loss=loss, class_alarm_p=1e-3, alarm_rule="misassigned", progress=False)
+        isolation(x, labels, 5, loss=loss, class_alarm_p=1e-3, alarm_rule="misassigned")
 
     # alarm_confidence: the alarmed class's clean boundary examples, called another class without conviction, are spared
     boundary = np.arange(340, 370)
     predicted[boundary] = 4
     confidence = np.full(len(labels), 0.9)
     confidence[boundary] = 0.4
-    confident = knn_isolation(
+    confident = isolation(
         x,
         labels,
         5,
@@ -181,9 +200,8 @@ def test_class_alarm_looks_again_only_inside_a_class_with_improbably_many_flags(
         predicted=predicted,
         predicted_confidence=confidence,
         alarm_confidence=0.5,
-        progress=False,
     )
-    anyhow = knn_isolation(
+    anyhow = isolation(
         x,
         labels,
         5,
@@ -194,7 +212,6 @@ def test_class_alarm_looks_again_only_inside_a_class_with_improbably_many_flags(
         predicted=predicted,
         predicted_confidence=confidence,
         alarm_confidence=0.0,
-        progress=False,
     )
     assert confident.flags[carriers].all() and anyhow.flags[boundary].all()
     assert confident.flags[boundary].sum() == by_rule["hard"].flags[boundary].sum() < len(boundary)

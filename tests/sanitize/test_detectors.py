@@ -1,13 +1,18 @@
 """Each rule on constructed data where it must fire and where it must not; the scan runs every registered detector."""
 
+import dataclasses
+import inspect
+
 import numpy as np
 import pytest
 import torch
 
-from sanitize.detectors import list_detectors
+from sanitize.config import ScanConfig
+from sanitize.detectors import detector_options, list_detectors, option_names, options_class
 from sanitize.detectors.activation_clustering import activation_cluster_flags
 from sanitize.detectors.deep_knn import deep_knn_flags
 from sanitize.detectors.epic import epic_flags
+from sanitize.detectors.knn_density import knn_isolation
 from sanitize.detectors.spectral_signatures import spectral_signature_flags
 from sanitize.errors import SanitizeError
 from sanitize.medoids import facility_location, isolated_medoids
@@ -121,3 +126,32 @@ def test_scan_runs_every_detector_and_refuses_a_missing_count(tmp_path, digits_n
         assert (tmp_path / name / "scores.csv").exists() and len(result.scores) == len(result.flags)
     with pytest.raises(SanitizeError, match="expected-poisons"):
         scan(digits_npz, tmp_path / "no-count", detector="spectral_signatures", epochs=1, quiet=True)
+
+
+@pytest.mark.parametrize("name", list_detectors())
+def test_every_detector_owns_checked_options_that_the_scan_config_carries(name):
+    """Each detector's options dataclass has all its defaults; flat names reach it through ScanConfig.from_options;
+    an option it does not have is an error, and another detector's option only passes at its default."""
+    defaults = options_class(name)()
+    assert ScanConfig.from_options(detector=name).options == defaults == detector_options(name)
+    with pytest.raises(SanitizeError, match="has no option"):
+        detector_options(name, no_such_option=1)
+    for other in list_detectors():
+        for field_name, value in dataclasses.asdict(options_class(other)()).items():
+            if field_name in option_names(name):
+                continue
+            assert ScanConfig.from_options(detector=name, **{field_name: value}).options == defaults
+            with pytest.raises(SanitizeError, match="option of the .* detector, not of"):
+                ScanConfig.from_options(detector=name, **{field_name: "changed"})
+
+
+def test_the_rule_as_a_function_is_the_scans_default_and_options_are_checked():
+    assert inspect.signature(knn_isolation).parameters["options"].default == ScanConfig().options
+    assert ScanConfig.from_options(k_small=4, epochs=3).options.k_small == 4
+    for bad, message in (
+        ({"k_fraction": 1.5}, "k_fraction"),
+        ({"alarm_rule": "any"}, "alarm_rule"),
+        ({"epic_fraction": 0}, "epic"),
+    ):
+        with pytest.raises(SanitizeError, match=message):
+            ScanConfig.from_options(detector="epic" if "epic_fraction" in bad else "knn_density", **bad)
