@@ -5,16 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from attacks import choose_setup, craft, method_config
+from attacks import attack_options, choose_setup, craft
 from attacks.base import write_poisoned
+from attacks.surrogates import surrogate as cached_surrogate
+from attacks.trained import ModelCache
 from sanitize.config import TrainConfig
 from sanitize.data import ensure_outside, open_dataset
 from sanitize.manifest import read_manifest
 from sanitize.models import create_model, load_weights
-from sanitize.training import channel_stats, resolve_device, resolve_precision, train_model
+from sanitize.training import channel_stats, resolve_device, resolve_precision
 
 
 def attack_dataset(
@@ -33,43 +34,41 @@ def attack_dataset(
     progress: bool = True,
     **craft_options: Any,
 ) -> dict[str, Any]:
-    """Craft poisons for poison key `key` against DATA; returns the manifest written beside the poisoned copy."""
+    """Craft poisons for poison key `key` against DATA; returns the manifest written beside the poisoned copy. The
+    surrogate is `surrogate`'s weights, or one trained on DATA with `seed` and kept in OUT/surrogates/ (a rerun loads
+    it)."""
     out = Path(out)
     data, test = Path(data), Path(test)
     ensure_outside(data, out)
+    options = attack_options(method, seed=seed, **craft_options)  # a bad option fails before any training
     train_set = open_dataset(data, progress=progress)
     test_set = open_dataset(test, progress=progress)
     setup = choose_setup(key, train_set, test_set, budget)
     run_device = resolve_device(device)
     amp = resolve_precision("auto", run_device)
-    torch.manual_seed(seed)
-    net = create_model(model, train_set.num_classes, (3, *train_set.image_size))
     if surrogate:
+        torch.manual_seed(seed)
+        net = create_model(model, train_set.num_classes, (3, *train_set.image_size))
         load_weights(net, Path(surrogate))
     else:
-        net.set_normalization(*channel_stats(train_set, seed=seed))
-        train_model(
-            net,
-            train_set,
-            np.arange(len(train_set)),
-            TrainConfig(epochs=epochs, seed=seed),
+        mean, std = channel_stats(train_set)
+        cache = ModelCache(
+            out / "surrogates",
+            model,
+            {},
+            TrainConfig(epochs=epochs),
+            train_set.num_classes,
+            train_set.image_size,
+            mean,
+            std,
             run_device,
             amp,
-            progress=progress,
-            desc="surrogate",
+            progress,
         )
-    config = method_config(method, seed=seed, **craft_options)
+        net, _ = cached_surrogate(cache, train_set, None, seed)
+    target = test_set.load_image(setup.target_index)
     poisons = craft(
-        method,
-        [net],
-        train_set,
-        test_set.load_image(setup.target_index),
-        setup,
-        eps,
-        config,
-        device=run_device,
-        amp_dtype=amp,
-        progress=progress,
+        method, [net], train_set, target, setup, eps, options, device=run_device, amp_dtype=amp, progress=progress
     )
-    write_poisoned(train_set, poisons, out, seed=seed, target_image=test_set.load_image(setup.target_index))
+    write_poisoned(train_set, poisons, out, seed=seed, target_image=target)
     return read_manifest(out)

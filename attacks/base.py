@@ -115,14 +115,6 @@ def load_poisons(path: Path, setup: PoisonSetup) -> PoisonSet:
     return PoisonSet(setup, eps, torch.from_numpy(deltas.astype(np.int16)), method, metadata)
 
 
-def quantize(clean: torch.Tensor, poisoned: torch.Tensor, eps: float) -> torch.Tensor:
-    """int16 deltas of float images in [0, 1]: rounded to whole grey levels, inside eps and the pixel range."""
-    target = (poisoned.detach().float() * 255).round().clamp(0, 255)
-    bound = math.floor(eps)
-    delta = (target - clean.float()).clamp(-bound, bound)
-    return delta.to(torch.int16)
-
-
 def random_shift_flip(x: torch.Tensor, max_shift: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
     """Differentiable augmentation: per-sample random translation up to `max_shift` px and horizontal flip, through
     `grid_sample`, so gradients reach the perturbation through the same augmentations victims train with."""

@@ -16,17 +16,12 @@ import json
 from pathlib import Path
 
 from attacks import choose_setup
-from attacks.evaluate import (
-    DETECTOR_ARMS,
-    SCALES,
-    SURROGATE_SEED,
-    EvaluationConfig,
-    Harness,
-    aggregate,
-    read_rows,
-    robust_metrics,
-    split_by_carriers,
-)
+from attacks.arms import DETECTOR_ARMS, robust_metrics, split_by_carriers
+from attacks.experiment import Harness
+from attacks.rows import read_rows
+from attacks.scales import SCALES, EvaluationConfig
+from attacks.summary import aggregate
+from attacks.surrogates import SURROGATE_SEED
 from sanitize.data import write_atomic
 
 
@@ -58,15 +53,15 @@ def main() -> None:
             )
         harness = harnesses[key]
         setup = choose_setup(row["poison_key"], harness.train, harness.test, config.budget)
-        surrogate_path = harness.model_path(harness.train, SURROGATE_SEED, "surrogate")
+        surrogate_path = harness.models.path(harness.train, SURROGATE_SEED, "surrogate")
         if not (surrogate_path.exists() and harness.poisons_path(setup).exists()):
             skipped += 1
             continue
-        surrogate, _ = harness.trained(harness.train, SURROGATE_SEED, "surrogate")
+        surrogate, _ = harness.models.trained(harness.train, SURROGATE_SEED, "surrogate")
         data = harness.data_for(row["arm"], harness.poisons(setup, surrogate))
         carriers = harness.carriers(setup, data, surrogate)
         if row["arm"] == "robust":
-            drop_log = harness.model_path(data, row["victim_seed"], "victim-robust", robust=True).with_suffix(
+            drop_log = harness.models.path(data, row["victim_seed"], "victim-robust", robust=True).with_suffix(
                 ".drop_log.json"
             )
             if not drop_log.exists():

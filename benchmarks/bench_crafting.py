@@ -25,9 +25,12 @@ import numpy as np
 import torch
 
 from attacks import choose_setup
-from attacks.base import PoisonSet, load_poisons, quantize, save_poisons
-from attacks.evaluate import SURROGATE_SEED, EvaluationConfig, Harness, read_rows
-from attacks.gradient_matching import craft_gradient_matching
+from attacks.base import PoisonSet, load_poisons, save_poisons
+from attacks.crafting import craft, quantize
+from attacks.experiment import Harness
+from attacks.rows import read_rows
+from attacks.scales import EvaluationConfig
+from attacks.surrogates import SURROGATE_SEED
 
 
 def time_ours(
@@ -36,7 +39,9 @@ def time_ours(
     config = replace(harness.craft_config, iterations=iterations, restarts=1, augment=augment)
     target = harness.test.load_image(setup.target_index)
     started = time.perf_counter()
-    craft_gradient_matching([surrogate], harness.train, target, setup, eps, config, harness.device, amp, progress=False)
+    craft(
+        "gradient-matching", [surrogate], harness.train, target, setup, eps, config, harness.device, amp, progress=False
+    )
     return time.perf_counter() - started
 
 
@@ -103,7 +108,7 @@ def art_victims(harness: Harness, surrogate, keys: list[int], eps: float, victim
         for seed in range(victims):
             if (key, seed) in done:
                 continue
-            model, cost = harness.trained(data, seed, "victim-art")
+            model, cost = harness.models.trained(data, seed, "victim-art")
             measured = harness.measure(model, setup)
             row = {
                 "attack": "art-gradient-matching",
@@ -165,7 +170,7 @@ def main() -> None:
     data = args.shared / "data" / "cifar10"
     config = EvaluationConfig(scale="cpu", model=args.model, cache=str(args.cache))
     harness = Harness(data / "cifar10_train.npz", data / "cifar10_test.npz", args.out, config, progress=False)
-    surrogate, _ = harness.trained(harness.train, SURROGATE_SEED, "surrogate")
+    surrogate, _ = harness.models.trained(harness.train, SURROGATE_SEED, "surrogate")
     command = "python benchmarks/bench_crafting.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, "")
     )

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attacks.evaluate import EvaluationConfig, Harness
+from attacks.experiment import Harness
+from attacks.scales import EvaluationConfig
 from sanitize.training import train_model
 
 
@@ -38,7 +39,7 @@ def train_victims(shared: str, epochs: int, threads: int, seed: int) -> float:
         progress=False,
     )
     recipe = dataclasses.replace(harness.recipe, epochs=epochs, seed=seed)
-    model = harness.new_model(seed)
+    model = harness.models.new_model(seed)
     started = time.perf_counter()
     train_model(
         model, harness.train, np.arange(len(harness.train)), recipe, harness.device, harness.amp, progress=False

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attacks import choose_setup, craft, method_config
+from attacks import attack_options, choose_setup, craft
 from sanitize.cli import parse_keys
 from sanitize.config import TrainConfig
 from sanitize.data.arrays import ArrayDataset, from_arrays
@@ -97,7 +97,9 @@ def main() -> None:
         for precision, amp in (("bf16", torch.bfloat16), ("fp32", None)):
             if all((key, precision, v) in done for v in range(args.victims)):
                 continue
-            config = method_config("gradient-matching", iterations=60, restarts=2, batch_size=64, augment=False, seed=0)
+            config = attack_options(
+                "gradient-matching", iterations=60, restarts=2, batch_size=64, augment=False, seed=0
+            )
             started = time.perf_counter()
             poisons = craft(
                 "gradient-matching",

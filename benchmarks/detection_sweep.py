@@ -24,8 +24,10 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from attacks import choose_setup
-from attacks.evaluate import EvaluationConfig, Harness, poison_truth, split_by_carriers, told_count
-from attacks.gradient_matching import poison_pull, pull_carriers
+from attacks.arms import poison_truth, split_by_carriers, told_count
+from attacks.carriers import poison_pull, pull_carriers
+from attacks.experiment import Harness
+from attacks.scales import EvaluationConfig
 from sanitize import scan
 from sanitize.config import ScanConfig
 from sanitize.density import z_to_score
@@ -97,7 +99,7 @@ def variant_config(detector: str, options: dict, told: int | None = None) -> Sca
 
 def poison_pulls(harness: Harness, setup, poisoned) -> np.ndarray:
     """Each poison's pull on the target (attacks.gradient_matching.poison_pull) on the clean surrogate."""
-    surrogate, _ = harness.surrogate()
+    (surrogate, *_), _ = harness.surrogates()
     images, labels, _ = poisoned.load_batch(np.asarray(setup.poison_indices))
     return poison_pull(surrogate, images, labels, harness.test.load_image(setup.target_index), setup.intended_class)
 

@@ -22,8 +22,11 @@ import torch.nn.functional as F
 
 from attacks import choose_setup
 from attacks.base import load_poisons
-from attacks.evaluate import SURROGATE_SEED, EvaluationConfig, Harness
-from attacks.gradient_matching import alignment_loss, parameter_gradient
+from attacks.crafting import parameter_gradient
+from attacks.experiment import Harness
+from attacks.gradient_matching import alignment_loss
+from attacks.scales import EvaluationConfig
+from attacks.surrogates import SURROGATE_SEED
 from sanitize.models import Classifier
 
 
@@ -66,16 +69,16 @@ def main() -> None:
             for arm in ("clean", "random-noise", "undefended")
         }
         target = harness.test.load_image(setup.target_index)[None].float() / 255
-        models = [("surrogate", harness.model_path(harness.train, SURROGATE_SEED, "surrogate"))]
+        models = [("surrogate", harness.models.path(harness.train, SURROGATE_SEED, "surrogate"))]
         models += [
-            (f"{arm} victim {seed}", harness.model_path(harness.data_for(arm, poisons), seed, f"victim-{arm}"))
+            (f"{arm} victim {seed}", harness.models.path(harness.data_for(arm, poisons), seed, f"victim-{arm}"))
             for arm in ("clean", "random-noise", "undefended")
             for seed in range(args.victims)
         ]
         for name, model_path in models:
             if not model_path.exists():
                 continue
-            model = harness.new_model(0)
+            model = harness.models.new_model(0)
             model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True)["model"])
             model.eval()
             with torch.no_grad():

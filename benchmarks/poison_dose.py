@@ -26,8 +26,9 @@ import torch
 
 from attacks import choose_setup
 from attacks.base import PoisonSet
-from attacks.evaluate import EvaluationConfig, Harness
-from attacks.gradient_matching import poison_pull, pull_carriers
+from attacks.carriers import poison_pull, pull_carriers
+from attacks.experiment import Harness
+from attacks.scales import EvaluationConfig
 
 
 def kept_mask(choice: str, poisons: PoisonSet, harness: Harness) -> np.ndarray:
@@ -41,7 +42,7 @@ def kept_mask(choice: str, poisons: PoisonSet, harness: Harness) -> np.ndarray:
             ]
         ] = True
         return keep
-    surrogate, _ = harness.surrogate()
+    (surrogate, *_), _ = harness.surrogates()
     positions = np.asarray(poisons.setup.poison_indices)
     clean = torch.from_numpy(harness.train.images[positions]).permute(0, 3, 1, 2)
     labels = torch.from_numpy(harness.train.labels[positions])
@@ -100,7 +101,7 @@ def main() -> None:
             for seed in range(args.victims):
                 if (key, choice, seed) in done:
                     continue
-                model, cost = harness.trained(data, seed, "victim-dose")
+                model, cost = harness.models.trained(data, seed, "victim-dose")
                 measured = harness.measure(model, setup)
                 row = {
                     "poison_key": key,

@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from attacks import choose_setup, write_poisoned
-from attacks.evaluate import EvaluationConfig, Harness
+from attacks.experiment import Harness
+from attacks.scales import EvaluationConfig
 from sanitize import scan
 from sanitize.report import write_report
 

@@ -18,8 +18,9 @@ import numpy as np
 from detection_sweep import poison_pulls  # run as a script: benchmarks/ is on the path
 
 from attacks import choose_setup
-from attacks.evaluate import EvaluationConfig, Harness
-from attacks.gradient_matching import pull_carriers
+from attacks.carriers import pull_carriers
+from attacks.experiment import Harness
+from attacks.scales import EvaluationConfig
 from sanitize.density import knn
 from sanitize.detectors import run_detector
 from sanitize.detectors.knn_density import KnnDensityOptions

@@ -450,6 +450,13 @@ def parse_keys(text: str, option: str = "--keys") -> tuple[int, ...]:
     required=True,
     help="Where the poisoned copy and poison_manifest.json go.",
 )
+@click.option(
+    "--craft-option",
+    "craft_options",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Set one of the attack's own options (repeatable).",
+)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True)
@@ -467,13 +474,19 @@ def attack(
     iterations: int,
     restarts: int,
     out: Path,
+    craft_options: tuple[str, ...],
     device: str,
     seed: int,
     quiet: bool,
 ) -> None:
     """Craft poisons against DATA and write a poisoned copy (lossless) with its ground-truth manifest."""
     refuse_torchrun("attack")
+    from attacks import parse_option
     from attacks.api import attack_dataset
+
+    options = {"iterations": iterations, "restarts": restarts} | dict(
+        parse_option(method, text) for text in craft_options
+    )
 
     manifest = attack_dataset(
         data,
@@ -486,11 +499,10 @@ def attack(
         surrogate=surrogate,
         epochs=epochs,
         model=model,
-        iterations=iterations,
-        restarts=restarts,
         device=device,
         seed=seed,
         progress=not quiet,
+        **options,
     )
     click.echo(
         f"poisoned  {len(manifest['poison_ids'])} images of class {manifest['intended_class']} for target {manifest['target_id']} (class {manifest['target_class']})"
@@ -562,7 +574,8 @@ def evaluate(
     """Train victims from scratch on clean / poisoned / control data; append one JSON line per victim to OUT."""
     refuse_torchrun("evaluate")
     from attacks import parse_option
-    from attacks.evaluate import EvaluationConfig, run_evaluation
+    from attacks.evaluate import run_evaluation
+    from attacks.scales import EvaluationConfig
 
     config = EvaluationConfig(
         attack=attack_name,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from attacks.evaluate import aggregate
+from attacks.summary import aggregate
 
 REPORTS = Path(__file__).resolve().parents[2] / "reports"
 COMMITTED = sorted(p.parent for p in REPORTS.glob("**/results.jsonl") if (p.parent / "summary.json").exists())

@@ -8,7 +8,13 @@ import torch
 from click.testing import CliRunner
 
 from attacks import choose_setup, load_poisons
-from attacks.evaluate import SCAN_OPTIONS_RECORDED, Cost, EvaluationConfig, Harness, aggregate, run_evaluation
+from attacks.evaluate import run_evaluation
+from attacks.experiment import Harness
+from attacks.rows import REQUIRED as ROW_REQUIRED
+from attacks.rows import SCAN_OPTIONS_RECORDED
+from attacks.scales import EvaluationConfig
+from attacks.summary import aggregate
+from attacks.trained import Cost
 from sanitize.cli import cli, parse_keys
 from sanitize.config import ScanConfig
 from sanitize.detectors.epic import EpicOptions
@@ -211,9 +217,9 @@ def test_the_poisons_and_surrogate_are_published_beside_the_results_and_a_run_wi
         raise AssertionError("crafted again although the poisons were published")
 
     trained = []
-    monkeypatch.setattr("attacks.evaluate.craft", no_crafting)
+    monkeypatch.setattr("attacks.experiment.craft", no_crafting)
     monkeypatch.setattr(
-        "attacks.evaluate.train_model",
+        "attacks.trained.train_model",
         lambda *args, desc="train", **kwargs: trained.append(desc) or train_model(*args, desc=desc, **kwargs),
     )
     run_evaluation(
@@ -341,7 +347,7 @@ def test_a_victim_resumed_from_a_checkpoint_without_cpu_times_trains_and_reports
     train, test = split_npz
     config = EvaluationConfig(scale="smoke", keys=(0,), victims=1, epochs=2, cache=str(tmp_path / "cache"))
     harness = Harness(train, test, tmp_path / "eval", config, progress=False)
-    final = harness.model_path(harness.train, 0, "victim-clean")
+    final = harness.models.path(harness.train, 0, "victim-clean")
     partial = final.with_suffix(".partial.pt")
 
     def killed_after_the_first_epoch(epoch, _model, indices):
@@ -351,7 +357,7 @@ def test_a_victim_resumed_from_a_checkpoint_without_cpu_times_trains_and_reports
 
     with pytest.raises(KeyboardInterrupt):
         train_model(
-            harness.new_model(0),
+            harness.models.new_model(0),
             harness.train,
             np.arange(len(harness.train)),
             dataclasses.replace(harness.recipe, seed=0),
@@ -366,7 +372,7 @@ def test_a_victim_resumed_from_a_checkpoint_without_cpu_times_trains_and_reports
     for epoch in state["history"]:
         del epoch["cpu_seconds"]  # as written before rows carried CPU time
     torch.save(state, partial)
-    _, cost = harness.trained(harness.train, 0, "victim-clean")
+    _, cost = harness.models.trained(harness.train, 0, "victim-clean")
     assert cost.wall > 0 and cost.cpu is None and final.exists()
 
 
@@ -395,25 +401,7 @@ def test_model_override_is_a_separate_ablation_with_its_own_surrogate_and_poison
 
 
 def test_truncated_results_line_is_a_clear_error(tmp_path):
-    good = json.dumps(
-        {
-            k: 0
-            for k in (
-                "attack",
-                "scale",
-                "eps",
-                "budget",
-                "arm",
-                "poison_key",
-                "victim_seed",
-                "success",
-                "clean_acc",
-                "model",
-                "epochs",
-            )
-        }
-        | {"seconds": {}}
-    )
+    good = json.dumps({k: 0 for k in ROW_REQUIRED - {"seconds"}} | {"seconds": {}})
     (tmp_path / "results.jsonl").write_text(good + '\n{"attack": ')
     with pytest.raises(SanitizeError, match="2 is not a JSON line"):
         aggregate(tmp_path)

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from attacks import choose_setup, craft, load_poisons, method_config, read_manifest, save_poisons, write_poisoned
+from attacks import attack_options, choose_setup, craft, load_poisons, read_manifest, save_poisons, write_poisoned
 from attacks.base import random_shift_flip
-from attacks.gradient_matching import parameter_gradient, poison_pull, pull_carriers
+from attacks.carriers import poison_pull, pull_carriers
+from attacks.crafting import parameter_gradient
 from sanitize.config import TrainConfig
 from sanitize.data import open_dataset
 from sanitize.data.arrays import from_arrays
@@ -54,7 +55,7 @@ def crafted(split):
     surrogate = _train(train, seed=100)
     setup = choose_setup(1, train, test, budget=0.1)
     # victims here do not augment (flipped digits are other digits), so neither does the crafting
-    config = method_config("gradient-matching", iterations=60, restarts=2, batch_size=64, augment=False, seed=0)
+    config = attack_options("gradient-matching", iterations=60, restarts=2, batch_size=64, augment=False, seed=0)
     poisons = craft(
         "gradient-matching",
         [surrogate],
@@ -222,47 +223,3 @@ def test_pull_splits_the_aligned_gradient_and_crafting_concentrates_it_in_few_ca
         carriers[name] = int(mask.sum())
     assert cosine["crafted"] > max(cosine["clean"], cosine["random"]) + 0.1, cosine
     assert carriers["crafted"] < min(carriers["clean"], carriers["random"]), carriers
-
-
-def test_killed_crafting_resumes_from_its_last_restart_to_the_same_poisons(tmp_path, split, monkeypatch):
-    import attacks.gradient_matching as gm
-
-    train, test = split
-    surrogate = _train(train, seed=100)
-    setup = choose_setup(1, train, test, budget=0.05)
-    config = method_config("gradient-matching", iterations=4, restarts=3, batch_size=64, augment=True, seed=0)
-
-    def run(checkpoint=None):
-        return craft(
-            "gradient-matching",
-            [surrogate],
-            train,
-            test.load_image(setup.target_index),
-            setup,
-            EPS,
-            config,
-            device=CPU,
-            progress=False,
-            checkpoint=checkpoint,
-        )
-
-    straight = run()
-    real_loss, calls = gm._batch_loss, []
-    per_restart = config.iterations * -(-len(setup.poison_indices) // config.batch_size)
-
-    def dies_in_the_second_restart(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == per_restart + 2:
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(gm, "_batch_loss", dies_in_the_second_restart)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "partial.pt")
-    assert torch.load(tmp_path / "partial.pt", weights_only=True)["restarts_done"] == 1
-    calls.clear()
-    monkeypatch.setattr(gm, "_batch_loss", lambda *args, **kwargs: calls.append(1) or real_loss(*args, **kwargs))
-    resumed = run(tmp_path / "partial.pt")
-    assert len(calls) == 2 * per_restart  # restarts 2 and 3 only
-    assert torch.equal(resumed.deltas, straight.deltas)
-    assert resumed.metadata["final_loss_per_restart"] == pytest.approx(straight.metadata["final_loss_per_restart"])

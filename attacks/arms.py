@@ -1,0 +1,54 @@
+"""The evaluation's arms: the controls, the defended arms (a detector of `sanitize scan`, or robust training), and how a
+defense's drops are scored against the true poisons and the carriers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from attacks.base import PoisonSetup
+from sanitize.manifest import flag_metrics
+
+CONTROL_ARMS = ("clean", "undefended", "random-noise")
+UNPOISONED_ARMS = ("clean", "random-noise")  # controls that train on no crafted poisons (no surrogate, no crafting)
+DETECTOR_ARMS = {
+    "scan": "knn_density",
+    "epic": "epic",
+    "deep_knn": "deep_knn",
+    "spectral_signatures": "spectral_signatures",
+    "activation_clustering": "activation_clustering",
+}  # arm -> `sanitize scan --detector`
+TOLD_THE_COUNT = ("deep_knn", "spectral_signatures")  # baselines whose rule needs the number of poisons: budget x N
+ARMS = (*CONTROL_ARMS, *DETECTOR_ARMS, "robust")
+
+
+def told_count(detector: str, setup: PoisonSetup) -> int | None:
+    """The poison count a detector is told: the true one for the baselines whose rule needs it, else None."""
+    return len(setup.poison_indices) if detector in TOLD_THE_COUNT else None
+
+
+def poison_truth(setup: PoisonSetup, size: int) -> np.ndarray:
+    """Mask over the training positions: True at the poisons."""
+    truth = np.zeros(size, dtype=bool)
+    truth[list(setup.poison_indices)] = True
+    return truth
+
+
+def robust_metrics(drop_log: Path, setup: PoisonSetup, size: int, carriers: np.ndarray) -> dict[str, Any]:
+    """What robust training dropped, scored against the true poisons (no per-example score: no AUROC)."""
+    dropped = np.zeros(size, dtype=bool)
+    dropped[[row["position"] for row in json.loads(drop_log.read_text())["dropped"]]] = True
+    return flag_metrics(dropped, None, poison_truth(setup, size)) | split_by_carriers(dropped, setup, carriers)
+
+
+def split_by_carriers(caught: np.ndarray, setup: PoisonSetup, carriers: np.ndarray) -> dict[str, Any]:
+    """How many carriers a defense caught, and its recall among them and among the other poisons."""
+    hit = caught[np.asarray(setup.poison_indices)]
+    return {
+        "carriers": int(carriers.sum()),
+        "carrier_recall": float(hit[carriers].mean()),
+        "rest_recall": float(hit[~carriers].mean()) if (~carriers).any() else None,
+    }

@@ -1,0 +1,293 @@
+"""One evaluation's shared state: data, device, the caches of surrogates, poisons, victims and scans, the arms' data,
+and which victims are still to train."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from attacks.arms import CONTROL_ARMS, DETECTOR_ARMS, UNPOISONED_ARMS, poison_truth, told_count
+from attacks.base import PoisonSet, PoisonSetup, load_poisons, save_poisons
+from attacks.carriers import poison_pull, pull_carriers
+from attacks.crafting import craft
+from attacks.rows import default_scan_options, defense_key, read_rows, recorded_scan_options
+from attacks.scales import EvaluationConfig, class_balanced_subset
+from attacks.surrogates import surrogates
+from attacks.trained import Cost, ModelCache, stable_hash
+from sanitize.data import open_dataset
+from sanitize.data.arrays import ArrayDataset
+from sanitize.errors import SanitizeError
+from sanitize.manifest import flag_metrics
+from sanitize.models import Classifier
+from sanitize.scan import scan
+from sanitize.training import channel_stats, predict, resolve_device, resolve_precision
+
+
+class Harness:
+    """Shared state of one evaluation: data, device, caches and the results file."""
+
+    def __init__(self, train_path: Path, test_path: Path, out: Path, config: EvaluationConfig, progress: bool = True):
+        self.config, self.progress, self.out = config, progress, out
+        self.scale, self.recipe, self.craft_config = config.resolved()
+        self.train = class_balanced_subset(
+            open_dataset(train_path, progress=progress), self.scale.per_class, config.subset_seed
+        )
+        self.test = open_dataset(test_path, progress=progress)
+        if self.test.num_classes > self.train.num_classes or self.test.image_size != self.train.image_size:
+            raise SanitizeError("the test set's classes or image size do not match the training set's")
+        self.device = resolve_device(config.device)
+        self.amp = resolve_precision(config.precision, self.device)
+        self.cache = Path(config.cache) if config.cache else out / "cache"
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.results = out / "results.jsonl"
+        mean, std = channel_stats(self.train)
+        scale = self.scale
+        self.models = ModelCache(
+            self.cache,
+            scale.model,
+            scale.model_kwargs,
+            self.recipe,
+            self.train.num_classes,
+            self.train.image_size,
+            mean,
+            std,
+            self.device,
+            self.amp,
+            progress,
+        )
+
+    def surrogates(self) -> tuple[list[Classifier], Cost]:
+        """The attacker's surrogate(s), trained once and published beside the results (attacks.surrogates)."""
+        return surrogates(self.models, self.train, self.out / "surrogates")
+
+    def poisons_path(self, setup: PoisonSetup) -> Path:
+        """Where the poisons for `setup` are cached: named by data, key, eps, budget, attack config and the surrogate's recipe."""
+        surrogate_recipe = (self.scale.model, self.scale.model_kwargs, dataclasses.asdict(self.recipe))
+        digest = stable_hash(
+            self.train.fingerprint,
+            setup.key,
+            self.config.eps,
+            self.config.budget,
+            dataclasses.asdict(self.craft_config),
+            surrogate_recipe,
+        )
+        return self.cache / f"poisons-{self.config.attack}-key{setup.key}-eps{self.config.eps:g}-{digest}.npz"
+
+    def published_poisons_path(self, setup: PoisonSetup) -> Path:
+        """The copy of the poisons beside results.jsonl (OUT/poisons/): the victims' poisons are part of the result, and
+        an evaluation resumed on a machine without the cache uses them instead of crafting again."""
+        return self.out / "poisons" / self.poisons_path(setup).name
+
+    def stored_poisons(self, setup: PoisonSetup) -> PoisonSet | None:
+        """The cached or published poisons for this key, or None when they would have to be crafted."""
+        path, published = self.poisons_path(setup), self.published_poisons_path(setup)
+        for stored in (path, published):
+            if stored.exists():
+                poisons = load_poisons(stored, setup)
+                for copy in (
+                    path,
+                    published,
+                ):  # keep both: benchmarks read the cache, a fresh machine the published copy
+                    if not copy.exists():
+                        save_poisons(poisons, copy)
+                return poisons
+        return None
+
+    def poisons(self, setup: PoisonSetup, surrogate_models: list[Classifier]) -> PoisonSet:
+        """Craft (or load the cached or published) poisons for this key."""
+        stored = self.stored_poisons(setup)
+        if stored is not None:
+            return stored
+        path, published = self.poisons_path(setup), self.published_poisons_path(setup)
+        partial = path.with_name(path.stem + ".partial.pt")
+        poisons = craft(
+            self.config.attack,
+            surrogate_models,
+            self.train,
+            self.test.load_image(setup.target_index),
+            setup,
+            self.config.eps,
+            self.craft_config,
+            device=self.device,
+            amp_dtype=self.amp,
+            progress=self.progress,
+            checkpoint=partial,
+        )
+        save_poisons(poisons, path)
+        save_poisons(poisons, published)
+        partial.unlink(missing_ok=True)
+        return poisons
+
+    def data_for(self, arm: str, poisons: PoisonSet | None, setup: PoisonSetup | None = None) -> ArrayDataset:
+        """The training set an arm starts from: clean, the random-noise control, or the poisoned set (undefended, and
+        every defended arm, which filters it). The control needs only the key's `setup` (its poison positions), so it
+        runs without a surrogate or crafted poisons; `setup` defaults to the poisons'."""
+        if arm == "clean":
+            return self.train
+        setup = setup or poisons.setup
+        positions = np.asarray(setup.poison_indices)
+        clean = torch.from_numpy(self.train.images[positions]).permute(0, 3, 1, 2)
+        if arm != "random-noise":
+            changed = poisons.apply(clean)
+        else:  # random signs at full eps on the same images, the control
+            generator = torch.Generator().manual_seed(setup.key)
+            signs = torch.randint(0, 2, clean.shape, generator=generator).to(torch.int16) * 2 - 1
+            changed = (clean.to(torch.int16) + signs * int(math.floor(self.config.eps))).clamp(0, 255).to(torch.uint8)
+        images = np.array(self.train.images, copy=True)
+        images[positions] = changed.permute(0, 2, 3, 1).numpy()
+        return self.train.with_images(images)
+
+    def filtered(
+        self, poisoned: ArrayDataset, arm: str, setup: PoisonSetup
+    ) -> tuple[ArrayDataset, np.ndarray, dict[str, Any], Cost]:
+        """What `sanitize scan` (the default, or a baseline's --detector) keeps of the poisoned data, its flags, the
+        flags scored against the true poisons, and what the scan cost. Scans are cached per poisoned set; the baselines reuse
+        the default scan's proxy (--checkpoint), so their cost is that proxy's training plus their own pass."""
+        root = self.scan_dir(poisoned)
+        options = {"quiet": True, "device": self.config.device, "precision": self.config.precision}
+        result, seconds = self._scan_once(poisoned, root / "knn_density", options)
+        told = None
+        if arm != "scan":
+            detector = DETECTOR_ARMS[arm]
+            told = told_count(detector, setup)
+            result, own = self._scan_once(
+                poisoned,
+                root / detector,
+                options
+                | {
+                    "detector": detector,
+                    "expected_poisons": told,
+                    "checkpoint": str(root / "knn_density" / "proxy" / "model.pt"),
+                },
+            )
+            seconds = Cost(seconds.wall + own.wall, None if None in (seconds.cpu, own.cpu) else seconds.cpu + own.cpu)
+        metrics = flag_metrics(result.flags, result.scores, poison_truth(setup, len(result.flags))) | {
+            "told_expected_poisons": told,
+            "scan_options": recorded_scan_options(result.summary["config"]),
+        }
+        return poisoned.subset(np.flatnonzero(~result.flags)), result.flags, metrics, seconds
+
+    def defense(self, arm: str, setup: PoisonSetup) -> str | None:
+        """What makes a detector arm's rows this arm's under today's defaults (None for the other arms): a row scanned with
+        other options (an older default) is another variant of the arm, trained again rather than counted as done."""
+        if arm not in DETECTOR_ARMS:
+            return None
+        detector = DETECTOR_ARMS[arm]
+        return defense_key(default_scan_options(detector, told_count(detector, setup)))
+
+    def carriers(self, setup: PoisonSetup, poisoned: ArrayDataset, surrogate: Classifier) -> np.ndarray:
+        """Mask over the poisons (in setup order): the carriers, the fewest poisons holding half of the pull on the
+        target measured on the surrogate (attacks.carriers). They are what makes the attack work
+        (reports/detection-cpu), so defended rows say how many of them each defense caught."""
+        images, labels, _ = poisoned.load_batch(np.asarray(setup.poison_indices))
+        return pull_carriers(
+            poison_pull(surrogate, images, labels, self.test.load_image(setup.target_index), setup.intended_class)
+        )
+
+    def scan_dir(self, poisoned: ArrayDataset) -> Path:
+        """Where the scans of one poisoned set live (one folder per detector)."""
+        return self.cache / f"scan-{stable_hash(poisoned.fingerprint)}"
+
+    def _scan_once(self, data: ArrayDataset, out: Path, options: dict[str, Any]) -> tuple[Any, Cost]:
+        """(ScanResult, the first run's cost): a rerun reuses the finished proxy and embeddings."""
+        started, cpu_started = time.perf_counter(), time.process_time()
+        result = scan(data, out, **options)
+        cost = out / "cost.json"
+        if not cost.exists():
+            cpu = time.process_time() - cpu_started if self.device.type == "cpu" else None
+            cost.write_text(json.dumps({"seconds": time.perf_counter() - started, "cpu_seconds": cpu}))
+        recorded = json.loads(cost.read_text())
+        return result, Cost(recorded["seconds"], recorded.get("cpu_seconds"))
+
+    def measure(self, model: Classifier, setup: PoisonSetup) -> dict[str, Any]:
+        """The victim's prediction on the target, its probability of the intended class (a finer signal than success,
+        which is all-or-nothing) and its accuracy on the test set without the target."""
+        logits = predict(model, self.test, np.arange(len(self.test)), self.device, self.amp)
+        predictions = logits.argmax(axis=1)
+        keep = np.ones(len(self.test), bool)
+        keep[setup.target_index] = False
+        probabilities = torch.softmax(torch.as_tensor(logits[setup.target_index], dtype=torch.float32), dim=0)
+        return {
+            "target_pred": int(predictions[setup.target_index]),
+            "p_intended": round(float(probabilities[setup.intended_class]), 4),
+            "clean_acc": float((predictions[keep] == self.test.labels[keep]).mean()),
+        }
+
+    def done(self) -> dict[tuple, set[tuple[str | None, str | None]]]:
+        """Per (attack, eps, budget, key, arm, seed, scale, model, epochs): (the digest of the poisons, the defense) of
+        its rows: the digest None for the controls and for rows written before rows named their poisons, the defense
+        None but for detector arms (`defense_key`)."""
+        finished: dict[tuple, set[tuple[str | None, str | None]]] = {}
+        for r in read_rows(self.out) if self.results.exists() else []:
+            identity = (
+                r["attack"],
+                r["eps"],
+                r["budget"],
+                r["poison_key"],
+                r["arm"],
+                r["victim_seed"],
+                r["scale"],
+                r["model"],
+                r["epochs"],
+            )
+            defense = defense_key(r.get("scan_options")) if r["arm"] in DETECTOR_ARMS else None
+            finished.setdefault(identity, set()).add((r.get("poisons_sha256"), defense))
+        return finished
+
+    def plan(
+        self, key: int, done: dict[tuple, set[tuple[str | None, str | None]]], digest: str | None, setup: PoisonSetup
+    ) -> list[tuple[str, int]]:
+        """The (arm, seed) victims still to train for `key` on the poisons named `digest` (None: not crafted yet).
+
+        A row counts when it was trained on these poisons, or on unnamed ones (rows from before rows named their
+        poisons), and, for a detector arm, scanned with today's options. A defended arm is measured against the
+        undefended victim of the same seed *on the same poisons*, so that twin is planned too when the undefended rows
+        of that seed were trained on other poisons."""
+        config = self.config
+
+        def trained(arm: str, seed: int, exact: bool = False) -> bool:
+            rows = done.get(
+                (
+                    config.attack,
+                    config.eps,
+                    config.budget,
+                    key,
+                    arm,
+                    seed,
+                    config.scale,
+                    self.scale.model,
+                    self.recipe.epochs,
+                ),
+                set(),
+            )
+            if arm in UNPOISONED_ARMS:
+                return bool(rows)
+            wanted = self.defense(arm, setup)
+            return any(
+                defense == wanted and (digest is not None and made == digest or (not exact and made is None))
+                for made, defense in rows
+            )
+
+        seeds = config.seeds if config.seeds is not None else range(config.victims)
+        todo = [(arm, seed) for arm in config.arms for seed in seeds if not trained(arm, seed)]
+        defended_seeds = sorted({seed for arm, seed in todo if arm not in CONTROL_ARMS})
+        twins = [
+            ("undefended", seed)
+            for seed in defended_seeds
+            if not trained("undefended", seed, exact=True) and ("undefended", seed) not in todo
+        ]
+        return twins + todo
+
+    def append(self, row: dict[str, Any]) -> None:
+        with self.results.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())

@@ -1,0 +1,100 @@
+"""Rows of results.jsonl: reading them, and reading rows written by older versions the way they were meant, in one
+place. A detector arm's row records the scan options that made its flags (`recorded_scan_options`); rows scanned under
+another default than today's are another variant of their arm (`defense_variant`), never mixed with today's."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from attacks.arms import DETECTOR_ARMS
+from sanitize.config import ScanConfig
+from sanitize.detectors.epic import EpicOptions
+from sanitize.detectors.knn_density import KnnDensityOptions
+from sanitize.errors import SanitizeError
+
+KNN_DENSITY_OPTIONS = tuple(f.name for f in dataclasses.fields(KnnDensityOptions))
+# options recorded only since they were added (alarm_confidence: 2026-11), with the value that reproduces older rows
+BEFORE_RECORDED = {"alarm_confidence": 0.0}
+# what a detector arm's row records of the scan that made its flags, so rows stay readable when the defaults move
+SCAN_OPTIONS_RECORDED = ("detector", *KNN_DENSITY_OPTIONS, "epic_fraction", "expected_poisons")
+RECORDED_DEFAULTS = (
+    dataclasses.asdict(KnnDensityOptions()) | dataclasses.asdict(EpicOptions()) | {"expected_poisons": None}
+)
+REQUIRED = {
+    "attack",
+    "scale",
+    "eps",
+    "budget",
+    "arm",
+    "poison_key",
+    "victim_seed",
+    "success",
+    "clean_acc",
+    "seconds",
+    "model",
+    "epochs",
+}
+
+
+def read_rows(out: Path) -> list[dict[str, Any]]:
+    """Every row of results.jsonl, with a clear error for a damaged line or a row missing the protocol's keys."""
+    path = out / "results.jsonl"
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise SanitizeError(f"{path}:{number} is not a JSON line (truncated by a kill? delete that line)") from None
+        missing = REQUIRED - set(row)
+        if missing:
+            raise SanitizeError(f"{path}:{number} lacks {', '.join(sorted(missing))}")
+        rows.append(row)
+    return rows
+
+
+def recorded_scan_options(settings: dict[str, Any]) -> dict[str, Any]:
+    """What a detector arm's row records of the scan (a ScanConfig as a dict) that made its flags: flat, the detector's
+    own options and, for the names it does not have, the other detectors' defaults (the rows' format since before
+    detectors owned their options, so every row compares with every other)."""
+    detector_options = settings["options"] or {}
+    flat = {"detector": settings["detector"]} | {
+        name: detector_options.get(name, RECORDED_DEFAULTS[name]) for name in SCAN_OPTIONS_RECORDED[1:]
+    }
+    return flat | {"proxy_epochs": settings["train"]["epochs"]}
+
+
+def default_scan_options(detector: str, told: int | None) -> dict[str, Any]:
+    """What a row of `detector`'s arm records when scanned with today's defaults (told `told` poisons)."""
+    return recorded_scan_options(ScanConfig.from_options(detector=detector, expected_poisons=told).to_dict())
+
+
+def defense_options(scan_options: dict[str, Any]) -> dict[str, Any]:
+    """The recorded options that decide a detector's flags: every one for the default scan; for a baseline, all but
+    knn_density's own (a baseline row stays current when only the default detector's settings move)."""
+    if scan_options["detector"] == "knn_density":
+        return scan_options | {name: value for name, value in BEFORE_RECORDED.items() if name not in scan_options}
+    return {name: value for name, value in scan_options.items() if name not in KNN_DENSITY_OPTIONS}
+
+
+def defense_key(scan_options: dict[str, Any] | None) -> str:
+    """A detector arm's defense as one comparable string ("unrecorded" for a row that kept no scan options)."""
+    return "unrecorded" if scan_options is None else json.dumps(defense_options(scan_options), sort_keys=True)
+
+
+def defense_variant(row: dict[str, Any]) -> str:
+    """How a detector arm's row was scanned, as the options that differ from today's defaults ("" when none do, and
+    for the other arms), so that aggregate keeps rows scanned under an older default apart from the current arm."""
+    if row["arm"] not in DETECTOR_ARMS:
+        return ""
+    recorded = row.get("scan_options")
+    if recorded is None:
+        return "scan options not recorded"
+    current = defense_options(default_scan_options(recorded["detector"], recorded["expected_poisons"]))
+    return ", ".join(
+        f"{name}={value}" for name, value in defense_options(recorded).items() if current.get(name) != value
+    )

@@ -1,0 +1,175 @@
+"""summary.json and summary.md of an evaluation: mean +- standard error per (attack, scale, model, epochs, eps, arm,
+variant), and every defended arm paired with the undefended victims of the same key, seed and poisons."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from attacks.arms import CONTROL_ARMS
+from attacks.rows import defense_variant, read_rows
+from sanitize.report import write_report
+
+
+def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
+    """summary.json and summary.md: mean +- standard error per (attack, scale, model, epochs, eps, arm, variant): a
+    detector arm's rows scanned under an older default are their own variant (`defense_variant`)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in read_rows(out):
+        groups.setdefault(
+            (row["attack"], row["scale"], row["model"], row["epochs"], row["eps"], row["arm"], defense_variant(row)), []
+        ).append(row)
+    table = []
+    for group, rows in sorted(groups.items()):
+        attack, scale, model, epochs, eps, arm, variant = group
+        success = np.array([r["success"] for r in rows], float)
+        accuracy = np.array([r["clean_acc"] for r in rows], float)
+        p_intended = [r["p_intended"] for r in rows if r.get("p_intended") is not None]
+        cost, basis = _cost_vs_plain(rows, groups.get((attack, scale, model, epochs, eps, "undefended", ""), []))
+        table.append(
+            _group_fields(group)
+            | {
+                "victims": len(rows),
+                "keys": len({r["poison_key"] for r in rows}),
+                "success_mean": float(success.mean()),
+                "success_se": float(success.std(ddof=1) / math.sqrt(len(rows))) if len(rows) > 1 else None,
+                "p_intended_median": float(np.median(p_intended)) if p_intended else None,
+                "clean_acc_mean": float(accuracy.mean()),
+                "clean_acc_se": float(accuracy.std(ddof=1) / math.sqrt(len(rows))) if len(rows) > 1 else None,
+                "victim_seconds_mean": float(np.mean([r["seconds"]["victim_training"] for r in rows])),
+                "dropped_fraction_mean": float(np.mean([r["dropped_fraction"] for r in rows])),
+                "poison_precision_mean": _mean_of(rows, "poison_precision"),
+                "poison_recall_mean": _mean_of(rows, "poison_recall"),
+                "auroc_mean": _mean_of(rows, "auroc"),
+                "cost_vs_plain_training": cost,
+                "cost_basis": basis,
+            }
+        )
+    paired = paired_with_undefended(groups)
+    summary = {
+        "command": command,
+        "git_commit": _git_commit(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "table": table,
+        "paired": paired,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    lines = [
+        "| attack | scale | model | epochs | eps | arm | victims (keys) | success | median p(intended) | clean accuracy | dropped "
+        "| poison precision | poison recall | AUROC | victim s | cost vs plain |",
+        "|" + " --- |" * 16,
+    ]
+    for t in table:
+        lines.append(
+            f"| {t['attack']} | {t['scale']} | {t['model']} | {t['epochs']} | {t['eps']:g} | {_arm_label(t)} | {t['victims']} ({t['keys']}) "
+            f"| {t['success_mean']:.1%}{_se(t['success_se'], '.1%')} | {_cell(t['p_intended_median'], '.3f')} | {t['clean_acc_mean']:.2%} | {t['dropped_fraction_mean']:.2%} "
+            f"| {_cell(t['poison_precision_mean'], '.2f')} | {_cell(t['poison_recall_mean'], '.2f')} | {_cell(t['auroc_mean'], '.3f')} "
+            f"| {t['victim_seconds_mean']:.0f} | {_cell(t['cost_vs_plain_training'], '.2f')}{' (' + t['cost_basis'] + ')' if t['cost_basis'] else ''} |"
+        )
+    if paired:
+        lines += [
+            "",
+            "Paired with the undefended victims of the same key and seed (defended arms may cover fewer keys than the table's undefended row):",
+            "",
+            "| eps | epochs | arm | pairs (keys) | undefended success | arm success | clean accuracy change | recall of carriers / other poisons |",
+            "|" + " --- |" * 8,
+        ]
+        for t in paired:
+            lines.append(
+                f"| {t['eps']:g} | {t['epochs']} | {_arm_label(t)} | {t['pairs']} ({t['keys']}) | {t['undefended_success']:.1%} | {t['arm_success']:.1%} "
+                f"| {t['clean_acc_change']:+.2%}{_se(t['clean_acc_change_se'], '.2%')} | {_cell(t.get('carrier_recall'), '.2f')} / {_cell(t.get('rest_recall'), '.2f')} |"
+            )
+    (out / "summary.md").write_text(
+        f"Command: `{command}`\n\nCommit: {summary['git_commit']}\n\n" + "\n".join(lines) + "\n"
+    )
+    write_report(out)
+    return summary
+
+
+def paired_with_undefended(groups: dict[tuple, list[dict]]) -> list[dict[str, Any]]:
+    """Every arm but the controls against the undefended victims of the same (key, seed, poisons): success on the same
+    pairs and the change in clean accuracy, so that an arm run on a few keys is not read against every key's rate.
+    Rows from before rows named their poisons pair among themselves (they shared one cache of poisons)."""
+    paired = []
+    for group, rows in sorted(groups.items()):
+        attack, scale, model, epochs, eps, arm, variant = group
+        if arm in CONTROL_ARMS:
+            continue
+        plain = {_pair_key(r): r for r in groups.get((attack, scale, model, epochs, eps, "undefended", ""), [])}
+        pairs = [(plain[_pair_key(r)], r) for r in rows if _pair_key(r) in plain]
+        if not pairs:
+            continue
+        change = np.array([d["clean_acc"] - u["clean_acc"] for u, d in pairs])
+        paired.append(
+            _group_fields(group)
+            | {
+                "pairs": len(pairs),
+                "keys": len({u["poison_key"] for u, _ in pairs}),
+                "undefended_success": float(np.mean([u["success"] for u, _ in pairs])),
+                "arm_success": float(np.mean([d["success"] for _, d in pairs])),
+                "clean_acc_change": float(change.mean()),
+                "clean_acc_change_se": float(change.std(ddof=1) / math.sqrt(len(change))) if len(change) > 1 else None,
+                "carrier_recall": _mean_of([d for _, d in pairs], "carrier_recall"),
+                "rest_recall": _mean_of([d for _, d in pairs], "rest_recall"),
+            }
+        )
+    return paired
+
+
+GROUP_FIELDS = ("attack", "scale", "model", "epochs", "eps", "arm", "variant")  # what a summary row is per
+
+
+def _group_fields(group: tuple) -> dict[str, Any]:
+    return dict(zip(GROUP_FIELDS, group))
+
+
+def _arm_label(entry: dict[str, Any]) -> str:
+    return f"{entry['arm']} ({entry['variant']})" if entry["variant"] else entry["arm"]
+
+
+def _pair_key(row: dict[str, Any]) -> tuple:
+    return row["poison_key"], row["victim_seed"], row.get("poisons_sha256")
+
+
+def _cost_vs_plain(rows: list[dict[str, Any]], plain: list[dict[str, Any]]) -> tuple[float | None, str | None]:
+    """An arm's mean scan + training time over the undefended victims' mean training time, in process CPU seconds
+    when every row has them (single-thread runs sharing a machine: wall time would measure the sharing), else wall."""
+    if not plain:
+        return None, None
+    both = rows + plain
+    cpu = all(
+        r["seconds"].get("victim_training_cpu") is not None
+        and ("scan" not in r["seconds"] or r["seconds"].get("scan_cpu") is not None)
+        for r in both
+    )
+    training, scan = ("victim_training_cpu", "scan_cpu") if cpu else ("victim_training", "scan")
+    spent = np.mean([r["seconds"].get(scan) or 0 for r in rows]) + np.mean([r["seconds"][training] for r in rows])
+    return float(spent / np.mean([r["seconds"][training] for r in plain])), "cpu" if cpu else "wall"
+
+
+def _se(value: float | None, spec: str) -> str:
+    return "" if value is None else f" +- {format(value, spec)}"
+
+
+def _mean_of(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _cell(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None

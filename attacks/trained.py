@@ -1,0 +1,105 @@
+"""Models trained from scratch (surrogates and victims), cached by everything they depend on.
+
+A model is named by the data's fingerprint, the architecture, the recipe, the seed (and robust training's settings),
+so a rerun, another process or another evaluation sharing the cache loads it instead of training it again; an
+interrupted training resumes from its last epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from sanitize.config import RobustConfig, TrainConfig
+from sanitize.data import ImageDataset
+from sanitize.models import Classifier, create_model
+from sanitize.robust import EpicDropper
+from sanitize.training import milestone_epochs, train_model
+
+
+def stable_hash(*parts: Any) -> str:
+    """16 hex digits naming `parts` (JSON with sorted keys: field order and int/float spelling do not matter)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Cost(NamedTuple):
+    """Wall seconds, and process CPU seconds on a CPU device (None elsewhere, or for runs cached before they were
+    kept): with several single-thread evaluations sharing a machine, CPU seconds still measure the work."""
+
+    wall: float
+    cpu: float | None
+
+
+@dataclasses.dataclass
+class ModelCache:
+    """Train-or-load for one architecture and recipe; models share the input normalisation (mean, std)."""
+
+    directory: Path
+    model: str
+    model_kwargs: dict[str, Any]
+    recipe: TrainConfig
+    num_classes: int
+    image_size: tuple[int, int]
+    mean: torch.Tensor
+    std: torch.Tensor
+    device: torch.device
+    amp: torch.dtype | None
+    progress: bool = True
+
+    def new_model(self, seed: int) -> Classifier:
+        torch.manual_seed(seed)
+        model = create_model(self.model, self.num_classes, (3, *self.image_size), **self.model_kwargs)
+        model.set_normalization(self.mean, self.std)
+        return model
+
+    def path(self, data: ImageDataset, seed: int, tag: str, robust: bool = False) -> Path:
+        """Where the model trained on `data` with `seed` is cached; a robust model's drop log lies beside it
+        (.drop_log.json)."""
+        parts = [data.fingerprint, self.model, self.model_kwargs, dataclasses.asdict(self.recipe), seed]
+        if robust:
+            parts.append(dataclasses.asdict(RobustConfig()))
+        return self.directory / f"{tag}-{stable_hash(*parts)}.pt"
+
+    def trained(self, data: ImageDataset, seed: int, tag: str, robust: bool = False) -> tuple[Classifier, Cost]:
+        """A model trained from scratch on `data` with `seed` (or loaded from the cache), and what its training cost
+        (summed over epochs, so a resumed run counts every epoch once). With `robust`, EPIC's dropping
+        (sanitize.robust) runs during training."""
+        final = self.path(data, seed, tag, robust)
+        partial = final.with_suffix(".partial.pt")
+        model = self.new_model(seed)
+        if final.exists():
+            state = torch.load(final, map_location="cpu", weights_only=True)
+            model.load_state_dict(state["model"])
+            return model, Cost(float(state["seconds"]), state.get("cpu_seconds"))
+        self.directory.mkdir(parents=True, exist_ok=True)
+        recipe = dataclasses.replace(self.recipe, seed=seed)
+        dropper = None
+        if robust:
+            drop_log = final.with_suffix(".drop_log.json")
+            last = max(milestone_epochs(recipe))
+            dropper = EpicDropper(data, RobustConfig(), recipe.epochs, last, drop_log, self.device, self.amp)
+        history = train_model(
+            model,
+            data,
+            np.arange(len(data)),
+            recipe,
+            self.device,
+            self.amp,
+            checkpoint=partial,
+            meta={"name": final.stem},
+            progress=self.progress,
+            desc=tag,
+            after_epoch=dropper,
+        )
+        cpu = [epoch.get("cpu_seconds") for epoch in history]  # a run resumed from an older checkpoint lacks some
+        on_cpu = self.device.type == "cpu" and None not in cpu
+        cost = Cost(sum(epoch["seconds"] for epoch in history), sum(cpu) if on_cpu else None)
+        torch.save({"model": model.state_dict(), "seconds": cost.wall, "cpu_seconds": cost.cpu}, final)
+        partial.unlink(missing_ok=True)
+        return model, cost

@@ -1,0 +1,118 @@
+"""What every registered attack must do, checked for each (as timm tests every registered model): integer deltas
+inside eps and the pixel range, poisons only at the key's positions in the intended class, labels and the source data
+untouched, the same poisons for the same key on one machine, and a killed craft resuming to the same poisons."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from attacks import attack_options, choose_setup, craft, get_attack, list_attacks, write_poisoned
+from attacks.crafting import CraftingOptions
+from attacks.registry import SURROGATE_KINDS
+from sanitize.config import TrainConfig
+from sanitize.data import open_dataset
+from sanitize.models import create_model
+from sanitize.training import channel_stats, train_model
+
+CPU = torch.device("cpu")
+EPS = 16
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, digits16):
+    """Digits written as an npz (the source the contract checks stays untouched), a test set, a tiny surrogate."""
+    x, y = digits16
+    root = tmp_path_factory.mktemp("contract")
+    np.savez(root / "train.npz", x=x[:600], y=y[:600])
+    np.savez(root / "test.npz", x=x[1500:], y=y[1500:])
+    train, test = open_dataset(root / "train.npz"), open_dataset(root / "test.npz")
+    torch.manual_seed(0)
+    model = create_model("tiny", 10, (3, 16, 16), width=16)
+    model.set_normalization(*channel_stats(train))
+    train_model(model, train, np.arange(len(train)), TrainConfig(epochs=2, batch_size=64), CPU, None, progress=False)
+    return root, train, test, model
+
+
+def surrogates_for(kind: str, model):
+    """The surrogate(s) an attack of this kind crafts against, built from the tiny model."""
+    if kind == "model":
+        return [model]
+    raise NotImplementedError(f"the contract tests have no surrogate of kind {kind!r} yet: add one here")
+
+
+def _craft(name, world, checkpoint=None):
+    root, train, test, model = world
+    setup = choose_setup(3, train, test, budget=0.03)
+    options = attack_options(name, iterations=3, restarts=2, batch_size=8, seed=0)
+    target = test.load_image(setup.target_index)
+    poisons = craft(
+        name,
+        surrogates_for(get_attack(name).surrogate, model),
+        train,
+        target,
+        setup,
+        EPS,
+        options,
+        device=CPU,
+        progress=False,
+        checkpoint=checkpoint,
+    )
+    return setup, options, poisons
+
+
+@pytest.mark.parametrize("name", list_attacks())
+def test_attack_declares_its_options_surrogate_and_loss(name):
+    attack = get_attack(name)
+    assert dataclasses.is_dataclass(attack.Options) and issubclass(attack.Options, CraftingOptions)
+    assert attack.surrogate in SURROGATE_KINDS and attack.__doc__
+    assert attack_options(name) == attack.Options()  # every option has a default
+
+
+@pytest.mark.parametrize("name", list_attacks())
+def test_poisons_are_integer_deltas_in_eps_at_the_keys_positions_and_the_source_is_untouched(tmp_path, world, name):
+    root, train, _, _ = world
+    source = (root / "train.npz").read_bytes()
+    setup, _, poisons = _craft(name, world)
+    positions = np.asarray(setup.poison_indices)
+    assert (train.labels[positions] == setup.intended_class).all()
+    assert poisons.deltas.dtype == torch.int16 and poisons.deltas.shape == (len(positions), 3, 16, 16)
+    assert int(poisons.deltas.abs().max()) <= EPS and int(poisons.deltas.abs().max()) > 0
+    clean = train.load_batch(positions)[0].to(torch.int16)
+    assert int((clean + poisons.deltas).min()) >= 0 and int((clean + poisons.deltas).max()) <= 255
+    write_poisoned(train, poisons, tmp_path / "poisoned")
+    copy = open_dataset(tmp_path / "poisoned" / "data.npz")
+    np.testing.assert_array_equal(copy.labels, train.labels)
+    changed = np.flatnonzero((copy.images != train.images).any(axis=(1, 2, 3)))
+    assert set(changed) <= set(positions.tolist()) and len(changed) > 0
+    assert (root / "train.npz").read_bytes() == source
+
+
+@pytest.mark.parametrize("name", list_attacks())
+def test_crafting_is_deterministic_and_a_killed_craft_resumes_to_the_same_poisons(tmp_path, world, name, monkeypatch):
+    _, _, straight = _craft(name, world)
+    _, _, again = _craft(name, world)
+    assert torch.equal(straight.deltas, again.deltas)
+    attack, calls = get_attack(name), []
+    real_loss = attack.loss
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        if dying and len(calls) == per_restart + 2:
+            raise KeyboardInterrupt
+        return real_loss(self, *args, **kwargs)
+
+    setup, options, _ = _craft(name, world)
+    per_restart = options.iterations * -(-len(setup.poison_indices) // options.batch_size)
+    monkeypatch.setattr(attack, "loss", counted)
+    dying = True
+    with pytest.raises(KeyboardInterrupt):
+        _craft(name, world, tmp_path / "partial.pt")
+    assert torch.load(tmp_path / "partial.pt", weights_only=True)["restarts_done"] == 1
+    calls.clear()
+    dying = False
+    _, _, resumed = _craft(name, world, tmp_path / "partial.pt")
+    assert len(calls) == per_restart  # the second restart only
+    assert torch.equal(resumed.deltas, straight.deltas)
+    assert resumed.metadata["final_loss_per_restart"] == pytest.approx(straight.metadata["final_loss_per_restart"])
