@@ -27,7 +27,7 @@ from sanitize.data.arrays import ArrayDataset
 from sanitize.errors import SanitizeError
 from sanitize.manifest import flag_metrics
 from sanitize.models import Classifier
-from sanitize.scan import scan
+from sanitize.scanner import scan
 from sanitize.training import channel_stats, predict, resolve_device, resolve_precision
 
 

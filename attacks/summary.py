@@ -55,6 +55,7 @@ def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
         )
     paired = paired_with_undefended(groups)
     summary = {
+        "kind": "evaluation",
         "command": command,
         "git_commit": _git_commit(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},

@@ -271,7 +271,7 @@ def cli() -> None:
 @_handle_errors
 def scan(data: Path, out: Path, **options: Any) -> None:
     """Scan DATA (an ImageFolder directory or a .npz) and gate on the flagged fraction."""
-    from sanitize.scan import scan as run
+    from sanitize.scanner import scan as run
 
     result = run(data, out, **options)
     if current_world().is_main:  # under torchrun every rank has the verdict; one prints it
@@ -289,16 +289,18 @@ def demo(out: Path, quiet: bool) -> None:
     """Scan a built-in dataset (scikit-learn's digits as PNGs, 2% mislabeled on purpose); no downloads."""
     refuse_torchrun("demo")
     from sanitize.data.digits import digits_arrays, mislabel, write_image_folder
-    from sanitize.scan import scan as run
+    from sanitize.scanner import scan as run
 
     images, labels = digits_arrays()
     noisy, moved = mislabel(labels, 0.02)
-    data_dir = Path(tempfile.mkdtemp(prefix="sanitize-demo-data-"))
-    ids = write_image_folder(data_dir, images, noisy, [f"digit_{d}" for d in range(10)])
-    click.echo(f"demo data {data_dir}: {len(ids)} digit images, {len(moved)} moved to a wrong class folder")
-    result = run(
-        data_dir, out, model="tiny", epochs=15, batch_size=32, augment=False, quiet=quiet, seed=0
-    )  # flips would mix up digits
+    with tempfile.TemporaryDirectory(prefix="sanitize-demo-data-") as folder:  # removed afterwards, even on a failure
+        data_dir = Path(folder)
+        ids = write_image_folder(data_dir, images, noisy, [f"digit_{d}" for d in range(10)])
+        click.echo(
+            f"demo data {len(ids)} digit images (a temporary folder), {len(moved)} moved to a wrong class folder"
+        )
+        # no flips: a flipped digit is another digit
+        result = run(data_dir, out, model="tiny", epochs=15, batch_size=32, augment=False, quiet=quiet, seed=0)
     print_summary(result)
     caught = set(result.flagged_ids) & {ids[i] for i in moved}
     click.echo(f"planted   {len(caught)} of {len(moved)} mislabeled images are among the flagged")
@@ -356,7 +358,7 @@ def demo(out: Path, quiet: bool) -> None:
 @_handle_errors
 def train(data: Path, out: Path, **options: Any) -> None:
     """Train a model from scratch on DATA; with --robust, EPIC drops isolated examples as it goes."""
-    from sanitize.train import train as run
+    from sanitize.trainer import train as run
 
     result = run(data, out, **options)
     if not current_world().is_main:

@@ -75,7 +75,9 @@ def test_smoke_evaluation_writes_protocol_rows_and_resumes(tmp_path, split_npz):
     # a rerun finds every row done: nothing is trained or appended again
     run_evaluation(train, test, tmp_path / "eval", config, progress=False)
     assert len((out / "results.jsonl").read_text().splitlines()) == 6
-    table = json.loads((out / "summary.json").read_text())["table"]
+    summary = json.loads((out / "summary.json").read_text())
+    table = summary["table"]
+    assert summary["kind"] == "evaluation"
     assert {t["arm"] for t in table} == {"clean", "undefended", "random-noise"} and all(
         t["victims"] == 2 for t in table
     )

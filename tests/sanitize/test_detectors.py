@@ -16,7 +16,7 @@ from sanitize.detectors.knn_density import knn_isolation
 from sanitize.detectors.spectral_signatures import spectral_signature_flags
 from sanitize.errors import SanitizeError
 from sanitize.medoids import facility_location, isolated_medoids
-from sanitize.scan import scan
+from sanitize.scanner import scan
 
 
 def _blobs(rng, n=300, d=16, gap=12.0):

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from sanitize.cli import cli
 from sanitize.distributed import World
-from sanitize.scan import scan
+from sanitize.scanner import scan
 
 TINY = dict(model="tiny", epochs=2, batch_size=32, augment=False, precision="fp32", quiet=True)
 

@@ -1,5 +1,6 @@
 import csv
 import json
+import tempfile
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from sanitize.config import ScanConfig, TrainConfig
 from sanitize.data import open_dataset
 from sanitize.errors import SanitizeError
 from sanitize.models import create_model
-from sanitize.scan import gate
+from sanitize.scanner import gate
 from sanitize.training import train_model
 
 FAST_ARGS = ["--model", "tiny", "--epochs", "2", "--batch-size", "64", "--no-augment", "--quiet"]
@@ -35,7 +36,8 @@ def test_scan_writes_the_documented_outputs(tmp_path, digits_folder):
     flagged = (out / "flagged.txt").read_text().split()
     assert flagged == [r[0] for r in rows[1:] if r[4] == "1"]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["versions"]["sanitize"] == sanitize.__version__ and summary["versions"]["torch"] == torch.__version__
+    assert summary["kind"] == "scan" and summary["versions"]["sanitize"] == sanitize.__version__
+    assert summary["versions"]["torch"] == torch.__version__
     assert summary["data"]["fingerprint"].startswith("sha256:")
     assert summary["data"]["skipped"][0]["id"] == "digit_0/broken.png"
     assert summary["data"]["counts_per_class"]["digit_0"] == sum(r[0].startswith("digit_0/") for r in rows[1:])
@@ -162,11 +164,15 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, digits_npz):
     )
 
 
-def test_demo_runs_and_finds_planted_examples(tmp_path):
+def test_demo_runs_finds_planted_examples_and_leaves_no_data_behind(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
     result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "demo"), "--quiet"])
     assert result.exit_code == 0, result.output
-    caught, planted = map(int, result.output.split("planted")[1].split()[:3:2])
+    line = next(line for line in result.output.splitlines() if line.startswith("planted "))
+    caught, planted = map(int, line.split()[1:4:2])
     assert planted == 36 and caught >= 5
+    assert list((tmp_path / "tmp").iterdir()) == [] and (tmp_path / "demo" / "report.html").exists()
 
 
 def test_rerun_in_the_same_out_dir_reuses_proxy_and_embeddings(tmp_path, digits_npz):

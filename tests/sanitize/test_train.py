@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from sanitize.cli import cli
 from sanitize.models import create_model
 from sanitize.robust import EpicDropper
-from sanitize.train import train
+from sanitize.trainer import train
 
 FAST = dict(model="tiny", epochs=6, batch_size=32, augment=False, quiet=True)
 
@@ -29,6 +29,7 @@ def test_robust_training_drops_the_planted_examples_and_logs_every_drop(tmp_path
     kept = result.files["kept"].read_text().split()
     assert len(kept) + len(positions) == 1000 and not set(kept) & {row["id"] for row in log["dropped"]}
     assert sum(result.summary["robust"]["dropped_per_class"].values()) == len(positions)
+    assert result.summary["kind"] == "robust-train"
     labels = np.load(data)["y"]
     assert all(labels[row["position"]] == row["class"] for row in log["dropped"])
     html = result.files["report"].read_text(encoding="utf-8")
@@ -89,6 +90,7 @@ def test_plain_training_from_the_cli_writes_a_weights_only_checkpoint(tmp_path, 
     summary = json.loads((tmp_path / "t" / "summary.json").read_text())
     assert (
         summary["robust"] is None
+        and summary["kind"] == "train"
         and 0 <= summary["test_accuracy"] <= 1
         and not (tmp_path / "t" / "drop_log.json").exists()
     )

@@ -269,6 +269,7 @@ def _summary(
     flagged_per_class = np.bincount(dataset.labels[detection.flags], minlength=dataset.num_classes)
     notes = list(dataset.notes) + [f"class {name!r} has no images" for name, c in counts.items() if c == 0]
     return {
+        "kind": "scan",
         "versions": _versions(),
         "device": {
             "device": str(device),

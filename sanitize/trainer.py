@@ -80,6 +80,7 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
         kept = np.setdiff1d(np.arange(len(dataset)), dropped)
         files["kept"].write_text("".join(dataset.ids[i] + "\n" for i in kept))
     summary = {
+        "kind": "robust-train" if config.robust else "train",
         "data": {
             "source": dataset.source,
             "fingerprint": dataset.fingerprint,
