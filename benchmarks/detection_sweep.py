@@ -139,7 +139,7 @@ def done_rows(rows_path: Path) -> set[str]:
 
 
 def row_identity(row: dict) -> str:
-    """Rows before session 7 do not name their poisons (None): they were the poisons cached then."""
+    """Rows written before 2026-11-23 06:00 do not name their poisons (None): they were the poisons cached then."""
     return json.dumps(
         [
             row["key"],
