@@ -1,4 +1,4 @@
-"""The evaluation's scales (PROTOCOL.md): data subset, model, victim recipe and attack effort, and the configuration
+"""The evaluation's scales (docs/protocol.md): data subset, model, victim recipe and attack effort, and the configuration
 of one evaluation run. A scale is attack-neutral: its crafting effort names only the shared loop's options
 (attacks.crafting.CraftingOptions); an attack's own options come from its dataclass, overridable per run."""
 
@@ -20,7 +20,7 @@ from sanitize.errors import SanitizeError
 
 @dataclass
 class Scale:
-    """One row of PROTOCOL.md's scales: data subset, model, victim recipe and attack effort."""
+    """One row of docs/protocol.md's scales: data subset, model, victim recipe and attack effort."""
 
     model: str
     model_kwargs: dict[str, Any]

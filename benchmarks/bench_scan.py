@@ -294,7 +294,7 @@ NOTES = """
   default threshold flags almost nothing there, although its AUROC is as high. `--embedding gradient` stays available;
   the next issue re-decides the default against real gradient-matching poisons, which is the measurement that counts.
 - **Two neighbour scales.** The small-scale-only rows show what the large scale (20% of the class, at most 256) costs
-  on lone mislabeled examples; it is there for small dense groups of poisons aimed at one target (PROTOCOL.md's note).
+  on lone mislabeled examples; it is there for small dense groups of poisons aimed at one target (docs/protocol.md's note).
 - **Index.** Per-class exact search is cheap at CIFAR sizes (see density time); classes above 50,000 examples use IVF,
   whose recall is measured on the 1M x 128 class. faiss's flat index is compared with a torch matmul + top-k on one
   class; the faster exact path on CPU is a candidate for later, FAISS stays the index for GPUs and large classes.

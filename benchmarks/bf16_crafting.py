@@ -1,4 +1,4 @@
-"""Does crafting in bf16 poison as well as crafting in fp32? PROTOCOL.md asks for this check once, on a small setup.
+"""Does crafting in bf16 poison as well as crafting in fp32? docs/protocol.md asks for this check once, on a small setup.
 
     python benchmarks/bf16_crafting.py --keys 0-9 --victims 2 --out reports/bf16-crafting
 

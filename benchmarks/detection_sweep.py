@@ -4,7 +4,7 @@
 
 For each key whose poisons are cached: the default `sanitize scan` of the poisoned set (the same cached scan the
 evaluation's `scan` arm uses), then, on its proxy's embeddings, every baseline detector and knn_density in each
-embedding space and at several neighbourhood sizes (below and above the poison group, PROTOCOL.md's design note).
+embedding space and at several neighbourhood sizes (below and above the poison group, docs/protocol.md's design note).
 With --proxy-epochs, proxies trained for other lengths are scanned too. Reports flagged fraction, precision, recall
 and AUROC against the true poisons (knn_density also at z cut-offs 2.5 and 3.0 besides its default 3.5), and which
 poisons were caught: each poison's pull on the target (its gradient on the clean surrogate projected on the target's
