@@ -81,6 +81,19 @@ class KnnDensityOptions:
         )
 
 
+# the isolation rule alone, as first measured (reports/scan-benchmark): one scale pair up to 20% of the class, mean
+# distance, no low-loss term, no class alarm; for benchmarks and tests of the core
+ISOLATION_ONLY = KnnDensityOptions(
+    k_fraction=0.2,
+    k_max=256,
+    distance="mean",
+    low_loss_weight=0.0,
+    class_alarm_p=0.0,
+    alarm_rule="hard",
+    alarm_confidence=0.0,
+)
+
+
 @register_detector(KnnDensityOptions)
 def knn_density(embeddings: Embeddings, options: KnnDensityOptions, context: DetectorContext) -> Detection:
     """The default: two-scale per-class k-NN isolation in the space `options.embedding` names."""

@@ -49,6 +49,11 @@ REQUIRED = {
 }
 
 
+def quick_smoke(tmp_path) -> dict:
+    """The smallest evaluation: one key, one epoch, two crafting iterations, a cache shared by the test's runs."""
+    return dict(scale="smoke", keys=(0,), eps=16, budget=0.02, epochs=1, iterations=2, cache=str(tmp_path / "cache"))
+
+
 @pytest.fixture
 def split_npz(tmp_path, digits16):
     x, y = digits16
@@ -198,16 +203,7 @@ def test_the_poisons_and_surrogate_are_published_beside_the_results_and_a_run_wi
     tmp_path, split_npz, monkeypatch
 ):
     train, test = split_npz
-    base = dict(
-        scale="smoke",
-        keys=(0,),
-        eps=16,
-        budget=0.02,
-        epochs=1,
-        iterations=2,
-        arms=("undefended",),
-        cache=str(tmp_path / "cache"),
-    )
+    base = quick_smoke(tmp_path) | dict(arms=("undefended",))
     out = run_evaluation(train, test, tmp_path / "eval", EvaluationConfig(**base, victims=1), progress=False)
     published = list((out / "poisons").glob("poisons-gradient-matching-key0-eps16-*.npz"))
     assert len(published) == 1 and (tmp_path / "cache" / published[0].name).exists()
@@ -380,17 +376,7 @@ def test_a_victim_resumed_from_a_checkpoint_without_cpu_times_trains_and_reports
 
 def test_model_override_is_a_separate_ablation_with_its_own_surrogate_and_poisons(tmp_path, split_npz):
     train, test = split_npz
-    base = dict(
-        scale="smoke",
-        keys=(0,),
-        victims=1,
-        eps=16,
-        budget=0.02,
-        epochs=1,
-        iterations=2,
-        arms=("undefended",),
-        cache=str(tmp_path / "cache"),
-    )
+    base = quick_smoke(tmp_path) | dict(victims=1, arms=("undefended",))
     out = tmp_path / "eval"
     run_evaluation(train, test, out, EvaluationConfig(**base), progress=False)
     run_evaluation(train, test, out, EvaluationConfig(**base, model="convnet"), progress=False)

@@ -56,17 +56,8 @@ def crafted(split):
     setup = choose_setup(1, train, test, budget=0.1)
     # victims here do not augment (flipped digits are other digits), so neither does the crafting
     config = attack_options("gradient-matching", iterations=60, restarts=2, batch_size=64, augment=False, seed=0)
-    poisons = craft(
-        "gradient-matching",
-        [surrogate],
-        train,
-        test.load_image(setup.target_index),
-        setup,
-        EPS,
-        config,
-        device=CPU,
-        progress=False,
-    )
+    target = test.load_image(setup.target_index)
+    poisons = craft("gradient-matching", [surrogate], train, target, setup, EPS, config, device=CPU, progress=False)
     return train, test, setup, poisons
 
 

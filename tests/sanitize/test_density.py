@@ -5,18 +5,9 @@ import pytest
 
 from sanitize.density import knn, robust_z, z_to_score
 from sanitize.detectors import DetectorContext
-from sanitize.detectors.knn_density import KnnDensityOptions, knn_isolation
+from sanitize.detectors.knn_density import ISOLATION_ONLY, knn_isolation
 
-# the rule without its optional terms (no low-loss term, no class alarm); each test switches on what it is about
-PLAIN = KnnDensityOptions(
-    k_fraction=0.2,
-    k_max=256,
-    distance="mean",
-    low_loss_weight=0.0,
-    class_alarm_p=0.0,
-    alarm_rule="hard",
-    alarm_confidence=0.0,
-)
+PLAIN = ISOLATION_ONLY  # the rule without its optional terms; each test switches on what it is about
 
 
 def isolation(x, labels, num_classes, loss=None, predicted=None, predicted_confidence=None, **changes):
@@ -189,30 +180,9 @@ def test_class_alarm_looks_again_only_inside_a_class_with_improbably_many_flags(
     predicted[boundary] = 4
     confidence = np.full(len(labels), 0.9)
     confidence[boundary] = 0.4
-    confident = isolation(
-        x,
-        labels,
-        5,
-        distance="kth",
-        loss=loss,
-        class_alarm_p=1e-3,
-        alarm_rule="either",
-        predicted=predicted,
-        predicted_confidence=confidence,
-        alarm_confidence=0.5,
-    )
-    anyhow = isolation(
-        x,
-        labels,
-        5,
-        distance="kth",
-        loss=loss,
-        class_alarm_p=1e-3,
-        alarm_rule="either",
-        predicted=predicted,
-        predicted_confidence=confidence,
-        alarm_confidence=0.0,
-    )
+    alarm = dict(distance="kth", loss=loss, class_alarm_p=1e-3, alarm_rule="either", predicted=predicted)
+    confident = isolation(x, labels, 5, predicted_confidence=confidence, alarm_confidence=0.5, **alarm)
+    anyhow = isolation(x, labels, 5, predicted_confidence=confidence, alarm_confidence=0.0, **alarm)
     assert confident.flags[carriers].all() and anyhow.flags[boundary].all()
     assert confident.flags[boundary].sum() == by_rule["hard"].flags[boundary].sum() < len(boundary)
     assert confident.summary["alarm_confidence"] == 0.5
