@@ -96,6 +96,7 @@ def run_evaluation(
                     "epochs": harness.recipe.epochs,
                     "augment": harness.recipe.augment,
                     "craft_config": dataclasses.asdict(harness.craft_config) if arm not in UNPOISONED_ARMS else None,
+                    "surrogates": config.surrogates if arm not in UNPOISONED_ARMS else None,
                     "seconds": seconds
                     | {
                         "victim_training": round(victim_cost.wall, 1),

@@ -66,11 +66,14 @@ class Harness:
 
     def surrogates(self) -> tuple[list[Classifier], Cost]:
         """The attacker's surrogate(s), trained once and published beside the results (attacks.surrogates)."""
-        return surrogates(self.models, self.train, self.out / "surrogates")
+        return surrogates(self.models, self.train, self.out / "surrogates", self.config.surrogates)
 
     def poisons_path(self, setup: PoisonSetup) -> Path:
-        """Where the poisons for `setup` are cached: named by data, key, eps, budget, attack config and the surrogate's recipe."""
+        """Where the poisons for `setup` are cached: named by data, key, eps, budget, attack config and the surrogates'
+        recipe (and their number when more than one, so single-surrogate poisons keep their names)."""
         surrogate_recipe = (self.scale.model, self.scale.model_kwargs, dataclasses.asdict(self.recipe))
+        if self.config.surrogates > 1:
+            surrogate_recipe += (self.config.surrogates,)
         digest = stable_hash(
             self.train.fingerprint,
             setup.key,

@@ -49,9 +49,8 @@ class EvaluationConfig:
     scale: str = "cpu"
     keys: tuple[int, ...] = tuple(range(8))
     victims: int = 4
-    seeds: tuple[int, ...] | None = (
-        None  # the victims' seeds; None: 0..victims-1 (a subset splits one run across processes)
-    )
+    # the victims' seeds; None: 0..victims-1 (a subset splits one run across processes)
+    seeds: tuple[int, ...] | None = None
     eps: float = 16.0
     budget: float = 0.01
     arms: tuple[str, ...] = CONTROL_ARMS  # defended arms are asked for by name
@@ -59,10 +58,12 @@ class EvaluationConfig:
     epochs: int | None = None  # override the scale's victim epochs
     restarts: int | None = None
     iterations: int | None = None
-    augment: bool | None = (
-        None  # override the scale's crop + flip for surrogate and victims (the no-augmentation check)
-    )
-    craft_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # override the attack's own options by name
+    # overrides of the scale's recipe for surrogate and victims: crop + flip (the no-augmentation check), learning rate
+    augment: bool | None = None
+    lr: float | None = None
+    surrogates: int = 1  # the attacker's ensemble: this many surrogates of other seeds
+    # override the attack's own options by name
+    craft_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     device: str = "auto"
     precision: str = "auto"
     subset_seed: int = 0
@@ -84,6 +85,10 @@ class EvaluationConfig:
         train = dataclasses.replace(scale.train, epochs=self.epochs or scale.train.epochs)
         if self.augment is not None:
             train = dataclasses.replace(train, augment=self.augment)
+        if self.lr is not None:
+            train = dataclasses.replace(train, lr=self.lr)
+        if self.surrogates < 1:
+            raise SanitizeError("surrogates must be >= 1")
         options = dict(scale.craft)
         options.update({k: v for k, v in (("restarts", self.restarts), ("iterations", self.iterations)) if v})
         options.update(self.craft_options)

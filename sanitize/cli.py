@@ -534,6 +534,10 @@ def attack(
 @click.option(
     "--augment/--no-augment", default=None, help="Override the scale's crop + flip for surrogate and victims."
 )
+@click.option("--lr", type=float, default=None, help="Override the scale's learning rate for surrogate and victims.")
+@click.option(
+    "--surrogates", type=int, default=1, show_default=True, help="Craft against an ensemble of this many surrogates."
+)
 @click.option(
     "--craft-option",
     "craft_options",
@@ -567,6 +571,8 @@ def evaluate(
     restarts,
     iterations,
     augment,
+    lr,
+    surrogates,
     craft_options,
     cache,
     out: Path,
@@ -593,6 +599,8 @@ def evaluate(
         restarts=restarts,
         iterations=iterations,
         augment=augment,
+        lr=lr,
+        surrogates=surrogates,
         craft_options=dict(parse_option(attack_name, text) for text in craft_options),
         device=device,
         cache=cache,

@@ -484,6 +484,10 @@ def test_overrides_reach_the_recipe_and_the_attack_and_are_recorded(tmp_path, sp
             "augment=false",
             "--craft-option",
             "max_shift=2",
+            "--lr",
+            "0.05",
+            "--surrogates",
+            "2",
             "--out",
             str(tmp_path / "e"),
             "--quiet",
@@ -495,7 +499,12 @@ def test_overrides_reach_the_recipe_and_the_attack_and_are_recorded(tmp_path, sp
     assert (
         rows["undefended"]["craft_config"]["augment"] is False and rows["undefended"]["craft_config"]["max_shift"] == 2
     )
-    assert rows["clean"]["craft_config"] is None
+    assert rows["clean"]["craft_config"] is None and rows["undefended"]["surrogates"] == 2
+    published = sorted((tmp_path / "e" / "surrogates").glob("surrogate-*.pt"))
+    assert len(published) == 2  # the ensemble: two surrogates of other seeds, each published
+    (poisons,) = (tmp_path / "e" / "poisons").glob("*.npz")
+    assert json.loads(str(np.load(poisons)["metadata"]))["surrogates"] == 2
+    assert EvaluationConfig(scale="smoke", lr=0.05).resolved()[1].lr == 0.05
     config = EvaluationConfig(scale="smoke", augment=False, craft_options={"augment": False})
     assert not config.resolved()[1].augment and not config.resolved()[2].augment
     for bad, message in (
