@@ -523,7 +523,7 @@ def attack(
     default=None,
     help="The victims' seeds, e.g. 4-7 (default 0..victims-1): to split one run's victims across processes.",
 )
-@click.option("--scale", type=click.Choice(["smoke", "cpu", "paper"]), default="cpu", show_default=True)
+@click.option("--scale", type=click.Choice(["smoke", "cpu", "full", "paper"]), default="cpu", show_default=True)
 @click.option("--eps", type=float, default=16.0, show_default=True)
 @click.option("--budget", type=float, default=0.01, show_default=True)
 @click.option("--arms", default="clean,undefended,random-noise", show_default=True)
