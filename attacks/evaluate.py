@@ -108,6 +108,7 @@ def run_evaluation(
                     else None,
                 }
             )
+            aggregate(out, command)  # after every victim: the summary always matches the rows, mid-run too
     aggregate(out, command)
     return out
 

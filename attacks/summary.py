@@ -21,7 +21,10 @@ from sanitize.report import write_report
 
 def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
     """summary.json and summary.md: mean +- standard error per (attack, scale, model, epochs, eps, arm, variant): a
-    detector arm's rows scanned under an older default are their own variant (`defense_variant`)."""
+    detector arm's rows scanned under an older default are their own variant (`defense_variant`). Without `command`
+    the summary keeps the one it already names."""
+    if command is None and (out / "summary.json").exists():
+        command = json.loads((out / "summary.json").read_text()).get("command")
     groups: dict[tuple, list[dict]] = {}
     for row in read_rows(out):
         groups.setdefault(
