@@ -14,7 +14,8 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from attacks.base import PoisonSet, PoisonSetup
 from attacks.registry import get_attack
 from sanitize.data import ImageDataset
+from sanitize.errors import SanitizeError
 from sanitize.models import Classifier
 from sanitize.training import autocast, save_atomic
 
@@ -40,6 +42,23 @@ class CraftingOptions:
     milestones: tuple[float, ...] = (3 / 8, 5 / 8, 7 / 8)  # fractions of the iterations where lr drops x0.1
     batch_size: int = 512
     seed: int = 0
+    # re-train the surrogates from scratch on the data with the current poisons every this many iterations and craft
+    # on against the new ones (Sleeper Agent: every 50 of 250); 0: never. Needs a way to re-train (the evaluation's)
+    retrain_every: int = 0
+
+
+# options added after poisons were first cached, at the value that crafts as before: left out of a poison set's name
+IDENTITY_DEFAULTS = {"retrain_every": 0}
+
+
+def options_identity(options: Any) -> dict[str, Any]:
+    """What names a poison set's options: every option, less the later ones at the value that crafts as before (so
+    poisons cached before those options existed keep their names)."""
+    return {k: v for k, v in dataclasses.asdict(options).items() if IDENTITY_DEFAULTS.get(k, object()) != v}
+
+
+# re-trains the surrogates on the data with these integer deltas at the poison positions, after this many iterations
+Retrain = Callable[[torch.Tensor, int], list[Classifier]]
 
 
 def parameter_gradient(
@@ -78,13 +97,21 @@ def craft(
     amp_dtype: torch.dtype | None = None,
     progress: bool = True,
     checkpoint: Path | None = None,
+    retrain: Retrain | None = None,
 ) -> PoisonSet:
-    """Craft the poisons for `setup` with the registered attack `name` against its surrogate(s)."""
-    for model in surrogates:
-        model.to(device).eval()
-        for p in model.parameters():
-            p.requires_grad_(True)
-    attack = get_attack(name)(options, surrogates, target_image.to(device), setup, device, amp_dtype)
+    """Craft the poisons for `setup` with the registered attack `name` against its surrogate(s); with
+    `options.retrain_every`, `retrain` gives new surrogates trained on the current poisons."""
+    if options.retrain_every and retrain is None:
+        raise SanitizeError("retrain_every needs surrogates that can be re-trained (sanitize evaluate provides them)")
+    target = target_image.to(device)
+
+    def attack_on(models: list[Classifier]) -> Any:
+        for model in models:
+            model.to(device).eval()
+            for p in model.parameters():
+                p.requires_grad_(True)
+        return get_attack(name)(options, models, target, setup, device, amp_dtype)
+
     positions = np.asarray(setup.poison_indices)
     clean_uint8, labels, _ = train.load_batch(positions)
     clean = clean_uint8.float().div(255).to(device)
@@ -92,7 +119,7 @@ def craft(
     std = surrogates[0].std.to(device)
     bound = eps / 255 / std
     generator = torch.Generator().manual_seed(options.seed)
-    identity = json.dumps(asdict(options), sort_keys=True)
+    identity = json.dumps(options_identity(options), sort_keys=True)
     best_delta, best_loss, losses_per_restart, done, spent = None, float("inf"), [], 0, 0.0
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -100,11 +127,22 @@ def craft(
             best_delta, best_loss = state["best_delta"].to(device), state["best_loss"]
             done, spent, losses_per_restart = state["restarts_done"], state["seconds"], state["losses_per_restart"]
             generator.set_state(state["generator"])
+
+    def after(iteration: int, delta: torch.Tensor) -> Any | None:
+        """The attack on new surrogates, trained on the current poisons, when this iteration re-trains; else None."""
+        if not options.retrain_every or iteration % options.retrain_every:
+            return None
+        deltas = quantize(clean_uint8, (clean + delta.detach() * std).cpu(), eps)
+        return attack_on(retrain(deltas, iteration))
+
     started = time.perf_counter() - spent
     for restart in range(done, options.restarts):
         delta = (torch.randn(clean.shape, generator=generator).to(device) * bound).clamp(-bound, bound)
         delta = project(delta, clean, bound, std).requires_grad_(True)
-        history = _optimise(attack, delta, clean, labels, bound, std, options, generator, restart, progress)
+
+        history = _optimise(
+            attack_on(surrogates), after, delta, clean, labels, bound, std, options, generator, restart, progress
+        )
         losses_per_restart.append(history)
         if history[-1] < best_loss:
             best_loss, best_delta = history[-1], delta.detach().clone()
@@ -126,15 +164,17 @@ def craft(
     return PoisonSet(setup=setup, eps=eps, deltas=deltas, method=name, metadata=metadata)
 
 
-def _optimise(attack, delta, clean, labels, bound, std, options, generator, restart, progress) -> list[float]:
-    """One restart: signed Adam with step decay on `delta` (in place); the loss of every iteration."""
+def _optimise(attack, after, delta, clean, labels, bound, std, options, generator, restart, progress) -> list[float]:
+    """One restart: signed Adam with step decay on `delta` (in place); the loss of every iteration. `after(i, delta)`
+    may return the attack on re-trained surrogates to craft on against from iteration i on."""
     optimizer = torch.optim.Adam([delta], lr=options.lr)
     steps = sorted({int(options.iterations * f) for f in options.milestones})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, steps, gamma=0.1)
     count, history = len(clean), []
     desc = f"craft restart {restart + 1}/{options.restarts}"
     bar = tqdm(range(options.iterations), desc=desc, leave=False, disable=not progress)
-    for _ in bar:
+    for iteration in bar:
+        attack = (iteration and after(iteration, delta)) or attack
         optimizer.zero_grad()
         total = 0.0
         for start in range(0, count, options.batch_size):

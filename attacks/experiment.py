@@ -17,10 +17,10 @@ import torch
 from attacks.arms import CONTROL_ARMS, DETECTOR_ARMS, UNPOISONED_ARMS, poison_truth, told_count
 from attacks.base import PoisonSet, PoisonSetup, load_poisons, save_poisons
 from attacks.carriers import poison_pull, pull_carriers
-from attacks.crafting import craft
+from attacks.crafting import craft, options_identity
 from attacks.rows import default_scan_options, defense_key, read_rows, recorded_scan_options
 from attacks.scales import EvaluationConfig, class_balanced_subset
-from attacks.surrogates import surrogates
+from attacks.surrogates import SURROGATE_SEED, surrogates
 from attacks.trained import Cost, ModelCache, stable_hash
 from sanitize.data import open_dataset
 from sanitize.data.arrays import ArrayDataset
@@ -79,7 +79,7 @@ class Harness:
             setup.key,
             self.config.eps,
             self.config.budget,
-            dataclasses.asdict(self.craft_config),
+            options_identity(self.craft_config),
             surrogate_recipe,
         )
         return self.cache / f"poisons-{self.config.attack}-key{setup.key}-eps{self.config.eps:g}-{digest}.npz"
@@ -123,11 +123,23 @@ class Harness:
             amp_dtype=self.amp,
             progress=self.progress,
             checkpoint=partial,
+            retrain=self.retrainer(setup),
         )
         save_poisons(poisons, path)
         save_poisons(poisons, published)
         partial.unlink(missing_ok=True)
         return poisons
+
+    def retrainer(self, setup: PoisonSetup):
+        """The attacker's re-training during crafting (`retrain_every`): surrogates trained from scratch on the data
+        with the current poisons, with attacker seeds of their own, cached like every model."""
+
+        def retrain(deltas: torch.Tensor, iteration: int) -> list[Classifier]:
+            poisoned = self.data_for("undefended", PoisonSet(setup, self.config.eps, deltas, self.config.attack))
+            seeds = [SURROGATE_SEED + 1000 * iteration + index for index in range(self.config.surrogates)]
+            return [self.models.trained(poisoned, seed, "surrogate-retrained")[0] for seed in seeds]
+
+        return retrain
 
     def data_for(self, arm: str, poisons: PoisonSet | None, setup: PoisonSetup | None = None) -> ArrayDataset:
         """The training set an arm starts from: clean, the random-noise control, or the poisoned set (undefended, and

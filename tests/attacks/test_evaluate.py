@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from attacks import choose_setup, load_poisons
+from attacks import attack_options, choose_setup, craft, load_poisons
 from attacks.evaluate import run_evaluation
 from attacks.experiment import Harness
 from attacks.rows import REQUIRED as ROW_REQUIRED
@@ -519,3 +519,46 @@ def test_overrides_reach_the_recipe_and_the_attack_and_are_recorded(tmp_path, sp
         assert result.exit_code == 2 and message in result.output, (bad, result.output)
     with pytest.raises(SanitizeError, match="has no option"):
         EvaluationConfig(scale="smoke", craft_options={"colour": 1}).resolved()
+
+
+def test_retraining_during_crafting_trains_surrogates_on_the_current_poisons(tmp_path, split_npz, monkeypatch):
+    """retrain_every: every k iterations the surrogates are trained again from scratch on the data holding the poisons
+    crafted so far, and crafting goes on against them (Sleeper Agent's re-training); the poisons get their own name."""
+    train, test = split_npz
+    calls = []
+    real = Harness.retrainer
+
+    def recording(self, setup):
+        retrain = real(self, setup)
+
+        def wrapped(deltas, iteration):
+            calls.append((iteration, deltas.dtype, int(deltas.abs().max())))
+            return retrain(deltas, iteration)
+
+        return wrapped
+
+    monkeypatch.setattr(Harness, "retrainer", recording)
+    config = EvaluationConfig(
+        **quick_smoke(tmp_path) | dict(iterations=5, victims=1, arms=("undefended",)),
+        craft_options={"retrain_every": 2},
+    )
+    run_evaluation(train, test, tmp_path / "e", config, progress=False)
+    assert [(i, dtype) for i, dtype, _ in calls] == [(2, torch.int16), (4, torch.int16)]
+    assert all(0 < largest <= 16 for *_, largest in calls)
+    assert len(list((tmp_path / "cache").glob("surrogate-retrained-*.pt"))) == 2
+    plain = Harness(train, test, tmp_path / "p", EvaluationConfig(**quick_smoke(tmp_path)), progress=False)
+    setup = choose_setup(0, plain.train, plain.test, 0.02)
+    assert Harness(train, test, tmp_path / "p", config, progress=False).poisons_path(setup) != plain.poisons_path(setup)
+    with pytest.raises(SanitizeError, match="retrain_every needs"):
+        craft_options = attack_options("gradient-matching", retrain_every=2, iterations=3, restarts=1)
+        craft(
+            "gradient-matching",
+            plain.surrogates()[0],
+            plain.train,
+            plain.test.load_image(setup.target_index),
+            setup,
+            16,
+            craft_options,
+            device=torch.device("cpu"),
+            progress=False,
+        )
