@@ -9,6 +9,7 @@ import torch
 
 from attacks import attack_options, choose_setup, craft
 from attacks.base import write_poisoned
+from attacks.selection import select_poisons
 from attacks.surrogates import surrogate as cached_surrogate
 from attacks.trained import ModelCache
 from sanitize.config import TrainConfig
@@ -66,6 +67,7 @@ def attack_dataset(
             progress,
         )
         net, _ = cached_surrogate(cache, train_set, None, seed)
+    setup = select_poisons(setup, options.selection, [net], train_set)
     target = test_set.load_image(setup.target_index)
     poisons = craft(
         method, [net], train_set, target, setup, eps, options, device=run_device, amp_dtype=amp, progress=progress

@@ -45,10 +45,13 @@ class CraftingOptions:
     # re-train the surrogates from scratch on the data with the current poisons every this many iterations and craft
     # on against the new ones (Sleeper Agent: every 50 of 250); 0: never. Needs a way to re-train (the evaluation's)
     retrain_every: int = 0
+    # which images of the intended class to perturb: the key's random pick, or those with the largest training gradient
+    # on the surrogate(s) ("gradient-norm", attacks.selection); the evaluation applies it before crafting
+    selection: str = "random"
 
 
 # options added after poisons were first cached, at the value that crafts as before: left out of a poison set's name
-IDENTITY_DEFAULTS = {"retrain_every": 0}
+IDENTITY_DEFAULTS = {"retrain_every": 0, "selection": "random"}
 
 
 def options_identity(options: Any) -> dict[str, Any]:

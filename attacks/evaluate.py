@@ -16,6 +16,7 @@ from attacks.arms import DETECTOR_ARMS, UNPOISONED_ARMS, robust_metrics, split_b
 from attacks.base import choose_setup
 from attacks.experiment import Harness
 from attacks.scales import EvaluationConfig
+from attacks.selection import select_poisons
 from attacks.summary import aggregate
 
 
@@ -35,6 +36,10 @@ def run_evaluation(
     surrogate_models = None
     for key in config.keys:
         setup = choose_setup(key, harness.train, harness.test, config.budget)
+        if harness.craft_config.selection != "random":  # the poison images depend on the surrogates
+            if surrogate_models is None:
+                surrogate_models, surrogate_cost = harness.surrogates()
+            setup = select_poisons(setup, harness.craft_config.selection, surrogate_models, harness.train)
         stored = harness.stored_poisons(setup)
         todo = harness.plan(key, done, stored.digest() if stored else None, setup)
         if not todo:

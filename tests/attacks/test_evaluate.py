@@ -13,6 +13,7 @@ from attacks.experiment import Harness
 from attacks.rows import REQUIRED as ROW_REQUIRED
 from attacks.rows import SCAN_OPTIONS_RECORDED
 from attacks.scales import EvaluationConfig
+from attacks.selection import gradient_norms, select_poisons
 from attacks.summary import aggregate
 from attacks.trained import Cost
 from sanitize.cli import cli, parse_keys
@@ -562,3 +563,25 @@ def test_retraining_during_crafting_trains_surrogates_on_the_current_poisons(tmp
             device=torch.device("cpu"),
             progress=False,
         )
+
+
+def test_gradient_norm_selection_takes_the_intended_class_images_with_the_largest_gradients(tmp_path, split_npz):
+    train, test = split_npz
+    harness = Harness(train, test, tmp_path / "e", EvaluationConfig(**quick_smoke(tmp_path)), progress=False)
+    models, _ = harness.surrogates()
+    setup = choose_setup(0, harness.train, harness.test, 0.02)
+    assert select_poisons(setup, "random", models, harness.train) == setup
+    chosen = select_poisons(setup, "gradient-norm", models, harness.train)
+    assert len(chosen.poison_indices) == len(setup.poison_indices) and chosen.poison_indices != setup.poison_indices
+    pool = np.flatnonzero(harness.train.labels == setup.intended_class)
+    norms = dict(zip(pool.tolist(), gradient_norms(models, harness.train, pool)))
+    picked = [norms[i] for i in chosen.poison_indices]
+    assert min(picked) >= max(v for i, v in norms.items() if i not in chosen.poison_indices)
+    with pytest.raises(SanitizeError, match="selection must be"):
+        select_poisons(setup, "loudest", models, harness.train)
+    config = EvaluationConfig(
+        **quick_smoke(tmp_path) | dict(victims=1, arms=("undefended",)), craft_options={"selection": "gradient-norm"}
+    )
+    run_evaluation(train, test, tmp_path / "s", config, progress=False)
+    (stored,) = (tmp_path / "s" / "poisons").glob("*.npz")
+    assert tuple(np.load(stored)["poison_indices"].tolist()) == chosen.poison_indices
