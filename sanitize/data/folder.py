@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 from collections import Counter
 from pathlib import Path
 
@@ -20,6 +21,23 @@ from sanitize.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error to record, not an image to pad with grey
+MAX_IMAGE_BYTES = 64 * 2**20  # a larger file is skipped unread: no image of a training set needs more
+
+
+def read_image_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of a regular file of at most MAX_IMAGE_BYTES. Opened without blocking and checked after opening, so
+    a FIFO, a device or a file swapped for one raises instead of hanging or reading without end."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        if info.st_size > MAX_IMAGE_BYTES:
+            raise ValueError(f"larger than {MAX_IMAGE_BYTES // 2**20} MiB")
+        data = handle.read(MAX_IMAGE_BYTES + 1)
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ValueError(f"larger than {MAX_IMAGE_BYTES // 2**20} MiB")
+    return data
 
 
 def decode_rgb(data: bytes) -> Image.Image:
@@ -55,32 +73,94 @@ class _Validate(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, tuple[int, int] | None, str, str]:
         try:
-            data = self.files[i].read_bytes()
+            data = read_image_bytes(self.files[i])
             image = decode_rgb(data)
         except Exception as error:  # any decoder failure is a recorded skip, never a crash
             return i, None, "", f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         return i, (image.height, image.width), hashlib.sha256(data).hexdigest(), ""
 
 
-def _list_classes(root: Path) -> tuple[list[str], list[tuple[Path, int]], int]:
+def unusable_name(name: str) -> str | None:
+    """Why a file or folder name cannot be an id (ids are one per line in flagged.txt), or None."""
     try:
-        class_dirs = sorted(
-            (e for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")), key=lambda e: e.name
-        )
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "its name is not valid UTF-8"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "its name contains a control character (newline, tab, ...)"
+    return None
+
+
+def _walk(top: Path, root: Path, skipped: list[Skipped]) -> tuple[list[Path], int]:
+    """Image files under `top`, depth first in name order, without recursion (any depth) and without following
+    directory symlinks (no loops, nothing outside DATA twice); what is left out and why goes to `skipped`."""
+    files, ignored, stack = [], 0, [top]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as error:
+            skipped.append(
+                Skipped(_rel(folder, root), str(folder), f"folder cannot be read: {error.strerror or error}")
+            )
+            continue
+        subfolders = []
+        for entry in entries:
+            path = Path(entry.path)
+            why = unusable_name(entry.name)
+            try:
+                if why is None and entry.is_dir(follow_symlinks=False):
+                    subfolders.append(path)
+                    continue
+                if why is None and entry.is_symlink() and entry.is_dir():
+                    why = "a symlink to a folder (not followed)"
+                elif why is None and not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                    ignored += 1
+                    continue
+                elif why is None and not stat.S_ISREG(entry.stat().st_mode):
+                    why = "not a regular file"
+            except OSError as error:  # a dangling symlink, a vanished file
+                why = f"cannot be read: {error.strerror or error}"
+            if why is None:
+                files.append(path)
+            else:
+                skipped.append(Skipped(_rel(path, root), _printable(path), why))
+        stack.extend(reversed(subfolders))
+    return files, ignored
+
+
+def _rel(path: Path, root: Path) -> str:
+    return _printable(Path(os.path.relpath(path, root)))
+
+
+def _printable(path: Path) -> str:
+    """A path as text that encodes to UTF-8 (undecodable bytes as backslash escapes), for records of skipped files."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _list_classes(root: Path) -> tuple[list[str], list[tuple[Path, int]], int, list[Skipped]]:
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError as error:
         raise DataError(f"cannot list {root}: {error}") from None
+    skipped: list[Skipped] = []
+    class_dirs = []
+    for entry in entries:
+        if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+            continue
+        why = unusable_name(entry.name)
+        if why:
+            skipped.append(Skipped(_rel(Path(entry.path), root), _printable(Path(entry.path)), f"class folder: {why}"))
+        else:
+            class_dirs.append(entry)
     classes = [entry.name for entry in class_dirs]
     files: list[tuple[Path, int]] = []
     ignored = 0
     for label, entry in enumerate(class_dirs):
-        for dirpath, dirnames, filenames in os.walk(entry.path, followlinks=True):
-            dirnames.sort()
-            for name in sorted(filenames):
-                if name.lower().endswith(IMAGE_EXTENSIONS):
-                    files.append((Path(dirpath) / name, label))
-                else:
-                    ignored += 1
-    return classes, files, ignored
+        found, others = _walk(Path(entry.path), root, skipped)
+        files.extend((path, label) for path in found)
+        ignored += others
+    return classes, files, ignored, skipped
 
 
 def open_folder(
@@ -88,7 +168,7 @@ def open_folder(
 ) -> FolderDataset:
     """List and validate an ImageFolder tree; undecodable files are recorded in `skipped`, not raised. Under torchrun
     every rank decodes every world_size-th file and all ranks share the results."""
-    classes, files, ignored = _list_classes(root)
+    classes, files, ignored, skipped = _list_classes(root)
     if not classes:
         raise DataError(f"{root} has no class subfolders (expected DATA/<class>/<image>)")
     if not files:
@@ -101,7 +181,6 @@ def open_folder(
     ]
     sizes: dict[int, tuple[int, int]] = {}
     digests: dict[int, str] = {}
-    skipped = []
     for i, size, digest, reason in sorted(gather_lists(checked, world), key=lambda result: result[0]):
         rel = files[i][0].relative_to(root).as_posix()
         if size is None:
@@ -140,7 +219,7 @@ class FolderDataset(ImageDataset):
     def load_image(self, index: int) -> torch.Tensor:
         path = self.paths[index]
         try:
-            image = decode_rgb(Path(path).read_bytes())
+            image = decode_rgb(read_image_bytes(path))
         except Exception as error:
             raise DataError(f"{path} changed since validation and no longer decodes: {error}") from None
         array = np.asarray(fit_to_size(image, self.image_size), dtype=np.uint8)
