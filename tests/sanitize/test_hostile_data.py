@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from sanitize.data import open_dataset
 from sanitize.data import folder as folder_module
+from sanitize.data import open_dataset
 
 
 def _skips(dataset):
