@@ -15,13 +15,59 @@ from sanitize.errors import DataError
 KEY_PAIRS = (("x", "y"), ("x_train", "y_train"), ("x_test", "y_test"))
 
 
+MAX_NPZ_BYTES = 32 * 2**30  # an archive declaring more is refused before anything is allocated (use folders beyond)
+MAX_CLASSES = 100_000
+MIN_SIDE = 8  # the smallest image side the models take (three 2x poolings)
+
+
+def _declared_sizes(path: Path) -> dict[str, int]:
+    """Each array member's size in bytes as its .npy header declares it, checked against the archive before numpy
+    allocates anything: a zip bomb or a header claiming more than its member holds is a clear error."""
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as handle:
+            start = handle.read(6)
+        if start == b"\x93NUMPY":
+            raise DataError(
+                f"{path} is a single .npy array, not an .npz archive of x and y (write it with numpy.savez)"
+            )
+        raise DataError(f"{path} is not an .npz archive (numpy.savez's zip of .npy arrays)")
+    sizes = {}
+    with zipfile.ZipFile(path) as archive:
+        total = sum(info.file_size for info in archive.infolist())
+        if total > MAX_NPZ_BYTES:
+            raise DataError(
+                f"{path} unpacks to {total / 2**30:.1f} GiB, over the {MAX_NPZ_BYTES // 2**30} GiB an .npz may hold"
+            )
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with archive.open(info) as member:
+                try:
+                    version = np.lib.format.read_magic(member)
+                    header = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shape, _, dtype = header(member)
+                except (ValueError, OSError, EOFError) as error:
+                    raise DataError(f"{path}: member {info.filename} is not a .npy array ({error})") from None
+            if dtype.hasobject:
+                raise DataError(f"{path}: member {info.filename} holds Python objects; only plain arrays are read")
+            declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if declared > info.file_size:
+                raise DataError(f"{path}: member {info.filename} declares {shape} but holds {info.file_size} bytes")
+            sizes[info.filename[: -len(".npy")]] = declared
+    return sizes
+
+
 def _load_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
     try:
+        names = set(_declared_sizes(path))
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+    except (OSError, zipfile.BadZipFile, EOFError) as error:
         raise DataError(f"cannot read {path}: {error}") from None
     with archive:
-        names = set(archive.files)
         pair = next(((xk, yk) for xk, yk in KEY_PAIRS if xk in names and yk in names), None)
         if pair is None:
             raise DataError(
@@ -57,6 +103,12 @@ def open_npz(path: Path) -> ArrayDataset:
         raise DataError(f"{path}: no images")
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
         raise DataError(f"{path}: labels must be non-negative integers, got {y.dtype} min {y.min()}")
+    if int(y.max()) >= MAX_CLASSES:  # checked before the cast: a uint64 2**64-1 would wrap to -1
+        raise DataError(f"{path}: a label of {int(y.max())}; labels are class indices below {MAX_CLASSES}")
+    if min(x.shape[1:3]) < MIN_SIDE:
+        raise DataError(
+            f"{path}: images of {x.shape[1]}x{x.shape[2]} px; the models need at least {MIN_SIDE}x{MIN_SIDE}"
+        )
     labels = y.astype(np.int64)
     num_classes = int(labels.max()) + 1
     if classes is None:

@@ -15,6 +15,7 @@ from PIL import Image, ImageFile
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from sanitize.data.arrays import MIN_SIDE
 from sanitize.data.base import ImageDataset, Skipped
 from sanitize.distributed import World, gather_lists
 from sanitize.errors import DataError
@@ -194,6 +195,11 @@ def open_folder(
         size = Counter(sizes[i] for i in kept).most_common(1)[0][0]
     else:
         size = (image_size, image_size)
+    if min(size) < MIN_SIDE:
+        raise DataError(
+            f"{root}: most images are {size[0]}x{size[1]} px; the models need at least {MIN_SIDE}x{MIN_SIDE} "
+            f"(--image-size {MIN_SIDE} or more resizes them)"
+        )
     fingerprint = hashlib.sha256()
     for i in kept:
         fingerprint.update(f"{files[i][0].relative_to(root).as_posix()}\0{files[i][1]}\0{digests[i]}\n".encode())

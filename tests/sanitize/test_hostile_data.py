@@ -1,14 +1,20 @@
 """Hostile ImageFolder trees: every special file, name and structure ends in a recorded skip, never a hang, a crash,
 unbounded memory or an id that breaks the one-id-per-line outputs."""
 
+import io
 import os
+import pickle
 import shutil
 import threading
+import zipfile
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from sanitize.data import folder as folder_module
 from sanitize.data import open_dataset
+from sanitize.errors import DataError
 
 
 def _skips(dataset):
@@ -63,12 +69,20 @@ def test_folder_symlinks_are_not_followed_and_any_depth_is_walked(digits_folder)
         deep = deep / "d"
         os.mkdir(deep)
     shutil.copy(source, deep / "deep.png")
-    dataset = _open_with_timeout(digits_folder)
+    try:
+        dataset = _open_with_timeout(digits_folder)
+    finally:
+        _remove_deep(deep, digits_folder / "digit_5")
     skips = _skips(dataset)
     assert "not followed" in skips["digit_3/loop"] and "not followed" in skips["digit_3/elsewhere"]
     assert len(dataset) == 401 and len(set(dataset.ids)) == len(dataset)  # nothing counted twice
-    os.remove(deep / "deep.png")
-    while deep != digits_folder / "digit_5":  # shutil.rmtree recurses too: leave no tree it cannot remove
+
+
+def _remove_deep(deep, top):
+    """Bottom-up, without recursion: shutil.rmtree (and pytest's clean-up of old temporary folders) recurses."""
+    for name in os.listdir(deep):
+        os.remove(deep / name)
+    while deep != top:
         os.rmdir(deep)
         deep = deep.parent
 
@@ -91,3 +105,53 @@ def test_an_unreadable_subfolder_is_recorded(digits_folder, monkeypatch):
 def test_garbage_behind_an_image_extension_is_a_recorded_skip(digits_folder, content):
     (digits_folder / "digit_7" / "junk.png").write_bytes(content)
     assert "digit_7/junk.png" in _skips(_open_with_timeout(digits_folder))
+
+
+def _npz_with_member(path, name, header_shape, body=b""):
+    """An .npz whose member `name` declares `header_shape` (uint8) in its .npy header but holds only `body`."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "|u1", "fortran_order": False, "shape": header_shape})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(name + ".npy", buffer.getvalue() + body)
+        archive.writestr("y.npy", _npy(np.zeros(2, np.int64)))
+
+
+def _npy(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda p: np.savez(p, x=np.zeros((2, 16, 16, 3), np.uint8), y=np.array([0, 2**64 - 1], np.uint64)),
+            "a label of",
+        ),
+        (lambda p: np.savez(p, x=np.zeros((2, 16, 16, 3), np.uint8), y=np.array([0, 10**9])), "a label of"),
+        (lambda p: np.savez(p, x=np.zeros((2, 1, 1, 3), np.uint8), y=np.array([0, 1])), "at least 8x8"),
+        (lambda p: np.savez(p, x=np.zeros((0, 16, 16, 3), np.uint8), y=np.zeros(0, int)), "no images"),
+        (lambda p: _npz_with_member(p, "x", (10**6, 1000, 1000, 3)), "declares"),
+        (lambda p: np.save(open(p, "wb"), np.zeros(3)), "single .npy array"),
+        (lambda p: open(p, "w").write("x,y\n1,2\n"), "not an .npz archive"),
+        (lambda p: pickle.dump({"x": 1}, open(p, "wb")), "not an .npz archive"),
+    ],
+    ids=["uint64-max label", "label 1e9", "1x1 images", "no images", "zip bomb header", "npy", "text", "pickle"],
+)
+def test_hostile_npz_is_a_one_line_data_error(tmp_path, make, message):
+    path = tmp_path / "data.npz"
+    make(path)
+    with pytest.raises(DataError, match=message) as caught:
+        open_dataset(path)
+    assert "allow_pickle" not in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_folder_of_tiny_images_is_refused_unless_resized(tmp_path):
+    for label in ("a", "b"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (1, 1), (i, 0, 0)).save(tmp_path / "data" / label / f"{i}.png")
+    with pytest.raises(DataError, match="at least 8x8"):
+        open_dataset(tmp_path / "data", progress=False)
+    assert open_dataset(tmp_path / "data", image_size=16, progress=False).image_size == (16, 16)
