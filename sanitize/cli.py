@@ -26,6 +26,11 @@ TRAIN_DEFAULTS = TrainConfig()
 ROBUST_DEFAULTS = RobustConfig()
 
 
+def silence_stdout() -> None:
+    """Point stdout at /dev/null, so that nothing more (not even the exit's flush) writes to a closed pipe."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def _handle_errors(fn: Callable) -> Callable:
     """User errors become one line on stderr and exit 2; a bug says how to get its traceback."""
 
@@ -39,6 +44,9 @@ def _handle_errors(fn: Callable) -> Callable:
         except KeyboardInterrupt:
             click.echo("interrupted; rerun the same command to resume", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # the reader of our output left (`| head`): nothing more to say
+            silence_stdout()
+            sys.exit(141)
         except Exception as error:
             if os.environ.get("SANITIZE_DEBUG"):
                 raise
@@ -275,7 +283,10 @@ def scan(data: Path, out: Path, **options: Any) -> None:
 
     result = run(data, out, **options)
     if current_world().is_main:  # under torchrun every rank has the verdict; one prints it
-        print_summary(result)
+        try:
+            print_summary(result)
+        except BrokenPipeError:  # `sanitize scan ... | head -3`: the verdict still decides the exit code
+            silence_stdout()
     sys.exit(0 if result.passed else 1)
 
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +28,7 @@ from sanitize.models import Classifier
 from sanitize.training import autocast, to_model_input
 
 ARRAYS = ("features", "logits", "gradient")
+SAVE_SECONDS = 60  # the pass saves its progress at least this often (and every 20,000 rows)
 EMBEDDINGS = ("features", "gradient", "logit_gradient")  # the spaces a detector may work in (`space`)
 
 
@@ -129,6 +132,23 @@ def load_embeddings(directory: Path, labels: np.ndarray) -> Embeddings:
     return Embeddings(directory=directory, labels=labels, meta=meta, **arrays)
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file's content, or None when it is missing or damaged (resume state that is redone, not a crash)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _readable(path: Path, shape: tuple[int, int]) -> bool:
+    """Whether `path` is a float32 .npy array of `shape` (a damaged one is rewritten)."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return False
+    return array.shape == shape and array.dtype == np.float32
+
+
 @torch.no_grad()
 def compute_embeddings(
     model: Classifier,
@@ -167,10 +187,8 @@ def compute_embeddings(
     shapes = {"features": (n, model.feature_dim), "logits": (n, model.num_classes), "gradient": (n, embedder.dim)}
     same_pass = None
     if world.is_main:
-        same_pass = (
-            meta_path.exists()
-            and json.loads(meta_path.read_text()) == meta
-            and all((directory / f"{name}.npy").exists() for name in ARRAYS)
+        same_pass = read_json(meta_path) == meta and all(
+            _readable(directory / f"{name}.npy", shapes[name]) for name in ARRAYS
         )
         if not same_pass:
             for stale in directory.glob("progress*.json"):
@@ -180,12 +198,13 @@ def compute_embeddings(
             write_atomic(meta_path, json.dumps(meta, indent=1))
     same_pass = broadcast_from_main(same_pass, world)  # after rank 0 made the files: no rank opens them before
     lo, hi = world.row_range(n)
-    start = json.loads(progress_path.read_text())["rows_done"] if same_pass and progress_path.exists() else lo
+    done = (read_json(progress_path) or {}).get("rows_done") if same_pass else None
+    start = done if isinstance(done, int) and lo <= done <= hi else lo  # damaged or foreign progress: from the start
     arrays = {name: open_memmap(directory / f"{name}.npy", mode="r+") for name in ARRAYS}
     model.to(device, memory_format=torch.channels_last).eval()
     rows = np.arange(start, hi)
     bar = tqdm(total=hi - lo, initial=start - lo, desc="embed", unit="img", disable=not progress)
-    checkpoint_every = max(1, 20_000 // batch_size)
+    checkpoint_every, saved = max(1, 20_000 // batch_size), time.monotonic()
     for step, (images, labels, positions) in enumerate(iterate_batches(dataset, rows, batch_size, workers), 1):
         with autocast(device, amp_dtype):
             features = model.features(to_model_input(images, device))
@@ -197,10 +216,11 @@ def compute_embeddings(
         arrays["logits"][first:end] = logits.float().cpu().numpy()
         arrays["gradient"][first:end] = embedder(g, f_tilde).cpu().numpy()
         bar.update(end - first)
-        if step % checkpoint_every == 0 or end == hi:
+        if step % checkpoint_every == 0 or end == hi or time.monotonic() - saved > SAVE_SECONDS:
             for array in arrays.values():
                 array.flush()
             write_atomic(progress_path, json.dumps({"rows_done": end}))
+            saved = time.monotonic()
     bar.close()
     del arrays
     barrier(world)  # every share is written

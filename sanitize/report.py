@@ -61,13 +61,15 @@ def write_report(
     data: str | os.PathLike | ImageDataset | None = None,
     max_thumbnails: int = 48,
     max_projection_classes: int = 10,
+    summary: dict[str, Any] | None = None,
 ) -> Path:
     """Render RUN_DIR/report.html from the run's outputs. `data` gives the images for thumbnails (default: the source
-    recorded in summary.json; a dataset whose fingerprint differs is not used)."""
+    recorded in summary.json; a dataset whose fingerprint differs is not used). A run passes its `summary` before
+    writing summary.json, so that the verdict is the last file it writes."""
     run_dir = Path(run_dir)
     if max_thumbnails < 0 or max_projection_classes < 0:
         raise SanitizeError("max_thumbnails and max_projection_classes must be >= 0")
-    summary = _read_json(run_dir / "summary.json")
+    summary = summary if summary is not None else _read_json(run_dir / "summary.json")
     if "table" in summary:
         context = {"kind": "evaluation", "title": "sanitize evaluation", "evaluation": summary}
     elif "gate" in summary:

@@ -33,8 +33,9 @@ from sanitize.density import gpu_available
 from sanitize.detectors import Detection, run_detector
 from sanitize.distributed import World, broadcast_from_main, current_world
 from sanitize.embeddings import Embeddings, compute_embeddings
+from sanitize.errors import SanitizeError
 from sanitize.manifest import flag_metrics, manifest_file, poison_mask, read_manifest
-from sanitize.models import Classifier, create_model, default_model_name, load_weights
+from sanitize.models import Classifier, create_model, default_model_name, load_weights, require_finite_weights
 from sanitize.report import write_report
 from sanitize.training import resolve_device, resolve_precision, train_from_scratch
 
@@ -168,7 +169,10 @@ def run_scan(data: str | os.PathLike | ImageDataset, out: str | os.PathLike, con
     truth = poison_mask(record, dataset.ids) if record else None  # checked before the long part, not after
     device = resolve_device(config.device, world)
     amp_dtype = resolve_precision(config.precision, device)
+    if world.is_main:  # an earlier run's verdict must not outlive a run that fails before writing its own
+        (out / "summary.json").unlink(missing_ok=True)
     model, model_info = build_proxy(dataset, config, out, device, amp_dtype, timer, world)
+    require_finite_weights(model, "the proxy (training diverged, or the checkpoint holds them)")
     signature = _embedding_signature(dataset, model, config)
     with timer.phase("embed"):
         embeddings = compute_embeddings(
@@ -200,8 +204,10 @@ def run_scan(data: str | os.PathLike | ImageDataset, out: str | os.PathLike, con
         summary = _summary(dataset, config, model_info, embeddings, detection, device, amp_dtype, timer, started, world)
         if record:
             summary["poisons"] = poison_summary(record, Path(config.manifest), truth, detection)
-        write_atomic(files["summary"], json.dumps(summary, indent=2, default=str))
-        write_report(out, dataset, max_thumbnails=config.max_thumbnails)
+        write_report(
+            out, dataset, max_thumbnails=config.max_thumbnails, summary=json.loads(json.dumps(summary, default=str))
+        )
+        write_atomic(files["summary"], json.dumps(summary, indent=2, default=str))  # the verdict: the last file written
         outcome = detection.scores, detection.flags, summary
     scores, flags, summary = broadcast_from_main(outcome, world)
     return ScanResult(list(dataset.ids), list(dataset.paths), dataset.labels, scores, flags, summary, files)
@@ -218,6 +224,8 @@ def _detect_and_write(
     """The detector's scores and flags, written as scores.csv, flagged.txt and the detector's own arrays."""
     with timer.phase("density"):
         detection = run_detector(config.detector, embeddings, config.options, config.context(progress))
+    if not np.isfinite(detection.scores).all():
+        raise SanitizeError("the detector produced non-finite scores (non-finite embeddings?): no verdict")
     with timer.phase("write"):
         for name, array in detection.arrays.items():  # e.g. knn_density's nearest same-class neighbours
             np.save(files["embeddings"] / f"{name}.npy", array)

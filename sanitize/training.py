@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -112,6 +113,20 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _resume_state(checkpoint: Path | None, device: torch.device) -> dict[str, Any] | None:
+    """The training checkpoint to resume from, or None; a damaged one is said and trained again from the start."""
+    if checkpoint is None or not checkpoint.exists():
+        return None
+    try:
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError("not a training checkpoint")
+        return state
+    except Exception as error:  # a damaged file must cost a retraining, not the run
+        print(f"note: {checkpoint} is damaged ({type(error).__name__}); training from the start", file=sys.stderr)
+        return None
+
+
 EpochHook = Callable[[int, torch.nn.Module, np.ndarray], np.ndarray]
 
 
@@ -154,8 +169,8 @@ def train_model(
     history: list[dict[str, float]] = []
     indices = np.asarray(indices, dtype=np.int64)
     start_epoch = 0
-    if checkpoint is not None and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
+    state = _resume_state(checkpoint, device)
+    if state is not None:
         if state.get("meta") == (meta or {}):
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])

@@ -42,10 +42,13 @@ def open_dataset(
 
 
 def ensure_outside(data: str | Path, out: str | Path) -> None:
-    """Refuse an output location inside (or equal to) DATA: sanitize only ever reads the data."""
+    """Refuse an output location inside (or equal to) DATA, and DATA inside the output location (a run writes proxy/,
+    embeddings/ and more there): sanitize only ever reads the data."""
     data, out = Path(data).resolve(), Path(out).resolve()
     if out == data or (data.is_dir() and data in out.parents):
         raise DataError(f"output {out} is inside DATA {data}; sanitize never writes into the data")
+    if out in data.parents:
+        raise DataError(f"DATA {data} is inside the output folder {out}; choose an output folder beside the data")
 
 
 def prepare_output(data: str | Path, out: str | Path) -> tuple[Path, Path]:
@@ -54,7 +57,13 @@ def prepare_output(data: str | Path, out: str | Path) -> tuple[Path, Path]:
     if not data.exists():
         raise DataError(f"{data} does not exist")
     ensure_outside(data, out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".sanitize-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise DataError(f"cannot write the output folder {out}: {error.strerror or error}") from None
     return data, out
 
 

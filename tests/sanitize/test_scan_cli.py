@@ -88,7 +88,7 @@ def test_the_class_alarm_fails_the_gate_only_when_asked_and_is_printed(tmp_path,
     [
         (["scan", "{missing}"], "does not exist"),
         (["scan", "{data}", "--out", "{data}/inside"], "inside DATA"),
-        (["scan", "{bad_npz}"], "cannot read"),
+        (["scan", "{bad_npz}"], "not an .npz archive"),
         (["scan", "{data}", "--model", "nope"], "unknown model"),
         (["scan", "{data}", "--threshold", "2"], "threshold"),
         (["scan", "{data}", "--checkpoint", "{bad_npz}"], "cannot load checkpoint"),
