@@ -19,6 +19,7 @@ from sanitize.errors import SanitizeError
 MANIFEST = "poison_manifest.json"
 TARGET_IMAGE = "target.png"  # the attack's target, written losslessly beside the manifest
 REQUIRED = {"method", "eps", "target_class", "intended_class", "poison_ids"}
+MAX_MANIFEST_BYTES = 64 * 2**20
 
 
 def manifest_file(path: str | Path) -> Path:
@@ -31,11 +32,22 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     """Read a poison manifest (the file, or the folder holding it), with a clear error for anything that is not one."""
     path = manifest_file(path)
     try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ValueError(f"larger than {MAX_MANIFEST_BYTES // 2**20} MiB")
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise SanitizeError(f"cannot read poison manifest {path}: {error}") from None
+    except RecursionError:
+        raise SanitizeError(f"cannot read poison manifest {path}: nested too deeply") from None
     if not isinstance(record, dict) or not REQUIRED <= set(record) or not isinstance(record["poison_ids"], list):
         raise SanitizeError(f"{path} is not a poison manifest (needs {', '.join(sorted(REQUIRED))}, poison_ids a list)")
+    if not all(isinstance(i, (str, int)) and not isinstance(i, bool) for i in record["poison_ids"]):
+        raise SanitizeError(f"{path}: poison_ids must be strings or integers")
+    positions = record.get("poison_indices", [])
+    if not isinstance(positions, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in positions
+    ):
+        raise SanitizeError(f"{path}: poison_indices must be a list of non-negative integers")
     return record
 
 
@@ -48,6 +60,11 @@ def poison_mask(record: dict[str, Any], ids: Sequence[str]) -> np.ndarray:
         raise SanitizeError(
             f"{len(missing)} of the manifest's {len(named)} poison ids are not in the data (first: {missing[0]!r}); "
             "was the manifest written for this dataset?"
+        )
+    outside = [i for i in record.get("poison_indices", []) if i >= len(ids)]
+    if outside:
+        raise SanitizeError(
+            f"the manifest's poison_indices go up to {max(outside)} but the data has {len(ids)} examples"
         )
     mask = np.zeros(len(ids), dtype=bool)
     mask[[position[id_] for id_ in named]] = True

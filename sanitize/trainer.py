@@ -87,7 +87,7 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
             "image_size": list(dataset.image_size),
             "examples": len(dataset),
             "classes": dataset.classes,
-            "skipped": len(dataset.skipped),
+            "skipped": [dataclasses.asdict(s) for s in dataset.skipped],  # as a scan records them
         },
         "config": dataclasses.asdict(config),
         "model": info,

@@ -15,6 +15,7 @@ import sanitize
 from sanitize import scanner
 from sanitize.cli import cli
 from sanitize.errors import SanitizeError
+from sanitize.manifest import poison_mask, read_manifest
 from sanitize.models import create_model
 
 FAST = {"model": "tiny", "epochs": 1, "batch_size": 64, "augment": False, "quiet": True}
@@ -110,3 +111,39 @@ def test_a_closed_pipe_ends_quietly_with_the_verdicts_exit_code(tmp_path, digits
     assert process.returncode in (0, 1), process.stderr
     assert "Traceback" not in process.stderr and "BrokenPipe" not in process.stderr
     assert process.stdout.startswith("data ")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        (
+            json.dumps({"method": "x", "eps": 8, "target_class": 0, "intended_class": 1, "poison_ids": [{"a": 1}]}),
+            "strings or integers",
+        ),
+        (
+            json.dumps(
+                {
+                    "method": "x",
+                    "eps": 8,
+                    "target_class": 0,
+                    "intended_class": 1,
+                    "poison_ids": ["0"],
+                    "poison_indices": [-1],
+                }
+            ),
+            "non-negative",
+        ),
+    ],
+    ids=["deep", "object ids", "negative positions"],
+)
+def test_hostile_manifests_are_clear_errors(tmp_path, content, message):
+    (tmp_path / "poison_manifest.json").write_text(content)
+    with pytest.raises(SanitizeError, match=message):
+        read_manifest(tmp_path)
+
+
+def test_manifest_positions_beyond_the_data_are_refused():
+    record = {"poison_ids": ["0"], "poison_indices": [5000]}
+    with pytest.raises(SanitizeError, match="go up to 5000"):
+        poison_mask(record, ["0", "1"])

@@ -1,6 +1,7 @@
 """`sanitize train`: plain and robust (EPIC) training, the drop log, the cap, and resume after a kill."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -98,3 +99,16 @@ def test_plain_training_from_the_cli_writes_a_weights_only_checkpoint(tmp_path, 
         cli, ["train", str(digits_npz), "--out", str(tmp_path / "u"), "--robust", "--fraction", "0", "--quiet"]
     )
     assert bad.exit_code == 2 and "fraction" in bad.output
+
+
+def test_training_records_skipped_files_like_a_scan(tmp_path, digits_folder):
+    (digits_folder / "digit_1" / "broken.png").write_bytes(b"not a png")
+    os.mkfifo(digits_folder / "digit_2" / "pipe.png")
+    result = train(digits_folder, tmp_path / "t", model="tiny", epochs=1, robust=True, quiet=True)
+    skipped = {s["id"]: s["reason"] for s in result.summary["data"]["skipped"]}
+    assert (
+        set(skipped) == {"digit_1/broken.png", "digit_2/pipe.png"}
+        and skipped["digit_2/pipe.png"] == "not a regular file"
+    )
+    html = (tmp_path / "t" / "report.html").read_text(encoding="utf-8")
+    assert "digit_2/pipe.png" in html and "not a regular file" in html
