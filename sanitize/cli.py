@@ -13,17 +13,29 @@ from typing import Any
 import click
 
 from sanitize.config import RobustConfig, ScanConfig, TrainConfig
-from sanitize.detectors import list_detectors
+from sanitize.detectors import EMBEDDINGS, list_detectors
 from sanitize.detectors.epic import EpicOptions
 from sanitize.detectors.knn_density import ALARM_RULES, KnnDensityOptions
-from sanitize.distributed import current_world, refuse_torchrun
-from sanitize.embeddings import EMBEDDINGS
 from sanitize.errors import SanitizeError
 
 DEFAULTS = ScanConfig()
 KNN = KnnDensityOptions()  # the default detector's own defaults
 TRAIN_DEFAULTS = TrainConfig()
 ROBUST_DEFAULTS = RobustConfig()
+
+
+def refuse_torchrun(command: str) -> None:
+    """The commands that must run once refuse torchrun (sanitize.distributed, imported only when a command runs)."""
+    from sanitize.distributed import refuse_torchrun as refuse
+
+    refuse(command)
+
+
+def is_main_process() -> bool:
+    """True but on the other ranks under torchrun."""
+    from sanitize.distributed import current_world
+
+    return current_world().is_main
 
 
 def silence_stdout() -> None:
@@ -282,7 +294,7 @@ def scan(data: Path, out: Path, **options: Any) -> None:
     from sanitize.scanner import scan as run
 
     result = run(data, out, **options)
-    if current_world().is_main:  # under torchrun every rank has the verdict; one prints it
+    if is_main_process():  # under torchrun every rank has the verdict; one prints it
         try:
             print_summary(result)
         except BrokenPipeError:  # `sanitize scan ... | head -3`: the verdict still decides the exit code
@@ -372,7 +384,7 @@ def train(data: Path, out: Path, **options: Any) -> None:
     from sanitize.trainer import train as run
 
     result = run(data, out, **options)
-    if not current_world().is_main:
+    if not is_main_process():
         return
     summary = result.summary
     click.echo(
@@ -621,4 +633,8 @@ def evaluate(
 
 
 def main() -> None:
-    cli(prog_name="sanitize")
+    try:
+        cli(prog_name="sanitize")
+    except KeyboardInterrupt:  # outside a command's own handler (while starting): quiet as well
+        click.echo("interrupted", err=True)
+        sys.exit(130)

@@ -7,12 +7,23 @@ approximate, CPU only). `auto` takes flat up to `exact_max` points and IVF above
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
+
+if TYPE_CHECKING:
+    import faiss
+
+
+def _faiss():
+    """faiss, imported on first use (the CLI's help and option defaults load no index library)."""
+    import faiss
+
+    return faiss
 
 
 def gpu_available() -> bool:
+    faiss = _faiss()
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
@@ -29,6 +40,7 @@ def ivf_lists(n: int) -> int:
 
 def build_index(x: np.ndarray, kind: str, seed: int = 0, nprobe: int | None = None) -> faiss.Index:
     """An index over the rows of `x` (float32, C-contiguous)."""
+    faiss = _faiss()
     n, d = x.shape
     if kind == "flat":
         index = faiss.IndexFlatL2(d)

@@ -29,7 +29,6 @@ from sanitize.training import autocast, to_model_input
 
 ARRAYS = ("features", "logits", "gradient")
 SAVE_SECONDS = 60  # the pass saves its progress at least this often (and every 20,000 rows)
-EMBEDDINGS = ("features", "gradient", "logit_gradient")  # the spaces a detector may work in (`space`)
 
 
 def last_layer_gradient_factors(

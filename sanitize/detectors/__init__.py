@@ -16,6 +16,8 @@ import numpy as np
 
 from sanitize.errors import SanitizeError
 
+EMBEDDINGS = ("features", "gradient", "logit_gradient")  # the spaces a detector may work in (Embeddings.space)
+
 
 @dataclass
 class Detection:

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.cluster import KMeans
-from sklearn.decomposition import FastICA
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.metrics import silhouette_score
 
 from sanitize.detectors import Detection, DetectorContext, register_detector
-from sanitize.embeddings import Embeddings
+
+if TYPE_CHECKING:  # the detectors' modules stay light: the CLI reads their options without torch
+    from sanitize.embeddings import Embeddings
 
 COMPONENTS = 10
 SIZE_THRESHOLD = 0.35
@@ -30,6 +29,9 @@ SILHOUETTE_SAMPLE = 10_000  # silhouette is quadratic in n; a seeded sample abov
 def _independent_components(x: np.ndarray, seed: int) -> np.ndarray:
     """Up to COMPONENTS independent components; dead (constant) and collinear directions are dropped first, since
     FastICA's whitening divides by their zero variance."""
+    from sklearn.decomposition import FastICA  # scikit-learn loads when the rule runs, not when its options are read
+    from sklearn.exceptions import ConvergenceWarning
+
     centred = x - x.mean(axis=0)
     _, singular, vt = np.linalg.svd(centred, full_matrices=False)
     rank = int((singular > singular[0] * 1e-6).sum()) if singular.size and singular[0] > 0 else 0
@@ -44,6 +46,9 @@ def _independent_components(x: np.ndarray, seed: int) -> np.ndarray:
 
 
 def activation_cluster_flags(features: np.ndarray, labels: np.ndarray, num_classes: int, seed: int = 0) -> Detection:
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
     n = len(labels)
     scores, flags = np.zeros(n), np.zeros(n, dtype=bool)
     per_class = {}

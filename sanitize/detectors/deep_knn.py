@@ -9,12 +9,15 @@ k neighbours that disagree with the example's label.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sanitize.density import choose_index, knn
 from sanitize.detectors import Detection, DetectorContext, check, register_detector
-from sanitize.embeddings import Embeddings
+
+if TYPE_CHECKING:  # the detectors' modules stay light: the CLI reads their options without torch
+    from sanitize.embeddings import Embeddings
 
 K_DEFAULT = 50
 

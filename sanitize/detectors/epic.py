@@ -8,15 +8,19 @@ Score: 1 / the size of the example's cluster (1 for an isolated medoid).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sanitize.detectors import Detection, DetectorContext, check, register_detector
-from sanitize.embeddings import Embeddings
-from sanitize.medoids import isolated_medoids
+
+if TYPE_CHECKING:  # the detectors' modules stay light: the CLI reads their options without torch
+    from sanitize.embeddings import Embeddings
 
 
 def epic_flags(gradient_proxy: np.ndarray, labels: np.ndarray, num_classes: int, fraction: float) -> Detection:
+    from sanitize.medoids import isolated_medoids  # torch: loaded when the rule runs, not when its options are read
+
     isolated, cluster_size = isolated_medoids(gradient_proxy, labels, num_classes, fraction)
     flags = np.zeros(len(labels), dtype=bool)
     flags[isolated] = True

@@ -19,14 +19,16 @@ again inside classes that hold improbably many flags, for the few hard poisons t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy.stats import poisson
 from tqdm import tqdm
 
 from sanitize.density import choose_index, knn, robust_z, z_to_score
-from sanitize.detectors import Detection, DetectorContext, check, register_detector
-from sanitize.embeddings import EMBEDDINGS, Embeddings
+from sanitize.detectors import EMBEDDINGS, Detection, DetectorContext, check, register_detector
+
+if TYPE_CHECKING:  # the detectors' modules stay light: the CLI reads their options without torch
+    from sanitize.embeddings import Embeddings
 
 ALARM_RULES = ("hard", "misassigned", "either")  # the second pass in an alarmed class
 
@@ -201,6 +203,8 @@ def alarmed_class_flags(
     another class, with at least `alarm_confidence` of probability: at eps 8 the carriers sit past the boundary, called
     the target's class, yet not isolated within their own); `either` both. Recorded per class.
     """
+    from scipy.stats import poisson
+
     if rule not in ALARM_RULES or (rule != "hard" and misassigned is None):
         raise ValueError(
             f"alarm rule {rule!r}: choose from {', '.join(ALARM_RULES)}; all but hard need the proxy's predictions"

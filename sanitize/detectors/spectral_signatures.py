@@ -8,13 +8,16 @@ was. Scores in [0, 1) for ranking: the squared projection's modified z-score wit
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sanitize.density import robust_z, z_to_score
 from sanitize.detectors import Detection, DetectorContext, check, register_detector
-from sanitize.embeddings import Embeddings
 from sanitize.errors import SanitizeError
+
+if TYPE_CHECKING:  # the detectors' modules stay light: the CLI reads their options without torch
+    from sanitize.embeddings import Embeddings
 
 REMOVAL_FACTOR = 1.5
 

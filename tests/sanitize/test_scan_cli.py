@@ -1,5 +1,7 @@
 import csv
 import json
+import subprocess
+import sys
 import tempfile
 
 import numpy as np
@@ -183,3 +185,15 @@ def test_rerun_in_the_same_out_dir_reuses_proxy_and_embeddings(tmp_path, digits_
     assert again.summary["model"]["history"] == first.summary["model"]["history"]
     np.testing.assert_array_equal(again.scores, first.scores)
     assert again.flags.sum() > first.flags.sum() and not (first.flags & ~again.flags).any()
+
+
+def test_the_cli_loads_no_heavy_library_until_a_command_runs():
+    """--help, --version and usage errors must be instant: importing the CLI loads neither torch nor faiss,
+    scikit-learn or scipy (benchmarks/cli_latency.py measures the time)."""
+    code = (
+        "import sys, sanitize.cli; print(sorted(m for m in ('torch', 'faiss', 'sklearn', 'scipy') if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
+    result = CliRunner().invoke(cli, ["scan", "--help"])
+    assert result.exit_code == 0 and "--k-small" in result.output
