@@ -17,6 +17,7 @@ from sanitize.detectors import EMBEDDINGS, list_detectors
 from sanitize.detectors.epic import EpicOptions
 from sanitize.detectors.knn_density import ALARM_RULES, KnnDensityOptions
 from sanitize.errors import SanitizeError
+from sanitize.wording import plural
 
 DEFAULTS = ScanConfig()
 KNN = KnnDensityOptions()  # the default detector's own defaults
@@ -115,9 +116,14 @@ def scan_options(fn: Callable) -> Callable:
             type=click.Choice(EMBEDDINGS),
             default=KNN.embedding,
             show_default=True,
+            help="knn_density's space: penultimate features, the last-layer gradient, or softmax - onehot.",
         ),
         click.option(
-            "--index", type=click.Choice(["auto", "flat", "ivf", "hnsw"]), default=DEFAULTS.index, show_default=True
+            "--index",
+            type=click.Choice(["auto", "flat", "ivf", "hnsw"]),
+            default=DEFAULTS.index,
+            show_default=True,
+            help="FAISS index per class: exact (flat) up to 50,000 examples under auto, IVF above; HNSW on request.",
         ),
         click.option(
             "--detector",
@@ -231,14 +237,25 @@ def scan_options(fn: Callable) -> Callable:
             show_default=True,
             help="report.html: at most this many flagged examples as images.",
         ),
-        click.option("--device", default=DEFAULTS.device, show_default=True),
         click.option(
-            "--precision", type=click.Choice(["auto", "bf16", "fp32"]), default=DEFAULTS.precision, show_default=True
+            "--device",
+            default=DEFAULTS.device,
+            show_default=True,
+            help="auto (CUDA when present), cpu, cuda or cuda:N.",
+        ),
+        click.option(
+            "--precision",
+            type=click.Choice(["auto", "bf16", "fp32"]),
+            default=DEFAULTS.precision,
+            show_default=True,
+            help="bf16 autocast where the hardware runs it natively (auto), or forced.",
         ),
         click.option(
             "--workers", type=int, default=DEFAULTS.workers, show_default=True, help="Data-loading processes."
         ),
-        click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True),
+        click.option(
+            "--seed", type=int, default=DEFAULTS.seed, show_default=True, help="Seeds the proxy and the index."
+        ),
         click.option("--quiet", is_flag=True, help="No progress bars."),
     ]
     for option in reversed(options):
@@ -250,7 +267,7 @@ def print_summary(result: Any) -> None:
     summary = result.summary
     data, flagged, gate = summary["data"], summary["flagged"], summary["gate"]
     click.echo(
-        f"data      {data['source']} ({data['kind']}, {data['examples']} examples, {len(data['classes'])} classes, {len(data['skipped'])} skipped)"
+        f"data      {data['source']} ({data['kind']}, {plural(data['examples'], 'example')}, {plural(len(data['classes']), 'class')}, {len(data['skipped'])} skipped)"
     )
     click.echo(
         f"proxy     {summary['model']['name']}, accuracy on the data {summary['model']['train_accuracy_eval_mode']:.1%}"
@@ -279,10 +296,14 @@ def print_summary(result: Any) -> None:
     click.echo(f"outputs   {', '.join(str(p) for p in result.files.values())}")
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="sanitize")
 def cli() -> None:
-    """Find isolated (likely poisoned) examples in image-classification training data."""
+    """Find isolated (likely poisoned) examples in image-classification training data.
+
+    \b
+    Exit codes: 0 passed, 1 the gate failed, 2 bad input or usage, 3 internal error, 130 interrupted.
+    """
 
 
 @cli.command()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import stat
 from collections import Counter
 from pathlib import Path
@@ -19,6 +20,7 @@ from sanitize.data.arrays import MIN_SIDE
 from sanitize.data.base import ImageDataset, Skipped
 from sanitize.distributed import World, gather_lists
 from sanitize.errors import DataError
+from sanitize.wording import plural
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error to record, not an image to pad with grey
@@ -63,6 +65,12 @@ def fit_to_size(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return resized.crop((left, top, left + width, top + height))
 
 
+def skip_reason(error: Exception) -> str:
+    """A decoder's error as a reason a user reads: its type and message, without Python object reprs."""
+    message = re.sub(r"<[\w.]+ object at 0x[0-9a-f]+>", "the file", str(error))
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
 class _Validate(Dataset):
     """Reads and decodes every file once: its size, a content hash, or why it cannot be used."""
 
@@ -77,7 +85,7 @@ class _Validate(Dataset):
             data = read_image_bytes(self.files[i])
             image = decode_rgb(data)
         except Exception as error:  # any decoder failure is a recorded skip, never a crash
-            return i, None, "", f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            return i, None, "", skip_reason(error)
         return i, (image.height, image.width), hashlib.sha256(data).hexdigest(), ""
 
 
@@ -92,10 +100,10 @@ def unusable_name(name: str) -> str | None:
     return None
 
 
-def _walk(top: Path, root: Path, skipped: list[Skipped]) -> tuple[list[Path], int]:
+def _walk(top: Path, root: Path, skipped: list[Skipped]) -> tuple[list[Path], list[str]]:
     """Image files under `top`, depth first in name order, without recursion (any depth) and without following
     directory symlinks (no loops, nothing outside DATA twice); what is left out and why goes to `skipped`."""
-    files, ignored, stack = [], 0, [top]
+    files, ignored, stack = [], [], [top]
     while stack:
         folder = stack.pop()
         try:
@@ -116,7 +124,7 @@ def _walk(top: Path, root: Path, skipped: list[Skipped]) -> tuple[list[Path], in
                 if why is None and entry.is_symlink() and entry.is_dir():
                     why = "a symlink to a folder (not followed)"
                 elif why is None and not entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                    ignored += 1
+                    ignored.append(_rel(path, root))
                     continue
                 elif why is None and not stat.S_ISREG(entry.stat().st_mode):
                     why = "not a regular file"
@@ -139,7 +147,7 @@ def _printable(path: Path) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def _list_classes(root: Path) -> tuple[list[str], list[tuple[Path, int]], int, list[Skipped]]:
+def _list_classes(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[str], list[Skipped]]:
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError as error:
@@ -156,11 +164,11 @@ def _list_classes(root: Path) -> tuple[list[str], list[tuple[Path, int]], int, l
             class_dirs.append(entry)
     classes = [entry.name for entry in class_dirs]
     files: list[tuple[Path, int]] = []
-    ignored = 0
+    ignored: list[str] = []
     for label, entry in enumerate(class_dirs):
         found, others = _walk(Path(entry.path), root, skipped)
         files.extend((path, label) for path in found)
-        ignored += others
+        ignored.extend(others)
     return classes, files, ignored, skipped
 
 
@@ -203,10 +211,13 @@ def open_folder(
     fingerprint = hashlib.sha256()
     for i in kept:
         fingerprint.update(f"{files[i][0].relative_to(root).as_posix()}\0{files[i][1]}\0{digests[i]}\n".encode())
-    notes = [f"{ignored} files without an image extension were ignored"] if ignored else []
+    notes = []
+    if ignored:
+        named = ", ".join(ignored[:5]) + (", ..." if len(ignored) > 5 else "")
+        notes.append(f"{plural(len(ignored), 'file')} without an image extension ignored: {named}")
     resized = sum(sizes[i] != size for i in kept)
     if resized:
-        notes.append(f"{resized} images are not {size[0]}x{size[1]} and are resized (shorter side) and centre-cropped")
+        notes.append(f"{plural(resized, 'image')} not {size[0]}x{size[1]}: resized (shorter side) and centre-cropped")
     return FolderDataset(
         source=str(root),
         kind="folder",

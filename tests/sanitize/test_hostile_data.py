@@ -155,3 +155,12 @@ def test_a_folder_of_tiny_images_is_refused_unless_resized(tmp_path):
     with pytest.raises(DataError, match="at least 8x8"):
         open_dataset(tmp_path / "data", progress=False)
     assert open_dataset(tmp_path / "data", image_size=16, progress=False).image_size == (16, 16)
+
+
+def test_skip_reasons_and_notes_read_as_words(digits_folder):
+    (digits_folder / "digit_8" / "not-an-image.png").write_bytes(b"plain text, not a picture")
+    (digits_folder / "digit_8" / "readme.txt").write_text("notes")
+    dataset = _open_with_timeout(digits_folder)
+    reason = _skips(dataset)["digit_8/not-an-image.png"]
+    assert "object at 0x" not in reason and reason.startswith("UnidentifiedImageError")
+    assert any(note == "1 file without an image extension ignored: digit_8/readme.txt" for note in dataset.notes)

@@ -4,6 +4,7 @@ import subprocess
 import sys
 import tempfile
 
+import click
 import numpy as np
 import pytest
 import torch
@@ -197,3 +198,10 @@ def test_the_cli_loads_no_heavy_library_until_a_command_runs():
     assert loaded == "[]"
     result = CliRunner().invoke(cli, ["scan", "--help"])
     assert result.exit_code == 0 and "--k-small" in result.output
+
+
+def test_help_is_short_flagged_and_names_the_exit_codes():
+    result = CliRunner().invoke(cli, ["-h"])
+    assert result.exit_code == 0 and "Exit codes: 0 passed, 1 the gate failed, 2 bad input" in result.output
+    missing = [p.name for p in cli.commands["scan"].params if isinstance(p, click.Option) and not p.help]
+    assert missing == [], f"scan options without help text: {missing}"
