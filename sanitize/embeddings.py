@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +200,8 @@ def compute_embeddings(
     lo, hi = world.row_range(n)
     done = (read_json(progress_path) or {}).get("rows_done") if same_pass else None
     start = done if isinstance(done, int) and lo <= done <= hi else lo  # damaged or foreign progress: from the start
+    if progress and lo < start < hi:
+        print(f"resuming the embedding pass at row {start:,} of {hi:,}", file=sys.stderr)
     arrays = {name: open_memmap(directory / f"{name}.npy", mode="r+") for name in ARRAYS}
     model.to(device, memory_format=torch.channels_last).eval()
     rows = np.arange(start, hi)

@@ -28,7 +28,7 @@ import torch
 
 import sanitize
 from sanitize.config import ScanConfig
-from sanitize.data import ImageDataset, open_dataset, prepare_output, write_atomic
+from sanitize.data import ImageDataset, open_dataset, prepare_output, removed_if_left_empty, write_atomic
 from sanitize.density import gpu_available
 from sanitize.detectors import Detection, run_detector
 from sanitize.distributed import World, broadcast_from_main, current_world
@@ -325,4 +325,6 @@ def scan(
     data: str | os.PathLike | ImageDataset, out: str | os.PathLike = "sanitize-scan", **options: Any
 ) -> ScanResult:
     """Scan DATA (ImageFolder directory, .npz, or an opened dataset) and write the outputs to `out`; options are ScanConfig's fields."""
-    return run_scan(data, out, ScanConfig.from_options(**options))
+    config = ScanConfig.from_options(**options)
+    with removed_if_left_empty(out):
+        return run_scan(data, out, config)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from sanitize.config import FitConfig
-from sanitize.data import open_dataset, prepare_output
+from sanitize.data import open_dataset, prepare_output, removed_if_left_empty
 from sanitize.distributed import World, all_reduce_sum, current_world
 from sanitize.models import Classifier, default_model_name
 from sanitize.report import write_report
@@ -117,7 +117,9 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
 
 def train(data: str | os.PathLike, out: str | os.PathLike = "sanitize-train", **options: Any) -> TrainResult:
     """Train from scratch on DATA (ImageFolder directory or .npz); `robust=True` for EPIC; options are FitConfig's."""
-    return run_train(data, out, FitConfig.from_options(**options))
+    config = FitConfig.from_options(**options)
+    with removed_if_left_empty(out):
+        return run_train(data, out, config)
 
 
 def _accuracy(model: Classifier, dataset, device, amp_dtype, world: World) -> float:

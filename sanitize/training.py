@@ -177,6 +177,13 @@ def train_model(
             scheduler.load_state_dict(state["scheduler"])
             history, start_epoch = state["history"], state["epoch"]
             indices = state["indices"].numpy()
+            if progress and world.is_main:
+                print(f"resuming {desc} from epoch {start_epoch} of {config.epochs}", file=sys.stderr)
+        elif progress and world.is_main:
+            print(
+                f"note: {checkpoint} is another run's (other data or options); {desc} trains from the start",
+                file=sys.stderr,
+            )
     for epoch in range(start_epoch, config.epochs):
         model.train()
         started, cpu_started = time.perf_counter(), time.process_time()

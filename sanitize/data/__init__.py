@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from sanitize.data.arrays import ArrayDataset, open_npz
@@ -19,6 +21,7 @@ __all__ = [
     "ensure_outside",
     "iterate_batches",
     "open_dataset",
+    "removed_if_left_empty",
     "prepare_output",
     "write_atomic",
 ]
@@ -65,6 +68,22 @@ def prepare_output(data: str | Path, out: str | Path) -> tuple[Path, Path]:
     except OSError as error:
         raise DataError(f"cannot write the output folder {out}: {error.strerror or error}") from None
     return data, out
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(out: str | Path) -> Iterator[None]:
+    """Around a run: when it fails, an output folder it created and left without a file is removed again."""
+    out = Path(out)
+    created = not out.exists()
+    try:
+        yield
+    except BaseException:
+        if created and out.is_dir():
+            folders = [Path(root) for root, _, _ in os.walk(out, topdown=False)]
+            if not any(p.is_file() or p.is_symlink() for p in out.rglob("*")):
+                for folder in folders:
+                    folder.rmdir()
+        raise
 
 
 def write_atomic(path: Path, content: str | bytes) -> None:

@@ -7,6 +7,7 @@ import pickle
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -147,3 +148,70 @@ def test_manifest_positions_beyond_the_data_are_refused():
     record = {"poison_ids": ["0"], "poison_indices": [5000]}
     with pytest.raises(SanitizeError, match="go up to 5000"):
         poison_mask(record, ["0", "1"])
+
+
+def test_a_failed_run_removes_the_output_folder_it_created_empty(tmp_path):
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    (tmp_path / "data" / "a" / "notes.txt").write_text("no images here")
+    with pytest.raises(SanitizeError, match="no image files"):
+        sanitize.scan(tmp_path / "data", tmp_path / "out", **FAST)
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "kept").mkdir()  # a folder that was there before the run stays
+    with pytest.raises(SanitizeError):
+        sanitize.scan(tmp_path / "data", tmp_path / "kept", **FAST)
+    assert (tmp_path / "kept").is_dir()
+
+
+def test_a_resumed_training_says_so(tmp_path, digits_npz, capsys):
+    from sanitize.config import TrainConfig
+    from sanitize.data import open_dataset
+    from sanitize.training import train_model
+
+    data = open_dataset(digits_npz)
+    recipe = TrainConfig(epochs=2, batch_size=128, augment=False)
+
+    def dies_in_the_second_epoch(epoch, model, indices):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return indices
+
+    model = create_model("tiny", 10, (3, 16, 16))
+    with pytest.raises(KeyboardInterrupt):
+        train_model(
+            model,
+            data,
+            np.arange(len(data)),
+            recipe,
+            torch.device("cpu"),
+            None,
+            tmp_path / "c.pt",
+            progress=True,
+            desc="proxy",
+            after_epoch=dies_in_the_second_epoch,
+        )
+    train_model(
+        model,
+        data,
+        np.arange(len(data)),
+        recipe,
+        torch.device("cpu"),
+        None,
+        tmp_path / "c.pt",
+        progress=True,
+        desc="proxy",
+    )
+    assert "resuming proxy from epoch 1 of 2" in capsys.readouterr().err
+    other = TrainConfig(epochs=3, batch_size=128, augment=False)
+    train_model(
+        model,
+        data,
+        np.arange(len(data)),
+        other,
+        torch.device("cpu"),
+        None,
+        tmp_path / "c.pt",
+        progress=True,
+        desc="proxy",
+        meta={"other": "run"},
+    )
+    assert "another run's" in capsys.readouterr().err
