@@ -1,4 +1,5 @@
-"""The `sanitize` command: a thin click layer over the Python API. Exit 0 passed, 1 gate failed, 2 bad input."""
+"""The `sanitize` command: a thin click layer over the Python API. Exit 0 passed, 1 gate failed, 2 bad input, 3 a bug,
+4 no verdict."""
 
 from __future__ import annotations
 
@@ -276,10 +277,12 @@ def print_summary(result: Any) -> None:
     click.echo(
         f"flagged   {flagged['count']} ({flagged['fraction']:.2%}); most in {', '.join(f'{k}: {v}' for k, v in worst)}"
     )
-    verdict = "PASSED" if gate["passed"] else "FAILED"
+    verdict = gate.get("verdict", "passed" if gate["passed"] else "failed").upper()
     click.echo(
         f"gate      {verdict} (flagged {gate['flagged_fraction']:.2%}, limit {gate['max_flagged_fraction']:.2%})"
     )
+    if gate.get("caution"):
+        click.echo(f"caution   no verdict: {gate['caution']}")
     if gate["alarmed_classes"]:
         consequence = (
             "the gate fails on it" if gate["fail_on_class_alarm"] else "--fail-on-class-alarm would fail the gate"
@@ -302,7 +305,8 @@ def cli() -> None:
     """Find isolated (likely poisoned) examples in image-classification training data.
 
     \b
-    Exit codes: 0 passed, 1 the gate failed, 2 bad input or usage, 3 internal error, 130 interrupted.
+    Exit codes: 0 passed, 1 the gate failed, 2 bad input or usage, 3 internal error, 4 no verdict (the data
+    cannot be judged: one class, or a proxy too weak), 130 interrupted.
     """
 
 
@@ -320,7 +324,7 @@ def scan(data: Path, out: Path, **options: Any) -> None:
             print_summary(result)
         except BrokenPipeError:  # `sanitize scan ... | head -3`: the verdict still decides the exit code
             silence_stdout()
-    sys.exit(0 if result.passed else 1)
+    sys.exit({"passed": 0, "failed": 1, "inconclusive": 4}[result.summary["gate"]["verdict"]])
 
 
 @cli.command()

@@ -245,16 +245,37 @@ def poison_summary(record: dict[str, Any], manifest: Path, truth: np.ndarray, de
     }
 
 
-def gate(flagged_fraction: float, alarmed_classes: list[str], config: ScanConfig) -> dict[str, Any]:
-    """The verdict: fail when more than `max_flagged_fraction` is flagged or, with `fail_on_class_alarm`, when any class
-    raised the class alarm (knn_density's improbably-many-flags test; other detectors raise none)."""
-    passed = flagged_fraction <= config.max_flagged_fraction and not (config.fail_on_class_alarm and alarmed_classes)
+def caution(class_counts: dict[str, int], proxy_accuracy: float) -> str | None:
+    """Why the scan cannot judge the data, or None: one class (nothing to set an example against), or a proxy too
+    weak for its isolation to mean anything (accuracy on its own data within a quarter of the way from chance)."""
+    populated = [n for n in class_counts.values() if n > 0]
+    if len(populated) < 2:
+        return "the data has one class: an example cannot be set against the rest of its class and the others"
+    chance = 1 / len(populated)
+    if proxy_accuracy < chance + 0.25 * (1 - chance):
+        return (
+            f"the proxy is too weak to judge: {proxy_accuracy:.1%} accuracy on the data, chance {chance:.1%} "
+            "(train it longer with --epochs, or give a trained model with --checkpoint)"
+        )
+    return None
+
+
+def gate(
+    flagged_fraction: float, alarmed_classes: list[str], config: ScanConfig, cautioned: str | None = None
+) -> dict[str, Any]:
+    """The verdict: inconclusive (not passed) when the scan cannot judge the data; else fail when more than
+    `max_flagged_fraction` is flagged or, with `fail_on_class_alarm`, when any class raised the class alarm
+    (knn_density's improbably-many-flags test; other detectors raise none)."""
+    failed = flagged_fraction > config.max_flagged_fraction or (config.fail_on_class_alarm and bool(alarmed_classes))
+    verdict = "inconclusive" if cautioned else "failed" if failed else "passed"
     return {
+        "verdict": verdict,
+        "caution": cautioned,
         "max_flagged_fraction": config.max_flagged_fraction,
         "flagged_fraction": flagged_fraction,
         "alarmed_classes": alarmed_classes,
         "fail_on_class_alarm": config.fail_on_class_alarm,
-        "passed": passed,
+        "passed": verdict == "passed",
     }
 
 
@@ -315,6 +336,7 @@ def _summary(
                 if info.get("alarmed")
             ],
             config,
+            caution(counts, model_info["train_accuracy_eval_mode"]),
         ),
         "seconds": timer.seconds | {"total": round(time.perf_counter() - started, 3)},
         "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

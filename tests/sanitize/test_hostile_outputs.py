@@ -19,8 +19,8 @@ from sanitize.errors import SanitizeError
 from sanitize.manifest import poison_mask, read_manifest
 from sanitize.models import create_model
 
-FAST = {"model": "tiny", "epochs": 1, "batch_size": 64, "augment": False, "quiet": True}
-FAST_ARGS = ["--model", "tiny", "--epochs", "1", "--batch-size", "64", "--no-augment", "--quiet"]
+FAST = {"model": "tiny", "epochs": 1, "batch_size": 16, "augment": False, "quiet": True}
+FAST_ARGS = ["--model", "tiny", "--epochs", "1", "--batch-size", "16", "--no-augment", "--quiet"]
 
 
 class Exploit:

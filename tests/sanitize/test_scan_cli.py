@@ -19,8 +19,8 @@ from sanitize.models import create_model
 from sanitize.scanner import gate
 from sanitize.training import train_model
 
-FAST_ARGS = ["--model", "tiny", "--epochs", "2", "--batch-size", "64", "--no-augment", "--quiet"]
-FAST = {"model": "tiny", "epochs": 2, "batch_size": 64, "augment": False, "quiet": True}
+FAST_ARGS = ["--model", "tiny", "--epochs", "2", "--batch-size", "16", "--no-augment", "--quiet"]
+FAST = {"model": "tiny", "epochs": 2, "batch_size": 16, "augment": False, "quiet": True}
 
 
 def test_scan_writes_the_documented_outputs(tmp_path, digits_folder):
@@ -46,6 +46,8 @@ def test_scan_writes_the_documented_outputs(tmp_path, digits_folder):
     assert summary["data"]["counts_per_class"]["digit_0"] == sum(r[0].startswith("digit_0/") for r in rows[1:])
     assert summary["flagged"]["count"] == len(flagged)
     assert summary["gate"] == {
+        "verdict": "passed",
+        "caution": None,
         "max_flagged_fraction": 0.05,
         "flagged_fraction": len(flagged) / 400,
         "alarmed_classes": [],
@@ -76,7 +78,7 @@ def test_the_class_alarm_fails_the_gate_only_when_asked_and_is_printed(tmp_path,
     assert gate(0.03, ["horse"], strict)["alarmed_classes"] == ["horse"]
     result = sanitize.scan(digits_npz, tmp_path / "o", fail_on_class_alarm=True, **FAST)
     assert result.summary["gate"]["fail_on_class_alarm"] and result.summary["config"]["fail_on_class_alarm"]
-    result.summary["gate"] |= {"alarmed_classes": ["digit_3"], "passed": False}
+    result.summary["gate"] |= {"alarmed_classes": ["digit_3"], "passed": False, "verdict": "failed"}
     print_summary(result)
     printed = capsys.readouterr().out
     assert (
@@ -205,3 +207,15 @@ def test_help_is_short_flagged_and_names_the_exit_codes():
     assert result.exit_code == 0 and "Exit codes: 0 passed, 1 the gate failed, 2 bad input" in result.output
     missing = [p.name for p in cli.commands["scan"].params if isinstance(p, click.Option) and not p.help]
     assert missing == [], f"scan options without help text: {missing}"
+
+
+def test_data_the_scan_cannot_judge_gets_no_verdict(tmp_path, digits_npz):
+    x, y = np.load(digits_npz)["x"], np.load(digits_npz)["y"]
+    np.savez(tmp_path / "one.npz", x=x[y == 3], y=np.zeros((y == 3).sum(), int))
+    result = CliRunner().invoke(cli, ["scan", str(tmp_path / "one.npz"), "--out", str(tmp_path / "o1"), *FAST_ARGS])
+    assert result.exit_code == 4 and "INCONCLUSIVE" in result.output and "one class" in result.output
+    summary = json.loads((tmp_path / "o1" / "summary.json").read_text())
+    assert summary["gate"]["verdict"] == "inconclusive" and not summary["gate"]["passed"]
+    assert "No verdict: the data has one class" in (tmp_path / "o1" / "report.html").read_text(encoding="utf-8")
+    weak = sanitize.scan(digits_npz, tmp_path / "o2", **(FAST | {"epochs": 0}))  # an untrained proxy: chance
+    assert weak.summary["gate"]["verdict"] == "inconclusive" and "too weak" in weak.summary["gate"]["caution"]
