@@ -39,7 +39,7 @@ from sanitize.models import Classifier, create_model, default_model_name, load_w
 from sanitize.report import write_report
 from sanitize.training import resolve_device, resolve_precision, train_from_scratch
 
-SCORES_HEADER = ("id", "path", "label", "score", "flagged")
+SCORES_HEADER = ("id", "path", "label", "class", "score", "flagged")
 
 
 @dataclass
@@ -132,6 +132,7 @@ def write_scores(path: Path, dataset: ImageDataset, detection: Detection) -> Non
                     dataset.ids[i],
                     dataset.paths[i],
                     int(dataset.labels[i]),
+                    dataset.classes[int(dataset.labels[i])],
                     f"{detection.scores[i]:.6f}",
                     int(detection.flags[i]),
                 )

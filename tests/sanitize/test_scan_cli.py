@@ -31,13 +31,14 @@ def test_scan_writes_the_documented_outputs(tmp_path, digits_folder):
     assert "gate      PASSED" in result.output
     with (out / "scores.csv").open() as handle:
         rows = list(csv.reader(handle))
-    assert rows[0] == ["id", "path", "label", "score", "flagged"]
+    assert rows[0] == ["id", "path", "label", "class", "score", "flagged"]
+    assert all(r[3] == f"digit_{r[2]}" for r in rows[1:])
     assert len(rows) == 401
     ids = [r[0] for r in rows[1:]]
     assert "digit_0/broken.png" not in ids and ids[0].startswith("digit_0/")
-    assert all(r[1].endswith(r[0]) and r[4] in ("0", "1") and 0 <= float(r[3]) < 1 for r in rows[1:])
+    assert all(r[1].endswith(r[0]) and r[5] in ("0", "1") and 0 <= float(r[4]) < 1 for r in rows[1:])
     flagged = (out / "flagged.txt").read_text().split()
-    assert flagged == [r[0] for r in rows[1:] if r[4] == "1"]
+    assert flagged == [r[0] for r in rows[1:] if r[5] == "1"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["kind"] == "scan" and summary["versions"]["sanitize"] == sanitize.__version__
     assert summary["versions"]["torch"] == torch.__version__
