@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 import tempfile
@@ -334,24 +335,52 @@ def scan(data: Path, out: Path, **options: Any) -> None:
 @click.option("--quiet", is_flag=True)
 @_handle_errors
 def demo(out: Path, quiet: bool) -> None:
-    """Scan a built-in dataset (scikit-learn's digits as PNGs, 2% mislabeled on purpose); no downloads."""
+    """Scan a built-in dataset (scikit-learn's digits as PNGs) holding planted problems; no downloads.
+
+    2% of the images are moved to a wrong class, and 25 images of one class carry a stamped pattern: a stand-in for
+    a targeted attack's poisons (a tight group of its own in one class), which raises the class alarm.
+    """
     refuse_torchrun("demo")
-    from sanitize.data.digits import digits_arrays, mislabel, write_image_folder
+    from sanitize.data.digits import digits_arrays, mislabel, stamp_group, write_image_folder
+    from sanitize.manifest import MANIFEST
     from sanitize.scanner import scan as run
 
     images, labels = digits_arrays()
     noisy, moved = mislabel(labels, 0.02)
+    untouched = labels.copy()
+    untouched[moved] = -1  # the stand-in group is drawn from images that kept their label
+    stamped = stamp_group(images, untouched, label=3, count=25)
+    names = [f"digit_{d}" for d in range(10)]
     with tempfile.TemporaryDirectory(prefix="sanitize-demo-data-") as folder:  # removed afterwards, even on a failure
-        data_dir = Path(folder)
-        ids = write_image_folder(data_dir, images, noisy, [f"digit_{d}" for d in range(10)])
+        data_dir = Path(folder) / "digits"
+        ids = write_image_folder(data_dir, images, noisy, names)
+        manifest = Path(folder) / MANIFEST  # what the stand-in planted, so the report shows what was caught
+        record = {"method": "demo stand-in (a stamped group)", "eps": 255, "target_class": 3, "intended_class": 3}
+        manifest.write_text(json.dumps(record | {"poison_ids": [ids[i] for i in stamped]}))
         click.echo(
-            f"demo data {len(ids)} digit images (a temporary folder), {len(moved)} moved to a wrong class folder"
+            f"demo data {len(ids)} digit images (a temporary folder): {len(moved)} moved to a wrong class folder, "
+            f"{len(stamped)} of digit_3 stamped as a group (a stand-in for poisons aimed at one target)"
         )
         # no flips: a flipped digit is another digit
-        result = run(data_dir, out, model="tiny", epochs=15, batch_size=32, augment=False, quiet=quiet, seed=0)
+        result = run(
+            data_dir,
+            out,
+            model="tiny",
+            epochs=15,
+            batch_size=32,
+            augment=False,
+            quiet=quiet,
+            seed=0,
+            manifest=str(manifest),
+        )
     print_summary(result)
-    caught = set(result.flagged_ids) & {ids[i] for i in moved}
-    click.echo(f"planted   {len(caught)} of {len(moved)} mislabeled images are among the flagged")
+    flagged = set(result.flagged_ids)
+    click.echo(
+        f"planted   {len(flagged & {ids[i] for i in moved})} of {len(moved)} mislabeled images are among the flagged"
+    )
+    click.echo(
+        f"planted   {len(flagged & {ids[i] for i in stamped})} of {len(stamped)} stamped images are among the flagged"
+    )
 
 
 @cli.command()

@@ -27,6 +27,18 @@ def mislabel(labels: np.ndarray, fraction: float, seed: int = 0) -> tuple[np.nda
     return new, moved
 
 
+def stamp_group(images: np.ndarray, labels: np.ndarray, label: int, count: int, seed: int = 0) -> np.ndarray:
+    """A stand-in for a targeted attack's poisons: `count` images of one class (never a moved one, as the caller
+    passes only clean ones) share a stamped corner pattern, so they form a tight group of their own inside that
+    class, as poisons crafted for one target do. Changes `images` in place; returns the stamped positions."""
+    rng = np.random.default_rng([seed, 7])
+    stamped = np.sort(rng.choice(np.flatnonzero(labels == label), count, replace=False))
+    side = images.shape[1] // 4
+    pattern = (np.indices((side, side)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    images[stamped, :side, :side, :] = pattern[None, :, :, None]
+    return stamped
+
+
 def write_image_folder(root: Path, images: np.ndarray, labels: np.ndarray, class_names: list[str]) -> list[str]:
     """Write PNGs as root/<class>/<index>.png (lossless); returns the ids (relative paths) in input order."""
     ids = []

@@ -175,9 +175,12 @@ def test_demo_runs_finds_planted_examples_and_leaves_no_data_behind(tmp_path, mo
     (tmp_path / "tmp").mkdir()
     result = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "demo"), "--quiet"])
     assert result.exit_code == 0, result.output
-    line = next(line for line in result.output.splitlines() if line.startswith("planted "))
-    caught, planted = map(int, line.split()[1:4:2])
-    assert planted == 36 and caught >= 5
+    mislabeled, stamped = (line.split() for line in result.output.splitlines() if line.startswith("planted "))
+    assert int(mislabeled[3]) == 36 and int(mislabeled[1]) >= 5
+    assert int(stamped[3]) == 25 and int(stamped[1]) >= 13  # the stand-in group of one class: most of it caught
+    assert "alarm     improbably many flags in digit_3" in result.output
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["poisons"]["caught"] == int(stamped[1])  # the report's poison view has the planted group
     assert list((tmp_path / "tmp").iterdir()) == [] and (tmp_path / "demo" / "report.html").exists()
 
 
