@@ -15,6 +15,7 @@ import torch
 from attacks.base import PoisonSetup
 from sanitize.errors import SanitizeError
 from sanitize.models import Classifier
+from sanitize.wording import unknown
 
 # what an attack may need to craft against: one model; several trained with other seeds; one model at several points
 # of its training; a frozen feature extractor (transfer setting)
@@ -72,7 +73,7 @@ def list_attacks() -> list[str]:
 
 def get_attack(name: str) -> type[Attack]:
     if name not in _ATTACKS:
-        raise SanitizeError(f"unknown attack {name!r}; choose from {', '.join(list_attacks())}")
+        raise SanitizeError(unknown("attack", name, list_attacks()))
     return _ATTACKS[name]
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from sanitize.errors import SanitizeError
+from sanitize.wording import unknown
 
 EMBEDDINGS = ("features", "gradient", "logit_gradient")  # the spaces a detector may work in (Embeddings.space)
 
@@ -60,7 +61,7 @@ def register_detector(options: type) -> Callable[[Callable[..., Detection]], Cal
 
 def _entry(name: str) -> _Entry:
     if name not in _DETECTORS:
-        raise SanitizeError(f"unknown detector {name!r}; choose from {', '.join(list_detectors())}")
+        raise SanitizeError(unknown("detector", name, list_detectors()))
     return _DETECTORS[name]
 
 

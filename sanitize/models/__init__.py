@@ -10,6 +10,7 @@ import torch
 
 from sanitize.errors import SanitizeError
 from sanitize.models.base import Classifier
+from sanitize.wording import unknown
 
 _REGISTRY: dict[str, Callable[..., Classifier]] = {}
 
@@ -26,7 +27,7 @@ def list_models() -> list[str]:
 
 def create_model(name: str, num_classes: int, in_shape: tuple[int, int, int] = (3, 32, 32), **kwargs) -> Classifier:
     if name not in _REGISTRY:
-        raise SanitizeError(f"unknown model {name!r}; choose from {', '.join(list_models())}")
+        raise SanitizeError(unknown("model", name, list_models()))
     return _REGISTRY[name](num_classes=num_classes, in_shape=in_shape, **kwargs)
 
 

@@ -6,6 +6,7 @@ import io
 import pytest
 import torch
 
+from sanitize.errors import SanitizeError
 from sanitize.models import create_model, list_models
 
 
@@ -32,3 +33,8 @@ def test_the_convnet_without_batch_norm_has_none():
     plain = create_model("convnet_nobn", 10)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in create_model("convnet", 10).modules())
+
+
+def test_a_mistyped_model_name_gets_the_nearest():
+    with pytest.raises(SanitizeError, match=r"unknown model 'convnt' \(did you mean convnet\?\)"):
+        create_model("convnt", 10)
