@@ -330,9 +330,13 @@ def scan(data: Path, out: Path, **options: Any) -> None:
 
 @cli.command()
 @click.option(
-    "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("sanitize-demo"), show_default=True
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("sanitize-demo"),
+    show_default=True,
+    help="Where the demo's scan writes its outputs.",
 )
-@click.option("--quiet", is_flag=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
 @_handle_errors
 def demo(out: Path, quiet: bool) -> None:
     """Scan a built-in dataset (scikit-learn's digits as PNGs) holding planted problems; no downloads.
@@ -395,11 +399,24 @@ def demo(out: Path, quiet: bool) -> None:
 @click.option(
     "--robust", is_flag=True, help="EPIC: drop isolated examples periodically while training; writes drop_log.json."
 )
-@click.option("--model", default="auto", show_default=True)
-@click.option("--epochs", type=int, default=TRAIN_DEFAULTS.epochs, show_default=True)
-@click.option("--batch-size", type=int, default=TRAIN_DEFAULTS.batch_size, show_default=True)
-@click.option("--lr", type=float, default=TRAIN_DEFAULTS.lr, show_default=True)
-@click.option("--augment/--no-augment", default=TRAIN_DEFAULTS.augment, show_default=True)
+@click.option("--model", default="auto", show_default=True, help="Model from the registry; auto picks by image size.")
+@click.option("--epochs", type=int, default=TRAIN_DEFAULTS.epochs, show_default=True, help="Training epochs.")
+@click.option(
+    "--batch-size", type=int, default=TRAIN_DEFAULTS.batch_size, show_default=True, help="Training batch size."
+)
+@click.option(
+    "--lr",
+    type=float,
+    default=TRAIN_DEFAULTS.lr,
+    show_default=True,
+    help="Initial learning rate (SGD with Nesterov momentum, step decay).",
+)
+@click.option(
+    "--augment/--no-augment",
+    default=TRAIN_DEFAULTS.augment,
+    show_default=True,
+    help="Random crop + flip while training.",
+)
 @click.option(
     "--fraction",
     type=float,
@@ -426,12 +443,18 @@ def demo(out: Path, quiet: bool) -> None:
     show_default=True,
     help="report.html: at most this many dropped examples as images.",
 )
-@click.option("--image-size", type=int, default=None)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True)
-@click.option("--workers", type=int, default=0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--quiet", is_flag=True)
+@click.option("--image-size", type=int, default=None, help="Side in pixels (folders); default: the most common size.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "bf16", "fp32"]),
+    default="auto",
+    show_default=True,
+    help="bf16 autocast where the hardware runs it natively (auto), or forced.",
+)
+@click.option("--workers", type=int, default=0, show_default=True, help="Data-loading processes.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the model and the data order.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
 @_handle_errors
 def train(data: Path, out: Path, **options: Any) -> None:
     """Train a model from scratch on DATA; with --robust, EPIC drops isolated examples as it goes."""
@@ -462,7 +485,13 @@ def train(data: Path, out: Path, **options: Any) -> None:
     default=None,
     help="Where the run's data is now (default: the source in summary.json).",
 )
-@click.option("--max-thumbnails", type=int, default=DEFAULTS.max_thumbnails, show_default=True)
+@click.option(
+    "--max-thumbnails",
+    type=int,
+    default=DEFAULTS.max_thumbnails,
+    show_default=True,
+    help="At most this many flagged examples as images.",
+)
 @click.option(
     "--max-projection-classes",
     type=int,
@@ -501,7 +530,12 @@ def parse_keys(text: str, option: str = "--keys") -> tuple[int, ...]:
     required=True,
     help="Test set the target image is drawn from.",
 )
-@click.option("--method", default="gradient-matching", show_default=True)
+@click.option(
+    "--method",
+    default="gradient-matching",
+    show_default=True,
+    help="The attack, from the registry (gradient-matching).",
+)
 @click.option(
     "--key", type=int, default=0, show_default=True, help="Poison key: picks target, intended class and poisons."
 )
@@ -520,9 +554,15 @@ def parse_keys(text: str, option: str = "--keys") -> tuple[int, ...]:
     show_default=True,
     help="Surrogate training epochs when no --surrogate (the cpu scale's 40).",
 )
-@click.option("--model", default="convnet", show_default=True)
-@click.option("--iterations", type=int, default=250, show_default=True)
-@click.option("--restarts", type=int, default=8, show_default=True)
+@click.option("--model", default="convnet", show_default=True, help="The surrogate's model, from the registry.")
+@click.option("--iterations", type=int, default=250, show_default=True, help="Crafting iterations per restart.")
+@click.option(
+    "--restarts",
+    type=int,
+    default=8,
+    show_default=True,
+    help="Crafting restarts; the one with the lowest loss is kept.",
+)
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
@@ -536,9 +576,9 @@ def parse_keys(text: str, option: str = "--keys") -> tuple[int, ...]:
     metavar="NAME=VALUE",
     help="Set one of the attack's own options (repeatable).",
 )
-@click.option("--device", default="auto", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--quiet", is_flag=True)
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the surrogate and the crafting.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
 @_handle_errors
 def attack(
     data: Path,
@@ -591,23 +631,42 @@ def attack(
 
 @cli.command()
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("--test", "test_data", type=click.Path(path_type=Path), required=True)
-@click.option("--attack", "attack_name", default="gradient-matching", show_default=True)
-@click.option("--keys", default="0-7", show_default=True)
-@click.option("--victims", type=int, default=4, show_default=True)
+@click.option(
+    "--test",
+    "test_data",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Test set the targets are drawn from and clean accuracy is measured on.",
+)
+@click.option(
+    "--attack", "attack_name", default="gradient-matching", show_default=True, help="The attack, from the registry."
+)
+@click.option("--keys", default="0-7", show_default=True, help="Poison keys, e.g. 0-7 or 0,3,5.")
+@click.option("--victims", type=int, default=4, show_default=True, help="Victims per key and arm (seeds 0..victims-1).")
 @click.option(
     "--seeds",
     default=None,
     help="The victims' seeds, e.g. 4-7 (default 0..victims-1): to split one run's victims across processes.",
 )
-@click.option("--scale", type=click.Choice(["smoke", "cpu", "full", "paper"]), default="cpu", show_default=True)
-@click.option("--eps", type=float, default=16.0, show_default=True)
-@click.option("--budget", type=float, default=0.01, show_default=True)
-@click.option("--arms", default="clean,undefended,random-noise", show_default=True)
+@click.option(
+    "--scale",
+    type=click.Choice(["smoke", "cpu", "full", "paper"]),
+    default="cpu",
+    show_default=True,
+    help="Data, model, recipe and attack effort (docs/protocol.md).",
+)
+@click.option("--eps", type=float, default=16.0, show_default=True, help="l-inf radius in 0..255 units.")
+@click.option("--budget", type=float, default=0.01, show_default=True, help="Fraction of the training set to perturb.")
+@click.option(
+    "--arms",
+    default="clean,undefended,random-noise",
+    show_default=True,
+    help="Comma-separated: clean, undefended, random-noise, scan, robust, epic, deep_knn, spectral_signatures, activation_clustering.",
+)
 @click.option("--model", default=None, help="Override the scale's model (surrogate and victims), for ablations.")
 @click.option("--epochs", type=int, default=None, help="Override the scale's victim epochs.")
-@click.option("--restarts", type=int, default=None)
-@click.option("--iterations", type=int, default=None)
+@click.option("--restarts", type=int, default=None, help="Override the scale's crafting restarts.")
+@click.option("--iterations", type=int, default=None, help="Override the scale's crafting iterations.")
 @click.option(
     "--augment/--no-augment", default=None, help="Override the scale's crop + flip for surrogate and victims."
 )
@@ -628,9 +687,14 @@ def attack(
     default=None,
     help="Surrogates, victims and poisons (default OUT/cache).",
 )
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--quiet", is_flag=True)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Where results.jsonl, the summaries, poisons and surrogates go.",
+)
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
 @_handle_errors
 def evaluate(
     data: Path,
