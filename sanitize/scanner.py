@@ -339,7 +339,14 @@ def _summary(
             config,
             caution(counts, model_info["train_accuracy_eval_mode"]),
         ),
-        "seconds": timer.seconds | {"total": round(time.perf_counter() - started, 3)},
+        # this process's phases, and the proxy's training over every epoch (a resumed run trained some before)
+        "seconds": timer.seconds
+        | {"total": round(time.perf_counter() - started, 3)}
+        | (
+            {"proxy_all_epochs": round(sum(h["seconds"] for h in model_info["history"]), 3)}
+            if "history" in model_info
+            else {}
+        ),
         "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 

@@ -56,7 +56,7 @@ def test_scan_writes_the_documented_outputs(tmp_path, digits_folder):
         "passed": True,
     }
     assert summary["config"]["train"]["epochs"] == 2
-    assert {"validate", "train_proxy", "embed", "density", "total"} <= set(summary["seconds"])
+    assert {"validate", "train_proxy", "embed", "density", "total", "proxy_all_epochs"} <= set(summary["seconds"])
     for name in ("features", "logits", "gradient"):
         assert np.load(out / "embeddings" / f"{name}.npy", mmap_mode="r").shape[0] == 400
 
