@@ -14,7 +14,7 @@ from sanitize.cli import cli
 from sanitize.distributed import World
 from sanitize.scanner import scan
 
-TINY = dict(model="tiny", epochs=2, batch_size=32, augment=False, precision="fp32", quiet=True)
+TINY = dict(model="tiny", epochs=2, batch_size=16, augment=False, precision="fp32", quiet=True)  # a proxy that judges
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:
