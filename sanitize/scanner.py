@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
 import platform
 import resource
+import shlex
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -300,6 +303,8 @@ def _summary(
     notes = list(dataset.notes) + [f"class {name!r} has no images" for name, c in counts.items() if c == 0]
     return {
         "kind": "scan",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(sys.argv),  # the process's command line (the CLI's, or the script that called the API)
         "versions": _versions(),
         "device": {
             "device": str(device),

@@ -41,6 +41,8 @@ def test_scan_writes_the_documented_outputs(tmp_path, digits_folder):
     assert flagged == [r[0] for r in rows[1:] if r[5] == "1"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["kind"] == "scan" and summary["versions"]["sanitize"] == sanitize.__version__
+    assert summary["date"].endswith("+00:00") and "command" in summary
+    assert summary["date"] in (out / "report.html").read_text(encoding="utf-8")
     assert summary["versions"]["torch"] == torch.__version__
     assert summary["data"]["fingerprint"].startswith("sha256:")
     assert summary["data"]["skipped"][0]["id"] == "digit_0/broken.png"
