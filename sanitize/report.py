@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -27,6 +28,7 @@ from PIL import Image
 from sklearn.decomposition import PCA
 
 from sanitize.data import ImageDataset, open_dataset, write_atomic
+from sanitize.detectors.knn_density import FLAG_REASONS
 from sanitize.errors import SanitizeError
 from sanitize.manifest import TARGET_IMAGE
 
@@ -205,6 +207,35 @@ def _nearest(space: np.ndarray, labels: np.ndarray, position: int, count: int) -
     return [int(i) for i in members[np.argsort(distances, kind="stable")[:count]]]
 
 
+def _explainer(embeddings: Path, classes: list[str]) -> Callable[[int], dict[str, Any]]:
+    """Why the detector flagged an example (the rule, its isolation z within its class) and what the proxy calls it
+    (class and probability), from the arrays a scan keeps; empty where a detector or an older scan kept none."""
+
+    def load(name: str) -> np.ndarray | None:
+        path = embeddings / f"{name}.npy"
+        return np.load(path, mmap_mode="r", allow_pickle=False) if path.exists() else None
+
+    reasons, isolation, logits = load("flag_reason"), load("isolation_z"), load("logits")
+
+    def explain(position: int) -> dict[str, Any]:
+        why: dict[str, Any] = {}
+        if reasons is not None and int(reasons[position]) in FLAG_REASONS:
+            why["why"] = FLAG_REASONS[int(reasons[position])]
+        if isolation is not None:
+            why["isolation_z"] = float(isolation[position])
+        if logits is not None:
+            row = np.asarray(logits[position], dtype=np.float64)
+            probabilities = np.exp(row - row.max())
+            probabilities /= probabilities.sum()
+            why["proxy_class"] = (
+                classes[int(probabilities.argmax())] if int(probabilities.argmax()) < len(classes) else "?"
+            )
+            why["proxy_confidence"] = float(probabilities.max())
+        return why
+
+    return explain
+
+
 def _scan_context(
     run_dir: Path, summary: dict[str, Any], data, max_thumbnails: int, max_projection_classes: int
 ) -> dict[str, Any]:
@@ -254,6 +285,7 @@ def _scan_context(
             "image": thumbnail(dataset.load_image(position)) if dataset else None,
         }
 
+    explain = _explainer(embeddings, classes)
     order = np.flatnonzero(table.flags)
     order = order[np.argsort(-table.scores[order], kind="stable")][:max_thumbnails]
     examples = []
@@ -263,7 +295,9 @@ def _scan_context(
             if neighbours is not None
             else (_nearest(space, table.labels, position, 5) if space is not None else [])
         )
-        examples.append(shown(position) | {"neighbours": [shown(i) for i in near] if dataset else []})
+        examples.append(
+            shown(position) | explain(position) | {"neighbours": [shown(i) for i in near] if dataset else []}
+        )
     ranked = sorted(range(len(classes)), key=lambda c: (-per_class[c]["flagged"], c))[:max_projection_classes]
     projections = (
         [

@@ -31,6 +31,14 @@ if TYPE_CHECKING:  # the detectors' modules stay light: the CLI reads their opti
     from sanitize.embeddings import Embeddings
 
 ALARM_RULES = ("hard", "misassigned", "either")  # the second pass in an alarmed class
+# why an example is flagged (the array flag_reason, read by the report)
+WHY_ISOLATED, WHY_TOO_EASY, WHY_ALARM_HARD, WHY_ALARM_MISASSIGNED = 1, 2, 3, 4
+FLAG_REASONS = {
+    WHY_ISOLATED: "isolated in its class",
+    WHY_TOO_EASY: "isolated and too easy for the proxy",
+    WHY_ALARM_HARD: "isolated and hard, in an alarmed class",
+    WHY_ALARM_MISASSIGNED: "given another class by the proxy, in an alarmed class",
+}
 
 
 def scales(n: int, k_small: int, k_fraction: float, k_max: int) -> list[int]:
@@ -152,15 +160,19 @@ def knn_isolation(
         neighbours[members, :width] = members[nearest[:, :width]]
         per_class[c] = {"n": int(len(members)), "k": ks, "index": kind}
     flags = scores >= o.threshold
+    # why each example is flagged (the report says it): isolated, isolated and too easy, or the alarm's second pass
+    why = np.where(flags, np.where(z_to_score(isolation) >= o.threshold, WHY_ISOLATED, WHY_TOO_EASY), 0).astype(np.int8)
     if o.class_alarm_p:
         misassigned = None
         if predicted is not None:
             misassigned = predicted != labels
             if o.alarm_confidence and predicted_confidence is not None:
                 misassigned &= predicted_confidence >= o.alarm_confidence
-        flags |= alarmed_class_flags(
+        second = alarmed_class_flags(
             flags, isolation, labels, per_class, loss, o.class_alarm_p, o.alarm_z, o.alarm_rule, misassigned
         )
+        why = np.where(flags, why, second)
+        flags |= second > 0
     return Detection(
         scores=scores,
         flags=flags,
@@ -175,7 +187,7 @@ def knn_isolation(
             "alarm_confidence": o.alarm_confidence if o.class_alarm_p and o.alarm_rule != "hard" else None,
             "per_class": per_class,
         },
-        arrays={"neighbours": neighbours},
+        arrays={"neighbours": neighbours, "flag_reason": why, "isolation_z": isolation.astype(np.float32)},
     )
 
 
@@ -212,7 +224,7 @@ def alarmed_class_flags(
     scored = [c for c, info in per_class.items() if "k" in info]
     counts = {c: int(flags[labels == c].sum()) for c in scored}
     total, size = sum(counts.values()), sum(per_class[c]["n"] for c in scored)
-    extra = np.zeros(len(labels), dtype=bool)
+    extra = np.zeros(len(labels), dtype=np.int8)  # 0, or why the second pass flagged the example
     for c in scored:
         others = max(size - per_class[c]["n"], 1)
         rate = max((total - counts[c]) / others, 0.5 / others)
@@ -227,6 +239,7 @@ def alarmed_class_flags(
             hard = z >= alarm_z
             elsewhere = misassigned[members] if misassigned is not None else np.zeros(len(members), dtype=bool)
             second = {"hard": hard, "misassigned": elsewhere, "either": hard | elsewhere}[rule]
-            extra[members[second]] = True
+            why = np.where(hard & (rule != "misassigned"), WHY_ALARM_HARD, WHY_ALARM_MISASSIGNED)
+            extra[members[second]] = why[second]
             per_class[c]["second_pass_flags"] = int(second.sum())
     return extra

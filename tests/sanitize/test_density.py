@@ -139,6 +139,9 @@ def test_class_alarm_looks_again_only_inside_a_class_with_improbably_many_flags(
     alarmed = isolation(x, labels, 5, distance="kth", loss=loss, class_alarm_p=1e-3)
     assert plain.flags[bulk].mean() > 0.9 and plain.flags[carriers].mean() < 0.5
     assert alarmed.flags[carriers].mean() > 0.8
+    reasons = alarmed.arrays["flag_reason"]
+    assert set(np.unique(reasons[alarmed.flags])) <= {1, 2, 3, 4} and (reasons[~alarmed.flags] == 0).all()
+    assert (reasons[carriers][alarmed.flags[carriers]] >= 3).mean() > 0.5  # the second pass caught the carriers
     assert alarmed.flags[lookalikes].sum() == plain.flags[lookalikes].sum()
     per_class = alarmed.summary["per_class"]
     assert per_class[1]["alarmed"] and not any(per_class[c]["alarmed"] for c in (0, 2, 3, 4))

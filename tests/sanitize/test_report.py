@@ -121,6 +121,7 @@ def test_report_holds_the_verdict_classes_flagged_thumbnails_projection_and_the_
     ) in html and f"{summary['flagged']['count']}</strong> of {summary['data']['examples']}" in html
     flagged = int(result.flags.sum())
     assert flagged >= 1
+    assert "why: isolated" in html and "the proxy calls it" in html  # each flagged example says why
     assert html.count('class="example"') == min(flagged, 48)
     assert html.count('<svg class="hist"') == 3 and 'data-projection="' in html
     poisons = summary["poisons"]
