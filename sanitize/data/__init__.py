@@ -62,7 +62,7 @@ def prepare_output(data: str | Path, out: str | Path) -> tuple[Path, Path]:
     ensure_outside(data, out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".sanitize-write-test"
+        probe = out / f".sanitize-write-test-{os.getpid()}"  # one per process: torchrun ranks probe at once
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
