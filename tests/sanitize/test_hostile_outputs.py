@@ -176,42 +176,25 @@ def test_a_resumed_training_says_so(tmp_path, digits_npz, capsys):
         return indices
 
     model = create_model("tiny", 10, (3, 16, 16))
-    with pytest.raises(KeyboardInterrupt):
+
+    def train(config, **options):
+        cpu = torch.device("cpu")
         train_model(
             model,
             data,
             np.arange(len(data)),
-            recipe,
-            torch.device("cpu"),
+            config,
+            cpu,
             None,
             tmp_path / "c.pt",
             progress=True,
             desc="proxy",
-            after_epoch=dies_in_the_second_epoch,
+            **options,
         )
-    train_model(
-        model,
-        data,
-        np.arange(len(data)),
-        recipe,
-        torch.device("cpu"),
-        None,
-        tmp_path / "c.pt",
-        progress=True,
-        desc="proxy",
-    )
+
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, after_epoch=dies_in_the_second_epoch)
+    train(recipe)
     assert "resuming proxy from epoch 1 of 2" in capsys.readouterr().err
-    other = TrainConfig(epochs=3, batch_size=128, augment=False)
-    train_model(
-        model,
-        data,
-        np.arange(len(data)),
-        other,
-        torch.device("cpu"),
-        None,
-        tmp_path / "c.pt",
-        progress=True,
-        desc="proxy",
-        meta={"other": "run"},
-    )
+    train(TrainConfig(epochs=3, batch_size=128, augment=False), meta={"other": "run"})
     assert "another run's" in capsys.readouterr().err
