@@ -10,6 +10,7 @@ anything.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -66,7 +67,15 @@ def current_world() -> World:
         if torch.cuda.is_available():
             torch.cuda.set_device(world.local_rank)
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=RANK_0_ALONE)
+        atexit.register(_leave_process_group)
     return world
+
+
+def _leave_process_group() -> None:
+    """At exit, end the process group: a rank leaving with its communication threads alive aborted in teardown
+    ('terminate called without an active exception') while the other rank was still finishing."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def refuse_torchrun(command: str) -> None:
