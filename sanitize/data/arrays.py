@@ -50,7 +50,7 @@ def _declared_sizes(path: Path) -> dict[str, int]:
                         else np.lib.format.read_array_header_2_0
                     )
                     shape, _, dtype = header(member)
-                except (ValueError, OSError, EOFError) as error:
+                except Exception as error:  # numpy tokenises and evaluates the header: any failure means not an array
                     raise DataError(f"{path}: member {info.filename} is not a .npy array ({error})") from None
             if dtype.hasobject:
                 raise DataError(f"{path}: member {info.filename} holds Python objects; only plain arrays are read")
