@@ -29,6 +29,7 @@ from sklearn.decomposition import PCA
 
 from sanitize.data import ImageDataset, open_dataset, write_atomic
 from sanitize.detectors.knn_density import FLAG_REASONS
+from sanitize.embeddings import softmax
 from sanitize.errors import SanitizeError
 from sanitize.manifest import TARGET_IMAGE
 
@@ -224,13 +225,10 @@ def _explainer(embeddings: Path, classes: list[str]) -> Callable[[int], dict[str
         if isolation is not None:
             why["isolation_z"] = float(isolation[position])
         if logits is not None:
-            row = np.asarray(logits[position], dtype=np.float64)
-            probabilities = np.exp(row - row.max())
-            probabilities /= probabilities.sum()
-            why["proxy_class"] = (
-                classes[int(probabilities.argmax())] if int(probabilities.argmax()) < len(classes) else "?"
-            )
-            why["proxy_confidence"] = float(probabilities.max())
+            probabilities = softmax(np.asarray(logits[position : position + 1], dtype=np.float64))[0]
+            best = int(probabilities.argmax())
+            why["proxy_class"] = classes[best] if best < len(classes) else "?"
+            why["proxy_confidence"] = float(probabilities[best])
         return why
 
     return explain
