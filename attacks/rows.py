@@ -16,8 +16,9 @@ from sanitize.detectors.knn_density import KnnDensityOptions
 from sanitize.errors import SanitizeError
 
 KNN_DENSITY_OPTIONS = tuple(f.name for f in dataclasses.fields(KnnDensityOptions))
-# options recorded only since they were added (alarm_confidence: 2026-11), with the value that reproduces older rows
-BEFORE_RECORDED = {"alarm_confidence": 0.0}
+# options recorded only since they were added (alarm_confidence: 2026-11; the alarm's test and group: 2026-12-01),
+# with the value that reproduces older rows
+BEFORE_RECORDED = {"alarm_confidence": 0.0, "alarm_test": "poisson", "alarm_group_fraction": 0.0}
 # what a detector arm's row records of the scan that made its flags, so rows stay readable when the defaults move
 SCAN_OPTIONS_RECORDED = ("detector", *KNN_DENSITY_OPTIONS, "epic_fraction", "expected_poisons")
 RECORDED_DEFAULTS = (

@@ -17,7 +17,7 @@ import click
 from sanitize.config import RobustConfig, ScanConfig, TrainConfig
 from sanitize.detectors import EMBEDDINGS, list_detectors
 from sanitize.detectors.epic import EpicOptions
-from sanitize.detectors.knn_density import ALARM_RULES, KnnDensityOptions
+from sanitize.detectors.knn_density import ALARM_RULES, ALARM_TESTS, KnnDensityOptions
 from sanitize.errors import SanitizeError
 from sanitize.wording import plural
 
@@ -173,6 +173,20 @@ def scan_options(fn: Callable) -> Callable:
             help="knn_density: > 0 alarms classes with improbably many flags (Poisson p < this / classes) ...",
         ),
         click.option(
+            "--alarm-test",
+            type=click.Choice(ALARM_TESTS),
+            default=KNN.alarm_test,
+            show_default=True,
+            help="... tested against the other classes' rate with their dispersion (negative-binomial) or without (poisson) ...",
+        ),
+        click.option(
+            "--alarm-group-fraction",
+            type=float,
+            default=KNN.alarm_group_fraction,
+            show_default=True,
+            help="... at least this fraction of the class grouped (flagged, as are most of their nearest neighbours) ...",
+        ),
+        click.option(
             "--alarm-z",
             type=float,
             default=KNN.alarm_z,
@@ -221,10 +235,10 @@ def scan_options(fn: Callable) -> Callable:
             help="Gate: exit 1 when more is flagged.",
         ),
         click.option(
-            "--fail-on-class-alarm",
-            is_flag=True,
+            "--fail-on-class-alarm/--no-fail-on-class-alarm",
             default=DEFAULTS.fail_on_class_alarm,
-            help="Gate: exit 1 also when a class raises the class alarm.",
+            show_default=True,
+            help="Gate: exit 1 also when a class raises the class alarm (a flagged group of its own: a targeted attack's signature).",
         ),
         click.option(
             "--manifest",
@@ -286,10 +300,12 @@ def print_summary(result: Any) -> None:
         click.echo(f"caution   no verdict: {gate['caution']}")
     if gate["alarmed_classes"]:
         consequence = (
-            "the gate fails on it" if gate["fail_on_class_alarm"] else "--fail-on-class-alarm would fail the gate"
+            "the gate fails on it"
+            if gate["fail_on_class_alarm"]
+            else "the gate would fail without --no-fail-on-class-alarm"
         )
         click.echo(
-            f"alarm     improbably many flags in {', '.join(gate['alarmed_classes'])}: a targeted attack's signature ({consequence})"
+            f"alarm     a flagged group of its own in {', '.join(gate['alarmed_classes'])}: a targeted attack's signature ({consequence})"
         )
     click.echo(
         f"time      {summary['seconds']['total']:.1f} s  "

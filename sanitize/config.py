@@ -111,9 +111,9 @@ class ScanConfig:
     index: str = "auto"  # auto | flat | ivf | hnsw
     exact_max: int = 50_000  # classes up to this size use the exact index under auto
     max_flagged_fraction: float = 0.05  # the gate: fail when more than this fraction is flagged ...
-    # ... or, opted in, when a class raises the class alarm: a targeted attack's poisons are few (0.01-1%) and can pass the
-    # fraction gate while their class's alarm fires (a poisoned CIFAR-10 set: 2.6-2.8% flagged, alarm p 1e-8 to 1e-14)
-    fail_on_class_alarm: bool = False
+    # ... or when a class raises the class alarm: a targeted attack's poisons are few (0.01-1%) and pass the fraction
+    # gate while their class's alarm fires (reports/class-alarm: the poisoned sets whose victims flip, 1.5-4% flagged)
+    fail_on_class_alarm: bool = True
     manifest: str | None = None  # a poison manifest (attack runs, audits of a defense): score the flags against it
     max_thumbnails: int = 48  # report.html shows at most this many flagged examples as images; scores.csv has all
     device: str = "auto"

@@ -268,6 +268,7 @@ def _scan_context(
                 "alarmed": bool(info.get("alarmed")),
                 "alarm_p": info.get("alarm_p_value"),
                 "first_pass": info.get("first_pass_flags"),
+                "grouped": info.get("grouped_flags"),
                 "second_pass": info.get("second_pass_flags"),
                 "note": info.get("note"),
                 "bars": histogram(table.scores[members], threshold),

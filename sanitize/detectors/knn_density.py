@@ -11,8 +11,9 @@ Options, measured in reports/detection-cpu: the isolation can be combined with h
 example (class-wise z of -log loss, weight w: z = max(z_isolation, (z_isolation + w z_ease) / sqrt(1 + w^2)), so a
 mislabeled example, isolated but hard, stays flagged), since most gradient-matching poisons are fitted faster and
 tighter than their class; and a second pass (`alarmed_class_flags`) looks
-again inside classes that hold improbably many flags, for the few hard poisons that carry the attack (or, with
-`alarm_rule`, for the examples the proxy confidently assigns to another class). Scores map z to
+again inside classes that hold a flagged group of their own (a targeted attack's signature: its poisons chase one
+gradient, where natural outliers are lone), for the few hard poisons that carry the attack (or, with `alarm_rule`, for
+the examples the proxy confidently assigns to another class). Scores map z to
 [0, 1) with 0.5 at z = 3.5 (Iglewicz & Hoaglin's outlier cut-off). Nothing here knows the poison budget or rate.
 """
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:  # the detectors' modules stay light: the CLI reads their opti
     from sanitize.embeddings import Embeddings
 
 ALARM_RULES = ("hard", "misassigned", "either")  # the second pass in an alarmed class
+ALARM_TESTS = ("negative-binomial", "poisson")  # the class alarm's count test (poisson: dispersion fixed at 1)
 # why an example is flagged (the array flag_reason, read by the report)
 WHY_ISOLATED, WHY_TOO_EASY, WHY_ALARM_HARD, WHY_ALARM_MISASSIGNED = 1, 2, 3, 4
 FLAG_REASONS = {
@@ -63,9 +65,14 @@ class KnnDensityOptions:
     k_max: int = 1000  # ... capped here
     distance: str = "kth"  # kth | mean: the statistic of the k neighbour distances (kth: AUROC +0.03-0.06)
     low_loss_weight: float = 1.0  # weight of the "too easy" term (class-wise z of -log loss) beside the isolation
-    # a second pass in classes with improbably many flags (Poisson p < this / classes); measured (reports/detection-cpu):
-    # poisoned classes 2e-7 (eps 8) to 3e-38, the most extreme clean class 2e-3 ...
-    class_alarm_p: float = 1e-4
+    # a second pass in classes with more flags than the classes' own spread explains (negative-binomial p < this /
+    # classes, its dispersion estimated from the other classes; 0 turns the alarm off) ...
+    class_alarm_p: float = 0.03
+    alarm_test: str = "negative-binomial"  # poisson: the dispersion fixed at 1 (the alarm before 2026-12-01)
+    # ... of which at least this fraction of the class are grouped: flagged, and so are most of their k_small nearest
+    # neighbours. Both chosen on tuning sets (reports/class-alarm): clean classes p >= 7e-3 per class, or grouped 0%
+    # where p < 1e-2; poisoned classes whose victims flip p <= 1.3e-3 with >= 0.9% grouped
+    alarm_group_fraction: float = 0.005
     alarm_z: float = 1.5  # ... flags their isolated, hard examples: (isolation z + log-loss z) / sqrt 2 >= this (hard:
     # the carriers at eps 16), and every example there the proxy assigns to another class (misassigned: the eps-8
     # carriers, called the target's class); either: both, the default, since the attack's eps is unknown
@@ -85,6 +92,8 @@ class KnnDensityOptions:
                 (self.distance in ("mean", "kth"), "distance must be mean or kth"),
                 (self.low_loss_weight >= 0.0, "low_loss_weight must be >= 0"),
                 (0.0 <= self.class_alarm_p < 1.0, "class_alarm_p must be in [0, 1)"),
+                (0.0 <= self.alarm_group_fraction <= 1.0, "alarm_group_fraction must be in [0, 1]"),
+                (self.alarm_test in ALARM_TESTS, f"alarm_test must be one of {', '.join(ALARM_TESTS)}"),
                 (self.alarm_rule in ALARM_RULES, f"alarm_rule must be one of {', '.join(ALARM_RULES)}"),
                 (0.0 <= self.alarm_confidence < 1.0, "alarm_confidence must be in [0, 1)"),
             ]
@@ -169,7 +178,18 @@ def knn_isolation(
             if o.alarm_confidence and predicted_confidence is not None:
                 misassigned &= predicted_confidence >= o.alarm_confidence
         second = alarmed_class_flags(
-            flags, isolation, labels, per_class, loss, o.class_alarm_p, o.alarm_z, o.alarm_rule, misassigned
+            flags,
+            isolation,
+            labels,
+            per_class,
+            loss,
+            o.class_alarm_p,
+            o.alarm_z,
+            o.alarm_rule,
+            misassigned,
+            grouped=grouped_flags(flags, neighbours),
+            group_fraction=o.alarm_group_fraction,
+            overdispersed=o.alarm_test == "negative-binomial",
         )
         why = np.where(flags, why, second)
         flags |= second > 0
@@ -182,6 +202,8 @@ def knn_isolation(
             "distance": o.distance,
             "low_loss_weight": o.low_loss_weight if loss is not None else 0.0,
             "class_alarm_p": o.class_alarm_p,
+            "alarm_test": o.alarm_test if o.class_alarm_p else None,
+            "alarm_group_fraction": o.alarm_group_fraction if o.class_alarm_p else None,
             "alarm_z": o.alarm_z if o.class_alarm_p else None,
             "alarm_rule": o.alarm_rule if o.class_alarm_p else None,
             "alarm_confidence": o.alarm_confidence if o.class_alarm_p and o.alarm_rule != "hard" else None,
@@ -189,6 +211,15 @@ def knn_isolation(
         },
         arrays={"neighbours": neighbours, "flag_reason": why, "isolation_z": isolation.astype(np.float32)},
     )
+
+
+def grouped_flags(flags: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """Flagged examples at least half of whose nearest same-class neighbours (`neighbours`, -1 padded) are flagged
+    too: members of a flagged group of their own. A targeted attack's poisons chase one gradient and crowd together;
+    a class's natural outliers are lone, their neighbours the unflagged bulk."""
+    present = neighbours >= 0
+    flagged_neighbours = (flags[np.where(present, neighbours, 0)] & present).sum(axis=1)
+    return flags & present.any(axis=1) & (2 * flagged_neighbours >= present.sum(axis=1))
 
 
 def alarmed_class_flags(
@@ -201,21 +232,28 @@ def alarmed_class_flags(
     alarm_z: float,
     rule: str = "hard",
     misassigned: np.ndarray | None = None,
+    grouped: np.ndarray | None = None,
+    group_fraction: float = 0.0,
+    overdispersed: bool = True,
 ) -> np.ndarray:
-    """The second pass: classes holding far more flags than the typical class are alarmed, and in them every example
-    that is both isolated and hard is flagged too.
+    """The second pass: classes holding more flags than the other classes' spread explains, some of them grouped
+    together, are alarmed, and in them every example that is both isolated and hard is flagged too.
 
     A targeted attack puts all its poisons in one class. The tampered bulk is what the first pass finds; the few
     poisons that carry the attack are hard examples (high loss, pulled towards another class) that sit only moderately
-    far out. A class is alarmed when P(Poisson(rate x n_c) >= its flag count) < alarm_p / classes, the rate being the
-    flag rate of all the other classes together (the class under test cannot raise its own baseline; with a median
-    instead, a clean set whose classes flag 0-6 examples each raised false alarms). In an alarmed class the example's
+    far out. A class's flag count is tested against the other classes' rate (the class under test cannot raise its own
+    baseline) with a negative binomial whose dispersion is the other classes' (Pearson chi-square per degree of freedom,
+    at least 1: Poisson; `overdispersed` False fixes it at 1): classes differ in their natural outlier rate (a tight class turns small distances into large
+    z; a class confused with another, CIFAR-10's cat and dog on all 50,000 images, holds more boundary outliers), and a
+    plain Poisson test called those differences significant as classes grew (reports/class-alarm). A class is alarmed
+    when that p < alarm_p / classes and at least `group_fraction` of it is `grouped` (grouped_flags): a targeted
+    attack's poisons crowd together where natural outliers are lone. In an alarmed class the example's
     z = (isolation z + z of log loss) / sqrt 2 >= alarm_z flags it (isolation alone without a loss): rule `hard`.
     Rule `misassigned` flags instead the examples of the class marked in `misassigned` (those the proxy assigns to
     another class, with at least `alarm_confidence` of probability: at eps 8 the carriers sit past the boundary, called
     the target's class, yet not isolated within their own); `either` both. Recorded per class.
     """
-    from scipy.stats import poisson
+    from scipy.stats import nbinom, poisson
 
     if rule not in ALARM_RULES or (rule != "hard" and misassigned is None):
         raise ValueError(
@@ -226,11 +264,30 @@ def alarmed_class_flags(
     total, size = sum(counts.values()), sum(per_class[c]["n"] for c in scored)
     extra = np.zeros(len(labels), dtype=np.int8)  # 0, or why the second pass flagged the example
     for c in scored:
-        others = max(size - per_class[c]["n"], 1)
-        rate = max((total - counts[c]) / others, 0.5 / others)
-        p_value = float(poisson.sf(counts[c] - 1, rate * per_class[c]["n"]))
-        alarmed = p_value < alarm_p / len(scored)
-        per_class[c].update({"first_pass_flags": counts[c], "alarm_p_value": p_value, "alarmed": alarmed})
+        others = [o for o in scored if o != c]
+        others_size = max(size - per_class[c]["n"], 1)
+        rate = max((total - counts[c]) / others_size, 0.5 / others_size)
+        expected = np.array([rate * per_class[o]["n"] for o in others])
+        observed = np.array([counts[o] for o in others])
+        chi_square = float(((observed - expected) ** 2 / expected).sum())
+        dispersion = max(1.0, chi_square / max(len(others) - 1, 1)) if overdispersed else 1.0
+        mean = rate * per_class[c]["n"]
+        p_value = float(
+            poisson.sf(counts[c] - 1, mean)
+            if dispersion == 1.0
+            else nbinom.sf(counts[c] - 1, mean / (dispersion - 1), 1 / dispersion)
+        )
+        group = int(grouped[labels == c].sum()) if grouped is not None else counts[c]
+        alarmed = p_value < alarm_p / len(scored) and group >= group_fraction * per_class[c]["n"]
+        per_class[c].update(
+            {
+                "first_pass_flags": counts[c],
+                "grouped_flags": group,
+                "dispersion": round(dispersion, 3),
+                "alarm_p_value": p_value,
+                "alarmed": alarmed,
+            }
+        )
         if alarmed:
             members = np.flatnonzero(labels == c)
             z = isolation[members]

@@ -5,7 +5,7 @@ import pytest
 
 from sanitize.density import knn, robust_z, z_to_score
 from sanitize.detectors import DetectorContext
-from sanitize.detectors.knn_density import ISOLATION_ONLY, knn_isolation
+from sanitize.detectors.knn_density import ISOLATION_ONLY, grouped_flags, knn_isolation
 
 PLAIN = ISOLATION_ONLY  # the rule without its optional terms; each test switches on what it is about
 
@@ -189,3 +189,30 @@ def test_class_alarm_looks_again_only_inside_a_class_with_improbably_many_flags(
     assert confident.flags[carriers].all() and anyhow.flags[boundary].all()
     assert confident.flags[boundary].sum() == by_rule["hard"].flags[boundary].sum() < len(boundary)
     assert confident.summary["alarm_confidence"] == 0.5
+
+
+def test_grouped_flags_are_flagged_examples_whose_neighbours_are_mostly_flagged():
+    flags = np.array([True, True, True, False, True, False])
+    neighbours = np.array([[1, 2], [0, 3], [3, 5], [0, 1], [-1, -1], [4, -1]])
+    # 0: both neighbours flagged; 1: half; 2: none; 3: not flagged; 4: no neighbours; 5: not flagged
+    assert grouped_flags(flags, neighbours).tolist() == [True, True, False, False, False, False]
+
+
+def test_class_alarm_needs_a_group_not_just_many_lone_outliers():
+    rng = np.random.default_rng(8)
+    x, labels = _five_classes(rng)
+    loss = np.ones(len(labels))
+    spread = x.copy()  # class 2: many outliers, each far out in a direction of its own (a spread-out class)
+    spread[600:615] += (rng.normal(size=(15, 8)) * 6.0).astype(np.float32)
+    lone = isolation(spread, labels, 5, distance="kth", loss=loss, class_alarm_p=1e-3)
+    per_class = lone.summary["per_class"]
+    assert per_class[2]["first_pass_flags"] >= 12 and per_class[2]["alarm_p_value"] < 1e-3 / 5
+    assert per_class[2]["grouped_flags"] < 0.005 * 300 and not any(info["alarmed"] for info in per_class.values())
+    count_only = isolation(spread, labels, 5, distance="kth", loss=loss, class_alarm_p=1e-3, alarm_group_fraction=0.0)
+    assert count_only.summary["per_class"][2]["alarmed"]  # the count alone: the false alarm the group test removes
+
+    crowded = x.copy()  # class 1: as many flags, crowded together (poisons chasing one gradient)
+    crowded[300:330] = x[300:600].mean(0) + 9.0 + 0.05 * rng.normal(size=(30, 8)).astype(np.float32)
+    group = isolation(crowded, labels, 5, distance="kth", loss=loss, class_alarm_p=1e-3).summary["per_class"]
+    assert group[1]["grouped_flags"] >= 25 and group[1]["alarmed"]
+    assert [c for c, info in group.items() if info["alarmed"]] == [1]

@@ -54,7 +54,7 @@ def test_scan_writes_the_documented_outputs(tmp_path, digits_folder):
         "max_flagged_fraction": 0.05,
         "flagged_fraction": len(flagged) / 400,
         "alarmed_classes": [],
-        "fail_on_class_alarm": False,
+        "fail_on_class_alarm": True,
         "passed": True,
     }
     assert summary["config"]["train"]["epochs"] == 2
@@ -74,19 +74,26 @@ def test_gate_failure_exits_1_and_api_agrees(tmp_path, digits_npz):
     assert not api.passed and api.flagged_ids == (tmp_path / "o" / "flagged.txt").read_text().split()
 
 
-def test_the_class_alarm_fails_the_gate_only_when_asked_and_is_printed(tmp_path, digits_npz, capsys):
-    quiet, strict = ScanConfig(), ScanConfig(fail_on_class_alarm=True)
+def test_the_class_alarm_fails_the_gate_unless_turned_off_and_is_printed(tmp_path, digits_npz, capsys):
+    quiet, strict = ScanConfig(fail_on_class_alarm=False), ScanConfig()
     assert gate(0.03, ["horse"], quiet)["passed"] and not gate(0.03, ["horse"], strict)["passed"]
     assert gate(0.03, [], strict)["passed"] and not gate(0.06, [], quiet)["passed"]
     assert gate(0.03, ["horse"], strict)["alarmed_classes"] == ["horse"]
-    result = sanitize.scan(digits_npz, tmp_path / "o", fail_on_class_alarm=True, **FAST)
+    result = sanitize.scan(digits_npz, tmp_path / "o", **FAST)
     assert result.summary["gate"]["fail_on_class_alarm"] and result.summary["config"]["fail_on_class_alarm"]
+    off = CliRunner().invoke(
+        cli, ["scan", str(digits_npz), "--out", str(tmp_path / "o"), "--no-fail-on-class-alarm", *FAST_ARGS]
+    )
+    assert (
+        off.exit_code in (0, 1)
+        and not json.loads((tmp_path / "o" / "summary.json").read_text())["gate"]["fail_on_class_alarm"]
+    )
     result.summary["gate"] |= {"alarmed_classes": ["digit_3"], "passed": False, "verdict": "failed"}
     print_summary(result)
     printed = capsys.readouterr().out
     assert (
         "gate      FAILED" in printed
-        and "alarm     improbably many flags in digit_3" in printed
+        and "alarm     a flagged group of its own in digit_3" in printed
         and "the gate fails on it" in printed
     )
 
@@ -180,7 +187,7 @@ def test_demo_runs_finds_planted_examples_and_leaves_no_data_behind(tmp_path, mo
     mislabeled, stamped = (line.split() for line in result.output.splitlines() if line.startswith("planted "))
     assert int(mislabeled[3]) == 36 and int(mislabeled[1]) >= 5
     assert int(stamped[3]) == 25 and int(stamped[1]) >= 13  # the stand-in group of one class: most of it caught
-    assert "alarm     improbably many flags in digit_3" in result.output
+    assert "alarm     a flagged group of its own in digit_3" in result.output and "gate      FAILED" in result.output
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["poisons"]["caught"] == int(stamped[1])  # the report's poison view has the planted group
     assert list((tmp_path / "tmp").iterdir()) == [] and (tmp_path / "demo" / "report.html").exists()
