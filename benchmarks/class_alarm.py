@@ -116,13 +116,15 @@ def default_options() -> dict:
     return dataclasses.asdict(KnnDensityOptions())
 
 
-def class_view(summary: dict, label: str) -> dict:
-    """One class's flags and alarm statistics from a scan summary."""
-    info = summary["detector"].get("per_class", {}).get(label) or summary["detector"]["per_class"].get(int(label), {})
-    n = summary["data"]["counts_per_class"][label]
+def class_view(summary: dict, index: int) -> dict:
+    """One class's flags and alarm statistics from a scan summary (counts are keyed by class name, the detector's
+    per-class record by index)."""
+    name = summary["data"]["classes"][index]
+    info = summary["detector"].get("per_class", {}).get(str(index), {})
+    n = summary["data"]["counts_per_class"][name]
     return {
-        "class": label,
-        "flagged_fraction": summary["flagged"]["per_class"][label] / max(n, 1),
+        "class": name,
+        "flagged_fraction": summary["flagged"]["per_class"][name] / max(n, 1),
         "grouped_fraction": info.get("grouped_flags", 0) / max(n, 1),
         "alarm_p": info.get("alarm_p_value"),
     }
@@ -130,7 +132,7 @@ def class_view(summary: dict, label: str) -> dict:
 
 def row_of(name: str, options: dict, summary: dict, seconds: float) -> dict:
     counts = summary["data"]["counts_per_class"]
-    views = [class_view(summary, c) for c in counts]
+    views = [class_view(summary, c) for c in range(len(counts))]
     worst = max(views, key=lambda v: v["flagged_fraction"])
     p_values = [v["alarm_p"] for v in views if v["alarm_p"] is not None]
     return {
@@ -179,7 +181,7 @@ def poisoned_sets(args) -> list[tuple[str, object, dict]]:
             facts = {
                 "key": key,
                 "eps": eps,
-                "intended_class": str(setup.intended_class),
+                "intended_class": int(setup.intended_class),
                 "positions": [int(i) for i in setup.poison_indices],
                 "victims": len(undefended),
                 "flipped": sum(r["success"] for r in undefended),
@@ -192,10 +194,12 @@ def poisoned_row(name: str, summary: dict, facts: dict, result, seconds: float) 
     truth = np.zeros(len(result.flags), dtype=bool)
     truth[facts["positions"]] = True
     intended = class_view(summary, facts["intended_class"])
-    others = [class_view(summary, c) for c in summary["data"]["counts_per_class"] if c != facts["intended_class"]]
+    classes = range(len(summary["data"]["classes"]))
+    others = [class_view(summary, c) for c in classes if c != facts["intended_class"]]
     return {
         "name": name,
-        **{k: facts[k] for k in ("key", "eps", "intended_class", "victims", "flipped")},
+        **{k: facts[k] for k in ("key", "eps", "victims", "flipped")},
+        "intended_class": intended["class"],
         "detector": default_options(),
         "flagged_fraction": summary["flagged"]["fraction"],
         "poison_recall": float(result.flags[truth].mean()),
