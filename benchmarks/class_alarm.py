@@ -120,7 +120,8 @@ def class_view(summary: dict, index: int) -> dict:
     """One class's flags and alarm statistics from a scan summary (counts are keyed by class name, the detector's
     per-class record by index)."""
     name = summary["data"]["classes"][index]
-    info = summary["detector"].get("per_class", {}).get(str(index), {})
+    per_class = summary["detector"].get("per_class", {})
+    info = per_class.get(index, per_class.get(str(index), {}))  # int keys in memory, str keys in summary.json
     n = summary["data"]["counts_per_class"][name]
     return {
         "class": name,
@@ -281,11 +282,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.work / "data").mkdir(parents=True, exist_ok=True)
     clean_path, poisoned_path = args.out / "rows.jsonl", args.out / "poisoned.jsonl"
-    clean, poisoned = read_jsonl(clean_path), read_jsonl(poisoned_path)
     current = default_options()
+    clean, poisoned = (
+        {name: r for name, r in read_jsonl(path).items() if r.get("detector") == current}  # others are redone
+        for path in (clean_path, poisoned_path)
+    )
 
     for name, poisoned_data, facts, harness in poisoned_sets(args):
-        if name in poisoned and poisoned[name]["detector"] == current:
+        if name in poisoned:
             continue
         started = time.perf_counter()
         result = scan(
@@ -306,7 +310,7 @@ def main() -> None:
         )
     wanted = args.only.split(",") if args.only else list(corpus())
     for name, (build, options) in corpus().items():
-        if name not in wanted or (name in clean and clean[name].get("detector") == current):
+        if name not in wanted or name in clean:
             continue
         data = args.work / "data" / f"{name}.npz"
         if not data.exists():
