@@ -117,11 +117,9 @@ def default_options() -> dict:
 
 
 def class_view(summary: dict, index: int) -> dict:
-    """One class's flags and alarm statistics from a scan summary (counts are keyed by class name, the detector's
-    per-class record by index)."""
+    """One class's flags and alarm statistics from a scan summary."""
     name = summary["data"]["classes"][index]
-    per_class = summary["detector"].get("per_class", {})
-    info = per_class.get(index, per_class.get(str(index), {}))  # int keys in memory, str keys in summary.json
+    info = summary["detector"].get("per_class", {}).get(name, {})
     n = summary["data"]["counts_per_class"][name]
     return {
         "class": name,

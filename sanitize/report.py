@@ -258,7 +258,7 @@ def _scan_context(
     per_class = []
     for c, name in enumerate(classes):
         members = table.labels == c
-        info = per_class_detector.get(str(c), {})
+        info = per_class_detector.get(name, per_class_detector.get(str(c), {}))  # by index: summaries before 2026-12-01
         per_class.append(
             {
                 "name": name,

@@ -238,6 +238,16 @@ def _detect_and_write(
     return detection
 
 
+def by_class_name(detector_summary: dict[str, Any], classes: list[str]) -> dict[str, Any]:
+    """The detector's summary with its per-class records keyed by class name, as every per-class record of
+    summary.json is (detectors key them by label index)."""
+    if "per_class" not in detector_summary:
+        return detector_summary
+    return detector_summary | {
+        "per_class": {classes[int(c)]: info for c, info in detector_summary["per_class"].items()}
+    }
+
+
 def poison_summary(record: dict[str, Any], manifest: Path, truth: np.ndarray, detection: Detection) -> dict[str, Any]:
     """The flags scored against a poison manifest: what it says, how many poisons were caught, precision / recall / AUROC."""
     return {
@@ -328,7 +338,7 @@ def _summary(
         "model": model_info,
         "embeddings": {k: embeddings.meta[k] for k in ("feature_dim", "num_classes", "gradient", "gradient_dim")}
         | {"space": getattr(config.options, "embedding", "features")},
-        "detector": detection.summary,
+        "detector": by_class_name(detection.summary, dataset.classes),
         "flagged": {
             "count": flagged,
             "fraction": fraction,
