@@ -57,6 +57,20 @@ def screenshot(page: Path, png: Path, profile: Path, height: int) -> None:
     )
 
 
+def fit_to_content(png: Path, margin: int = 16) -> int:
+    """Crop the screenshot's blank bottom (a report shorter than the window) so the image is as long as the page's
+    content; returns the height kept."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(png) as image:
+        pixels = np.asarray(image.convert("RGB"))
+        used = np.flatnonzero((pixels != pixels[-1:, :, :]).any(axis=(1, 2)))  # rows unlike the last (background)
+        height = min(len(pixels), int(used[-1]) + 1 + margin) if len(used) else len(pixels)
+        image.crop((0, 0, pixels.shape[1], height)).save(png)
+    return height
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", type=Path, default=Path("../shared"))
@@ -93,6 +107,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(result.files["report"], args.out / "report.html")
     screenshot(args.out / "report.html", args.out / "report.png", args.work / "chromium-profile", args.height)
+    fit_to_content(args.out / "report.png")
     sizes = {"sample_report_kib": round((args.out / "report.html").stat().st_size / 1024, 1)}
     if args.large_scan:
         large = write_report(args.large_scan)

@@ -36,6 +36,7 @@ from sanitize.manifest import TARGET_IMAGE
 REPORT = "report.html"
 THUMBNAIL_SIDE = 64  # larger images are shrunk to this many pixels on their long side
 HISTOGRAM_BINS = 20
+HISTOGRAM_WIDTH, HISTOGRAM_HEIGHT = 200, 48  # the plot area of a per-class histogram, in SVG units (axis below it)
 PROJECTION_POINTS = 400  # unflagged points drawn per class; every flagged one is drawn too (up to the thumbnail cap)
 PLOT_SIZE = 320
 
@@ -154,22 +155,33 @@ def _images(
     return data, None
 
 
-def histogram(values: np.ndarray, threshold: float) -> list[dict[str, Any]]:
-    """Bars of an inline SVG histogram over [0, 1]: x, width and height in a 100 x 30 box, and whether past the cut."""
+def histogram(values: np.ndarray, threshold: float) -> dict[str, Any]:
+    """An inline SVG histogram of scores over [0, 1]: bars (x, width, height in the plot area; red past the cut; height
+    the square root of the count, so a few flagged examples stay visible beside thousands), the axis ticks and the
+    threshold's x."""
     counts, edges = np.histogram(np.clip(values, 0, 1), bins=HISTOGRAM_BINS, range=(0, 1))
     top = max(int(counts.max()), 1) if len(counts) else 1
-    width = 100 / HISTOGRAM_BINS
-    return [
+    width = HISTOGRAM_WIDTH / HISTOGRAM_BINS
+    bars = [
         {
             "x": round(i * width, 2),
             "width": round(width, 2),
-            "height": round(30 * np.sqrt(c / top), 2),
+            "height": round(HISTOGRAM_HEIGHT * np.sqrt(c / top), 2),
             "count": int(c),
             "flagged": bool(edges[i + 1] > threshold),
         }
         for i, c in enumerate(counts)
         if c
     ]
+    ticks = [{"x": round(t * HISTOGRAM_WIDTH, 2), "label": f"{t:g}"} for t in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    return {
+        "bars": bars,
+        "ticks": ticks,
+        "threshold_x": round(min(max(threshold, 0.0), 1.0) * HISTOGRAM_WIDTH, 2),
+        "top": top,
+        "width": HISTOGRAM_WIDTH,
+        "height": HISTOGRAM_HEIGHT,
+    }
 
 
 def projection(
@@ -271,7 +283,7 @@ def _scan_context(
                 "grouped": info.get("grouped_flags"),
                 "second_pass": info.get("second_pass_flags"),
                 "note": info.get("note"),
-                "bars": histogram(table.scores[members], threshold),
+                "histogram": histogram(table.scores[members], threshold),
             }
         )
 

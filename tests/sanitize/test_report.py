@@ -23,7 +23,7 @@ from PIL import Image
 from sanitize import scan
 from sanitize.cli import cli
 from sanitize.data.digits import write_image_folder
-from sanitize.report import write_report
+from sanitize.report import HISTOGRAM_WIDTH, histogram, write_report
 
 FAST = {"model": "tiny", "epochs": 2, "batch_size": 32, "augment": False, "quiet": True, "k_fraction": 0.3}
 HOSTILE_FILE = "<img src=x onerror=document.title='pwned'>.png"
@@ -124,10 +124,22 @@ def test_report_holds_the_verdict_classes_flagged_thumbnails_projection_and_the_
     assert "why: isolated" in html and "the proxy calls it" in html  # each flagged example says why
     assert html.count('class="example"') == min(flagged, 48)
     assert html.count('<svg class="hist"') == 3 and 'data-projection="' in html
+    assert html.count('<line class="cut"') == 3 and html.count(">0.5</text>") >= 3  # the cut and the axis
+    assert 'classList.toggle("enlarged")' in html and "figure.enlarged img" in html  # thumbnails enlarge on click
     poisons = summary["poisons"]
     assert poisons["caught"] == sum(int(result.flags[result.ids.index(i)]) for i in poisons["ids"])
     assert "Against the poison manifest" in html and "t&lt;i&gt;" in html and 'alt="target"' in html
     assert html.count('class="caught"') + html.count('class="missed"') == 3
+
+
+def test_histogram_marks_the_cut_and_keeps_a_few_flagged_examples_visible():
+    scores = np.concatenate([np.full(5000, 0.1), np.full(3, 0.9)])
+    h = histogram(scores, threshold=0.5)
+    assert h["threshold_x"] == HISTOGRAM_WIDTH / 2 and h["top"] == 5000
+    assert [t["label"] for t in h["ticks"]] == ["0", "0.25", "0.5", "0.75", "1"]
+    tall, short = h["bars"]
+    assert not tall["flagged"] and short["flagged"] and short["count"] == 3
+    assert short["height"] > 0.02 * tall["height"]  # square-root heights: 3 of 5,003 is not a flat line
 
 
 def test_thumbnails_are_capped_and_the_rerender_checks_the_data(hostile_scan, tmp_path, digits16):
