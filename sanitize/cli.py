@@ -19,7 +19,40 @@ from sanitize.detectors import EMBEDDINGS, list_detectors
 from sanitize.detectors.epic import EpicOptions
 from sanitize.detectors.knn_density import ALARM_RULES, ALARM_TESTS, KnnDensityOptions
 from sanitize.errors import SanitizeError
-from sanitize.wording import plural
+from sanitize.names import ATTACKS, DEVICE_KINDS, MODELS
+from sanitize.wording import plural, unknown
+
+
+class Choice(click.Choice):
+    """click's Choice that names the nearest value on a typo ("did you mean convnet?")."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value in self.choices or not isinstance(value, str):
+            return super().convert(value, param, ctx)
+        self.fail(unknown(self.name or "value", value, list(self.choices)), param, ctx)
+
+
+class Device(click.ParamType):
+    """auto, cpu, cuda, cuda:N or mps, checked before any heavy import."""
+
+    name = "device"
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "[auto|cpu|cuda|cuda:N|mps]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        kind, _, index = str(value).partition(":")
+        if kind in DEVICE_KINDS and (not index or (kind == "cuda" and index.isdigit())):
+            return value
+        self.fail(unknown("device", str(value), [*DEVICE_KINDS, "cuda:N"]), param, ctx)
+
+
+def choice(values, kind: str = "value") -> Choice:
+    """A Choice over `values` whose typo message names them as `kind`s."""
+    made = Choice(list(values))
+    made.name = kind
+    return made
+
 
 DEFAULTS = ScanConfig()
 KNN = KnnDensityOptions()  # the default detector's own defaults
@@ -84,6 +117,7 @@ def scan_options(fn: Callable) -> Callable:
         ),
         click.option(
             "--model",
+            type=choice(["auto", *MODELS], "model"),
             default=DEFAULTS.model,
             show_default=True,
             help="Proxy model from the registry; auto picks by image size.",
@@ -115,21 +149,21 @@ def scan_options(fn: Callable) -> Callable:
         ),
         click.option(
             "--embedding",
-            type=click.Choice(EMBEDDINGS),
+            type=choice(EMBEDDINGS, "embedding"),
             default=KNN.embedding,
             show_default=True,
             help="knn_density's space: penultimate features, the last-layer gradient, or softmax - onehot.",
         ),
         click.option(
             "--index",
-            type=click.Choice(["auto", "flat", "ivf", "hnsw"]),
+            type=choice(["auto", "flat", "ivf", "hnsw"], "index"),
             default=DEFAULTS.index,
             show_default=True,
             help="FAISS index per class: exact (flat) up to 50,000 examples under auto, IVF above; HNSW on request.",
         ),
         click.option(
             "--detector",
-            type=click.Choice(list_detectors()),
+            type=choice(list_detectors(), "detector"),
             default=DEFAULTS.detector,
             show_default=True,
             help="The rule: knn_density, or a baseline (epic, deep_knn, spectral_signatures, activation_clustering).",
@@ -153,7 +187,7 @@ def scan_options(fn: Callable) -> Callable:
         ),
         click.option(
             "--distance",
-            type=click.Choice(["mean", "kth"]),
+            type=choice(["mean", "kth"]),
             default=KNN.distance,
             show_default=True,
             help="knn_density: mean distance to the k neighbours, or distance to the k-th.",
@@ -174,7 +208,7 @@ def scan_options(fn: Callable) -> Callable:
         ),
         click.option(
             "--alarm-test",
-            type=click.Choice(ALARM_TESTS),
+            type=choice(ALARM_TESTS, "alarm test"),
             default=KNN.alarm_test,
             show_default=True,
             help="... tested against the other classes' rate with their dispersion (negative-binomial) or without (poisson) ...",
@@ -195,7 +229,7 @@ def scan_options(fn: Callable) -> Callable:
         ),
         click.option(
             "--alarm-rule",
-            type=click.Choice(ALARM_RULES),
+            type=choice(ALARM_RULES, "alarm rule"),
             default=KNN.alarm_rule,
             show_default=True,
             help="... by that rule (hard), or the examples the proxy assigns to another class (misassigned), or both (either).",
@@ -255,13 +289,14 @@ def scan_options(fn: Callable) -> Callable:
         ),
         click.option(
             "--device",
+            type=Device(),
             default=DEFAULTS.device,
             show_default=True,
-            help="auto (CUDA when present), cpu, cuda or cuda:N.",
+            help="auto: CUDA when present, else the CPU.",
         ),
         click.option(
             "--precision",
-            type=click.Choice(["auto", "bf16", "fp32"]),
+            type=choice(["auto", "bf16", "fp32"], "precision"),
             default=DEFAULTS.precision,
             show_default=True,
             help="bf16 autocast where the hardware runs it natively (auto), or forced.",
@@ -415,7 +450,13 @@ def demo(out: Path, quiet: bool) -> None:
 @click.option(
     "--robust", is_flag=True, help="EPIC: drop isolated examples periodically while training; writes drop_log.json."
 )
-@click.option("--model", default="auto", show_default=True, help="Model from the registry; auto picks by image size.")
+@click.option(
+    "--model",
+    type=choice(["auto", *MODELS], "model"),
+    default="auto",
+    show_default=True,
+    help="Model from the registry; auto picks by image size.",
+)
 @click.option("--epochs", type=int, default=TRAIN_DEFAULTS.epochs, show_default=True, help="Training epochs.")
 @click.option(
     "--batch-size", type=int, default=TRAIN_DEFAULTS.batch_size, show_default=True, help="Training batch size."
@@ -460,10 +501,12 @@ def demo(out: Path, quiet: bool) -> None:
     help="report.html: at most this many dropped examples as images.",
 )
 @click.option("--image-size", type=int, default=None, help="Side in pixels (folders); default: the most common size.")
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.option(
+    "--device", type=Device(), default="auto", show_default=True, help="auto: CUDA when present, else the CPU."
+)
 @click.option(
     "--precision",
-    type=click.Choice(["auto", "bf16", "fp32"]),
+    type=choice(["auto", "bf16", "fp32"], "precision"),
     default="auto",
     show_default=True,
     help="bf16 autocast where the hardware runs it natively (auto), or forced.",
@@ -548,6 +591,7 @@ def parse_keys(text: str, option: str = "--keys") -> tuple[int, ...]:
 )
 @click.option(
     "--method",
+    type=choice(ATTACKS, "attack"),
     default="gradient-matching",
     show_default=True,
     help="The attack, from the registry (gradient-matching).",
@@ -570,7 +614,9 @@ def parse_keys(text: str, option: str = "--keys") -> tuple[int, ...]:
     show_default=True,
     help="Surrogate training epochs when no --surrogate (the cpu scale's 40).",
 )
-@click.option("--model", default="convnet", show_default=True, help="The surrogate's model, from the registry.")
+@click.option(
+    "--model", type=choice(MODELS, "model"), default="convnet", show_default=True, help="The surrogate's model."
+)
 @click.option("--iterations", type=int, default=250, show_default=True, help="Crafting iterations per restart.")
 @click.option(
     "--restarts",
@@ -592,7 +638,9 @@ def parse_keys(text: str, option: str = "--keys") -> tuple[int, ...]:
     metavar="NAME=VALUE",
     help="Set one of the attack's own options (repeatable).",
 )
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.option(
+    "--device", type=Device(), default="auto", show_default=True, help="auto: CUDA when present, else the CPU."
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the surrogate and the crafting.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_handle_errors
@@ -655,7 +703,12 @@ def attack(
     help="Test set the targets are drawn from and clean accuracy is measured on.",
 )
 @click.option(
-    "--attack", "attack_name", default="gradient-matching", show_default=True, help="The attack, from the registry."
+    "--attack",
+    "attack_name",
+    type=choice(ATTACKS, "attack"),
+    default="gradient-matching",
+    show_default=True,
+    help="The attack, from the registry.",
 )
 @click.option("--keys", default="0-7", show_default=True, help="Poison keys, e.g. 0-7 or 0,3,5.")
 @click.option("--victims", type=int, default=4, show_default=True, help="Victims per key and arm (seeds 0..victims-1).")
@@ -666,7 +719,7 @@ def attack(
 )
 @click.option(
     "--scale",
-    type=click.Choice(["smoke", "cpu", "full", "paper"]),
+    type=choice(["smoke", "cpu", "full", "paper"], "scale"),
     default="cpu",
     show_default=True,
     help="Data, model, recipe and attack effort (docs/protocol.md).",
@@ -679,7 +732,9 @@ def attack(
     show_default=True,
     help="Comma-separated: clean, undefended, random-noise, scan, robust, epic, deep_knn, spectral_signatures, activation_clustering.",
 )
-@click.option("--model", default=None, help="Override the scale's model (surrogate and victims), for ablations.")
+@click.option(
+    "--model", type=choice(MODELS, "model"), default=None, help="Override the scale's model (surrogate and victims)."
+)
 @click.option("--epochs", type=int, default=None, help="Override the scale's victim epochs.")
 @click.option("--restarts", type=int, default=None, help="Override the scale's crafting restarts.")
 @click.option("--iterations", type=int, default=None, help="Override the scale's crafting iterations.")
@@ -709,7 +764,9 @@ def attack(
     required=True,
     help="Where results.jsonl, the summaries, poisons and surrogates go.",
 )
-@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.option(
+    "--device", type=Device(), default="auto", show_default=True, help="auto: CUDA when present, else the CPU."
+)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_handle_errors
 def evaluate(
