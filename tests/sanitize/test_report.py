@@ -173,7 +173,7 @@ def test_an_alarmed_class_shows_its_p_value_second_pass_and_escaped_name(hostile
     summary["gate"]["alarmed_classes"] = [HOSTILE_CLASS]
     (run / "summary.json").write_text(json.dumps(summary))
     html = write_report(run, data).read_text(encoding="utf-8")
-    assert "(12 in the first pass, count test p 3.2e-09), 9 of them grouped; the second pass flagged 7" in html
+    assert "12 flags in the first pass (count test p 3.2e-09), 9 of them grouped; the second pass flagged 7" in html
     assert f"class alarm in {markupsafe.escape(HOSTILE_CLASS)}</span>" in html and "<b>" not in html
 
 
