@@ -33,8 +33,9 @@ def stamp_group(images: np.ndarray, labels: np.ndarray, label: int, count: int, 
     class, as poisons crafted for one target do. Changes `images` in place; returns the stamped positions."""
     rng = np.random.default_rng([seed, 7])
     stamped = np.sort(rng.choice(np.flatnonzero(labels == label), count, replace=False))
-    side = images.shape[1] // 4
-    pattern = (np.indices((side, side)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    side = images.shape[1] // 3  # a third of the side, in 2-pixel squares: a 1-pixel quarter-side checkerboard was
+    # caught or missed depending on the thread count that trained the proxy
+    pattern = ((np.indices((side, side)) // 2).sum(axis=0) % 2 * 255).astype(np.uint8)
     images[stamped, :side, :side, :] = pattern[None, :, :, None]
     return stamped
 
