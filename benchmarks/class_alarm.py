@@ -212,6 +212,34 @@ def poisoned_row(name: str, summary: dict, facts: dict, result, seconds: float) 
     }
 
 
+# which sets chose the default (docs/protocol.md: tune, freeze, then measure on what the choice never saw)
+TUNING = ("cifar10k-seed0", "cifar10k-seed1", "cifar10k-seed2", "cifar1k", "cifar5k", "cifar20k", "cifar50k")
+TUNING_POISONED = ("key0-eps16", "key3-eps8", "key4-eps8")
+METHOD = f"""
+## How the default was chosen
+
+The gate fails when more than 5% is flagged or a class raises the class alarm (`sanitize/detectors/knn_density.py`,
+`alarmed_class_flags`). Until 2026-12-01 the alarm was a Poisson test of a class's first-pass flag count against the
+other classes' rate (p < 1e-4 / classes): it fired on clean CIFAR-10 as the set grew (20,000 images: one class; all
+50,000: cat and dog, 24% of cat flagged by the second pass, the gate failed). Classes differ in their natural outlier
+rate (spread, confusion with another class), and a fixed-rate test calls that difference significant once the counts
+are large. The alarm now needs both:
+- **a count beyond the classes' own spread**: a negative binomial whose dispersion is the other classes' (Pearson
+  chi-square per degree of freedom, at least 1), p < `class_alarm_p` 0.03 / classes;
+- **a group**: at least `alarm_group_fraction` 0.5% of the class are flagged examples at least half of whose 10
+  nearest same-class neighbours are flagged too. Poisons aimed at one target crowd together; a class's natural
+  outliers are lone (on the tuning sets, 42 of the 43 grouped flags in key 0's poisoned class are poisons).
+
+Both thresholds were chosen on the tuning sets alone ({", ".join(TUNING)}; poisoned {", ".join(TUNING_POISONED)}), whose
+embeddings were scored offline, and frozen at commit 9a65a74 before the other rows were computed: the remaining clean
+scans and the poisoned sets key 5-7 at eps 8 are held out. The tightest margins on the tuning sets: the clean class
+with the smallest p (cifar10k-seed2's automobile, 6.8e-3 per class) has no group; the clean class with the most grouped
+flags (cifar20k's ship, 0.9%) has p 1.0e-2; key 3's frog at eps 8, whose victims flip, has p 1.3e-3 and 0.9% grouped.
+The margins are thin (a factor 2-5 in p): more poisoned sets with working victims will test them (the full-scale
+pilot's poisons, crafted after the freeze: reports/gradient-matching-pilot).
+"""
+
+
 def render(clean: list[dict], poisoned: list[dict], out: Path, command: str) -> None:
     lines = [
         "## Clean data",
@@ -254,7 +282,7 @@ def render(clean: list[dict], poisoned: list[dict], out: Path, command: str) -> 
         f"{len(poisoned)} poisoned sets: the gate fails {caught} of the {len(flipping)} whose undefended victims flipped "
         f"and {sum(not r['gate_passed'] for r in poisoned)} of all {len(poisoned)}.\n\nCommand: `{command}`\n\n"
     )
-    (out / "README.md").write_text(head + "\n".join(lines) + "\n")
+    (out / "README.md").write_text(head + "\n".join(lines) + "\n" + METHOD)
 
 
 def read_jsonl(path: Path) -> dict[str, dict]:
@@ -319,6 +347,7 @@ def main() -> None:
         clean[name] = row_of(name, options, result.summary, time.perf_counter() - started)
         write_jsonl(clean_path, clean)
         render(list(clean.values()), list(poisoned.values()), args.out, command)
+    render(list(clean.values()), list(poisoned.values()), args.out, command)
 
 
 if __name__ == "__main__":
