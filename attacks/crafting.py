@@ -1,7 +1,8 @@
 """The crafting loop every registered attack runs on: restarts, the optimiser, projection, quantisation, checkpoints.
 
 Perturbations are optimised in normalised units (delta / the data's std, as the reference implementations do) from a
-Gaussian start inside eps, by Adam fed with the sign of the gradient (signed Adam, Witches' Brew's choice) at `lr`,
+Gaussian start inside eps (or uniform in it: `start`), by Adam fed with the sign of the gradient (signed Adam, Witches'
+Brew's choice; plain Adam with `signed` off, MetaPoison's) at `lr`,
 decayed x0.1 at the `milestones` fractions of the iterations, and projected after every step onto the eps ball and the
 pixel range. The gradient of all batches of poisons is accumulated before each step, so the result does not depend on
 the batch size. Of R restarts the one with the lowest final loss is kept; with a checkpoint the best restart so far is
@@ -48,10 +49,12 @@ class CraftingOptions:
     # which images of the intended class to perturb: the key's random pick, or those with the largest training gradient
     # on the surrogate(s) ("gradient-norm", attacks.selection); the evaluation applies it before crafting
     selection: str = "random"
+    signed: bool = True  # Adam on the sign of the gradient (Witches' Brew) or on the gradient itself (MetaPoison)
+    start: str = "gaussian"  # the perturbation's start: gaussian (sd eps, clipped) or uniform in the eps ball
 
 
 # options added after poisons were first cached, at the value that crafts as before: left out of a poison set's name
-IDENTITY_DEFAULTS = {"retrain_every": 0, "selection": "random"}
+IDENTITY_DEFAULTS = {"retrain_every": 0, "selection": "random", "signed": True, "start": "gaussian"}
 
 
 def options_identity(options: Any) -> dict[str, Any]:
@@ -106,6 +109,8 @@ def craft(
     `options.retrain_every`, `retrain` gives new surrogates trained on the current poisons."""
     if options.retrain_every and retrain is None:
         raise SanitizeError("retrain_every needs surrogates that can be re-trained (sanitize evaluate provides them)")
+    if options.start not in ("gaussian", "uniform"):
+        raise SanitizeError(f"start must be gaussian or uniform, not {options.start!r}")
     target = target_image.to(device)
 
     def attack_on(models: list[Classifier]) -> Any:
@@ -113,7 +118,7 @@ def craft(
             model.to(device).eval()
             for p in model.parameters():
                 p.requires_grad_(True)
-        return get_attack(name)(options, models, target, setup, device, amp_dtype)
+        return get_attack(name)(options, models, target, setup, device, amp_dtype, train)
 
     positions = np.asarray(setup.poison_indices)
     clean_uint8, labels, _ = train.load_batch(positions)
@@ -140,7 +145,11 @@ def craft(
 
     started = time.perf_counter() - spent
     for restart in range(done, options.restarts):
-        delta = (torch.randn(clean.shape, generator=generator).to(device) * bound).clamp(-bound, bound)
+        if options.start == "gaussian":
+            noise = torch.randn(clean.shape, generator=generator)
+        else:
+            noise = torch.rand(clean.shape, generator=generator) * 2 - 1
+        delta = (noise.to(device) * bound).clamp(-bound, bound)
         delta = project(delta, clean, bound, std).requires_grad_(True)
 
         history = _optimise(
@@ -186,11 +195,13 @@ def _optimise(attack, after, delta, clean, labels, bound, std, options, generato
             weight = (min(count, start + options.batch_size) - start) / count
             (loss * weight).backward()
             total += float(loss.detach()) * weight
-        delta.grad.sign_()
+        if options.signed:
+            delta.grad.sign_()
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
             delta.copy_(project(delta, clean, bound, std))
+        attack.advance(iteration, generator)
         history.append(total)
         bar.set_postfix(loss=f"{total:.4f}")
     return history

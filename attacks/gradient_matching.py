@@ -44,8 +44,8 @@ class GradientMatching(Attack):
     Options = GradientMatchingOptions
     surrogate = "model"  # one pretrained model, or an ensemble of them
 
-    def __init__(self, options, surrogates, target_image, setup, device, amp_dtype) -> None:
-        super().__init__(options, surrogates, target_image, setup, device, amp_dtype)
+    def __init__(self, options, surrogates, target_image, setup, device, amp_dtype, train=None) -> None:
+        super().__init__(options, surrogates, target_image, setup, device, amp_dtype, train)
         target = target_image.float().div(255)[None]
         intended = torch.tensor([setup.intended_class], device=device)
         self.target_grads = [

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from attacks.base import PoisonSetup
+from sanitize.data import ImageDataset
 from sanitize.errors import SanitizeError
 from sanitize.models import Classifier
 from sanitize.wording import unknown
@@ -37,18 +38,23 @@ class Attack:
         setup: PoisonSetup,
         device: torch.device,
         amp_dtype: torch.dtype | None,
+        train: ImageDataset | None = None,
     ) -> None:
-        self.options, self.surrogates, self.setup, self.device, self.amp_dtype = (
+        self.options, self.surrogates, self.setup, self.device, self.amp_dtype, self.train = (
             options,
             surrogates,
             setup,
             device,
             amp_dtype,
+            train,
         )
 
     def loss(self, poisoned: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The loss of one batch of poisoned images in [0, 1] (differentiable in them); lower is a stronger attack."""
         raise NotImplementedError
+
+    def advance(self, iteration: int, generator: torch.Generator) -> None:
+        """Called after every optimiser step: an attack whose surrogates move during crafting moves them here."""
 
 
 _ATTACKS: dict[str, type[Attack]] = {}

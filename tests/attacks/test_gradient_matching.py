@@ -9,52 +9,19 @@ from attacks import attack_options, choose_setup, craft, load_poisons, read_mani
 from attacks.base import random_shift_flip
 from attacks.carriers import poison_pull, pull_carriers
 from attacks.crafting import parameter_gradient
-from sanitize.config import TrainConfig
 from sanitize.data import open_dataset
-from sanitize.data.arrays import from_arrays
 from sanitize.data.digits import write_image_folder
 from sanitize.errors import SanitizeError
-from sanitize.models import create_model
-from sanitize.training import channel_stats, predict, train_model
 
 CPU = torch.device("cpu")
-RECIPE = TrainConfig(epochs=8, batch_size=64, augment=False)
 EPS = 32  # the smoke scale: a tiny net on 16 px digits needs a larger ball than CIFAR's 16 to show an effect in seconds
 
 
 @pytest.fixture(scope="module")
-def split(digits16):
-    """Digits as a train set (1,500) and a test set (297)."""
-    x, y = digits16
-    order = np.random.default_rng(0).permutation(len(x))
-    train, test = order[:1500], order[1500:]
-    return from_arrays(x[train], y[train], [str(c) for c in range(10)], "digits"), from_arrays(
-        x[test], y[test], [str(c) for c in range(10)], "digits-test"
-    )
-
-
-def _train(dataset, seed):
-    torch.manual_seed(seed)
-    model = create_model("tiny", 10, (3, 16, 16), width=32)
-    model.set_normalization(*channel_stats(dataset))
-    train_model(
-        model,
-        dataset,
-        np.arange(len(dataset)),
-        TrainConfig(**{**RECIPE.__dict__, "seed": seed}),
-        CPU,
-        None,
-        progress=False,
-    )
-    return model
-
-
-@pytest.fixture(scope="module")
-def crafted(split):
+def crafted(split, tiny_victim):
     train, test = split
-    surrogate = _train(train, seed=100)
+    surrogate = tiny_victim(train, seed=100)
     setup = choose_setup(1, train, test, budget=0.1)
-    # victims here do not augment (flipped digits are other digits), so neither does the crafting
     config = attack_options("gradient-matching", iterations=60, restarts=2, batch_size=64, augment=False, seed=0)
     target = test.load_image(setup.target_index)
     poisons = craft("gradient-matching", [surrogate], train, target, setup, EPS, config, device=CPU, progress=False)
@@ -162,31 +129,15 @@ def test_differentiable_augmentation_shifts_flips_and_passes_gradients():
     assert x.grad.abs().sum() > 0
 
 
-def test_crafted_poisons_move_victims_towards_the_intended_class_more_than_random_noise(crafted):
+def test_crafted_poisons_move_victims_towards_the_intended_class_more_than_random_noise(crafted, noise_margins):
     train, test, setup, poisons = crafted
-    positions = np.asarray(setup.poison_indices)
-    clean = torch.from_numpy(train.images[positions]).permute(0, 3, 1, 2)
-    signs = torch.randint(0, 2, clean.shape, generator=torch.Generator().manual_seed(0)).to(torch.int16) * 2 - 1
-    variants = {
-        "crafted": poisons.apply(clean),
-        "random": (clean.to(torch.int16) + EPS * signs).clamp(0, 255).to(torch.uint8),
-    }
-    margins = {}
-    for name, images in variants.items():
-        x = train.images.copy()
-        x[positions] = images.permute(0, 2, 3, 1).numpy()
-        data = train.with_images(x)
-        values = []
-        for seed in (0, 1):
-            logits = predict(_train(data, seed), test, np.array([setup.target_index]), CPU, None)[0]
-            values.append(logits[setup.intended_class] - logits[setup.target_class])
-        margins[name] = float(np.mean(values))
+    margins = noise_margins(train, test, setup, poisons, EPS)
     assert margins["crafted"] > margins["random"] + 1.0, margins
 
 
-def test_pull_splits_the_aligned_gradient_and_crafting_concentrates_it_in_few_carriers(crafted):
+def test_pull_splits_the_aligned_gradient_and_crafting_concentrates_it_in_few_carriers(crafted, tiny_victim):
     train, test, setup, poisons = crafted
-    surrogate = _train(train, seed=100).eval()  # the fixture's surrogate, retrained deterministically
+    surrogate = tiny_victim(train, seed=100).eval()  # the fixture's surrogate, retrained deterministically
     positions = np.asarray(setup.poison_indices)
     clean = torch.from_numpy(train.images[positions]).permute(0, 3, 1, 2)
     labels = torch.from_numpy(train.labels[positions]).long()

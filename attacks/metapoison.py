@@ -1,0 +1,187 @@
+"""MetaPoison (Huang, Geiping, Fowl, Taylor & Goldstein, NeurIPS 2020), written from the paper and the reference's
+facts (wronnyhuang/metapoison): poisons crafted by differentiating through training itself.
+
+For each surrogate of a *staggered ensemble*, K SGD steps are unrolled on a training batch that holds its share of
+the poisons, as a batch of a real epoch does (a 1% budget: about one poison in a batch of 125; the rest clean
+training images), the gradient reaching those poisons through the first step's weight update (`create_graph`; the
+later steps see them as constants, as the reference's stop-gradient does). The reference unrolls every batch of an
+epoch at each craft step; here `meta_batches` of them, drawn at random, so each poison gets its meta-gradient every
+few craft steps. The target is scored at the weights after
+each step: the Carlini-Wagner margin towards the intended class, max(max_other z - z_intended, -100), averaged over
+steps 1..K (or the cross-entropy, `objective`). The ensemble's members sit at evenly spaced points of a training run
+(`span_epochs`); after every craft step each member trains on (`advance_epochs`) on clean data, and a member that
+reaches the end of the span starts again from a fresh initialisation, so the ensemble always spans early to late
+training. The meta-gradient is the mean over members. The optimiser is the shared loop's with the reference's
+settings: Adam on the gradient itself (not its sign) at a large rate (~200 grey levels), x0.1 at craft steps 20 and
+40 of 61, one restart, the perturbation started uniformly in the eps ball.
+
+Deviations from the paper, chosen for a CPU: M = 6 members, not 24; `meta_batches` of an epoch's batches per craft
+step, not all; members train as the project's victims do (SGD with Nesterov momentum and weight decay, the reference
+trains plain SGD), the unroll is plain SGD at their rate; the optional ReColor colour perturbation is not implemented
+(the additive eps ball of docs/protocol.md is the threat model measured).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from attacks.base import random_shift_flip
+from attacks.crafting import CraftingOptions
+from attacks.registry import Attack, register_attack
+from sanitize.config import TrainConfig
+from sanitize.errors import SanitizeError
+from sanitize.training import autocast
+
+CW_CLAMP = -100.0  # the reference's floor of the margin
+
+
+@dataclass
+class MetaPoisonOptions(CraftingOptions):
+    iterations: int = 61  # craft steps
+    restarts: int = 1
+    lr: float = 3.0  # normalised units: ~200 grey levels (the reference's craft rate), Adam's step before the drops
+    milestones: tuple[float, ...] = (20 / 61, 40 / 61)
+    signed: bool = False
+    start: str = "uniform"
+    unroll: int = 2  # K, SGD steps differentiated through
+    inner_lr: float = 0.1  # the unrolled steps' and the members' SGD rate
+    clean_batch: int = 125  # the unrolled batches' size (poisons and clean training images)
+    meta_batches: int = 8  # batches unrolled per member and craft step (the reference: all of an epoch's)
+    ensemble: int = 6  # M members (the paper: 24)
+    span_epochs: float = 20.0  # the members sit evenly over this much of a training run ...
+    advance_epochs: float = 0.25  # ... and each trains on this much per craft step, restarting at the span's end
+    objective: str = "cw"  # cw (Carlini-Wagner margin) or xent (cross-entropy towards the intended class)
+    augment: bool = True  # differentiable shift + flip on the unrolled batches, as the victims' training augments
+    max_shift: int = 4
+
+
+def target_objective(logits: torch.Tensor, intended: int, objective: str) -> torch.Tensor:
+    """Lower is closer to the intended class: the CW margin (floored at -100) or the cross-entropy."""
+    if objective == "xent":
+        return F.cross_entropy(logits, torch.full((len(logits),), intended, device=logits.device))
+    others = logits.clone()
+    others[:, intended] = float("-inf")
+    return torch.clamp(others.max(dim=1).values - logits[:, intended], min=CW_CLAMP).mean()
+
+
+@register_attack("metapoison")
+class MetaPoison(Attack):
+    """Loss: the target's adversarial objective after K unrolled SGD steps on poisons + clean data, averaged over the
+    unroll steps and a staggered ensemble of surrogates that keep training while the poisons are crafted."""
+
+    Options = MetaPoisonOptions
+    surrogate = "model"  # the architecture and normalisation to build the ensemble from (its weights are not used)
+
+    def __init__(self, options, surrogates, target_image, setup, device, amp_dtype, train=None) -> None:
+        super().__init__(options, surrogates, target_image, setup, device, amp_dtype, train)
+        if train is None:
+            raise SanitizeError("metapoison trains its surrogates while crafting: it needs the training set")
+        if options.objective not in ("cw", "xent"):
+            raise SanitizeError(f"metapoison objective must be cw or xent, not {options.objective!r}")
+        self.target = target_image.float().div(255)[None].to(device)
+        self.steps_per_epoch = max(1, len(train) // options.clean_batch)
+        self.span = max(options.ensemble, round(options.span_epochs * self.steps_per_epoch))
+        self.advance_steps = max(1, round(options.advance_epochs * self.steps_per_epoch))
+        self.member_generator = torch.Generator().manual_seed(options.seed + 1)
+        self.members, self.ages, self.optimizers = [], [], []
+        for m in range(options.ensemble):
+            self.members.append(self._fresh(m))
+            self.optimizers.append(self._optimizer(self.members[m]))
+            self.ages.append(0)
+            self._train(m, round(m * self.span / options.ensemble))  # staggered: member m starts m/M into the span
+
+    def _optimizer(self, member) -> torch.optim.Optimizer:
+        """A member trains as the victims do (the project's recipe: SGD with Nesterov momentum and weight decay)."""
+        recipe = TrainConfig()
+        return torch.optim.SGD(
+            member.parameters(),
+            lr=self.options.inner_lr,
+            momentum=recipe.momentum,
+            weight_decay=recipe.weight_decay,
+            nesterov=True,
+        )
+
+    def _fresh(self, seed: int):
+        """A newly initialised copy of the surrogate's architecture (and its data normalisation)."""
+        member = copy.deepcopy(self.surrogates[0]).to(self.device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(2**31, (1,), generator=self.member_generator)) + seed)
+            for module in member.modules():
+                if module is not member and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+        return member
+
+    def _clean_batch(self, generator: torch.Generator, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`size` (default clean_batch) training images drawn at random, in [0, 1] on the device."""
+        size = self.options.clean_batch if size is None else size
+        indices = torch.randint(len(self.train), (size,), generator=generator).numpy()
+        images, labels, _ = self.train.load_batch(np.sort(indices))
+        return images.float().div(255).to(self.device), labels.to(self.device)
+
+    def _augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return random_shift_flip(x, self.options.max_shift, generator) if self.options.augment else x
+
+    def _train(self, m: int, steps: int, generator: torch.Generator | None = None) -> None:
+        """Member m trains `steps` SGD steps on clean data; at the end of the span it starts again, fresh."""
+        generator = generator or self.member_generator
+        member, optimizer = self.members[m], self.optimizers[m]
+        member.train()
+        for _ in range(steps):
+            if self.ages[m] >= self.span:
+                self.members[m] = member = self._fresh(m + self.ages[m])
+                self.optimizers[m] = optimizer = self._optimizer(member)
+                self.ages[m] = 0
+                member.train()
+            x, y = self._clean_batch(generator)
+            with autocast(self.device, self.amp_dtype):
+                loss = F.cross_entropy(member(self._augment(x, generator)).float(), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            self.ages[m] += 1
+
+    def _unrolled_objective(self, member, poisons, poison_labels, generator) -> torch.Tensor:
+        """The target's objective after each of K unrolled SGD steps on a batch holding `poisons` (filled up with clean
+        training images), averaged over the steps; differentiable in `poisons`."""
+        params = dict(member.named_parameters())
+        buffers = {name: b.clone() for name, b in member.named_buffers()}  # the unroll leaves the member untouched
+        scores = []
+        for step in range(self.options.unroll):
+            x_clean, y_clean = self._clean_batch(generator, self.options.clean_batch - len(poisons))
+            x = torch.cat([poisons if step == 0 else poisons.detach(), x_clean])
+            member.train()
+            with autocast(self.device, self.amp_dtype):
+                logits = functional_call(member, (params, buffers), (self._augment(x, generator),)).float()
+            loss = F.cross_entropy(logits, torch.cat([poison_labels, y_clean]))
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+            params = {name: p - self.options.inner_lr * g for (name, p), g in zip(params.items(), grads)}
+            member.eval()
+            with autocast(self.device, self.amp_dtype):
+                target_logits = functional_call(member, (params, buffers), (self.target,)).float()
+            scores.append(target_objective(target_logits, self.setup.intended_class, self.options.objective))
+        return torch.stack(scores).mean()
+
+    def loss(self, poisoned: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Per member, `meta_batches` of an epoch's batches: the poisons dealt out over the epoch's batches as
+        training would, the chosen batches' poisons unrolled with their clean fill."""
+        share = len(self.setup.poison_indices) / len(self.train)  # the poisons' fraction of every batch
+        per_batch = max(1, min(len(poisoned), round(share * self.options.clean_batch)))
+        losses = []
+        for member in self.members:
+            order = torch.randperm(len(poisoned), generator=generator)
+            groups = list(order.split(per_batch))
+            chosen = torch.randperm(len(groups), generator=generator)[: self.options.meta_batches]
+            for g in chosen.tolist():
+                group = groups[g].to(poisoned.device)
+                losses.append(self._unrolled_objective(member, poisoned[group], labels[group], generator))
+        return torch.stack(losses).mean()
+
+    def advance(self, iteration: int, generator: torch.Generator) -> None:
+        for m in range(len(self.members)):
+            self._train(m, self.advance_steps, generator)

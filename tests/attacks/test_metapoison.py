@@ -1,0 +1,48 @@
+"""MetaPoison on the smoke scale: its target objective, its staggered ensemble, and poisons that move a tiny
+victim's target more than random noise of the same size."""
+
+import numpy as np
+import pytest
+import torch
+
+from attacks import attack_options, choose_setup
+from attacks.metapoison import CW_CLAMP, MetaPoison, target_objective
+
+CPU = torch.device("cpu")
+EPS = 32  # the smoke scale's ball, as for gradient matching
+
+
+def test_cw_objective_is_the_margin_of_the_best_other_class_floored():
+    logits = torch.tensor([[1.0, 3.0, 2.0]])
+    assert target_objective(logits, 2, "cw").item() == pytest.approx(1.0)  # best other (3) minus intended (2)
+    assert target_objective(torch.tensor([[0.0, 500.0]]), 1, "cw").item() == CW_CLAMP
+    assert target_objective(logits, 1, "xent").item() == pytest.approx(-torch.log_softmax(logits, 1)[0, 1].item())
+
+
+def test_the_ensemble_is_staggered_keeps_training_and_restarts_at_the_end_of_its_span(split, tiny_victim):
+    train, test = split
+    surrogate = tiny_victim(train, seed=100)  # only its architecture and normalisation are used
+    setup = choose_setup(1, train, test, budget=0.1)
+    options = attack_options("metapoison", ensemble=3, span_epochs=1.0, advance_epochs=0.1, clean_batch=64, seed=0)
+    attack = MetaPoison(options, [surrogate], test.load_image(setup.target_index), setup, CPU, None, train)
+    span = attack.span
+    assert attack.ages == [round(m * span / options.ensemble) for m in range(options.ensemble)]
+    weights = [next(m.parameters()).detach().clone() for m in attack.members]
+    attack.advance(0, torch.Generator().manual_seed(0))
+    assert all(not torch.equal(w, next(m.parameters())) for w, m in zip(weights, attack.members))
+    attack._train(2, span)  # the oldest member runs past the span's end and starts again from scratch
+    assert attack.ages[2] < span
+
+
+def test_the_meta_loss_reaches_the_poisons_through_the_unrolled_step(split, tiny_victim):
+    train, test = split
+    surrogate = tiny_victim(train, seed=100)
+    setup = choose_setup(1, train, test, budget=0.1)
+    options = attack_options("metapoison", ensemble=2, span_epochs=1.0, meta_batches=2, clean_batch=64, seed=0)
+    attack = MetaPoison(options, [surrogate], test.load_image(setup.target_index), setup, CPU, None, train)
+    images, labels, _ = train.load_batch(np.asarray(setup.poison_indices))
+    poisoned = images.float().div(255).requires_grad_(True)
+    attack.loss(poisoned, labels, torch.Generator().manual_seed(0)).backward()
+    touched = (poisoned.grad.abs().flatten(1).sum(1) > 0).sum().item()
+    per_batch = round(len(setup.poison_indices) / len(train) * options.clean_batch)
+    assert 0 < touched <= options.ensemble * options.meta_batches * per_batch  # only the unrolled batches' poisons
