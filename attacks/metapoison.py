@@ -36,7 +36,7 @@ from attacks.crafting import CraftingOptions
 from attacks.registry import Attack, register_attack
 from sanitize.config import TrainConfig
 from sanitize.errors import SanitizeError
-from sanitize.training import autocast
+from sanitize.training import autocast, recipe_optimizer
 
 CW_CLAMP = -100.0  # the reference's floor of the margin
 
@@ -97,15 +97,8 @@ class MetaPoison(Attack):
             self._train(m, round(m * self.span / options.ensemble))  # staggered: member m starts m/M into the span
 
     def _optimizer(self, member) -> torch.optim.Optimizer:
-        """A member trains as the victims do (the project's recipe: SGD with Nesterov momentum and weight decay)."""
-        recipe = TrainConfig()
-        return torch.optim.SGD(
-            member.parameters(),
-            lr=self.options.inner_lr,
-            momentum=recipe.momentum,
-            weight_decay=recipe.weight_decay,
-            nesterov=True,
-        )
+        """A member trains as the victims do (the project's recipe), at the unroll's rate."""
+        return recipe_optimizer(member.parameters(), TrainConfig(), lr=self.options.inner_lr)
 
     def _fresh(self, seed: int):
         """A newly initialised copy of the surrogate's architecture (and its data normalisation)."""

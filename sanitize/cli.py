@@ -57,6 +57,17 @@ def choice(values, kind: str = "value") -> Choice:
 DEFAULTS = ScanConfig()
 KNN = KnnDensityOptions()  # the default detector's own defaults
 TRAIN_DEFAULTS = TrainConfig()
+# options every command that trains or crafts takes alike
+device_option = click.option(
+    "--device", type=Device(), default=DEFAULTS.device, show_default=True, help="auto: CUDA when present, else the CPU."
+)
+precision_option = click.option(
+    "--precision",
+    type=choice(["auto", "bf16", "fp32"], "precision"),
+    default=DEFAULTS.precision,
+    show_default=True,
+    help="bf16 autocast where the hardware runs it natively (auto), or forced.",
+)
 ROBUST_DEFAULTS = RobustConfig()
 
 
@@ -204,7 +215,7 @@ def scan_options(fn: Callable) -> Callable:
             type=float,
             default=KNN.class_alarm_p,
             show_default=True,
-            help="knn_density: > 0 alarms classes with improbably many flags (Poisson p < this / classes) ...",
+            help="knn_density: > 0 alarms classes with more flags than the other classes' spread explains (p < this / classes) ...",
         ),
         click.option(
             "--alarm-test",
@@ -287,20 +298,8 @@ def scan_options(fn: Callable) -> Callable:
             show_default=True,
             help="report.html: at most this many flagged examples as images.",
         ),
-        click.option(
-            "--device",
-            type=Device(),
-            default=DEFAULTS.device,
-            show_default=True,
-            help="auto: CUDA when present, else the CPU.",
-        ),
-        click.option(
-            "--precision",
-            type=choice(["auto", "bf16", "fp32"], "precision"),
-            default=DEFAULTS.precision,
-            show_default=True,
-            help="bf16 autocast where the hardware runs it natively (auto), or forced.",
-        ),
+        device_option,
+        precision_option,
         click.option(
             "--workers", type=int, default=DEFAULTS.workers, show_default=True, help="Data-loading processes."
         ),
@@ -501,16 +500,8 @@ def demo(out: Path, quiet: bool) -> None:
     help="report.html: at most this many dropped examples as images.",
 )
 @click.option("--image-size", type=int, default=None, help="Side in pixels (folders); default: the most common size.")
-@click.option(
-    "--device", type=Device(), default="auto", show_default=True, help="auto: CUDA when present, else the CPU."
-)
-@click.option(
-    "--precision",
-    type=choice(["auto", "bf16", "fp32"], "precision"),
-    default="auto",
-    show_default=True,
-    help="bf16 autocast where the hardware runs it natively (auto), or forced.",
-)
+@device_option
+@precision_option
 @click.option("--workers", type=int, default=0, show_default=True, help="Data-loading processes.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the model and the data order.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -594,7 +585,7 @@ def parse_keys(text: str, option: str = "--keys") -> tuple[int, ...]:
     type=choice(ATTACKS, "attack"),
     default="gradient-matching",
     show_default=True,
-    help="The attack, from the registry (gradient-matching).",
+    help="The attack, from the registry.",
 )
 @click.option(
     "--key", type=int, default=0, show_default=True, help="Poison key: picks target, intended class and poisons."
@@ -638,9 +629,7 @@ def parse_keys(text: str, option: str = "--keys") -> tuple[int, ...]:
     metavar="NAME=VALUE",
     help="Set one of the attack's own options (repeatable).",
 )
-@click.option(
-    "--device", type=Device(), default="auto", show_default=True, help="auto: CUDA when present, else the CPU."
-)
+@device_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the surrogate and the crafting.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_handle_errors
@@ -764,9 +753,7 @@ def attack(
     required=True,
     help="Where results.jsonl, the summaries, poisons and surrogates go.",
 )
-@click.option(
-    "--device", type=Device(), default="auto", show_default=True, help="auto: CUDA when present, else the CPU."
-)
+@device_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_handle_errors
 def evaluate(

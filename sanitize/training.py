@@ -130,6 +130,17 @@ def _resume_state(checkpoint: Path | None, device: torch.device) -> dict[str, An
 EpochHook = Callable[[int, torch.nn.Module, np.ndarray], np.ndarray]
 
 
+def recipe_optimizer(parameters, config: TrainConfig, lr: float | None = None) -> torch.optim.SGD:
+    """The project's training recipe's optimiser: SGD with Nesterov momentum and weight decay (at `lr` if given)."""
+    return torch.optim.SGD(
+        parameters,
+        lr=config.lr if lr is None else lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=True,
+    )
+
+
 def train_model(
     model: torch.nn.Module,
     dataset: ImageDataset,
@@ -162,9 +173,7 @@ def train_model(
         else model
     )
     batch_size = max(1, config.batch_size // world.world_size)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
-    )
+    optimizer = recipe_optimizer(model.parameters(), config)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestone_epochs(config), gamma=config.gamma)
     history: list[dict[str, float]] = []
     indices = np.asarray(indices, dtype=np.int64)

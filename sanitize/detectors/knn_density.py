@@ -260,7 +260,9 @@ def alarmed_class_flags(
             f"alarm rule {rule!r}: choose from {', '.join(ALARM_RULES)}; all but hard need the proxy's predictions"
         )
     scored = [c for c, info in per_class.items() if "k" in info]
-    counts = {c: int(flags[labels == c].sum()) for c in scored}
+    flag_counts = np.bincount(labels[flags], minlength=len(per_class))  # one pass over the data, not one per class
+    group_counts = flag_counts if grouped is None else np.bincount(labels[grouped], minlength=len(per_class))
+    counts = {c: int(flag_counts[c]) for c in scored}
     total, size = sum(counts.values()), sum(per_class[c]["n"] for c in scored)
     extra = np.zeros(len(labels), dtype=np.int8)  # 0, or why the second pass flagged the example
     for c in scored:
@@ -277,7 +279,7 @@ def alarmed_class_flags(
             if dispersion == 1.0
             else nbinom.sf(counts[c] - 1, mean / (dispersion - 1), 1 / dispersion)
         )
-        group = int(grouped[labels == c].sum()) if grouped is not None else counts[c]
+        group = int(group_counts[c])
         alarmed = p_value < alarm_p / len(scored) and group >= group_fraction * per_class[c]["n"]
         per_class[c].update(
             {
