@@ -112,7 +112,7 @@ class ScanConfig:
     exact_max: int = 50_000  # classes up to this size use the exact index under auto
     max_flagged_fraction: float = 0.05  # the gate: fail when more than this fraction is flagged ...
     # ... or when a class raises the class alarm: a targeted attack's poisons are few (0.01-1%) and pass the fraction
-    # gate while their class's alarm fires (reports/class-alarm: the poisoned sets whose victims flip, 1.5-4% flagged)
+    # gate while their class's alarm fires (reports/class-alarm: the poisoned sets whose victims flip, 2.5-3.3% flagged)
     fail_on_class_alarm: bool = True
     manifest: str | None = None  # a poison manifest (attack runs, audits of a defense): score the flags against it
     max_thumbnails: int = 48  # report.html shows at most this many flagged examples as images; scores.csv has all
