@@ -1,12 +1,10 @@
 """MetaPoison (Huang, Geiping, Fowl, Taylor & Goldstein, NeurIPS 2020), written from the paper and the reference's
 facts (wronnyhuang/metapoison): poisons crafted by differentiating through training itself.
 
-For each surrogate of a *staggered ensemble*, K SGD steps are unrolled on a training batch that holds its share of
-the poisons, as a batch of a real epoch does (a 1% budget: about one poison in a batch of 125; the rest clean
-training images), the gradient reaching those poisons through the first step's weight update (`create_graph`; the
-later steps see them as constants, as the reference's stop-gradient does). The reference unrolls every batch of an
-epoch at each craft step; here `meta_batches` of them, drawn at random, so each poison gets its meta-gradient every
-few craft steps. The target is scored at the weights after
+For each surrogate of a *staggered ensemble*, K SGD steps are unrolled from a training batch that holds poisons
+(the rest clean training images) and then K - 1 clean batches, the gradient reaching the poisons through the first
+step's weight update (`create_graph`), as the reference does. Every craft step, every poison is unrolled once per
+member, as the reference unrolls every batch of an epoch that holds poisons. The target is scored at the weights after
 each step: the Carlini-Wagner margin towards the intended class, max(max_other z - z_intended, -100), averaged over
 steps 1..K (or the cross-entropy, `objective`). The ensemble's members sit at evenly spaced points of a training run
 (`span_epochs`); after every craft step each member trains on (`advance_epochs`) on clean data, and a member that
@@ -15,8 +13,9 @@ training. The meta-gradient is the mean over members. The optimiser is the share
 settings: Adam on the gradient itself (not its sign) at a large rate (~200 grey levels), x0.1 at craft steps 20 and
 40 of 61, one restart, the perturbation started uniformly in the eps ball.
 
-Deviations from the paper, chosen for a CPU: M = 6 members, not 24; `meta_batches` of an epoch's batches per craft
-step, not all; members train as the project's victims do (SGD with Nesterov momentum and weight decay, the reference
+Deviations from the paper, chosen for a CPU: M = 6 members, not 24; `batch_size` poisons per unrolled batch (25 of 125,
+where a 1% budget puts about one in a real batch: 20x fewer unrolls per craft step; the direction of each poison's
+meta-gradient changes little, its size is the optimiser's to normalise); members train as the project's victims do (SGD with Nesterov momentum and weight decay, the reference
 trains plain SGD), the unroll is plain SGD at their rate; the optional ReColor colour perturbation is not implemented
 (the additive eps ball of docs/protocol.md is the threat model measured).
 """
@@ -45,14 +44,21 @@ CW_CLAMP = -100.0  # the reference's floor of the margin
 class MetaPoisonOptions(CraftingOptions):
     iterations: int = 61  # craft steps
     restarts: int = 1
+    batch_size: int = 25  # poisons per unrolled batch (the rest of its clean_batch clean images)
     lr: float = 3.0  # normalised units: ~200 grey levels (the reference's craft rate), Adam's step before the drops
     milestones: tuple[float, ...] = (20 / 61, 40 / 61)
     signed: bool = False
     start: str = "uniform"
     unroll: int = 2  # K, SGD steps differentiated through
     inner_lr: float = 0.1  # the unrolled steps' and the members' SGD rate
+    # the members' rate drops x0.1 at the victims' recipe's milestones of the span, as a victim's does, and the unroll
+    # steps at a member's current rate (off: constant, the reference's members stay before its first drop)
+    decay: bool = False
+    # batch norm in the unrolled steps: "batch" statistics as training uses them, or the member's "running" ones
+    unroll_norm: str = "batch"
+    # how members' meta-gradients combine: their "mean", or a mean of "unit"-norm ones (no member outweighs the others)
+    member_weights: str = "mean"
     clean_batch: int = 125  # the unrolled batches' size (poisons and clean training images)
-    meta_batches: int = 8  # batches unrolled per member and craft step (the reference: all of an epoch's)
     ensemble: int = 6  # M members (the paper: 24)
     span_epochs: float = 20.0  # the members sit evenly over this much of a training run ...
     advance_epochs: float = 0.25  # ... and each trains on this much per craft step, restarting at the span's end
@@ -82,8 +88,10 @@ class MetaPoison(Attack):
         super().__init__(options, surrogates, target_image, setup, device, amp_dtype, train)
         if train is None:
             raise SanitizeError("metapoison trains its surrogates while crafting: it needs the training set")
-        if options.objective not in ("cw", "xent"):
-            raise SanitizeError(f"metapoison objective must be cw or xent, not {options.objective!r}")
+        choices = {"objective": ("cw", "xent"), "unroll_norm": ("batch", "running"), "member_weights": ("mean", "unit")}
+        for option, allowed in choices.items():
+            if getattr(options, option) not in allowed:
+                raise SanitizeError(f"metapoison {option} must be one of {allowed}, not {getattr(options, option)!r}")
         self.target = target_image.float().div(255)[None].to(device)
         self.steps_per_epoch = max(1, len(train) // options.clean_batch)
         self.span = max(options.ensemble, round(options.span_epochs * self.steps_per_epoch))
@@ -95,6 +103,14 @@ class MetaPoison(Attack):
             self.optimizers.append(self._optimizer(self.members[m]))
             self.ages.append(0)
             self._train(m, round(m * self.span / options.ensemble))  # staggered: member m starts m/M into the span
+
+    def _rate(self, m: int) -> float:
+        """Member m's SGD rate at its age: inner_lr, decayed at the recipe's milestones of the span with `decay`."""
+        if not self.options.decay:
+            return self.options.inner_lr
+        recipe = TrainConfig()
+        drops = sum(self.ages[m] >= f * self.span for f in recipe.milestones)
+        return self.options.inner_lr * recipe.gamma**drops
 
     def _optimizer(self, member) -> torch.optim.Optimizer:
         """A member trains as the victims do (the project's recipe), at the unroll's rate."""
@@ -131,6 +147,8 @@ class MetaPoison(Attack):
                 self.optimizers[m] = optimizer = self._optimizer(member)
                 self.ages[m] = 0
                 member.train()
+            for group in optimizer.param_groups:
+                group["lr"] = self._rate(m)
             x, y = self._clean_batch(generator)
             with autocast(self.device, self.amp_dtype):
                 loss = F.cross_entropy(member(self._augment(x, generator)).float(), y)
@@ -139,21 +157,23 @@ class MetaPoison(Attack):
             optimizer.step()
             self.ages[m] += 1
 
-    def _unrolled_objective(self, member, poisons, poison_labels, generator) -> torch.Tensor:
-        """The target's objective after each of K unrolled SGD steps on a batch holding `poisons` (filled up with clean
-        training images), averaged over the steps; differentiable in `poisons`."""
+    def _unrolled_objective(self, m, poisons, poison_labels, generator) -> torch.Tensor:
+        """The target's objective after each of K unrolled SGD steps, the first on `poisons` filled up with clean
+        training images, the others on clean batches; averaged over the steps, differentiable in `poisons`."""
+        member, rate = self.members[m], self._rate(m)
         params = dict(member.named_parameters())
         buffers = {name: b.clone() for name, b in member.named_buffers()}  # the unroll leaves the member untouched
         scores = []
         for step in range(self.options.unroll):
-            x_clean, y_clean = self._clean_batch(generator, self.options.clean_batch - len(poisons))
-            x = torch.cat([poisons if step == 0 else poisons.detach(), x_clean])
-            member.train()
+            fill = self.options.clean_batch - (len(poisons) if step == 0 else 0)
+            x, y = self._clean_batch(generator, max(fill, 1))
+            if step == 0:
+                x, y = torch.cat([poisons, x]), torch.cat([poison_labels, y])
+            member.train(self.options.unroll_norm == "batch")
             with autocast(self.device, self.amp_dtype):
                 logits = functional_call(member, (params, buffers), (self._augment(x, generator),)).float()
-            loss = F.cross_entropy(logits, torch.cat([poison_labels, y_clean]))
-            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
-            params = {name: p - self.options.inner_lr * g for (name, p), g in zip(params.items(), grads)}
+            grads = torch.autograd.grad(F.cross_entropy(logits, y), list(params.values()), create_graph=True)
+            params = {name: p - rate * g for (name, p), g in zip(params.items(), grads)}
             member.eval()
             with autocast(self.device, self.amp_dtype):
                 target_logits = functional_call(member, (params, buffers), (self.target,)).float()
@@ -161,19 +181,19 @@ class MetaPoison(Attack):
         return torch.stack(scores).mean()
 
     def loss(self, poisoned: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Per member, `meta_batches` of an epoch's batches: the poisons dealt out over the epoch's batches as
-        training would, the chosen batches' poisons unrolled with their clean fill."""
-        share = len(self.setup.poison_indices) / len(self.train)  # the poisons' fraction of every batch
-        per_batch = max(1, min(len(poisoned), round(share * self.options.clean_batch)))
-        losses = []
-        for member in self.members:
-            order = torch.randperm(len(poisoned), generator=generator)
-            groups = list(order.split(per_batch))
-            chosen = torch.randperm(len(groups), generator=generator)[: self.options.meta_batches]
-            for g in chosen.tolist():
-                group = groups[g].to(poisoned.device)
-                losses.append(self._unrolled_objective(member, poisoned[group], labels[group], generator))
-        return torch.stack(losses).mean()
+        """The mean over members of the unrolled objective of this batch of poisons. Each member's meta-gradient is
+        taken (and its graph freed) before the next member's unroll, so memory holds one unroll at a time; the value
+        returned is the mean objective and its gradient in `poisoned` the mean meta-gradient."""
+        total, meta_gradient = 0.0, torch.zeros_like(poisoned)
+        for m in range(len(self.members)):
+            objective = self._unrolled_objective(m, poisoned, labels, generator) / len(self.members)
+            gradient = torch.autograd.grad(objective, poisoned)[0]
+            if self.options.member_weights == "unit":
+                gradient = gradient / gradient.norm().clamp_min(1e-12) / len(self.members)
+            meta_gradient += gradient
+            total += float(objective.detach())
+        linear = (poisoned * meta_gradient).sum()
+        return linear - linear.detach() + total
 
     def advance(self, iteration: int, generator: torch.Generator) -> None:
         for m in range(len(self.members)):

@@ -1,72 +1,18 @@
-"""What the attacks' smoke tests share: digits split into a train and a test set, a tiny victim trained from scratch
-with the smoke recipe (`tiny_victim`), and the margin a poisoned training set gives a target next to random noise of
-the same size (`noise_margins`)."""
+"""What the attacks' smoke tests share (attacks.smoke): digits split into a train and a test set, a tiny victim
+trained from scratch with the smoke recipe (`tiny_victim`), and the margin a poisoned training set gives a target next
+to random noise of the same size (`noise_margins`)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import torch
 
-from sanitize.config import TrainConfig
-from sanitize.data.arrays import from_arrays
-from sanitize.models import create_model
-from sanitize.training import channel_stats, predict, train_model
-
-CPU = torch.device("cpu")
-# victims here do not augment (flipped digits are other digits), so neither do the attacks crafting against them
-RECIPE = TrainConfig(epochs=8, batch_size=64, augment=False)
-
-
-def train_tiny(dataset, seed):
-    """A tiny victim (or surrogate) trained from scratch with the smoke recipe."""
-    torch.manual_seed(seed)
-    model = create_model("tiny", 10, (3, 16, 16), width=32)
-    model.set_normalization(*channel_stats(dataset))
-    train_model(
-        model,
-        dataset,
-        np.arange(len(dataset)),
-        TrainConfig(**{**RECIPE.__dict__, "seed": seed}),
-        CPU,
-        None,
-        progress=False,
-    )
-    return model
-
-
-def margins_against_noise(train, test, setup, poisons, eps: int, seeds=(0, 1)) -> dict[str, float]:
-    """The target's logit margin (intended - true class) of victims trained on the crafted poisons and on random
-    +-eps noise at the same positions, averaged over `seeds`."""
-    positions = np.asarray(setup.poison_indices)
-    clean = torch.from_numpy(train.images[positions]).permute(0, 3, 1, 2)
-    signs = torch.randint(0, 2, clean.shape, generator=torch.Generator().manual_seed(0)).to(torch.int16) * 2 - 1
-    variants = {
-        "crafted": poisons.apply(clean),
-        "random": (clean.to(torch.int16) + eps * signs).clamp(0, 255).to(torch.uint8),
-    }
-    margins = {}
-    for name, images in variants.items():
-        x = train.images.copy()
-        x[positions] = images.permute(0, 2, 3, 1).numpy()
-        data = train.with_images(x)
-        values = []
-        for seed in seeds:
-            logits = predict(train_tiny(data, seed), test, np.array([setup.target_index]), CPU, None)[0]
-            values.append(logits[setup.intended_class] - logits[setup.target_class])
-        margins[name] = float(np.mean(values))
-    return margins
+from attacks.smoke import digits_split, margins_against_noise, train_tiny
 
 
 @pytest.fixture(scope="module")
-def split(digits16):
+def split():
     """Digits as a train set (1,500) and a test set (297)."""
-    x, y = digits16
-    order = np.random.default_rng(0).permutation(len(x))
-    train, test = order[:1500], order[1500:]
-    return from_arrays(x[train], y[train], [str(c) for c in range(10)], "digits"), from_arrays(
-        x[test], y[test], [str(c) for c in range(10)], "digits-test"
-    )
+    return digits_split()
 
 
 @pytest.fixture(scope="session")
