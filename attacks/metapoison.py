@@ -58,6 +58,9 @@ class MetaPoisonOptions(CraftingOptions):
     unroll_norm: str = "batch"
     # how members' meta-gradients combine: their "mean", or a mean of "unit"-norm ones (no member outweighs the others)
     member_weights: str = "mean"
+    # what members train on between craft steps: "clean" data (the reference's default) or the data with the current
+    # "poison"s, as a victim does (the reference's trajectory option)
+    trajectory: str = "clean"
     clean_batch: int = 125  # the unrolled batches' size (poisons and clean training images)
     ensemble: int = 6  # M members (the paper: 24)
     span_epochs: float = 20.0  # the members sit evenly over this much of a training run ...
@@ -88,7 +91,12 @@ class MetaPoison(Attack):
         super().__init__(options, surrogates, target_image, setup, device, amp_dtype, train)
         if train is None:
             raise SanitizeError("metapoison trains its surrogates while crafting: it needs the training set")
-        choices = {"objective": ("cw", "xent"), "unroll_norm": ("batch", "running"), "member_weights": ("mean", "unit")}
+        choices = {
+            "objective": ("cw", "xent"),
+            "unroll_norm": ("batch", "running"),
+            "member_weights": ("mean", "unit"),
+            "trajectory": ("clean", "poison"),
+        }
         for option, allowed in choices.items():
             if getattr(options, option) not in allowed:
                 raise SanitizeError(f"metapoison {option} must be one of {allowed}, not {getattr(options, option)!r}")
@@ -96,6 +104,8 @@ class MetaPoison(Attack):
         self.steps_per_epoch = max(1, len(train) // options.clean_batch)
         self.span = max(options.ensemble, round(options.span_epochs * self.steps_per_epoch))
         self.advance_steps = max(1, round(options.advance_epochs * self.steps_per_epoch))
+        self.poison_row = {int(index): row for row, index in enumerate(setup.poison_indices)}
+        self.current_poisons, self.seen_poisons = None, []  # the poisons of the last craft step (trajectory "poison")
         self.member_generator = torch.Generator().manual_seed(options.seed + 1)
         self.members, self.ages, self.optimizers = [], [], []
         for m in range(options.ensemble):
@@ -127,11 +137,17 @@ class MetaPoison(Attack):
         return member
 
     def _clean_batch(self, generator: torch.Generator, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """`size` (default clean_batch) training images drawn at random, in [0, 1] on the device."""
+        """`size` (default clean_batch) training images drawn at random, in [0, 1] on the device (with trajectory
+        "poison", the poisons among them as the last craft step left them)."""
         size = self.options.clean_batch if size is None else size
-        indices = torch.randint(len(self.train), (size,), generator=generator).numpy()
-        images, labels, _ = self.train.load_batch(np.sort(indices))
-        return images.float().div(255).to(self.device), labels.to(self.device)
+        indices = np.sort(torch.randint(len(self.train), (size,), generator=generator).numpy())
+        images, labels, _ = self.train.load_batch(indices)
+        images = images.float().div(255).to(self.device)
+        if self.current_poisons is not None:
+            for j, index in enumerate(indices.tolist()):
+                if index in self.poison_row:
+                    images[j] = self.current_poisons[self.poison_row[index]]
+        return images, labels.to(self.device)
 
     def _augment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return random_shift_flip(x, self.options.max_shift, generator) if self.options.augment else x
@@ -184,6 +200,8 @@ class MetaPoison(Attack):
         """The mean over members of the unrolled objective of this batch of poisons. Each member's meta-gradient is
         taken (and its graph freed) before the next member's unroll, so memory holds one unroll at a time; the value
         returned is the mean objective and its gradient in `poisoned` the mean meta-gradient."""
+        if self.options.trajectory == "poison":
+            self.seen_poisons.append(poisoned.detach())
         total, meta_gradient = 0.0, torch.zeros_like(poisoned)
         for m in range(len(self.members)):
             objective = self._unrolled_objective(m, poisoned, labels, generator) / len(self.members)
@@ -196,5 +214,7 @@ class MetaPoison(Attack):
         return linear - linear.detach() + total
 
     def advance(self, iteration: int, generator: torch.Generator) -> None:
+        if self.seen_poisons:  # the loop passed every poison, in order, since the last step
+            self.current_poisons, self.seen_poisons = torch.cat(self.seen_poisons), []
         for m in range(len(self.members)):
             self._train(m, self.advance_steps, generator)
