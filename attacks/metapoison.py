@@ -15,9 +15,11 @@ settings: Adam on the gradient itself (not its sign) at a large rate (~200 grey 
 
 Deviations from the paper, chosen for a CPU: M = 6 members, not 24; `batch_size` poisons per unrolled batch (25 of 125,
 where a 1% budget puts about one in a real batch: 20x fewer unrolls per craft step; the direction of each poison's
-meta-gradient changes little, its size is the optimiser's to normalise); members train as the project's victims do (SGD with Nesterov momentum and weight decay, the reference
-trains plain SGD), the unroll is plain SGD at their rate; the optional ReColor colour perturbation is not implemented
-(the additive eps ball of docs/protocol.md is the threat model measured).
+meta-gradient changes little, its size is the optimiser's to normalise); members train as the project's victims do
+(SGD with Nesterov momentum and weight decay, the reference trains plain SGD), the unroll is plain SGD at their rate;
+members train on the data with the current poisons (the reference's `trajectory poison` option, not its default: with
+clean members the poisons moved smoke-scale victims away from the intended class, reports/metapoison-pilot); the
+optional ReColor colour perturbation is not implemented (the additive eps ball of docs/protocol.md is measured).
 """
 
 from __future__ import annotations
@@ -58,9 +60,9 @@ class MetaPoisonOptions(CraftingOptions):
     unroll_norm: str = "batch"
     # how members' meta-gradients combine: their "mean", or a mean of "unit"-norm ones (no member outweighs the others)
     member_weights: str = "mean"
-    # what members train on between craft steps: "clean" data (the reference's default) or the data with the current
-    # "poison"s, as a victim does (the reference's trajectory option)
-    trajectory: str = "clean"
+    # what members train on between craft steps: the data with the current "poison"s, as a victim does (the
+    # reference's option), or "clean" data (the reference's default; worse here: reports/metapoison-pilot)
+    trajectory: str = "poison"
     clean_batch: int = 125  # the unrolled batches' size (poisons and clean training images)
     ensemble: int = 6  # M members (the paper: 24)
     span_epochs: float = 20.0  # the members sit evenly over this much of a training run ...
