@@ -9,7 +9,7 @@ scan flags more than the gate allows, raises a class alarm, or flags more than 5
 CIFAR-10 subsets of several seeds and sizes and the whole training set; grayscale and re-sized copies; class subsets;
 a class made homogeneous (near-duplicates of a few images) and one made heterogeneous (two classes merged);
 scikit-learn's digits; proxies of other seeds and lengths. Poisoned side: the cpu evaluation's published poison sets
-(OUT of `sanitize evaluate --scale cpu`, e.g. reports/gradient-matching-cpu), each scanned as its `scan` arm is, with
+(OUT of `sanitize evaluate --scale cpu`, e.g. reports/gradient-matching-cpu; another scale's with `--scale`), each scanned as its `scan` arm is, with
 the undefended victims that flipped read from that evaluation's results. Each scan keeps its proxy and embeddings
 (WORK/scans/NAME; a poisoned set's in the evaluation's cache), so a rerun under a changed default only runs the
 detector again. One JSON line per scan in OUT/rows.jsonl, replaced when the scan options differ; OUT/README.md is
@@ -153,7 +153,8 @@ def row_of(name: str, options: dict, summary: dict, seconds: float) -> dict:
 
 
 def poisoned_sets(args) -> list[tuple[str, object, dict]]:
-    """(name, poisoned data, facts) for every published poison set of the cpu evaluation in args.evaluation."""
+    """(name, poisoned data, facts) for every published poison set of the evaluation in args.evaluation (at
+    args.scale; sets of another scale than cpu are named with it)."""
     from attacks import choose_setup
     from attacks.experiment import Harness
     from attacks.rows import read_rows
@@ -163,7 +164,7 @@ def poisoned_sets(args) -> list[tuple[str, object, dict]]:
     victims = read_rows(args.evaluation)
     found = []
     for eps in (16.0, 8.0):
-        config = EvaluationConfig(scale="cpu", eps=eps, cache=str(args.cache))
+        config = EvaluationConfig(scale=args.scale, eps=eps, cache=str(args.cache))
         harness = Harness(
             data / "cifar10_train.npz", data / "cifar10_test.npz", args.evaluation, config, progress=False
         )
@@ -185,7 +186,8 @@ def poisoned_sets(args) -> list[tuple[str, object, dict]]:
                 "victims": len(undefended),
                 "flipped": sum(r["success"] for r in undefended),
             }
-            found.append((f"key{key}-eps{eps:g}", harness.data_for("undefended", poisons), facts, harness))
+            prefix = "" if args.scale == "cpu" else f"{args.scale}-"
+            found.append((f"{prefix}key{key}-eps{eps:g}", harness.data_for("undefended", poisons), facts, harness))
     return found
 
 
@@ -299,6 +301,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("work-data/class-alarm"))
     parser.add_argument("--evaluation", type=Path, default=Path("reports/gradient-matching-cpu"))
     parser.add_argument("--cache", type=Path, default=Path("work-data/cache-cpu"))
+    parser.add_argument("--scale", default="cpu", help="the evaluation's scale (its poisoned sets are named with it)")
     parser.add_argument("--out", type=Path, default=Path("reports/class-alarm"))
     parser.add_argument("--only", default=None, help="comma-separated names of the clean corpus to run")
     args = parser.parse_args()
