@@ -53,9 +53,6 @@ class MetaPoisonOptions(CraftingOptions):
     start: str = "uniform"
     unroll: int = 2  # K, SGD steps differentiated through
     inner_lr: float = 0.1  # the unrolled steps' and the members' SGD rate
-    # the members' rate drops x0.1 at the victims' recipe's milestones of the span, as a victim's does, and the unroll
-    # steps at a member's current rate (off: constant, the reference's members stay before its first drop)
-    decay: bool = False
     # batch norm in the unrolled steps: "batch" statistics as training uses them, or the member's "running" ones
     unroll_norm: str = "batch"
     # how members' meta-gradients combine: their "mean", or a mean of "unit"-norm ones (no member outweighs the others)
@@ -116,14 +113,6 @@ class MetaPoison(Attack):
             self.ages.append(0)
             self._train(m, round(m * self.span / options.ensemble))  # staggered: member m starts m/M into the span
 
-    def _rate(self, m: int) -> float:
-        """Member m's SGD rate at its age: inner_lr, decayed at the recipe's milestones of the span with `decay`."""
-        if not self.options.decay:
-            return self.options.inner_lr
-        recipe = TrainConfig()
-        drops = sum(self.ages[m] >= f * self.span for f in recipe.milestones)
-        return self.options.inner_lr * recipe.gamma**drops
-
     def _optimizer(self, member) -> torch.optim.Optimizer:
         """A member trains as the victims do (the project's recipe), at the unroll's rate."""
         return recipe_optimizer(member.parameters(), TrainConfig(), lr=self.options.inner_lr)
@@ -165,8 +154,6 @@ class MetaPoison(Attack):
                 self.optimizers[m] = optimizer = self._optimizer(member)
                 self.ages[m] = 0
                 member.train()
-            for group in optimizer.param_groups:
-                group["lr"] = self._rate(m)
             x, y = self._clean_batch(generator)
             with autocast(self.device, self.amp_dtype):
                 loss = F.cross_entropy(member(self._augment(x, generator)).float(), y)
@@ -178,7 +165,7 @@ class MetaPoison(Attack):
     def _unrolled_objective(self, m, poisons, poison_labels, generator) -> torch.Tensor:
         """The target's objective after each of K unrolled SGD steps, the first on `poisons` filled up with clean
         training images, the others on clean batches; averaged over the steps, differentiable in `poisons`."""
-        member, rate = self.members[m], self._rate(m)
+        member = self.members[m]
         params = dict(member.named_parameters())
         buffers = {name: b.clone() for name, b in member.named_buffers()}  # the unroll leaves the member untouched
         scores = []
@@ -191,7 +178,7 @@ class MetaPoison(Attack):
             with autocast(self.device, self.amp_dtype):
                 logits = functional_call(member, (params, buffers), (self._augment(x, generator),)).float()
             grads = torch.autograd.grad(F.cross_entropy(logits, y), list(params.values()), create_graph=True)
-            params = {name: p - rate * g for (name, p), g in zip(params.items(), grads)}
+            params = {name: p - self.options.inner_lr * g for (name, p), g in zip(params.items(), grads)}
             member.eval()
             with autocast(self.device, self.amp_dtype):
                 target_logits = functional_call(member, (params, buffers), (self.target,)).float()

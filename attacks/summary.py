@@ -60,7 +60,7 @@ def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
     summary = {
         "kind": "evaluation",
         "command": command,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
         "table": table,
         "paired": paired,
@@ -172,7 +172,8 @@ def _cell(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
+    """The checkout's commit, or None outside a git checkout."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):

@@ -5,7 +5,7 @@ and on random +-eps noise at the same positions; the row is the target's mean lo
 and their gap. The cheap first check of an attack's options before it costs CPU-hours at a real scale.
 
     python benchmarks/smoke_potency.py --attack metapoison --out reports/metapoison-pilot/smoke \
-        iterations=30 ensemble=3 objective=xent decay=true
+        iterations=30 ensemble=3 clean_batch=64 augment=false span_epochs=8 advance_epochs=1
 
 Appends one JSON line per run to OUT/smoke.jsonl and rewrites OUT/smoke.md.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from attacks import attack_options, choose_setup, craft
 from attacks.registry import parse_option
 from attacks.smoke import CPU, digits_split, margins_against_noise, train_tiny
+from attacks.summary import git_commit
 
 
 def run(attack: str, options: dict, key: int, eps: int, budget: float, victims: int) -> dict:
@@ -49,9 +49,7 @@ def run(attack: str, options: dict, key: int, eps: int, budget: float, victims: 
         "margin_random": round(margins["random"], 3),
         "gap": round(margins["crafted"] - margins["random"], 3),
         "loss_first_last": [round(history[0], 4), round(history[-1], 4)],
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "commit": (git_commit() or "")[:7],
     }
 
 
