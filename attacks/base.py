@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from attacks.recolor import largest_change
 from sanitize.data import ImageDataset, write_atomic
 from sanitize.errors import SanitizeError
 from sanitize.manifest import MANIFEST, TARGET_IMAGE
@@ -63,13 +64,22 @@ def choose_setup(key: int, train: ImageDataset, test: ImageDataset, budget: floa
 
 @dataclass
 class PoisonSet:
-    """Integer perturbations (P, 3, H, W) in 0..255 units for `setup.poison_indices`, and how they were made."""
+    """Integer perturbations (P, 3, H, W) in 0..255 units for `setup.poison_indices`, and how they were made. With
+    ReColor, `colour` holds each poison's colour map (P, 3, G, G, G; attacks.recolor) and `deltas` the whole change:
+    the colour map's plus the additive part, which is within eps of the recoloured image."""
 
     setup: PoisonSetup
     eps: float
     deltas: torch.Tensor  # int16
     method: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    colour: torch.Tensor | None = None  # float32 colour-map perturbations in YUV units
+
+    def reach(self) -> int:
+        """The largest change of a pixel these poisons may make: eps, plus what the colour maps can add."""
+        if self.colour is None:
+            return math.floor(self.eps)
+        return math.floor(self.eps) + largest_change(float(self.colour.abs().max()))
 
     def apply(self, clean: torch.Tensor) -> torch.Tensor:
         """Poisoned uint8 images from the clean uint8 images of the poison positions."""
@@ -85,9 +95,11 @@ class PoisonSet:
 
 def save_poisons(poisons: PoisonSet, path: Path) -> None:
     """The poison set as a compressed npz (deltas, poison positions, eps, method, metadata as JSON): lossless, readable
-    without pickle, ~130 KB for 100 CIFAR poisons. Written atomically: a kill leaves no half file."""
+    without pickle, ~130 KB for 100 CIFAR poisons; with ReColor also the colour maps. Written atomically: a kill
+    leaves no half file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
+    colour = {} if poisons.colour is None else {"colour": poisons.colour.numpy().astype(np.float32)}
     np.savez_compressed(
         buffer,
         deltas=poisons.deltas.numpy(),
@@ -95,6 +107,7 @@ def save_poisons(poisons: PoisonSet, path: Path) -> None:
         eps=poisons.eps,
         method=poisons.method,
         metadata=json.dumps(poisons.metadata),
+        **colour,
     )
     write_atomic(path, buffer.getvalue())
 
@@ -106,13 +119,17 @@ def load_poisons(path: Path, setup: PoisonSetup) -> PoisonSet:
         with np.load(path, allow_pickle=False) as stored:
             deltas, positions = stored["deltas"], stored["poison_indices"]
             eps, method, metadata = float(stored["eps"]), str(stored["method"]), json.loads(str(stored["metadata"]))
+            colour = torch.from_numpy(stored["colour"].astype(np.float32)) if "colour" in stored else None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
         raise SanitizeError(f"{path} is not a poison set written by sanitize ({error})") from None
     if tuple(int(i) for i in positions) != setup.poison_indices or deltas.shape[0] != len(positions):
         raise SanitizeError(f"{path} holds poisons for other positions than key {setup.key} picks")
-    if np.abs(deltas).max(initial=0) > math.floor(eps):
-        raise SanitizeError(f"{path} has perturbations larger than its eps {eps:g}")
-    return PoisonSet(setup, eps, torch.from_numpy(deltas.astype(np.int16)), method, metadata)
+    if colour is not None and (colour.ndim != 5 or len(colour) != len(positions) or not torch.isfinite(colour).all()):
+        raise SanitizeError(f"{path} has colour maps that do not fit its poisons")
+    poisons = PoisonSet(setup, eps, torch.from_numpy(deltas.astype(np.int16)), method, metadata, colour)
+    if np.abs(deltas).max(initial=0) > poisons.reach():
+        raise SanitizeError(f"{path} has perturbations larger than its eps {eps:g} (and colour maps) allow")
+    return poisons
 
 
 def random_shift_flip(x: torch.Tensor, max_shift: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -151,6 +168,11 @@ def manifest(
         "source": train.source,
         "source_fingerprint": train.fingerprint,
         "metadata": poisons.metadata,
+        # the two parts of the change: the additive one within eps; ReColor's colour maps (in the poison set's npz)
+        "recolor": None
+        if poisons.colour is None
+        else {"grid": poisons.colour.shape[-1], "largest_yuv_change": float(poisons.colour.abs().max())},
+        "largest_pixel_change": int(poisons.deltas.abs().max()) if len(poisons.deltas) else 0,
     }
 
 

@@ -2,11 +2,12 @@
 
 Perturbations are optimised in normalised units (delta / the data's std, as the reference implementations do) from a
 Gaussian start inside eps (or uniform in it: `start`), by Adam fed with the sign of the gradient (signed Adam, Witches'
-Brew's choice; plain Adam with `signed` off, MetaPoison's) at `lr`,
-decayed x0.1 at the `milestones` fractions of the iterations, and projected after every step onto the eps ball and the
-pixel range. The gradient of all batches of poisons is accumulated before each step, so the result does not depend on
-the batch size. Of R restarts the one with the lowest final loss is kept; with a checkpoint the best restart so far is
-saved after every restart, and a killed run resumes from it to the same result. Deltas are returned as integers.
+Brew's choice; plain Adam with `signed` off, MetaPoison's) at `lr`, decayed x0.1 at the `milestones` fractions of the
+iterations, and projected after every step onto the eps ball and the pixel range. With `recolor`, each poison also
+gets a colour map (attacks.recolor) applied before the additive part, optimised alongside it in units of its bound. The
+gradient of all batches of poisons is accumulated before each step, so the result does not depend on the batch size.
+Of R restarts the one with the lowest final loss is kept; with a checkpoint the best restart so far is saved after
+every restart, and a killed run resumes from it to the same result. Deltas are returned as integers.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from attacks.base import PoisonSet, PoisonSetup
+from attacks.recolor import largest_change, project_colour, recolor, smoothness
 from attacks.registry import get_attack
 from sanitize.data import ImageDataset
 from sanitize.errors import SanitizeError
@@ -51,10 +53,25 @@ class CraftingOptions:
     selection: str = "random"
     signed: bool = True  # Adam on the sign of the gradient (Witches' Brew) or on the gradient itself (MetaPoison)
     start: str = "gaussian"  # the perturbation's start: gaussian (sd eps, clipped) or uniform in the eps ball
+    # ReColor before the additive perturbation (MetaPoison's reference default; attacks.recolor): a smooth colour map
+    # per poison, each grid point within recolor_bound (YUV units) of the identity, its smoothness penalised
+    recolor: bool = False
+    recolor_bound: float = 0.04
+    recolor_grid: int = 10
+    recolor_smoothness: float = 1.0
 
 
 # options added after poisons were first cached, at the value that crafts as before: left out of a poison set's name
-IDENTITY_DEFAULTS = {"retrain_every": 0, "selection": "random", "signed": True, "start": "gaussian"}
+IDENTITY_DEFAULTS = {
+    "retrain_every": 0,
+    "selection": "random",
+    "signed": True,
+    "start": "gaussian",
+    "recolor": False,
+    "recolor_bound": 0.04,
+    "recolor_grid": 10,
+    "recolor_smoothness": 1.0,
+}
 
 
 def options_identity(options: Any) -> dict[str, Any]:
@@ -91,6 +108,48 @@ def project(delta: torch.Tensor, clean: torch.Tensor, bound: torch.Tensor, std: 
     return torch.max(torch.min(delta, (1 - clean) / std), -clean / std)
 
 
+@dataclass
+class Perturbation:
+    """What one restart optimises: the additive `delta` (normalised units) and, with ReColor, the colour maps'
+    perturbation in units of `colour_bound` (so that one learning rate suits both)."""
+
+    delta: torch.Tensor
+    colour: torch.Tensor | None
+    colour_bound: float
+
+    def detached(self) -> Perturbation:
+        colour = None if self.colour is None else self.colour.detach().clone()
+        return Perturbation(self.delta.detach().clone(), colour, self.colour_bound)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.delta] if self.colour is None else [self.delta, self.colour]
+
+    def colour_map(self, part: slice = slice(None)) -> torch.Tensor:
+        return self.colour[part] * self.colour_bound
+
+    def base(self, clean: torch.Tensor, part: slice = slice(None)) -> torch.Tensor:
+        """The clean images of `part` under their colour maps (themselves without ReColor)."""
+        return clean[part] if self.colour is None else recolor(clean[part], self.colour_map(part))
+
+    def images(self, clean: torch.Tensor, std: torch.Tensor, part: slice = slice(None)) -> torch.Tensor:
+        return self.base(clean, part) + self.delta[part] * std
+
+    def penalty(self, smoothness_weight: float, part: slice) -> torch.Tensor | float:
+        return 0.0 if self.colour is None else smoothness_weight * smoothness(self.colour_map(part))
+
+    @torch.no_grad()
+    def project(self, clean: torch.Tensor, bound: torch.Tensor, std: torch.Tensor) -> None:
+        if self.colour is not None:
+            self.colour.copy_(project_colour(self.colour_map(), self.colour_bound) / self.colour_bound)
+        self.delta.copy_(project(self.delta, self.base(clean), bound, std))
+
+    def deltas(self, clean_uint8: torch.Tensor, clean: torch.Tensor, std: torch.Tensor, eps: float) -> torch.Tensor:
+        """The integer change of every pixel: the additive part within eps of the recoloured image."""
+        with torch.no_grad():
+            reach = eps if self.colour is None else math.floor(eps) + largest_change(self.colour_bound)
+            return quantize(clean_uint8, self.images(clean, std).cpu(), reach)
+
+
 def craft(
     name: str,
     surrogates: list[Classifier],
@@ -111,6 +170,8 @@ def craft(
         raise SanitizeError("retrain_every needs surrogates that can be re-trained (sanitize evaluate provides them)")
     if options.start not in ("gaussian", "uniform"):
         raise SanitizeError(f"start must be gaussian or uniform, not {options.start!r}")
+    if options.recolor and not (options.recolor_bound > 0 and options.recolor_grid >= 2):
+        raise SanitizeError("recolor needs recolor_bound > 0 and recolor_grid >= 2")
     target = target_image.to(device)
 
     def attack_on(models: list[Classifier]) -> Any:
@@ -128,20 +189,23 @@ def craft(
     bound = eps / 255 / std
     generator = torch.Generator().manual_seed(options.seed)
     identity = json.dumps(options_identity(options), sort_keys=True)
-    best_delta, best_loss, losses_per_restart, done, spent = None, float("inf"), [], 0, 0.0
+    best, best_loss, losses_per_restart, done, spent = None, float("inf"), [], 0, 0.0
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if state["config"] == identity:
-            best_delta, best_loss = state["best_delta"].to(device), state["best_loss"]
+            colour = state.get("best_colour")
+            best = Perturbation(
+                state["best_delta"].to(device), None if colour is None else colour.to(device), options.recolor_bound
+            )
+            best_loss = state["best_loss"]
             done, spent, losses_per_restart = state["restarts_done"], state["seconds"], state["losses_per_restart"]
             generator.set_state(state["generator"])
 
-    def after(iteration: int, delta: torch.Tensor) -> Any | None:
+    def after(iteration: int, perturbation: Perturbation) -> Any | None:
         """The attack on new surrogates, trained on the current poisons, when this iteration re-trains; else None."""
         if not options.retrain_every or iteration % options.retrain_every:
             return None
-        deltas = quantize(clean_uint8, (clean + delta.detach() * std).cpu(), eps)
-        return attack_on(retrain(deltas, iteration))
+        return attack_on(retrain(perturbation.deltas(clean_uint8, clean, std, eps), iteration))
 
     started = time.perf_counter() - spent
     for restart in range(done, options.restarts):
@@ -149,21 +213,28 @@ def craft(
             noise = torch.randn(clean.shape, generator=generator)
         else:
             noise = torch.rand(clean.shape, generator=generator) * 2 - 1
-        delta = (noise.to(device) * bound).clamp(-bound, bound)
-        delta = project(delta, clean, bound, std).requires_grad_(True)
+        grid = options.recolor_grid
+        colour = torch.zeros(len(clean), 3, grid, grid, grid, device=device) if options.recolor else None
+        perturbation = Perturbation((noise.to(device) * bound).clamp(-bound, bound), colour, options.recolor_bound)
+        perturbation.project(clean, bound, std)
+        for parameter in perturbation.parameters():
+            parameter.requires_grad_(True)
 
         history = _optimise(
-            attack_on(surrogates), after, delta, clean, labels, bound, std, options, generator, restart, progress
+            attack_on(surrogates), after, perturbation, clean, labels, bound, std, options, generator, restart, progress
         )
         losses_per_restart.append(history)
         if history[-1] < best_loss:
-            best_loss, best_delta = history[-1], delta.detach().clone()
+            best_loss = history[-1]
+            best = perturbation.detached()
         if checkpoint is not None:
-            state = {"config": identity, "best_delta": best_delta.cpu(), "best_loss": best_loss}
+            state = {"config": identity, "best_delta": best.delta.cpu(), "best_loss": best_loss}
+            if best.colour is not None:
+                state["best_colour"] = best.colour.cpu()
             state |= {"restarts_done": restart + 1, "losses_per_restart": losses_per_restart}
             state |= {"generator": generator.get_state(), "seconds": time.perf_counter() - started}
             save_atomic(state, checkpoint)
-    deltas = quantize(clean_uint8, (clean + best_delta * std).cpu(), eps)
+    deltas = best.deltas(clean_uint8, clean, std, eps)
     finals = [h[-1] for h in losses_per_restart]
     metadata = {
         "config": dataclasses.asdict(options),
@@ -173,34 +244,38 @@ def craft(
         "seconds": round(time.perf_counter() - started, 2),
         "precision": "bf16" if amp_dtype is not None else "fp32",
     }
-    return PoisonSet(setup=setup, eps=eps, deltas=deltas, method=name, metadata=metadata)
+    colour_maps = None if best.colour is None else best.colour_map().cpu()
+    return PoisonSet(setup=setup, eps=eps, deltas=deltas, method=name, metadata=metadata, colour=colour_maps)
 
 
-def _optimise(attack, after, delta, clean, labels, bound, std, options, generator, restart, progress) -> list[float]:
-    """One restart: signed Adam with step decay on `delta` (in place); the loss of every iteration. `after(i, delta)`
-    may return the attack on re-trained surrogates to craft on against from iteration i on."""
-    optimizer = torch.optim.Adam([delta], lr=options.lr)
+def _optimise(
+    attack, after, perturbation, clean, labels, bound, std, options, generator, restart, progress
+) -> list[float]:
+    """One restart: (signed) Adam with step decay on `perturbation` (in place); the loss of every iteration.
+    `after(i, perturbation)` may return the attack on re-trained surrogates to craft on against from iteration i on."""
+    optimizer = torch.optim.Adam(perturbation.parameters(), lr=options.lr)
     steps = sorted({int(options.iterations * f) for f in options.milestones})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, steps, gamma=0.1)
     count, history = len(clean), []
     desc = f"craft restart {restart + 1}/{options.restarts}"
     bar = tqdm(range(options.iterations), desc=desc, leave=False, disable=not progress)
     for iteration in bar:
-        attack = (iteration and after(iteration, delta)) or attack
+        attack = (iteration and after(iteration, perturbation)) or attack
         optimizer.zero_grad()
         total = 0.0
         for start in range(0, count, options.batch_size):
             part = slice(start, start + options.batch_size)
-            loss = attack.loss(clean[part] + delta[part] * std, labels[part], generator)
+            images = perturbation.images(clean, std, part)
+            loss = attack.loss(images, labels[part], generator) + perturbation.penalty(options.recolor_smoothness, part)
             weight = (min(count, start + options.batch_size) - start) / count
             (loss * weight).backward()
             total += float(loss.detach()) * weight
         if options.signed:
-            delta.grad.sign_()
+            for parameter in perturbation.parameters():
+                parameter.grad.sign_()
         optimizer.step()
         scheduler.step()
-        with torch.no_grad():
-            delta.copy_(project(delta, clean, bound, std))
+        perturbation.project(clean, bound, std)
         attack.advance(iteration, generator)
         history.append(total)
         bar.set_postfix(loss=f"{total:.4f}")

@@ -18,8 +18,9 @@ where a 1% budget puts about one in a real batch: 20x fewer unrolls per craft st
 meta-gradient changes little, its size is the optimiser's to normalise); members train as the project's victims do
 (SGD with Nesterov momentum and weight decay, the reference trains plain SGD), the unroll is plain SGD at their rate;
 members train on the data with the current poisons (the reference's `trajectory poison` option, not its default: with
-clean members the poisons moved smoke-scale victims away from the intended class, reports/metapoison-pilot); the
-optional ReColor colour perturbation is not implemented (the additive eps ball of docs/protocol.md is measured).
+clean members the poisons moved smoke-scale victims away from the intended class, reports/metapoison-pilot); ReColor
+(the shared loop's `recolor` option, attacks.recolor) is off by default, where the reference turns it on, so that the
+default stays in the additive eps ball of docs/protocol.md; `recolor=true` crafts the reference's variant.
 """
 
 from __future__ import annotations

@@ -3,13 +3,16 @@ inside eps and the pixel range, poisons only at the key's positions in the inten
 untouched, the same poisons for the same key on one machine, and a killed craft resuming to the same poisons."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 import torch
 
 from attacks import attack_options, choose_setup, craft, get_attack, list_attacks, write_poisoned
+from attacks.base import load_poisons, save_poisons
 from attacks.crafting import CraftingOptions
+from attacks.recolor import recolor
 from attacks.registry import SURROGATE_KINDS
 from sanitize.config import TrainConfig
 from sanitize.data import open_dataset
@@ -46,10 +49,10 @@ def surrogates_for(kind: str, model):
 SMALL = {"metapoison": {"ensemble": 2, "span_epochs": 1.0, "advance_epochs": 0.1, "clean_batch": 32}}
 
 
-def _craft(name, world, checkpoint=None):
+def _craft(name, world, checkpoint=None, **extra):
     root, train, test, model = world
     setup = choose_setup(3, train, test, budget=0.03)
-    options = attack_options(name, iterations=3, restarts=2, batch_size=8, seed=0, **SMALL.get(name, {}))
+    options = attack_options(name, iterations=3, restarts=2, batch_size=8, seed=0, **SMALL.get(name, {}) | extra)
     target = test.load_image(setup.target_index)
     poisons = craft(
         name,
@@ -120,3 +123,25 @@ def test_crafting_is_deterministic_and_a_killed_craft_resumes_to_the_same_poison
     assert len(calls) == per_restart  # the second restart only
     assert torch.equal(resumed.deltas, straight.deltas)
     assert resumed.metadata["final_loss_per_restart"] == pytest.approx(straight.metadata["final_loss_per_restart"])
+
+
+@pytest.mark.parametrize("name", list_attacks())
+def test_with_recolor_the_additive_part_stays_in_eps_of_the_recoloured_image_and_the_colour_maps_are_kept(
+    tmp_path, world, name
+):
+    root, train, _, _ = world
+    setup, options, poisons = _craft(name, world, tmp_path / "craft.pt", recolor=True, recolor_grid=4)
+    _, _, from_checkpoint = _craft(name, world, tmp_path / "craft.pt", recolor=True, recolor_grid=4)
+    assert torch.equal(from_checkpoint.colour, poisons.colour) and torch.equal(from_checkpoint.deltas, poisons.deltas)
+    assert poisons.colour.shape == (len(setup.poison_indices), 3, 4, 4, 4)
+    assert float(poisons.colour.abs().max()) <= options.recolor_bound + 1e-6 and poisons.colour.abs().max() > 0
+    clean = train.load_batch(np.asarray(setup.poison_indices))[0]
+    recoloured = (recolor(clean.float() / 255, poisons.colour) * 255).round()
+    additive = clean.to(torch.int16) + poisons.deltas - recoloured
+    assert float(additive.abs().max()) <= EPS + 1  # + 1: the recoloured image is rounded once, with the sum
+    save_poisons(poisons, tmp_path / "poisons.npz")
+    loaded = load_poisons(tmp_path / "poisons.npz", setup)
+    assert torch.equal(loaded.colour, poisons.colour) and torch.equal(loaded.deltas, poisons.deltas)
+    manifest = write_poisoned(train, poisons, tmp_path / "poisoned")
+    record = json.loads((manifest / "poison_manifest.json").read_text())
+    assert record["recolor"]["grid"] == 4 and record["largest_pixel_change"] == int(poisons.deltas.abs().max())
