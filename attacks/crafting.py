@@ -1,7 +1,7 @@
 """The crafting loop every registered attack runs on: restarts, the optimiser, projection, quantisation, checkpoints.
 
 Perturbations are optimised in normalised units (delta / the data's std, as the reference implementations do) from a
-Gaussian start inside eps (or uniform in it: `start`), by Adam fed with the sign of the gradient (signed Adam, Witches'
+Gaussian start inside eps (or uniform in it, or none: `start`), by Adam fed with the sign of the gradient (signed Adam, Witches'
 Brew's choice; plain Adam with `signed` off, MetaPoison's) at `lr`, decayed x0.1 at the `milestones` fractions of the
 iterations, and projected after every step onto the eps ball and the pixel range. With `recolor`, each poison also
 gets a colour map (attacks.recolor) applied before the additive part, optimised alongside it in units of its bound. The
@@ -52,7 +52,8 @@ class CraftingOptions:
     # on the surrogate(s) ("gradient-norm", attacks.selection); the evaluation applies it before crafting
     selection: str = "random"
     signed: bool = True  # Adam on the sign of the gradient (Witches' Brew) or on the gradient itself (MetaPoison)
-    start: str = "gaussian"  # the perturbation's start: gaussian (sd eps, clipped) or uniform in the eps ball
+    # the perturbation's start: gaussian (sd eps, clipped), uniform in the eps ball, or zero (the clean images)
+    start: str = "gaussian"
     # ReColor before the additive perturbation (MetaPoison's reference default; attacks.recolor): a smooth colour map
     # per poison, each grid point within recolor_bound (YUV units) of the identity, its smoothness penalised
     recolor: bool = False
@@ -168,8 +169,8 @@ def craft(
     `options.retrain_every`, `retrain` gives new surrogates trained on the current poisons."""
     if options.retrain_every and retrain is None:
         raise SanitizeError("retrain_every needs surrogates that can be re-trained (sanitize evaluate provides them)")
-    if options.start not in ("gaussian", "uniform"):
-        raise SanitizeError(f"start must be gaussian or uniform, not {options.start!r}")
+    if options.start not in ("gaussian", "uniform", "zero"):
+        raise SanitizeError(f"start must be gaussian, uniform or zero, not {options.start!r}")
     if options.recolor and not (options.recolor_bound > 0 and options.recolor_grid >= 2):
         raise SanitizeError("recolor needs recolor_bound > 0 and recolor_grid >= 2")
     target = target_image.to(device)
@@ -211,8 +212,10 @@ def craft(
     for restart in range(done, options.restarts):
         if options.start == "gaussian":
             noise = torch.randn(clean.shape, generator=generator)
-        else:
+        elif options.start == "uniform":
             noise = torch.rand(clean.shape, generator=generator) * 2 - 1
+        else:
+            noise = torch.zeros(clean.shape)
         grid = options.recolor_grid
         colour = torch.zeros(len(clean), 3, grid, grid, grid, device=device) if options.recolor else None
         perturbation = Perturbation((noise.to(device) * bound).clamp(-bound, bound), colour, options.recolor_bound)

@@ -22,7 +22,7 @@ from attacks.rows import default_scan_options, defense_key, read_rows, recorded_
 from attacks.scales import EvaluationConfig, class_balanced_subset
 from attacks.surrogates import SURROGATE_SEED, surrogates
 from attacks.trained import Cost, ModelCache, stable_hash
-from sanitize.data import open_dataset
+from sanitize.data import ImageDataset, open_dataset
 from sanitize.data.arrays import ArrayDataset
 from sanitize.errors import SanitizeError
 from sanitize.manifest import flag_metrics
@@ -142,23 +142,7 @@ class Harness:
         return retrain
 
     def data_for(self, arm: str, poisons: PoisonSet | None, setup: PoisonSetup | None = None) -> ArrayDataset:
-        """The training set an arm starts from: clean, the random-noise control, or the poisoned set (undefended, and
-        every defended arm, which filters it). The control needs only the key's `setup` (its poison positions), so it
-        runs without a surrogate or crafted poisons; `setup` defaults to the poisons'."""
-        if arm == "clean":
-            return self.train
-        setup = setup or poisons.setup
-        positions = np.asarray(setup.poison_indices)
-        clean = torch.from_numpy(self.train.images[positions]).permute(0, 3, 1, 2)
-        if arm != "random-noise":
-            changed = poisons.apply(clean)
-        else:  # random signs at full eps on the same images, the control
-            generator = torch.Generator().manual_seed(setup.key)
-            signs = torch.randint(0, 2, clean.shape, generator=generator).to(torch.int16) * 2 - 1
-            changed = (clean.to(torch.int16) + signs * int(math.floor(self.config.eps))).clamp(0, 255).to(torch.uint8)
-        images = np.array(self.train.images, copy=True)
-        images[positions] = changed.permute(0, 2, 3, 1).numpy()
-        return self.train.with_images(images)
+        return arm_data(self.train, arm, poisons, setup, self.config.eps)
 
     def filtered(
         self, poisoned: ArrayDataset, arm: str, setup: PoisonSetup
@@ -223,18 +207,7 @@ class Harness:
         return result, Cost(recorded["seconds"], recorded.get("cpu_seconds"))
 
     def measure(self, model: Classifier, setup: PoisonSetup) -> dict[str, Any]:
-        """The victim's prediction on the target, its probability of the intended class (a finer signal than success,
-        which is all-or-nothing) and its accuracy on the test set without the target."""
-        logits = predict(model, self.test, np.arange(len(self.test)), self.device, self.amp)
-        predictions = logits.argmax(axis=1)
-        keep = np.ones(len(self.test), bool)
-        keep[setup.target_index] = False
-        probabilities = torch.softmax(torch.as_tensor(logits[setup.target_index], dtype=torch.float32), dim=0)
-        return {
-            "target_pred": int(predictions[setup.target_index]),
-            "p_intended": round(float(probabilities[setup.intended_class]), 4),
-            "clean_acc": float((predictions[keep] == self.test.labels[keep]).mean()),
-        }
+        return measure_victim(model, self.test, setup, self.device, self.amp)
 
     def done(self) -> dict[tuple, set[tuple[str | None, str | None]]]:
         """Per (attack, eps, budget, key, arm, seed, scale, model, epochs): (the digest of the poisons, the defense) of
@@ -306,3 +279,42 @@ class Harness:
             handle.write(json.dumps(row) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def arm_data(
+    train: ArrayDataset, arm: str, poisons: PoisonSet | None, setup: PoisonSetup | None, eps: float
+) -> ArrayDataset:
+    """The training set an arm starts from: clean, the random-noise control, or the poisoned set (undefended, and
+    every defended arm, which filters it). The control needs only the key's `setup` (its poison positions), so it
+    runs without a surrogate or crafted poisons; `setup` defaults to the poisons'."""
+    if arm == "clean":
+        return train
+    setup = setup or poisons.setup
+    positions = np.asarray(setup.poison_indices)
+    clean = torch.from_numpy(train.images[positions]).permute(0, 3, 1, 2)
+    if arm != "random-noise":
+        changed = poisons.apply(clean)
+    else:  # random signs at full eps on the same images, the control
+        generator = torch.Generator().manual_seed(setup.key)
+        signs = torch.randint(0, 2, clean.shape, generator=generator).to(torch.int16) * 2 - 1
+        changed = (clean.to(torch.int16) + signs * int(math.floor(eps))).clamp(0, 255).to(torch.uint8)
+    images = np.array(train.images, copy=True)
+    images[positions] = changed.permute(0, 2, 3, 1).numpy()
+    return train.with_images(images)
+
+
+def measure_victim(
+    model: Classifier, test: ImageDataset, setup: PoisonSetup, device: torch.device, amp: torch.dtype | None
+) -> dict[str, Any]:
+    """A victim's prediction on the target, its probability of the intended class (a finer signal than success, which
+    is all-or-nothing) and its accuracy on the test set without the target."""
+    logits = predict(model, test, np.arange(len(test)), device, amp)
+    predictions = logits.argmax(axis=1)
+    keep = np.ones(len(test), bool)
+    keep[setup.target_index] = False
+    probabilities = torch.softmax(torch.as_tensor(logits[setup.target_index], dtype=torch.float32), dim=0)
+    return {
+        "target_pred": int(predictions[setup.target_index]),
+        "p_intended": round(float(probabilities[setup.intended_class]), 4),
+        "clean_acc": float((predictions[keep] == test.labels[keep]).mean()),
+    }

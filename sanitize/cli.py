@@ -559,6 +559,27 @@ def report(run_dir: Path, data: Path | None, max_thumbnails: int, max_projection
     click.echo(f"report    {path} ({path.stat().st_size / 1024:.0f} KiB)")
 
 
+def evaluation_data(fn: Callable) -> Callable:
+    """DATA and --test, alike in both evaluations."""
+    fn = click.option(
+        "--test",
+        "test_data",
+        type=click.Path(path_type=Path),
+        required=True,
+        help="Test set the targets are drawn from and clean accuracy is measured on.",
+    )(fn)
+    return click.argument("data", type=click.Path(path_type=Path))(fn)
+
+
+override_craft_options = click.option(
+    "--craft-option",
+    "craft_options",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Override one of the attack's own options (repeatable).",
+)
+
+
 def parse_keys(text: str, option: str = "--keys") -> tuple[int, ...]:
     """'0-7' or '0,3,5' or '2' -> a tuple of keys (or of `option`'s numbers)."""
     keys: list[int] = []
@@ -683,14 +704,7 @@ def attack(
 
 
 @cli.command()
-@click.argument("data", type=click.Path(path_type=Path))
-@click.option(
-    "--test",
-    "test_data",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="Test set the targets are drawn from and clean accuracy is measured on.",
-)
+@evaluation_data
 @click.option(
     "--attack",
     "attack_name",
@@ -734,13 +748,7 @@ def attack(
 @click.option(
     "--surrogates", type=int, default=1, show_default=True, help="Craft against an ensemble of this many surrogates."
 )
-@click.option(
-    "--craft-option",
-    "craft_options",
-    multiple=True,
-    metavar="NAME=VALUE",
-    help="Override one of the attack's own options (repeatable).",
-)
+@override_craft_options
 @click.option(
     "--cache",
     type=click.Path(file_okay=False),
@@ -807,6 +815,82 @@ def evaluate(
         cache=cache,
     )
     run_evaluation(data, test_data, out, config, progress=not quiet, command="sanitize " + " ".join(sys.argv[1:]))
+    click.echo((out / "summary.md").read_text())
+
+
+@cli.command("evaluate-transfer")
+@evaluation_data
+@click.option(
+    "--attack",
+    "attack_name",
+    type=choice(ATTACKS, "attack"),
+    default="bullseye-polytope",
+    show_default=True,
+    help="The attack, from the registry (crafted against the victims' own extractor: white-box).",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["linear", "end-to-end"]),
+    default="linear",
+    show_default=True,
+    help="Victims retrain the last layer (linear) or fine-tune every weight.",
+)
+@click.option("--keys", default="0-7", show_default=True, help="Poison keys, e.g. 0-7 or 0,3,5.")
+@click.option("--victims", type=int, default=2, show_default=True, help="Victims per key and arm.")
+@click.option("--eps", type=float, default=25.0, show_default=True, help="l-inf radius in 0..255 units.")
+@click.option("--poisons", type=int, default=5, show_default=True, help="Poisons per target.")
+@click.option(
+    "--arms",
+    default="clean,undefended,random-noise",
+    show_default=True,
+    help="Comma-separated: clean, undefended, random-noise.",
+)
+@override_craft_options
+@click.option(
+    "--cache", type=click.Path(file_okay=False), default=None, help="The extractor and poisons (default OUT/cache)."
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Where results.jsonl and the summaries go.",
+)
+@device_option
+@_handle_errors
+def evaluate_transfer(
+    data: Path,
+    test_data: Path,
+    attack_name: str,
+    mode: str,
+    keys: str,
+    victims: int,
+    eps: float,
+    poisons: int,
+    arms: str,
+    craft_options: tuple[str, ...],
+    cache: str | None,
+    out: Path,
+    device: str,
+) -> None:
+    """Fine-tune a pretrained extractor on clean / poisoned / control data (the transfer setting); one JSON line per
+    victim in OUT."""
+    refuse_torchrun("evaluate-transfer")
+    from attacks import parse_option
+    from attacks.evaluate_transfer import TransferConfig, run_transfer_evaluation
+
+    config = TransferConfig(
+        attack=attack_name,
+        mode=mode,
+        keys=parse_keys(keys),
+        victims=victims,
+        eps=eps,
+        poisons=poisons,
+        arms=tuple(a.strip() for a in arms.split(",")),
+        craft_options=dict(parse_option(attack_name, text) for text in craft_options),
+        device=device,
+        cache=cache,
+    )
+    run_transfer_evaluation(data, test_data, out, config, command="sanitize " + " ".join(sys.argv[1:]))
     click.echo((out / "summary.md").read_text())
 
 

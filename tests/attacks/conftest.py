@@ -4,8 +4,12 @@ to random noise of the same size (`noise_margins`)."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 
+from attacks.evaluate_transfer import TransferConfig, run_transfer_evaluation
 from attacks.smoke import digits_split, margins_against_noise, train_tiny
 
 
@@ -23,3 +27,20 @@ def tiny_victim():
 @pytest.fixture(scope="session")
 def noise_margins():
     return margins_against_noise
+
+
+@pytest.fixture
+def digits_transfer(tmp_path):
+    """Runs the transfer evaluation on digits written as npz with a tiny extractor (options override the smoke
+    defaults); returns its rows and the output folder."""
+
+    def run(**options):
+        train, test = digits_split()
+        np.savez(tmp_path / "train.npz", x=train.images, y=train.labels)
+        np.savez(tmp_path / "test.npz", x=test.images, y=test.labels)
+        smoke = {"victims": 1, "eps": 16, "extractor": "tiny", "pool_per_class": 60, "finetune_per_class": 30}
+        config = TransferConfig(**smoke | options)
+        out = run_transfer_evaluation(tmp_path / "train.npz", tmp_path / "test.npz", tmp_path / "out", config)
+        return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()], out
+
+    return run

@@ -1,0 +1,61 @@
+"""The transfer setting: a split that keeps the fine-tuning set out of pretraining, victims that fine-tune the head
+only (linear) or every weight (end-to-end), and an evaluation whose rows the summary reads and a rerun resumes."""
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from attacks.smoke import CPU, digits_split, train_tiny
+from attacks.transfer import FineTune, fine_tune, transfer_split
+from sanitize.cli import cli
+from sanitize.errors import SanitizeError
+
+
+def test_the_fine_tuning_set_is_held_out_of_pretraining_class_by_class():
+    train, _ = digits_split()
+    pretrain, finetune = transfer_split(train, pool_per_class=40, finetune_per_class=10)
+    assert not set(pretrain) & set(finetune)
+    assert np.bincount(train.labels[finetune], minlength=10).tolist() == [10] * 10
+    assert len(pretrain) == len(train) - 40 * 10
+    with pytest.raises(SanitizeError):
+        transfer_split(train, pool_per_class=10, finetune_per_class=20)
+
+
+@pytest.mark.parametrize("mode", ["linear", "end-to-end"])
+def test_linear_victims_change_the_head_only_end_to_end_victims_everything_and_a_seed_repeats(mode):
+    train, _ = digits_split()
+    extractor = train_tiny(train.subset(np.arange(300)), 0)
+    data = train.subset(np.arange(300, 400))
+    recipe = FineTune(mode, epochs=3, lr=1e-2)
+    victim = fine_tune(extractor, data, recipe, 0, CPU, None)
+    again = fine_tune(extractor, data, recipe, 0, CPU, None)
+    body_moved = any(not torch.equal(a, b) for a, b in zip(victim.body.parameters(), extractor.body.parameters()))
+    assert body_moved == (mode == "end-to-end")
+    assert not torch.equal(victim.head.weight, extractor.head.weight)
+    assert torch.equal(victim.head.weight, again.head.weight)
+
+
+def test_the_evaluation_writes_a_row_per_key_arm_and_victim_and_a_rerun_resumes(digits_transfer):
+    options = {"keys": (0, 1), "poisons": 3, "extractor_epochs": 2, "pool_per_class": 40, "finetune_per_class": 20}
+    options |= {"finetune_epochs": 3, "craft_options": {"iterations": 5}}
+    rows, out = digits_transfer(**options)
+    assert sorted((r["poison_key"], r["arm"]) for r in rows) == sorted(
+        (k, a) for k in (0, 1) for a in ("clean", "undefended", "random-noise")
+    )
+    assert {r["scale"] for r in rows} == {"transfer-linear"} and all(r["train_size"] == 200 for r in rows)
+    crafted = [r for r in rows if r["arm"] == "undefended"]
+    assert all(r["poisons_sha256"] and r["seconds"]["crafting"] > 0 for r in crafted)
+    assert "transfer-linear" in (out / "summary.md").read_text()
+    again, _ = digits_transfer(**options)
+    assert len(again) == len(rows)
+
+
+def test_the_command_refuses_an_unknown_arm_in_one_line(tmp_path):
+    np.savez(tmp_path / "train.npz", x=np.zeros((20, 8, 8, 3), np.uint8), y=np.arange(20) % 2)
+    result = CliRunner().invoke(
+        cli,
+        ["evaluate-transfer", str(tmp_path / "train.npz"), "--test", str(tmp_path / "train.npz")]
+        + ["--arms", "scan", "--out", str(tmp_path / "out")],
+    )
+    assert result.exit_code == 2 and "unknown transfer arm" in result.output
