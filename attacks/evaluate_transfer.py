@@ -1,6 +1,6 @@
 """The evaluation in the transfer setting (attacks.transfer): one extractor pretrained on the pretraining split (cached),
 poisons crafted against it (white-box: the victims' own extractor), victims fine-tuned on the fine-tuning set with and
-without the poisons; one JSON line each in OUT/results.jsonl, in the from-scratch evaluation's row format, so that
+without the poisons, and on what `sanitize scan` keeps of the poisoned set (SCAN_ARMS); one JSON line each in OUT/results.jsonl, in the from-scratch evaluation's row format, so that
 attacks.summary aggregates them (the row's `scale` names the setting: transfer-linear or transfer-end-to-end).
 A killed run resumes: rows already written are skipped, the extractor and the poisons load from the cache.
 """
@@ -14,11 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from attacks.base import PoisonSet, choose_setup, load_poisons, save_poisons
+import numpy as np
+
+from attacks.arms import UNPOISONED_ARMS, poison_truth
+from attacks.base import PoisonSet, PoisonSetup, choose_setup, load_poisons, save_poisons
 from attacks.crafting import craft, options_identity
 from attacks.experiment import arm_data, measure_victim
 from attacks.registry import attack_options
-from attacks.rows import read_rows
+from attacks.rows import read_rows, recorded_scan_options
 from attacks.summary import aggregate
 from attacks.trained import ModelCache, stable_hash
 from attacks.transfer import FineTune, fine_tune, transfer_split
@@ -26,9 +29,14 @@ from sanitize.config import TrainConfig
 from sanitize.data import open_dataset
 from sanitize.data.arrays import ArrayDataset
 from sanitize.errors import SanitizeError
+from sanitize.manifest import flag_metrics
+from sanitize.scanner import scan
 from sanitize.training import channel_stats, resolve_device, resolve_precision
 
-TRANSFER_ARMS = ("clean", "undefended", "random-noise")
+# the scan's two proxies here: one trained on the fine-tuning data (the default scan), or the victims' own pretrained
+# extractor given as --checkpoint (what a defender who fine-tunes it holds)
+SCAN_ARMS = ("scan", "scan-extractor")
+TRANSFER_ARMS = ("clean", "undefended", "random-noise", *SCAN_ARMS)
 EXTRACTOR_SEED = 0  # the victims' extractor; white-box attacks craft against this one
 
 
@@ -102,9 +110,14 @@ def run_transfer_evaluation(
             for seed in range(config.victims):
                 if (setting, config.attack, config.eps, key, arm, seed) in done:
                     continue
-                if arm == "undefended":
+                if arm not in UNPOISONED_ARMS:
                     poisons = poisons or _poisons(path, config, options, extractor, finetune, test, setup, device, amp)
                 data = arm_data(finetune, arm, poisons, setup, config.eps)
+                defense = {"dropped_fraction": 0.0, "poison_precision": None, "poison_recall": None, "auroc": None}
+                scan_seconds = None
+                if arm in SCAN_ARMS:
+                    checkpoint = models.path(pretrain, EXTRACTOR_SEED, "extractor") if arm == "scan-extractor" else None
+                    data, defense, scan_seconds = _scanned(data, setup, cache, checkpoint, config)
                 started = time.perf_counter()
                 victim = fine_tune(extractor, data, recipe, seed, device, amp)
                 seconds = round(time.perf_counter() - started, 2)
@@ -122,18 +135,16 @@ def run_transfer_evaluation(
                     "victim_seed": seed,
                     "success": measured["target_pred"] == setup.intended_class,
                     **measured,
-                    "dropped_fraction": 0.0,
-                    "poison_precision": None,
-                    "poison_recall": None,
-                    "auroc": None,
-                    "poisons_sha256": poisons.digest() if arm == "undefended" else None,
+                    **defense,
+                    "poisons_sha256": poisons.digest() if arm not in UNPOISONED_ARMS else None,
                     "model": config.extractor,
                     "train_size": len(finetune),
                     "epochs": recipe.epochs,
-                    "craft_config": dataclasses.asdict(options) if arm == "undefended" else None,
+                    "craft_config": dataclasses.asdict(options) if arm not in UNPOISONED_ARMS else None,
                     "seconds": {
                         "victim_training": seconds,
-                        "crafting": poisons.metadata.get("seconds") if arm == "undefended" else None,
+                        "crafting": poisons.metadata.get("seconds") if arm not in UNPOISONED_ARMS else None,
+                        "scan": scan_seconds,
                     },
                 }
                 with (out / "results.jsonl").open("a") as handle:
@@ -148,6 +159,22 @@ def _done(out: Path) -> set[tuple]:
     if not (out / "results.jsonl").exists():
         return set()
     return {(r["scale"], r["attack"], r["eps"], r["poison_key"], r["arm"], r["victim_seed"]) for r in read_rows(out)}
+
+
+def _scanned(
+    data: ArrayDataset, setup: PoisonSetup, cache: Path, checkpoint: Path | None, config: TransferConfig
+) -> tuple[ArrayDataset, dict[str, Any], float]:
+    """What `sanitize scan` keeps of the poisoned fine-tuning set (with `checkpoint` as its proxy, or one it trains on
+    the data), its flags scored against the true poisons, and its wall seconds. Cached per poisoned set and proxy."""
+    options = {"quiet": True, "device": config.device, "precision": config.precision}
+    if checkpoint is not None:
+        options |= {"checkpoint": str(checkpoint), "model": config.extractor}
+    out = cache / "scans" / f"{'extractor' if checkpoint else 'trained'}-{data.fingerprint[:16]}"
+    started = time.perf_counter()
+    result = scan(data, out, **options)
+    metrics = flag_metrics(result.flags, result.scores, poison_truth(setup, len(result.flags)))
+    metrics["scan_options"] = recorded_scan_options(result.summary["config"])
+    return data.subset(np.flatnonzero(~result.flags)), metrics, round(time.perf_counter() - started, 2)
 
 
 def _poisons(path, config, options, extractor, finetune, test, setup, device, amp) -> PoisonSet:
