@@ -6,7 +6,7 @@ per attack; the evaluation (attacks.evaluate) trains victims on what they craft.
 
 from __future__ import annotations
 
-from attacks import bullseye, gradient_matching, metapoison  # noqa: F401  (registers the attacks)
+from attacks import bullseye, gradient_matching, metapoison, poison_frogs  # noqa: F401  (registers the attacks)
 from attacks.base import PoisonSet, PoisonSetup, choose_setup, load_poisons, save_poisons, write_poisoned
 from attacks.crafting import craft
 from attacks.registry import attack_options, get_attack, list_attacks, parse_option, register_attack

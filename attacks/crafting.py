@@ -277,6 +277,8 @@ def _optimise(
             for parameter in perturbation.parameters():
                 parameter.grad.sign_()
         optimizer.step()
+        with torch.no_grad():
+            attack.proximal(perturbation.delta, optimizer.param_groups[0]["lr"])
         scheduler.step()
         perturbation.project(clean, bound, std)
         attack.advance(iteration, generator)

@@ -53,6 +53,11 @@ class Attack:
         """The loss of one batch of poisoned images in [0, 1] (differentiable in them); lower is a stronger attack."""
         raise NotImplementedError
 
+    def proximal(self, delta: torch.Tensor, lr: float) -> None:
+        """Called after every optimiser step, before the projection, with the additive perturbation (normalised units,
+        changed in place) and the step's rate: the backward step of an attack optimised by forward-backward
+        splitting."""
+
     def advance(self, iteration: int, generator: torch.Generator) -> None:
         """Called after every optimiser step: an attack whose surrogates move during crafting moves them here."""
 
