@@ -61,6 +61,10 @@ class MetaPoisonOptions(CraftingOptions):
     # what members train on between craft steps: the data with the current "poison"s, as a victim does (the
     # reference's option), or "clean" data (the reference's default; worse here: reports/metapoison-pilot)
     trajectory: str = "poison"
+    # the ensemble: "staggered" fresh members spread over a training run (the method), or copies of the trained
+    # surrogate that gradient matching crafts against, never re-initialised (a diagnostic: is it the objective or the
+    # members that transfers poorly?)
+    members: str = "staggered"
     clean_batch: int = 125  # the unrolled batches' size (poisons and clean training images)
     ensemble: int = 6  # M members (the paper: 24)
     span_epochs: float = 20.0  # the members sit evenly over this much of a training run ...
@@ -85,7 +89,7 @@ class MetaPoison(Attack):
     unroll steps and a staggered ensemble of surrogates that keep training while the poisons are crafted."""
 
     Options = MetaPoisonOptions
-    surrogate = "model"  # the architecture and normalisation to build the ensemble from (its weights are not used)
+    surrogate = "model"  # the architecture and normalisation of the ensemble (its weights only with members=surrogate)
 
     def __init__(self, options, surrogates, target_image, setup, device, amp_dtype, train=None) -> None:
         super().__init__(options, surrogates, target_image, setup, device, amp_dtype, train)
@@ -96,6 +100,7 @@ class MetaPoison(Attack):
             "unroll_norm": ("batch", "running"),
             "member_weights": ("mean", "unit"),
             "trajectory": ("clean", "poison"),
+            "members": ("staggered", "surrogate"),
         }
         for option, allowed in choices.items():
             if getattr(options, option) not in allowed:
@@ -108,11 +113,17 @@ class MetaPoison(Attack):
         self.current_poisons, self.seen_poisons = None, []  # the poisons of the last craft step (trajectory "poison")
         self.member_generator = torch.Generator().manual_seed(options.seed + 1)
         self.members, self.ages, self.optimizers = [], [], []
+        if options.members == "surrogate":
+            self.span = 2**62  # never re-initialised
         for m in range(options.ensemble):
-            self.members.append(self._fresh(m))
+            if options.members == "surrogate":
+                self.members.append(copy.deepcopy(self.surrogates[m % len(self.surrogates)]).to(device))
+            else:
+                self.members.append(self._fresh(m))
             self.optimizers.append(self._optimizer(self.members[m]))
             self.ages.append(0)
-            self._train(m, round(m * self.span / options.ensemble))  # staggered: member m starts m/M into the span
+            if options.members == "staggered":  # member m starts m/M into the span
+                self._train(m, round(m * self.span / options.ensemble))
 
     def _optimizer(self, member) -> torch.optim.Optimizer:
         """A member trains as the victims do (the project's recipe), at the unroll's rate."""

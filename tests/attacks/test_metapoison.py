@@ -34,6 +34,19 @@ def test_the_ensemble_is_staggered_keeps_training_and_restarts_at_the_end_of_its
     assert attack.ages[2] < span
 
 
+def test_surrogate_members_start_as_the_trained_surrogate_and_are_never_reinitialised(split, tiny_victim):
+    train, test = split
+    surrogate = tiny_victim(train, seed=100)
+    setup = choose_setup(1, train, test, budget=0.1)
+    options = attack_options("metapoison", ensemble=2, members="surrogate", advance_epochs=0.1, clean_batch=64)
+    attack = MetaPoison(options, [surrogate], test.load_image(setup.target_index), setup, CPU, None, train)
+    assert all(torch.equal(next(m.parameters()), next(surrogate.parameters())) for m in attack.members)
+    assert attack.ages == [0, 0]
+    attack.advance(0, torch.Generator().manual_seed(0))
+    assert not torch.equal(next(attack.members[0].parameters()), next(surrogate.parameters()))  # a copy trains on
+    assert attack.ages[0] > 0 and attack.span > 10**9
+
+
 def test_the_meta_gradient_reaches_every_poison_of_the_batch_through_the_unrolled_step(split, tiny_victim):
     train, test = split
     surrogate = tiny_victim(train, seed=100)
