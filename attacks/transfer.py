@@ -5,24 +5,36 @@ Facts from the reference (ucsb-seclab/BullseyePoison): the extractor is pretrain
 fine-tuning set is 50 per class drawn from the other 200; victims fine-tune for 60 epochs at batch 64 with Adam, the
 rate x0.1 at epochs 30 and 45, the network in eval mode (batch norm statistics frozen) and no augmentation. *Linear*
 victims retrain the last layer only (rate 0.1, no weight decay); *end-to-end* victims fine-tune every weight (rate
-1e-4, weight decay 5e-4). Both start from the pretrained head, as the reference's do.
+1e-4, weight decay 5e-4). Both start from the pretrained head, as the reference's do. `TransferSetting` holds one
+configuration's data, extractor and poisons for the evaluation (attacks.evaluate_transfer) and the benchmarks.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from attacks.base import PoisonSet, PoisonSetup, choose_setup, load_poisons, save_poisons
+from attacks.crafting import craft, options_identity
+from attacks.experiment import measure_victim
+from attacks.registry import attack_options
+from attacks.trained import ModelCache, stable_hash
+from sanitize.config import TrainConfig
+from sanitize.data import open_dataset
 from sanitize.data.arrays import ArrayDataset
 from sanitize.errors import SanitizeError
 from sanitize.models import Classifier
-from sanitize.training import autocast
+from sanitize.training import autocast, channel_stats, resolve_device, resolve_precision
 
 MODES = ("linear", "end-to-end")
+EXTRACTOR_SEED = 0  # the victims' extractor; white-box attacks craft against this one
 
 
 def transfer_split(train: ArrayDataset, pool_per_class: int = 200, finetune_per_class: int = 50, seed: int = 0):
@@ -115,3 +127,88 @@ def _features(model: Classifier, data: ArrayDataset, device: torch.device, amp: 
         with autocast(device, amp):
             parts.append(model.features(images).float())
     return torch.cat(parts)
+
+
+@dataclass
+class TransferConfig:
+    attack: str = "bullseye-polytope"
+    mode: str = "linear"
+    keys: tuple[int, ...] = tuple(range(8))
+    victims: int = 2
+    eps: float = 25.0  # the reference's 0.1 of the pixel range
+    poisons: int = 5
+    arms: tuple[str, ...] = ("clean", "undefended", "random-noise")
+    extractor: str = "resnet18_cifar_w16"
+    extractor_epochs: int = 30  # the full scale's recipe (docs/protocol.md)
+    pool_per_class: int = 200  # held out of pretraining (the reference's split) ...
+    finetune_per_class: int = 50  # ... of which the fine-tuning set
+    finetune_epochs: int = 60
+    craft_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    device: str = "auto"
+    precision: str = "auto"
+    cache: str | None = None  # default OUT/cache
+
+
+class TransferSetting:
+    """One configuration's data, split, extractor (pretrained once on the pretraining split and cached in `cache`) and
+    victims' recipe, and its poisons (crafted against the extractor: white-box, cached beside it)."""
+
+    def __init__(self, train_path: str | Path, test_path: str | Path, config: TransferConfig, cache: Path) -> None:
+        self.config, self.cache = config, cache
+        self.recipe = FineTune(config.mode, epochs=config.finetune_epochs)
+        self.options = attack_options(config.attack, **config.craft_options)
+        self.device = resolve_device(config.device)
+        self.amp = resolve_precision(config.precision, self.device)
+        train = open_dataset(Path(train_path), progress=False)
+        self.test = open_dataset(Path(test_path), progress=False)
+        if not isinstance(train, ArrayDataset):
+            raise SanitizeError("the transfer setting needs .npz training data")
+        pretrain_positions, finetune_positions = transfer_split(train, config.pool_per_class, config.finetune_per_class)
+        self.pretrain, self.finetune = train.subset(pretrain_positions), train.subset(finetune_positions)
+        models = ModelCache(
+            cache,
+            config.extractor,
+            {},
+            TrainConfig(epochs=config.extractor_epochs),
+            train.num_classes,
+            train.image_size,
+            *channel_stats(self.pretrain),
+            self.device,
+            self.amp,
+            progress=False,
+        )
+        self.extractor, _ = models.trained(self.pretrain, EXTRACTOR_SEED, "extractor")
+        self.extractor.to(self.device).eval()
+        self.extractor_path = models.path(self.pretrain, EXTRACTOR_SEED, "extractor")
+
+    def setup(self, key: int) -> PoisonSetup:
+        return choose_setup(key, self.finetune, self.test, self.config.poisons / len(self.finetune))
+
+    def poisons(self, setup: PoisonSetup) -> PoisonSet:
+        """The key's poisons from the cache, or crafted against the extractor and cached."""
+        identity = [self.config.attack, self.config.eps, setup.key, options_identity(self.options)]
+        name = f"poisons-{self.config.attack}-transfer-key{setup.key}-eps{self.config.eps:g}"
+        path = self.cache / f"{name}-{stable_hash(*identity, self.extractor_path.stem)}.npz"
+        if path.exists():
+            return load_poisons(path, setup)
+        target = self.test.load_image(setup.target_index)
+        poisons = craft(
+            self.config.attack,
+            [self.extractor],
+            self.finetune,
+            target,
+            setup,
+            self.config.eps,
+            self.options,
+            self.device,
+            self.amp,
+            False,
+        )
+        save_poisons(poisons, path)
+        return poisons
+
+    def victim(self, data: ArrayDataset, seed: int) -> Classifier:
+        return fine_tune(self.extractor, data, self.recipe, seed, self.device, self.amp)
+
+    def measure(self, victim: Classifier, setup: PoisonSetup) -> dict[str, Any]:
+        return measure_victim(victim, self.test, setup, self.device, self.amp)

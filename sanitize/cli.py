@@ -876,7 +876,8 @@ def evaluate_transfer(
     victim in OUT."""
     refuse_torchrun("evaluate-transfer")
     from attacks import parse_option
-    from attacks.evaluate_transfer import TransferConfig, run_transfer_evaluation
+    from attacks.evaluate_transfer import run_transfer_evaluation
+    from attacks.transfer import TransferConfig
 
     config = TransferConfig(
         attack=attack_name,

@@ -9,8 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from attacks.evaluate_transfer import TransferConfig, run_transfer_evaluation
+from attacks.evaluate_transfer import run_transfer_evaluation
 from attacks.smoke import digits_split, margins_against_noise, train_tiny
+from attacks.transfer import TransferConfig
 
 
 @pytest.fixture(scope="module")

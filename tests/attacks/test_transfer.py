@@ -73,6 +73,6 @@ def test_the_command_refuses_an_unknown_arm_in_one_line(tmp_path):
     result = CliRunner().invoke(
         cli,
         ["evaluate-transfer", str(tmp_path / "train.npz"), "--test", str(tmp_path / "train.npz")]
-        + ["--arms", "scan", "--out", str(tmp_path / "out")],
+        + ["--arms", "robust", "--out", str(tmp_path / "out")],
     )
     assert result.exit_code == 2 and "unknown transfer arm" in result.output
