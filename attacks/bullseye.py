@@ -6,10 +6,12 @@ The poisons' *mean* feature is pulled onto the target's: loss ||mean_j f(x_j) - 
 squared), averaged over the substitute extractors, optionally with dropout on the features, averaged over `draws`
 stochastic passes (the reference's multi-draw dropout, net-repeat). Every poison enters one loss, so one crafting batch
 holds them all. The reference's defaults: Adam at 0.04 on the normalised images, 4,000 iterations without decay, the
-poisons started at the clean bases, one run. Deviations: the reference's substitutes were trained with dropout, the
-project's models have none, so dropout here is applied at crafting time only (off by default, as the reference's
-net-repeat 1); the convex-polytope mode (coefficients solved on the simplex) and the end-to-end variant (the loss at
-every block) are not implemented.
+poisons started at the clean bases, one run. The end-to-end variant (`blocks`, for victims that fine-tune every
+weight) applies the loss at the output of every block as well, averaged: each conv-BN-ReLU block at the top of the
+body (its ReLU) and each residual block of a stage, then the penultimate features. Deviations: the reference's
+substitutes were trained with dropout, the project's models have none, so dropout here is applied at crafting time
+only (off by default, as the reference's net-repeat 1); the convex-polytope mode (coefficients solved on the simplex)
+is not implemented.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class BullseyeOptions(CraftingOptions):
     start: str = "zero"
     dropout: float = 0.0  # feature dropout while crafting (the reference's substitutes carry 0.2-0.3)
     draws: int = 1  # stochastic passes averaged per step when dropout is on (the reference's net-repeat)
+    blocks: bool = False  # the end-to-end variant: the loss at every block's output too
 
 
 @register_attack("bullseye-polytope")
@@ -54,15 +57,36 @@ class BullseyePolytope(Attack):
         with torch.no_grad():
             self.target_features = [self._features(model, target, dropout=0.0) for model in surrogates]
 
-    def _features(self, model, x: torch.Tensor, dropout: float) -> torch.Tensor:
-        with autocast(self.device, self.amp_dtype):
-            features = model.features(x).float()
-        return F.dropout(features, dropout, training=True) if dropout else features
+    def _features(self, model, x: torch.Tensor, dropout: float) -> list[torch.Tensor]:
+        """The penultimate features (after `dropout`), preceded with `blocks` by every block's output, flattened."""
+        outputs: list[torch.Tensor] = []
+        hooks = [m.register_forward_hook(lambda _, __, out: outputs.append(out)) for m in self._blocks(model)]
+        try:
+            with autocast(self.device, self.amp_dtype):
+                features = model.features(x).float()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        features = F.dropout(features, dropout, training=True) if dropout else features
+        return [out.float().flatten(1) for out in outputs] + [features]
+
+    def _blocks(self, model) -> list[torch.nn.Module]:
+        if not self.options.blocks:
+            return []
+        found = []
+        for child in model.body.children():
+            if isinstance(child, torch.nn.ReLU):
+                found.append(child)
+            elif isinstance(child, torch.nn.Sequential):
+                found.extend(child.children())
+        return found
 
     def loss(self, poisoned: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         total = 0.0
-        for model, target in zip(self.surrogates, self.target_features):
+        for model, targets in zip(self.surrogates, self.target_features):
             draws = self.options.draws if self.options.dropout else 1
-            features = sum(self._features(model, poisoned, self.options.dropout) for _ in range(draws)) / draws
-            total = total + (features.mean(dim=0) - target[0]).norm() / target[0].norm()
+            passes = [self._features(model, poisoned, self.options.dropout) for _ in range(draws)]
+            for level, target in enumerate(targets):
+                features = sum(p[level] for p in passes) / draws
+                total = total + (features.mean(dim=0) - target[0]).norm() / target[0].norm() / len(targets)
         return total / len(self.surrogates)

@@ -9,6 +9,7 @@ import torch
 
 from attacks import attack_options, choose_setup, get_attack
 from attacks.smoke import CPU, digits_split, train_tiny
+from sanitize.models import create_model
 
 
 def _attack(name):
@@ -29,6 +30,21 @@ def test_bullseye_loss_is_the_mean_features_relative_distance_from_the_target():
         expected = (model.features(others).mean(0) - model.features(copies[:1])[0]).norm()
         expected /= model.features(copies[:1])[0].norm()
         assert float(attack.loss(others, None, None)) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_the_end_to_end_variant_scores_every_block_of_a_resnet_and_the_penultimate_features():
+    train, test = digits_split()
+    setup = choose_setup(0, train, test, budget=0.002)
+    target = test.load_image(setup.target_index)
+    model = create_model("resnet18_cifar_w16", 10, (3, 16, 16)).eval()
+    options = attack_options("bullseye-polytope", blocks=True)
+    attack = get_attack("bullseye-polytope")(options, [model], target, setup, CPU, None)
+    assert len(attack.target_features[0]) == 1 + 8 + 1  # the stem's ReLU, 4 stages x 2 residual blocks, the features
+    copies = target.float().div(255)[None].repeat(2, 1, 1, 1)
+    others = train.load_batch(np.asarray(setup.poison_indices))[0].float().div(255)
+    with torch.no_grad():
+        assert float(attack.loss(copies, None, None)) == pytest.approx(0.0, abs=1e-5)
+        assert float(attack.loss(others, None, None)) > 0.1
 
 
 def test_poison_frogs_loss_is_the_mean_squared_feature_distance_and_its_proximal_step_shrinks_towards_the_base():
