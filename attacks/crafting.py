@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from attacks.adaptive import FeatureAnchor
 from attacks.base import PoisonSet, PoisonSetup
 from attacks.recolor import largest_change, project_colour, recolor, smoothness
 from attacks.registry import get_attack
@@ -60,6 +61,8 @@ class CraftingOptions:
     recolor_bound: float = 0.04
     recolor_grid: int = 10
     recolor_smoothness: float = 1.0
+    # the adaptive attacker's feature-anchoring penalty's weight (attacks.adaptive): 0 is the plain attack
+    anchor: float = 0.0
 
 
 # options added after poisons were first cached, at the value that crafts as before: left out of a poison set's name
@@ -72,6 +75,7 @@ IDENTITY_DEFAULTS = {
     "recolor_bound": 0.04,
     "recolor_grid": 10,
     "recolor_smoothness": 1.0,
+    "anchor": 0.0,
 }
 
 
@@ -262,14 +266,19 @@ def _optimise(
     count, history = len(clean), []
     desc = f"craft restart {restart + 1}/{options.restarts}"
     bar = tqdm(range(options.iterations), desc=desc, leave=False, disable=not progress)
+    anchor = None
     for iteration in bar:
         attack = (iteration and after(iteration, perturbation)) or attack
+        if options.anchor and (anchor is None or anchor.surrogates is not attack.surrogates):
+            anchor = FeatureAnchor(attack.surrogates, clean, attack.amp_dtype)  # against the current surrogates
         optimizer.zero_grad()
         total = 0.0
         for start in range(0, count, options.batch_size):
             part = slice(start, start + options.batch_size)
             images = perturbation.images(clean, std, part)
             loss = attack.loss(images, labels[part], generator) + perturbation.penalty(options.recolor_smoothness, part)
+            if anchor is not None:
+                loss = loss + options.anchor * anchor(images, part)
             weight = (min(count, start + options.batch_size) - start) / count
             (loss * weight).backward()
             total += float(loss.detach()) * weight

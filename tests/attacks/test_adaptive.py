@@ -1,0 +1,39 @@
+"""The adaptive attacker's feature anchor: zero on the clean images, and poisons crafted with it move their features
+less than the plain attack's, on the surrogate that crafted them."""
+
+import numpy as np
+import pytest
+import torch
+
+from attacks import attack_options, choose_setup, craft
+from attacks.adaptive import FeatureAnchor
+from attacks.smoke import CPU
+
+
+def test_the_anchor_is_zero_on_the_clean_images_and_grows_with_the_feature_change(split, tiny_victim):
+    train, _ = split
+    surrogate = tiny_victim(train, seed=100).eval()
+    clean = train.load_batch(np.arange(8))[0].float().div(255)
+    anchor = FeatureAnchor([surrogate], clean, None)
+    with torch.no_grad():
+        assert float(anchor(clean[2:6], slice(2, 6))) == pytest.approx(0.0, abs=1e-7)
+        small, large = (float(anchor((clean + s).clamp(0, 1), slice(None))) for s in (0.02, 0.2))
+    assert 0 < small < large
+
+
+def test_anchored_poisons_move_their_features_less_than_the_plain_attacks(split, tiny_victim):
+    train, test = split
+    surrogate = tiny_victim(train, seed=100).eval()
+    setup = choose_setup(1, train, test, budget=0.02)
+    positions = np.asarray(setup.poison_indices)
+    clean = train.load_batch(positions)[0]
+    moved = {}
+    for weight in (0.0, 10.0):
+        options = attack_options("gradient-matching", iterations=20, restarts=1, augment=False, anchor=weight)
+        target = test.load_image(setup.target_index)
+        poisons = craft("gradient-matching", [surrogate], train, target, setup, 32, options, CPU, progress=False)
+        with torch.no_grad():
+            before = surrogate.features(clean.float() / 255)
+            after = surrogate.features(poisons.apply(clean).float() / 255)
+        moved[weight] = float(((after - before).pow(2).sum(1) / before.pow(2).sum(1)).mean())
+    assert moved[10.0] < 0.5 * moved[0.0]
