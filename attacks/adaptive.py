@@ -5,11 +5,27 @@ imitates it with its own surrogates (re-trained on the current poisons with `ret
 `anchor` (the crafting loop's option): the feature-anchoring penalty, the cheap baseline of the gradient-matching
 reference's "hidden" variant: each poison's features kept near its clean image's, ||phi(x + delta) - phi(x)||^2,
 relative to ||phi(x)||^2 so that one weight suits any network, averaged over poisons and surrogates.
+
+`evade` (the loop's option, with `evade_variant`): a differentiable stand-in for the default scan's flag rule
+(sanitize/detectors/knn_density.py), everything about it known: in the feature space of each surrogate, a poison's
+log distance to its k-th neighbour in the intended class at both of the scan's scales (k_small, and k_fraction of
+the class capped at k_max; the neighbours found anew every step by a differentiable top-k), as a modified z-score
+against the clean members' own (median and MAD, fixed per surrogate), combined with the z of its ease (-log loss)
+as the scan combines them; the penalty is the mean of softplus(z - z_safe) over the poisons, z_safe a margin below
+the flag threshold's 3.5. Two variants: `spread` counts only clean images as neighbours and repels poisons closer to
+one another than the clean members' median small-scale distance (what beats group-aware rules); `clump` counts the
+poisons as one another's neighbours and pulls them together (what beats lone-point density scores). The class
+alarm's second pass is not modelled apart: it looks again only in classes with more flags than the others, and
+poisons kept under z_safe add none.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from sanitize.models import Classifier
 from sanitize.training import autocast
@@ -36,3 +52,78 @@ class FeatureAnchor:
             )
             total = total + moved.mean()
         return total / len(self.surrogates)
+
+
+MAD_SCALE = 0.6745  # the modified z-score's constant (sanitize.density.robust_z)
+Z_SAFE = 2.0  # the evasion's target: well under the flag threshold's z of 3.5
+
+
+class DensityEvasion:
+    """The evasion penalty against one set of surrogates; the intended class's clean features and their own
+    statistics computed once per surrogate."""
+
+    def __init__(self, surrogates, train, setup, variant: str, amp_dtype, k_small=10, k_fraction=0.5, k_max=1000):
+        self.surrogates, self.amp_dtype, self.variant = surrogates, amp_dtype, variant
+        members = np.setdiff1d(np.flatnonzero(train.labels == setup.intended_class), setup.poison_indices)
+        n = len(members) + len(setup.poison_indices)
+        self.ks = sorted({min(k_small, n - 1), min(max(k_small, round(k_fraction * n)), k_max, n - 1)})
+        self.label = setup.intended_class
+        self.reference = []  # per surrogate: clean features, per-scale (median, MAD) of log k-th distance, loss stats
+        device = next(surrogates[0].parameters()).device
+        for model in surrogates:
+            with torch.no_grad():
+                parts = [train.load_batch(members[i : i + 512]) for i in range(0, len(members), 512)]
+                images = [batch[0].float().div(255).to(device) for batch in parts]
+                features = torch.cat([self._features(model, x) for x in images])
+                ease = torch.cat([self._ease(model, x) for x in images])
+                distances = torch.cdist(features, features)
+                distances.fill_diagonal_(float("inf"))
+                ordered = distances.topk(max(self.ks), dim=1, largest=False).values
+                scales = [_median_mad(torch.log(ordered[:, k - 1] + 1e-12)) for k in self.ks]
+                self.reference.append((features, scales, _median_mad(ease), ordered[:, self.ks[0] - 1].median()))
+
+    def _features(self, model, x: torch.Tensor) -> torch.Tensor:
+        with autocast(x.device, self.amp_dtype):
+            return model.features(x).float()
+
+    def _ease(self, model, x: torch.Tensor) -> torch.Tensor:
+        """-log loss of the intended class (the poisons' label), the scan's ease."""
+        with autocast(x.device, self.amp_dtype):
+            logits = model(x).float()
+        loss = F.cross_entropy(logits, torch.full((len(x),), self.label, device=x.device), reduction="none")
+        return -torch.log(loss + 1e-12)
+
+    def __call__(self, images: torch.Tensor, part: slice) -> torch.Tensor:
+        total = 0.0
+        for model, (clean, scales, ease_stats, small_median) in zip(self.surrogates, self.reference):
+            features = self._features(model, images)
+            distances = torch.cdist(features, clean)
+            if self.variant == "clump":
+                among = torch.cdist(features, features) + torch.eye(len(features), device=features.device) * 1e9
+                distances = torch.cat([distances, among], dim=1)
+            ordered = distances.topk(max(self.ks), dim=1, largest=False).values
+            z = (
+                torch.stack([_z(torch.log(ordered[:, k - 1] + 1e-12), *stats) for k, stats in zip(self.ks, scales)])
+                .max(dim=0)
+                .values
+            )
+            ease = _z(self._ease(model, images), *ease_stats)
+            z = torch.maximum(z, (z + ease) / math.sqrt(2))  # the scan's low-loss combination at weight 1
+            penalty = F.softplus(z - Z_SAFE).mean()
+            if len(features) > 1:
+                among = torch.cdist(features, features)[~torch.eye(len(features), dtype=torch.bool)]
+                if self.variant == "clump":  # pulled together
+                    penalty = penalty + (among / small_median).mean()
+                else:  # kept apart: no closer to one another than the clean members' typical small-scale distance
+                    penalty = penalty + F.relu(1 - among / small_median).mean()
+            total = total + penalty
+        return total / len(self.surrogates)
+
+
+def _median_mad(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    median = values.median()
+    return median, (values - median).abs().median().clamp_min(1e-6)
+
+
+def _z(values: torch.Tensor, median: torch.Tensor, mad: torch.Tensor) -> torch.Tensor:
+    return MAD_SCALE * (values - median) / mad

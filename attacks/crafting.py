@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from attacks.adaptive import FeatureAnchor
+from attacks.adaptive import DensityEvasion, FeatureAnchor
 from attacks.base import PoisonSet, PoisonSetup
 from attacks.recolor import largest_change, project_colour, recolor, smoothness
 from attacks.registry import get_attack
@@ -61,8 +61,11 @@ class CraftingOptions:
     recolor_bound: float = 0.04
     recolor_grid: int = 10
     recolor_smoothness: float = 1.0
-    # the adaptive attacker's feature-anchoring penalty's weight (attacks.adaptive): 0 is the plain attack
+    # the adaptive attacker (attacks.adaptive), weights 0 in the plain attack: the feature-anchoring penalty, and the
+    # evasion of the default scan's density rule in its `spread` or `clump` variant
     anchor: float = 0.0
+    evade: float = 0.0
+    evade_variant: str = "spread"
 
 
 # options added after poisons were first cached, at the value that crafts as before: left out of a poison set's name
@@ -76,6 +79,8 @@ IDENTITY_DEFAULTS = {
     "recolor_grid": 10,
     "recolor_smoothness": 1.0,
     "anchor": 0.0,
+    "evade": 0.0,
+    "evade_variant": "spread",
 }
 
 
@@ -175,6 +180,8 @@ def craft(
         raise SanitizeError("retrain_every needs surrogates that can be re-trained (sanitize evaluate provides them)")
     if options.start not in ("gaussian", "uniform", "zero"):
         raise SanitizeError(f"start must be gaussian, uniform or zero, not {options.start!r}")
+    if options.evade_variant not in ("spread", "clump"):
+        raise SanitizeError(f"evade_variant must be spread or clump, not {options.evade_variant!r}")
     if options.recolor and not (options.recolor_bound > 0 and options.recolor_grid >= 2):
         raise SanitizeError("recolor needs recolor_bound > 0 and recolor_grid >= 2")
     target = target_image.to(device)
@@ -266,11 +273,15 @@ def _optimise(
     count, history = len(clean), []
     desc = f"craft restart {restart + 1}/{options.restarts}"
     bar = tqdm(range(options.iterations), desc=desc, leave=False, disable=not progress)
-    anchor = None
+    anchor = evasion = None
     for iteration in bar:
         attack = (iteration and after(iteration, perturbation)) or attack
         if options.anchor and (anchor is None or anchor.surrogates is not attack.surrogates):
             anchor = FeatureAnchor(attack.surrogates, clean, attack.amp_dtype)  # against the current surrogates
+        if options.evade and (evasion is None or evasion.surrogates is not attack.surrogates):
+            evasion = DensityEvasion(
+                attack.surrogates, attack.train, attack.setup, options.evade_variant, attack.amp_dtype
+            )
         optimizer.zero_grad()
         total = 0.0
         for start in range(0, count, options.batch_size):
@@ -279,6 +290,8 @@ def _optimise(
             loss = attack.loss(images, labels[part], generator) + perturbation.penalty(options.recolor_smoothness, part)
             if anchor is not None:
                 loss = loss + options.anchor * anchor(images, part)
+            if evasion is not None:
+                loss = loss + options.evade * evasion(images, part)
             weight = (min(count, start + options.batch_size) - start) / count
             (loss * weight).backward()
             total += float(loss.detach()) * weight

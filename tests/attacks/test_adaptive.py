@@ -8,6 +8,7 @@ import torch
 from attacks import attack_options, choose_setup, craft
 from attacks.adaptive import FeatureAnchor
 from attacks.smoke import CPU
+from sanitize.density import robust_z
 
 
 def test_the_anchor_is_zero_on_the_clean_images_and_grows_with_the_feature_change(split, tiny_victim):
@@ -37,3 +38,32 @@ def test_anchored_poisons_move_their_features_less_than_the_plain_attacks(split,
             after = surrogate.features(poisons.apply(clean).float() / 255)
         moved[weight] = float(((after - before).pow(2).sum(1) / before.pow(2).sum(1)).mean())
     assert moved[10.0] < 0.5 * moved[0.0]
+
+
+def _scan_rule_z(surrogate, train, setup, poisoned):
+    """The default scan's isolation z of each poison in the surrogate's features (both scales, modified z)."""
+    members = np.setdiff1d(np.flatnonzero(train.labels == setup.intended_class), setup.poison_indices)
+    with torch.no_grad():
+        clean = surrogate.features(train.load_batch(members)[0].float() / 255)
+        features = torch.cat([clean, surrogate.features(poisoned.float() / 255)]).numpy()
+    distances = np.sort(np.linalg.norm(features[:, None] - features[None], axis=2), axis=1)[:, 1:]
+    ks = [10, round(0.5 * len(features))]
+    z = np.max([robust_z(np.log(distances[:, k - 1] + 1e-12)) for k in ks], axis=0)
+    return z[len(members) :]
+
+
+@pytest.mark.parametrize("variant", ["spread", "clump"])
+def test_evading_poisons_sit_lower_in_the_scans_isolation_rule_than_the_plain_attacks(split, tiny_victim, variant):
+    train, test = split
+    surrogate = tiny_victim(train, seed=100).eval()
+    setup = choose_setup(1, train, test, budget=0.02)
+    clean = train.load_batch(np.asarray(setup.poison_indices))[0]
+    z = {}
+    for weight in (0.0, 10.0):
+        options = attack_options(
+            "gradient-matching", iterations=20, restarts=1, augment=False, evade=weight, evade_variant=variant
+        )
+        target = test.load_image(setup.target_index)
+        poisons = craft("gradient-matching", [surrogate], train, target, setup, 32, options, CPU, progress=False)
+        z[weight] = float(np.mean(_scan_rule_z(surrogate, train, setup, poisons.apply(clean))))
+    assert z[10.0] < z[0.0] - 0.5
