@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sanitize.errors import SanitizeError
 from sanitize.models import Classifier
 from sanitize.training import autocast
 
@@ -65,8 +66,13 @@ class DensityEvasion:
     def __init__(self, surrogates, train, setup, variant: str, amp_dtype, k_small=10, k_fraction=0.5, k_max=1000):
         self.surrogates, self.amp_dtype, self.variant = surrogates, amp_dtype, variant
         members = np.setdiff1d(np.flatnonzero(train.labels == setup.intended_class), setup.poison_indices)
-        n = len(members) + len(setup.poison_indices)
-        self.ks = sorted({min(k_small, n - 1), min(max(k_small, round(k_fraction * n)), k_max, n - 1)})
+        if len(members) <= k_small:
+            raise SanitizeError(
+                f"evade needs more than {k_small} clean images of the intended class, not {len(members)}"
+            )
+        n = len(members) + len(setup.poison_indices)  # the class as the scan sees it; the clean reference is smaller
+        scales = (k_small, min(max(k_small, round(k_fraction * n)), k_max))
+        self.ks = sorted({min(k, len(members) - 1) for k in scales})
         self.label = setup.intended_class
         self.reference = []  # per surrogate: clean features, per-scale (median, MAD) of log k-th distance, loss stats
         device = next(surrogates[0].parameters()).device
