@@ -56,14 +56,14 @@ def run(attack: str, options: dict, key: int, eps: int, budget: float, victims: 
 def write_table(out: Path) -> None:
     rows = [json.loads(line) for line in (out / "smoke.jsonl").read_text().splitlines() if line.strip()]
     lines = [
-        "| attack | options | key | eps | craft s | margin crafted | margin random | gap | loss first -> last |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| attack | options | key | eps | budget | craft s | margin crafted | margin random | gap | loss first -> last |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         options = " ".join(f"{k}={v}" for k, v in r["options"].items())
         first, last = r["loss_first_last"]
         lines.append(
-            f"| {r['attack']} | {options} | {r['key']} | {r['eps']} | {r['craft_seconds']} | {r['margin_crafted']} "
+            f"| {r['attack']} | {options} | {r['key']} | {r['eps']} | {r['budget']:g} | {r['craft_seconds']} | {r['margin_crafted']} "
             f"| {r['margin_random']} | **{r['gap']}** | {first} -> {last} |"
         )
     (out / "smoke.md").write_text("\n".join(lines) + "\n")
