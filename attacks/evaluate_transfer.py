@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from attacks.arms import UNPOISONED_ARMS, poison_truth
+from attacks.arms import DETECTOR_ARMS, UNPOISONED_ARMS, poison_truth, told_count
 from attacks.base import PoisonSet, PoisonSetup
 from attacks.experiment import arm_data
 from attacks.rows import read_rows, recorded_scan_options
@@ -28,8 +28,9 @@ from sanitize.manifest import flag_metrics
 from sanitize.scanner import scan
 
 # the scan's two proxies here: one trained on the fine-tuning data (the default scan), or the victims' own pretrained
-# extractor given as --checkpoint (what a defender who fine-tunes it holds)
-SCAN_ARMS = ("scan", "scan-extractor")
+# extractor given as --checkpoint (what a defender who fine-tunes it holds); and Deep k-NN (the defense its paper
+# measured on feature collision in transfer) on the extractor, told the poison count as in the from-scratch arms
+SCAN_ARMS = ("scan", "scan-extractor", "deep_knn-extractor")
 TRANSFER_ARMS = ("clean", "undefended", "random-noise", *SCAN_ARMS)
 
 
@@ -59,8 +60,9 @@ def run_transfer_evaluation(
                 defense = {"dropped_fraction": 0.0, "poison_precision": None, "poison_recall": None, "auroc": None}
                 scan_seconds = None
                 if arm in SCAN_ARMS:
-                    checkpoint = world.extractor_path if arm == "scan-extractor" else None
-                    data, defense, scan_seconds = _scanned(data, setup, world.cache, checkpoint, config)
+                    checkpoint = world.extractor_path if arm.endswith("-extractor") else None
+                    detector = DETECTOR_ARMS[arm.removesuffix("-extractor")]
+                    data, defense, scan_seconds = _scanned(data, setup, world.cache, checkpoint, detector, config)
                 started = time.perf_counter()
                 victim = world.victim(data, seed)
                 seconds = round(time.perf_counter() - started, 2)
@@ -105,14 +107,27 @@ def _done(out: Path) -> set[tuple]:
 
 
 def _scanned(
-    data: ArrayDataset, setup: PoisonSetup, cache: Path, checkpoint: Path | None, config: TransferConfig
+    data: ArrayDataset,
+    setup: PoisonSetup,
+    cache: Path,
+    checkpoint: Path | None,
+    detector: str,
+    config: TransferConfig,
 ) -> tuple[ArrayDataset, dict[str, Any], float]:
-    """What `sanitize scan` keeps of the poisoned fine-tuning set (with `checkpoint` as its proxy, or one it trains on
-    the data), its flags scored against the true poisons, and its wall seconds. Cached per poisoned set and proxy."""
-    options = {"quiet": True, "device": config.device, "precision": config.precision}
+    """What `sanitize scan` with `detector` keeps of the poisoned fine-tuning set (with `checkpoint` as its proxy, or
+    one it trains on the data), its flags scored against the true poisons, and its wall seconds. Cached per poisoned
+    set, proxy and detector."""
+    options = {"quiet": True, "device": config.device, "precision": config.precision, "detector": detector}
+    options |= {"expected_poisons": told_count(detector, setup)}
     if checkpoint is not None:
         options |= {"checkpoint": str(checkpoint), "model": config.extractor}
-    out = cache / "scans" / f"{'extractor' if checkpoint else 'trained'}-{data.fingerprint[:16]}"
+    proxy = "extractor" if checkpoint else "trained"
+    name = (
+        f"{proxy}-{data.fingerprint[:16]}"
+        if detector == "knn_density"
+        else f"{proxy}-{detector}-{data.fingerprint[:16]}"
+    )
+    out = cache / "scans" / name
     started = time.perf_counter()
     result = scan(data, out, **options)
     metrics = flag_metrics(result.flags, result.scores, poison_truth(setup, len(result.flags)))

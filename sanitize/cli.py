@@ -843,7 +843,7 @@ def evaluate(
     "--arms",
     default="clean,undefended,random-noise",
     show_default=True,
-    help="Comma-separated: clean, undefended, random-noise.",
+    help="Comma-separated: clean, undefended, random-noise, scan, scan-extractor, deep_knn-extractor.",
 )
 @override_craft_options
 @click.option(

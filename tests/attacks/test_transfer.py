@@ -51,20 +51,24 @@ def test_the_evaluation_writes_a_row_per_key_arm_and_victim_and_a_rerun_resumes(
     assert len(again) == len(rows)
 
 
-def test_the_scan_arms_fine_tune_on_what_the_scan_kept_with_either_proxy(digits_transfer):
+def test_the_scan_arms_fine_tune_on_what_the_scan_kept_with_either_proxy_and_deep_knn_on_the_extractor(digits_transfer):
     options = {"keys": (0,), "poisons": 3, "extractor_epochs": 2, "pool_per_class": 40, "finetune_per_class": 20}
     options |= {
         "finetune_epochs": 3,
         "craft_options": {"iterations": 5},
-        "arms": ("undefended", "scan", "scan-extractor"),
+        "arms": ("undefended", "scan", "scan-extractor", "deep_knn-extractor"),
     }
     rows, out = digits_transfer(**options)
     scanned = {r["arm"]: r for r in rows if r["arm"] != "undefended"}
-    assert set(scanned) == {"scan", "scan-extractor"}
+    assert set(scanned) == {"scan", "scan-extractor", "deep_knn-extractor"}
     for row in scanned.values():
         assert row["train_size"] == 200 and row["poisons_sha256"] == rows[0]["poisons_sha256"]
         assert row["auroc"] is not None and row["seconds"]["scan"] > 0
-    assert sorted(p.name.split("-")[0] for p in (out / "cache" / "scans").iterdir()) == ["extractor", "trained"]
+    assert sorted(p.name.split("-")[0] for p in (out / "cache" / "scans").iterdir()) == [
+        "extractor",
+        "extractor",
+        "trained",
+    ]
     assert "Paired with the undefended victims" in (out / "summary.md").read_text()
 
 
