@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from attacks.base import surrogate_features
 from sanitize.errors import SanitizeError
 from sanitize.models import Classifier
 from sanitize.training import autocast
@@ -38,19 +39,15 @@ class FeatureAnchor:
     def __init__(self, surrogates: list[Classifier], clean: torch.Tensor, amp_dtype: torch.dtype | None) -> None:
         self.surrogates, self.amp_dtype = surrogates, amp_dtype
         with torch.no_grad():
-            self.clean_features = [self._features(model, clean) for model in surrogates]
-
-    def _features(self, model: Classifier, images: torch.Tensor) -> torch.Tensor:
-        with autocast(images.device, self.amp_dtype):
-            return model.features(images).float()
+            self.clean_features = [surrogate_features(model, clean, amp_dtype) for model in surrogates]
 
     def __call__(self, images: torch.Tensor, part: slice) -> torch.Tensor:
         total = 0.0
         for model, clean in zip(self.surrogates, self.clean_features):
             anchor = clean[part]
-            moved = (self._features(model, images) - anchor).pow(2).sum(dim=1) / anchor.pow(2).sum(dim=1).clamp_min(
-                1e-12
-            )
+            moved = (surrogate_features(model, images, self.amp_dtype) - anchor).pow(2).sum(dim=1) / anchor.pow(2).sum(
+                dim=1
+            ).clamp_min(1e-12)
             total = total + moved.mean()
         return total / len(self.surrogates)
 
@@ -76,21 +73,18 @@ class DensityEvasion:
         self.label = setup.intended_class
         self.reference = []  # per surrogate: clean features, per-scale (median, MAD) of log k-th distance, loss stats
         device = next(surrogates[0].parameters()).device
+        images = [
+            train.load_batch(members[i : i + 512])[0].float().div(255).to(device) for i in range(0, len(members), 512)
+        ]
         for model in surrogates:
             with torch.no_grad():
-                parts = [train.load_batch(members[i : i + 512]) for i in range(0, len(members), 512)]
-                images = [batch[0].float().div(255).to(device) for batch in parts]
-                features = torch.cat([self._features(model, x) for x in images])
+                features = torch.cat([surrogate_features(model, x, amp_dtype) for x in images])
                 ease = torch.cat([self._ease(model, x) for x in images])
                 distances = torch.cdist(features, features)
                 distances.fill_diagonal_(float("inf"))
                 ordered = distances.topk(max(self.ks), dim=1, largest=False).values
-                scales = [_median_mad(torch.log(ordered[:, k - 1] + 1e-12)) for k in self.ks]
-                self.reference.append((features, scales, _median_mad(ease), ordered[:, self.ks[0] - 1].median()))
-
-    def _features(self, model, x: torch.Tensor) -> torch.Tensor:
-        with autocast(x.device, self.amp_dtype):
-            return model.features(x).float()
+                per_scale = [_median_mad(torch.log(ordered[:, k - 1] + 1e-12)) for k in self.ks]
+                self.reference.append((features, per_scale, _median_mad(ease), ordered[:, self.ks[0] - 1].median()))
 
     def _ease(self, model, x: torch.Tensor) -> torch.Tensor:
         """-log loss of the intended class (the poisons' label), the scan's ease."""
@@ -101,15 +95,16 @@ class DensityEvasion:
 
     def __call__(self, images: torch.Tensor, part: slice) -> torch.Tensor:
         total = 0.0
-        for model, (clean, scales, ease_stats, small_median) in zip(self.surrogates, self.reference):
-            features = self._features(model, images)
+        for model, (clean, per_scale, ease_stats, small_median) in zip(self.surrogates, self.reference):
+            features = surrogate_features(model, images, self.amp_dtype)
             distances = torch.cdist(features, clean)
-            if self.variant == "clump":
-                among = torch.cdist(features, features) + torch.eye(len(features), device=features.device) * 1e9
-                distances = torch.cat([distances, among], dim=1)
+            among = torch.cdist(features, features)  # the poisons' distances to one another
+            others = ~torch.eye(len(features), dtype=torch.bool, device=features.device)
+            if self.variant == "clump":  # the other poisons count as neighbours
+                distances = torch.cat([distances, among.masked_fill(~others, 1e9)], dim=1)
             ordered = distances.topk(max(self.ks), dim=1, largest=False).values
             z = (
-                torch.stack([_z(torch.log(ordered[:, k - 1] + 1e-12), *stats) for k, stats in zip(self.ks, scales)])
+                torch.stack([_z(torch.log(ordered[:, k - 1] + 1e-12), *stats) for k, stats in zip(self.ks, per_scale)])
                 .max(dim=0)
                 .values
             )
@@ -117,11 +112,11 @@ class DensityEvasion:
             z = torch.maximum(z, (z + ease) / math.sqrt(2))  # the scan's low-loss combination at weight 1
             penalty = F.softplus(z - Z_SAFE).mean()
             if len(features) > 1:
-                among = torch.cdist(features, features)[~torch.eye(len(features), dtype=torch.bool)]
+                pairs = among[others]
                 if self.variant == "clump":  # pulled together
-                    penalty = penalty + (among / small_median).mean()
+                    penalty = penalty + (pairs / small_median).mean()
                 else:  # kept apart: no closer to one another than the clean members' typical small-scale distance
-                    penalty = penalty + F.relu(1 - among / small_median).mean()
+                    penalty = penalty + F.relu(1 - pairs / small_median).mean()
             total = total + penalty
         return total / len(self.surrogates)
 

@@ -28,6 +28,7 @@ from attacks.recolor import largest_change
 from sanitize.data import ImageDataset, write_atomic
 from sanitize.errors import SanitizeError
 from sanitize.manifest import MANIFEST, TARGET_IMAGE
+from sanitize.training import autocast
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,12 @@ def load_poisons(path: Path, setup: PoisonSetup) -> PoisonSet:
     if np.abs(deltas).max(initial=0) > poisons.reach():
         raise SanitizeError(f"{path} has perturbations larger than its eps {eps:g} (and colour maps) allow")
     return poisons
+
+
+def surrogate_features(model, x: torch.Tensor, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """A model's penultimate features of `x` under autocast, in float32 (differentiable in `x`)."""
+    with autocast(x.device, amp_dtype):
+        return model.features(x).float()
 
 
 def random_shift_flip(x: torch.Tensor, max_shift: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from attacks.base import surrogate_features
 from attacks.crafting import CraftingOptions
 from attacks.registry import Attack, register_attack
 from sanitize.errors import SanitizeError
-from sanitize.training import autocast
 
 
 @dataclass
@@ -62,8 +62,7 @@ class BullseyePolytope(Attack):
         outputs: list[torch.Tensor] = []
         hooks = [m.register_forward_hook(lambda _, __, out: outputs.append(out)) for m in self._blocks(model)]
         try:
-            with autocast(self.device, self.amp_dtype):
-                features = model.features(x).float()
+            features = surrogate_features(model, x, self.amp_dtype)
         finally:
             for hook in hooks:
                 hook.remove()

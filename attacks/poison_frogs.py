@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from attacks.base import surrogate_features
 from attacks.crafting import CraftingOptions
 from attacks.registry import Attack, register_attack
-from sanitize.training import autocast
 
 
 @dataclass
@@ -45,19 +45,15 @@ class PoisonFrogs(Attack):
         super().__init__(options, surrogates, target_image, setup, device, amp_dtype, train)
         target = target_image.float().div(255)[None].to(device)
         with torch.no_grad():
-            self.target_features = [self._features(model, target) for model in surrogates]
+            self.target_features = [surrogate_features(model, target, amp_dtype) for model in surrogates]
         feature_dim = self.target_features[0].shape[1]
         self.beta = options.beta0 * (feature_dim / target.numel()) ** 2
         self.std = surrogates[0].std.to(device)
 
-    def _features(self, model, x: torch.Tensor) -> torch.Tensor:
-        with autocast(self.device, self.amp_dtype):
-            return model.features(x).float()
-
     def loss(self, poisoned: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         total = 0.0
         for model, target in zip(self.surrogates, self.target_features):
-            total = total + (self._features(model, poisoned) - target).pow(2).sum(dim=1).mean()
+            total = total + (surrogate_features(model, poisoned, self.amp_dtype) - target).pow(2).sum(dim=1).mean()
         return total / len(self.surrogates)
 
     def proximal(self, delta: torch.Tensor, lr: float) -> None:

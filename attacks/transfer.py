@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attacks.base import PoisonSet, PoisonSetup, choose_setup, load_poisons, save_poisons
+from attacks.base import PoisonSet, PoisonSetup, choose_setup, load_poisons, save_poisons, surrogate_features
 from attacks.crafting import craft, options_identity
 from attacks.experiment import measure_victim
 from attacks.registry import attack_options
@@ -124,8 +124,7 @@ def _features(model: Classifier, data: ArrayDataset, device: torch.device, amp: 
     parts = []
     for start in range(0, len(data), 256):
         images = data.load_batch(np.arange(start, min(len(data), start + 256)))[0].float().div(255).to(device)
-        with autocast(device, amp):
-            parts.append(model.features(images).float())
+        parts.append(surrogate_features(model, images, amp))
     return torch.cat(parts)
 
 

@@ -20,11 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from attacks import attack_options, choose_setup, craft
 from attacks.arms import poison_truth
+from attacks.experiment import arm_data
 from attacks.registry import parse_option
 from attacks.smoke import CPU, digits_split, margins_against_noise, train_tiny
 from attacks.summary import git_commit
@@ -64,10 +64,7 @@ def run(attack: str, options: dict, key: int, eps: int, budget: float, victims: 
 def scanned(train, setup, poisons, out: Path) -> dict:
     """What the default `sanitize scan` makes of the poisoned set: its verdict, the flags' precision and recall and the
     scores' AUROC against the true poisons."""
-    positions = np.asarray(setup.poison_indices)
-    images = train.images.copy()
-    images[positions] = poisons.apply(torch.from_numpy(images[positions]).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-    result = scan(train.with_images(images), out, quiet=True, device="cpu")
+    result = scan(arm_data(train, "undefended", poisons, setup, poisons.eps), out, quiet=True, device="cpu")
     metrics = flag_metrics(result.flags, result.scores, poison_truth(setup, len(train)))
     return {"scan_verdict": result.summary["gate"]["verdict"], **{f"scan_{k}": v for k, v in metrics.items()}}
 
