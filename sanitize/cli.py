@@ -895,6 +895,78 @@ def evaluate_transfer(
     click.echo((out / "summary.md").read_text())
 
 
+@cli.command("evaluate-back-gradient")
+@click.argument("data", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--learner",
+    type=click.Choice(["logistic", "adaline", "mlp", "convnet"]),
+    default="logistic",
+    show_default=True,
+    help="The learner the attacker differentiates through and the victims train.",
+)
+@click.option(
+    "--goal",
+    type=click.Choice(["generic", "specific"]),
+    default="generic",
+    show_default=True,
+    help="Raise the test error (generic) or push --source images into --destination (specific).",
+)
+@click.option("--source", type=int, default=8, show_default=True, help="The specific goal's source class.")
+@click.option("--destination", type=int, default=3, show_default=True, help="The specific goal's destination class.")
+@click.option(
+    "--fractions",
+    default="0.01,0.03,0.06",
+    show_default=True,
+    help="Poisons per clean training point, comma-separated.",
+)
+@click.option("--seeds", default="0-4", show_default=True, help="Splits (and victims), e.g. 0-4 or 0,2.")
+@click.option("--iterations", type=int, default=60, show_default=True, help="The attacker's steps.")
+@click.option(
+    "--arms",
+    default="clean,label-flip,undefended,scan",
+    show_default=True,
+    help="Comma-separated: clean, label-flip, undefended, scan, or a baseline detector's name (deep_knn, epic, ...).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Where results.jsonl, summary.md and the cached poisons go.",
+)
+@_handle_errors
+def evaluate_back_gradient(
+    data: Path | None,
+    learner: str,
+    goal: str,
+    source: int,
+    destination: int,
+    fractions: str,
+    seeds: str,
+    iterations: int,
+    arms: str,
+    out: Path,
+) -> None:
+    """Back-gradient poisoning (added points with chosen labels) against a known learner, on DATA (.npz; default
+    scikit-learn's digits): victims' test error on clean, label-flipped, poisoned and scanned data."""
+    refuse_torchrun("evaluate-back-gradient")
+    from attacks.back_gradient import BackGradientOptions
+    from attacks.evaluate_back_gradient import BackGradientConfig, run_back_gradient_evaluation
+
+    try:
+        parsed_fractions = tuple(float(f) for f in fractions.split(","))
+    except ValueError:
+        raise SanitizeError(f"--fractions must be comma-separated numbers, not {fractions!r}") from None
+    attack = BackGradientOptions(learner, goal, source, destination, iterations)
+    config = BackGradientConfig(
+        attack,
+        parsed_fractions,
+        parse_keys(seeds, "--seeds"),
+        tuple(a.strip() for a in arms.split(",")),
+    )
+    run_back_gradient_evaluation(data, out, config, command="sanitize " + " ".join(sys.argv[1:]))
+    click.echo((out / "summary.md").read_text())
+
+
 def main() -> None:
     try:
         cli(prog_name="sanitize")

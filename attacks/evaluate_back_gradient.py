@@ -1,0 +1,223 @@
+"""The evaluation of back-gradient poisoning (attacks.back_gradient) in its own threat model: added points with wrong
+labels against a known learner, measured by the victims' test error.
+
+Per seed, the data (scikit-learn's 8x8 digits by default, bundled with it: no download) is split into the training
+set, the attacker's validation set and the test set; per poison fraction the attacker crafts `fraction x train` points
+against the learner trained on the training set plus them. Arms: clean (the training set), label-flip (the poisons'
+start: clones with flipped labels, not optimised), undefended (the crafted poisons), and what `sanitize scan` keeps of
+the poisoned set with its default detector (scan) or a baseline's (its name), its flags scored against the poisons.
+The victim is the same learner from another initialisation. One JSON line per (seed, fraction, arm) in
+OUT/results.jsonl; a killed run resumes (rows written are skipped, poisons load from OUT/cache).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from attacks.arms import DETECTOR_ARMS
+from attacks.back_gradient import BackGradientOptions, PoisonPoints, craft_back_gradient, get_learner, predict, train
+from attacks.rows import recorded_scan_options
+from attacks.summary import git_commit
+from sanitize.data import write_atomic
+from sanitize.data.arrays import from_arrays, open_npz
+from sanitize.data.digits import digits_arrays
+from sanitize.errors import SanitizeError
+from sanitize.manifest import flag_metrics
+from sanitize.scanner import scan
+
+CONTROLS = ("clean", "label-flip", "undefended")
+ARMS = (*CONTROLS, *DETECTOR_ARMS)
+
+
+@dataclass
+class BackGradientConfig:
+    attack: BackGradientOptions = dataclasses.field(default_factory=BackGradientOptions)
+    fractions: tuple[float, ...] = (0.01, 0.03, 0.06)  # poisons per clean training point
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # the split, the attacker's start and the victim's initialisation
+    arms: tuple[str, ...] = (*CONTROLS, "scan")
+    train_size: int = 600
+    validation_size: int = 600  # the rest is the test set
+
+
+def load_points(path: str | Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (N, C, H, W) in [0, 1], labels): an .npz dataset, or scikit-learn's 8x8 digits."""
+    if path is None:
+        images, labels = digits_arrays(size=8)
+        images = images[..., :1]  # the native 8x8 grey digits
+    else:
+        dataset = open_npz(Path(path))
+        images, labels = dataset.images, dataset.labels
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(labels)
+
+
+def run_back_gradient_evaluation(
+    data: str | Path | None, out: str | Path, config: BackGradientConfig, command: str | None = None
+) -> Path:
+    unknown = set(config.arms) - set(ARMS)
+    if unknown:
+        raise SanitizeError(f"unknown arm(s) {', '.join(sorted(unknown))}; choose from {', '.join(ARMS)}")
+    if not all(0 < f < 1 for f in config.fractions):
+        raise SanitizeError("poison fractions must lie in (0, 1)")
+    out = Path(out)
+    (out / "cache").mkdir(parents=True, exist_ok=True)
+    images, labels = load_points(data)
+    classes = int(labels.max()) + 1
+    if config.train_size + config.validation_size >= len(labels):
+        raise SanitizeError(f"train and validation sizes leave no test set of the {len(labels)} images")
+    learner = get_learner(config.attack.learner)
+    done = _done(out)
+    for seed in config.seeds:
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+        train_at = order[: config.train_size]
+        val_at = order[config.train_size : config.train_size + config.validation_size]
+        test_at = order[config.train_size + config.validation_size :]
+        x, y = images[train_at], labels[train_at]
+        victim_init = learner.init(tuple(x.shape[1:]), classes, torch.Generator().manual_seed(10_000 + seed))
+        options = dataclasses.replace(config.attack, seed=seed)
+        test = (images[test_at], labels[test_at])
+
+        for fraction in config.fractions:
+            count = max(1, round(fraction * len(y)))
+            points = None
+            for arm in config.arms:
+                if (options.learner, options.goal, seed, fraction, arm) in done:
+                    continue
+                row = {
+                    "learner": options.learner,
+                    "goal": options.goal,
+                    "source": options.source,
+                    "destination": options.destination,
+                    "seed": seed,
+                    "fraction": fraction,
+                    "poisons": count,
+                    "arm": arm,
+                    "train_size": len(y),
+                }
+                if arm == "clean":
+                    row |= _victim(learner, victim_init, x, y, test, options)
+                else:
+                    points = points or _poisons(out / "cache", x, y, images[val_at], labels[val_at], count, options)
+                    added = points.start_images if arm == "label-flip" else points.images
+                    poisoned_x = torch.cat([x, added.float() / 255])
+                    poisoned_y = torch.cat([y, points.labels])
+                    if arm in DETECTOR_ARMS:
+                        kept, defense = _scanned(poisoned_x, poisoned_y, len(y), classes, DETECTOR_ARMS[arm], out)
+                        row |= defense
+                        poisoned_x, poisoned_y = poisoned_x[kept], poisoned_y[kept]
+                    row |= _victim(learner, victim_init, poisoned_x, poisoned_y, test, options) | {
+                        "attacker_objective": min(points.history)
+                    }
+                with (out / "results.jsonl").open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+    write_summary(out, config, command)
+    return out
+
+
+def _victim(learner, init, x, y, test, options: BackGradientOptions) -> dict[str, Any]:
+    """The learner trained from `init` on (x, y): its error on the test set, and how many of its `source` images it
+    classifies as `destination`."""
+    started = time.perf_counter()
+    predicted = predict(learner, train(learner, x, y, init), test[0])
+    truth = test[1].numpy()
+    source = truth == options.source
+    return {
+        "test_error": float((predicted != truth).mean()),
+        "source_as_destination": float((predicted[source] == options.destination).mean()),
+        "victim_seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def _done(out: Path) -> set[tuple]:
+    path = out / "results.jsonl"
+    if not path.exists():
+        return set()
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(r["learner"], r["goal"], r["seed"], r["fraction"], r["arm"]) for r in rows}
+
+
+def _poisons(cache: Path, x, y, x_val, y_val, count: int, options: BackGradientOptions) -> PoisonPoints:
+    """Crafted once per options, data and count, kept losslessly (npz) in `cache`."""
+    name = json.dumps(dataclasses.asdict(options), sort_keys=True) + f"{count}-{len(y)}-{float(x.sum()):.6f}"
+    path = cache / f"poisons-{options.learner}-{options.goal}-{hashlib.sha256(name.encode()).hexdigest()[:16]}.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as stored:
+            return PoisonPoints(
+                torch.from_numpy(stored["images"]),
+                torch.from_numpy(stored["labels"]),
+                torch.from_numpy(stored["start_images"]),
+                stored["history"].tolist(),
+            )
+    points = craft_back_gradient(x, y, x_val, y_val, count, int(y.max()) + 1, options)
+    buffer = io.BytesIO()
+    np.savez_compressed(
+        buffer,
+        images=points.images.numpy(),
+        labels=points.labels.numpy(),
+        start_images=points.start_images.numpy(),
+        history=np.asarray(points.history),
+    )
+    write_atomic(path, buffer.getvalue())
+    return points
+
+
+def _scanned(x, y, clean_count: int, classes: int, detector: str, out: Path) -> tuple[np.ndarray, dict[str, Any]]:
+    """The positions `sanitize scan` (default options, `detector`) keeps of the poisoned set, and its flags scored
+    against the poisons (the points after the first `clean_count`). Scans are kept in OUT/cache/scans."""
+    images = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    dataset = from_arrays(images, y.numpy(), [str(c) for c in range(classes)], source="back-gradient")
+    truth = np.arange(len(y)) >= clean_count
+    options: dict[str, Any] = {"quiet": True, "detector": detector}
+    if detector in ("deep_knn", "spectral_signatures"):  # told the poison count, as in the from-scratch arms
+        options["expected_poisons"] = int(truth.sum())
+    started = time.perf_counter()
+    result = scan(dataset, out / "cache" / "scans" / f"{detector}-{dataset.fingerprint[7:23]}", **options)
+    metrics = flag_metrics(result.flags, result.scores, truth)
+    metrics |= {"scan_seconds": round(time.perf_counter() - started, 2)}
+    metrics["scan_options"] = recorded_scan_options(result.summary["config"])
+    return np.flatnonzero(~result.flags), metrics
+
+
+def write_summary(out: Path, config: BackGradientConfig, command: str | None) -> None:
+    """summary.md: per learner, goal, fraction and arm the mean over seeds of the test error (and, for the specific
+    goal, the rate of `source` test images classified as `destination`) and of the defense's detection."""
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["learner"], row["goal"], row["fraction"], row["arm"]), []).append(row)
+    lines = [
+        "# Back-gradient poisoning: victims' test error",
+        "",
+        f"Command: `{command or 'run_back_gradient_evaluation'}`  ",
+        f"Commit: {git_commit()}",
+        "",
+        "| learner | goal | poisons | arm | seeds | test error | source as destination | dropped | recall | precision"
+        " | AUROC |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    order = {arm: i for i, arm in enumerate(ARMS)}
+    for (learner, goal, fraction, arm), group in sorted(groups.items(), key=lambda g: (*g[0][:3], order[g[0][3]])):
+        cells = [_mean(group, k) for k in ("test_error", "source_as_destination", "dropped_fraction")]
+        cells += [_mean(group, k) for k in ("poison_recall", "poison_precision", "auroc")]
+        shown = [_percent(c) for c in cells[:3]] + ["-" if c is None else f"{c:.2f}" for c in cells[3:]]
+        poisons = f"{fraction:.0%} ({group[0]['poisons']})"
+        lines.append(f"| {learner} | {goal} | {poisons} | {arm} | {len(group)} | " + " | ".join(shown) + " |")
+    write_atomic(out / "summary.md", ("\n".join(lines) + "\n").encode())
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
