@@ -80,26 +80,27 @@ def _mlp_scores(params, x):
 
 
 def _convnet_init(shape, classes, generator, width=8):
-    channels = shape[0]
+    channels, height, width_px = shape
 
     def conv(cin, cout):
         return torch.randn(cout, cin, 3, 3, generator=generator) * math.sqrt(2 / (9 * cin))
 
+    flat = 2 * width * (height // 4) * (width_px // 4)
     return [
         conv(channels, width),
         torch.zeros(width),
         conv(width, 2 * width),
         torch.zeros(2 * width),
-        torch.randn(2 * width, classes, generator=generator) / math.sqrt(2 * width),
+        torch.randn(flat, classes, generator=generator) / math.sqrt(flat),
         torch.zeros(classes),
     ]
 
 
 def _convnet_scores(params, x):
-    """conv-ReLU-maxpool, conv-ReLU, global average pooling, linear: a small convnet without batch norm."""
+    """Two conv-ReLU-maxpool blocks and a linear layer: a small convnet without batch norm."""
     h = F.max_pool2d(F.relu(F.conv2d(x, params[0], params[1], padding=1)), 2)
-    h = F.relu(F.conv2d(h, params[2], params[3], padding=1)).mean(dim=(2, 3))
-    return h @ params[4] + params[5]
+    h = F.max_pool2d(F.relu(F.conv2d(h, params[2], params[3], padding=1)), 2)
+    return h.flatten(1) @ params[4] + params[5]
 
 
 # recipes that bring each learner near convergence on the project's digits split (reports/back-gradient)
@@ -107,7 +108,7 @@ LEARNERS = {
     "logistic": Learner(_linear_init, _linear_scores, F.cross_entropy, steps=100, lr=1.0),
     "adaline": Learner(_linear_init, _linear_scores, _adaline_loss, steps=100, lr=0.06),
     "mlp": Learner(_mlp_init, _mlp_scores, F.cross_entropy, steps=200, lr=0.5),
-    "convnet": Learner(_convnet_init, _convnet_scores, F.cross_entropy, steps=200, lr=0.2),
+    "convnet": Learner(_convnet_init, _convnet_scores, F.cross_entropy, steps=200, lr=0.5),
 }
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attacks.arms import DETECTOR_ARMS
+from attacks.arms import DETECTOR_ARMS, TOLD_THE_COUNT
 from attacks.back_gradient import BackGradientOptions, PoisonPoints, craft_back_gradient, get_learner, predict, train
 from attacks.rows import recorded_scan_options
 from attacks.summary import git_commit
@@ -177,8 +177,8 @@ def _scanned(x, y, clean_count: int, classes: int, detector: str, out: Path) -> 
     dataset = from_arrays(images, y.numpy(), [str(c) for c in range(classes)], source="back-gradient")
     truth = np.arange(len(y)) >= clean_count
     options: dict[str, Any] = {"quiet": True, "detector": detector}
-    if detector in ("deep_knn", "spectral_signatures"):  # told the poison count, as in the from-scratch arms
-        options["expected_poisons"] = int(truth.sum())
+    if detector in TOLD_THE_COUNT:  # their rules need the poisons in a class: told the most any class holds
+        options["expected_poisons"] = int(np.bincount(y.numpy()[truth]).max())
     started = time.perf_counter()
     result = scan(dataset, out / "cache" / "scans" / f"{detector}-{dataset.fingerprint[7:23]}", **options)
     metrics = flag_metrics(result.flags, result.scores, truth)
