@@ -47,6 +47,7 @@ class BackGradientConfig:
     arms: tuple[str, ...] = (*CONTROLS, "scan")
     train_size: int = 600
     validation_size: int = 600  # the rest is the test set
+    scan_threshold: float | None = None  # the scan arm's knn_density threshold (None: the default's)
 
 
 def load_points(path: str | Path | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +91,8 @@ def run_back_gradient_evaluation(
             count = max(1, round(fraction * len(y)))
             points = None
             for arm in config.arms:
-                if (options.learner, options.goal, seed, fraction, arm) in done:
+                threshold = config.scan_threshold if arm == "scan" else None
+                if (options.learner, options.goal, seed, fraction, arm, threshold) in done:
                     continue
                 row = {
                     "learner": options.learner,
@@ -101,6 +103,7 @@ def run_back_gradient_evaluation(
                     "fraction": fraction,
                     "poisons": count,
                     "arm": arm,
+                    "scan_threshold": threshold,
                     "train_size": len(y),
                 }
                 if arm == "clean":
@@ -111,7 +114,8 @@ def run_back_gradient_evaluation(
                     poisoned_x = torch.cat([x, added.float() / 255])
                     poisoned_y = torch.cat([y, points.labels])
                     if arm in DETECTOR_ARMS:
-                        kept, defense = _scanned(poisoned_x, poisoned_y, len(y), classes, DETECTOR_ARMS[arm], out)
+                        detector = DETECTOR_ARMS[arm]
+                        kept, defense = _scanned(poisoned_x, poisoned_y, len(y), classes, detector, threshold, out)
                         row |= defense
                         poisoned_x, poisoned_y = poisoned_x[kept], poisoned_y[kept]
                     row |= _victim(learner, victim_init, poisoned_x, poisoned_y, test, options) | {
@@ -142,7 +146,7 @@ def _done(out: Path) -> set[tuple]:
     if not path.exists():
         return set()
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(r["learner"], r["goal"], r["seed"], r["fraction"], r["arm"]) for r in rows}
+    return {(r["learner"], r["goal"], r["seed"], r["fraction"], r["arm"], r.get("scan_threshold")) for r in rows}
 
 
 def _poisons(cache: Path, x, y, x_val, y_val, count: int, options: BackGradientOptions) -> PoisonPoints:
@@ -170,15 +174,20 @@ def _poisons(cache: Path, x, y, x_val, y_val, count: int, options: BackGradientO
     return points
 
 
-def _scanned(x, y, clean_count: int, classes: int, detector: str, out: Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """The positions `sanitize scan` (default options, `detector`) keeps of the poisoned set, and its flags scored
-    against the poisons (the points after the first `clean_count`). Scans are kept in OUT/cache/scans."""
+def _scanned(
+    x, y, clean_count: int, classes: int, detector: str, threshold: float | None, out: Path
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The positions `sanitize scan` (default options, `detector`, knn_density's `threshold` if given) keeps of the
+    poisoned set, and its flags scored against the poisons (the points after the first `clean_count`). Scans are kept
+    in OUT/cache/scans (a rerun with another threshold reuses the proxy and the embeddings)."""
     images = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     dataset = from_arrays(images, y.numpy(), [str(c) for c in range(classes)], source="back-gradient")
     truth = np.arange(len(y)) >= clean_count
     options: dict[str, Any] = {"quiet": True, "detector": detector}
     if detector in TOLD_THE_COUNT:  # their rules need the poisons in a class: told the most any class holds
         options["expected_poisons"] = int(np.bincount(y.numpy()[truth]).max())
+    if threshold is not None:
+        options["threshold"] = threshold
     started = time.perf_counter()
     result = scan(dataset, out / "cache" / "scans" / f"{detector}-{dataset.fingerprint[7:23]}", **options)
     metrics = flag_metrics(result.flags, result.scores, truth)
@@ -193,7 +202,8 @@ def write_summary(out: Path, config: BackGradientConfig, command: str | None) ->
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["learner"], row["goal"], row["fraction"], row["arm"]), []).append(row)
+        arm = row["arm"] if row.get("scan_threshold") is None else f"{row['arm']} (threshold {row['scan_threshold']:g})"
+        groups.setdefault((row["learner"], row["goal"], row["fraction"], arm), []).append(row)
     lines = [
         "# Back-gradient poisoning: victims' test error",
         "",
@@ -205,7 +215,8 @@ def write_summary(out: Path, config: BackGradientConfig, command: str | None) ->
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     order = {arm: i for i, arm in enumerate(ARMS)}
-    for (learner, goal, fraction, arm), group in sorted(groups.items(), key=lambda g: (*g[0][:3], order[g[0][3]])):
+    ordered = sorted(groups.items(), key=lambda g: (*g[0][:3], order[g[0][3].split(" ")[0]], g[0][3]))
+    for (learner, goal, fraction, arm), group in ordered:
         cells = [_mean(group, k) for k in ("test_error", "source_as_destination", "dropped_fraction")]
         cells += [_mean(group, k) for k in ("poison_recall", "poison_precision", "auroc")]
         shown = [_percent(c) for c in cells[:3]] + ["-" if c is None else f"{c:.2f}" for c in cells[3:]]

@@ -928,6 +928,12 @@ def evaluate_transfer(
     help="Comma-separated: clean, label-flip, undefended, scan, or a baseline detector's name (deep_knn, epic, ...).",
 )
 @click.option(
+    "--threshold",
+    type=float,
+    default=None,
+    help="The scan arm's knn_density threshold (as sanitize scan --threshold; default: the scan's).",
+)
+@click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     required=True,
@@ -944,6 +950,7 @@ def evaluate_back_gradient(
     seeds: str,
     iterations: int,
     arms: str,
+    threshold: float | None,
     out: Path,
 ) -> None:
     """Back-gradient poisoning (added points with chosen labels) against a known learner, on DATA (.npz; default
@@ -962,6 +969,7 @@ def evaluate_back_gradient(
         parsed_fractions,
         parse_keys(seeds, "--seeds"),
         tuple(a.strip() for a in arms.split(",")),
+        scan_threshold=threshold,
     )
     run_back_gradient_evaluation(data, out, config, command="sanitize " + " ".join(sys.argv[1:]))
     click.echo((out / "summary.md").read_text())

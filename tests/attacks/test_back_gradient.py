@@ -1,6 +1,7 @@
 """Back-gradient poisoning: the hypergradient through the unrolled training is the true one, crafting beats its own
 label-flip start on a victim it never saw, and the evaluation writes a row per seed, fraction and arm and resumes."""
 
+import dataclasses
 import json
 
 import pytest
@@ -107,6 +108,12 @@ def test_the_evaluation_writes_every_arm_scores_the_scan_and_a_rerun_resumes(tmp
     assert "| logistic | generic | 5% (15) | scan | 1 |" in (tmp_path / "summary.md").read_text()
     run_back_gradient_evaluation(None, tmp_path, config)
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 4
+    # another threshold is another variant of the scan arm: one more row, the rest resumed
+    run_back_gradient_evaluation(None, tmp_path, dataclasses.replace(config, scan_threshold=0.3))
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and rows[-1]["arm"] == "scan" and rows[-1]["scan_threshold"] == 0.3
+    assert rows[-1]["dropped_fraction"] > by_arm["scan"]["dropped_fraction"]
+    assert "| scan (threshold 0.3) |" in (tmp_path / "summary.md").read_text()
 
 
 @pytest.mark.parametrize(
