@@ -8,12 +8,13 @@ from typing import Any
 import torch
 
 from attacks import attack_options, choose_setup, craft
-from attacks.base import write_poisoned
+from attacks.base import WRITABLE_KINDS, write_poisoned
 from attacks.selection import select_poisons
 from attacks.surrogates import surrogate as cached_surrogate
 from attacks.trained import ModelCache
 from sanitize.config import TrainConfig
 from sanitize.data import ensure_outside, open_dataset
+from sanitize.errors import SanitizeError
 from sanitize.manifest import read_manifest
 from sanitize.models import create_model, load_weights
 from sanitize.training import channel_stats, resolve_device, resolve_precision
@@ -43,6 +44,8 @@ def attack_dataset(
     ensure_outside(data, out)
     options = attack_options(method, seed=seed, **craft_options)  # a bad option fails before any training
     train_set = open_dataset(data, progress=progress)
+    if train_set.kind not in WRITABLE_KINDS:  # before crafting, not after it
+        raise SanitizeError(f"poisoned copies are written for ImageFolder or .npz data, not {train_set.kind}")
     test_set = open_dataset(test, progress=progress)
     setup = choose_setup(key, train_set, test_set, budget)
     run_device = resolve_device(device)

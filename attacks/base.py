@@ -30,6 +30,8 @@ from sanitize.errors import SanitizeError
 from sanitize.manifest import MANIFEST, TARGET_IMAGE
 from sanitize.training import autocast
 
+WRITABLE_KINDS = ("npz", "folder")  # the data a poisoned copy is written for (write_poisoned)
+
 
 @dataclass(frozen=True)
 class PoisonSetup:
@@ -191,6 +193,8 @@ def write_poisoned(
 
     The source is never modified. Poisoned folder images are written as PNG (JPEG would destroy the perturbation).
     """
+    if train.kind not in WRITABLE_KINDS:
+        raise SanitizeError(f"poisoned copies are written for ImageFolder or .npz data, not {train.kind}")
     positions = np.asarray(poisons.setup.poison_indices)
     poisoned = poisons.apply(train.load_batch(positions)[0])
     if train.kind == "npz":

@@ -10,6 +10,7 @@ from pathlib import Path
 from sanitize.data.arrays import ArrayDataset, open_npz
 from sanitize.data.base import ImageDataset, Skipped, iterate_batches
 from sanitize.data.folder import FolderDataset, open_folder
+from sanitize.data.shards import ShardDataset, is_shard_folder, open_shards
 from sanitize.distributed import World
 from sanitize.errors import DataError
 
@@ -17,6 +18,7 @@ __all__ = [
     "ArrayDataset",
     "FolderDataset",
     "ImageDataset",
+    "ShardDataset",
     "Skipped",
     "ensure_outside",
     "iterate_batches",
@@ -30,8 +32,11 @@ __all__ = [
 def open_dataset(
     path: str | Path, image_size: int | None = None, workers: int = 0, progress: bool = True, world: World = World()
 ) -> ImageDataset:
-    """Open DATA: a directory is an ImageFolder (validated in shares under torchrun), a .npz file holds arrays."""
+    """Open DATA: a directory is an ImageFolder (validated in shares under torchrun), a .npz file holds arrays, a .tar
+    file or a folder of them (and no class folders) are WebDataset shards."""
     path = Path(path)
+    if (path.is_dir() and is_shard_folder(path)) or (path.is_file() and path.suffix.lower() == ".tar"):
+        return open_shards(path, image_size=image_size, workers=workers, progress=progress, world=world)
     if path.is_dir():
         return open_folder(path, image_size=image_size, workers=workers, progress=progress, world=world)
     if path.is_file() and path.suffix.lower() == ".npz":
@@ -41,7 +46,7 @@ def open_dataset(
         return dataset
     if not path.exists():
         raise DataError(f"{path} does not exist")
-    raise DataError(f"{path} is neither an ImageFolder directory nor a .npz file")
+    raise DataError(f"{path} is neither an ImageFolder directory, a .npz file nor .tar shards")
 
 
 def ensure_outside(data: str | Path, out: str | Path) -> None:

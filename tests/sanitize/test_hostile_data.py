@@ -14,6 +14,7 @@ from PIL import Image
 
 from sanitize.data import folder as folder_module
 from sanitize.data import open_dataset
+from sanitize.data.encoded import MAX_IMAGE_BYTES
 from sanitize.errors import DataError
 
 
@@ -35,7 +36,7 @@ def test_special_files_are_skipped_with_a_reason_and_never_read(digits_folder):
     os.mkfifo(digits_folder / "digit_0" / "pipe.png")
     os.symlink("/dev/zero", digits_folder / "digit_0" / "zero.png")
     with open(digits_folder / "digit_1" / "huge.png", "wb") as handle:  # sparse: its size says it all
-        handle.truncate(folder_module.MAX_IMAGE_BYTES + 1)
+        handle.truncate(MAX_IMAGE_BYTES + 1)
     os.symlink(digits_folder / "nowhere.png", digits_folder / "digit_1" / "dangling.png")
     dataset = _open_with_timeout(digits_folder)
     skips = _skips(dataset)
