@@ -3,6 +3,8 @@ label-flip start on a victim it never saw, and the evaluation writes a row per s
 
 import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +19,12 @@ from attacks.back_gradient import (
     predict,
     train,
 )
-from attacks.evaluate_back_gradient import BackGradientConfig, load_points, run_back_gradient_evaluation
+from attacks.evaluate_back_gradient import (
+    BackGradientConfig,
+    load_points,
+    run_back_gradient_evaluation,
+    write_summary,
+)
 from sanitize.cli import cli
 from sanitize.errors import SanitizeError
 
@@ -124,3 +131,17 @@ def test_the_command_refuses_bad_options_in_one_line(tmp_path, arguments):
     result = CliRunner().invoke(cli, ["evaluate-back-gradient", "--out", str(tmp_path / "out"), *arguments])
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) <= 3
+
+
+@pytest.mark.parametrize("folder", ["back-gradient", "back-gradient/tuning"])
+def test_the_committed_tables_are_reproduced_from_their_rows(tmp_path, folder):
+    committed = Path(__file__).resolve().parents[2] / "reports" / folder
+    if not (committed / "results.jsonl").exists():
+        pytest.skip("not committed")
+    shutil.copy(committed / "results.jsonl", tmp_path / "results.jsonl")
+    write_summary(tmp_path, BackGradientConfig(), None)
+
+    def table(path):
+        return [line for line in path.read_text().splitlines() if line.startswith("|")]
+
+    assert table(tmp_path / "summary.md") == table(committed / "summary.md")
