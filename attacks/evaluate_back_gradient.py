@@ -6,7 +6,8 @@ set, the attacker's validation set and the test set; per poison fraction the att
 against the learner trained on the training set plus them. Arms: clean (the training set), label-flip (the poisons'
 start: clones with flipped labels, not optimised), undefended (the crafted poisons), and what `sanitize scan` keeps of
 the poisoned set with its default detector (scan) or a baseline's (its name), its flags scored against the poisons.
-The victim is the same learner from another initialisation. One JSON line per (seed, fraction, arm) in
+The victim is the same learner from another initialisation, or another learner (`victim_learner`: the paper's
+transfer across learning algorithms). One JSON line per (seed, fraction, arm) in
 OUT/results.jsonl; a killed run resumes (rows written are skipped, poisons load from OUT/cache).
 """
 
@@ -48,6 +49,7 @@ class BackGradientConfig:
     train_size: int = 600
     validation_size: int = 600  # the rest is the test set
     scan_threshold: float | None = None  # the scan arm's knn_density threshold (None: the default's)
+    victim_learner: str | None = None  # the victims' learner when it is not the attacker's (transfer)
 
 
 def load_points(path: str | Path | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +77,9 @@ def run_back_gradient_evaluation(
     classes = int(labels.max()) + 1
     if config.train_size + config.validation_size >= len(labels):
         raise SanitizeError(f"train and validation sizes leave no test set of the {len(labels)} images")
-    learner = get_learner(config.attack.learner)
+    victim_name = config.victim_learner or config.attack.learner
+    learner = get_learner(victim_name)
+    get_learner(config.attack.learner)  # an unknown attacker's learner fails here, before any row
     done = _done(out)
     for seed in config.seeds:
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
@@ -92,10 +96,11 @@ def run_back_gradient_evaluation(
             points = None
             for arm in config.arms:
                 threshold = config.scan_threshold if arm == "scan" else None
-                if (options.learner, options.goal, seed, fraction, arm, threshold) in done:
+                if (options.learner, victim_name, options.goal, seed, fraction, arm, threshold) in done:
                     continue
                 row = {
                     "learner": options.learner,
+                    "victim_learner": victim_name,
                     "goal": options.goal,
                     "source": options.source,
                     "destination": options.destination,
@@ -146,7 +151,11 @@ def _done(out: Path) -> set[tuple]:
     if not path.exists():
         return set()
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(r["learner"], r["goal"], r["seed"], r["fraction"], r["arm"], r.get("scan_threshold")) for r in rows}
+    return {
+        (r["learner"], r.get("victim_learner", r["learner"]), r["goal"], r["seed"], r["fraction"], r["arm"])
+        + (r.get("scan_threshold"),)
+        for r in rows
+    }
 
 
 def _poisons(cache: Path, x, y, x_val, y_val, count: int, options: BackGradientOptions) -> PoisonPoints:
@@ -203,7 +212,9 @@ def write_summary(out: Path, config: BackGradientConfig, command: str | None) ->
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         arm = row["arm"] if row.get("scan_threshold") is None else f"{row['arm']} (threshold {row['scan_threshold']:g})"
-        groups.setdefault((row["learner"], row["goal"], row["fraction"], arm), []).append(row)
+        victim = row.get("victim_learner", row["learner"])
+        learner = row["learner"] if victim == row["learner"] else f"{row['learner']} -> {victim}"
+        groups.setdefault((learner, row["goal"], row["fraction"], arm), []).append(row)
     lines = [
         "# Back-gradient poisoning: victims' test error",
         "",

@@ -905,6 +905,12 @@ def evaluate_transfer(
     help="The learner the attacker differentiates through and the victims train.",
 )
 @click.option(
+    "--victim-learner",
+    type=click.Choice(["logistic", "adaline", "mlp", "convnet"]),
+    default=None,
+    help="Victims of another learner than the attacker's (transfer); default: the attacker's.",
+)
+@click.option(
     "--goal",
     type=click.Choice(["generic", "specific"]),
     default="generic",
@@ -943,6 +949,7 @@ def evaluate_transfer(
 def evaluate_back_gradient(
     data: Path | None,
     learner: str,
+    victim_learner: str | None,
     goal: str,
     source: int,
     destination: int,
@@ -970,6 +977,7 @@ def evaluate_back_gradient(
         parse_keys(seeds, "--seeds"),
         tuple(a.strip() for a in arms.split(",")),
         scan_threshold=threshold,
+        victim_learner=victim_learner,
     )
     run_back_gradient_evaluation(data, out, config, command="sanitize " + " ".join(sys.argv[1:]))
     click.echo((out / "summary.md").read_text())

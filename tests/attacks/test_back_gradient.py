@@ -123,6 +123,24 @@ def test_the_evaluation_writes_every_arm_scores_the_scan_and_a_rerun_resumes(tmp
     assert "| scan (threshold 0.3) |" in (tmp_path / "summary.md").read_text()
 
 
+def test_victims_of_another_learner_are_rows_of_their_own(tmp_path):
+    """The paper's transfer: points crafted against logistic regression, victims an MLP; the same poisons."""
+    config = BackGradientConfig(
+        BackGradientOptions(iterations=5),
+        fractions=(0.05,),
+        seeds=(0,),
+        arms=("undefended",),
+        train_size=200,
+        validation_size=200,
+    )
+    run_back_gradient_evaluation(None, tmp_path, config)
+    run_back_gradient_evaluation(None, tmp_path, dataclasses.replace(config, victim_learner="mlp"))
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["victim_learner"] for r in rows] == ["logistic", "mlp"]
+    assert rows[0]["attacker_objective"] == rows[1]["attacker_objective"]  # crafted once, cached
+    assert "| logistic -> mlp | generic | 5% (10) | undefended | 1 |" in (tmp_path / "summary.md").read_text()
+
+
 @pytest.mark.parametrize(
     "arguments",
     [["--fractions", "0.03,lots"], ["--fractions", "1.5"], ["--arms", "clean,prayer"], ["--seeds", "x"]],
