@@ -22,7 +22,10 @@ DETECTOR_ARMS = {
     "activation_clustering": "activation_clustering",
 }  # arm -> `sanitize scan --detector`
 TOLD_THE_COUNT = ("deep_knn", "spectral_signatures")  # baselines whose rule needs the number of poisons: budget x N
-ARMS = (*CONTROL_ARMS, *DETECTOR_ARMS, "robust")
+# calibration of a filter: one that removes exactly the poisons, and one that removes as many random examples as the
+# default scan flags (what the scan's drops are worth when they carry no knowledge of the poisons)
+CALIBRATION_ARMS = ("perfect-filter", "random-filter")
+ARMS = (*CONTROL_ARMS, *DETECTOR_ARMS, "robust", *CALIBRATION_ARMS)
 
 
 def told_count(detector: str, setup: PoisonSetup) -> int | None:

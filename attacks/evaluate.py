@@ -12,7 +12,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from attacks.arms import DETECTOR_ARMS, UNPOISONED_ARMS, robust_metrics, split_by_carriers
+from attacks.arms import CALIBRATION_ARMS, DETECTOR_ARMS, UNPOISONED_ARMS, robust_metrics, split_by_carriers
 from attacks.base import choose_setup
 from attacks.experiment import Harness
 from attacks.scales import EvaluationConfig
@@ -58,8 +58,11 @@ def run_evaluation(
             if poisons is not None:
                 seconds = {"surrogate": round(surrogate_cost.wall, 1), "crafting": poisons.metadata.get("seconds")}
             robust = arm == "robust"
-            if arm in DETECTOR_ARMS or robust:
+            if arm in DETECTOR_ARMS or arm in CALIBRATION_ARMS or robust:
                 carriers = harness.carriers(setup, data, surrogate_models[0]) if carriers is None else carriers
+            if arm in CALIBRATION_ARMS:
+                data, dropped, defense = harness.calibration(data, arm, setup)
+                defense |= split_by_carriers(dropped, setup, carriers)
             if arm in DETECTOR_ARMS:
                 data, caught, defense, scan_cost = harness.filtered(data, arm, setup)
                 defense |= split_by_carriers(caught, setup, carriers)

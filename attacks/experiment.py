@@ -174,6 +174,20 @@ class Harness:
         }
         return poisoned.subset(np.flatnonzero(~result.flags)), result.flags, metrics, seconds
 
+    def calibration(
+        self, poisoned: ArrayDataset, arm: str, setup: PoisonSetup
+    ) -> tuple[ArrayDataset, np.ndarray, dict]:
+        """A calibration arm's data, its drops and their scores: the perfect filter drops exactly the poisons; the
+        random one as many examples as the default scan flags (its scan cached as the scan arm's), drawn by the key."""
+        truth = poison_truth(setup, len(poisoned))
+        if arm == "perfect-filter":
+            dropped = truth
+        else:
+            count = int(self.filtered(poisoned, "scan", setup)[1].sum())
+            dropped = np.zeros(len(poisoned), dtype=bool)
+            dropped[np.random.default_rng([setup.key, 31]).choice(len(poisoned), count, replace=False)] = True
+        return poisoned.subset(np.flatnonzero(~dropped)), dropped, flag_metrics(dropped, None, truth)
+
     def defense(self, arm: str, setup: PoisonSetup) -> str | None:
         """What makes a detector arm's rows this arm's under today's defaults (None for the other arms): a row scanned with
         other options (an older default) is another variant of the arm, trained again rather than counted as done."""

@@ -733,7 +733,7 @@ def attack(
     "--arms",
     default="clean,undefended,random-noise",
     show_default=True,
-    help="Comma-separated: clean, undefended, random-noise, scan, robust, epic, deep_knn, spectral_signatures, activation_clustering.",
+    help="Comma-separated: clean, undefended, random-noise, scan, robust, epic, deep_knn, spectral_signatures, activation_clustering, perfect-filter, random-filter.",
 )
 @click.option(
     "--model", type=choice(MODELS, "model"), default=None, help="Override the scale's model (surrogate and victims)."

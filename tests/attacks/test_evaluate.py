@@ -160,6 +160,21 @@ def test_defended_arms_score_their_flags_against_the_true_poisons(tmp_path, spli
     assert table["scan"]["cost_basis"] == "cpu" and rows["scan"]["seconds"]["scan_cpu"] > 0
 
 
+def test_the_calibration_filters_drop_exactly_the_poisons_or_as_many_random_examples_as_the_scan(tmp_path, split_npz):
+    train, test = split_npz
+    arms = ("undefended", "scan", "perfect-filter", "random-filter")
+    config = EvaluationConfig(
+        scale="smoke", keys=(0,), victims=1, eps=16, budget=0.02, epochs=2, iterations=3, arms=arms
+    )
+    out = run_evaluation(train, test, tmp_path / "eval", config, progress=False, command="test")
+    rows = {r["arm"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    perfect, random_, scan = rows["perfect-filter"], rows["random-filter"], rows["scan"]
+    assert perfect["poison_recall"] == 1 and perfect["poison_precision"] == 1 and perfect["carrier_recall"] == 1
+    assert perfect["dropped_fraction"] == pytest.approx(12 / 600)
+    assert random_["dropped_fraction"] == pytest.approx(scan["dropped_fraction"])
+    assert random_["poison_recall"] < 1 and random_["auroc"] is None
+
+
 def test_the_clean_and_random_noise_controls_train_no_surrogate_and_craft_nothing(tmp_path, split_npz):
     train, test = split_npz
     config = EvaluationConfig(
