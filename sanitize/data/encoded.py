@@ -8,6 +8,7 @@ import io
 import os
 import re
 import stat
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,9 @@ from sanitize.wording import plural
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error to record, not an image to pad with grey
 MAX_IMAGE_BYTES = 64 * 2**20  # a larger file is skipped unread: no image of a training set needs more
+# PIL's decompression-bomb warning level (a warning there, an error only at twice it): a skip here, since decoding
+# one such file takes gigabytes (a 13,000 x 13,000 PNG of a few KB decodes to 500 MB as RGB)
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
 def read_image_bytes(path: str | os.PathLike) -> bytes:
@@ -47,10 +51,16 @@ def read_image_bytes(path: str | os.PathLike) -> bytes:
 
 
 def decode_rgb(data: bytes) -> Image.Image:
-    """Decode image bytes fully (so truncation shows now, not during training) and convert to RGB."""
+    """Decode image bytes fully (so truncation shows now, not during training) and convert to RGB. An image of more
+    than MAX_IMAGE_PIXELS is refused from its header, before a pixel is decoded."""
     if not data:
         raise ValueError("empty file")
-    with Image.open(io.BytesIO(data)) as image:
+    with warnings.catch_warnings():  # PIL's warning for these sizes: the check below makes it a skip instead
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        opened = Image.open(io.BytesIO(data))
+    with opened as image:
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise ValueError(f"{image.width}x{image.height} px, more than {MAX_IMAGE_PIXELS // 10**6} Mpx")
         image.load()
         return image.convert("RGB")
 

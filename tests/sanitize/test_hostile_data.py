@@ -5,8 +5,10 @@ import io
 import os
 import pickle
 import shutil
+import struct
 import threading
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -106,6 +108,19 @@ def test_an_unreadable_subfolder_is_recorded(digits_folder, monkeypatch):
 def test_garbage_behind_an_image_extension_is_a_recorded_skip(digits_folder, content):
     (digits_folder / "digit_7" / "junk.png").write_bytes(content)
     assert "digit_7/junk.png" in _skips(_open_with_timeout(digits_folder))
+
+
+def test_a_decompression_bomb_is_skipped_from_its_header(digits_folder):
+    """A PNG whose header declares 10,000 x 10,000 px (a few bytes on disk, 300 MB decoded; PIL itself only warns): refused unread."""
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, "PNG")
+    png = bytearray(buffer.getvalue())
+    png[16:24] = struct.pack(">II", 10_000, 10_000)  # IHDR width and height
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))  # the chunk's CRC over its type and data
+    (digits_folder / "digit_3" / "bomb.png").write_bytes(bytes(png))
+    assert (
+        _skips(_open_with_timeout(digits_folder))["digit_3/bomb.png"] == "ValueError: 10000x10000 px, more than 89 Mpx"
+    )
 
 
 def _npz_with_member(path, name, header_shape, body=b""):
