@@ -1,0 +1,156 @@
+"""An ImageNet-shaped ImageFolder (no ImageNet, no download) and what reading it costs: the first measurement of the
+large-data path (issue: `sanitize scan ./imagenet`).
+
+The folder: `--classes` class folders of `--per-class` JPEGs each, of ImageNet's shape (sides drawn around its
+typical 500 x 375, aspect ratios 3:4 to 16:9, quality 92, some greyscale and CMYK files as ImageNet has), their
+content CIFAR-10 images (../shared, else noise) upscaled with added grain so the files weigh what ImageNet's do
+(~110 KB), plus the bad files a crawl contains (empty, truncated, a text file, a decompression bomb). Then, in one
+run and interleaved (so the ratios hold on a busy machine): listing and validating the folder as `sanitize scan` does,
+with 0 and with `--workers` DataLoader workers, against reading each file's header only (what a header-only
+validation would cost).
+
+    python benchmarks/imagenet_shaped.py --root work-data/imagenet-shaped --classes 100 --per-class 100 \\
+        --out reports/imagenet-shaped
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sanitize.data import open_dataset
+
+BAD_FILES = ("empty.jpg", "truncated.jpg", "notes.jpg", "bomb.png")
+
+
+def source_images(shared: Path, count: int, seed: int) -> np.ndarray:
+    """`count` 32 x 32 RGB images: CIFAR-10's when ../shared has it, else smooth noise."""
+    path = shared / "data" / "cifar10" / "cifar10_train.npz"
+    rng = np.random.default_rng(seed)
+    if path.exists():
+        with np.load(path, allow_pickle=False) as data:
+            images = data["x_train"] if "x_train" in data else data["x"]
+            return images[rng.choice(len(images), count, replace=count > len(images))]
+    return rng.integers(0, 256, (count, 4, 4, 3), dtype=np.uint8).repeat(8, 1).repeat(8, 2)
+
+
+def shaped_jpeg(image: np.ndarray, rng: np.random.Generator, path: Path) -> int:
+    """One ImageNet-shaped JPEG from a small image; returns its size in bytes."""
+    width = int(np.clip(rng.normal(470, 90), 200, 900))
+    aspect = rng.choice([3 / 4, 1.0, 4 / 3, 4 / 3, 4 / 3, 3 / 2, 16 / 9])
+    height = int(round(width / aspect))
+    big = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR), dtype=np.float32)
+    big += rng.normal(0, 24, big.shape)  # grain: upscaled 32 px images alone compress far below ImageNet's weight
+    picture = Image.fromarray(big.clip(0, 255).astype(np.uint8))
+    mode = rng.random()
+    if mode < 0.01:
+        picture = picture.convert("L")
+    elif mode < 0.012:
+        picture = picture.convert("CMYK")
+    picture.save(path, "JPEG", quality=92)
+    return path.stat().st_size
+
+
+def make_folder(root: Path, classes: int, per_class: int, shared: Path, seed: int = 0) -> dict:
+    """Writes the folder once (a marker says it is complete); returns its size statistics."""
+    marker = root / ".complete.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    rng = np.random.default_rng(seed)
+    sources = source_images(shared, classes * per_class, seed)
+    sizes = []
+    for c in range(classes):
+        folder = root / f"n{c:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            sizes.append(shaped_jpeg(sources[c * per_class + i], rng, folder / f"n{c:08d}_{i}.JPEG"))
+    bad = root / "n00000000"
+    (bad / BAD_FILES[0]).write_bytes(b"")
+    whole = (root / "n00000001" / "n00000001_0.JPEG").read_bytes()
+    (bad / BAD_FILES[1]).write_bytes(whole[: len(whole) // 2])
+    (bad / BAD_FILES[2]).write_text("not an image\n")
+    Image.new("L", (10000, 10000)).save(bad / BAD_FILES[3])  # 100 Mpx: over the scan's pixel cap, a few KB on disk
+    stats = {
+        "classes": classes,
+        "per_class": per_class,
+        "images": len(sizes),
+        "bad_files": len(BAD_FILES),
+        "mean_kb": round(float(np.mean(sizes)) / 1024, 1),
+        "total_gb": round(float(np.sum(sizes)) / 2**30, 2),
+    }
+    marker.write_text(json.dumps(stats))
+    return stats
+
+
+def header_only(root: Path) -> tuple[int, float]:
+    """Every file's header (format and size) without decoding its pixels: (files read, seconds)."""
+    started, pixels = time.perf_counter(), []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        for path in sorted(folder.iterdir()):
+            try:
+                with Image.open(path) as image:
+                    pixels.append(image.width * image.height)
+            except Exception:  # noqa: BLE001 - a bad file counts as read
+                pixels.append(0)
+    return len(pixels), time.perf_counter() - started
+
+
+def validate(root: Path, workers: int) -> tuple[int, int, float]:
+    """`sanitize scan`'s listing and validation: (kept, skipped, seconds)."""
+    started = time.perf_counter()
+    dataset = open_dataset(root, workers=workers, progress=False)
+    return len(dataset), len(dataset.skipped), time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=Path("work-data/imagenet-shaped"))
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--per-class", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--shared", type=Path, default=Path("../shared"))
+    parser.add_argument("--out", type=Path, default=Path("reports/imagenet-shaped"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    stats = make_folder(args.root, args.classes, args.per_class, args.shared)
+    stats["write_seconds"] = round(time.perf_counter() - started, 1)
+    runs: dict[str, list[float]] = {"header_only": [], "validate_workers_0": [], f"validate_workers_{args.workers}": []}
+    outcome = {}
+    for _ in range(args.repeats):  # interleaved: each repeat measures every way once
+        files, seconds = header_only(args.root)
+        runs["header_only"].append(seconds)
+        for workers in (0, args.workers):
+            kept, skipped, seconds = validate(args.root, workers)
+            runs[f"validate_workers_{workers}"].append(seconds)
+            outcome = {"kept": kept, "skipped": skipped}
+    files = stats["images"] + stats["bad_files"]
+    best = {name: min(values) for name, values in runs.items()}
+    result = {
+        "folder": stats,
+        "outcome": outcome,
+        "seconds_best_of_repeats": {k: round(v, 2) for k, v in best.items()},
+        "files_per_second": {k: round(files / v, 1) for k, v in best.items()},
+        "full_validation_over_header_only": round(best["validate_workers_0"] / best["header_only"], 1),
+        "workers_speedup": round(best["validate_workers_0"] / best[f"validate_workers_{args.workers}"], 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "load_average_at_end": os.getloadavg(),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
