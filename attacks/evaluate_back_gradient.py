@@ -49,6 +49,7 @@ class BackGradientConfig:
     train_size: int = 600
     validation_size: int = 600  # the rest is the test set
     scan_threshold: float | None = None  # the scan arm's knn_density threshold (None: the default's)
+    scan_epochs: int | None = None  # the scan arm's proxy epochs (None: the default's)
     victim_learner: str | None = None  # the victims' learner when it is not the attacker's (transfer)
 
 
@@ -96,7 +97,8 @@ def run_back_gradient_evaluation(
             points = None
             for arm in config.arms:
                 threshold = config.scan_threshold if arm == "scan" else None
-                if (options.learner, victim_name, options.goal, seed, fraction, arm, threshold) in done:
+                epochs = config.scan_epochs if arm == "scan" else None
+                if (options.learner, victim_name, options.goal, seed, fraction, arm, threshold, epochs) in done:
                     continue
                 row = {
                     "learner": options.learner,
@@ -109,6 +111,7 @@ def run_back_gradient_evaluation(
                     "poisons": count,
                     "arm": arm,
                     "scan_threshold": threshold,
+                    "scan_epochs": epochs,
                     "train_size": len(y),
                 }
                 if arm == "clean":
@@ -120,7 +123,8 @@ def run_back_gradient_evaluation(
                     poisoned_y = torch.cat([y, points.labels])
                     if arm in DETECTOR_ARMS:
                         detector = DETECTOR_ARMS[arm]
-                        kept, defense = _scanned(poisoned_x, poisoned_y, len(y), classes, detector, threshold, out)
+                        variant = {"threshold": threshold, "epochs": epochs}
+                        kept, defense = _scanned(poisoned_x, poisoned_y, len(y), classes, detector, variant, out)
                         row |= defense
                         poisoned_x, poisoned_y = poisoned_x[kept], poisoned_y[kept]
                     row |= _victim(learner, victim_init, poisoned_x, poisoned_y, test, options) | {
@@ -153,7 +157,7 @@ def _done(out: Path) -> set[tuple]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return {
         (r["learner"], r.get("victim_learner", r["learner"]), r["goal"], r["seed"], r["fraction"], r["arm"])
-        + (r.get("scan_threshold"),)
+        + (r.get("scan_threshold"), r.get("scan_epochs"))
         for r in rows
     }
 
@@ -184,9 +188,10 @@ def _poisons(cache: Path, x, y, x_val, y_val, count: int, options: BackGradientO
 
 
 def _scanned(
-    x, y, clean_count: int, classes: int, detector: str, threshold: float | None, out: Path
+    x, y, clean_count: int, classes: int, detector: str, variant: dict[str, Any], out: Path
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """The positions `sanitize scan` (default options, `detector`, knn_density's `threshold` if given) keeps of the
+    """The positions `sanitize scan` (default options, `detector`, the `variant`'s threshold and proxy epochs where
+    given) keeps of the
     poisoned set, and its flags scored against the poisons (the points after the first `clean_count`). Scans are kept
     in OUT/cache/scans (a rerun with another threshold reuses the proxy and the embeddings)."""
     images = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
@@ -195,10 +200,10 @@ def _scanned(
     options: dict[str, Any] = {"quiet": True, "detector": detector}
     if detector in TOLD_THE_COUNT:  # their rules need the poisons in a class: told the most any class holds
         options["expected_poisons"] = int(np.bincount(y.numpy()[truth]).max())
-    if threshold is not None:
-        options["threshold"] = threshold
+    options |= {k: v for k, v in variant.items() if v is not None}
     started = time.perf_counter()
-    result = scan(dataset, out / "cache" / "scans" / f"{detector}-{dataset.fingerprint[7:23]}", **options)
+    proxy = "" if variant.get("epochs") is None else f"e{variant['epochs']}-"  # another proxy: another folder
+    result = scan(dataset, out / "cache" / "scans" / f"{detector}-{proxy}{dataset.fingerprint[7:23]}", **options)
     metrics = flag_metrics(result.flags, result.scores, truth)
     metrics |= {"scan_seconds": round(time.perf_counter() - started, 2)}
     metrics["scan_options"] = recorded_scan_options(result.summary["config"])
@@ -211,7 +216,7 @@ def write_summary(out: Path, config: BackGradientConfig, command: str | None) ->
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        arm = row["arm"] if row.get("scan_threshold") is None else f"{row['arm']} (threshold {row['scan_threshold']:g})"
+        arm = _arm_label(row)
         victim = row.get("victim_learner", row["learner"])
         learner = row["learner"] if victim == row["learner"] else f"{row['learner']} -> {victim}"
         groups.setdefault((learner, row["goal"], row["fraction"], arm), []).append(row)
@@ -234,6 +239,13 @@ def write_summary(out: Path, config: BackGradientConfig, command: str | None) ->
         poisons = f"{fraction:.0%} ({group[0]['poisons']})"
         lines.append(f"| {learner} | {goal} | {poisons} | {arm} | {len(group)} | " + " | ".join(shown) + " |")
     write_atomic(out / "summary.md", ("\n".join(lines) + "\n").encode())
+
+
+def _arm_label(row: dict) -> str:
+    """The arm, with the scan variant's options where they differ from the default."""
+    parts = [f"threshold {row['scan_threshold']:g}"] if row.get("scan_threshold") is not None else []
+    parts += [f"proxy {row['scan_epochs']} epochs"] if row.get("scan_epochs") is not None else []
+    return f"{row['arm']} ({', '.join(parts)})" if parts else row["arm"]
 
 
 def _mean(rows: list[dict], key: str) -> float | None:

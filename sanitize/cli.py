@@ -940,6 +940,12 @@ def evaluate_transfer(
     help="The scan arm's knn_density threshold (as sanitize scan --threshold; default: the scan's).",
 )
 @click.option(
+    "--proxy-epochs",
+    type=int,
+    default=None,
+    help="The scan arm's proxy epochs (as sanitize scan --epochs; default: the scan's).",
+)
+@click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     required=True,
@@ -958,6 +964,7 @@ def evaluate_back_gradient(
     iterations: int,
     arms: str,
     threshold: float | None,
+    proxy_epochs: int | None,
     out: Path,
 ) -> None:
     """Back-gradient poisoning (added points with chosen labels) against a known learner, on DATA (.npz; default
@@ -977,6 +984,7 @@ def evaluate_back_gradient(
         parse_keys(seeds, "--seeds"),
         tuple(a.strip() for a in arms.split(",")),
         scan_threshold=threshold,
+        scan_epochs=proxy_epochs,
         victim_learner=victim_learner,
     )
     run_back_gradient_evaluation(data, out, config, command="sanitize " + " ".join(sys.argv[1:]))

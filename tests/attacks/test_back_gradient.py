@@ -121,6 +121,10 @@ def test_the_evaluation_writes_every_arm_scores_the_scan_and_a_rerun_resumes(tmp
     assert len(rows) == 5 and rows[-1]["arm"] == "scan" and rows[-1]["scan_threshold"] == 0.3
     assert rows[-1]["dropped_fraction"] > by_arm["scan"]["dropped_fraction"]
     assert "| scan (threshold 0.3) |" in (tmp_path / "summary.md").read_text()
+    run_back_gradient_evaluation(None, tmp_path, dataclasses.replace(config, scan_epochs=2))  # another proxy
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and rows[-1]["scan_epochs"] == 2 and rows[-1]["scan_options"]["proxy_epochs"] == 2
+    assert "| scan (proxy 2 epochs) |" in (tmp_path / "summary.md").read_text()
 
 
 def test_victims_of_another_learner_are_rows_of_their_own(tmp_path):
