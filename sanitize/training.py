@@ -22,6 +22,7 @@ from sanitize.data import ImageDataset, iterate_batches
 from sanitize.distributed import World, all_reduce_sum
 from sanitize.errors import SanitizeError
 from sanitize.models import Classifier, create_model
+from sanitize.wording import duration, plural
 
 
 def resolve_device(name: str = "auto", world: World = World()) -> torch.device:
@@ -141,6 +142,9 @@ def recipe_optimizer(parameters, config: TrainConfig, lr: float | None = None) -
     )
 
 
+ETA_BATCHES = 10  # a training run says how long it will take after this many batches
+
+
 def train_model(
     model: torch.nn.Module,
     dataset: ImageDataset,
@@ -202,13 +206,19 @@ def train_model(
             order = order[:-1]  # a batch of one breaks batch norm
         loss_sum, correct, seen = 0.0, 0, 0
         batches = iterate_batches(dataset, order, batch_size, workers, pin_memory=device.type == "cuda")
-        for images, labels, _ in tqdm(
-            batches,
-            total=-(-len(order) // batch_size),
-            desc=f"{desc} {epoch + 1}/{config.epochs}",
-            leave=False,
-            disable=not progress,
+        per_epoch = -(-len(order) // batch_size)
+        for batch, (images, labels, _) in enumerate(
+            tqdm(
+                batches, total=per_epoch, desc=f"{desc} {epoch + 1}/{config.epochs}", leave=False, disable=not progress
+            )
         ):
+            if batch == ETA_BATCHES and epoch == start_epoch and progress and world.is_main:
+                # before the long phase is under way: its rough length, from its first batches (warm-up included)
+                spent = time.perf_counter() - started
+                total = spent / batch * per_epoch * (config.epochs - start_epoch)
+                tqdm.write(
+                    f"{desc}: about {duration(total)} for {plural(config.epochs - start_epoch, 'epoch')}", sys.stderr
+                )
             x = to_model_input(images, device, memory_format)
             if config.augment:
                 x = random_crop_flip(x, generator)

@@ -13,3 +13,12 @@ def unknown(kind: str, name: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(name, choices, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
     return f"unknown {kind} {name!r}{hint}; choose from {', '.join(choices)}"
+
+
+def duration(seconds: float) -> str:
+    """'40 s', '12 min', '3.5 h': a rough time a user reads."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -9,9 +10,12 @@ import torch
 from click.testing import CliRunner
 
 from sanitize.cli import cli
+from sanitize.config import TrainConfig
+from sanitize.data import open_dataset
 from sanitize.models import create_model
 from sanitize.robust import EpicDropper
 from sanitize.trainer import train
+from sanitize.training import train_model
 
 FAST = dict(model="tiny", epochs=6, batch_size=32, augment=False, quiet=True)
 
@@ -112,3 +116,14 @@ def test_training_records_skipped_files_like_a_scan(tmp_path, digits_folder):
     )
     html = (tmp_path / "t" / "report.html").read_text(encoding="utf-8")
     assert "digit_2/pipe.png" in html and "not a regular file" in html
+
+
+def test_a_training_run_says_roughly_how_long_it_will_take_before_it_is_under_way(digits_npz, capsys):
+    data = open_dataset(digits_npz)
+    model = create_model("tiny", 10, (3, 16, 16))
+    config = TrainConfig(epochs=3, batch_size=16, augment=False)
+    train_model(model, data, np.arange(320), config, torch.device("cpu"), None, progress=True, desc="proxy")
+    lines = [line for line in capsys.readouterr().err.splitlines() if "proxy: about" in line]
+    assert len(lines) == 1 and re.fullmatch(r"proxy: about \d+(\.\d)? (s|min|h) for 3 epochs", lines[0].strip())
+    train_model(model, data, np.arange(320), config, torch.device("cpu"), None, progress=False, desc="proxy")
+    assert "about" not in capsys.readouterr().err  # quiet runs say nothing
