@@ -150,15 +150,17 @@ def _victim(learner, init, x, y, test, options: BackGradientOptions) -> dict[str
     }
 
 
-def _done(out: Path) -> set[tuple]:
+def _rows(out: Path) -> list[dict[str, Any]]:
+    """The rows of OUT/results.jsonl (none before the first)."""
     path = out / "results.jsonl"
-    if not path.exists():
-        return set()
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _done(out: Path) -> set[tuple]:
     return {
         (r["learner"], r.get("victim_learner", r["learner"]), r["goal"], r["seed"], r["fraction"], r["arm"])
         + (r.get("scan_threshold"), r.get("scan_epochs"))
-        for r in rows
+        for r in _rows(out)
     }
 
 
@@ -213,7 +215,7 @@ def _scanned(
 def write_summary(out: Path, config: BackGradientConfig, command: str | None) -> None:
     """summary.md: per learner, goal, fraction and arm the mean over seeds of the test error (and, for the specific
     goal, the rate of `source` test images classified as `destination`) and of the defense's detection."""
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    rows = _rows(out)
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         arm = _arm_label(row)

@@ -61,8 +61,8 @@ def split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), extension.lower()
 
 
-def _list_shard(shard: Path, skipped: list[Skipped]) -> tuple[list[tuple[str, str, int, TarMember]], int]:
-    """(id, path, label, member) of every usable key of one shard, and how many other members were ignored."""
+def _list_shard(shard: Path, skipped: list[Skipped]) -> tuple[list[Entry], int]:
+    """Every usable key of one shard, and how many other members were ignored."""
     images: dict[str, tarfile.TarInfo | str] = {}  # the member, or why the key has no usable one
     labels: dict[str, int | str] = {}  # the class index, or why the .cls member is not one
     order: list[str] = []
@@ -106,7 +106,7 @@ def _list_shard(shard: Path, skipped: list[Skipped]) -> tuple[list[tuple[str, st
         if why:
             skipped.append(Skipped(example_id, path, why))
         else:
-            found.append((example_id, path, label, TarMember(str(shard), image.offset_data, image.size)))
+            found.append(Entry(example_id, path, label, TarMember(str(shard), image.offset_data, image.size)))
     return found, ignored
 
 
@@ -145,7 +145,7 @@ def open_shards(
     entries, ignored = [], 0
     for shard in shards:
         found, others = _list_shard(shard, skipped)
-        entries.extend(Entry(example_id, shown, label, member) for example_id, shown, label, member in found)
+        entries.extend(found)
         ignored += others
     if not entries:
         raise DataError(f"{path} has no usable examples (key.jpg with key.cls in .tar shards)")
