@@ -43,6 +43,16 @@ UNSTATED = {
     "alarm_confidence": 0.0,
 }  # what a knn_density variant leaves unstated means what it meant when the variant was written
 WIDE = {"distance": "kth", "k_fraction": 0.5, "k_max": 1000}
+CURRENT = (
+    FIRST_DEFAULT
+    | WIDE
+    | {
+        "low_loss_weight": 1.0,
+        "class_alarm_p": 0.03,
+        "alarm_rule": "either",
+        "alarm_confidence": 0.5,
+    }
+)
 VARIANTS = [  # options are given in full against the first default, so rows stay readable when defaults move
     ("knn_density", FIRST_DEFAULT),
     ("knn_density", FIRST_DEFAULT | {"embedding": "gradient"}),
@@ -84,6 +94,14 @@ VARIANTS = [  # options are given in full against the first default, so rows sta
         | WIDE
         | {"low_loss_weight": 1.0, "class_alarm_p": 1e-4, "alarm_rule": "either", "alarm_confidence": 0.6},
     ),
+    # the default since 2026-12-01 (negative-binomial alarm), and what a 50,000-image set might want beside it
+    ("knn_density", CURRENT),
+    ("knn_density", CURRENT | {"embedding": "gradient"}),
+    ("knn_density", CURRENT | {"embedding": "logit_gradient"}),
+    ("knn_density", CURRENT | {"k_max": 2500}),
+    ("knn_density", CURRENT | {"k_small": 50}),
+    ("knn_density", CURRENT | {"class_alarm_p": 0.3}),
+    ("knn_density", CURRENT | {"alarm_z": 1.0}),
     ("epic", {}),
     ("deep_knn", {}),
     ("spectral_signatures", {}),
@@ -115,20 +133,35 @@ def caught_by_pull(flags: np.ndarray, scores: np.ndarray, pull: np.ndarray, setu
     }
 
 
-def proxy_scan_dir(harness: Harness, data, proxy_epochs: int) -> Path:
-    """The scan of `data` with a proxy of `proxy_epochs` (the default length is the evaluation's cached scan)."""
+def proxy_scan_dir(harness: Harness, data, proxy: tuple[str, int]) -> Path:
+    """The scan of `data` with a proxy (model, epochs); the default proxy's is the evaluation's cached scan."""
+    model, proxy_epochs = proxy
     scan_dir = harness.scan_dir(data) / "knn_density"
     if proxy_epochs != ScanConfig().train.epochs:
         scan_dir = scan_dir.with_name(f"knn_density-proxy{proxy_epochs}")
+    if model != ScanConfig().model:
+        scan_dir = scan_dir.with_name(f"{scan_dir.name}-{model}")
     scan(
         data,
         scan_dir,
+        model=model,
         epochs=proxy_epochs,
         quiet=True,
         device=harness.config.device,
         precision=harness.config.precision,
     )
     return scan_dir
+
+
+def proxies(args) -> list[tuple[str, int]]:
+    """Every (proxy model, proxy epochs) the sweep scans with."""
+    return [(m, int(e)) for m in args.proxy_models.split(",") for e in args.proxy_epochs.split(",")]
+
+
+def proxy_identity(proxy: tuple[str, int]) -> dict:
+    """Rows name the proxy's epochs, and its model only when it is not the default (rows before 2026-12-02 do not)."""
+    model, epochs = proxy
+    return {"proxy_epochs": epochs} | ({"proxy_model": model} if model != ScanConfig().model else {})
 
 
 def done_rows(rows_path: Path) -> set[str]:
@@ -147,6 +180,7 @@ def row_identity(row: dict) -> str:
             row["model"],
             row["epochs"],
             row["proxy_epochs"],
+            row.get("proxy_model"),
             row["detector"],
             row["options"],
             row.get("poisons_sha256"),
@@ -176,7 +210,7 @@ def append_row(rows_path: Path, row: dict) -> None:
 def clean_rows(harness: Harness, args, rows_path: Path) -> None:
     """What every knn_density variant flags on the clean subset (false positives, false class alarms)."""
     done = done_rows(rows_path)
-    for proxy_epochs in (int(e) for e in args.proxy_epochs.split(",")):
+    for proxy in proxies(args):
         embeddings = None
         for detector, options in VARIANTS:
             identity = {
@@ -184,7 +218,7 @@ def clean_rows(harness: Harness, args, rows_path: Path) -> None:
                 "eps": None,
                 "model": harness.scale.model,
                 "epochs": harness.recipe.epochs,
-                "proxy_epochs": proxy_epochs,
+                **proxy_identity(proxy),
                 "detector": detector,
                 "options": options,
             }
@@ -192,7 +226,7 @@ def clean_rows(harness: Harness, args, rows_path: Path) -> None:
                 continue
             if embeddings is None:
                 embeddings = load_embeddings(
-                    proxy_scan_dir(harness, harness.train, proxy_epochs) / "embeddings", harness.train.labels
+                    proxy_scan_dir(harness, harness.train, proxy) / "embeddings", harness.train.labels
                 )
             config = variant_config(detector, options)
             detection = run_detector(detector, embeddings, config.options, config.context(False))
@@ -224,12 +258,20 @@ def main() -> None:
         help="Comma-separated proxy lengths; the default scan's comes from the cache.",
     )
     parser.add_argument(
+        "--proxy-models",
+        default=ScanConfig().model,
+        help="Comma-separated proxy models (the registry's names); every one is trained for every --proxy-epochs.",
+    )
+    parser.add_argument(
         "--clean", action="store_true", help="Also scan the clean subset: what each variant flags without poisons."
     )
+    parser.add_argument("--scale", default="cpu", choices=["cpu", "full"], help="The evaluation scale of the keys.")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     data = args.shared / "data" / "cifar10"
-    config = EvaluationConfig(scale="cpu", model=args.model, epochs=args.epochs, eps=args.eps, cache=str(args.cache))
+    config = EvaluationConfig(
+        scale=args.scale, model=args.model, epochs=args.epochs, eps=args.eps, cache=str(args.cache)
+    )
     harness = Harness(data / "cifar10_train.npz", data / "cifar10_test.npz", args.cache, config, progress=False)
     args.out.mkdir(parents=True, exist_ok=True)
     rows_path = args.out / "detection.jsonl"
@@ -245,17 +287,15 @@ def main() -> None:
         poisoned = harness.data_for("undefended", poisons)
         harness.filtered(poisoned, "scan", setup)  # the default scan: proxy + embeddings, cached
         pull = poison_pulls(harness, setup, poisoned)
-        for proxy_epochs in (int(e) for e in args.proxy_epochs.split(",")):
-            embeddings = load_embeddings(
-                proxy_scan_dir(harness, poisoned, proxy_epochs) / "embeddings", poisoned.labels
-            )
+        for proxy in proxies(args):
+            embeddings = load_embeddings(proxy_scan_dir(harness, poisoned, proxy) / "embeddings", poisoned.labels)
             for detector, options in VARIANTS:
                 identity = {
                     "key": key,
                     "eps": args.eps,
                     "model": harness.scale.model,
                     "epochs": harness.recipe.epochs,
-                    "proxy_epochs": proxy_epochs,
+                    **proxy_identity(proxy),
                     "detector": detector,
                     "options": options,
                     "poisons_sha256": poisons.digest(),
@@ -284,7 +324,11 @@ def main() -> None:
     render(rows_path, args.out / "detection.md")
 
 
-def variant_label(detector: str, options: dict, proxy_epochs: int) -> str:
+def proxy_cell(row: dict) -> str:
+    return f"{row['proxy_epochs']}" + (f" ({row['proxy_model']})" if row.get("proxy_model") else "")
+
+
+def variant_label(detector: str, options: dict, row: dict) -> str:
     """knn_density options as the difference from its first default (rows before issue 4 gave only that difference)."""
     if detector != "knn_density":
         return json.dumps(options) if options else "default"
@@ -295,7 +339,8 @@ def variant_label(detector: str, options: dict, proxy_epochs: int) -> str:
     is_current = (
         all(current[k] == v for k, v in effective.items())
         and effective.get("embedding", "features") == current["embedding"]
-        and proxy_epochs == ScanConfig().train.epochs
+        and row["proxy_epochs"] == ScanConfig().train.epochs
+        and "proxy_model" not in row
     )
     return f"**{label} = current default**" if is_current else label
 
@@ -310,14 +355,14 @@ def alarm_cell(row: dict) -> str:
 
 def render(rows_path: Path, out: Path) -> None:
     lines = [
-        "| key | poisons | eps | model | epochs | proxy epochs | detector | options | told count | flagged | precision | recall | AUROC | median poison score | recall / flagged at z 3.0 | at z 2.5 | carriers | recall carriers / rest | rank corr. score-pull | class alarm p: intended / lowest other |",
+        "| key | poisons | eps | model | epochs | proxy epochs (model) | detector | options | told count | flagged | precision | recall | AUROC | median poison score | recall / flagged at z 3.0 | at z 2.5 | carriers | recall carriers / rest | rank corr. score-pull | class alarm p: intended / lowest other |",
         "|" + " --- |" * 20,
     ]
     for r in map(json.loads, rows_path.read_text().splitlines()):
         if r["key"] == "clean":
             alarmed = f" (alarmed classes: {r['alarmed_classes']})" if r["alarmed_classes"] else ""
             lines.append(
-                f"| clean | - | - | {r['model']} | {r['epochs']} | {r['proxy_epochs']} | {r['detector']} | {variant_label(r['detector'], r['options'], r['proxy_epochs'])} | - | "
+                f"| clean | - | - | {r['model']} | {r['epochs']} | {proxy_cell(r)} | {r['detector']} | {variant_label(r['detector'], r['options'], r)} | - | "
                 f"{r['dropped_fraction']:.2%}{alarmed} |" + " - |" * 9 + f" {alarm_cell(r)} |"
             )
             continue
@@ -332,7 +377,7 @@ def render(rows_path: Path, out: Path) -> None:
             for z in ("3.0", "2.5")
         ]
         lines.append(
-            f"| {r['key']} | {(r.get('poisons_sha256') or '-')[:6]} | {r['eps']:g} | {r['model']} | {r['epochs']} | {r['proxy_epochs']} | {r['detector']} | {variant_label(r['detector'], r['options'], r['proxy_epochs'])} | "
+            f"| {r['key']} | {(r.get('poisons_sha256') or '-')[:6]} | {r['eps']:g} | {r['model']} | {r['epochs']} | {proxy_cell(r)} | {r['detector']} | {variant_label(r['detector'], r['options'], r)} | "
             f"{r['told_expected_poisons'] or '-'} | {r['dropped_fraction']:.2%} | {precision} | {r['poison_recall']:.2f} | {r['auroc']:.3f} | {r['poison_score_median']:.3f} | {at_z[0]} | {at_z[1]} | {aligned} | {alarm_cell(r)} |"
         )
     out.write_text("\n".join(lines) + "\n")
