@@ -50,6 +50,7 @@ class BackGradientConfig:
     validation_size: int = 600  # the rest is the test set
     scan_threshold: float | None = None  # the scan arm's knn_density threshold (None: the default's)
     scan_epochs: int | None = None  # the scan arm's proxy epochs (None: the default's)
+    scan_folds: int | None = None  # the scan arm's out-of-fold proxies for the label check (None: the default's, off)
     victim_learner: str | None = None  # the victims' learner when it is not the attacker's (transfer)
 
 
@@ -98,7 +99,8 @@ def run_back_gradient_evaluation(
             for arm in config.arms:
                 threshold = config.scan_threshold if arm == "scan" else None
                 epochs = config.scan_epochs if arm == "scan" else None
-                if (options.learner, victim_name, options.goal, seed, fraction, arm, threshold, epochs) in done:
+                folds = config.scan_folds if arm == "scan" else None
+                if (options.learner, victim_name, options.goal, seed, fraction, arm, threshold, epochs, folds) in done:
                     continue
                 row = {
                     "learner": options.learner,
@@ -112,6 +114,7 @@ def run_back_gradient_evaluation(
                     "arm": arm,
                     "scan_threshold": threshold,
                     "scan_epochs": epochs,
+                    "scan_folds": folds,
                     "train_size": len(y),
                 }
                 if arm == "clean":
@@ -123,7 +126,7 @@ def run_back_gradient_evaluation(
                     poisoned_y = torch.cat([y, points.labels])
                     if arm in DETECTOR_ARMS:
                         detector = DETECTOR_ARMS[arm]
-                        variant = {"threshold": threshold, "epochs": epochs}
+                        variant = {"threshold": threshold, "epochs": epochs, "proxy_folds": folds}
                         kept, defense = _scanned(poisoned_x, poisoned_y, len(y), classes, detector, variant, out)
                         row |= defense
                         poisoned_x, poisoned_y = poisoned_x[kept], poisoned_y[kept]
@@ -159,7 +162,7 @@ def _rows(out: Path) -> list[dict[str, Any]]:
 def _done(out: Path) -> set[tuple]:
     return {
         (r["learner"], r.get("victim_learner", r["learner"]), r["goal"], r["seed"], r["fraction"], r["arm"])
-        + (r.get("scan_threshold"), r.get("scan_epochs"))
+        + (r.get("scan_threshold"), r.get("scan_epochs"), r.get("scan_folds"))
         for r in _rows(out)
     }
 
@@ -192,10 +195,10 @@ def _poisons(cache: Path, x, y, x_val, y_val, count: int, options: BackGradientO
 def _scanned(
     x, y, clean_count: int, classes: int, detector: str, variant: dict[str, Any], out: Path
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """The positions `sanitize scan` (default options, `detector`, the `variant`'s threshold and proxy epochs where
-    given) keeps of the
-    poisoned set, and its flags scored against the poisons (the points after the first `clean_count`). Scans are kept
-    in OUT/cache/scans (a rerun with another threshold reuses the proxy and the embeddings)."""
+    """The positions `sanitize scan` (default options, `detector`, the `variant`'s threshold, proxy epochs and proxy
+    folds where given) keeps of the poisoned set, and its flags scored against the poisons (the points after the first
+    `clean_count`). Scans are kept in OUT/cache/scans (a rerun with another threshold or folds reuses the proxy and
+    the embeddings)."""
     images = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     dataset = from_arrays(images, y.numpy(), [str(c) for c in range(classes)], source="back-gradient")
     truth = np.arange(len(y)) >= clean_count
@@ -247,6 +250,7 @@ def _arm_label(row: dict) -> str:
     """The arm, with the scan variant's options where they differ from the default."""
     parts = [f"threshold {row['scan_threshold']:g}"] if row.get("scan_threshold") is not None else []
     parts += [f"proxy {row['scan_epochs']} epochs"] if row.get("scan_epochs") is not None else []
+    parts += [f"{row['scan_folds']} proxy folds"] if row.get("scan_folds") is not None else []
     return f"{row['arm']} ({', '.join(parts)})" if parts else row["arm"]
 
 

@@ -16,9 +16,9 @@ from sanitize.detectors.knn_density import KnnDensityOptions
 from sanitize.errors import SanitizeError
 
 KNN_DENSITY_OPTIONS = tuple(f.name for f in dataclasses.fields(KnnDensityOptions))
-# options recorded only since they were added (alarm_confidence: 2026-11; the alarm's test and group: 2026-12-01),
-# with the value that reproduces older rows
-BEFORE_RECORDED = {"alarm_confidence": 0.0, "alarm_test": "poisson", "alarm_group_fraction": 0.0}
+# options recorded only since they were added (alarm_confidence: 2026-11; the alarm's test and group: 2026-12-01;
+# the label check, which acts only with proxy folds: 2026-12-02), with the value that reproduces older rows
+BEFORE_RECORDED = {"alarm_confidence": 0.0, "alarm_test": "poisson", "alarm_group_fraction": 0.0, "label_check": True}
 # what a detector arm's row records of the scan that made its flags, so rows stay readable when the defaults move
 SCAN_OPTIONS_RECORDED = ("detector", *KNN_DENSITY_OPTIONS, "epic_fraction", "expected_poisons")
 RECORDED_DEFAULTS = (
@@ -66,7 +66,8 @@ def recorded_scan_options(settings: dict[str, Any]) -> dict[str, Any]:
     flat = {"detector": settings["detector"]} | {
         name: detector_options.get(name, RECORDED_DEFAULTS[name]) for name in SCAN_OPTIONS_RECORDED[1:]
     }
-    return flat | {"proxy_epochs": settings["train"]["epochs"]}
+    folds = settings.get("proxy_folds", 0)  # recorded only when on: rows without it were scanned without folds
+    return flat | {"proxy_epochs": settings["train"]["epochs"]} | ({"proxy_folds": folds} if folds else {})
 
 
 def default_scan_options(detector: str, told: int | None) -> dict[str, Any]:

@@ -159,6 +159,14 @@ def scan_options(fn: Callable) -> Callable:
             "--image-size", type=int, default=None, help="Side in pixels (folders); default: the most common size."
         ),
         click.option(
+            "--proxy-folds",
+            type=int,
+            default=DEFAULTS.proxy_folds,
+            show_default=True,
+            help="0: off; K >= 2: also train K proxies, each without one K-th of the data, and flag examples whose "
+            "label they confidently contradict (knn_density's label check; ~K-1 proxy trainings more).",
+        ),
+        click.option(
             "--embedding",
             type=choice(EMBEDDINGS, "embedding"),
             default=KNN.embedding,
@@ -258,6 +266,12 @@ def scan_options(fn: Callable) -> Callable:
             default=KNN.threshold,
             show_default=True,
             help="knn_density: flag examples with score >= this.",
+        ),
+        click.option(
+            "--label-check/--no-label-check",
+            default=KNN.label_check,
+            show_default=True,
+            help="knn_density, with --proxy-folds: flag the examples whose label the held-out proxies contradict.",
         ),
         click.option(
             "--expected-poisons",
@@ -946,6 +960,12 @@ def evaluate_transfer(
     help="The scan arm's proxy epochs (as sanitize scan --epochs; default: the scan's).",
 )
 @click.option(
+    "--proxy-folds",
+    type=int,
+    default=None,
+    help="The scan arm's out-of-fold proxies for the label check (as sanitize scan --proxy-folds; default: off).",
+)
+@click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     required=True,
@@ -965,6 +985,7 @@ def evaluate_back_gradient(
     arms: str,
     threshold: float | None,
     proxy_epochs: int | None,
+    proxy_folds: int | None,
     out: Path,
 ) -> None:
     """Back-gradient poisoning (added points with chosen labels) against a known learner, on DATA (.npz; default
@@ -985,6 +1006,7 @@ def evaluate_back_gradient(
         tuple(a.strip() for a in arms.split(",")),
         scan_threshold=threshold,
         scan_epochs=proxy_epochs,
+        scan_folds=proxy_folds,
         victim_learner=victim_learner,
     )
     run_back_gradient_evaluation(data, out, config, command="sanitize " + " ".join(sys.argv[1:]))

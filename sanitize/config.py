@@ -104,6 +104,9 @@ class ScanConfig:
     # the proxy's recipe: 16 epochs, not 8, because the poisons only stand out once the proxy has learned them
     # (reports/detection-cpu: AUROC 0.68 -> 0.80 default rule, and the class alarm only fires from 16)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=16))
+    # >= 2: also train this many proxies, each without one fold of the data, for every example's out-of-fold
+    # prediction (knn_density's label check: labels the held-out proxies contradict); costs ~folds - 1 proxies more
+    proxy_folds: int = 0
     sketch_dim: int = 1024  # last-layer gradients longer than exact_gradient_max are sketched to this many dims
     exact_gradient_max: int = 8192
     detector: str = "knn_density"  # or a baseline: epic, deep_knn, spectral_signatures, activation_clustering
@@ -164,6 +167,11 @@ class ScanConfig:
             (self.image_size is None or self.image_size >= 8, "image_size must be >= 8"),
             (self.workers >= 0, "workers must be >= 0"),
             (self.max_thumbnails >= 0, "max_thumbnails must be >= 0"),
+            (self.proxy_folds == 0 or self.proxy_folds >= 2, "proxy_folds must be 0 (off) or >= 2"),
+            (
+                not (self.proxy_folds and self.checkpoint),
+                "proxy_folds trains proxies on the data: not with --checkpoint (whose model is not trained here)",
+            ),
         ]
         for ok, message in checks:
             if not ok:

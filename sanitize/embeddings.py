@@ -91,6 +91,7 @@ class Embeddings:
     gradient: np.ndarray
     labels: np.ndarray
     meta: dict
+    out_of_fold_logits: np.ndarray | None = None  # (N, C) from proxies that never saw the row (scan --proxy-folds)
 
     def logit_gradient(self) -> np.ndarray:
         """softmax - onehot (C): EPIC's gradient proxy."""

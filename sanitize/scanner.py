@@ -37,6 +37,7 @@ from sanitize.detectors import Detection, run_detector
 from sanitize.distributed import World, broadcast_from_main, current_world
 from sanitize.embeddings import Embeddings, compute_embeddings
 from sanitize.errors import SanitizeError
+from sanitize.folds import out_of_fold_logits
 from sanitize.manifest import flag_metrics, manifest_file, poison_mask, read_manifest
 from sanitize.models import Classifier, create_model, default_model_name, load_weights, require_finite_weights
 from sanitize.report import write_report
@@ -194,6 +195,23 @@ def run_scan(data: str | os.PathLike | ImageDataset, out: str | os.PathLike, con
             progress=progress,
             world=world,
         )
+    if config.proxy_folds:
+        with timer.phase("folds"):
+            logits = out_of_fold_logits(
+                dataset,
+                model_info["name"],
+                config.train,
+                out / "folds",
+                device,
+                amp_dtype,
+                config.proxy_folds,
+                seed=config.seed,
+                workers=config.workers,
+                batch_size=config.eval_batch_size,
+                progress=progress,
+                world=world,
+            )
+        embeddings = dataclasses.replace(embeddings, out_of_fold_logits=logits)
     files = {
         "summary": out / "summary.json",
         "scores": out / "scores.csv",

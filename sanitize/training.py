@@ -294,9 +294,11 @@ def train_from_scratch(
     desc: str = "train",
     after_epoch: EpochHook | None = None,
     extra_meta: dict[str, str] | None = None,
+    indices: np.ndarray | None = None,
     world: World = World(),
 ) -> tuple[Classifier, dict[str, Any]]:
-    """A fresh `model_name` (seeded, input-normalised on the data) trained on all of `dataset`; resumes from
+    """A fresh `model_name` (seeded, input-normalised on the data) trained on all of `dataset` (or its `indices`, whose
+    choice `extra_meta` must name for a resume to tell them apart); resumes from
     directory/checkpoint.pt when the data, model, recipe and seed match; writes directory/model.pt (a state dict;
     rank 0 under torchrun)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -314,7 +316,7 @@ def train_from_scratch(
     history = train_model(
         model,
         dataset,
-        np.arange(len(dataset)),
+        np.arange(len(dataset)) if indices is None else indices,
         recipe,
         device,
         amp_dtype,

@@ -13,7 +13,9 @@ mislabeled example, isolated but hard, stays flagged), since most gradient-match
 tighter than their class; and a second pass (`alarmed_class_flags`) looks
 again inside classes that hold a flagged group of their own (a targeted attack's signature: its poisons chase one
 gradient, where natural outliers are lone), for the few hard poisons that carry the attack (or, with `alarm_rule`, for
-the examples the proxy confidently assigns to another class). Scores map z to
+the examples the proxy confidently assigns to another class). With out-of-fold predictions (`scan --proxy-folds`), the
+label check flags the examples whose label proxies that never saw them contradict (confident learning), for poisons
+that carry the attacker's labels. Scores map z to
 [0, 1) with 0.5 at z = 3.5 (Iglewicz & Hoaglin's outlier cut-off). Nothing here knows the poison budget or rate.
 """
 
@@ -34,12 +36,13 @@ if TYPE_CHECKING:  # the detectors' modules stay light: the CLI reads their opti
 ALARM_RULES = ("hard", "misassigned", "either")  # the second pass in an alarmed class
 ALARM_TESTS = ("negative-binomial", "poisson")  # the class alarm's count test (poisson: dispersion fixed at 1)
 # why an example is flagged (the array flag_reason, read by the report)
-WHY_ISOLATED, WHY_TOO_EASY, WHY_ALARM_HARD, WHY_ALARM_MISASSIGNED = 1, 2, 3, 4
+WHY_ISOLATED, WHY_TOO_EASY, WHY_ALARM_HARD, WHY_ALARM_MISASSIGNED, WHY_LABEL = 1, 2, 3, 4, 5
 FLAG_REASONS = {
     WHY_ISOLATED: "isolated in its class",
     WHY_TOO_EASY: "isolated and too easy for the proxy",
     WHY_ALARM_HARD: "isolated and hard, in an alarmed class",
     WHY_ALARM_MISASSIGNED: "given another class by the proxy, in an alarmed class",
+    WHY_LABEL: "its label contradicted by proxies that never saw it",
 }
 
 
@@ -81,6 +84,8 @@ class KnnDensityOptions:
     # carriers (called the other class with 0.42-0.82) and spares a third of the class's clean boundary examples
     alarm_confidence: float = 0.5
     threshold: float = 0.5  # flag score >= threshold; 0.5 = modified z-score 3.5 (Iglewicz & Hoaglin)
+    # with out-of-fold predictions (scan --proxy-folds): also flag the examples whose label they contradict
+    label_check: bool = True
 
     def validate(self) -> None:
         check(
@@ -119,7 +124,7 @@ def knn_density(embeddings: Embeddings, options: KnnDensityOptions, context: Det
     loss, predicted, confidence = embeddings.proxy_statistics()
     if not (options.low_loss_weight or options.class_alarm_p):
         loss = None
-    return knn_isolation(
+    detection = knn_isolation(
         embeddings.space(options.embedding),
         embeddings.labels,
         embeddings.meta["num_classes"],
@@ -129,6 +134,42 @@ def knn_density(embeddings: Embeddings, options: KnnDensityOptions, context: Det
         predicted_confidence=confidence,
         context=context,
     )
+    if options.label_check and embeddings.out_of_fold_logits is not None:
+        from sanitize.embeddings import softmax  # torch is loaded by now: there are embeddings
+
+        probabilities = softmax(np.asarray(embeddings.out_of_fold_logits, dtype=np.float64))
+        detection = with_label_issues(detection, probabilities, embeddings.labels, options.threshold)
+    return detection
+
+
+def label_issues(probabilities: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Confident learning's off-diagonal (Northcutt et al. 2021): with out-of-sample probabilities, class j's threshold
+    is the mean probability of j over the examples labelled j; an example is a label issue when, of the classes it
+    reaches the threshold of, the likeliest is not its label. Returns the issues and each example's margin (that
+    class's probability minus the label's; <= 0 where there is no issue)."""
+    rows = np.arange(len(labels))
+    num_classes = probabilities.shape[1]
+    thresholds = np.array(
+        [probabilities[labels == c, c].mean() if (labels == c).any() else 1.0 for c in range(num_classes)]
+    )
+    reached = probabilities >= thresholds
+    reached[rows, labels] = False
+    rival = np.where(reached, probabilities, -1.0).argmax(axis=1)
+    margin = np.where(reached.any(axis=1), probabilities[rows, rival] - probabilities[rows, labels], 0.0)
+    return margin > 0, margin
+
+
+def with_label_issues(
+    detection: Detection, probabilities: np.ndarray, labels: np.ndarray, threshold: float
+) -> Detection:
+    """The detection with the label check added: issues flagged (reason WHY_LABEL where nothing else flagged them) and
+    scored at least threshold + (1 - threshold) x margin, so they rank above the unflagged."""
+    issues, margin = label_issues(probabilities, labels)
+    scores = np.where(issues, np.maximum(detection.scores, threshold + (1 - threshold) * margin), detection.scores)
+    why = detection.arrays["flag_reason"]
+    arrays = detection.arrays | {"flag_reason": np.where(issues & (why == 0), WHY_LABEL, why).astype(np.int8)}
+    summary = detection.summary | {"label_check": {"issues": int(issues.sum()), "thresholds": "per class, out of fold"}}
+    return Detection(scores=scores, flags=detection.flags | issues, summary=summary, arrays=arrays)
 
 
 def knn_isolation(
