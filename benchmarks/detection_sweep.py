@@ -53,6 +53,16 @@ CURRENT = (
         "alarm_confidence": 0.5,
     }
 )
+# the default since 2026-12-01 (negative-binomial alarm), and what a 50,000-image set might want beside it
+CURRENT_VARIANTS = [
+    ("knn_density", CURRENT),
+    ("knn_density", CURRENT | {"embedding": "gradient"}),
+    ("knn_density", CURRENT | {"embedding": "logit_gradient"}),
+    ("knn_density", CURRENT | {"k_max": 2500}),
+    ("knn_density", CURRENT | {"k_small": 50}),
+    ("knn_density", CURRENT | {"class_alarm_p": 0.3}),
+    ("knn_density", CURRENT | {"alarm_z": 1.0}),
+]
 VARIANTS = [  # options are given in full against the first default, so rows stay readable when defaults move
     ("knn_density", FIRST_DEFAULT),
     ("knn_density", FIRST_DEFAULT | {"embedding": "gradient"}),
@@ -94,19 +104,20 @@ VARIANTS = [  # options are given in full against the first default, so rows sta
         | WIDE
         | {"low_loss_weight": 1.0, "class_alarm_p": 1e-4, "alarm_rule": "either", "alarm_confidence": 0.6},
     ),
-    # the default since 2026-12-01 (negative-binomial alarm), and what a 50,000-image set might want beside it
-    ("knn_density", CURRENT),
-    ("knn_density", CURRENT | {"embedding": "gradient"}),
-    ("knn_density", CURRENT | {"embedding": "logit_gradient"}),
-    ("knn_density", CURRENT | {"k_max": 2500}),
-    ("knn_density", CURRENT | {"k_small": 50}),
-    ("knn_density", CURRENT | {"class_alarm_p": 0.3}),
-    ("knn_density", CURRENT | {"alarm_z": 1.0}),
+    *CURRENT_VARIANTS,
     ("epic", {}),
     ("deep_knn", {}),
     ("spectral_signatures", {}),
     ("activation_clustering", {}),
 ]
+
+
+def swept(args) -> list[tuple[str, dict]]:
+    """The variants a run sweeps: all, or today's default with the variants built on it and the baselines (a
+    50,000-image class takes about a minute per variant on one thread)."""
+    if args.variants == "all":
+        return VARIANTS
+    return [("knn_density", FIRST_DEFAULT), *CURRENT_VARIANTS, *[(d, o) for d, o in VARIANTS if d != "knn_density"]]
 
 
 def variant_config(detector: str, options: dict, told: int | None = None) -> ScanConfig:
@@ -212,7 +223,7 @@ def clean_rows(harness: Harness, args, rows_path: Path) -> None:
     done = done_rows(rows_path)
     for proxy in proxies(args):
         embeddings = None
-        for detector, options in VARIANTS:
+        for detector, options in swept(args):
             identity = {
                 "key": "clean",
                 "eps": None,
@@ -265,6 +276,12 @@ def main() -> None:
     parser.add_argument(
         "--clean", action="store_true", help="Also scan the clean subset: what each variant flags without poisons."
     )
+    parser.add_argument(
+        "--variants",
+        default="all",
+        choices=["all", "current"],
+        help="current: today's default, the variants built on it, the first default and the baselines.",
+    )
     parser.add_argument("--scale", default="cpu", choices=["cpu", "full"], help="The evaluation scale of the keys.")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -289,7 +306,7 @@ def main() -> None:
         pull = poison_pulls(harness, setup, poisoned)
         for proxy in proxies(args):
             embeddings = load_embeddings(proxy_scan_dir(harness, poisoned, proxy) / "embeddings", poisoned.labels)
-            for detector, options in VARIANTS:
+            for detector, options in swept(args):
                 identity = {
                     "key": key,
                     "eps": args.eps,
