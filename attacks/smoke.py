@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from attacks.experiment import arm_data
 from sanitize.config import TrainConfig
 from sanitize.data.arrays import ArrayDataset, from_arrays
 from sanitize.data.digits import digits_arrays
@@ -45,19 +46,10 @@ def train_tiny(dataset, seed):
 
 def margins_against_noise(train, test, setup, poisons, eps: int, seeds=(0, 1)) -> dict[str, float]:
     """The target's logit margin (intended - true class) of victims trained on the crafted poisons and on random
-    +-eps noise at the same positions, averaged over `seeds`."""
-    positions = np.asarray(setup.poison_indices)
-    clean = torch.from_numpy(train.images[positions]).permute(0, 3, 1, 2)
-    signs = torch.randint(0, 2, clean.shape, generator=torch.Generator().manual_seed(0)).to(torch.int16) * 2 - 1
-    variants = {
-        "crafted": poisons.apply(clean),
-        "random": (clean.to(torch.int16) + eps * signs).clamp(0, 255).to(torch.uint8),
-    }
+    +-eps noise at the same positions (the evaluation's random-noise control), averaged over `seeds`."""
     margins = {}
-    for name, images in variants.items():
-        x = train.images.copy()
-        x[positions] = images.permute(0, 2, 3, 1).numpy()
-        data = train.with_images(x)
+    for name, arm in (("crafted", "undefended"), ("random", "random-noise")):
+        data = arm_data(train, arm, poisons, setup, eps)
         values = []
         for seed in seeds:
             logits = predict(train_tiny(data, seed), test, np.array([setup.target_index]), CPU, None)[0]
