@@ -43,6 +43,7 @@ UNSTATED = {
     "alarm_confidence": 0.0,
 }  # what a knn_density variant leaves unstated means what it meant when the variant was written
 WIDE = {"distance": "kth", "k_fraction": 0.5, "k_max": 1000}
+AT_Z = (2.5, 3.0)  # lower cut-offs than the default's z 3.5, reported beside it
 CURRENT = (
     FIRST_DEFAULT
     | WIDE
@@ -248,6 +249,7 @@ def clean_rows(harness: Harness, args, rows_path: Path) -> None:
                 | {
                     "told_expected_poisons": None,
                     "dropped_fraction": float(detection.flags.mean()),
+                    "dropped_at_z": {str(z): float((detection.scores >= z_to_score(np.array(z))).mean()) for z in AT_Z},
                     "alarmed_classes": alarmed,
                     "alarm_p": alarm_p_values(detection, None),
                     "proxy_accuracy": embeddings.accuracy(),
@@ -332,11 +334,17 @@ def main() -> None:
                     "proxy_accuracy": embeddings.accuracy(),
                 }
                 if detector == "knn_density":
-                    row["at_z"] = {
-                        str(z): flag_metrics(detection.scores >= z_to_score(np.array(z)), detection.scores, truth)
-                        for z in (2.5, 3.0)
-                    }
+                    row["at_z"] = {}
+                    for z in AT_Z:
+                        flags = detection.scores >= z_to_score(np.array(z))
+                        carriers = split_by_carriers(flags, setup, pull_carriers(pull))
+                        row["at_z"][str(z)] = flag_metrics(flags, detection.scores, truth) | {
+                            "recall_carriers": carriers["carrier_recall"]
+                        }
                     row["alarm_p"] = alarm_p_values(detection, setup.intended_class)
+                    row["alarmed_classes"] = [
+                        c for c, info in detection.summary["per_class"].items() if info.get("alarmed")
+                    ]
                 append_row(rows_path, row)
     render(rows_path, args.out / "detection.md")
 
