@@ -5,6 +5,8 @@ and z cut-off the full scale's scan should use, chosen on the tuning keys and th
 
 Writes DIR/choice.md: every candidate with its clean flags and alarm, and per key the gate, the flagged fraction and
 the recall among the carriers and among all poisons; admissible ones ranked by the rule, the chosen one (if any) first.
+With --clean-corpus an otherwise admissible candidate on the default proxy must also raise no class alarm on any of the
+class alarm's clean scans (reports/class-alarm), the gate's standing promise.
 """
 
 from __future__ import annotations
@@ -80,6 +82,32 @@ def candidates(rows: list[dict], keys: list[int]) -> list[dict]:
     return out
 
 
+def corpus_false_alarms(options: dict, corpus: Path) -> list[str]:
+    """The clean scans of the class alarm's corpus (reports/class-alarm; WORK/scans/NAME with the default proxy's
+    embeddings) on which knn_density with `options` raises a class alarm."""
+    import csv
+
+    import numpy as np
+
+    from sanitize.detectors import DetectorContext, run_detector
+    from sanitize.detectors.knn_density import KnnDensityOptions
+    from sanitize.embeddings import load_embeddings
+
+    alarmed = []
+    for scan in sorted(d for d in corpus.iterdir() if (d / "embeddings" / "meta.json").exists()):
+        with (scan / "scores.csv").open() as handle:
+            labels = np.array([int(row[2]) for row in list(csv.reader(handle))[1:]])
+        detection = run_detector(
+            "knn_density",
+            load_embeddings(scan / "embeddings", labels),
+            KnnDensityOptions(**options),
+            DetectorContext(progress=False),
+        )
+        if any(info.get("alarmed") for info in detection.summary["per_class"].values()):
+            alarmed.append(scan.name)
+    return alarmed
+
+
 def rank(candidate: dict) -> tuple:
     """The rule's order: the smaller carrier recall over the keys, then the smaller poison recall, then fewer clean
     flags, then the default proxy."""
@@ -95,16 +123,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directory", type=Path)
     parser.add_argument("--keys", default="100,101")
+    parser.add_argument(
+        "--clean-corpus",
+        type=Path,
+        default=None,
+        help="The class alarm's clean scans (work-data/class-alarm/scans): an admissible candidate must raise no alarm.",
+    )
     args = parser.parse_args()
     keys = [int(k) for k in args.keys.split(",")]
     rows = [json.loads(line) for line in (args.directory / "detection.jsonl").read_text().splitlines()]
-    found = sorted(candidates(rows, keys), key=lambda c: (c["admissible"], *rank(c)), reverse=True)
+    found = candidates(rows, keys)
+    for c in found:  # the gate's standing promise: no class alarm on the clean corpus (default proxy's scans only)
+        c["corpus"] = None
+        if c["admissible"] and args.clean_corpus and c["proxy"] == "auto":
+            c["corpus"] = corpus_false_alarms(c["options"], args.clean_corpus)
+            c["admissible"] = not c["corpus"]
+    found = sorted(found, key=lambda c: (c["admissible"], *rank(c)), reverse=True)
     best = found[0] if found and found[0]["admissible"] else None
     chosen = best if best and min(k["carriers"] for k in best["keys"]) >= MIN_CARRIER_RECALL else None
+    corpus = f" --clean-corpus {args.clean_corpus}" if args.clean_corpus else ""
     lines = [
         "# The full-scale rule, chosen by TUNING-RULE.md on tuning keys " + ", ".join(map(str, keys)),
         "",
-        f"Command: `python benchmarks/choose_rule.py {args.directory} --keys {args.keys}`",
+        f"Command: `python benchmarks/choose_rule.py {args.directory} --keys {args.keys}{corpus}`",
         "",
         f"**Chosen**: {describe(chosen)}"
         if chosen
@@ -112,13 +153,14 @@ def main() -> None:
         + (
             f"The best admissible candidate ({describe(best)}) catches fewer than half of a key's carriers."
             if best
-            else "No candidate is admissible (clean flags <= 2% and no clean alarm, and the gate failing on every key)."
+            else "No candidate is admissible (at most 2% of the clean set flagged, no class alarm there nor, with"
+            " --clean-corpus, on the clean corpus, and the gate failing on every key)."
         ),
         "",
         "| proxy | options (knn_density) | cut | clean flagged | clean alarm | "
         + " | ".join(f"key {k}: gate, flagged, carriers, poisons" for k in keys)
-        + " | admissible |",
-        "|" + " --- |" * (6 + len(keys)),
+        + " | clean corpus: false alarms | admissible |",
+        "|" + " --- |" * (7 + len(keys)),
     ]
     for c in found:
         cells = [
@@ -129,10 +171,16 @@ def main() -> None:
             f"| {c['proxy']} | {json.dumps(c['options'])} | {c['cut']} | {c['clean_flagged']:.2%} | "
             f"{'yes' if c['clean_alarm'] else 'no'} | "
             + " | ".join(cells)
-            + f" | {'yes' if c['admissible'] else 'no'} |"
+            + f" | {corpus_cell(c['corpus'])} | {'yes' if c['admissible'] else 'no'} |"
         )
     (args.directory / "choice.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:6]))
+
+
+def corpus_cell(alarms: list[str] | None) -> str:
+    if alarms is None:
+        return "-"
+    return f"{len(alarms)} ({', '.join(alarms)})" if alarms else "0"
 
 
 def describe(candidate: dict) -> str:
