@@ -24,6 +24,7 @@ from attacks.surrogates import SURROGATE_SEED, surrogates
 from attacks.trained import Cost, ModelCache, stable_hash
 from sanitize.data import ImageDataset, open_dataset
 from sanitize.data.arrays import ArrayDataset
+from sanitize.detectors import option_names
 from sanitize.errors import SanitizeError
 from sanitize.manifest import flag_metrics
 from sanitize.models import Classifier
@@ -152,7 +153,13 @@ class Harness:
         the default scan's proxy (--checkpoint), so their cost is that proxy's training plus their own pass."""
         root = self.scan_dir(poisoned)
         options = {"quiet": True, "device": self.config.device, "precision": self.config.precision}
-        result, seconds = self._scan_once(poisoned, root / "knn_density", options)
+        if arm == "scan" and self.config.scan_options:  # a variant: its own folder unless only the rule changes
+            variant = options | self.config.scan_options
+            own = set(self.config.scan_options) - set(option_names("knn_density"))
+            folder = root / (f"knn_density-{stable_hash(self.config.scan_options)}" if own else "knn_density")
+            result, seconds = self._scan_once(poisoned, folder, variant)
+        else:
+            result, seconds = self._scan_once(poisoned, root / "knn_density", options)
         told = None
         if arm != "scan":
             detector = DETECTOR_ARMS[arm]
@@ -194,7 +201,8 @@ class Harness:
         if arm not in DETECTOR_ARMS:
             return None
         detector = DETECTOR_ARMS[arm]
-        return defense_key(default_scan_options(detector, told_count(detector, setup)))
+        variant = self.config.scan_options if arm == "scan" else {}
+        return defense_key(default_scan_options(detector, told_count(detector, setup), **variant))
 
     def carriers(self, setup: PoisonSetup, poisoned: ArrayDataset, surrogate: Classifier) -> np.ndarray:
         """Mask over the poisons (in setup order): the carriers, the fewest poisons holding half of the pull on the

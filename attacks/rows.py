@@ -66,13 +66,19 @@ def recorded_scan_options(settings: dict[str, Any]) -> dict[str, Any]:
     flat = {"detector": settings["detector"]} | {
         name: detector_options.get(name, RECORDED_DEFAULTS[name]) for name in SCAN_OPTIONS_RECORDED[1:]
     }
-    folds = settings.get("proxy_folds", 0)  # recorded only when on: rows without it were scanned without folds
-    return flat | {"proxy_epochs": settings["train"]["epochs"]} | ({"proxy_folds": folds} if folds else {})
+    # recorded only when not the default: rows without them were scanned with the default proxy and without folds
+    folds, model = settings.get("proxy_folds", 0), settings.get("model", "auto")
+    return (
+        flat
+        | {"proxy_epochs": settings["train"]["epochs"]}
+        | ({"proxy_folds": folds} if folds else {})
+        | ({"proxy_model": model} if model != "auto" else {})
+    )
 
 
-def default_scan_options(detector: str, told: int | None) -> dict[str, Any]:
-    """What a row of `detector`'s arm records when scanned with today's defaults (told `told` poisons)."""
-    return recorded_scan_options(ScanConfig.from_options(detector=detector, expected_poisons=told).to_dict())
+def default_scan_options(detector: str, told: int | None, **options: Any) -> dict[str, Any]:
+    """What a row of `detector`'s arm records when scanned with today's defaults and `options` (told `told`)."""
+    return recorded_scan_options(ScanConfig.from_options(detector=detector, expected_poisons=told, **options).to_dict())
 
 
 def defense_options(scan_options: dict[str, Any]) -> dict[str, Any]:

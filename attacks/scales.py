@@ -67,6 +67,8 @@ class EvaluationConfig:
     surrogates: int = 1  # the attacker's ensemble: this many surrogates of other seeds
     # override the attack's own options by name
     craft_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # the scan arm's options where they differ from `sanitize scan`'s defaults (a variant of the arm, on tuning keys)
+    scan_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     device: str = "auto"
     precision: str = "auto"
     subset_seed: int = 0

@@ -594,6 +594,20 @@ override_craft_options = click.option(
 )
 
 
+def parse_scan_option(text: str) -> tuple[str, Any]:
+    """'class_alarm_p=0.1' -> ('class_alarm_p', 0.1): the value as JSON where it parses (numbers, true/false), else
+    the text; the name is checked against the scan's options."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise SanitizeError(f"--scan-option takes NAME=VALUE, not {text!r}")
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = value
+    ScanConfig.from_options(**{name: parsed})  # an unknown name or a bad value fails here, before any training
+    return name, parsed
+
+
 def parse_keys(text: str, option: str = "--keys") -> tuple[int, ...]:
     """'0-7' or '0,3,5' or '2' -> a tuple of keys (or of `option`'s numbers)."""
     keys: list[int] = []
@@ -764,6 +778,14 @@ def attack(
 )
 @override_craft_options
 @click.option(
+    "--scan-option",
+    "scan_options",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="The scan arm's option where it differs from sanitize scan's default, e.g. class_alarm_p=0.1 (repeatable; "
+    "rows record it and summaries keep them apart as a variant of the arm).",
+)
+@click.option(
     "--cache",
     type=click.Path(file_okay=False),
     default=None,
@@ -797,6 +819,7 @@ def evaluate(
     lr,
     surrogates,
     craft_options,
+    scan_options,
     cache,
     out: Path,
     device: str,
@@ -825,6 +848,7 @@ def evaluate(
         lr=lr,
         surrogates=surrogates,
         craft_options=dict(parse_option(attack_name, text) for text in craft_options),
+        scan_options=dict(parse_scan_option(text) for text in scan_options),
         device=device,
         cache=cache,
     )

@@ -325,6 +325,31 @@ def test_a_detector_row_scanned_under_an_older_default_is_its_own_variant_and_th
     assert f"| scan ({old}) |" in (out / "summary.md").read_text() and f"({old})" in (out / "report.html").read_text()
 
 
+def test_a_scan_option_is_a_variant_of_the_scan_arm_recorded_resumed_and_kept_apart(tmp_path, split_npz):
+    train, test = split_npz
+    base = dict(scale="smoke", keys=(0,), eps=16, budget=0.02, epochs=1, iterations=2, victims=1)
+    base |= {"cache": str(tmp_path / "cache"), "arms": ("undefended", "scan")}
+    out = tmp_path / "eval"
+    variant = {"class_alarm_p": 0.3, "threshold": 0.3}
+    run_evaluation(train, test, out, EvaluationConfig(**base, scan_options=variant), progress=False)
+    run_evaluation(train, test, out, EvaluationConfig(**base, scan_options=variant), progress=False)  # all done
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["arm"] for r in rows] == ["undefended", "scan"]
+    assert rows[1]["scan_options"]["class_alarm_p"] == 0.3 and rows[1]["scan_options"]["threshold"] == 0.3
+    run_evaluation(train, test, out, EvaluationConfig(**base), progress=False)  # the default is another arm's row
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["arm"] for r in rows] == ["undefended", "scan", "scan"]
+    assert rows[1]["dropped_fraction"] >= rows[2]["dropped_fraction"]  # the looser cut flags at least as much
+    summary = json.loads((out / "summary.json").read_text())
+    assert {(t["arm"], t["variant"]) for t in summary["table"]} == {
+        ("undefended", ""),
+        ("scan", ""),
+        ("scan", "class_alarm_p=0.3, threshold=0.3"),
+    }
+    with pytest.raises(SanitizeError, match="unknown option"):
+        run_evaluation(train, test, out, EvaluationConfig(**base, scan_options={"nope": 1}), progress=False)
+
+
 def test_a_detector_that_flags_nothing_reuses_the_undefended_victim(tmp_path, split_npz, monkeypatch):
     train, test = split_npz
 
