@@ -4,20 +4,24 @@ A proxy trained on the data fits its labels, wrong ones included, so its own pre
 label is wrong; a proxy that never saw the example can (cross-validated predicted probabilities, the input of
 confident learning: Northcutt, Jiang & Chuang, JAIR 2021). Poisons that carry the attacker's labels (back-gradient
 optimisation, label flips) are such examples. Folds are stratified by class and drawn from the scan's seed; each
-fold's training resumes from its checkpoint and its logits are kept, so a killed scan loses at most one epoch.
+fold's training resumes from its checkpoint and its rows of the logits go to a memory-mapped file named after the
+data, model, recipe and seed (no N x C array in memory; a finished fold is marked and never redone).
 """
 
 from __future__ import annotations
 
-import io
+import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from numpy.lib.format import open_memmap
 
 from sanitize.config import TrainConfig
 from sanitize.data import ImageDataset, write_atomic
-from sanitize.distributed import World
+from sanitize.distributed import World, barrier
 from sanitize.training import predict, train_from_scratch
 
 
@@ -45,17 +49,23 @@ def out_of_fold_logits(
     progress: bool = True,
     world: World = World(),
 ) -> np.ndarray:
-    """(N, C) float32 logits, row i from the proxy trained without example i's fold; kept in directory/."""
+    """(N, C) float32 logits, memory-mapped read-only, row i from the proxy trained without example i's fold."""
     fold = fold_assignment(dataset.labels, folds, seed)
-    logits = np.zeros((len(dataset), dataset.num_classes), dtype=np.float32)
+    identity = f"{dataset.fingerprint}|{model_name}|{json.dumps(dataclasses.asdict(recipe), sort_keys=True)}|{seed}"
+    name = f"logits-{folds}folds-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.npy"
+    shape = (len(dataset), dataset.num_classes)
+    if world.is_main and not _readable(path, shape):
+        open_memmap(path, mode="w+", dtype=np.float32, shape=shape).flush()
+        for stale in directory.glob(f"{name}.fold*.done"):
+            stale.unlink()
+    barrier(world)
     for k in range(folds):
-        held_out = np.flatnonzero(fold == k)
-        done = directory / f"fold{k}-logits.npy"
+        done = directory / f"{name}.fold{k}.done"
         if done.exists():
-            stored = np.load(done, allow_pickle=False)
-            if stored.shape == (len(held_out), dataset.num_classes):
-                logits[held_out] = stored
-                continue
+            continue
+        held_out = np.flatnonzero(fold == k)
         model, _ = train_from_scratch(
             dataset,
             model_name,
@@ -71,9 +81,19 @@ def out_of_fold_logits(
             indices=np.flatnonzero(fold != k),
             world=world,
         )
-        logits[held_out] = predict(model, dataset, held_out, device, amp_dtype, batch_size, workers)
+        predicted = predict(model, dataset, held_out, device, amp_dtype, batch_size, workers)
         if world.is_main:
-            buffer = io.BytesIO()
-            np.save(buffer, logits[held_out], allow_pickle=False)
-            write_atomic(done, buffer.getvalue())
-    return logits
+            logits = open_memmap(path, mode="r+")
+            logits[held_out] = predicted
+            logits.flush()
+            del logits
+            write_atomic(done, "")
+        barrier(world)
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _readable(path: Path, shape: tuple[int, int]) -> bool:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False).shape == shape
+    except (OSError, ValueError, EOFError):
+        return False

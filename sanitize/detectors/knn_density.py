@@ -135,36 +135,45 @@ def knn_density(embeddings: Embeddings, options: KnnDensityOptions, context: Det
         context=context,
     )
     if options.label_check and embeddings.out_of_fold_logits is not None:
-        from sanitize.embeddings import softmax  # torch is loaded by now: there are embeddings
-
-        probabilities = softmax(np.asarray(embeddings.out_of_fold_logits, dtype=np.float64))
-        detection = with_label_issues(detection, probabilities, embeddings.labels, options.threshold)
+        detection = with_label_issues(detection, embeddings.out_of_fold_logits, embeddings.labels, options.threshold)
     return detection
 
 
-def label_issues(probabilities: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def label_issues(logits: np.ndarray, labels: np.ndarray, chunk: int = 50_000) -> tuple[np.ndarray, np.ndarray]:
     """Confident learning's off-diagonal (Northcutt et al. 2021): with out-of-sample probabilities, class j's threshold
     is the mean probability of j over the examples labelled j; an example is a label issue when, of the classes it
     reaches the threshold of, the likeliest is not its label. Returns the issues and each example's margin (that
-    class's probability minus the label's; <= 0 where there is no issue)."""
-    rows = np.arange(len(labels))
-    num_classes = probabilities.shape[1]
-    thresholds = np.array(
-        [probabilities[labels == c, c].mean() if (labels == c).any() else 1.0 for c in range(num_classes)]
-    )
-    reached = probabilities >= thresholds
-    reached[rows, labels] = False
-    rival = np.where(reached, probabilities, -1.0).argmax(axis=1)
-    margin = np.where(reached.any(axis=1), probabilities[rows, rival] - probabilities[rows, labels], 0.0)
+    class's probability minus the label's; <= 0 where there is no issue). Reads the (N, C) logits a chunk of rows at a
+    time, twice (no N x C array in memory)."""
+    n, num_classes = logits.shape
+    chunks = [slice(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+    totals = np.zeros(num_classes)
+    for rows in chunks:
+        p = _softmax(logits[rows])
+        np.add.at(totals, labels[rows], p[np.arange(len(p)), labels[rows]])
+    counts = np.bincount(labels, minlength=num_classes)
+    thresholds = np.where(counts > 0, totals / np.maximum(counts, 1), 1.0)
+    margin = np.zeros(n)
+    for rows in chunks:
+        p, own = _softmax(logits[rows]), labels[rows]
+        reached = p >= thresholds
+        reached[np.arange(len(p)), own] = False
+        rival = np.where(reached, p, -1.0).argmax(axis=1)
+        gap = p[np.arange(len(p)), rival] - p[np.arange(len(p)), own]
+        margin[rows] = np.where(reached.any(axis=1), gap, 0.0)
     return margin > 0, margin
 
 
-def with_label_issues(
-    detection: Detection, probabilities: np.ndarray, labels: np.ndarray, threshold: float
-) -> Detection:
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def with_label_issues(detection: Detection, logits: np.ndarray, labels: np.ndarray, threshold: float) -> Detection:
     """The detection with the label check added: issues flagged (reason WHY_LABEL where nothing else flagged them) and
     scored at least threshold + (1 - threshold) x margin, so they rank above the unflagged."""
-    issues, margin = label_issues(probabilities, labels)
+    issues, margin = label_issues(logits, labels)
     scores = np.where(issues, np.maximum(detection.scores, threshold + (1 - threshold) * margin), detection.scores)
     why = detection.arrays["flag_reason"]
     arrays = detection.arrays | {"flag_reason": np.where(issues & (why == 0), WHY_LABEL, why).astype(np.int8)}
