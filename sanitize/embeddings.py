@@ -26,7 +26,8 @@ from tqdm import tqdm
 from sanitize.data import ImageDataset, iterate_batches, write_atomic
 from sanitize.distributed import World, barrier, broadcast_from_main
 from sanitize.models import Classifier
-from sanitize.training import autocast, to_model_input
+from sanitize.training import ETA_BATCHES, autocast, to_model_input
+from sanitize.wording import duration, plural
 
 ARRAYS = ("features", "logits", "gradient")
 SAVE_SECONDS = 60  # the pass saves its progress at least this often (and every 20,000 rows)
@@ -208,7 +209,11 @@ def compute_embeddings(
     rows = np.arange(start, hi)
     bar = tqdm(total=hi - lo, initial=start - lo, desc="embed", unit="img", disable=not progress)
     checkpoint_every, saved = max(1, 20_000 // batch_size), time.monotonic()
+    started = time.perf_counter()
     for step, (images, labels, positions) in enumerate(iterate_batches(dataset, rows, batch_size, workers), 1):
+        if step == ETA_BATCHES + 1 and progress and world.is_main:  # its rough length, before it is under way
+            total = (time.perf_counter() - started) / ETA_BATCHES * -(-len(rows) // batch_size)
+            tqdm.write(f"embed: about {duration(total)} for {plural(len(rows), 'image')}", sys.stderr)
         with autocast(device, amp_dtype):
             features = model.features(to_model_input(images, device))
             logits = model.head(features)

@@ -142,7 +142,7 @@ def recipe_optimizer(parameters, config: TrainConfig, lr: float | None = None) -
     )
 
 
-ETA_BATCHES = 10  # a training run says how long it will take after this many batches
+ETA_BATCHES = 10  # a training run (and the embedding pass) says how long it will take after this many batches
 
 
 def train_model(

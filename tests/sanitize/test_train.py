@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from sanitize.cli import cli
 from sanitize.config import TrainConfig
 from sanitize.data import open_dataset
+from sanitize.embeddings import compute_embeddings
 from sanitize.models import create_model
 from sanitize.robust import EpicDropper
 from sanitize.trainer import train
@@ -118,7 +119,7 @@ def test_training_records_skipped_files_like_a_scan(tmp_path, digits_folder):
     assert "digit_2/pipe.png" in html and "not a regular file" in html
 
 
-def test_a_training_run_says_roughly_how_long_it_will_take_before_it_is_under_way(digits_npz, capsys):
+def test_a_training_run_and_the_embedding_pass_say_roughly_how_long_they_will_take(digits_npz, capsys, tmp_path):
     data = open_dataset(digits_npz)
     model = create_model("tiny", 10, (3, 16, 16))
     config = TrainConfig(epochs=3, batch_size=16, augment=False)
@@ -127,3 +128,8 @@ def test_a_training_run_says_roughly_how_long_it_will_take_before_it_is_under_wa
     assert len(lines) == 1 and re.fullmatch(r"proxy: about \d+(\.\d)? (s|min|h) for 3 epochs", lines[0].strip())
     train_model(model, data, np.arange(320), config, torch.device("cpu"), None, progress=False, desc="proxy")
     assert "about" not in capsys.readouterr().err  # quiet runs say nothing
+    compute_embeddings(model, data, tmp_path / "embeddings", torch.device("cpu"), None, batch_size=16)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "embed: about" in line]
+    assert len(lines) == 1 and re.fullmatch(
+        rf"embed: about \d+(\.\d)? (s|min|h) for {len(data)} images", lines[0].strip()
+    )
