@@ -135,19 +135,28 @@ def main() -> None:
     found = candidates(rows, keys)
     for c in found:  # the gate's standing promise: no class alarm on the clean corpus (default proxy's scans only)
         c["corpus"] = None
-        if c["admissible"] and args.clean_corpus and c["proxy"] == "auto":
-            c["corpus"] = corpus_false_alarms(c["options"], args.clean_corpus)
-            c["admissible"] = not c["corpus"]
+        if c["admissible"] and args.clean_corpus:
+            if c["proxy"] == "auto":
+                c["corpus"] = corpus_false_alarms(c["options"], args.clean_corpus)
+                c["admissible"] = not c["corpus"]
+            else:
+                c["corpus"] = "unchecked"  # the corpus holds the default proxy's scans only
     found = sorted(found, key=lambda c: (c["admissible"], *rank(c)), reverse=True)
     best = found[0] if found and found[0]["admissible"] else None
     chosen = best if best and min(k["carriers"] for k in best["keys"]) >= MIN_CARRIER_RECALL else None
+    pending = (
+        " **Pending**: the clean corpus has not been scanned with this proxy; the choice stands only if it raises no"
+        " class alarm there."
+        if chosen and chosen["corpus"] == "unchecked"
+        else ""
+    )
     corpus = f" --clean-corpus {args.clean_corpus}" if args.clean_corpus else ""
     lines = [
         "# The full-scale rule, chosen by TUNING-RULE.md on tuning keys " + ", ".join(map(str, keys)),
         "",
         f"Command: `python benchmarks/choose_rule.py {args.directory} --keys {args.keys}{corpus}`",
         "",
-        f"**Chosen**: {describe(chosen)}"
+        f"**Chosen**: {describe(chosen)}.{pending}"
         if chosen
         else "**Chosen: none.** "
         + (
@@ -177,9 +186,9 @@ def main() -> None:
     print("\n".join(lines[:6]))
 
 
-def corpus_cell(alarms: list[str] | None) -> str:
-    if alarms is None:
-        return "-"
+def corpus_cell(alarms: list[str] | str | None) -> str:
+    if alarms is None or isinstance(alarms, str):
+        return alarms or "-"
     return f"{len(alarms)} ({', '.join(alarms)})" if alarms else "0"
 
 

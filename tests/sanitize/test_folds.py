@@ -62,8 +62,8 @@ def test_proxy_folds_find_a_group_of_wrong_labels_the_scan_alone_misses_and_resu
     alone = scan(data, tmp_path / "alone", **options)
     checked = scan(data, tmp_path / "checked", proxy_folds=2, **options)
     reasons = np.load(tmp_path / "checked" / "embeddings" / "flag_reason.npy")
-    assert alone.flags[planted].sum() <= 5
-    assert checked.flags[planted].sum() >= 8 and (reasons[planted] == WHY_LABEL).sum() >= 5
+    assert alone.flags[planted].sum() <= 3  # 0-1 of 15 measured, on one thread and on two
+    assert checked.flags[planted].sum() >= 6 and (reasons[planted] == WHY_LABEL).sum() >= 5  # 7-9 measured
     assert (checked.flags | ~alone.flags).all()  # the check adds flags, it takes none away
     assert checked.flags.sum() - checked.flags[planted].sum() <= alone.flags.sum() + 8  # few clean ones besides
     folds = tmp_path / "checked" / "folds"
