@@ -125,22 +125,28 @@ def main() -> None:
     parser.add_argument("--keys", default="100,101")
     parser.add_argument(
         "--clean-corpus",
-        type=Path,
-        default=None,
-        help="The class alarm's clean scans (work-data/class-alarm/scans): an admissible candidate must raise no alarm.",
+        action="append",
+        default=[],
+        metavar="[PROXY=]DIR",
+        help="The class alarm's clean scans with a proxy (default auto; e.g. work-data/class-alarm/scans): an "
+        "admissible candidate on that proxy must raise no alarm on any (repeatable, one per proxy).",
     )
     args = parser.parse_args()
     keys = [int(k) for k in args.keys.split(",")]
     rows = [json.loads(line) for line in (args.directory / "detection.jsonl").read_text().splitlines()]
     found = candidates(rows, keys)
+    corpora = {
+        proxy if sep else "auto": Path(directory if sep else proxy)
+        for proxy, sep, directory in (text.partition("=") for text in args.clean_corpus)
+    }
     for c in found:  # the gate's standing promise: no class alarm on the clean corpus (default proxy's scans only)
         c["corpus"] = None
-        if c["admissible"] and args.clean_corpus:
-            if c["proxy"] == "auto":
-                c["corpus"] = corpus_false_alarms(c["options"], args.clean_corpus)
+        if c["admissible"] and corpora:
+            if c["proxy"] in corpora:
+                c["corpus"] = corpus_false_alarms(c["options"], corpora[c["proxy"]])
                 c["admissible"] = not c["corpus"]
             else:
-                c["corpus"] = "unchecked"  # the corpus holds the default proxy's scans only
+                c["corpus"] = "unchecked"  # no corpus scanned with this proxy
     found = sorted(found, key=lambda c: (c["admissible"], *rank(c)), reverse=True)
     best = found[0] if found and found[0]["admissible"] else None
     chosen = best if best and min(k["carriers"] for k in best["keys"]) >= MIN_CARRIER_RECALL else None
@@ -150,7 +156,7 @@ def main() -> None:
         if chosen and chosen["corpus"] == "unchecked"
         else ""
     )
-    corpus = f" --clean-corpus {args.clean_corpus}" if args.clean_corpus else ""
+    corpus = "".join(f" --clean-corpus {text}" for text in args.clean_corpus)
     lines = [
         "# The full-scale rule, chosen by TUNING-RULE.md on tuning keys " + ", ".join(map(str, keys)),
         "",

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from sanitize import scan
+from sanitize.cli import parse_scan_option
 from sanitize.data.digits import digits_arrays
 from sanitize.detectors.knn_density import KnnDensityOptions
 
@@ -304,10 +305,23 @@ def main() -> None:
     parser.add_argument("--scale", default="cpu", help="the evaluation's scale (its poisoned sets are named with it)")
     parser.add_argument("--out", type=Path, default=Path("reports/class-alarm"))
     parser.add_argument("--only", default=None, help="comma-separated names of the clean corpus to run")
-    args = parser.parse_args()
-    command = "OMP_NUM_THREADS=1 python benchmarks/class_alarm.py " + " ".join(
-        f"--{k} {v}" for k, v in vars(args).items() if v is not None
+    parser.add_argument(
+        "--scan-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a scan option for every clean scan (e.g. model=resnet18_cifar_w16, with its own --work and --out); "
+        "the poisoned sets, whose cached scans are the default's, are then not scanned",
     )
+    args = parser.parse_args()
+    command = (
+        "OMP_NUM_THREADS=1 python benchmarks/class_alarm.py "
+        + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "scan_option"
+        )
+        + "".join(f" --scan-option {text}" for text in args.scan_option)
+    )
+    extra = dict(parse_scan_option(text) for text in args.scan_option)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.work / "data").mkdir(parents=True, exist_ok=True)
     clean_path, poisoned_path = args.out / "rows.jsonl", args.out / "poisoned.jsonl"
@@ -317,7 +331,7 @@ def main() -> None:
         for path in (clean_path, poisoned_path)
     )
 
-    for name, poisoned_data, facts, harness in poisoned_sets(args):
+    for name, poisoned_data, facts, harness in [] if extra else poisoned_sets(args):
         if name in poisoned:
             continue
         started = time.perf_counter()
@@ -346,8 +360,8 @@ def main() -> None:
             images, labels = digits_arrays() if build is None else build(x, y.astype(np.int64))
             np.savez(data, x=images, y=labels)
         started = time.perf_counter()
-        result = scan(data, args.work / "scans" / name, quiet=True, **options)
-        clean[name] = row_of(name, options, result.summary, time.perf_counter() - started)
+        result = scan(data, args.work / "scans" / name, quiet=True, **options, **extra)
+        clean[name] = row_of(name, options | extra, result.summary, time.perf_counter() - started)
         write_jsonl(clean_path, clean)
         render(list(clean.values()), list(poisoned.values()), args.out, command)
     render(list(clean.values()), list(poisoned.values()), args.out, command)
