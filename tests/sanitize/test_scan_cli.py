@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 
 import click
 import numpy as np
@@ -233,3 +234,22 @@ def test_data_the_scan_cannot_judge_gets_no_verdict(tmp_path, digits_npz):
     assert "No verdict: the data has one class" in (tmp_path / "o1" / "report.html").read_text(encoding="utf-8")
     weak = sanitize.scan(digits_npz, tmp_path / "o2", **(FAST | {"epochs": 0}))  # an untrained proxy: chance
     assert weak.summary["gate"]["verdict"] == "inconclusive" and "too weak" in weak.summary["gate"]["caution"]
+
+
+def test_a_scan_killed_mid_training_leaves_no_verdict_and_a_rerun_finishes_with_the_same_scores(tmp_path, digits_npz):
+    """SIGKILL, not an exception: the process gets no chance to clean up."""
+    command = [sys.executable, "-m", "sanitize", "scan", str(digits_npz), "--model", "tiny", "--epochs", "8"]
+    straight = tmp_path / "straight"
+    assert subprocess.run([*command, "--out", str(straight), "--quiet"], capture_output=True).returncode in (0, 1)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([*command, "--out", str(killed), "--quiet"], stderr=subprocess.DEVNULL)
+    checkpoint = killed / "proxy" / "checkpoint.pt"
+    while not checkpoint.exists() and process.poll() is None:  # the first epoch is saved: kill mid-training
+        time.sleep(0.02)
+    process.kill()
+    assert process.wait() == -9, "the scan finished before it could be killed"
+    assert not (killed / "summary.json").exists()  # no verdict left behind by the killed run
+    resumed = subprocess.run([*command, "--out", str(killed)], capture_output=True, text=True)
+    assert resumed.returncode in (0, 1) and "resuming proxy from epoch" in resumed.stderr
+    with (straight / "scores.csv").open() as a, (killed / "scores.csv").open() as b:
+        assert a.read() == b.read()
