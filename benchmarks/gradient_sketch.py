@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from sanitize.density import robust_z
+from sanitize.density import robust_z, softmax
 from sanitize.detectors.knn_density import KnnDensityOptions, neighbour_statistic, scales
-from sanitize.embeddings import GradientEmbedder, softmax
+from sanitize.embeddings import GradientEmbedder
 from sanitize.embeddings import softmax_minus_onehot as gradient_factor
 
 

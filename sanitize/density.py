@@ -22,6 +22,13 @@ def _faiss():
     return faiss
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """The proxy's class probabilities, row by row (shifted by the row maximum: no overflow)."""
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    return p
+
+
 def gpu_available() -> bool:
     faiss = _faiss()
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0

@@ -24,6 +24,7 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from sanitize.data import ImageDataset, iterate_batches, write_atomic
+from sanitize.density import softmax
 from sanitize.distributed import World, barrier, broadcast_from_main
 from sanitize.models import Classifier
 from sanitize.training import ETA_BATCHES, autocast, to_model_input
@@ -59,13 +60,6 @@ class GradientEmbedder:
             return (g[:, :, None] * f_tilde[:, None, :]).flatten(1)
         a, b = self.a.to(g.device), self.b.to(g.device)
         return (g @ a.T) * (f_tilde @ b.T) / math.sqrt(self.dim)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """The proxy's class probabilities, row by row (shifted by the row maximum: no overflow)."""
-    p = np.exp(logits - logits.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
-    return p
 
 
 def softmax_minus_onehot(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:

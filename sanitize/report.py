@@ -28,8 +28,8 @@ from PIL import Image
 from sklearn.decomposition import PCA
 
 from sanitize.data import ImageDataset, open_dataset, write_atomic
+from sanitize.density import softmax
 from sanitize.detectors.knn_density import FLAG_REASONS
-from sanitize.embeddings import softmax
 from sanitize.errors import SanitizeError
 from sanitize.manifest import TARGET_IMAGE
 

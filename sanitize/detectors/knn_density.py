@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from sanitize.density import choose_index, knn, robust_z, z_to_score
+from sanitize.density import choose_index, knn, robust_z, softmax, z_to_score
 from sanitize.detectors import EMBEDDINGS, Detection, DetectorContext, check, register_detector
 
 if TYPE_CHECKING:  # the detectors' modules stay light: the CLI reads their options without torch
@@ -149,25 +149,19 @@ def label_issues(logits: np.ndarray, labels: np.ndarray, chunk: int = 50_000) ->
     chunks = [slice(start, min(start + chunk, n)) for start in range(0, n, chunk)]
     totals = np.zeros(num_classes)
     for rows in chunks:
-        p = _softmax(logits[rows])
+        p = softmax(np.asarray(logits[rows], dtype=np.float64))
         np.add.at(totals, labels[rows], p[np.arange(len(p)), labels[rows]])
     counts = np.bincount(labels, minlength=num_classes)
     thresholds = np.where(counts > 0, totals / np.maximum(counts, 1), 1.0)
     margin = np.zeros(n)
     for rows in chunks:
-        p, own = _softmax(logits[rows]), labels[rows]
+        p, own = softmax(np.asarray(logits[rows], dtype=np.float64)), labels[rows]
         reached = p >= thresholds
         reached[np.arange(len(p)), own] = False
         rival = np.where(reached, p, -1.0).argmax(axis=1)
         gap = p[np.arange(len(p)), rival] - p[np.arange(len(p)), own]
         margin[rows] = np.where(reached.any(axis=1), gap, 0.0)
     return margin > 0, margin
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64)
-    p = np.exp(z - z.max(axis=1, keepdims=True))
-    return p / p.sum(axis=1, keepdims=True)
 
 
 def with_label_issues(detection: Detection, logits: np.ndarray, labels: np.ndarray, threshold: float) -> Detection:
