@@ -153,13 +153,10 @@ class Harness:
         the default scan's proxy (--checkpoint), so their cost is that proxy's training plus their own pass."""
         root = self.scan_dir(poisoned)
         options = {"quiet": True, "device": self.config.device, "precision": self.config.precision}
-        if arm == "scan" and self.config.scan_options:  # a variant: its own folder unless only the rule changes
-            variant = options | self.config.scan_options
-            own = set(self.config.scan_options) - set(option_names("knn_density"))
-            folder = root / (f"knn_density-{stable_hash(self.config.scan_options)}" if own else "knn_density")
-            result, seconds = self._scan_once(poisoned, folder, variant)
-        else:
-            result, seconds = self._scan_once(poisoned, root / "knn_density", options)
+        folder, variant = root / "knn_density", self.config.scan_options if arm == "scan" else {}
+        if set(variant) - set(option_names("knn_density")):  # another proxy: its own folder; a rule change reuses it
+            folder = root / f"knn_density-{stable_hash(variant)}"
+        result, seconds = self._scan_once(poisoned, folder, options | variant)
         told = None
         if arm != "scan":
             detector = DETECTOR_ARMS[arm]

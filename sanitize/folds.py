@@ -81,10 +81,9 @@ def out_of_fold_logits(
             indices=np.flatnonzero(fold != k),
             world=world,
         )
-        predicted = predict(model, dataset, held_out, device, amp_dtype, batch_size, workers)
-        if world.is_main:
+        if world.is_main:  # every rank holds the same trained weights: one predicts
             logits = open_memmap(path, mode="r+")
-            logits[held_out] = predicted
+            logits[held_out] = predict(model, dataset, held_out, device, amp_dtype, batch_size, workers)
             logits.flush()
             del logits
             write_atomic(done, "")
