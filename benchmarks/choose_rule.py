@@ -5,8 +5,9 @@ and z cut-off the full scale's scan should use, chosen on the tuning keys and th
 
 Writes DIR/choice.md: every candidate with its clean flags and alarm, and per key the gate, the flagged fraction and
 the recall among the carriers and among all poisons; admissible ones ranked by the rule, the chosen one (if any) first.
-With --clean-corpus an otherwise admissible candidate on the default proxy must also raise no class alarm on any of the
-class alarm's clean scans (reports/class-alarm), the gate's standing promise.
+With --clean-corpus [PROXY=]DIR an otherwise admissible candidate must also raise no class alarm on any of the class
+alarm's clean scans made with its proxy (reports/class-alarm), the gate's standing promise; a candidate whose proxy has
+no such corpus is marked unchecked.
 """
 
 from __future__ import annotations
@@ -85,21 +86,16 @@ def candidates(rows: list[dict], keys: list[int]) -> list[dict]:
 def corpus_false_alarms(options: dict, corpus: Path) -> list[str]:
     """The clean scans of the class alarm's corpus (reports/class-alarm; WORK/scans/NAME with the default proxy's
     embeddings) on which knn_density with `options` raises a class alarm."""
-    import csv
-
-    import numpy as np
-
     from sanitize.detectors import DetectorContext, run_detector
     from sanitize.detectors.knn_density import KnnDensityOptions
     from sanitize.embeddings import load_embeddings
+    from sanitize.report import read_scores
 
     alarmed = []
     for scan in sorted(d for d in corpus.iterdir() if (d / "embeddings" / "meta.json").exists()):
-        with (scan / "scores.csv").open() as handle:
-            labels = np.array([int(row[2]) for row in list(csv.reader(handle))[1:]])
         detection = run_detector(
             "knn_density",
-            load_embeddings(scan / "embeddings", labels),
+            load_embeddings(scan / "embeddings", read_scores(scan / "scores.csv").labels),
             KnnDensityOptions(**options),
             DetectorContext(progress=False),
         )
@@ -139,11 +135,15 @@ def main() -> None:
         proxy if sep else "auto": Path(directory if sep else proxy)
         for proxy, sep, directory in (text.partition("=") for text in args.clean_corpus)
     }
-    for c in found:  # the gate's standing promise: no class alarm on the clean corpus (default proxy's scans only)
+    checked: dict[str, list[str]] = {}  # the alarm does not depend on the cut: each proxy and options once
+    for c in found:  # the gate's standing promise: no class alarm on the clean corpus of the candidate's proxy
         c["corpus"] = None
         if c["admissible"] and corpora:
             if c["proxy"] in corpora:
-                c["corpus"] = corpus_false_alarms(c["options"], corpora[c["proxy"]])
+                identity = json.dumps([c["proxy"], c["options"]], sort_keys=True)
+                if identity not in checked:
+                    checked[identity] = corpus_false_alarms(c["options"], corpora[c["proxy"]])
+                c["corpus"] = checked[identity]
                 c["admissible"] = not c["corpus"]
             else:
                 c["corpus"] = "unchecked"  # no corpus scanned with this proxy
