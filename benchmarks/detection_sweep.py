@@ -134,9 +134,9 @@ def poison_pulls(harness: Harness, setup, poisoned) -> np.ndarray:
     return poison_pull(surrogate, images, labels, harness.test.load_image(setup.target_index), setup.intended_class)
 
 
-def caught_by_pull(flags: np.ndarray, scores: np.ndarray, pull: np.ndarray, setup) -> dict:
+def caught_by_pull(flags: np.ndarray, scores: np.ndarray, pull: np.ndarray, carriers: np.ndarray, setup) -> dict:
     """Recall among the carriers (the fewest poisons holding half the pull) and among the rest; rank correlation."""
-    split = split_by_carriers(flags, setup, pull_carriers(pull))
+    split = split_by_carriers(flags, setup, carriers)
     return {
         "carriers": split["carriers"],
         "recall_carriers": split["carrier_recall"],
@@ -306,6 +306,7 @@ def main() -> None:
         poisoned = harness.data_for("undefended", poisons)
         harness.filtered(poisoned, "scan", setup)  # the default scan: proxy + embeddings, cached
         pull = poison_pulls(harness, setup, poisoned)
+        carriers = pull_carriers(pull)
         for proxy in proxies(args):
             embeddings = load_embeddings(proxy_scan_dir(harness, poisoned, proxy) / "embeddings", poisoned.labels)
             for detector, options in swept(args):
@@ -330,16 +331,15 @@ def main() -> None:
                     "told_expected_poisons": told,
                     **flag_metrics(detection.flags, detection.scores, truth),
                     "poison_score_median": float(np.median(poison_scores)),
-                    **caught_by_pull(detection.flags, detection.scores, pull, setup),
+                    **caught_by_pull(detection.flags, detection.scores, pull, carriers, setup),
                     "proxy_accuracy": embeddings.accuracy(),
                 }
                 if detector == "knn_density":
                     row["at_z"] = {}
                     for z in AT_Z:
                         flags = detection.scores >= z_to_score(np.array(z))
-                        carriers = split_by_carriers(flags, setup, pull_carriers(pull))
                         row["at_z"][str(z)] = flag_metrics(flags, detection.scores, truth) | {
-                            "recall_carriers": carriers["carrier_recall"]
+                            "recall_carriers": split_by_carriers(flags, setup, carriers)["carrier_recall"]
                         }
                     row["alarm_p"] = alarm_p_values(detection, setup.intended_class)
                     row["alarmed_classes"] = [
