@@ -24,7 +24,7 @@ from PIL import Image
 
 from sanitize.config import TrainConfig
 from sanitize.data import iterate_batches, open_dataset
-from sanitize.density import knn
+from sanitize.density import knn, softmax
 from sanitize.detectors import DetectorContext
 from sanitize.detectors.knn_density import ISOLATION_ONLY, KnnDensityOptions, knn_isolation
 from sanitize.embeddings import compute_embeddings, load_embeddings
@@ -223,8 +223,7 @@ def many_classes(classes: int = 100, per_class: int = 1300, dim: int = 512, proj
     labels = np.repeat(np.arange(classes), per_class)
     features = np.abs(means[labels] + rng.normal(size=(len(labels), dim)).astype(np.float32))
     logits = (features - features.mean(axis=0)) @ (means / np.linalg.norm(means, axis=1, keepdims=True)).T / 4
-    p = np.exp(logits - logits.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
+    p = softmax(logits)
     loss = -np.log(p[np.arange(len(labels)), labels] + 1e-12)
     result = {"classes": classes, "per_class": per_class, "dim": dim, "rows": len(labels)}
     for kind in ("flat", "ivf"):
