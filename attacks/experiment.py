@@ -169,6 +169,7 @@ class Harness:
                     "detector": detector,
                     "expected_poisons": told,
                     "checkpoint": str(root / "knn_density" / "proxy" / "model.pt"),
+                    "model": result.summary["config"]["model"],  # the architecture auto resolved to
                 },
             )
             seconds = Cost(seconds.wall + own.wall, None if None in (seconds.cpu, own.cpu) else seconds.cpu + own.cpu)
@@ -199,7 +200,8 @@ class Harness:
             return None
         detector = DETECTOR_ARMS[arm]
         variant = self.config.scan_options if arm == "scan" else {}
-        return defense_key(default_scan_options(detector, told_count(detector, setup), **variant))
+        told = told_count(detector, setup)
+        return defense_key(default_scan_options(detector, told, self.train.image_size, **variant))
 
     def carriers(self, setup: PoisonSetup, poisoned: ArrayDataset, surrogate: Classifier) -> np.ndarray:
         """Mask over the poisons (in setup order): the carriers, the fewest poisons holding half of the pull on the

@@ -14,11 +14,15 @@ from sanitize.config import ScanConfig
 from sanitize.detectors.epic import EpicOptions
 from sanitize.detectors.knn_density import KnnDensityOptions
 from sanitize.errors import SanitizeError
+from sanitize.models import default_model_name
 
 KNN_DENSITY_OPTIONS = tuple(f.name for f in dataclasses.fields(KnnDensityOptions))
 # options recorded only since they were added (alarm_confidence: 2026-11; the alarm's test and group: 2026-12-01;
 # the label check, which acts only with proxy folds: 2026-12-02), with the value that reproduces older rows
 BEFORE_RECORDED = {"alarm_confidence": 0.0, "alarm_test": "poisson", "alarm_group_fraction": 0.0, "label_check": True}
+# the proxy, recorded only when not auto until 2026-12-02 (since then always, as the architecture auto resolved to):
+# auto meant the ConvNet for the small images every evaluation uses
+PROXY_BEFORE_RECORDED = "convnet"
 # what a detector arm's row records of the scan that made its flags, so rows stay readable when the defaults move
 SCAN_OPTIONS_RECORDED = ("detector", *KNN_DENSITY_OPTIONS, "epic_fraction", "expected_poisons")
 RECORDED_DEFAULTS = (
@@ -66,7 +70,8 @@ def recorded_scan_options(settings: dict[str, Any]) -> dict[str, Any]:
     flat = {"detector": settings["detector"]} | {
         name: detector_options.get(name, RECORDED_DEFAULTS[name]) for name in SCAN_OPTIONS_RECORDED[1:]
     }
-    # recorded only when not the default: rows without them were scanned with the default proxy and without folds
+    # folds recorded only when used; the proxy's architecture always (auto is resolved by the scan, and rows from
+    # before that lack it: PROXY_BEFORE_RECORDED)
     folds, model = settings.get("proxy_folds", 0), settings.get("model", "auto")
     return (
         flat
@@ -76,14 +81,25 @@ def recorded_scan_options(settings: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def default_scan_options(detector: str, told: int | None, **options: Any) -> dict[str, Any]:
-    """What a row of `detector`'s arm records when scanned with today's defaults and `options` (told `told`)."""
-    return recorded_scan_options(ScanConfig.from_options(detector=detector, expected_poisons=told, **options).to_dict())
+def default_scan_options(
+    detector: str, told: int | None, image_size: tuple[int, int] = (32, 32), **options: Any
+) -> dict[str, Any]:
+    """What a row of `detector`'s arm records when images of `image_size` (the evaluations' are 32 px) are scanned
+    with today's defaults and `options` (told `told`); a baseline gets the default scan's proxy."""
+    model = options.pop("model", "auto")
+    config = ScanConfig.from_options(
+        detector=detector,
+        expected_poisons=told,
+        model=default_model_name(image_size) if model == "auto" else model,
+        **options,
+    )
+    return recorded_scan_options(config.to_dict())
 
 
 def defense_options(scan_options: dict[str, Any]) -> dict[str, Any]:
     """The recorded options that decide a detector's flags: every one for the default scan; for a baseline, all but
     knn_density's own (a baseline row stays current when only the default detector's settings move)."""
+    scan_options = {"proxy_model": PROXY_BEFORE_RECORDED} | scan_options
     if scan_options["detector"] == "knn_density":
         return scan_options | {name: value for name, value in BEFORE_RECORDED.items() if name not in scan_options}
     return {name: value for name, value in scan_options.items() if name not in KNN_DENSITY_OPTIONS}

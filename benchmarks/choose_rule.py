@@ -6,8 +6,10 @@ and z cut-off the full scale's scan should use, chosen on the tuning keys and th
 Writes DIR/choice.md: every candidate with its clean flags and alarm, and per key the gate, the flagged fraction and
 the recall among the carriers and among all poisons; admissible ones ranked by the rule, the chosen one (if any) first.
 With --clean-corpus [PROXY=]DIR an otherwise admissible candidate must also raise no class alarm on any of the class
-alarm's clean scans made with its proxy (reports/class-alarm), the gate's standing promise; a candidate whose proxy has
-no such corpus is marked unchecked.
+alarm's clean scans made with its proxy (reports/class-alarm), the gate's standing promise, checked in the rule's
+order until one keeps it (the ones below it are not needed); a candidate whose proxy has no such corpus is marked
+unchecked. Each verdict is kept in DIR/corpus.jsonl (the scans are work files), and a later run without that proxy's
+corpus reads it from there. Rows that name no proxy were scanned with the ConvNet (`convnet`).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def candidates(rows: list[dict], keys: list[int]) -> list[dict]:
     for r in rows:
         if r["detector"] != "knn_density":
             continue
-        by[(r.get("proxy_model", "auto"), json.dumps(r["options"], sort_keys=True), r["key"])] = r
+        by[(r.get("proxy_model", "convnet"), json.dumps(r["options"], sort_keys=True), r["key"])] = r
     out = []
     for (proxy, options, key), clean in by.items():
         if key != "clean" or "dropped_at_z" not in clean:
@@ -83,16 +85,27 @@ def candidates(rows: list[dict], keys: list[int]) -> list[dict]:
     return out
 
 
-def corpus_false_alarms(options: dict, corpus: Path) -> list[str]:
-    """The clean scans of the class alarm's corpus (reports/class-alarm; WORK/scans/NAME with the default proxy's
-    embeddings) on which knn_density with `options` raises a class alarm."""
+def read_verdicts(path: Path) -> dict[str, dict]:
+    """Corpus verdicts by json [proxy, options]: the scans checked and those with a false alarm."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return {json.dumps([r["proxy"], r["options"]], sort_keys=True): r for r in rows}
+
+
+def write_verdicts(path: Path, verdicts: dict[str, dict]) -> None:
+    path.write_text("".join(json.dumps(v, sort_keys=True) + "\n" for v in verdicts.values()))
+
+
+def corpus_false_alarms(options: dict, corpus: Path) -> tuple[int, list[str]]:
+    """How many clean scans of the class alarm's corpus (reports/class-alarm; WORK/scans/NAME with one proxy's
+    embeddings) there are, and those on which knn_density with `options` raises a class alarm."""
     from sanitize.detectors import DetectorContext, run_detector
     from sanitize.detectors.knn_density import KnnDensityOptions
     from sanitize.embeddings import load_embeddings
     from sanitize.report import read_scores
 
     alarmed = []
-    for scan in sorted(d for d in corpus.iterdir() if (d / "embeddings" / "meta.json").exists()):
+    scans = sorted(d for d in corpus.iterdir() if (d / "embeddings" / "meta.json").exists())
+    for scan in scans:
         detection = run_detector(
             "knn_density",
             load_embeddings(scan / "embeddings", read_scores(scan / "scores.csv").labels),
@@ -101,17 +114,17 @@ def corpus_false_alarms(options: dict, corpus: Path) -> list[str]:
         )
         if any(info.get("alarmed") for info in detection.summary["per_class"].values()):
             alarmed.append(scan.name)
-    return alarmed
+    return len(scans), alarmed
 
 
 def rank(candidate: dict) -> tuple:
     """The rule's order: the smaller carrier recall over the keys, then the smaller poison recall, then fewer clean
-    flags, then the default proxy."""
+    flags, then the ConvNet proxy (the cheaper one, and the default when the rule was written)."""
     return (
         min(k["carriers"] for k in candidate["keys"]),
         min(k["recall"] for k in candidate["keys"]),
         -candidate["clean_flagged"],
-        candidate["proxy"] == "auto",
+        candidate["proxy"] == "convnet",
     )
 
 
@@ -124,7 +137,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="[PROXY=]DIR",
-        help="The class alarm's clean scans with a proxy (default auto; e.g. work-data/class-alarm/scans): an "
+        help="The class alarm's clean scans with a proxy (default convnet; e.g. work-data/class-alarm/scans): an "
         "admissible candidate on that proxy must raise no alarm on any (repeatable, one per proxy).",
     )
     args = parser.parse_args()
@@ -132,21 +145,38 @@ def main() -> None:
     rows = [json.loads(line) for line in (args.directory / "detection.jsonl").read_text().splitlines()]
     found = candidates(rows, keys)
     corpora = {
-        proxy if sep else "auto": Path(directory if sep else proxy)
+        proxy if sep else "convnet": Path(directory if sep else proxy)
         for proxy, sep, directory in (text.partition("=") for text in args.clean_corpus)
     }
-    checked: dict[str, list[str]] = {}  # the alarm does not depend on the cut: each proxy and options once
-    for c in found:  # the gate's standing promise: no class alarm on the clean corpus of the candidate's proxy
+    checked: set[str] = set()
+    # the alarm does not depend on the cut: each proxy and options once. Verdicts are kept in DIR/corpus.jsonl, so
+    # a later run without that proxy's corpus (scans are work files) reads the verdict it reached
+    verdicts_path = args.directory / "corpus.jsonl"
+    verdicts = read_verdicts(verdicts_path)
+    # the gate's standing promise, in the rule's order: no class alarm on the clean corpus of the candidate's proxy;
+    # the first admissible candidate that keeps it is chosen, so the ones ranked below it need no check
+    found = sorted(found, key=rank, reverse=True)
+    settled = False
+    for c in found:
         c["corpus"] = None
-        if c["admissible"] and corpora:
-            if c["proxy"] in corpora:
-                identity = json.dumps([c["proxy"], c["options"]], sort_keys=True)
-                if identity not in checked:
-                    checked[identity] = corpus_false_alarms(c["options"], corpora[c["proxy"]])
-                c["corpus"] = checked[identity]
-                c["admissible"] = not c["corpus"]
-            else:
-                c["corpus"] = "unchecked"  # no corpus scanned with this proxy
+        if not c["admissible"] or not (corpora or verdicts):
+            continue
+        identity = json.dumps([c["proxy"], c["options"]], sort_keys=True)
+        if settled:
+            c["corpus"] = "not needed (ranked below the chosen)"
+            continue
+        if c["proxy"] in corpora and identity not in checked:
+            directory = corpora[c["proxy"]]
+            scans, alarms = corpus_false_alarms(c["options"], directory)
+            verdicts[identity] = {"proxy": c["proxy"], "options": c["options"], "scans": scans, "false_alarms": alarms}
+            write_verdicts(verdicts_path, verdicts)
+            checked.add(identity)
+        if identity in verdicts:
+            c["corpus"] = verdicts[identity]
+            c["admissible"] = settled = not c["corpus"]["false_alarms"]
+        else:
+            c["corpus"] = "unchecked"  # no corpus scanned with this proxy
+            settled = True
     found = sorted(found, key=lambda c: (c["admissible"], *rank(c)), reverse=True)
     best = found[0] if found and found[0]["admissible"] else None
     chosen = best if best and min(k["carriers"] for k in best["keys"]) >= MIN_CARRIER_RECALL else None
@@ -192,10 +222,12 @@ def main() -> None:
     print("\n".join(lines[:6]))
 
 
-def corpus_cell(alarms: list[str] | str | None) -> str:
-    if alarms is None or isinstance(alarms, str):
-        return alarms or "-"
-    return f"{len(alarms)} ({', '.join(alarms)})" if alarms else "0"
+def corpus_cell(verdict: dict | str | None) -> str:
+    if verdict is None or isinstance(verdict, str):
+        return verdict or "-"
+    alarms = verdict["false_alarms"]
+    named = f" ({', '.join(alarms)})" if alarms else ""
+    return f"{len(alarms)} of {verdict['scans']}{named}" + (f", {verdict['source']}" if "source" in verdict else "")
 
 
 def describe(candidate: dict) -> str:

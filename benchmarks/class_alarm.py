@@ -139,6 +139,8 @@ def row_of(name: str, options: dict, summary: dict, seconds: float) -> dict:
         "name": name,
         "options": options,
         "detector": default_options(),
+        # the architecture auto resolved to (rows without it: the options' model, else the ConvNet)
+        "proxy_model": summary["config"]["model"],
         "examples": summary["data"]["examples"],
         "classes": len(counts),
         "proxy_accuracy": summary["model"]["train_accuracy_eval_mode"],
@@ -240,6 +242,10 @@ with the smallest p (cifar10k-seed2's automobile, 6.8e-3 per class) has no group
 flags (cifar20k's ship, 0.9%) has p 1.0e-2; key 3's frog at eps 8, whose victims flip, has p 1.3e-3 and 0.9% grouped.
 The margins are thin (a factor 2-5 in p): more poisoned sets with working victims will test them (the full-scale
 pilot's poisons, crafted after the freeze: reports/gradient-matching-pilot).
+
+Rows record the detector's options and the proxy they ran with (rows without a proxy: the ConvNet). The same corpus
+scanned with the victims' architecture at the full scale (`--scan-option model=resnet18_cifar_w16`, a candidate proxy of
+reports/gradient-matching-full-tuning) is reports/class-alarm/resnet18_cifar_w16.
 """
 
 
@@ -247,14 +253,15 @@ def render(clean: list[dict], poisoned: list[dict], out: Path, command: str) -> 
     lines = [
         "## Clean data",
         "",
-        "| data | scan options | examples | proxy accuracy | flagged | worst class (flagged) | most grouped class "
+        "| data | scan options | proxy | examples | proxy accuracy | flagged | worst class (flagged) | most grouped class "
         "| class alarm (min p) | gate |",
-        "|" + " --- |" * 9,
+        "|" + " --- |" * 10,
     ]
     for r in clean:
         alarm = ", ".join(r["alarmed_classes"]) or "none"
         lines.append(
-            f"| {r['name']} | {json.dumps(r['options']) if r['options'] else 'default'} | {r['examples']} "
+            f"| {r['name']} | {json.dumps(r['options']) if r['options'] else 'default'} "
+            f"| {r.get('proxy_model') or r['options'].get('model', 'convnet')} | {r['examples']} "
             f"| {r['proxy_accuracy']:.1%} | {r['flagged_fraction']:.2%} | {r['worst_class']} ({r['worst_class_fraction']:.1%}) "
             f"| {r['max_grouped_fraction']:.2%} | {alarm} ({r['min_alarm_p']:.1e}) | {'passed' if r['gate_passed'] else 'FAILED'} |"
         )

@@ -35,6 +35,7 @@ from sanitize.detectors import run_detector
 from sanitize.detectors.knn_density import KnnDensityOptions
 from sanitize.embeddings import load_embeddings
 from sanitize.manifest import flag_metrics
+from sanitize.models import default_model_name
 
 # knn_density's first default (issue 3): mean distance, large scale 20% of the class (at most 256), nothing else
 FIRST_DEFAULT = {"distance": "mean", "k_fraction": 0.2, "k_max": 256, "low_loss_weight": 0.0, "class_alarm_p": 0.0}
@@ -151,7 +152,7 @@ def proxy_scan_dir(harness: Harness, data, proxy: tuple[str, int]) -> Path:
     scan_dir = harness.scan_dir(data) / "knn_density"
     if proxy_epochs != ScanConfig().train.epochs:
         scan_dir = scan_dir.with_name(f"knn_density-proxy{proxy_epochs}")
-    if model != ScanConfig().model:
+    if model != default_model_name(data.image_size):
         scan_dir = scan_dir.with_name(f"{scan_dir.name}-{model}")
     scan(
         data,
@@ -165,15 +166,18 @@ def proxy_scan_dir(harness: Harness, data, proxy: tuple[str, int]) -> Path:
     return scan_dir
 
 
-def proxies(args) -> list[tuple[str, int]]:
-    """Every (proxy model, proxy epochs) the sweep scans with."""
-    return [(m, int(e)) for m in args.proxy_models.split(",") for e in args.proxy_epochs.split(",")]
+def proxies(args, harness: Harness) -> list[tuple[str, int]]:
+    """Every (proxy model, proxy epochs) the sweep scans with; auto is the architecture the scan resolves it to."""
+    default = default_model_name(harness.train.image_size)
+    models = [default if m == "auto" else m for m in args.proxy_models.split(",")]
+    return [(m, int(e)) for m in models for e in args.proxy_epochs.split(",")]
 
 
 def proxy_identity(proxy: tuple[str, int]) -> dict:
-    """Rows name the proxy's epochs, and its model only when it is not the default (rows before 2026-12-02 do not)."""
+    """Rows name the proxy's epochs, and its model unless it is the ConvNet (the default proxy of every row that
+    names none: rows from before 2026-12-02 named only other proxies)."""
     model, epochs = proxy
-    return {"proxy_epochs": epochs} | ({"proxy_model": model} if model != ScanConfig().model else {})
+    return {"proxy_epochs": epochs} | ({"proxy_model": model} if model != "convnet" else {})
 
 
 def done_rows(rows_path: Path) -> set[str]:
@@ -222,7 +226,7 @@ def append_row(rows_path: Path, row: dict) -> None:
 def clean_rows(harness: Harness, args, rows_path: Path) -> None:
     """What every knn_density variant flags on the clean subset (false positives, false class alarms)."""
     done = done_rows(rows_path)
-    for proxy in proxies(args):
+    for proxy in proxies(args, harness):
         embeddings = None
         for detector, options in swept(args):
             identity = {
@@ -307,7 +311,7 @@ def main() -> None:
         harness.filtered(poisoned, "scan", setup)  # the default scan: proxy + embeddings, cached
         pull = poison_pulls(harness, setup, poisoned)
         carriers = pull_carriers(pull)
-        for proxy in proxies(args):
+        for proxy in proxies(args, harness):
             embeddings = load_embeddings(proxy_scan_dir(harness, poisoned, proxy) / "embeddings", poisoned.labels)
             for detector, options in swept(args):
                 identity = {
@@ -346,14 +350,14 @@ def main() -> None:
                         c for c, info in detection.summary["per_class"].items() if info.get("alarmed")
                     ]
                 append_row(rows_path, row)
-    render(rows_path, args.out / "detection.md")
+    render(rows_path, args.out / "detection.md", default_model_name(harness.train.image_size))
 
 
 def proxy_cell(row: dict) -> str:
     return f"{row['proxy_epochs']}" + (f" ({row['proxy_model']})" if row.get("proxy_model") else "")
 
 
-def variant_label(detector: str, options: dict, row: dict) -> str:
+def variant_label(detector: str, options: dict, row: dict, default_proxy: str) -> str:
     """knn_density options as the difference from its first default (rows before issue 4 gave only that difference)."""
     if detector != "knn_density":
         return json.dumps(options) if options else "default"
@@ -365,7 +369,7 @@ def variant_label(detector: str, options: dict, row: dict) -> str:
         all(current[k] == v for k, v in effective.items())
         and effective.get("embedding", "features") == current["embedding"]
         and row["proxy_epochs"] == ScanConfig().train.epochs
-        and "proxy_model" not in row
+        and row.get("proxy_model", "convnet") == default_proxy
     )
     return f"**{label} = current default**" if is_current else label
 
@@ -378,7 +382,7 @@ def alarm_cell(row: dict) -> str:
     return f"{intended} / {alarm['min_other']:.1e}"
 
 
-def render(rows_path: Path, out: Path) -> None:
+def render(rows_path: Path, out: Path, default_proxy: str) -> None:
     lines = [
         "| key | poisons | eps | model | epochs | proxy epochs (model) | detector | options | told count | flagged | precision | recall | AUROC | median poison score | recall / flagged at z 3.0 | at z 2.5 | carriers | recall carriers / rest | rank corr. score-pull | class alarm p: intended / lowest other |",
         "|" + " --- |" * 20,
@@ -387,7 +391,7 @@ def render(rows_path: Path, out: Path) -> None:
         if r["key"] == "clean":
             alarmed = f" (alarmed classes: {r['alarmed_classes']})" if r["alarmed_classes"] else ""
             lines.append(
-                f"| clean | - | - | {r['model']} | {r['epochs']} | {proxy_cell(r)} | {r['detector']} | {variant_label(r['detector'], r['options'], r)} | - | "
+                f"| clean | - | - | {r['model']} | {r['epochs']} | {proxy_cell(r)} | {r['detector']} | {variant_label(r['detector'], r['options'], r, default_proxy)} | - | "
                 f"{r['dropped_fraction']:.2%}{alarmed} |" + " - |" * 9 + f" {alarm_cell(r)} |"
             )
             continue
@@ -402,7 +406,7 @@ def render(rows_path: Path, out: Path) -> None:
             for z in ("3.0", "2.5")
         ]
         lines.append(
-            f"| {r['key']} | {(r.get('poisons_sha256') or '-')[:6]} | {r['eps']:g} | {r['model']} | {r['epochs']} | {proxy_cell(r)} | {r['detector']} | {variant_label(r['detector'], r['options'], r)} | "
+            f"| {r['key']} | {(r.get('poisons_sha256') or '-')[:6]} | {r['eps']:g} | {r['model']} | {r['epochs']} | {proxy_cell(r)} | {r['detector']} | {variant_label(r['detector'], r['options'], r, default_proxy)} | "
             f"{r['told_expected_poisons'] or '-'} | {r['dropped_fraction']:.2%} | {precision} | {r['poison_recall']:.2f} | {r['auroc']:.3f} | {r['poison_score_median']:.3f} | {at_z[0]} | {at_z[1]} | {aligned} | {alarm_cell(r)} |"
         )
     out.write_text("\n".join(lines) + "\n")

@@ -98,7 +98,8 @@ class ScanConfig:
     """Options of `sanitize scan`; `sanitize.scan(data, **options)` takes the same names. The detector's own options
     live in its file (sanitize/detectors/); flat names such as k_small reach them through `from_options`."""
 
-    model: str = "auto"  # a registry name, or auto: `convnet` for images up to 64 px, else `resnet18`
+    # a registry name, or auto: `convnet` for images up to 64 px, else `resnet18` (the summary names the one)
+    model: str = "auto"
     checkpoint: str | None = None  # load these weights instead of training a proxy
     image_size: int | None = None  # None: the most common size in the data
     # the proxy's recipe: 16 epochs, not 8, because the poisons only stand out once the proxy has learned them

@@ -39,7 +39,13 @@ from sanitize.embeddings import Embeddings, compute_embeddings
 from sanitize.errors import SanitizeError
 from sanitize.folds import out_of_fold_logits
 from sanitize.manifest import flag_metrics, manifest_file, poison_mask, read_manifest
-from sanitize.models import Classifier, create_model, default_model_name, load_weights, require_finite_weights
+from sanitize.models import (
+    Classifier,
+    create_model,
+    default_model_name,
+    load_weights,
+    require_finite_weights,
+)
 from sanitize.report import write_report
 from sanitize.training import resolve_device, resolve_precision, train_from_scratch
 
@@ -89,6 +95,14 @@ def _embedding_signature(dataset: ImageDataset, model: Classifier, config: ScanC
     return digest.hexdigest()[:32]
 
 
+def resolved_model(config: ScanConfig, dataset: ImageDataset) -> ScanConfig:
+    """`config` with `model` auto replaced by the architecture it means for this data, so that the summary, and every
+    row made from it, names the proxy."""
+    if config.model != "auto":
+        return config
+    return dataclasses.replace(config, model=default_model_name(dataset.image_size))
+
+
 def build_proxy(
     dataset: ImageDataset,
     config: ScanConfig,
@@ -99,7 +113,7 @@ def build_proxy(
     world: World = World(),
 ) -> tuple[Classifier, dict[str, Any]]:
     """Load the user's checkpoint, or train a proxy from scratch on the data (resuming an interrupted run)."""
-    name = default_model_name(dataset.image_size) if config.model == "auto" else config.model
+    name = config.model
     if config.checkpoint:
         torch.manual_seed(config.seed)
         model = create_model(name, dataset.num_classes, (3, *dataset.image_size))
@@ -170,6 +184,7 @@ def run_scan(data: str | os.PathLike | ImageDataset, out: str | os.PathLike, con
             dataset = open_dataset(
                 data, image_size=config.image_size, workers=config.workers, progress=progress, world=world
             )
+    config = resolved_model(config, dataset)
     record = read_manifest(config.manifest) if config.manifest else None
     truth = poison_mask(record, dataset.ids) if record else None  # checked before the long part, not after
     device = resolve_device(config.device, world)

@@ -73,7 +73,7 @@ def require_finite_weights(model: torch.nn.Module, what: str) -> None:
 
 
 def default_model_name(image_size: tuple[int, int]) -> str:
-    """The proxy used when `--model auto`: a small ConvNet for small images, an ImageNet ResNet-18 otherwise."""
+    """What `--model auto` means: a small ConvNet for images up to 64 px, an ImageNet ResNet-18 above."""
     return "convnet" if max(image_size) <= 64 else "resnet18"
 
 

@@ -120,8 +120,13 @@ def test_defended_arms_score_their_flags_against_the_true_poisons(tmp_path, spli
     )
     knn, epic = dataclasses.asdict(KnnDensityOptions()), dataclasses.asdict(EpicOptions())
     recorded = {"detector": "knn_density"} | knn | epic | {"expected_poisons": None}
-    assert rows["scan"]["scan_options"] == recorded | {"proxy_epochs": ScanConfig().train.epochs}
-    assert list(rows["scan"]["scan_options"]) == [*SCAN_OPTIONS_RECORDED, "proxy_epochs"]
+    # the proxy recorded as the architecture auto resolved to (this small set: the ConvNet)
+    assert rows["scan"]["scan_options"] == recorded | {
+        "proxy_epochs": ScanConfig().train.epochs,
+        "proxy_model": "convnet",
+    }
+    assert list(rows["scan"]["scan_options"]) == [*SCAN_OPTIONS_RECORDED, "proxy_epochs", "proxy_model"]
+    assert rows["deep_knn"]["scan_options"]["proxy_model"] == "convnet"  # the baselines reuse the default's proxy
     assert (
         rows["deep_knn"]["scan_options"]["detector"] == "deep_knn"
         and rows["deep_knn"]["scan_options"]["expected_poisons"] == 12
@@ -308,6 +313,7 @@ def test_a_detector_row_scanned_under_an_older_default_is_its_own_variant_and_th
             del row["scan_options"][
                 "alarm_confidence"
             ]  # and before that option was recorded: read as its value then (0)
+            del row["scan_options"]["proxy_model"]  # and before the proxy was always recorded: auto, the ConvNet then
     results.write_text("".join(json.dumps(row) + "\n" for row in rows))
     run_evaluation(train, test, out, config, progress=False)
     rows = [json.loads(line) for line in results.read_text().splitlines()]

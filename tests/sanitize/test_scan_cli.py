@@ -15,9 +15,10 @@ import sanitize
 from sanitize.cli import cli, print_summary
 from sanitize.config import ScanConfig, TrainConfig
 from sanitize.data import open_dataset
+from sanitize.data.arrays import from_arrays
 from sanitize.errors import SanitizeError
 from sanitize.models import create_model
-from sanitize.scanner import gate
+from sanitize.scanner import gate, resolved_model
 from sanitize.training import train_model
 
 FAST_ARGS = ["--model", "tiny", "--epochs", "2", "--batch-size", "16", "--no-augment", "--quiet"]
@@ -62,6 +63,15 @@ def test_scan_writes_the_documented_outputs(tmp_path, digits_folder):
     assert {"validate", "train_proxy", "embed", "density", "total", "proxy_all_epochs"} <= set(summary["seconds"])
     for name in ("features", "logits", "gradient"):
         assert np.load(out / "embeddings" / f"{name}.npy", mmap_mode="r").shape[0] == 400
+
+
+def test_model_auto_is_resolved_to_the_architecture_it_means_for_the_data():
+    def data(side):
+        return from_arrays(np.zeros((4, side, side, 3), np.uint8), np.arange(4) % 2, ["a", "b"], source="test")
+
+    assert resolved_model(ScanConfig(), data(32)).model == "convnet"
+    assert resolved_model(ScanConfig(), data(96)).model == "resnet18"
+    assert resolved_model(ScanConfig(model="tiny"), data(96)).model == "tiny"
 
 
 def test_gate_failure_exits_1_and_api_agrees(tmp_path, digits_npz):
