@@ -14,7 +14,7 @@ from sanitize.config import ScanConfig
 from sanitize.detectors.epic import EpicOptions
 from sanitize.detectors.knn_density import KnnDensityOptions
 from sanitize.errors import SanitizeError
-from sanitize.models import default_model_name
+from sanitize.models import resolve_model_name
 
 KNN_DENSITY_OPTIONS = tuple(f.name for f in dataclasses.fields(KnnDensityOptions))
 # options recorded only since they were added (alarm_confidence: 2026-11; the alarm's test and group: 2026-12-01;
@@ -86,13 +86,8 @@ def default_scan_options(
 ) -> dict[str, Any]:
     """What a row of `detector`'s arm records when images of `image_size` (the evaluations' are 32 px) are scanned
     with today's defaults and `options` (told `told`); a baseline gets the default scan's proxy."""
-    model = options.pop("model", "auto")
-    config = ScanConfig.from_options(
-        detector=detector,
-        expected_poisons=told,
-        model=default_model_name(image_size) if model == "auto" else model,
-        **options,
-    )
+    model = resolve_model_name(options.pop("model", "auto"), image_size)
+    config = ScanConfig.from_options(detector=detector, expected_poisons=told, model=model, **options)
     return recorded_scan_options(config.to_dict())
 
 

@@ -35,7 +35,7 @@ from sanitize.detectors import run_detector
 from sanitize.detectors.knn_density import KnnDensityOptions
 from sanitize.embeddings import load_embeddings
 from sanitize.manifest import flag_metrics
-from sanitize.models import default_model_name
+from sanitize.models import default_model_name, resolve_model_name
 
 # knn_density's first default (issue 3): mean distance, large scale 20% of the class (at most 256), nothing else
 FIRST_DEFAULT = {"distance": "mean", "k_fraction": 0.2, "k_max": 256, "low_loss_weight": 0.0, "class_alarm_p": 0.0}
@@ -168,8 +168,7 @@ def proxy_scan_dir(harness: Harness, data, proxy: tuple[str, int]) -> Path:
 
 def proxies(args, harness: Harness) -> list[tuple[str, int]]:
     """Every (proxy model, proxy epochs) the sweep scans with; auto is the architecture the scan resolves it to."""
-    default = default_model_name(harness.train.image_size)
-    models = [default if m == "auto" else m for m in args.proxy_models.split(",")]
+    models = [resolve_model_name(m, harness.train.image_size) for m in args.proxy_models.split(",")]
     return [(m, int(e)) for m in models for e in args.proxy_epochs.split(",")]
 
 

@@ -39,13 +39,7 @@ from sanitize.embeddings import Embeddings, compute_embeddings
 from sanitize.errors import SanitizeError
 from sanitize.folds import out_of_fold_logits
 from sanitize.manifest import flag_metrics, manifest_file, poison_mask, read_manifest
-from sanitize.models import (
-    Classifier,
-    create_model,
-    default_model_name,
-    load_weights,
-    require_finite_weights,
-)
+from sanitize.models import Classifier, create_model, load_weights, require_finite_weights, resolve_model_name
 from sanitize.report import write_report
 from sanitize.training import resolve_device, resolve_precision, train_from_scratch
 
@@ -98,9 +92,7 @@ def _embedding_signature(dataset: ImageDataset, model: Classifier, config: ScanC
 def resolved_model(config: ScanConfig, dataset: ImageDataset) -> ScanConfig:
     """`config` with `model` auto replaced by the architecture it means for this data, so that the summary, and every
     row made from it, names the proxy."""
-    if config.model != "auto":
-        return config
-    return dataclasses.replace(config, model=default_model_name(dataset.image_size))
+    return dataclasses.replace(config, model=resolve_model_name(config.model, dataset.image_size))
 
 
 def build_proxy(

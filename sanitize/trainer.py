@@ -22,7 +22,7 @@ import numpy as np
 from sanitize.config import FitConfig
 from sanitize.data import open_dataset, prepare_output, removed_if_left_empty
 from sanitize.distributed import World, all_reduce_sum, current_world
-from sanitize.models import Classifier, default_model_name
+from sanitize.models import Classifier, resolve_model_name
 from sanitize.report import write_report
 from sanitize.robust import EpicDropper
 from sanitize.training import milestone_epochs, predict, resolve_device, resolve_precision, train_from_scratch
@@ -44,7 +44,7 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
     dataset = open_dataset(data, image_size=config.image_size, workers=config.workers, progress=progress, world=world)
     device = resolve_device(config.device, world)
     amp_dtype = resolve_precision(config.precision, device)
-    name = default_model_name(dataset.image_size) if config.model == "auto" else config.model
+    name = resolve_model_name(config.model, dataset.image_size)
     recipe = dataclasses.replace(config.train, seed=config.seed)
     files = {"model": out / "model.pt", "summary": out / "summary.json", "report": out / "report.html"}
     dropper = None

@@ -77,6 +77,11 @@ def default_model_name(image_size: tuple[int, int]) -> str:
     return "convnet" if max(image_size) <= 64 else "resnet18"
 
 
+def resolve_model_name(requested: str, image_size: tuple[int, int]) -> str:
+    """The registry name `requested` stands for on images of `image_size` (auto: `default_model_name`)."""
+    return default_model_name(image_size) if requested == "auto" else requested
+
+
 from sanitize.models import convnet, resnet, tiny  # noqa: E402,F401  (registers the families)
 
 __all__ = [
@@ -87,4 +92,5 @@ __all__ = [
     "load_weights",
     "register_model",
     "require_finite_weights",
+    "resolve_model_name",
 ]
