@@ -1,5 +1,6 @@
-"""The evaluation's arms: the controls, the defended arms (a detector of `sanitize scan`, or robust training), and how a
-defense's drops are scored against the true poisons and the carriers."""
+"""The evaluation's arms: the controls, the defended arms (a detector of `sanitize scan`, robust training, or the default
+scan followed by robust training on what it keeps), and how a defense's drops are scored against the true poisons and
+the carriers."""
 
 from __future__ import annotations
 
@@ -22,10 +23,13 @@ DETECTOR_ARMS = {
     "activation_clustering": "activation_clustering",
 }  # arm -> `sanitize scan --detector`
 TOLD_THE_COUNT = ("deep_knn", "spectral_signatures")  # baselines whose rule needs the number of poisons: budget x N
+SCAN_THEN_ROBUST = "scan-robust"  # the default scan, then `sanitize train --robust` on the examples it did not flag
+SCANNED_ARMS = {**DETECTOR_ARMS, SCAN_THEN_ROBUST: "knn_density"}  # arms whose victims train on what a scan keeps
+ROBUST_ARMS = ("robust", SCAN_THEN_ROBUST)  # arms whose victims drop examples as they train
 # calibration of a filter: one that removes exactly the poisons, and one that removes as many random examples as the
 # default scan flags (what the scan's drops are worth when they carry no knowledge of the poisons)
 CALIBRATION_ARMS = ("perfect-filter", "random-filter")
-ARMS = (*CONTROL_ARMS, *DETECTOR_ARMS, "robust", *CALIBRATION_ARMS)
+ARMS = (*CONTROL_ARMS, *DETECTOR_ARMS, *ROBUST_ARMS, *CALIBRATION_ARMS)
 
 
 def told_count(detector: str, setup: PoisonSetup) -> int | None:
@@ -40,11 +44,17 @@ def poison_truth(setup: PoisonSetup, size: int) -> np.ndarray:
     return truth
 
 
-def robust_metrics(drop_log: Path, setup: PoisonSetup, size: int, carriers: np.ndarray) -> dict[str, Any]:
-    """What robust training dropped, scored against the true poisons (no per-example score: no AUROC)."""
+def robust_dropped(drop_log: Path, size: int) -> np.ndarray:
+    """Mask over the examples robust training saw (its drop log's positions): True where it dropped one."""
     dropped = np.zeros(size, dtype=bool)
     dropped[[row["position"] for row in json.loads(drop_log.read_text())["dropped"]]] = True
-    return flag_metrics(dropped, None, poison_truth(setup, size)) | split_by_carriers(dropped, setup, carriers)
+    return dropped
+
+
+def removed_metrics(removed: np.ndarray, setup: PoisonSetup, carriers: np.ndarray) -> dict[str, Any]:
+    """What a defense without per-example scores removed (robust training's drops, or the scan's flags together with
+    them), scored against the true poisons and the carriers: no AUROC."""
+    return flag_metrics(removed, None, poison_truth(setup, len(removed))) | split_by_carriers(removed, setup, carriers)
 
 
 def split_by_carriers(caught: np.ndarray, setup: PoisonSetup, carriers: np.ndarray) -> dict[str, Any]:

@@ -12,12 +12,24 @@ import dataclasses
 import time
 from pathlib import Path
 
-from attacks.arms import CALIBRATION_ARMS, DETECTOR_ARMS, UNPOISONED_ARMS, robust_metrics, split_by_carriers
+import numpy as np
+
+from attacks.arms import (
+    CALIBRATION_ARMS,
+    ROBUST_ARMS,
+    SCANNED_ARMS,
+    UNPOISONED_ARMS,
+    removed_metrics,
+    robust_dropped,
+    split_by_carriers,
+)
 from attacks.base import choose_setup
 from attacks.experiment import Harness
 from attacks.scales import EvaluationConfig
 from attacks.selection import select_poisons
 from attacks.summary import aggregate
+
+SCAN_PART = ("dropped_fraction", "poison_recall", "carrier_recall", "auroc")  # the scan's own share of scan-robust
 
 
 def run_evaluation(
@@ -57,30 +69,27 @@ def run_evaluation(
             seconds = {"surrogate": None, "crafting": None}
             if poisons is not None:
                 seconds = {"surrogate": round(surrogate_cost.wall, 1), "crafting": poisons.metadata.get("seconds")}
-            robust = arm == "robust"
-            if arm in DETECTOR_ARMS or arm in CALIBRATION_ARMS or robust:
+            robust = arm in ROBUST_ARMS
+            if arm in SCANNED_ARMS or arm in CALIBRATION_ARMS or robust:
                 carriers = harness.carriers(setup, data, surrogate_models[0]) if carriers is None else carriers
             if arm in CALIBRATION_ARMS:
                 data, dropped, defense = harness.calibration(data, arm, setup)
                 defense |= split_by_carriers(dropped, setup, carriers)
-            if arm in DETECTOR_ARMS:
+            caught = np.zeros(len(data), dtype=bool)
+            if arm in SCANNED_ARMS:
                 data, caught, defense, scan_cost = harness.filtered(data, arm, setup)
                 defense |= split_by_carriers(caught, setup, carriers)
                 seconds |= {"scan": round(scan_cost.wall, 1), "scan_cpu": _rounded(scan_cost.cpu)}
-            # a detector that flagged nothing leaves the undefended victim's data: that victim (cached) is this arm's
-            tag = (
-                "victim-undefended"
-                if arm in DETECTOR_ARMS and data.fingerprint == poisoned_fingerprint
-                else f"victim-{arm}"
-            )
+            # a scan that flagged nothing leaves the poisoned data: the victim trained on it (cached) is this arm's
+            unfiltered = arm in SCANNED_ARMS and data.fingerprint == poisoned_fingerprint
+            tag = f"victim-{'robust' if robust else 'undefended'}" if unfiltered else f"victim-{arm}"
             model, victim_cost = harness.models.trained(data, victim_seed, tag, robust)
-            if robust:
-                defense = robust_metrics(
-                    harness.models.path(data, victim_seed, f"victim-{arm}", robust).with_suffix(".drop_log.json"),
-                    setup,
-                    len(data),
-                    carriers,
-                )
+            if robust:  # what robust training dropped, added to what the scan flagged (positions among those it kept)
+                removed = caught.copy()
+                drop_log = harness.models.path(data, victim_seed, tag, robust).with_suffix(".drop_log.json")
+                removed[np.flatnonzero(~caught)[robust_dropped(drop_log, len(data))]] = True
+                scanned = {f"scan_{name}": defense[name] for name in SCAN_PART} if arm in SCANNED_ARMS else {}
+                defense |= removed_metrics(removed, setup, carriers) | scanned
             started = time.perf_counter()
             measured = harness.measure(model, setup)
             harness.append(

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attacks.arms import CONTROL_ARMS, DETECTOR_ARMS, UNPOISONED_ARMS, poison_truth, told_count
+from attacks.arms import CONTROL_ARMS, SCANNED_ARMS, UNPOISONED_ARMS, poison_truth, told_count
 from attacks.base import PoisonSet, PoisonSetup, load_poisons, save_poisons
 from attacks.carriers import poison_pull, pull_carriers
 from attacks.crafting import craft, options_identity
@@ -153,13 +153,13 @@ class Harness:
         the default scan's proxy (--checkpoint), so their cost is that proxy's training plus their own pass."""
         root = self.scan_dir(poisoned)
         options = {"quiet": True, "device": self.config.device, "precision": self.config.precision}
-        folder, variant = root / "knn_density", self.config.scan_options if arm == "scan" else {}
+        detector = SCANNED_ARMS[arm]
+        folder, variant = root / "knn_density", self.config.scan_options if detector == "knn_density" else {}
         if set(variant) - set(option_names("knn_density")):  # another proxy: its own folder; a rule change reuses it
             folder = root / f"knn_density-{stable_hash(variant)}"
         result, seconds = self._scan_once(poisoned, folder, options | variant)
         told = None
-        if arm != "scan":
-            detector = DETECTOR_ARMS[arm]
+        if detector != "knn_density":
             told = told_count(detector, setup)
             result, own = self._scan_once(
                 poisoned,
@@ -196,10 +196,10 @@ class Harness:
     def defense(self, arm: str, setup: PoisonSetup) -> str | None:
         """What makes a detector arm's rows this arm's under today's defaults (None for the other arms): a row scanned with
         other options (an older default) is another variant of the arm, trained again rather than counted as done."""
-        if arm not in DETECTOR_ARMS:
+        if arm not in SCANNED_ARMS:
             return None
-        detector = DETECTOR_ARMS[arm]
-        variant = self.config.scan_options if arm == "scan" else {}
+        detector = SCANNED_ARMS[arm]
+        variant = self.config.scan_options if detector == "knn_density" else {}
         told = told_count(detector, setup)
         return defense_key(default_scan_options(detector, told, self.train.image_size, **variant))
 
@@ -247,7 +247,7 @@ class Harness:
                 r["model"],
                 r["epochs"],
             )
-            defense = defense_key(r.get("scan_options")) if r["arm"] in DETECTOR_ARMS else None
+            defense = defense_key(r.get("scan_options")) if r["arm"] in SCANNED_ARMS else None
             finished.setdefault(identity, set()).add((r.get("poisons_sha256"), defense))
         return finished
 

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from attacks.arms import DETECTOR_ARMS
+from attacks.arms import SCANNED_ARMS
 from sanitize.config import ScanConfig
 from sanitize.detectors.epic import EpicOptions
 from sanitize.detectors.knn_density import KnnDensityOptions
@@ -108,7 +108,7 @@ def defense_key(scan_options: dict[str, Any] | None) -> str:
 def defense_variant(row: dict[str, Any]) -> str:
     """How a detector arm's row was scanned, as the options that differ from today's defaults ("" when none do, and
     for the other arms), so that aggregate keeps rows scanned under an older default apart from the current arm."""
-    if row["arm"] not in DETECTOR_ARMS:
+    if row["arm"] not in SCANNED_ARMS:
         return ""
     recorded = row.get("scan_options")
     if recorded is None:

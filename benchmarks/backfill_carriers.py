@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from attacks import choose_setup
-from attacks.arms import DETECTOR_ARMS, robust_metrics, split_by_carriers
+from attacks.arms import DETECTOR_ARMS, robust_dropped, split_by_carriers
 from attacks.experiment import Harness
 from attacks.rows import read_rows
 from attacks.scales import SCALES, EvaluationConfig
@@ -67,7 +67,7 @@ def main() -> None:
             if not drop_log.exists():
                 skipped += 1
                 continue
-            split = robust_metrics(drop_log, setup, len(data), carriers)
+            split = split_by_carriers(robust_dropped(drop_log, len(data)), setup, carriers)
         else:
             if not (harness.scan_dir(data) / DETECTOR_ARMS[row["arm"]]).exists():
                 skipped += 1

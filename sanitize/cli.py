@@ -761,7 +761,7 @@ def attack(
     "--arms",
     default="clean,undefended,random-noise",
     show_default=True,
-    help="Comma-separated: clean, undefended, random-noise, scan, robust, epic, deep_knn, spectral_signatures, activation_clustering, perfect-filter, random-filter.",
+    help="Comma-separated: clean, undefended, random-noise, scan, epic, deep_knn, spectral_signatures, activation_clustering, robust, scan-robust (the scan, then robust training on what it keeps), perfect-filter, random-filter.",
 )
 @click.option(
     "--model", type=choice(MODELS, "model"), default=None, help="Override the scale's model (surrogate and victims)."

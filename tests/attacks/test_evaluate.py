@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from attacks import attack_options, choose_setup, craft, load_poisons
-from attacks.evaluate import run_evaluation
+from attacks.evaluate import SCAN_PART, run_evaluation
 from attacks.experiment import Harness
 from attacks.rows import REQUIRED as ROW_REQUIRED
 from attacks.rows import SCAN_OPTIONS_RECORDED
@@ -96,7 +96,16 @@ def test_smoke_evaluation_writes_protocol_rows_and_resumes(tmp_path, split_npz):
 
 def test_defended_arms_score_their_flags_against_the_true_poisons(tmp_path, split_npz):
     train, test = split_npz
-    arms = ("undefended", "scan", "robust", "epic", "deep_knn", "spectral_signatures", "activation_clustering")
+    arms = (
+        "undefended",
+        "scan",
+        "robust",
+        "scan-robust",
+        "epic",
+        "deep_knn",
+        "spectral_signatures",
+        "activation_clustering",
+    )
     config = EvaluationConfig(
         scale="smoke", keys=(0,), victims=1, eps=16, budget=0.02, epochs=2, iterations=3, arms=arms
     )
@@ -106,15 +115,20 @@ def test_defended_arms_score_their_flags_against_the_true_poisons(tmp_path, spli
     for arm in arms[1:]:
         row = rows[arm]
         assert 0 <= row["dropped_fraction"] <= 1 and 0 <= row["poison_recall"] <= 1, arm
-        assert (row["auroc"] is None) == (arm == "robust"), arm
+        assert (row["auroc"] is None) == (arm in ("robust", "scan-robust")), arm
         if arm != "robust":
-            assert 0 <= row["auroc"] <= 1 and row["seconds"]["scan"] > 0
+            assert row["seconds"]["scan"] > 0 and (row["auroc"] is None or 0 <= row["auroc"] <= 1), arm
         # the carriers (fewest poisons holding half the pull) and the rest partition the poisons: recalls add up
         carriers = row["carriers"]
         assert 1 <= carriers < 12 and row["poison_recall"] == pytest.approx(
             (carriers * row["carrier_recall"] + (12 - carriers) * row["rest_recall"]) / 12
         ), arm
     assert "carriers" not in rows["undefended"]
+    # the scan followed by robust training: the scan's share is the scan arm's, and robust training removes more
+    both, scanned = rows["scan-robust"], rows["scan"]
+    assert both["scan_options"] == scanned["scan_options"]
+    assert {name: both[f"scan_{name}"] for name in SCAN_PART} == {name: scanned[name] for name in SCAN_PART}
+    assert both["dropped_fraction"] > scanned["dropped_fraction"] and both["poison_recall"] >= scanned["poison_recall"]
     assert (
         rows["spectral_signatures"]["told_expected_poisons"] == 12 and rows["deep_knn"]["told_expected_poisons"] == 12
     )
