@@ -318,6 +318,13 @@ def scan_options(fn: Callable) -> Callable:
             "--workers", type=int, default=DEFAULTS.workers, show_default=True, help="Data-loading processes."
         ),
         click.option(
+            "--validation",
+            type=choice(["header", "full"], "validation"),
+            default=DEFAULTS.validation,
+            show_default=True,
+            help="Folders and shards: read headers up front and skip files that fail to decode when first read (header), or decode every file up front (full).",
+        ),
+        click.option(
             "--seed", type=int, default=DEFAULTS.seed, show_default=True, help="Seeds the proxy and the index."
         ),
         click.option("--quiet", is_flag=True, help="No progress bars."),

@@ -121,6 +121,25 @@ class Embeddings:
     def accuracy(self) -> float:
         return float((self.logits.argmax(axis=1) == self.labels).mean())
 
+    def rows(self, keep: np.ndarray, directory: Path, chunk: int = 50_000) -> Embeddings:
+        """The rows at `keep` (positions, ascending) as memory-mapped copies in `directory`, written a chunk of rows at
+        a time (no N x D copy in memory): what the detector sees once examples left the data after this pass."""
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in ARRAYS:
+            source = getattr(self, name)
+            copy = open_memmap(
+                directory / f"{name}.npy", mode="w+", dtype=np.float32, shape=(len(keep), source.shape[1])
+            )
+            for start in range(0, len(keep), chunk):
+                copy[start : start + chunk] = source[keep[start : start + chunk]]
+            copy.flush()
+            del copy
+        write_atomic(directory / "meta.json", json.dumps(self.meta | {"rows": len(keep)}, indent=1))
+        kept = load_embeddings(directory, self.labels[keep])
+        if self.out_of_fold_logits is not None:
+            kept.out_of_fold_logits = self.out_of_fold_logits[keep]
+        return kept
+
 
 def load_embeddings(directory: Path, labels: np.ndarray) -> Embeddings:
     meta = json.loads((directory / "meta.json").read_text())

@@ -255,7 +255,7 @@ def _scan_context(
     dataset, images_note = (
         _images(summary, data) if max_thumbnails else (None, "images not shown (max_thumbnails is 0)")
     )
-    embeddings = run_dir / "embeddings"
+    embeddings = run_dir / summary.get("embeddings", {}).get("directory", "embeddings")
     space_file = (
         embeddings / f"{summary.get('embeddings', {}).get('space', 'features')}.npy"
     )  # logit_gradient: not stored

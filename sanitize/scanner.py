@@ -31,7 +31,14 @@ import torch
 
 import sanitize
 from sanitize.config import ScanConfig
-from sanitize.data import ImageDataset, open_dataset, prepare_output, removed_if_left_empty, write_atomic
+from sanitize.data import (
+    EncodedDataset,
+    ImageDataset,
+    open_dataset,
+    prepare_output,
+    removed_if_left_empty,
+    write_atomic,
+)
 from sanitize.density import gpu_available
 from sanitize.detectors import Detection, run_detector
 from sanitize.distributed import World, broadcast_from_main, current_world
@@ -174,8 +181,15 @@ def run_scan(data: str | os.PathLike | ImageDataset, out: str | os.PathLike, con
         data, out = prepare_output(data, out)
         with timer.phase("validate"):
             dataset = open_dataset(
-                data, image_size=config.image_size, workers=config.workers, progress=progress, world=world
+                data,
+                image_size=config.image_size,
+                workers=config.workers,
+                progress=progress,
+                world=world,
+                validation=config.validation,
             )
+        if isinstance(dataset, EncodedDataset) and dataset.validation == "header":
+            dataset = dataset.record_failures_in(out / "late-skips")
     config = resolved_model(config, dataset)
     record = read_manifest(config.manifest) if config.manifest else None
     truth = poison_mask(record, dataset.ids) if record else None  # checked before the long part, not after
@@ -219,18 +233,24 @@ def run_scan(data: str | os.PathLike | ImageDataset, out: str | os.PathLike, con
                 world=world,
             )
         embeddings = dataclasses.replace(embeddings, out_of_fold_logits=logits)
+    if isinstance(dataset, EncodedDataset) and dataset.late_failures():
+        # files that passed the header check but did not decode: every pass so far saw them black; from here on they
+        # are recorded skips, and the detector works on the rows of the others
+        dataset, embeddings = without_late_failures(dataset, embeddings, world)
+        truth = poison_mask(record, dataset.ids) if record else None
     files = {
         "summary": out / "summary.json",
         "scores": out / "scores.csv",
         "flagged": out / "flagged.txt",
         "report": out / "report.html",
-        "embeddings": out / "embeddings",
+        "embeddings": embeddings.directory,
     }
     outcome = None
     if world.is_main:
         model_info["train_accuracy_eval_mode"] = embeddings.accuracy()
         detection = _detect_and_write(dataset, config, embeddings, files, timer, progress)
         summary = _summary(dataset, config, model_info, embeddings, detection, device, amp_dtype, timer, started, world)
+        summary["embeddings"]["directory"] = files["embeddings"].relative_to(out).as_posix()  # the report's rows
         if record:
             summary["poisons"] = poison_summary(record, Path(config.manifest), truth, detection)
         write_report(
@@ -240,6 +260,18 @@ def run_scan(data: str | os.PathLike | ImageDataset, out: str | os.PathLike, con
         outcome = detection.scores, detection.flags, summary
     scores, flags, summary = broadcast_from_main(outcome, world)
     return ScanResult(list(dataset.ids), list(dataset.paths), dataset.labels, scores, flags, summary, files)
+
+
+def without_late_failures(
+    dataset: EncodedDataset, embeddings: Embeddings, world: World
+) -> tuple[EncodedDataset, Embeddings]:
+    """The dataset less the files found undecodable after a header-only validation, and the embeddings of the rest
+    (copied to embeddings/decoded/ by rank 0: the detector, the outputs and the report read those rows)."""
+    keep = np.setdiff1d(np.arange(len(dataset)), list(dataset.late_failures()))
+    kept = dataset.without_late_failures()
+    directory = embeddings.directory / "decoded"
+    narrowed = embeddings.rows(keep, directory) if world.is_main else None
+    return kept, narrowed if narrowed is not None else embeddings
 
 
 def _detect_and_write(

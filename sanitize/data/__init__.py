@@ -9,13 +9,16 @@ from pathlib import Path
 
 from sanitize.data.arrays import ArrayDataset, open_npz
 from sanitize.data.base import ImageDataset, Skipped, iterate_batches
+from sanitize.data.encoded import VALIDATIONS, EncodedDataset
 from sanitize.data.folder import FolderDataset, open_folder
 from sanitize.data.shards import ShardDataset, is_shard_folder, open_shards
 from sanitize.distributed import World
 from sanitize.errors import DataError
 
 __all__ = [
+    "VALIDATIONS",
     "ArrayDataset",
+    "EncodedDataset",
     "FolderDataset",
     "ImageDataset",
     "ShardDataset",
@@ -30,15 +33,22 @@ __all__ = [
 
 
 def open_dataset(
-    path: str | Path, image_size: int | None = None, workers: int = 0, progress: bool = True, world: World = World()
+    path: str | Path,
+    image_size: int | None = None,
+    workers: int = 0,
+    progress: bool = True,
+    world: World = World(),
+    validation: str = "full",
 ) -> ImageDataset:
     """Open DATA: a directory is an ImageFolder (validated in shares under torchrun), a .npz file holds arrays, a .tar
-    file or a folder of them (and no class folders) are WebDataset shards."""
+    file or a folder of them (and no class folders) are WebDataset shards. `validation` (folders and shards): decode
+    every image up front (`full`), or read headers only (`header`; sanitize.data.encoded says what follows)."""
     path = Path(path)
+    opened = {"image_size": image_size, "workers": workers, "progress": progress, "world": world}
     if (path.is_dir() and is_shard_folder(path)) or (path.is_file() and path.suffix.lower() == ".tar"):
-        return open_shards(path, image_size=image_size, workers=workers, progress=progress, world=world)
+        return open_shards(path, **opened, validation=validation)
     if path.is_dir():
-        return open_folder(path, image_size=image_size, workers=workers, progress=progress, world=world)
+        return open_folder(path, **opened, validation=validation)
     if path.is_file() and path.suffix.lower() == ".npz":
         dataset = open_npz(path)
         if image_size is not None and dataset.image_size != (image_size, image_size):

@@ -97,10 +97,16 @@ def _list_classes(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[s
 
 
 def open_folder(
-    root: Path, image_size: int | None = None, workers: int = 0, progress: bool = True, world: World = World()
+    root: Path,
+    image_size: int | None = None,
+    workers: int = 0,
+    progress: bool = True,
+    world: World = World(),
+    validation: str = "full",
 ) -> FolderDataset:
-    """List and validate an ImageFolder tree; undecodable files are recorded in `skipped`, not raised. Under torchrun
-    every rank decodes every world_size-th file and all ranks share the results."""
+    """List and validate an ImageFolder tree (`validation`: full decode or header, sanitize.data.encoded); unusable
+    files are recorded in `skipped`, not raised. Under torchrun every rank reads every world_size-th file and all ranks
+    share the results."""
     classes, files, ignored, skipped = _list_classes(root)
     if not classes:
         raise DataError(f"{root} has no class subfolders (expected DATA/<class>/<image>)")
@@ -112,7 +118,18 @@ def open_folder(
         notes.append(f"{plural(len(ignored), 'file')} without an image extension ignored: {named}")
     entries = [Entry(path.relative_to(root).as_posix(), str(path), label, str(path)) for path, label in files]
     return validated(
-        root, "folder", FolderDataset, classes, entries, skipped, notes, image_size, workers, progress, world
+        root,
+        "folder",
+        FolderDataset,
+        classes,
+        entries,
+        skipped,
+        notes,
+        image_size,
+        workers,
+        progress,
+        world,
+        validation,
     )
 
 

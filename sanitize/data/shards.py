@@ -121,9 +121,15 @@ def _read_label(archive: tarfile.TarFile, member: tarfile.TarInfo) -> int | str:
 
 
 def open_shards(
-    path: Path, image_size: int | None = None, workers: int = 0, progress: bool = True, world: World = World()
+    path: Path,
+    image_size: int | None = None,
+    workers: int = 0,
+    progress: bool = True,
+    world: World = World(),
+    validation: str = "full",
 ) -> ShardDataset:
-    """List and validate one shard or a folder of them (sorted by name); classes are the indices 0..max label."""
+    """List and validate one shard or a folder of them (sorted by name; `validation` as for folders); classes are the
+    indices 0..max label."""
     skipped: list[Skipped] = []
     if path.is_dir():
         shards = []
@@ -152,7 +158,7 @@ def open_shards(
     classes = [str(c) for c in range(max(e.label for e in entries) + 1)]
     notes = [f"{plural(ignored, 'member')} neither an image nor a .cls label ignored"] if ignored else []
     return validated(
-        path, "shards", ShardDataset, classes, entries, skipped, notes, image_size, workers, progress, world
+        path, "shards", ShardDataset, classes, entries, skipped, notes, image_size, workers, progress, world, validation
     )
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sanitize.data import open_dataset
+from sanitize.data import VALIDATIONS, open_dataset
 from sanitize.errors import DataError
 
 
@@ -131,3 +131,34 @@ def test_worker_processes_load_the_same_batches(digits_folder):
         iterate_batches(single, order, 64), iterate_batches(parallel, order, 64, workers=2)
     ):
         assert torch.equal(a, b) and torch.equal(la, lb) and torch.equal(pa, pb)
+
+
+def test_header_validation_finds_late_what_a_full_one_finds_up_front(digits_folder, tmp_path):
+    (digits_folder / "digit_3" / "empty.png").write_bytes(b"")
+    (digits_folder / "digit_3" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    good = next((digits_folder / "digit_4").glob("*.png")).read_bytes()
+    (digits_folder / "digit_4" / "truncated.png").write_bytes(good[: len(good) // 2])
+    full, header = (open_dataset(digits_folder, progress=False, validation=v) for v in VALIDATIONS)
+    # the header check: the empty file and the garbage up front; the truncated PNG has a valid header
+    assert {s.id for s in header.skipped} == {"digit_3/empty.png", "digit_3/corrupt.jpg"}
+    assert len(header) == len(full) + 1 == 401
+    truncated = header.ids.index("digit_4/truncated.png")
+    with pytest.raises(DataError, match="truncated.png does not decode"):
+        header.load_image(truncated)  # no folder to record it in: an error, never a silent black image
+    recording = header.record_failures_in(tmp_path / "late")
+    images, _, _ = recording.load_batch(range(len(recording)))  # the first pass: a black image in its place
+    assert (
+        images[truncated].max() == 0
+        and int((images.flatten(1).amax(1) == 0).sum()) == 1
+        and list(recording.late_failures()) == [truncated]
+    )
+    decoded = recording.without_late_failures()
+    assert decoded.ids == full.ids and decoded.fingerprint == full.fingerprint  # what a full validation keeps
+    reasons = {s.id: s.reason for s in decoded.skipped}
+    assert (
+        set(reasons) == {s.id for s in full.skipped} and "found when first decoded" in reasons["digit_4/truncated.png"]
+    )
+    assert torch.equal(decoded.load_batch(range(len(decoded)))[0], full.load_batch(range(len(full)))[0])
+    # a second process on the same data and folder (a resumed run) reads the record instead of decoding again
+    again = open_dataset(digits_folder, progress=False, validation="header").record_failures_in(tmp_path / "late")
+    assert again.late_failures() == recording.late_failures() and again.load_image(truncated).max() == 0

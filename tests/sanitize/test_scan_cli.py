@@ -65,6 +65,37 @@ def test_scan_writes_the_documented_outputs(tmp_path, digits_folder):
         assert np.load(out / "embeddings" / f"{name}.npy", mmap_mode="r").shape[0] == 400
 
 
+def test_a_file_that_fails_to_decode_late_is_skipped_as_a_full_validation_skips_it(tmp_path, digits_folder):
+    good = next((digits_folder / "digit_4").glob("*.png")).read_bytes()
+    (digits_folder / "digit_4" / "truncated.png").write_bytes(good[: len(good) // 2])  # a valid header
+    runs = {}
+    for validation in ("header", "full"):
+        out = tmp_path / validation
+        result = CliRunner().invoke(
+            cli, ["scan", str(digits_folder), "--out", str(out), "--validation", validation, *FAST_ARGS]
+        )
+        assert result.exit_code == 0, result.output
+        with (out / "scores.csv").open() as handle:
+            runs[validation] = (json.loads((out / "summary.json").read_text()), list(csv.reader(handle)))
+    (header, header_rows), (full, full_rows) = runs["header"], runs["full"]
+    assert [r[0] for r in header_rows] == [r[0] for r in full_rows] and len(header_rows) == 401
+    assert header["data"]["fingerprint"] == full["data"]["fingerprint"] and header["data"]["examples"] == 400
+    (skip,) = header["data"]["skipped"]
+    assert skip["id"] == "digit_4/truncated.png" and "found when first decoded" in skip["reason"]
+    assert [s["id"] for s in full["data"]["skipped"]] == [skip["id"]]
+    # the proxy saw it black while it trained; the detector, the outputs and the report see the other 400 rows
+    assert header["embeddings"]["directory"] == "embeddings/decoded" and full["embeddings"]["directory"] == "embeddings"
+    decoded = tmp_path / "header" / "embeddings" / "decoded"
+    assert np.load(decoded / "features.npy", mmap_mode="r").shape[0] == 400
+    assert np.load(tmp_path / "header" / "embeddings" / "features.npy", mmap_mode="r").shape[0] == 401
+    assert "found when first decoded" in (tmp_path / "header" / "report.html").read_text(encoding="utf-8")
+    # a rerun in the same folder reuses the proxy, the pass and the record: the same rows and scores
+    result = CliRunner().invoke(cli, ["scan", str(digits_folder), "--out", str(tmp_path / "header"), *FAST_ARGS])
+    assert result.exit_code == 0, result.output
+    with (tmp_path / "header" / "scores.csv").open() as handle:
+        assert list(csv.reader(handle)) == header_rows
+
+
 def test_model_auto_is_resolved_to_the_architecture_it_means_for_the_data():
     def data(side):
         return from_arrays(np.zeros((4, side, side, 3), np.uint8), np.arange(4) % 2, ["a", "b"], source="test")
