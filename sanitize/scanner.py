@@ -188,8 +188,8 @@ def run_scan(data: str | os.PathLike | ImageDataset, out: str | os.PathLike, con
                 world=world,
                 validation=config.validation,
             )
-        if isinstance(dataset, EncodedDataset) and dataset.validation == "header":
-            dataset = dataset.record_failures_in(out / "late-skips")
+    if isinstance(dataset, EncodedDataset) and dataset.validation == "header":  # opened here or by the caller
+        dataset = dataset.record_failures_in(out / "late-skips")
     config = resolved_model(config, dataset)
     record = read_manifest(config.manifest) if config.manifest else None
     truth = poison_mask(record, dataset.ids) if record else None  # checked before the long part, not after
