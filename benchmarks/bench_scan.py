@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from sanitize.config import TrainConfig
-from sanitize.data import iterate_batches, open_dataset
+from sanitize.data import ImageDataset, iterate_batches, open_dataset
 from sanitize.density import knn, softmax
 from sanitize.detectors import DetectorContext
 from sanitize.detectors.knn_density import ISOLATION_ONLY, KnnDensityOptions, knn_isolation
@@ -68,13 +68,16 @@ def run_scan(data: Path, out: Path, extra: list[str]) -> dict:
     }
 
 
-def embedding_overhead(npz: Path, out: Path, batch_size: int = 512, rows: int = 20_000) -> dict:
-    """Images/s of the embedding pass over images/s of a plain forward pass, same model/data/batch, alternated."""
-    dataset = open_dataset(npz)
+def embedding_overhead(
+    dataset: ImageDataset, out: Path, batch_size: int = 512, rows: int = 20_000, model_name: str = "convnet"
+) -> dict:
+    """Images/s of the embedding pass over images/s of a plain forward pass, same model/data/batch, alternated (both
+    read the images through the dataset: for a folder, both decode them)."""
     device = torch.device("cpu")
     amp = resolve_precision("auto", device)
     torch.manual_seed(0)
-    model = create_model("convnet", dataset.num_classes, (3, 32, 32)).to(memory_format=torch.channels_last).eval()
+    shape = (3, *dataset.image_size)
+    model = create_model(model_name, dataset.num_classes, shape).to(memory_format=torch.channels_last).eval()
     indices = np.arange(rows)
 
     @torch.no_grad()
@@ -109,6 +112,10 @@ def embedding_overhead(npz: Path, out: Path, batch_size: int = 512, rows: int = 
         plain.append(forward_only())
         full.append(embed())
     return {
+        "model": model_name,
+        "image_size": list(dataset.image_size),
+        "classes": dataset.num_classes,
+        "precision": "bf16" if amp is not None else "fp32",
         "rows": rows,
         "batch_size": batch_size,
         "forward_img_per_s": plain,
@@ -375,7 +382,7 @@ def render_report(results: dict) -> str:
         lines += [
             "## Embedding pass vs plain forward pass",
             "",
-            f"Same convnet, data ({r['rows']} rows), batch {r['batch_size']}, bf16, alternated 3 times: forward {[round(v) for v in r['forward_img_per_s']]} img/s, "
+            f"Same {r.get('model', 'convnet')}, data ({r['rows']} rows), batch {r['batch_size']}, {r.get('precision', 'bf16')}, alternated 3 times: forward {[round(v) for v in r['forward_img_per_s']]} img/s, "
             f"embedding pass (features + logits + last-layer gradient, written to memory-mapped files) {[round(v) for v in r['embed_img_per_s']]} img/s. "
             f"**Ratio of medians: {r['ratio_median']:.2f}** (goal >= 0.9).",
             "",
@@ -502,7 +509,7 @@ def main() -> None:
         elif part == "npz_scan":
             results[part] = run_scan(npz, args.work / "scan-npz", [])
         elif part == "overhead":
-            results[part] = embedding_overhead(npz, args.work)
+            results[part] = embedding_overhead(open_dataset(npz), args.work)
         elif part == "density":
             labels = np.load(npz, allow_pickle=False)["y_train"].astype(np.int64)
             results[part] = density_scaling(args.work / "scan-npz" / "embeddings", labels)

@@ -7,7 +7,9 @@ content CIFAR-10 images (../shared, else noise) upscaled with added grain so the
 (~110 KB), plus the bad files a crawl contains (empty, truncated, a text file, a decompression bomb). Then, in one
 run and interleaved (so the ratios hold on a busy machine): listing and validating the folder as `sanitize scan` does
 by default (`--validation header`: every file read and hashed, its header parsed, no pixel decoded) against the full
-validation (every file decoded), with 0 and with `--workers` DataLoader workers.
+validation (every file decoded), with 0 and with `--workers` DataLoader workers; with `--embed-rows N`, also the
+embedding pass of an ImageNet ResNet-18 (1,000 classes, 224 px, the gradient sketched) over the first N files against
+a plain forward pass of the same model on the same files (the issue's limit: >= 0.9x).
 
     python benchmarks/imagenet_shaped.py --root work-data/imagenet-shaped --classes 100 --per-class 100 \\
         --out reports/imagenet-shaped
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_scan import embedding_overhead  # run as a script: benchmarks/ is on the path
 from PIL import Image
 
 from sanitize.data import open_dataset
@@ -107,6 +110,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--shared", type=Path, default=Path("../shared"))
     parser.add_argument("--out", type=Path, default=Path("reports/imagenet-shaped"))
+    parser.add_argument("--embed-rows", type=int, default=0, help="also time the embedding pass on this many files")
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -129,6 +133,15 @@ def main() -> None:
         "files_per_second": {k: round(files / v, 1) for k, v in best.items()},
         "full_over_header": round(best["full_workers_0"] / best["header_workers_0"], 1),
         "workers_speedup_full": round(best["full_workers_0"] / best[f"full_workers_{args.workers}"], 2),
+        "embedding_pass": embedding_overhead(
+            open_dataset(args.root, image_size=224, progress=False),
+            args.root.parent / "imagenet-shaped-embeddings",
+            batch_size=64,
+            rows=args.embed_rows,
+            model_name="resnet18",
+        )
+        if args.embed_rows
+        else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
         "load_average_at_end": os.getloadavg(),

@@ -126,7 +126,7 @@ class ScanConfig:
     workers: int = 0  # data-loading processes; 0 loads in the main process
     # folders and shards: read each file's header up front and decode it first in the proxy's training (or the
     # embedding pass), where a file that does not decode becomes a recorded skip; `full` decodes everything up front
-    # too (each file decoded once more: 5x the header pass, hours for ImageNet-1k here, reports/imagenet-shaped)
+    # too (each file decoded once more: 6.7x the header pass, hours for ImageNet-1k here, reports/imagenet-shaped)
     validation: str = "header"
     seed: int = 0
     quiet: bool = False

@@ -2,7 +2,7 @@
 (what cannot be used becomes a recorded skip), then decoded lazily, batch by batch.
 
 Validation is `full` (every image decoded, so nothing can fail later) or `header` (bytes read and hashed, the format
-and size read from the header, no pixel decoded: 5x faster, reports/imagenet-shaped). After a header-only
+and size read from the header, no pixel decoded: 6.7x faster, reports/imagenet-shaped). After a header-only
 validation a file that does not decode (a truncated JPEG) is found by the first pass that reads it: that pass sees a
 black image in its place, the failure is recorded in a folder (`record_failures_in`), and `without_late_failures`
 later turns it into a recorded skip like the others."""
