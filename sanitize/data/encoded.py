@@ -195,6 +195,8 @@ class EncodedDataset(ImageDataset):
         if not failed:
             return self
         keep = np.array([i for i in range(len(self)) if i not in failed], dtype=np.int64)
+        if not len(keep):
+            raise DataError(f"{self.source}: none of the {len(self)} image files decodes")
         late = [Skipped(self.ids[i], self.paths[i], f"{failed[i]} (found when first decoded)") for i in sorted(failed)]
         ids = [self.ids[i] for i in keep]
         return dataclasses.replace(

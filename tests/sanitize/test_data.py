@@ -162,3 +162,16 @@ def test_header_validation_finds_late_what_a_full_one_finds_up_front(digits_fold
     # a second process on the same data and folder (a resumed run) reads the record instead of decoding again
     again = open_dataset(digits_folder, progress=False, validation="header").record_failures_in(tmp_path / "late")
     assert again.late_failures() == recording.late_failures() and again.load_image(truncated).max() == 0
+
+
+def test_data_of_which_nothing_decodes_is_a_data_error_after_a_header_validation(tmp_path):
+    good = tmp_path / "source.png"
+    noise = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(good)
+    for name in ("a", "b"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        (tmp_path / "data" / name / "cut.png").write_bytes(good.read_bytes()[:400])  # a whole header, half the pixels
+    dataset = open_dataset(tmp_path / "data", progress=False, validation="header").record_failures_in(tmp_path / "late")
+    assert dataset.load_batch([0, 1])[0].max() == 0
+    with pytest.raises(DataError, match="none of the 2 image files decodes"):
+        dataset.without_late_failures()
