@@ -233,7 +233,7 @@ def run_scan(data: str | os.PathLike | ImageDataset, out: str | os.PathLike, con
                 world=world,
             )
         embeddings = dataclasses.replace(embeddings, out_of_fold_logits=logits)
-    if isinstance(dataset, EncodedDataset) and dataset.late_failures():
+    if isinstance(dataset, EncodedDataset):
         # files that passed the header check but did not decode: every pass so far saw them black; from here on they
         # are recorded skips, and the detector works on the rows of the others
         dataset, embeddings = without_late_failures(dataset, embeddings, world)
@@ -267,11 +267,10 @@ def without_late_failures(
 ) -> tuple[EncodedDataset, Embeddings]:
     """The dataset less the files found undecodable after a header-only validation, and the embeddings of the rest
     (copied to embeddings/decoded/ by rank 0: the detector, the outputs and the report read those rows)."""
-    keep = np.setdiff1d(np.arange(len(dataset)), list(dataset.late_failures()))
-    kept = dataset.without_late_failures()
-    directory = embeddings.directory / "decoded"
-    narrowed = embeddings.rows(keep, directory) if world.is_main else None
-    return kept, narrowed if narrowed is not None else embeddings
+    decoded, keep = dataset.without_late_failures()
+    if len(keep) == len(dataset) or not world.is_main:
+        return decoded, embeddings
+    return decoded, embeddings.rows(keep, embeddings.directory / "decoded")
 
 
 def _detect_and_write(

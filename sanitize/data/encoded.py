@@ -164,12 +164,11 @@ class EncodedDataset(ImageDataset):
         try:
             image = decode_rgb(read_source(self.sources[index]))
         except Exception as error:
-            if self.validation == "full" or self.failures is None:
-                raise DataError(
-                    f"{self.paths[index]} changed since validation and no longer decodes: {error}"
-                    if self.validation == "full"
-                    else f"{self.paths[index]} does not decode: {error}"
-                ) from None
+            if self.validation == "full" or self.failures is None:  # unexpected, or nowhere to record it
+                why = (
+                    "changed since validation and no longer decodes" if self.validation == "full" else "does not decode"
+                )
+                raise DataError(f"{self.paths[index]} {why}: {error}") from None
             record = self.failures / f"{index}.{os.getpid()}.tmp"
             record.write_text(skip_reason(error), encoding="utf-8")
             os.replace(record, self.failures / str(index))
@@ -188,18 +187,18 @@ class EncodedDataset(ImageDataset):
             int(path.name): path.read_text(encoding="utf-8") for path in self.failures.iterdir() if path.name.isdigit()
         }
 
-    def without_late_failures(self) -> EncodedDataset:
-        """The examples that decoded, the others recorded skips (their reason marked as found late); the fingerprint is
-        the one a full validation of the same data gives."""
+    def without_late_failures(self) -> tuple[EncodedDataset, np.ndarray]:
+        """The examples that decoded (the others recorded skips, their reason marked as found late) and their positions
+        here; the fingerprint is the one a full validation of the same data gives."""
         failed = self.late_failures()
+        keep = np.setdiff1d(np.arange(len(self)), list(failed))
         if not failed:
-            return self
-        keep = np.array([i for i in range(len(self)) if i not in failed], dtype=np.int64)
+            return self, keep
         if not len(keep):
             raise DataError(f"{self.source}: none of the {len(self)} image files decodes")
         late = [Skipped(self.ids[i], self.paths[i], f"{failed[i]} (found when first decoded)") for i in sorted(failed)]
         ids = [self.ids[i] for i in keep]
-        return dataclasses.replace(
+        decoded = dataclasses.replace(
             self,
             ids=ids,
             paths=[self.paths[i] for i in keep],
@@ -211,6 +210,7 @@ class EncodedDataset(ImageDataset):
             notes=[*self.notes, f"{plural(len(failed), 'image')} passed the header check but did not decode: skipped"],
             failures=None,
         )
+        return decoded, keep
 
 
 def fingerprint(ids: list[str], labels: np.ndarray, digests: np.ndarray) -> str:

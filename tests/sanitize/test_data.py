@@ -152,7 +152,8 @@ def test_header_validation_finds_late_what_a_full_one_finds_up_front(digits_fold
         and int((images.flatten(1).amax(1) == 0).sum()) == 1
         and list(recording.late_failures()) == [truncated]
     )
-    decoded = recording.without_late_failures()
+    decoded, keep = recording.without_late_failures()
+    assert keep.tolist() == [i for i in range(len(recording)) if i != truncated]
     assert decoded.ids == full.ids and decoded.fingerprint == full.fingerprint  # what a full validation keeps
     reasons = {s.id: s.reason for s in decoded.skipped}
     assert (
