@@ -24,7 +24,7 @@ from numpy.lib.format import open_memmap
 from tqdm import tqdm
 
 from sanitize.data import ImageDataset, iterate_batches, write_atomic
-from sanitize.density import softmax
+from sanitize.density import CHUNK_BYTES, row_chunks, softmax
 from sanitize.distributed import World, barrier, broadcast_from_main
 from sanitize.models import Classifier
 from sanitize.training import ETA_BATCHES, autocast, to_model_input
@@ -105,23 +105,25 @@ class Embeddings:
             return self.features
         return self.logit_gradient()
 
-    def proxy_statistics(self, chunk: int = 50_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def proxy_statistics(self, budget: int = CHUNK_BYTES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per example: the proxy's loss, its predicted class and that class's probability, read from the logits a
         chunk of rows at a time (no N x C copy: 5 GB on ImageNet)."""
         n = len(self.labels)
         loss, predicted, confidence = np.empty(n, np.float32), np.empty(n, np.int64), np.empty(n, np.float32)
-        for start in range(0, n, chunk):
-            rows = slice(start, min(start + chunk, n))
+        for rows in row_chunks(n, self.logits.shape[1] * 8, budget):  # softmax works in float64
             logits = np.asarray(self.logits[rows])
             probabilities = softmax(logits)
             loss[rows] = cross_entropy(logits, self.labels[rows])
             predicted[rows], confidence[rows] = probabilities.argmax(axis=1), probabilities.max(axis=1)
         return loss, predicted, confidence
 
-    def accuracy(self) -> float:
-        return float((self.logits.argmax(axis=1) == self.labels).mean())
+    def accuracy(self, budget: int = CHUNK_BYTES) -> float:
+        """The proxy's accuracy on these rows, a chunk at a time (argmax over a whole memory map copies it)."""
+        chunks = row_chunks(len(self.labels), self.logits.shape[1] * 4, budget)
+        correct = sum(int((self.logits[rows].argmax(axis=1) == self.labels[rows]).sum()) for rows in chunks)
+        return correct / len(self.labels)
 
-    def rows(self, keep: np.ndarray, directory: Path, chunk: int = 50_000) -> Embeddings:
+    def rows(self, keep: np.ndarray, directory: Path, budget: int = CHUNK_BYTES) -> Embeddings:
         """The rows at `keep` (positions, ascending) as memory-mapped copies in `directory`, written a chunk of rows at
         a time (no N x D copy in memory): what the detector sees once examples left the data after this pass."""
         directory.mkdir(parents=True, exist_ok=True)
@@ -130,8 +132,8 @@ class Embeddings:
             copy = open_memmap(
                 directory / f"{name}.npy", mode="w+", dtype=np.float32, shape=(len(keep), source.shape[1])
             )
-            for start in range(0, len(keep), chunk):
-                copy[start : start + chunk] = source[keep[start : start + chunk]]
+            for rows in row_chunks(len(keep), source.shape[1] * 4, budget):
+                copy[rows] = source[keep[rows]]
             copy.flush()
             del copy
         write_atomic(directory / "meta.json", json.dumps(self.meta | {"rows": len(keep)}, indent=1))

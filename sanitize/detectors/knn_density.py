@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from sanitize.density import choose_index, knn, robust_z, softmax, z_to_score
+from sanitize.density import CHUNK_BYTES, choose_index, knn, robust_z, row_chunks, softmax, z_to_score
 from sanitize.detectors import EMBEDDINGS, Detection, DetectorContext, check, register_detector
 
 if TYPE_CHECKING:  # the detectors' modules stay light: the CLI reads their options without torch
@@ -139,14 +139,14 @@ def knn_density(embeddings: Embeddings, options: KnnDensityOptions, context: Det
     return detection
 
 
-def label_issues(logits: np.ndarray, labels: np.ndarray, chunk: int = 50_000) -> tuple[np.ndarray, np.ndarray]:
+def label_issues(logits: np.ndarray, labels: np.ndarray, budget: int = CHUNK_BYTES) -> tuple[np.ndarray, np.ndarray]:
     """Confident learning's off-diagonal (Northcutt et al. 2021): with out-of-sample probabilities, class j's threshold
     is the mean probability of j over the examples labelled j; an example is a label issue when, of the classes it
     reaches the threshold of, the likeliest is not its label. Returns the issues and each example's margin (that
     class's probability minus the label's; <= 0 where there is no issue). Reads the (N, C) logits a chunk of rows at a
     time, twice (no N x C array in memory)."""
     n, num_classes = logits.shape
-    chunks = [slice(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+    chunks = row_chunks(n, num_classes * 8, budget)
     totals = np.zeros(num_classes)
     for rows in chunks:
         p = softmax(np.asarray(logits[rows], dtype=np.float64))

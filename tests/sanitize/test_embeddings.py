@@ -1,9 +1,16 @@
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 from sanitize.data import open_dataset
-from sanitize.embeddings import Embeddings, GradientEmbedder, compute_embeddings, last_layer_gradient_factors
+from sanitize.density import row_chunks
+from sanitize.embeddings import (
+    Embeddings,
+    GradientEmbedder,
+    compute_embeddings,
+    last_layer_gradient_factors,
+)
 from sanitize.models import create_model
 
 
@@ -81,9 +88,18 @@ def test_proxy_statistics_read_in_chunks_match_the_loss_and_softmax_of_the_whole
         labels=labels,
         meta={},
     )
-    loss, predicted, confidence = embeddings.proxy_statistics(chunk=64)
+    budget = 64 * logits.shape[1] * 8  # 64 rows of float64 a chunk: the last chunk is a partial one
+    loss, predicted, confidence = embeddings.proxy_statistics(budget=budget)
     expected_loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels), reduction="none").numpy()
     probabilities = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
     np.testing.assert_allclose(loss, expected_loss, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(predicted, probabilities.argmax(axis=1))
     np.testing.assert_allclose(confidence, probabilities.max(axis=1), rtol=1e-6)
+    assert embeddings.accuracy(budget=budget) == pytest.approx((probabilities.argmax(axis=1) == labels).mean())
+
+
+def test_row_chunks_cover_every_row_once_within_the_budget():
+    for n, row_bytes, budget in [(1000, 8000, 64_000), (7, 10, 1), (0, 4, 100), (5, 4, 10**9)]:
+        chunks = row_chunks(n, row_bytes, budget)
+        assert np.array_equal(np.concatenate([np.arange(n)[c] for c in chunks] or [[]]), np.arange(n))
+        assert all((c.stop - c.start) * row_bytes <= max(budget, row_bytes) for c in chunks)

@@ -35,7 +35,9 @@ def test_label_issues_are_confident_learnings_off_diagonal():
         ]
     )
     # thresholds: class 0's mean p0 over its examples 0.63, class 1's mean p1 0.75
-    issues, margin = label_issues(np.log(probabilities), labels, chunk=4)  # logits; chunks cross the classes
+    issues, margin = label_issues(
+        np.log(probabilities), labels, budget=4 * 2 * 8
+    )  # logits; 4-row chunks cross the classes
     assert issues.tolist() == [False, False, True, False, False, False]
     assert margin[2] == pytest.approx(0.6)
     # below the rival's threshold, even a rival more probable than the label is no issue
