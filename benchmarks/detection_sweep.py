@@ -5,7 +5,8 @@
 For each key whose poisons are cached: the default `sanitize scan` of the poisoned set (the same cached scan the
 evaluation's `scan` arm uses), then, on its proxy's embeddings, every baseline detector and knn_density in each
 embedding space and at several neighbourhood sizes (below and above the poison group, docs/protocol.md's design note).
-With --proxy-epochs, proxies trained for other lengths are scanned too. Reports flagged fraction, precision, recall
+With --proxy-epochs, proxies trained for other lengths are scanned too, and with --proxy-sides proxies that see
+the images resized (the trade-off of a proxy trained at reduced resolution on large images). Reports flagged fraction, precision, recall
 and AUROC against the true poisons (knn_density also at z cut-offs 2.5 and 3.0 besides its default 3.5), and which
 poisons were caught: each poison's pull on the target (its gradient on the clean surrogate projected on the target's
 adversarial gradient, the quantity crafting raises) picks the carriers, the fewest poisons holding half the total
@@ -21,6 +22,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from scipy.stats import spearmanr
 
 from attacks import choose_setup
@@ -30,6 +32,8 @@ from attacks.experiment import Harness
 from attacks.scales import EvaluationConfig
 from sanitize import scan
 from sanitize.config import ScanConfig
+from sanitize.data.arrays import ArrayDataset, from_arrays
+from sanitize.data.encoded import fit_to_size
 from sanitize.density import z_to_score
 from sanitize.detectors import run_detector
 from sanitize.detectors.knn_density import KnnDensityOptions
@@ -146,14 +150,32 @@ def caught_by_pull(flags: np.ndarray, scores: np.ndarray, pull: np.ndarray, carr
     }
 
 
-def proxy_scan_dir(harness: Harness, data, proxy: tuple[str, int]) -> Path:
-    """The scan of `data` with a proxy (model, epochs); the default proxy's is the evaluation's cached scan."""
-    model, proxy_epochs = proxy
+def downsampled(data: ArrayDataset, side: int) -> ArrayDataset:
+    """`data` as a folder scanned with `--image-size side` sees it: each image's shorter side resized to `side` and
+    centre-cropped (the product's own fit_to_size, bilinear)."""
+    images = np.stack(
+        [
+            np.asarray(fit_to_size(Image.fromarray(data.load_image(i).permute(1, 2, 0).numpy()), (side, side)))
+            for i in range(len(data))
+        ]
+    )
+    return from_arrays(images, data.labels, data.classes, f"{data.source} at {side} px", ids=list(data.ids))
+
+
+def proxy_scan_dir(harness: Harness, data, proxy: tuple[str, int, int | None]) -> Path:
+    """The scan of `data` with a proxy (model, epochs, side: None for the data's own); the default proxy's is the
+    evaluation's cached scan."""
+    model, proxy_epochs, side = proxy
     scan_dir = harness.scan_dir(data) / "knn_density"
     if proxy_epochs != ScanConfig().train.epochs:
         scan_dir = scan_dir.with_name(f"knn_density-proxy{proxy_epochs}")
     if model != default_model_name(data.image_size):
         scan_dir = scan_dir.with_name(f"{scan_dir.name}-{model}")
+    if side is not None:
+        scan_dir = scan_dir.with_name(f"{scan_dir.name}-side{side}")
+        if (scan_dir / "summary.json").exists():
+            return scan_dir  # finished: its embeddings are read back without resizing the set again
+        data = downsampled(data, side)
     scan(
         data,
         scan_dir,
@@ -166,17 +188,23 @@ def proxy_scan_dir(harness: Harness, data, proxy: tuple[str, int]) -> Path:
     return scan_dir
 
 
-def proxies(args, harness: Harness) -> list[tuple[str, int]]:
-    """Every (proxy model, proxy epochs) the sweep scans with; auto is the architecture the scan resolves it to."""
+def proxies(args, harness: Harness) -> list[tuple[str, int, int | None]]:
+    """Every (proxy model, proxy epochs, side) the sweep scans with; auto is the architecture the scan resolves it
+    to, side None the data's own."""
     models = [resolve_model_name(m, harness.train.image_size) for m in args.proxy_models.split(",")]
-    return [(m, int(e)) for m in models for e in args.proxy_epochs.split(",")]
+    sides = [None if s == "native" else int(s) for s in args.proxy_sides.split(",")]
+    return [(m, int(e), side) for m in models for e in args.proxy_epochs.split(",") for side in sides]
 
 
-def proxy_identity(proxy: tuple[str, int]) -> dict:
-    """Rows name the proxy's epochs, and its model unless it is the ConvNet (the default proxy of every row that
-    names none: rows from before 2026-12-02 named only other proxies)."""
-    model, epochs = proxy
-    return {"proxy_epochs": epochs} | ({"proxy_model": model} if model != "convnet" else {})
+def proxy_identity(proxy: tuple[str, int, int | None]) -> dict:
+    """Rows name the proxy's epochs, its model unless it is the ConvNet (the default proxy of every row that names
+    none: rows from before 2026-12-02 named only other proxies) and its side unless it is the data's own."""
+    model, epochs, side = proxy
+    return (
+        {"proxy_epochs": epochs}
+        | ({"proxy_model": model} if model != "convnet" else {})
+        | ({"proxy_side": side} if side is not None else {})
+    )
 
 
 def done_rows(rows_path: Path) -> set[str]:
@@ -196,6 +224,7 @@ def row_identity(row: dict) -> str:
             row["epochs"],
             row["proxy_epochs"],
             row.get("proxy_model"),
+            row.get("proxy_side"),
             row["detector"],
             row["options"],
             row.get("poisons_sha256"),
@@ -279,6 +308,11 @@ def main() -> None:
         help="Comma-separated proxy models (the registry's names); every one is trained for every --proxy-epochs.",
     )
     parser.add_argument(
+        "--proxy-sides",
+        default="native",
+        help="Comma-separated sides the proxy sees the images at (native: their own), as with a folder's --image-size.",
+    )
+    parser.add_argument(
         "--clean", action="store_true", help="Also scan the clean subset: what each variant flags without poisons."
     )
     parser.add_argument(
@@ -307,7 +341,8 @@ def main() -> None:
             print(f"key {key}: no cached poisons, skipped")
             continue
         poisoned = harness.data_for("undefended", poisons)
-        harness.filtered(poisoned, "scan", setup)  # the default scan: proxy + embeddings, cached
+        if any(side is None for _, _, side in proxies(args, harness)):
+            harness.filtered(poisoned, "scan", setup)  # the default scan: proxy + embeddings, cached
         pull = poison_pulls(harness, setup, poisoned)
         carriers = pull_carriers(pull)
         for proxy in proxies(args, harness):
@@ -353,7 +388,11 @@ def main() -> None:
 
 
 def proxy_cell(row: dict) -> str:
-    return f"{row['proxy_epochs']}" + (f" ({row['proxy_model']})" if row.get("proxy_model") else "")
+    return (
+        f"{row['proxy_epochs']}"
+        + (f" ({row['proxy_model']})" if row.get("proxy_model") else "")
+        + (f" at {row['proxy_side']} px" if row.get("proxy_side") else "")
+    )
 
 
 def variant_label(detector: str, options: dict, row: dict, default_proxy: str) -> str:
@@ -369,6 +408,7 @@ def variant_label(detector: str, options: dict, row: dict, default_proxy: str) -
         and effective.get("embedding", "features") == current["embedding"]
         and row["proxy_epochs"] == ScanConfig().train.epochs
         and row.get("proxy_model", "convnet") == default_proxy
+        and not row.get("proxy_side")
     )
     return f"**{label} = current default**" if is_current else label
 

@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import resource
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +31,9 @@ import torch
 from bench_scan import embedding_overhead  # run as a script: benchmarks/ is on the path
 from PIL import Image
 
-from sanitize.data import open_dataset
+from sanitize.data import iterate_batches, open_dataset
+from sanitize.models import create_model, default_model_name
+from sanitize.training import to_model_input
 
 BAD_FILES = ("empty.jpg", "truncated.jpg", "notes.jpg", "bomb.png")
 
@@ -101,6 +104,44 @@ def validate(root: Path, workers: int, validation: str) -> tuple[int, int, float
     return len(dataset), len(dataset.skipped), time.perf_counter() - started
 
 
+def proxy_costs(root: Path, sides: list[int], rows: int, batch_size: int = 64) -> list[dict]:
+    """What a proxy trained from scratch costs per image at each side, in two parts measured apart: reading the files
+    (decode, resize, crop: CPU work wherever the network runs) and one SGD step of the network (fp32, channels_last);
+    for the model `--model auto` picks at that side and for an ImageNet ResNet-18."""
+    found = []
+    for side in sides:
+        dataset = open_dataset(root, image_size=side, progress=False, validation="header")
+        dataset = dataset.record_failures_in(
+            Path(tempfile.mkdtemp())
+        )  # the truncated file: a black image, as in a scan
+        indices = np.arange(rows)
+        started = time.perf_counter()
+        batches = [(images, labels) for images, labels, _ in iterate_batches(dataset, indices, batch_size)]
+        read_ms = (time.perf_counter() - started) / rows * 1000
+        for name in sorted({default_model_name((side, side)), "resnet18"}):
+            torch.manual_seed(0)
+            model = create_model(name, dataset.num_classes, (3, side, side)).to(memory_format=torch.channels_last)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            step_seconds = []
+            for images, labels in [batches[0], *batches]:  # the first batch twice: a warm-up, not timed
+                started = time.perf_counter()
+                loss = torch.nn.functional.cross_entropy(model(to_model_input(images, torch.device("cpu"))), labels)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                step_seconds.append(time.perf_counter() - started)
+            step_ms = sum(step_seconds[1:]) / rows * 1000
+            found.append(
+                {
+                    "side": side,
+                    "model": name,
+                    "read_ms_per_image": round(read_ms, 2),
+                    "step_ms_per_image": round(step_ms, 2),
+                }
+            )
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=Path("work-data/imagenet-shaped"))
@@ -111,6 +152,8 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=Path("../shared"))
     parser.add_argument("--out", type=Path, default=Path("reports/imagenet-shaped"))
     parser.add_argument("--embed-rows", type=int, default=0, help="also time the embedding pass on this many files")
+    parser.add_argument("--proxy-sides", default="", help="also time a proxy's training per image at these sides")
+    parser.add_argument("--proxy-rows", type=int, default=256)
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -141,6 +184,9 @@ def main() -> None:
             model_name="resnet18",
         )
         if args.embed_rows
+        else None,
+        "proxy_costs": proxy_costs(args.root, [int(v) for v in args.proxy_sides.split(",")], args.proxy_rows)
+        if args.proxy_sides
         else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
