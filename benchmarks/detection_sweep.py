@@ -334,6 +334,7 @@ def main() -> None:
     if args.clean:
         clean_rows(harness, args, rows_path)
     done = done_rows(rows_path)
+    swept_proxies = proxies(args, harness)
     for key in (int(k) for k in args.keys.split(",")):
         setup = choose_setup(key, harness.train, harness.test, config.budget)
         poisons = harness.stored_poisons(setup)
@@ -341,11 +342,11 @@ def main() -> None:
             print(f"key {key}: no cached poisons, skipped")
             continue
         poisoned = harness.data_for("undefended", poisons)
-        if any(side is None for _, _, side in proxies(args, harness)):
+        if any(side is None for _, _, side in swept_proxies):
             harness.filtered(poisoned, "scan", setup)  # the default scan: proxy + embeddings, cached
         pull = poison_pulls(harness, setup, poisoned)
         carriers = pull_carriers(pull)
-        for proxy in proxies(args, harness):
+        for proxy in swept_proxies:
             embeddings = load_embeddings(proxy_scan_dir(harness, poisoned, proxy) / "embeddings", poisoned.labels)
             for detector, options in swept(args):
                 identity = {

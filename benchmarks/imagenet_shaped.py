@@ -110,14 +110,13 @@ def proxy_costs(root: Path, sides: list[int], rows: int, batch_size: int = 64) -
     for the model `--model auto` picks at that side and for an ImageNet ResNet-18."""
     found = []
     for side in sides:
-        dataset = open_dataset(root, image_size=side, progress=False, validation="header")
-        dataset = dataset.record_failures_in(
-            Path(tempfile.mkdtemp())
-        )  # the truncated file: a black image, as in a scan
-        indices = np.arange(rows)
-        started = time.perf_counter()
-        batches = [(images, labels) for images, labels, _ in iterate_batches(dataset, indices, batch_size)]
-        read_ms = (time.perf_counter() - started) / rows * 1000
+        with tempfile.TemporaryDirectory() as failures:  # the truncated file: a black image, as in a scan
+            dataset = open_dataset(root, image_size=side, progress=False, validation="header")
+            dataset = dataset.record_failures_in(Path(failures))
+            indices = np.arange(rows)
+            started = time.perf_counter()
+            batches = [(images, labels) for images, labels, _ in iterate_batches(dataset, indices, batch_size)]
+            read_ms = (time.perf_counter() - started) / rows * 1000
         for name in sorted({default_model_name((side, side)), "resnet18"}):
             torch.manual_seed(0)
             model = create_model(name, dataset.num_classes, (3, side, side)).to(memory_format=torch.channels_last)
