@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from sanitize.config import RobustConfig, ScanConfig, TrainConfig
+from sanitize.config import DECODED_CACHE_MODES, RobustConfig, ScanConfig, TrainConfig
 from sanitize.detectors import EMBEDDINGS, list_detectors
 from sanitize.detectors.epic import EpicOptions
 from sanitize.detectors.knn_density import ALARM_RULES, ALARM_TESTS, KnnDensityOptions
@@ -67,6 +67,14 @@ precision_option = click.option(
     default=DEFAULTS.precision,
     show_default=True,
     help="bf16 autocast where the hardware runs it natively (auto), or forced.",
+)
+decoded_cache_option = click.option(
+    "--decoded-cache",
+    type=choice(DECODED_CACHE_MODES, "decoded-cache mode"),
+    default=DEFAULTS.decoded_cache,
+    show_default=True,
+    help="Folders and shards: keep each image once decoded, in OUT/decoded until the run ends, instead of decoding it "
+    "in every pass (auto: when the images are read more than once and the copy fits in half the free disk).",
 )
 ROBUST_DEFAULTS = RobustConfig()
 
@@ -324,6 +332,7 @@ def scan_options(fn: Callable) -> Callable:
             show_default=True,
             help="Folders and shards: read headers up front and skip files that fail to decode when first read (header), or decode every file up front (full).",
         ),
+        decoded_cache_option,
         click.option(
             "--seed", type=int, default=DEFAULTS.seed, show_default=True, help="Seeds the proxy and the index."
         ),
@@ -524,6 +533,7 @@ def demo(out: Path, quiet: bool) -> None:
 @device_option
 @precision_option
 @click.option("--workers", type=int, default=0, show_default=True, help="Data-loading processes.")
+@decoded_cache_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the model and the data order.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_handle_errors

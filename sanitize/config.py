@@ -8,6 +8,8 @@ from typing import Any
 
 from sanitize.errors import SanitizeError
 
+DECODED_CACHE_MODES = ("auto", "on", "off")  # sanitize.data.decoded
+
 
 @dataclass
 class TrainConfig:
@@ -72,6 +74,7 @@ class FitConfig:
     device: str = "auto"
     precision: str = "auto"
     workers: int = 0
+    decoded_cache: str = "auto"  # folders and shards: keep decoded images while training (ScanConfig says more)
     seed: int = 0
     quiet: bool = False
 
@@ -87,6 +90,7 @@ class FitConfig:
             (0.0 <= self.epic.max_dropped_fraction <= 1.0, "max_dropped_fraction must be in [0, 1]"),
             (self.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
             (self.max_thumbnails >= 0, "max_thumbnails must be >= 0"),
+            (self.decoded_cache in DECODED_CACHE_MODES, "decoded_cache must be auto, on or off"),
         ]
         for ok, message in checks:
             if not ok:
@@ -128,6 +132,10 @@ class ScanConfig:
     # embedding pass), where a file that does not decode becomes a recorded skip; `full` decodes everything up front
     # too (each file decoded once more: 6.7x the header pass, hours for ImageNet-1k here, reports/imagenet-shaped)
     validation: str = "header"
+    # folders and shards: keep each image once decoded (at the scan's size, in OUT/decoded, removed at the end) and
+    # read it back in later passes instead of decoding the file again; auto: when the proxy is trained here and the
+    # copy takes at most half the free disk (sanitize.data.decoded)
+    decoded_cache: str = "auto"
     seed: int = 0
     quiet: bool = False
 
@@ -172,6 +180,7 @@ class ScanConfig:
             (self.image_size is None or self.image_size >= 8, "image_size must be >= 8"),
             (self.workers >= 0, "workers must be >= 0"),
             (self.validation in ("full", "header"), "validation must be full or header"),
+            (self.decoded_cache in DECODED_CACHE_MODES, "decoded_cache must be auto, on or off"),
             (self.max_thumbnails >= 0, "max_thumbnails must be >= 0"),
             (self.proxy_folds == 0 or self.proxy_folds >= 2, "proxy_folds must be 0 (off) or >= 2"),
             (

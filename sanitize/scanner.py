@@ -34,6 +34,8 @@ from sanitize.config import ScanConfig
 from sanitize.data import (
     EncodedDataset,
     ImageDataset,
+    drop_decoded,
+    keep_decoded,
     open_dataset,
     prepare_output,
     removed_if_left_empty,
@@ -191,6 +193,7 @@ def run_scan(data: str | os.PathLike | ImageDataset, out: str | os.PathLike, con
     if isinstance(dataset, EncodedDataset) and dataset.validation == "header":  # opened here or by the caller
         dataset = dataset.record_failures_in(out / "late-skips")
     config = resolved_model(config, dataset)
+    dataset = keep_decoded(dataset, out, config.decoded_cache, passes=_passes(config))
     record = read_manifest(config.manifest) if config.manifest else None
     truth = poison_mask(record, dataset.ids) if record else None  # checked before the long part, not after
     device = resolve_device(config.device, world)
@@ -233,6 +236,7 @@ def run_scan(data: str | os.PathLike | ImageDataset, out: str | os.PathLike, con
                 world=world,
             )
         embeddings = dataclasses.replace(embeddings, out_of_fold_logits=logits)
+    kept_decoded = dataset
     if isinstance(dataset, EncodedDataset):
         # files that passed the header check but did not decode: every pass so far saw them black; from here on they
         # are recorded skips, and the detector works on the rows of the others
@@ -259,7 +263,16 @@ def run_scan(data: str | os.PathLike | ImageDataset, out: str | os.PathLike, con
         write_atomic(files["summary"], json.dumps(summary, indent=2, default=str))  # the verdict: the last file written
         outcome = detection.scores, detection.flags, summary
     scores, flags, summary = broadcast_from_main(outcome, world)
+    if world.is_main:
+        drop_decoded(kept_decoded)
     return ScanResult(list(dataset.ids), list(dataset.paths), dataset.labels, scores, flags, summary, files)
+
+
+def _passes(config: ScanConfig) -> int:
+    """How often the scan reads every image: the proxy's epochs (none with a checkpoint), the folds' and the embedding
+    pass."""
+    trained = 0 if config.checkpoint else config.train.epochs
+    return trained + config.proxy_folds * config.train.epochs + 1
 
 
 def without_late_failures(

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from sanitize.config import FitConfig
-from sanitize.data import open_dataset, prepare_output, removed_if_left_empty
+from sanitize.data import drop_decoded, keep_decoded, open_dataset, prepare_output, removed_if_left_empty
 from sanitize.distributed import World, all_reduce_sum, current_world
 from sanitize.models import Classifier, resolve_model_name
 from sanitize.report import write_report
@@ -42,6 +42,8 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
     world = current_world()
     progress = not config.quiet and world.is_main
     dataset = open_dataset(data, image_size=config.image_size, workers=config.workers, progress=progress, world=world)
+    # every epoch reads the images, then the accuracy pass (and a robust round's predictions)
+    dataset = keep_decoded(dataset, out, config.decoded_cache, passes=config.train.epochs + 1)
     device = resolve_device(config.device, world)
     amp_dtype = resolve_precision(config.precision, device)
     name = resolve_model_name(config.model, dataset.image_size)
@@ -88,6 +90,7 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
             "examples": len(dataset),
             "classes": dataset.classes,
             "skipped": [dataclasses.asdict(s) for s in dataset.skipped],  # as a scan records them
+            "notes": dataset.notes,
         },
         "config": dataclasses.asdict(config),
         "model": info,
@@ -112,6 +115,7 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
     if world.is_main:
         files["summary"].write_text(json.dumps(summary, indent=1, default=str))
         write_report(out, dataset, max_thumbnails=config.max_thumbnails)
+        drop_decoded(dataset)
     return TrainResult(model, summary, [dataset.ids[i] for i in dropped], files)
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 from sanitize.data.arrays import ArrayDataset, open_npz
 from sanitize.data.base import ImageDataset, Skipped, iterate_batches
+from sanitize.data.decoded import decoded_copy_plan
 from sanitize.data.encoded import VALIDATIONS, EncodedDataset
 from sanitize.data.folder import FolderDataset, open_folder
 from sanitize.data.shards import ShardDataset, is_shard_folder, open_shards
@@ -25,6 +28,8 @@ __all__ = [
     "Skipped",
     "ensure_outside",
     "iterate_batches",
+    "keep_decoded",
+    "drop_decoded",
     "open_dataset",
     "removed_if_left_empty",
     "prepare_output",
@@ -57,6 +62,28 @@ def open_dataset(
     if not path.exists():
         raise DataError(f"{path} does not exist")
     raise DataError(f"{path} is neither an ImageFolder directory, a .npz file nor .tar shards")
+
+
+def keep_decoded(dataset: ImageDataset, out: Path, mode: str, passes: int) -> ImageDataset:
+    """A folder's or shards' dataset that keeps its decoded images in out/decoded while a run reads them `passes`
+    times (`mode` auto/on/off: sanitize.data.decoded.decoded_copy_plan); the choice is one of the dataset's notes."""
+    if not isinstance(dataset, EncodedDataset):
+        return dataset
+    keep, note = decoded_copy_plan(mode, passes, len(dataset), dataset.image_size, out)
+    if keep:
+        try:
+            dataset = dataset.with_decoded_copy(out / "decoded")
+        except OSError as error:
+            if mode == "on":
+                raise DataError(f"decoded_cache on: cannot reserve the copy: {error.strerror or error}") from None
+            note = f"no decoded copy ({error.strerror or error}): every pass decodes the files again"
+    return dataclasses.replace(dataset, notes=[*dataset.notes, note]) if note else dataset
+
+
+def drop_decoded(dataset: ImageDataset) -> None:
+    """Remove the dataset's decoded copy at the end of a run (a killed run keeps it, for its rerun)."""
+    if isinstance(dataset, EncodedDataset) and dataset.decoded is not None:
+        shutil.rmtree(dataset.decoded.directory, ignore_errors=True)
 
 
 def ensure_outside(data: str | Path, out: str | Path) -> None:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from sanitize.data.arrays import MIN_SIDE
 from sanitize.data.base import ImageDataset, Skipped
+from sanitize.data.decoded import DecodedCopy, open_decoded_copy
 from sanitize.distributed import World, gather_lists
 from sanitize.errors import DataError
 from sanitize.wording import plural
@@ -150,6 +151,7 @@ class EncodedDataset(ImageDataset):
     digests: np.ndarray = field(default_factory=lambda: np.zeros((0, 32), np.uint8))  # sha256 of each source's bytes
     validation: str = "full"
     failures: Path | None = None
+    decoded: DecodedCopy | None = None  # where decoded images are kept (sanitize.data.decoded)
 
     def record_failures_in(self, folder: Path) -> EncodedDataset:
         """This dataset, recording late decode failures under `folder` (one subfolder per fingerprint, so a resumed
@@ -158,9 +160,19 @@ class EncodedDataset(ImageDataset):
         directory.mkdir(parents=True, exist_ok=True)
         return dataclasses.replace(self, failures=directory)
 
+    def with_decoded_copy(self, folder: Path) -> EncodedDataset:
+        """This dataset, keeping what it decodes in a copy under `folder` and reading it back from there (a resumed
+        run on the same data and size reuses the copy); raises OSError when the copy's space cannot be reserved."""
+        return dataclasses.replace(
+            self, decoded=open_decoded_copy(folder, self.fingerprint, len(self), self.image_size)
+        )
+
     def load_image(self, index: int) -> torch.Tensor:
         if self.failures is not None and (self.failures / str(index)).exists():
             return self._black()
+        kept = self.decoded.get(index) if self.decoded is not None else None
+        if kept is not None:
+            return kept
         try:
             image = decode_rgb(read_source(self.sources[index]))
         except Exception as error:
@@ -173,8 +185,10 @@ class EncodedDataset(ImageDataset):
             record.write_text(skip_reason(error), encoding="utf-8")
             os.replace(record, self.failures / str(index))
             return self._black()
-        array = np.asarray(fit_to_size(image, self.image_size), dtype=np.uint8)
-        return torch.from_numpy(array.copy()).permute(2, 0, 1)
+        array = np.array(fit_to_size(image, self.image_size), dtype=np.uint8)
+        if self.decoded is not None:
+            self.decoded.put(index, array)
+        return torch.from_numpy(array).permute(2, 0, 1)
 
     def _black(self) -> torch.Tensor:
         return torch.zeros((3, *self.image_size), dtype=torch.uint8)
@@ -209,6 +223,7 @@ class EncodedDataset(ImageDataset):
             skipped=[*self.skipped, *late],
             notes=[*self.notes, f"{plural(len(failed), 'image')} passed the header check but did not decode: skipped"],
             failures=None,
+            decoded=None,  # its rows are the positions before the late failures left
         )
         return decoded, keep
 

@@ -117,6 +117,9 @@ def test_training_records_skipped_files_like_a_scan(tmp_path, digits_folder):
     )
     html = (tmp_path / "t" / "report.html").read_text(encoding="utf-8")
     assert "digit_2/pipe.png" in html and "not a regular file" in html
+    # its epochs read the images from a decoded copy, removed when the run ended
+    assert any("decoded images kept" in note for note in result.summary["data"]["notes"])
+    assert not list((tmp_path / "t" / "decoded").iterdir())
 
 
 def test_a_training_run_and_the_embedding_pass_say_roughly_how_long_they_will_take(digits_npz, capsys, tmp_path):
