@@ -12,9 +12,6 @@ pixels) and a later pass (the copy read back, each row checked). The folder is b
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -22,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from run_record import write_results  # run as a script: benchmarks/ is on the path
 
 from sanitize.data import iterate_batches, open_dataset
 from sanitize.data.decoded import copy_bytes
@@ -68,12 +66,8 @@ def main() -> None:
     torch.set_num_threads(1)
     result = {
         "sides": [measure(args.root, int(side), args.rows, args.repeats) for side in args.sides.split(",")],
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
-        "load_average_at_end": os.getloadavg(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import tempfile
 import time
@@ -30,6 +28,7 @@ import numpy as np
 import torch
 from bench_scan import embedding_overhead  # run as a script: benchmarks/ is on the path
 from PIL import Image
+from run_record import write_results  # run as a script: benchmarks/ is on the path
 
 from sanitize.data import iterate_batches, open_dataset
 from sanitize.models import create_model, default_model_name
@@ -188,12 +187,8 @@ def main() -> None:
         if args.proxy_sides
         else None,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
-        "load_average_at_end": os.getloadavg(),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    write_results(args.out / "results.json", result)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import shutil
 import signal
@@ -32,6 +30,7 @@ from pathlib import Path
 
 from imagenet_shaped import source_images  # run as a script: benchmarks/ is on the path
 from PIL import Image
+from run_record import write_results
 
 # where each kill lands: a phase's progress bar and how far it has gone (the embedding pass saves its rows every 20,000
 # or every minute, so a kill late in it has saved rows to resume from)
@@ -206,11 +205,8 @@ def main() -> None:
         "folders_written_seconds": written,
         "memory": memory_rows(folders, args.root, options),
         "resume": None if args.skip_resume else resume_rows(folders[sizes[0]], args.root, resume_options),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "load_average_at_end": os.getloadavg(),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=1))
+    write_results(args.out / "results.json", result)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import os
-import platform
 import statistics
 import tarfile
 import tempfile
@@ -29,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from decoded_copy import pass_seconds  # run as a script: benchmarks/ is on the path
+from run_record import write_results  # run as a script: benchmarks/ is on the path
 
 from sanitize.data import open_dataset
 
@@ -126,12 +124,8 @@ def main() -> None:
         "shards_over_folder": {
             name: round(medians["shards"][name] / medians["folder"][name], 2) for name in medians["folder"]
         },
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
-        "load_average_at_end": os.getloadavg(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":
