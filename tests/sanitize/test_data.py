@@ -109,6 +109,12 @@ def test_folder_converts_modes_and_resizes_odd_sizes(digits_folder):
     assert dataset.load_image(by_id["digit_1/rgba.png"])[:, 0, 0].tolist() == [10, 20, 30]
     assert dataset.load_image(by_id["digit_2/big_palette.gif"]).shape == (3, 16, 16)
     assert dataset.load_image(by_id["digit_2/more/deep.bmp"])[:, 5, 5].tolist() == [1, 2, 3]
+    # the 40 x 24 GIF is shrunk 1.5x: a note says what a downscale does to poisons; the 16 px images are not noted
+    (shrunk,) = [note for note in dataset.notes if "downscaled" in note]
+    assert shrunk.startswith("1 image downscaled (median 1.5x)") and "reports/imagenet-shaped" in shrunk
+    halved = open_dataset(digits_folder, image_size=8, progress=False)
+    assert any(note.startswith("404 images downscaled (median 2.0x)") for note in halved.notes)
+    assert not any("downscaled" in note for note in open_dataset(digits_folder, image_size=32, progress=False).notes)
 
 
 def test_folder_without_images_is_a_data_error(tmp_path):
