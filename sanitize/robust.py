@@ -26,9 +26,7 @@ from sanitize.data import ImageDataset, write_atomic
 from sanitize.distributed import World, barrier, gather_rows
 from sanitize.embeddings import softmax_minus_onehot
 from sanitize.medoids import isolated_medoids
-from sanitize.training import predict
-
-PROXY_CHUNK = 50_000  # rows predicted at a time in a round (200 MB of logits with 1,000 classes)
+from sanitize.training import predict_batches
 
 
 class EpicDropper:
@@ -94,11 +92,8 @@ class EpicDropper:
         barrier(self.world)
         lo, hi = self.world.row_range(n)
         rows = open_memmap(path, mode="r+")
-        for start in range(lo, hi, PROXY_CHUNK):
-            end = min(start + PROXY_CHUNK, hi)
-            rows[start:end] = softmax_minus_onehot(
-                predict(model, self.dataset, np.arange(start, end), self.device, self.amp_dtype), labels[start:end]
-            )
+        for positions, logits in predict_batches(model, self.dataset, np.arange(lo, hi), self.device, self.amp_dtype):
+            rows[positions] = softmax_minus_onehot(logits, labels[positions])
         rows.flush()
         del rows
         barrier(self.world)
