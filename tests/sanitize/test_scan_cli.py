@@ -149,6 +149,7 @@ def test_the_class_alarm_fails_the_gate_unless_turned_off_and_is_printed(tmp_pat
         (["scan", "{data}", "--model", "nope"], "unknown model"),
         (["scan", "{data}", "--threshold", "2"], "threshold"),
         (["scan", "{data}", "--checkpoint", "{bad_npz}"], "cannot load checkpoint"),
+        (["scan", "{data}", "--decoded-cache", "sometimes"], "decoded-cache"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, digits_folder, args, message):
