@@ -197,6 +197,9 @@ def train_model(
                 f"note: {checkpoint} is another run's (other data or options); {desc} trains from the start",
                 file=sys.stderr,
             )
+    decoded = getattr(dataset, "decoded", None)  # a folder's decoded copy (sanitize.data.decoded), if it keeps one
+    filling = decoded is not None and decoded.written() < len(dataset)
+    estimate_at = {start_epoch, start_epoch + 1} if filling else {start_epoch}
     for epoch in range(start_epoch, config.epochs):
         model.train()
         started, cpu_started = time.perf_counter(), time.process_time()
@@ -212,13 +215,19 @@ def train_model(
                 batches, total=per_epoch, desc=f"{desc} {epoch + 1}/{config.epochs}", leave=False, disable=not progress
             )
         ):
-            if batch == ETA_BATCHES and epoch == start_epoch and progress and world.is_main:
-                # before the long phase is under way: its rough length, from its first batches (warm-up included)
+            if batch == ETA_BATCHES and epoch in estimate_at and progress and world.is_main:
+                # before the long phase is under way: its rough length, from its first batches (warm-up included);
+                # again in the next epoch when this one fills a decoded copy, which the later epochs read faster
                 spent = time.perf_counter() - started
-                total = spent / batch * per_epoch * (config.epochs - start_epoch)
-                tqdm.write(
-                    f"{desc}: about {duration(total)} for {plural(config.epochs - start_epoch, 'epoch')}", sys.stderr
+                total = spent / batch * per_epoch * (config.epochs - epoch)
+                epochs = plural(config.epochs - epoch, "epoch")
+                said = (
+                    f"about {duration(total)} for {epochs}"
+                    + (" (at most: later epochs read decoded images)" if filling else "")
+                    if epoch == start_epoch
+                    else f"about {duration(total)} for the other {epochs}, reading decoded images"
                 )
+                tqdm.write(f"{desc}: {said}", sys.stderr)
             x = to_model_input(images, device, memory_format)
             if config.augment:
                 x = random_crop_flip(x, generator)

@@ -4,15 +4,19 @@ import csv
 import errno
 import json
 import os
+import re
 
 import numpy as np
 import pytest
 import torch
 
 import sanitize
+from sanitize.config import TrainConfig
 from sanitize.data import iterate_batches, keep_decoded, open_dataset
 from sanitize.data.decoded import copy_bytes, decoded_copy_plan
 from sanitize.errors import DataError
+from sanitize.models import create_model
+from sanitize.training import train_model
 
 FAST = {"model": "tiny", "epochs": 2, "batch_size": 16, "augment": False, "quiet": True}
 
@@ -88,3 +92,15 @@ def test_a_scan_with_the_copy_gives_the_same_scores_and_removes_it(digits_folder
     assert any("decoded images kept" in note for note in runs["on"][1])
     assert not any("decoded" in note for note in runs["off"][1])
     assert not list((tmp_path / "on" / "decoded").iterdir())  # removed when the scan finished
+
+
+def test_training_that_fills_the_copy_says_its_length_again_once_it_reads_the_copy(digits_folder, tmp_path, capsys):
+    dataset = open_dataset(digits_folder, progress=False).with_decoded_copy(tmp_path / "decoded")
+    model = create_model("tiny", 10, (3, 16, 16))
+    config = TrainConfig(epochs=3, batch_size=16, augment=False)
+    train_model(model, dataset, np.arange(len(dataset)), config, torch.device("cpu"), None, progress=True, desc="proxy")
+    lines = [line.strip() for line in capsys.readouterr().err.splitlines() if "proxy: about" in line]
+    estimate = r"proxy: about \d+(\.\d)? (s|min|h) for"
+    assert len(lines) == 2
+    assert re.fullmatch(estimate + r" 3 epochs \(at most: later epochs read decoded images\)", lines[0])
+    assert re.fullmatch(estimate + r" the other 2 epochs, reading decoded images", lines[1])
