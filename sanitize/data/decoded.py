@@ -51,10 +51,11 @@ class DecodedCopy:
     def get(self, index: int) -> torch.Tensor | None:
         """Row `index` as a (3, H, W) uint8 tensor, or None while it has not been written (or was torn)."""
         pixels, checks = self._opened()
-        if checks[index] == 0:
+        check = int(checks[index])
+        if check == 0:
             return None
         row = np.array(pixels[index])
-        if int(checks[index]) != WRITTEN + zlib.crc32(row):
+        if check != WRITTEN + zlib.crc32(row):
             return None
         return torch.from_numpy(row).permute(2, 0, 1)
 
@@ -106,10 +107,10 @@ def decoded_copy_plan(
     when the space is not there); `off` never."""
     if mode not in DECODED_CACHE_MODES:
         raise DataError(f"decoded_cache must be one of {', '.join(DECODED_CACHE_MODES)}, not {mode!r}")
-    need = copy_bytes(rows, image_size)
-    size = f"{disk_size(need)} at {image_size[0]}x{image_size[1]}"
     if mode == "off" or (mode == "auto" and passes < 2):
         return False, None
+    need = copy_bytes(rows, image_size)
+    size = f"{disk_size(need)} at {image_size[0]}x{image_size[1]}"
     if not hasattr(os, "posix_fallocate"):
         if mode == "on":
             raise DataError("decoded_cache on needs posix_fallocate, which this platform lacks")
