@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from sanitize.training import ETA_BATCHES, autocast, to_model_input
 from sanitize.wording import duration, plural
 
 ARRAYS = ("features", "logits", "gradient")
+DERIVED = "logit_gradient"  # computed from the logits on first use; removed when the pass is redone
 SAVE_SECONDS = 60  # the pass saves its progress at least this often (and every 20,000 rows)
 
 
@@ -88,14 +90,20 @@ class Embeddings:
     meta: dict
     out_of_fold_logits: np.ndarray | None = None  # (N, C) from proxies that never saw the row (scan --proxy-folds)
 
-    def logit_gradient(self) -> np.ndarray:
-        """softmax - onehot (C): EPIC's gradient proxy."""
-        return softmax_minus_onehot(np.asarray(self.logits), self.labels)
-
-    def gradient_norm(self) -> np.ndarray:
-        """Exact ||last-layer gradient|| = ||g|| ||f~|| (never sketched)."""
-        f_norm = np.sqrt(np.square(self.features.astype(np.float64)).sum(axis=1) + 1.0)
-        return (np.linalg.norm(self.logit_gradient(), axis=1) * f_norm).astype(np.float32)
+    def logit_gradient(self, budget: int = CHUNK_BYTES) -> np.ndarray:
+        """softmax - onehot (C), EPIC's gradient proxy, memory-mapped: written beside the logits a chunk of rows at a
+        time on first use (an N x C array in memory is 5 GB on ImageNet) and read from there afterwards."""
+        path = self.directory / f"{DERIVED}.npy"
+        shape = (len(self.labels), self.logits.shape[1])
+        if not _readable(path, shape):
+            partial = path.with_name(f"{DERIVED}.{os.getpid()}.partial.npy")
+            out = open_memmap(partial, mode="w+", dtype=np.float32, shape=shape)
+            for rows in row_chunks(shape[0], shape[1] * 8, budget):  # softmax works in float64
+                out[rows] = softmax_minus_onehot(np.asarray(self.logits[rows]), self.labels[rows])
+            out.flush()
+            del out
+            os.replace(partial, path)  # a present file is a whole one
+        return np.load(path, mmap_mode="r", allow_pickle=False)
 
     def space(self, name: str) -> np.ndarray:
         """The embedding the density step works in: gradient, features or logit_gradient."""
@@ -208,7 +216,7 @@ def compute_embeddings(
             _readable(directory / f"{name}.npy", shapes[name]) for name in ARRAYS
         )
         if not same_pass:
-            for stale in directory.glob("progress*.json"):
+            for stale in [*directory.glob("progress*.json"), *directory.glob(f"{DERIVED}*.npy")]:
                 stale.unlink()
             for name, shape in shapes.items():
                 open_memmap(directory / f"{name}.npy", mode="w+", dtype=np.float32, shape=shape).flush()
