@@ -523,6 +523,12 @@ def demo(out: Path, quiet: bool) -> None:
 )
 @click.option("--test", type=click.Path(exists=True), default=None, help="A labelled test set to report accuracy on.")
 @click.option(
+    "--exclude",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="A file of example ids, one a line, to leave out: a scan's flagged.txt (scan, then train on what it kept).",
+)
+@click.option(
     "--max-thumbnails",
     type=int,
     default=48,
@@ -545,6 +551,8 @@ def train(data: Path, out: Path, **options: Any) -> None:
     if not is_main_process():
         return
     summary = result.summary
+    if summary["excluded"]:
+        click.echo(f"excluded  {summary['excluded']['examples']} listed in {summary['excluded']['list']}")
     click.echo(
         f"model     {summary['model']['name']}, {summary['model']['trained_epochs']} epochs, accuracy on the data {summary['train_accuracy']:.1%}"
         + (f", test {summary['test_accuracy']:.1%}" if "test_accuracy" in summary else "")

@@ -70,6 +70,9 @@ class FitConfig:
     robust: bool = False
     epic: RobustConfig = field(default_factory=RobustConfig)
     test: str | None = None  # a labelled test set to report accuracy on
+    # a file of example ids, one a line, left out of training: a scan's flagged.txt (scan, then train on what it kept:
+    # with robust, the defence chosen at the full CIFAR-10 scale, reports/gradient-matching-full-tuning)
+    exclude: str | None = None
     max_thumbnails: int = 48  # report.html shows at most this many dropped examples as images
     device: str = "auto"
     precision: str = "auto"

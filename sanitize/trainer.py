@@ -1,5 +1,8 @@
 """`sanitize train`: the standard from-scratch recipe, or with `robust` EPIC's periodic dropping of isolated examples.
 
+With `exclude`, the examples a list of ids names (a scan's flagged.txt) are left out before training: `sanitize scan`
+then `sanitize train --robust --exclude SCAN/flagged.txt` is the defence chosen at the full CIFAR-10 scale.
+
 Outputs under `out` (never inside DATA): model.pt (a state dict, loadable with weights_only=True), checkpoint.pt (a
 killed run rerun with the same options resumes from its last finished epoch), summary.json (recipe, per-epoch
 history, accuracy, seconds, dropped counts per class) and, when robust, drop_log.json (id, position, class and round of
@@ -10,6 +13,7 @@ predict, classes to pick medoids in); rank 0 writes the files; every rank return
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -20,7 +24,14 @@ from typing import Any
 import numpy as np
 
 from sanitize.config import FitConfig
-from sanitize.data import drop_decoded, keep_decoded, open_dataset, prepare_output, removed_if_left_empty
+from sanitize.data import (
+    drop_decoded,
+    excluding,
+    keep_decoded,
+    open_dataset,
+    prepare_output,
+    removed_if_left_empty,
+)
 from sanitize.distributed import World, all_reduce_sum, current_world
 from sanitize.models import Classifier, resolve_model_name
 from sanitize.report import write_report
@@ -41,7 +52,8 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
     started = time.perf_counter()
     world = current_world()
     progress = not config.quiet and world.is_main
-    dataset = open_dataset(data, image_size=config.image_size, workers=config.workers, progress=progress, world=world)
+    listed = open_dataset(data, image_size=config.image_size, workers=config.workers, progress=progress, world=world)
+    dataset, excluded = excluding(listed, Path(config.exclude)) if config.exclude else (listed, 0)
     # every epoch reads the images, then the accuracy pass (and a robust round's predictions)
     dataset = keep_decoded(dataset, out, config.decoded_cache, passes=config.train.epochs + 1)
     device = resolve_device(config.device, world)
@@ -85,13 +97,21 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
         "kind": "robust-train" if config.robust else "train",
         "data": {
             "source": dataset.source,
-            "fingerprint": dataset.fingerprint,
+            "fingerprint": listed.fingerprint,  # DATA's, as a scan of it records it
             "image_size": list(dataset.image_size),
-            "examples": len(dataset),
+            "examples": len(listed),
             "classes": dataset.classes,
             "skipped": [dataclasses.asdict(s) for s in dataset.skipped],  # as a scan records them
             "notes": dataset.notes,
         },
+        "excluded": {
+            "list": str(Path(config.exclude).resolve()),
+            "sha256": hashlib.sha256(Path(config.exclude).read_bytes()).hexdigest(),
+            "examples": excluded,
+            "trained_fingerprint": dataset.fingerprint,
+        }
+        if config.exclude
+        else None,
         "config": dataclasses.asdict(config),
         "model": info,
         "train_accuracy": _accuracy(model, dataset, device, amp_dtype, world),

@@ -9,6 +9,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 from sanitize.data.arrays import ArrayDataset, open_npz
 from sanitize.data.base import ImageDataset, Skipped, iterate_batches
 from sanitize.data.decoded import decoded_copy_plan
@@ -27,6 +29,7 @@ __all__ = [
     "ShardDataset",
     "Skipped",
     "ensure_outside",
+    "excluding",
     "iterate_batches",
     "keep_decoded",
     "drop_decoded",
@@ -78,6 +81,31 @@ def keep_decoded(dataset: ImageDataset, out: Path, mode: str, passes: int) -> Im
                 raise DataError(f"decoded_cache on: cannot reserve the copy: {error.strerror or error}") from None
             note = f"no decoded copy ({error.strerror or error}): every pass decodes the files again"
     return dataclasses.replace(dataset, notes=[*dataset.notes, note]) if note else dataset
+
+
+def excluding(dataset: ImageDataset, listing: Path) -> tuple[ImageDataset, int]:
+    """The dataset without the examples whose ids `listing` names, one a line (a scan's flagged.txt, perhaps edited
+    after review), and how many left. An id the data does not have is an error: the list was made for other data."""
+    try:
+        named = {line for line in listing.read_bytes().decode("utf-8").splitlines() if line.strip()}
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(
+            f"cannot read the exclusion list {listing}: {getattr(error, 'strerror', None) or error}"
+        ) from None
+    position = {example_id: i for i, example_id in enumerate(dataset.ids)}
+    unknown = sorted(named - position.keys())
+    if unknown:
+        raise DataError(
+            f"{listing} names {len(unknown):,} id(s) that {dataset.source} does not have (first: {unknown[0]!r}); "
+            "was the list made from other data?"
+        )
+    if len(named) == len(dataset):
+        raise DataError(f"{listing} names every example of {dataset.source}: nothing left to train on")
+    if not named:
+        return dataset, 0
+    drop = np.zeros(len(dataset), dtype=bool)
+    drop[[position[example_id] for example_id in named]] = True
+    return dataset.subset(np.flatnonzero(~drop)), len(named)
 
 
 def drop_decoded(dataset: ImageDataset) -> None:

@@ -52,6 +52,10 @@ class ImageDataset:
     def load_image(self, index: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def subset(self, positions: np.ndarray) -> ImageDataset:
+        """The examples at `positions`, keeping their ids (so results trace back to the source)."""
+        raise NotImplementedError
+
     def load_batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Images (B, 3, H, W) uint8, labels (B,) int64 and positions (B,) int64 for these positions."""
         images = torch.stack([self.load_image(int(i)) for i in indices])

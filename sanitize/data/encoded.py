@@ -214,21 +214,28 @@ class EncodedDataset(ImageDataset):
         if not len(keep):
             raise DataError(f"{self.source}: none of the {len(self)} image files decodes")
         late = [Skipped(self.ids[i], self.paths[i], f"{failed[i]} (found when first decoded)") for i in sorted(failed)]
-        ids = [self.ids[i] for i in keep]
         decoded = dataclasses.replace(
-            self,
-            ids=ids,
-            paths=[self.paths[i] for i in keep],
-            labels=self.labels[keep],
-            sources=[self.sources[i] for i in keep],
-            digests=self.digests[keep],
-            fingerprint=fingerprint(ids, self.labels[keep], self.digests[keep]),
+            self.subset(keep),
             skipped=[*self.skipped, *late],
             notes=[*self.notes, f"{plural(len(failed), 'image')} passed the header check but did not decode: skipped"],
-            failures=None,
-            decoded=None,  # its rows are the positions before the late failures left
         )
         return decoded, keep
+
+    def subset(self, positions: np.ndarray) -> EncodedDataset:
+        """The examples at `positions` (their ids kept, the fingerprint theirs), without the failure records and the
+        decoded copy, whose rows are this dataset's positions."""
+        ids = [self.ids[i] for i in positions]
+        return dataclasses.replace(
+            self,
+            ids=ids,
+            paths=[self.paths[i] for i in positions],
+            labels=self.labels[positions],
+            sources=[self.sources[i] for i in positions],
+            digests=self.digests[positions],
+            fingerprint=fingerprint(ids, self.labels[positions], self.digests[positions]),
+            failures=None,
+            decoded=None,
+        )
 
 
 def fingerprint(ids: list[str], labels: np.ndarray, digests: np.ndarray) -> str:

@@ -135,3 +135,58 @@ def test_a_training_run_and_the_embedding_pass_say_roughly_how_long_they_will_ta
     assert len(lines) == 1 and re.fullmatch(
         rf"embed: about \d+(\.\d)? (s|min|h) for {len(data)} images", lines[0].strip()
     )
+
+
+def test_training_with_a_scans_flags_excluded_equals_training_on_the_rest(tmp_path, digits_npz):
+    """scan, then `train --exclude flagged.txt`: the same weights as training on an npz of the other examples."""
+    arrays = np.load(digits_npz)
+    listed = tmp_path / "flagged.txt"
+    listed.write_text("".join(f"{i}\n" for i in range(0, 300, 10)) + "\n")  # 30 ids and a blank line
+    rest = np.setdiff1d(np.arange(len(arrays["y"])), np.arange(0, 300, 10))
+    np.savez(tmp_path / "rest.npz", x=arrays["x"][rest], y=arrays["y"][rest])
+    fast = dict(model="tiny", epochs=1, batch_size=64, quiet=True)
+    excluded = train(digits_npz, tmp_path / "e", exclude=str(listed), robust=True, **fast)
+    reference = train(tmp_path / "rest.npz", tmp_path / "r", robust=True, **fast)
+    for name, weights in excluded.model.state_dict().items():
+        torch.testing.assert_close(weights, reference.model.state_dict()[name], rtol=0, atol=0)
+    summary = excluded.summary
+    assert summary["data"]["fingerprint"] == open_dataset(digits_npz).fingerprint  # DATA's, as its scan records it
+    assert summary["data"]["examples"] == len(arrays["y"])
+    assert summary["excluded"]["examples"] == 30
+    assert summary["excluded"]["trained_fingerprint"] == reference.summary["data"]["fingerprint"]
+    kept = set(excluded.files["kept"].read_text().split())
+    assert len(kept) + len(excluded.dropped_ids) == len(rest) and not kept & {str(i) for i in range(0, 300, 10)}
+
+
+def test_a_folders_listed_files_are_left_out_of_robust_training(tmp_path, digits_folder):
+    ids = open_dataset(digits_folder).ids
+    listed = tmp_path / "flagged.txt"
+    listed.write_text(f"{ids[3]}\n{ids[300]}\n")
+    result = train(digits_folder, tmp_path / "t", exclude=str(listed), robust=True, model="tiny", epochs=1, quiet=True)
+    kept = set(result.files["kept"].read_text().splitlines())
+    assert result.summary["excluded"]["examples"] == 2 and not kept & {ids[3], ids[300]}
+    assert "2 listed in" in (tmp_path / "t" / "report.html").read_text(encoding="utf-8")
+    assert len(kept) + len(result.dropped_ids) == len(ids) - 2
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"0\nno-such-id\n", "names 1 id(s) that"),
+        (b"\xff\xfe\x00", "cannot read the exclusion list"),
+    ],
+)
+def test_an_exclusion_list_for_other_data_is_a_one_line_error(tmp_path, digits_npz, content, message):
+    listed = tmp_path / "flagged.txt"
+    listed.write_bytes(content)
+    args = ["train", str(digits_npz), "--out", str(tmp_path / "t"), "--exclude", str(listed), "--quiet"]
+    result = CliRunner().invoke(cli, [*args, "--model", "tiny", "--epochs", "1"])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "t").exists()  # nothing written: the folder the failed run made is removed
+
+
+def test_an_exclusion_list_naming_every_example_leaves_nothing_to_train(tmp_path, digits_npz):
+    listed = tmp_path / "flagged.txt"
+    listed.write_text("".join(f"{i}\n" for i in range(len(np.load(digits_npz)["y"]))))
+    result = CliRunner().invoke(cli, ["train", str(digits_npz), "--out", str(tmp_path / "t"), "--exclude", str(listed)])
+    assert result.exit_code == 2 and "nothing left to train on" in result.output
