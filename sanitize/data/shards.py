@@ -87,7 +87,7 @@ def _list_shard(shard: Path, skipped: list[Skipped]) -> tuple[list[Entry], int]:
                     order.append(key)
     except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeError) as error:
         skipped.append(Skipped(name, str(shard), f"shard cannot be read past this point: {skip_reason(error)}"))
-    found = []
+    found, shard_path = [], str(shard)  # one string for every member's source, not one each
     for key in order:
         example_id, path = f"{name}/{key}", f"{shard}:{key}"
         image, label = images.get(key), labels.get(key)
@@ -106,7 +106,7 @@ def _list_shard(shard: Path, skipped: list[Skipped]) -> tuple[list[Entry], int]:
         if why:
             skipped.append(Skipped(example_id, path, why))
         else:
-            found.append(Entry(example_id, path, label, TarMember(str(shard), image.offset_data, image.size)))
+            found.append(Entry(example_id, path, label, TarMember(shard_path, image.offset_data, image.size)))
     return found, ignored
 
 
