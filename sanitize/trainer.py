@@ -52,8 +52,8 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
     started = time.perf_counter()
     world = current_world()
     progress = not config.quiet and world.is_main
-    listed = open_dataset(data, image_size=config.image_size, workers=config.workers, progress=progress, world=world)
-    dataset, excluded = excluding(listed, Path(config.exclude)) if config.exclude else (listed, 0)
+    whole = open_dataset(data, image_size=config.image_size, workers=config.workers, progress=progress, world=world)
+    dataset, excluded = excluding(whole, Path(config.exclude)) if config.exclude else (whole, 0)
     # every epoch reads the images, then the accuracy pass (and a robust round's predictions)
     dataset = keep_decoded(dataset, out, config.decoded_cache, passes=config.train.epochs + 1)
     device = resolve_device(config.device, world)
@@ -97,9 +97,9 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
         "kind": "robust-train" if config.robust else "train",
         "data": {
             "source": dataset.source,
-            "fingerprint": listed.fingerprint,  # DATA's, as a scan of it records it
+            "fingerprint": whole.fingerprint,  # DATA's, as a scan of it records it
             "image_size": list(dataset.image_size),
-            "examples": len(listed),
+            "examples": len(whole),
             "classes": dataset.classes,
             "skipped": [dataclasses.asdict(s) for s in dataset.skipped],  # as a scan records them
             "notes": dataset.notes,
