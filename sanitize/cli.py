@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shlex
 import sys
 import tempfile
 from collections.abc import Callable
@@ -403,6 +404,11 @@ def scan(data: Path, out: Path, **options: Any) -> None:
     if is_main_process():  # under torchrun every rank has the verdict; one prints it
         try:
             print_summary(result)
+            if result.summary["flagged"]["count"] and result.summary["gate"]["verdict"] != "inconclusive":
+                command = shlex.join(
+                    ["sanitize", "train", str(data), "--robust", "--exclude", str(result.files["flagged"])]
+                )
+                click.echo(f"next      {command}   (train on what the scan kept)")
         except BrokenPipeError:  # `sanitize scan ... | head -3`: the verdict still decides the exit code
             silence_stdout()
     sys.exit({"passed": 0, "failed": 1, "inconclusive": 4}[result.summary["gate"]["verdict"]])

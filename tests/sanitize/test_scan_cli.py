@@ -1,5 +1,6 @@
 import csv
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -112,6 +113,8 @@ def test_gate_failure_exits_1_and_api_agrees(tmp_path, digits_npz):
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["flagged"]["count"] > 0  # a proxy trained 2 epochs always has some isolated examples
     assert result.exit_code == 1 and "gate      FAILED" in result.output
+    flagged = shlex.quote(str(tmp_path / "o" / "flagged.txt"))
+    assert f"next      sanitize train {shlex.quote(str(digits_npz))} --robust --exclude {flagged}" in result.output
     api = sanitize.scan(digits_npz, tmp_path / "o", max_flagged_fraction=0.0, **FAST)
     assert not api.passed and api.flagged_ids == (tmp_path / "o" / "flagged.txt").read_text().split()
 
