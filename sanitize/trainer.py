@@ -13,7 +13,6 @@ predict, classes to pick medoids in); rank 0 writes the files; every rank return
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -53,7 +52,7 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
     world = current_world()
     progress = not config.quiet and world.is_main
     whole = open_dataset(data, image_size=config.image_size, workers=config.workers, progress=progress, world=world)
-    dataset, excluded = excluding(whole, Path(config.exclude)) if config.exclude else (whole, 0)
+    dataset, excluded = excluding(whole, Path(config.exclude)) if config.exclude else (whole, None)
     # every epoch reads the images, then the accuracy pass (and a robust round's predictions)
     dataset = keep_decoded(dataset, out, config.decoded_cache, passes=config.train.epochs + 1)
     device = resolve_device(config.device, world)
@@ -104,14 +103,7 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
             "skipped": [dataclasses.asdict(s) for s in dataset.skipped],  # as a scan records them
             "notes": dataset.notes,
         },
-        "excluded": {
-            "list": str(Path(config.exclude).resolve()),
-            "sha256": hashlib.sha256(Path(config.exclude).read_bytes()).hexdigest(),
-            "examples": excluded,
-            "trained_fingerprint": dataset.fingerprint,
-        }
-        if config.exclude
-        else None,
+        "excluded": excluded | {"trained_fingerprint": dataset.fingerprint} if excluded else None,
         "config": dataclasses.asdict(config),
         "model": info,
         "train_accuracy": _accuracy(model, dataset, device, amp_dtype, world),

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -83,11 +85,13 @@ def keep_decoded(dataset: ImageDataset, out: Path, mode: str, passes: int) -> Im
     return dataclasses.replace(dataset, notes=[*dataset.notes, note]) if note else dataset
 
 
-def excluding(dataset: ImageDataset, listing: Path) -> tuple[ImageDataset, int]:
+def excluding(dataset: ImageDataset, listing: Path) -> tuple[ImageDataset, dict[str, Any]]:
     """The dataset without the examples whose ids `listing` names, one a line (a scan's flagged.txt, perhaps edited
-    after review), and how many left. An id the data does not have is an error: the list was made for other data."""
+    after review), and a record of the list as read (its path, sha256, how many it left out). An id the data does not
+    have is an error: the list was made for other data."""
     try:
-        named = {line for line in listing.read_bytes().decode("utf-8").splitlines() if line.strip()}
+        content = listing.read_bytes()
+        named = {line for line in content.decode("utf-8").splitlines() if line.strip()}
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(
             f"cannot read the exclusion list {listing}: {getattr(error, 'strerror', None) or error}"
@@ -101,11 +105,12 @@ def excluding(dataset: ImageDataset, listing: Path) -> tuple[ImageDataset, int]:
         )
     if len(named) == len(dataset):
         raise DataError(f"{listing} names every example of {dataset.source}: nothing left to train on")
+    record = {"list": str(listing.resolve()), "sha256": hashlib.sha256(content).hexdigest(), "examples": len(named)}
     if not named:
-        return dataset, 0
+        return dataset, record
     drop = np.zeros(len(dataset), dtype=bool)
     drop[[position[example_id] for example_id in named]] = True
-    return dataset.subset(np.flatnonzero(~drop)), len(named)
+    return dataset.subset(np.flatnonzero(~drop)), record
 
 
 def drop_decoded(dataset: ImageDataset) -> None:
