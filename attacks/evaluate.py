@@ -76,13 +76,13 @@ def run_evaluation(
                 data, dropped, defense = harness.calibration(data, arm, setup)
                 defense |= split_by_carriers(dropped, setup, carriers)
             caught = np.zeros(len(data), dtype=bool)
+            flops = {}
             if arm in SCANNED_ARMS:
                 data, caught, defense, scan_cost = harness.filtered(data, arm, setup)
                 defense |= split_by_carriers(caught, setup, carriers)
                 seconds |= {"scan": round(scan_cost.wall, 1), "scan_cpu": _rounded(scan_cost.cpu)}
-            # a scan that flagged nothing leaves the poisoned data: the victim trained on it (cached) is this arm's
-            unfiltered = arm in SCANNED_ARMS and data.fingerprint == poisoned_fingerprint
-            tag = f"victim-{'robust' if robust else 'undefended'}" if unfiltered else f"victim-{arm}"
+                flops["scan"] = scan_cost.flops
+            tag = victim_tag(arm, data.fingerprint == poisoned_fingerprint)
             model, victim_cost = harness.models.trained(data, victim_seed, tag, robust)
             if robust:  # what robust training dropped, added to what the scan flagged (positions among those it kept)
                 removed = caught.copy()
@@ -120,6 +120,7 @@ def run_evaluation(
                         "victim_training_cpu": _rounded(victim_cost.cpu),
                         "measure": round(time.perf_counter() - started, 1),
                     },
+                    "flops": flops | {"victim_training": victim_cost.flops},
                     "craft_final_loss": min(poisons.metadata.get("final_loss_per_restart", [float("nan")]))
                     if poisons
                     else None,
@@ -128,6 +129,14 @@ def run_evaluation(
             aggregate(out, command)  # after every victim: the summary always matches the rows, mid-run too
     aggregate(out, command)
     return out
+
+
+def victim_tag(arm: str, poisoned: bool) -> str:
+    """The cache tag of an arm's victims; `poisoned`: its data is the poisoned set itself. A scan that flagged nothing
+    leaves the poisoned data, and the victim trained on it (cached) is this arm's."""
+    if arm in SCANNED_ARMS and poisoned:
+        return f"victim-{'robust' if arm in ROBUST_ARMS else 'undefended'}"
+    return f"victim-{arm}"
 
 
 def _rounded(value: float | None) -> float | None:

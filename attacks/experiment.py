@@ -172,7 +172,7 @@ class Harness:
                     "model": result.summary["config"]["model"],  # the architecture auto resolved to
                 },
             )
-            seconds = Cost(seconds.wall + own.wall, None if None in (seconds.cpu, own.cpu) else seconds.cpu + own.cpu)
+            seconds = Cost(*(None if None in (mine, its) else mine + its for mine, its in zip(seconds, own)))
         metrics = flag_metrics(result.flags, result.scores, poison_truth(setup, len(result.flags))) | {
             "told_expected_poisons": told,
             "scan_options": recorded_scan_options(result.summary["config"]),
@@ -225,7 +225,7 @@ class Harness:
             cpu = time.process_time() - cpu_started if self.device.type == "cpu" else None
             cost.write_text(json.dumps({"seconds": time.perf_counter() - started, "cpu_seconds": cpu}))
         recorded = json.loads(cost.read_text())
-        return result, Cost(recorded["seconds"], recorded.get("cpu_seconds"))
+        return result, Cost(recorded["seconds"], recorded.get("cpu_seconds"), result.summary["work"]["flops"])
 
     def measure(self, model: Classifier, setup: PoisonSetup) -> dict[str, Any]:
         return measure_victim(model, self.test, setup, self.device, self.amp)

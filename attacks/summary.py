@@ -144,19 +144,31 @@ def _pair_key(row: dict[str, Any]) -> tuple:
 
 
 def _cost_vs_plain(rows: list[dict[str, Any]], plain: list[dict[str, Any]]) -> tuple[float | None, str | None]:
-    """An arm's mean scan + training time over the undefended victims' mean training time, in process CPU seconds
-    when every row has them (single-thread runs sharing a machine: wall time would measure the sharing), else wall."""
+    """An arm's mean scan + training cost over the undefended victims' mean training cost, with its basis: model
+    FLOPs when every row has them (sanitize.work: no machine's load changes them), else process CPU seconds
+    (single-thread runs sharing a machine: wall time would measure the sharing), else wall seconds."""
     if not plain:
         return None, None
-    both = rows + plain
-    cpu = all(
-        r["seconds"].get("victim_training_cpu") is not None
-        and ("scan" not in r["seconds"] or r["seconds"].get("scan_cpu") is not None)
-        for r in both
-    )
-    training, scan = ("victim_training_cpu", "scan_cpu") if cpu else ("victim_training", "scan")
-    spent = np.mean([r["seconds"].get(scan) or 0 for r in rows]) + np.mean([r["seconds"][training] for r in rows])
-    return float(spent / np.mean([r["seconds"][training] for r in plain])), "cpu" if cpu else "wall"
+    for basis in COST_BASES:
+        spent, base = [_spent(r, basis) for r in rows], [_spent(r, basis) for r in plain]
+        if None not in spent and None not in base:
+            return float(np.mean([scan + training for scan, training in spent]) / np.mean([t for _, t in base])), basis
+    return None, None
+
+
+COST_BASES = ("flops", "cpu", "wall")  # the first that every row of a comparison has
+
+
+def _spent(row: dict[str, Any], basis: str) -> tuple[float, float] | None:
+    """(scan, victim training) of a row in `basis`, or None when the row does not have it (older rows)."""
+    if basis == "flops":
+        scan, training = (row.get("flops") or {}).get("scan"), (row.get("flops") or {}).get("victim_training")
+    else:
+        suffix = "_cpu" if basis == "cpu" else ""
+        scan, training = row["seconds"].get("scan" + suffix), row["seconds"].get("victim_training" + suffix)
+    if training is None or ("scan" in row["seconds"] and scan is None):
+        return None
+    return scan or 0.0, training
 
 
 def _se(value: float | None, spec: str) -> str:

@@ -19,8 +19,9 @@ import torch
 from sanitize.config import RobustConfig, TrainConfig
 from sanitize.data import ImageDataset
 from sanitize.models import Classifier, create_model
-from sanitize.robust import EpicDropper
+from sanitize.robust import EpicDropper, robust_work_counts
 from sanitize.training import milestone_epochs, train_model
+from sanitize.work import example_flops, phase_work, trained_examples
 
 
 def stable_hash(*parts: Any) -> str:
@@ -29,11 +30,12 @@ def stable_hash(*parts: Any) -> str:
 
 
 class Cost(NamedTuple):
-    """Wall seconds, and process CPU seconds on a CPU device (None elsewhere, or for runs cached before they were
-    kept): with several single-thread evaluations sharing a machine, CPU seconds still measure the work."""
+    """Wall seconds, process CPU seconds on a CPU device (None elsewhere, or for runs cached before they were kept),
+    and model FLOPs (sanitize.work: what neither the device nor the machine's load changes)."""
 
     wall: float
     cpu: float | None
+    flops: float | None = None
 
 
 @dataclasses.dataclass
@@ -76,7 +78,7 @@ class ModelCache:
         if final.exists():
             state = torch.load(final, map_location="cpu", weights_only=True)
             model.load_state_dict(state["model"])
-            return model, Cost(float(state["seconds"]), state.get("cpu_seconds"))
+            return model, Cost(float(state["seconds"]), state.get("cpu_seconds"), self.work(data, seed, tag, robust))
         self.directory.mkdir(parents=True, exist_ok=True)
         recipe = dataclasses.replace(self.recipe, seed=seed)
         dropper = None
@@ -99,7 +101,17 @@ class ModelCache:
         )
         cpu = [epoch.get("cpu_seconds") for epoch in history]  # a run resumed from an older checkpoint lacks some
         on_cpu = self.device.type == "cpu" and None not in cpu
-        cost = Cost(sum(epoch["seconds"] for epoch in history), sum(cpu) if on_cpu else None)
-        torch.save({"model": model.state_dict(), "seconds": cost.wall, "cpu_seconds": cost.cpu}, final)
+        wall, cpu = sum(epoch["seconds"] for epoch in history), sum(cpu) if on_cpu else None
+        torch.save({"model": model.state_dict(), "seconds": wall, "cpu_seconds": cpu}, final)
         partial.unlink(missing_ok=True)
-        return model, cost
+        return model, Cost(wall, cpu, self.work(data, seed, tag, robust))
+
+    def work(self, data: ImageDataset, seed: int, tag: str, robust: bool = False) -> float:
+        """The model FLOPs of training on `data` (sanitize.work), counted from the recipe and, for robust training,
+        the drop log: the same for a model trained now and one loaded from the cache."""
+        flops = example_flops(self.model, self.num_classes, (3, *self.image_size), **self.model_kwargs)
+        size, epochs, batch_size = len(data), self.recipe.epochs, self.recipe.batch_size
+        if not robust:
+            return phase_work(flops, trained_examples(size, epochs, batch_size), 0)["flops"]
+        log = json.loads(self.path(data, seed, tag, robust).with_suffix(".drop_log.json").read_text())
+        return phase_work(flops, *robust_work_counts(log, size, epochs, batch_size))["flops"]

@@ -25,34 +25,25 @@ from attacks.surrogates import SURROGATE_SEED
 from sanitize.data import write_atomic
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def backfill_arguments(doc: str) -> argparse.Namespace:
+    """A backfill's options: the evaluation folder, its cache, and the data."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--results", type=Path, required=True, help="an evaluation folder holding results.jsonl")
     parser.add_argument("--cache", type=Path, required=True, help="the evaluation's --cache")
     parser.add_argument("--data", type=Path, default=Path("../shared/data/cifar10"))
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = backfill_arguments(__doc__)
     rows = list(read_rows(args.results))
     harnesses: dict[tuple, Harness] = {}
     added = skipped = 0
     for row in rows:
         if "carriers" in row or not (row["arm"] in DETECTOR_ARMS or row["arm"] == "robust"):
             continue
-        model = None if row["model"] == SCALES[row["scale"]].model else row["model"]
-        config = EvaluationConfig(
-            scale=row["scale"],
-            model=model,
-            epochs=row["epochs"],
-            eps=float(row["eps"]),
-            budget=0.01,
-            cache=str(args.cache),
-        )
-        key = (row["scale"], model, row["epochs"], row["eps"])
-        if key not in harnesses:
-            harnesses[key] = Harness(
-                args.data / "cifar10_train.npz", args.data / "cifar10_test.npz", args.results, config, progress=False
-            )
-        harness = harnesses[key]
-        setup = choose_setup(row["poison_key"], harness.train, harness.test, config.budget)
+        harness = row_harness(row, args.data, args.results, args.cache, harnesses)
+        setup = choose_setup(row["poison_key"], harness.train, harness.test, harness.config.budget)
         surrogate_path = harness.models.path(harness.train, SURROGATE_SEED, "surrogate")
         if not (surrogate_path.exists() and harness.poisons_path(setup).exists()):
             skipped += 1
@@ -76,10 +67,27 @@ def main() -> None:
             split = split_by_carriers(caught, setup, carriers)
         row.update({name: split[name] for name in ("carriers", "carrier_recall", "rest_recall")})
         added += 1
-    write_atomic(args.results / "results.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
-    summary = json.loads((args.results / "summary.json").read_text())
-    aggregate(args.results, summary.get("command"))
+    rewrite(args.results, rows)
     print(f"carrier split added to {added} rows; {skipped} left without it (nothing cached to read)")
+
+
+def row_harness(row: dict, data: Path, results: Path, cache: Path, harnesses: dict[tuple, Harness]) -> Harness:
+    """The harness that made `row` (its scale, model, epochs and eps; the budget of every evaluation so far, 1%),
+    one per configuration."""
+    model = None if row["model"] == SCALES[row["scale"]].model else row["model"]
+    key = (row["scale"], model, row["epochs"], row["eps"])
+    if key not in harnesses:
+        config = EvaluationConfig(
+            scale=row["scale"], model=model, epochs=row["epochs"], eps=float(row["eps"]), budget=0.01, cache=str(cache)
+        )
+        harnesses[key] = Harness(data / "cifar10_train.npz", data / "cifar10_test.npz", results, config, progress=False)
+    return harnesses[key]
+
+
+def rewrite(results: Path, rows: list[dict]) -> None:
+    """results.jsonl with `rows`, then the summary again under its own command."""
+    write_atomic(results / "results.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    aggregate(results, json.loads((results / "summary.json").read_text()).get("command"))
 
 
 if __name__ == "__main__":

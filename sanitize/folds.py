@@ -35,6 +35,11 @@ def fold_assignment(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
     return fold
 
 
+def fold_sizes(labels: np.ndarray, folds: int, seed: int) -> list[int]:
+    """How many examples each fold holds (none without folds)."""
+    return np.bincount(fold_assignment(labels, folds, seed), minlength=folds).tolist() if folds else []
+
+
 def out_of_fold_logits(
     dataset: ImageDataset,
     model_name: str,

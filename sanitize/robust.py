@@ -27,6 +27,7 @@ from sanitize.distributed import World, barrier, gather_rows
 from sanitize.embeddings import softmax_minus_onehot
 from sanitize.medoids import isolated_medoids
 from sanitize.training import predict_batches
+from sanitize.work import trained_examples
 
 
 class EpicDropper:
@@ -99,6 +100,9 @@ class EpicDropper:
         barrier(self.world)
         return np.load(path, mmap_mode="r")
 
+    def scored_rounds(self) -> list[int]:
+        return scored_rounds(self._log_record())
+
     def dropped(self) -> np.ndarray:
         return np.array([row["position"] for row in self.log], dtype=np.int64)
 
@@ -110,9 +114,21 @@ class EpicDropper:
     def _write_log(self) -> None:
         if not self.world.is_main:  # every rank holds the same log (the ranks share the isolated examples)
             return
-        write_atomic(
-            self.log_path,
-            json.dumps(
-                {"config": asdict(self.config), "rounds": self.rounds, "cap": self.cap, "dropped": self.log}, indent=1
-            ),
-        )
+        write_atomic(self.log_path, json.dumps(self._log_record(), indent=1))
+
+    def _log_record(self) -> dict:
+        return {"config": asdict(self.config), "rounds": self.rounds, "cap": self.cap, "dropped": self.log}
+
+
+def scored_rounds(log: dict) -> list[int]:
+    """The rounds of a finished run's drop log (its JSON) that scored every example: each planned round that began
+    with fewer examples dropped than the cap."""
+    drops = [row["round"] for row in log["dropped"]]
+    return [r for r in log["rounds"] if sum(d < r for d in drops) < log["cap"]]
+
+
+def robust_work_counts(log: dict, size: int, epochs: int, batch_size: int) -> tuple[int, int]:
+    """(examples trained on, examples scored) by a finished single-process robust run of `epochs` on `size` examples,
+    from its drop log alone (sanitize.work), so a cached model that kept no history counts too."""
+    trained = trained_examples(size, epochs, batch_size, [row["round"] for row in log["dropped"]])
+    return trained, len(scored_rounds(log)) * size

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 import sanitize
-from sanitize.config import ScanConfig
+from sanitize.config import ScanConfig, TrainConfig
 from sanitize.data import (
     EncodedDataset,
     ImageDataset,
@@ -46,11 +46,12 @@ from sanitize.detectors import Detection, run_detector
 from sanitize.distributed import World, broadcast_from_main, current_world
 from sanitize.embeddings import Embeddings, compute_embeddings
 from sanitize.errors import SanitizeError
-from sanitize.folds import out_of_fold_logits
+from sanitize.folds import fold_sizes, out_of_fold_logits
 from sanitize.manifest import flag_metrics, manifest_file, poison_mask, read_manifest
 from sanitize.models import Classifier, create_model, load_weights, require_finite_weights, resolve_model_name
 from sanitize.report import write_report
 from sanitize.training import resolve_device, resolve_precision, train_from_scratch
+from sanitize.work import example_flops, phase_work, trained_examples
 
 SCORES_HEADER = ("id", "path", "label", "class", "score", "flagged")
 
@@ -423,6 +424,14 @@ def _summary(
             config,
             caution(counts, model_info["train_accuracy_eval_mode"]),
         ),
+        "work": scan_work(
+            model_info,
+            dataset.num_classes,
+            dataset.image_size,
+            n,
+            fold_sizes(dataset.labels, config.proxy_folds, config.seed),
+            config.train,
+        ),
         # this process's phases, and the proxy's training over every epoch (a resumed run trained some before)
         "seconds": timer.seconds
         | {"total": round(time.perf_counter() - started, 3)}
@@ -433,6 +442,23 @@ def _summary(
         ),
         "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
+
+
+def scan_work(
+    model_info: dict[str, Any],
+    num_classes: int,
+    image_size: tuple[int, int],
+    examples: int,
+    fold_sizes: list[int],
+    recipe: TrainConfig,
+) -> dict[str, Any]:
+    """The scan's model FLOPs (sanitize.work): the proxy's training over every epoch (none with a checkpoint), each
+    out-of-fold proxy's training on the other folds, and the scoring passes (the embeddings', the folds' predictions).
+    Arguments a summary holds, so an older summary's work can be counted too."""
+    trained = sum(epoch["examples"] for epoch in model_info.get("history", []))
+    trained += sum(trained_examples(examples - size, recipe.epochs, recipe.batch_size) for size in fold_sizes)
+    scored = examples * (2 if fold_sizes else 1)
+    return phase_work(example_flops(model_info["name"], num_classes, (3, *image_size)), trained, scored)
 
 
 def scan(

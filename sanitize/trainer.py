@@ -36,6 +36,7 @@ from sanitize.models import Classifier, resolve_model_name
 from sanitize.report import write_report
 from sanitize.robust import EpicDropper
 from sanitize.training import milestone_epochs, predict, resolve_device, resolve_precision, train_from_scratch
+from sanitize.work import example_flops, phase_work
 
 
 @dataclass
@@ -118,6 +119,12 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
         }
         if dropper
         else None,
+        # the training's model FLOPs (sanitize.work): every epoch's examples, and robust rounds' scoring passes
+        "work": phase_work(
+            example_flops(name, dataset.num_classes, (3, *dataset.image_size)),
+            sum(epoch["examples"] for epoch in info["history"]),
+            len(dropper.scored_rounds()) * len(dataset) if dropper else 0,
+        ),
         "seconds": round(time.perf_counter() - started, 2),
         "processes": world.world_size,
     }

@@ -23,6 +23,7 @@ from sanitize.distributed import World, all_reduce_sum
 from sanitize.errors import SanitizeError
 from sanitize.models import Classifier, create_model
 from sanitize.wording import duration, plural
+from sanitize.work import trained_per_epoch
 
 
 def resolve_device(name: str = "auto", world: World = World()) -> torch.device:
@@ -205,8 +206,7 @@ def train_model(
         started, cpu_started = time.perf_counter(), time.process_time()
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         order = world.epoch_share(np.random.default_rng([config.seed, epoch]).permutation(indices))
-        if len(order) % batch_size == 1:
-            order = order[:-1]  # a batch of one breaks batch norm
+        order = order[: trained_per_epoch(len(order), batch_size)]  # a batch of one breaks batch norm
         loss_sum, correct, seen = 0.0, 0, 0
         batches = iterate_batches(dataset, order, batch_size, workers, pin_memory=device.type == "cuda")
         per_epoch = -(-len(order) // batch_size)

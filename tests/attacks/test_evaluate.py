@@ -14,7 +14,7 @@ from attacks.rows import REQUIRED as ROW_REQUIRED
 from attacks.rows import SCAN_OPTIONS_RECORDED
 from attacks.scales import EvaluationConfig
 from attacks.selection import gradient_norms, select_poisons
-from attacks.summary import aggregate
+from attacks.summary import _cost_vs_plain, aggregate
 from attacks.trained import Cost
 from sanitize.cli import cli, parse_keys
 from sanitize.config import ScanConfig
@@ -22,6 +22,7 @@ from sanitize.detectors.epic import EpicOptions
 from sanitize.detectors.knn_density import KnnDensityOptions
 from sanitize.errors import SanitizeError
 from sanitize.training import train_model
+from sanitize.work import example_flops, trained_examples
 
 CPU_DEVICE = torch.device("cpu")
 
@@ -176,7 +177,10 @@ def test_defended_arms_score_their_flags_against_the_true_poisons(tmp_path, spli
     assert table["scan"]["cost_vs_plain_training"] > 1 and table["undefended"][
         "cost_vs_plain_training"
     ] == pytest.approx(1)
-    assert table["scan"]["cost_basis"] == "cpu" and rows["scan"]["seconds"]["scan_cpu"] > 0
+    assert table["scan"]["cost_basis"] == "flops" and rows["scan"]["seconds"]["scan_cpu"] > 0
+    assert rows["scan"]["flops"]["scan"] > 0 and all(r["flops"]["victim_training"] > 0 for r in rows.values())
+    older = [dict(r, flops=None) for r in rows.values()]  # rows written before rows carried FLOPs
+    assert _cost_vs_plain(older[1:2], older[:1])[1] == "cpu"
 
 
 def test_the_calibration_filters_drop_exactly_the_poisons_or_as_many_random_examples_as_the_scan(tmp_path, split_npz):
@@ -433,6 +437,8 @@ def test_a_victim_resumed_from_a_checkpoint_without_cpu_times_trains_and_reports
     torch.save(state, partial)
     _, cost = harness.models.trained(harness.train, 0, "victim-clean")
     assert cost.wall > 0 and cost.cpu is None and final.exists()
+    flops = example_flops(harness.scale.model, 10, (3, *harness.train.image_size), **harness.scale.model_kwargs)
+    assert cost.flops == trained_examples(len(harness.train), 2, harness.recipe.batch_size) * flops.train
 
 
 def test_model_override_is_a_separate_ablation_with_its_own_surrogate_and_poisons(tmp_path, split_npz):

@@ -14,7 +14,7 @@ from sanitize.config import TrainConfig
 from sanitize.data import open_dataset
 from sanitize.embeddings import compute_embeddings
 from sanitize.models import create_model
-from sanitize.robust import EpicDropper
+from sanitize.robust import EpicDropper, robust_work_counts, scored_rounds
 from sanitize.trainer import train
 from sanitize.training import train_model
 
@@ -46,6 +46,26 @@ def test_the_cap_bounds_what_is_dropped(tmp_path, mislabeled_npz):
     data, _ = mislabeled_npz
     result = train(data, tmp_path / "r", robust=True, every=2, max_dropped_fraction=0.005, **FAST)
     assert len(result.dropped_ids) == 5
+
+
+@pytest.mark.parametrize("cap", [0.1, 0.005])
+def test_a_robust_runs_work_counted_from_its_drop_log_is_what_it_trained_and_scored(
+    tmp_path, mislabeled_npz, cap, monkeypatch
+):
+    data, _ = mislabeled_npz
+    passes = []
+    original = EpicDropper._gradient_proxy
+    monkeypatch.setattr(EpicDropper, "_gradient_proxy", lambda self, *a: passes.append(1) or original(self, *a))
+    options = FAST | {"batch_size": 37}  # 1,000 = 27 x 37 + 1: the first epochs leave a batch of one out
+    result = train(data, tmp_path / "r", robust=True, every=1, max_dropped_fraction=cap, **options)
+    log = json.loads(result.files["drop_log"].read_text())
+    trained = sum(epoch["examples"] for epoch in result.summary["model"]["history"])
+    assert robust_work_counts(log, 1000, 6, 37) == (trained, len(passes) * 1000)
+    assert (
+        len(scored_rounds(log)) == len(passes) < len(log["rounds"]) if cap < 0.01 else len(passes) == len(log["rounds"])
+    )
+    work = result.summary["work"]
+    assert (work["trained_examples"], work["scored_examples"]) == (trained, len(passes) * 1000) and work["flops"] > 0
 
 
 def test_a_killed_robust_run_resumes_to_the_same_drops(tmp_path, mislabeled_npz, monkeypatch):
