@@ -152,7 +152,8 @@ def _cost_vs_plain(rows: list[dict[str, Any]], plain: list[dict[str, Any]]) -> t
     for basis in COST_BASES:
         spent, base = [_spent(r, basis) for r in rows], [_spent(r, basis) for r in plain]
         if None not in spent and None not in base:
-            return float(np.mean([scan + training for scan, training in spent]) / np.mean([t for _, t in base])), basis
+            scan, training = np.mean([s for s, _ in spent]), np.mean([t for _, t in spent])
+            return float((scan + training) / np.mean([t for _, t in base])), basis
     return None, None
 
 
@@ -160,13 +161,17 @@ COST_BASES = ("flops", "cpu", "wall")  # the first that every row of a compariso
 
 
 def _spent(row: dict[str, Any], basis: str) -> tuple[float, float] | None:
-    """(scan, victim training) of a row in `basis`, or None when the row does not have it (older rows)."""
+    """(scan, victim training) of a row in `basis`, or None when the row does not have it (older rows); a row whose
+    arm scanned needs the scan's cost in that basis too (wall seconds excepted: every row has them)."""
+    seconds = row["seconds"]
     if basis == "flops":
-        scan, training = (row.get("flops") or {}).get("scan"), (row.get("flops") or {}).get("victim_training")
+        work = row.get("flops") or {}
+        scan, training, needs_scan = work.get("scan"), work.get("victim_training"), "scan" in seconds
+    elif basis == "cpu":
+        scan, training, needs_scan = seconds.get("scan_cpu"), seconds.get("victim_training_cpu"), "scan" in seconds
     else:
-        suffix = "_cpu" if basis == "cpu" else ""
-        scan, training = row["seconds"].get("scan" + suffix), row["seconds"].get("victim_training" + suffix)
-    if training is None or ("scan" in row["seconds"] and scan is None):
+        scan, training, needs_scan = seconds.get("scan"), seconds.get("victim_training"), False
+    if training is None or (needs_scan and scan is None):
         return None
     return scan or 0.0, training
 

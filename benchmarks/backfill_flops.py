@@ -50,7 +50,7 @@ def row_flops(harness: Harness, row: dict) -> dict[str, float] | None:
     poisoned = data.fingerprint
     flops = {}
     scanned = arm in SCANNED_ARMS or arm == "random-filter"
-    if scanned and not (harness.scan_dir(data) / "knn_density" / "summary.json").exists():
+    if scanned and not (harness.scan_dir(data) / "knn_density" / "proxy" / "model.pt").exists():
         return None  # the scan is not cached: redoing it would train a proxy
     if arm in CALIBRATION_ARMS:
         data, _, _ = harness.calibration(data, arm, setup)
