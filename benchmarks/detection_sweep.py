@@ -40,6 +40,8 @@ from sanitize.detectors.knn_density import KnnDensityOptions
 from sanitize.embeddings import load_embeddings
 from sanitize.manifest import flag_metrics
 from sanitize.models import default_model_name, resolve_model_name
+from sanitize.scanner import scan_work
+from sanitize.work import trained_examples
 
 # knn_density's first default (issue 3): mean distance, large scale 20% of the class (at most 256), nothing else
 FIRST_DEFAULT = {"distance": "mean", "k_fraction": 0.2, "k_max": 256, "low_loss_weight": 0.0, "class_alarm_p": 0.0}
@@ -385,7 +387,7 @@ def main() -> None:
                         c for c, info in detection.summary["per_class"].items() if info.get("alarmed")
                     ]
                 append_row(rows_path, row)
-    render(rows_path, args.out / "detection.md", default_model_name(harness.train.image_size))
+    render(rows_path, args.out / "detection.md", default_model_name(harness.train.image_size), harness.train)
 
 
 def proxy_cell(row: dict) -> str:
@@ -405,13 +407,22 @@ def variant_label(detector: str, options: dict, row: dict, default_proxy: str) -
     changed = {k: v for k, v in effective.items() if (FIRST_DEFAULT | UNSTATED).get(k, current.get(k)) != v}
     label = "first default" + (f" + {json.dumps(changed)}" if changed else "")
     is_current = (
-        all(current[k] == v for k, v in effective.items())
-        and effective.get("embedding", "features") == current["embedding"]
+        current_rule(options)
         and row["proxy_epochs"] == ScanConfig().train.epochs
         and row.get("proxy_model", "convnet") == default_proxy
         and not row.get("proxy_side")
     )
     return f"**{label} = current default**" if is_current else label
+
+
+def current_rule(options: dict) -> bool:
+    """Whether a knn_density row's options are today's default rule (whatever its proxy)."""
+    effective = FIRST_DEFAULT | UNSTATED | options
+    current = dataclasses.asdict(KnnDensityOptions())
+    return (
+        all(current[k] == v for k, v in effective.items())
+        and effective.get("embedding", "features") == current["embedding"]
+    )
 
 
 def alarm_cell(row: dict) -> str:
@@ -422,7 +433,40 @@ def alarm_cell(row: dict) -> str:
     return f"{intended} / {alarm['min_other']:.1e}"
 
 
-def render(rows_path: Path, out: Path, default_proxy: str) -> None:
+def proxy_flops(row: dict, data: ArrayDataset, default_proxy: str) -> float:
+    """The model FLOPs of the row's scan (sanitize.scanner.scan_work for a finished proxy on `data`): its proxy trained
+    for its epochs at its side, then one scoring pass."""
+    side = row.get("proxy_side")
+    image_size = (side, side) if side else data.image_size
+    model = row.get("proxy_model", default_proxy)
+    epochs = dataclasses.replace(ScanConfig().train, epochs=row["proxy_epochs"])
+    history = [{"examples": trained_examples(len(data), 1, epochs.batch_size)}] * epochs.epochs
+    return scan_work({"name": model, "history": history}, data.num_classes, image_size, len(data), [], epochs)["flops"]
+
+
+def cost_table(rows: list[dict], data: ArrayDataset, default_proxy: str) -> list[str]:
+    """Today's default rule on each proxy the sweep scanned with: what the scan costs against the default proxy's
+    scan, beside what it found (issue 23: detection per unit of proxy cost)."""
+    current = [r for r in rows if r["key"] != "clean" and r["detector"] == "knn_density" and current_rule(r["options"])]
+    default = proxy_flops({"proxy_epochs": ScanConfig().train.epochs}, data, default_proxy)
+    lines = [
+        "",
+        f"Today's default rule on each proxy: the scan's model FLOPs against the default proxy's scan "
+        f"({default / 1e15:.1f} PFLOP for {len(data):,} images), beside what it found:",
+        "",
+        "| key | proxy epochs (model) | scan FLOPs vs default | proxy accuracy | flagged | recall | AUROC | carriers caught | class alarm |",
+        "|" + " --- |" * 9,
+    ]
+    for r in current:
+        lines.append(
+            f"| {r['key']} | {proxy_cell(r)} | {proxy_flops(r, data, default_proxy) / default:.2f}x | {r['proxy_accuracy']:.1%} "
+            f"| {r['dropped_fraction']:.2%} | {r['poison_recall']:.2f} | {r['auroc']:.3f} "
+            f"| {round(r['recall_carriers'] * r['carriers'])} of {r['carriers']} | {r['alarmed_classes'] or 'none'} |"
+        )
+    return lines
+
+
+def render(rows_path: Path, out: Path, default_proxy: str, data: ArrayDataset) -> None:
     lines = [
         "| key | poisons | eps | model | epochs | proxy epochs (model) | detector | options | told count | flagged | precision | recall | AUROC | median poison score | recall / flagged at z 3.0 | at z 2.5 | carriers | recall carriers / rest | rank corr. score-pull | class alarm p: intended / lowest other |",
         "|" + " --- |" * 20,
@@ -449,6 +493,7 @@ def render(rows_path: Path, out: Path, default_proxy: str) -> None:
             f"| {r['key']} | {(r.get('poisons_sha256') or '-')[:6]} | {r['eps']:g} | {r['model']} | {r['epochs']} | {proxy_cell(r)} | {r['detector']} | {variant_label(r['detector'], r['options'], r, default_proxy)} | "
             f"{r['told_expected_poisons'] or '-'} | {r['dropped_fraction']:.2%} | {precision} | {r['poison_recall']:.2f} | {r['auroc']:.3f} | {r['poison_score_median']:.3f} | {at_z[0]} | {at_z[1]} | {aligned} | {alarm_cell(r)} |"
         )
+    lines += cost_table(list(map(json.loads, rows_path.read_text().splitlines())), data, default_proxy)
     out.write_text("\n".join(lines) + "\n")
 
 
