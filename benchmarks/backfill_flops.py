@@ -2,10 +2,10 @@
 
     python benchmarks/backfill_flops.py --results reports/gradient-matching-full --cache work-data/cache-full
 
-For each row without `flops`, rebuilds that row's training data (the poisons from the cache, the cached scan's flags,
-the calibration arm's drops) and counts what its victim trained on, from the recipe and, for robust training, the
-cached drop log, and what its scan trained and scored (the cached scan's summary). This is the same count a new row
-gets. Nothing else in the row changes; then the summary is written again under its own command. Rows are left as
+For each row without `flops`: a control arm's victim trained on as many examples as the clean set; for the others
+it rebuilds that row's training data (the poisons from the cache, the cached scan's flags, the calibration arm's
+drops) and counts what its victim trained on, from the recipe and, for robust training, the cached drop log, and what
+its scan trained and scored (the cached scan's summary). This is the same count a new row gets. Nothing else in the row changes; then the summary is written again under its own command. Rows are left as
 they are (and counted) when their poisons, scan, drop log or victim are not cached, or when they were scanned under
 another default. It never crafts or trains: run it while no evaluation appends to the same results.jsonl.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 from backfill_carriers import backfill_arguments, rewrite, row_harness
 
 from attacks import choose_setup
-from attacks.arms import CALIBRATION_ARMS, ROBUST_ARMS, SCANNED_ARMS, UNPOISONED_ARMS
+from attacks.arms import CALIBRATION_ARMS, CONTROL_ARMS, ROBUST_ARMS, SCANNED_ARMS, UNPOISONED_ARMS
 from attacks.evaluate import victim_tag
 from attacks.experiment import Harness
 from attacks.rows import defense_variant, read_rows
@@ -40,6 +40,8 @@ def row_flops(harness: Harness, row: dict) -> dict[str, float] | None:
     """The row's {"scan": ..., "victim_training": ...} FLOPs as its evaluation would count them now, or None when
     what it was trained on cannot be rebuilt from the cache without training or crafting."""
     arm = row["arm"]
+    if arm in CONTROL_ARMS:  # trained on as many examples as the clean set: nothing to rebuild
+        return {"victim_training": harness.models.work(harness.train, row["victim_seed"], victim_tag(arm, True))}
     if defense_variant(row):
         return None
     setup = choose_setup(row["poison_key"], harness.train, harness.test, harness.config.budget)
