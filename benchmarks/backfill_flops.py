@@ -6,7 +6,7 @@ For each row without `flops`: a control arm's victim trained on as many examples
 it rebuilds that row's training data (the poisons from the cache, the cached scan's flags, the calibration arm's
 drops) and counts what its victim trained on, from the recipe and, for robust training, the cached drop log, and what
 its scan trained and scored (the cached scan's summary). This is the same count a new row gets. Nothing else in the row changes; then the summary is written again under its own command. Rows are left as
-they are (and counted) when their poisons, scan, drop log or victim are not cached, or when they were scanned under
+they are (and counted) when their poisons, scan or drop log are not cached, or when they were scanned under
 another default. It never crafts or trains: run it while no evaluation appends to the same results.jsonl.
 """
 
@@ -62,8 +62,8 @@ def row_flops(harness: Harness, row: dict) -> dict[str, float] | None:
         data, _, _, cost = harness.filtered(data, arm, setup)
         flops["scan"] = cost.flops
     robust, tag = arm in ROBUST_ARMS, victim_tag(arm, data.fingerprint == poisoned)
-    if not harness.models.path(data, row["victim_seed"], tag, robust).exists():
-        return None
+    if robust and not harness.models.path(data, row["victim_seed"], tag, robust).with_suffix(".drop_log.json").exists():
+        return None  # a plain victim's count needs only its data's size; a robust one's needs its drops
     return flops | {"victim_training": harness.models.work(data, row["victim_seed"], tag, robust)}
 
 
