@@ -24,9 +24,10 @@ def unusable_name(name: str) -> str | None:
     return None
 
 
-def _walk(top: Path, root: Path, skipped: list[Skipped]) -> tuple[list[Path], list[str]]:
+def _walk(top: str, root: Path, skipped: list[Skipped]) -> tuple[list[str], list[str]]:
     """Image files under `top`, depth first in name order, without recursion (any depth) and without following
-    directory symlinks (no loops, nothing outside DATA twice); what is left out and why goes to `skipped`."""
+    directory symlinks (no loops, nothing outside DATA twice); what is left out and why goes to `skipped`. Paths stay
+    the strings scandir gives (a Path object each would double the listing's memory at ImageNet's 1.28M files)."""
     files, ignored, stack = [], [], [top]
     while stack:
         folder = stack.pop()
@@ -34,12 +35,12 @@ def _walk(top: Path, root: Path, skipped: list[Skipped]) -> tuple[list[Path], li
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as error:
             skipped.append(
-                Skipped(_rel(folder, root), str(folder), f"folder cannot be read: {error.strerror or error}")
+                Skipped(_rel(folder, root), _printable(folder), f"folder cannot be read: {error.strerror or error}")
             )
             continue
         subfolders = []
         for entry in entries:
-            path = Path(entry.path)
+            path = entry.path
             why = unusable_name(entry.name)
             try:
                 if why is None and entry.is_dir(follow_symlinks=False):
@@ -62,16 +63,16 @@ def _walk(top: Path, root: Path, skipped: list[Skipped]) -> tuple[list[Path], li
     return files, ignored
 
 
-def _rel(path: Path, root: Path) -> str:
-    return _printable(Path(os.path.relpath(path, root)))
+def _rel(path: str, root: Path) -> str:
+    return _printable(os.path.relpath(path, root))
 
 
-def _printable(path: Path) -> str:
+def _printable(path: str) -> str:
     """A path as text that encodes to UTF-8 (undecodable bytes as backslash escapes), for records of skipped files."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def _list_classes(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[str], list[Skipped]]:
+def _list_classes(root: Path) -> tuple[list[str], list[tuple[str, int]], list[str], list[Skipped]]:
     try:
         entries = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError as error:
@@ -83,23 +84,22 @@ def _list_classes(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[s
             continue
         why = unusable_name(entry.name)
         if why:
-            skipped.append(Skipped(_rel(Path(entry.path), root), _printable(Path(entry.path)), f"class folder: {why}"))
+            skipped.append(Skipped(_rel(entry.path, root), _printable(entry.path), f"class folder: {why}"))
         else:
             class_dirs.append(entry)
     classes = [entry.name for entry in class_dirs]
-    files: list[tuple[Path, int]] = []
+    files: list[tuple[str, int]] = []
     ignored: list[str] = []
     for label, entry in enumerate(class_dirs):
-        found, others = _walk(Path(entry.path), root, skipped)
+        found, others = _walk(entry.path, root, skipped)
         files.extend((path, label) for path in found)
         ignored.extend(others)
     return classes, files, ignored, skipped
 
 
-def _entry(path: Path, label: int, root: Path) -> Entry:
-    """A file's entry; its shown path and its source are one string (100 bytes an ImageNet path, not 200)."""
-    full = str(path)
-    return Entry(path.relative_to(root).as_posix(), full, label, full)
+def _entry(path: str, label: int, root: Path) -> Entry:
+    """A file's entry: its id the path under DATA with / between parts; its shown path and its source one string."""
+    return Entry(os.path.relpath(path, root).replace(os.sep, "/"), path, label, path)
 
 
 def open_folder(
