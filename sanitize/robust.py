@@ -101,6 +101,7 @@ class EpicDropper:
         return np.load(path, mmap_mode="r")
 
     def scored_rounds(self) -> list[int]:
+        """The rounds that scored every example (after the run: every planned round until the cap was reached)."""
         return scored_rounds(self._log_record())
 
     def dropped(self) -> np.ndarray:

@@ -449,15 +449,15 @@ def scan_work(
     num_classes: int,
     image_size: tuple[int, int],
     examples: int,
-    fold_sizes: list[int],
+    folds: list[int],
     recipe: TrainConfig,
 ) -> dict[str, Any]:
     """The scan's model FLOPs (sanitize.work): the proxy's training over every epoch (none with a checkpoint), each
-    out-of-fold proxy's training on the other folds, and the scoring passes (the embeddings', the folds' predictions).
-    Arguments a summary holds, so an older summary's work can be counted too."""
+    out-of-fold proxy's training on the other folds (`folds`: their sizes), and the scoring passes (the embeddings',
+    the folds' predictions). Arguments a summary holds, so an older summary's work can be counted too."""
     trained = sum(epoch["examples"] for epoch in model_info.get("history", []))
-    trained += sum(trained_examples(examples - size, recipe.epochs, recipe.batch_size) for size in fold_sizes)
-    scored = examples * (2 if fold_sizes else 1)
+    trained += sum(trained_examples(examples - size, recipe.epochs, recipe.batch_size) for size in folds)
+    scored = examples * (2 if folds else 1)
     return phase_work(example_flops(model_info["name"], num_classes, (3, *image_size)), trained, scored)
 
 
