@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from sanitize import scan
 from sanitize.config import ScanConfig
@@ -72,6 +73,12 @@ def test_proxy_folds_find_a_group_of_wrong_labels_the_scan_alone_misses_and_resu
     assert checked.flags.sum() - checked.flags[planted].sum() <= alone.flags.sum() + 8  # few clean ones besides
     folds = tmp_path / "checked" / "folds"
     assert len(list(folds.glob("logits-2folds-*.npy"))) == 1 and len(list(folds.glob("*.fold*.done"))) == 2
+    fold_histories = [torch.load(p, weights_only=True)["history"] for p in folds.glob("*/checkpoint.pt")]
+    proxy_trained = sum(epoch["examples"] for epoch in checked.summary["model"]["history"])
+    assert checked.summary["work"]["trained_examples"] == proxy_trained + sum(
+        epoch["examples"] for history in fold_histories for epoch in history
+    )  # the folds' count from their sizes is what they trained on
+    assert checked.summary["work"]["scored_examples"] == 2 * alone.summary["work"]["scored_examples"] == 2 * 1000
     stamps = [p.stat().st_mtime_ns for p in sorted(folds.glob("*/model.pt"))]
     again = scan(data, tmp_path / "checked", proxy_folds=2, **options)  # a rerun reuses the folds' predictions
     assert [p.stat().st_mtime_ns for p in sorted(folds.glob("*/model.pt"))] == stamps
