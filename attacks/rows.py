@@ -1,6 +1,8 @@
 """Rows of results.jsonl: reading them, and reading rows written by older versions the way they were meant, in one
 place. A detector arm's row records the scan options that made its flags (`recorded_scan_options`); rows scanned under
-another default than today's are another variant of their arm (`defense_variant`), never mixed with today's."""
+another default than today's are another variant of their arm (`defense_variant`), never mixed with today's. Rows
+whose poisons were crafted with other options than their scale's (the adaptive attacker's weights, an ensemble) are
+another variant of the attack (`attack_variant`), whatever their arm."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from attacks.arms import SCANNED_ARMS
+from attacks.registry import attack_options
+from attacks.scales import SCALES
 from sanitize.config import ScanConfig
 from sanitize.detectors.epic import EpicOptions
 from sanitize.detectors.knn_density import KnnDensityOptions
@@ -103,6 +107,26 @@ def defense_options(scan_options: dict[str, Any]) -> dict[str, Any]:
 def defense_key(scan_options: dict[str, Any] | None) -> str:
     """A detector arm's defense as one comparable string ("unrecorded" for a row that kept no scan options)."""
     return "unrecorded" if scan_options is None else json.dumps(defense_options(scan_options), sort_keys=True)
+
+
+def attack_variant(row: dict[str, Any]) -> str:
+    """How a row's poisons were crafted, as the options that differ from its scale's defaults for its attack ("" when
+    none do, for rows without poisons, and for rows of other settings than the scales'), so that aggregate keeps each
+    weight of the adaptive attacker, say, apart. An option a row does not record (older rows) took its default."""
+    crafted = row.get("craft_config")
+    if not crafted or row["scale"] not in SCALES:
+        return ""
+    default = json.loads(json.dumps(dataclasses.asdict(attack_options(row["attack"], **SCALES[row["scale"]].craft))))
+    changed = [f"{name}={value}" for name, value in crafted.items() if name in default and default[name] != value]
+    if row.get("surrogates") not in (None, 1):
+        changed.append(f"surrogates={row['surrogates']}")
+    return ", ".join(changed)
+
+
+def variant(row: dict[str, Any]) -> str:
+    """A row's variant of its arm: how its poisons were crafted, then how it was scanned, where either differs from
+    today's defaults ("" when neither does)."""
+    return "; ".join(part for part in (attack_variant(row), defense_variant(row)) if part)
 
 
 def defense_variant(row: dict[str, Any]) -> str:

@@ -14,29 +14,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from attacks.arms import CONTROL_ARMS
-from attacks.rows import defense_variant, read_rows
+from attacks.arms import CONTROL_ARMS, UNPOISONED_ARMS
+from attacks.rows import attack_variant, read_rows, variant
 from sanitize.report import write_report
 
 
 def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
     """summary.json and summary.md: mean +- standard error per (attack, scale, model, epochs, eps, arm, variant): a
-    detector arm's rows scanned under an older default are their own variant (`defense_variant`). Without `command`
-    the summary keeps the one it already names."""
+    detector arm's rows scanned under an older default, and rows whose poisons were crafted with other options, are
+    their own variant (`attacks.rows.variant`). Without `command` the summary keeps the one it already names."""
     if command is None and (out / "summary.json").exists():
         command = json.loads((out / "summary.json").read_text()).get("command")
     groups: dict[tuple, list[dict]] = {}
     for row in read_rows(out):
         groups.setdefault(
-            (row["attack"], row["scale"], row["model"], row["epochs"], row["eps"], row["arm"], defense_variant(row)), []
+            (row["attack"], row["scale"], row["model"], row["epochs"], row["eps"], row["arm"], variant(row)), []
         ).append(row)
     table = []
     for group, rows in sorted(groups.items()):
-        attack, scale, model, epochs, eps, arm, variant = group
         success = np.array([r["success"] for r in rows], float)
         accuracy = np.array([r["clean_acc"] for r in rows], float)
         p_intended = [r["p_intended"] for r in rows if r.get("p_intended") is not None]
-        cost, basis = _cost_vs_plain(rows, groups.get((attack, scale, model, epochs, eps, "undefended", ""), []))
+        cost, basis = _cost_vs_plain(rows, groups.get(_undefended_group(group, rows, groups), []))
         table.append(
             _group_fields(group)
             | {
@@ -104,10 +103,9 @@ def paired_with_undefended(groups: dict[tuple, list[dict]]) -> list[dict[str, An
     Rows from before rows named their poisons pair among themselves (they shared one cache of poisons)."""
     paired = []
     for group, rows in sorted(groups.items()):
-        attack, scale, model, epochs, eps, arm, variant = group
-        if arm in CONTROL_ARMS:
+        if _group_fields(group)["arm"] in CONTROL_ARMS:
             continue
-        plain = {_pair_key(r): r for r in groups.get((attack, scale, model, epochs, eps, "undefended", ""), [])}
+        plain = {_pair_key(r): r for r in groups.get(_undefended_group(group, rows, groups), [])}
         pairs = [(plain[_pair_key(r)], r) for r in rows if _pair_key(r) in plain]
         if not pairs:
             continue
@@ -133,6 +131,16 @@ GROUP_FIELDS = ("attack", "scale", "model", "epochs", "eps", "arm", "variant")  
 
 def _group_fields(group: tuple) -> dict[str, Any]:
     return dict(zip(GROUP_FIELDS, group))
+
+
+def _undefended_group(group: tuple, rows: list[dict[str, Any]], groups: dict[tuple, list[dict]]) -> tuple:
+    """The group of the undefended victims a group's rows compare with: the same setting and attack variant; for the
+    controls trained on no poisons, the setting's undefended victims when they are of one variant."""
+    own = (*group[:5], "undefended", attack_variant(rows[0]))
+    if own in groups or group[5] not in UNPOISONED_ARMS:
+        return own
+    undefended = [g for g in groups if g[:6] == own[:6]]
+    return undefended[0] if len(undefended) == 1 else own
 
 
 def _arm_label(entry: dict[str, Any]) -> str:

@@ -11,8 +11,8 @@ from attacks import attack_options, choose_setup, craft, load_poisons
 from attacks.evaluate import SCAN_PART, run_evaluation
 from attacks.experiment import Harness
 from attacks.rows import REQUIRED as ROW_REQUIRED
-from attacks.rows import SCAN_OPTIONS_RECORDED
-from attacks.scales import EvaluationConfig
+from attacks.rows import SCAN_OPTIONS_RECORDED, default_scan_options
+from attacks.scales import SCALES, EvaluationConfig
 from attacks.selection import gradient_norms, select_poisons
 from attacks.summary import _cost_vs_plain, aggregate
 from attacks.trained import Cost
@@ -307,6 +307,42 @@ def test_rows_name_their_poisons_and_a_defended_arm_gets_its_undefended_twin_on_
     results.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "poisons_sha256"}) + "\n" for r in rows))
     run_evaluation(train, test, out, EvaluationConfig(**base, arms=("undefended", "scan")), progress=False)
     assert len(results.read_text().splitlines()) == len(rows)
+
+
+def test_poisons_crafted_with_other_options_are_their_own_variant_paired_with_their_own_undefended_victims(tmp_path):
+    default = json.loads(json.dumps(dataclasses.asdict(attack_options("gradient-matching", **SCALES["full"].craft))))
+
+    def row(arm, seed, success, craft, poisons):
+        return {
+            "attack": "gradient-matching", "scale": "full", "model": "resnet18_cifar_w16", "epochs": 30, "eps": 16.0,
+            "budget": 0.01, "poison_key": 0, "arm": arm, "victim_seed": seed, "success": success, "clean_acc": 0.85,
+            "p_intended": 0.5, "dropped_fraction": 0.0, "poisons_sha256": poisons, "surrogates": 1,
+            "craft_config": default | craft, "seconds": {"victim_training": 10.0},
+            "flops": {"victim_training": 1.0, "scan": 0.5} if arm == "scan" else {"victim_training": 1.0},
+        } | ({"scan_options": default_scan_options("knn_density", None)} if arm == "scan" else {})  # fmt: skip
+
+    rows = [
+        row("undefended", 0, True, {}, "plain"),
+        row("scan", 0, True, {}, "plain"),
+        row("undefended", 0, False, {"evade": 10.0}, "evading"),
+        row("scan", 0, False, {"evade": 10.0}, "evading"),
+        {k: v for k, v in row("clean", 0, False, {}, None).items() if k != "craft_config"},
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = aggregate(tmp_path, command="test")
+    table = {(t["arm"], t["variant"]): t for t in summary["table"]}
+    assert set(table) == {
+        ("undefended", ""),
+        ("scan", ""),
+        ("undefended", "evade=10.0"),
+        ("scan", "evade=10.0"),
+        ("clean", ""),
+    }
+    paired = {t["variant"]: t for t in summary["paired"]}
+    assert paired[""]["undefended_success"] == 1.0 and paired["evade=10.0"]["undefended_success"] == 0.0
+    assert table[("scan", "evade=10.0")]["cost_vs_plain_training"] == pytest.approx(1.5)
+    assert table[("clean", "")]["cost_vs_plain_training"] == pytest.approx(1.0)  # against the default attack's
+    assert "scan (evade=10.0)" in (tmp_path / "summary.md").read_text()
 
 
 def test_a_detector_row_scanned_under_an_older_default_is_its_own_variant_and_the_arm_runs_again(tmp_path, split_npz):
