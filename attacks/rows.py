@@ -109,18 +109,22 @@ def defense_key(scan_options: dict[str, Any] | None) -> str:
     return "unrecorded" if scan_options is None else json.dumps(defense_options(scan_options), sort_keys=True)
 
 
-def attack_variant(row: dict[str, Any]) -> str:
-    """How a row's poisons were crafted, as the options that differ from its scale's defaults for its attack ("" when
-    none do, for rows without poisons, and for rows of other settings than the scales'), so that aggregate keeps each
-    weight of the adaptive attacker, say, apart. An option a row does not record (older rows) took its default."""
+def attack_changes(row: dict[str, Any]) -> dict[str, Any]:
+    """How a row's poisons were crafted, as the options that differ from its scale's defaults for its attack (none for
+    rows without poisons and for rows of other settings than the scales'). An option a row does not record (older
+    rows) took its default."""
     crafted = row.get("craft_config")
     if not crafted or row["scale"] not in SCALES:
-        return ""
+        return {}
     default = json.loads(json.dumps(dataclasses.asdict(attack_options(row["attack"], **SCALES[row["scale"]].craft))))
-    changed = [f"{name}={value}" for name, value in crafted.items() if name in default and default[name] != value]
-    if row.get("surrogates") not in (None, 1):
-        changed.append(f"surrogates={row['surrogates']}")
-    return ", ".join(changed)
+    changed = {name: value for name, value in crafted.items() if name in default and default[name] != value}
+    return changed | ({"surrogates": row["surrogates"]} if row.get("surrogates") not in (None, 1) else {})
+
+
+def attack_variant(row: dict[str, Any]) -> str:
+    """`attack_changes` as text ("" when none), so that aggregate keeps each weight of the adaptive attacker, say,
+    apart."""
+    return ", ".join(f"{name}={value}" for name, value in attack_changes(row).items())
 
 
 def variant(row: dict[str, Any]) -> str:

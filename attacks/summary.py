@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from attacks.arms import CONTROL_ARMS, UNPOISONED_ARMS
-from attacks.rows import attack_variant, read_rows, variant
+from attacks.rows import attack_changes, attack_variant, defense_variant, read_rows, variant
 from sanitize.report import write_report
 
 
@@ -56,6 +56,7 @@ def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
             }
         )
     paired = paired_with_undefended(groups)
+    sweeps = weight_sweeps(groups)
     summary = {
         "kind": "evaluation",
         "command": command,
@@ -63,6 +64,7 @@ def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
         "table": table,
         "paired": paired,
+        "weight_sweeps": sweeps,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     lines = [
@@ -90,6 +92,17 @@ def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
                 f"| {t['eps']:g} | {t['epochs']} | {_arm_label(t)} | {t['pairs']} ({t['keys']}) | {t['undefended_success']:.1%} | {t['arm_success']:.1%} "
                 f"| {t['clean_acc_change']:+.2%}{_se(t['clean_acc_change_se'], '.2%')} | {_cell(t.get('carrier_recall'), '.2f')} / {_cell(t.get('rest_recall'), '.2f')} |"
             )
+    if sweeps:
+        lines += [
+            "",
+            "Success against the adaptive attacker's weight (0: the plain attack), today's defenses:",
+            "",
+            "| eps | epochs | term | arm | weight: success (victims) |",
+            "|" + " --- |" * 5,
+        ]
+        for t in sweeps:
+            points = ", ".join(f"{p['weight']:g}: {p['success']:.1%} ({p['victims']})" for p in t["points"])
+            lines.append(f"| {t['eps']:g} | {t['epochs']} | {t['term']} | {t['arm']} | {points} |")
     (out / "summary.md").write_text(
         f"Command: `{command}`\n\nCommit: {summary['git_commit']}\n\n" + "\n".join(lines) + "\n"
     )
@@ -124,6 +137,37 @@ def paired_with_undefended(groups: dict[tuple, list[dict]]) -> list[dict[str, An
             }
         )
     return paired
+
+
+ADAPTIVE_TERMS = ("anchor", "evade")  # the adaptive attacker's weights (attacks.adaptive); 0 in the plain attack
+
+
+def weight_sweeps(groups: dict[tuple, list[dict]]) -> list[dict[str, Any]]:
+    """Success against the adaptive attacker's weight per setting, term and arm, under today's defenses: each weight
+    the rows were crafted with, and the plain attack's rows as weight 0 (groups whose poisons differ otherwise too are
+    left out)."""
+    plain: dict[tuple, dict] = {}
+    adaptive: dict[tuple, list[dict]] = {}
+    for group, rows in groups.items():
+        fields, changes = _group_fields(group), attack_changes(rows[0])
+        terms = [term for term in ADAPTIVE_TERMS if changes.get(term)]
+        if defense_variant(rows[0]) or len(terms) > 1 or set(changes) - {*ADAPTIVE_TERMS, "evade_variant"}:
+            continue
+        setting = tuple(fields[name] for name in ("attack", "scale", "model", "epochs", "eps"))
+        point = {"success": float(np.mean([r["success"] for r in rows])), "victims": len(rows)}
+        if not terms:
+            plain[(*setting, fields["arm"])] = {"weight": 0.0} | point
+            continue
+        term = terms[0] + (f" ({changes.get('evade_variant', 'spread')})" if terms[0] == "evade" else "")
+        adaptive.setdefault((*setting, term, fields["arm"]), []).append({"weight": float(changes[terms[0]])} | point)
+    sweeps = []
+    for (*setting, term, arm), points in sorted(adaptive.items()):
+        start = [plain[(*setting, arm)]] if (*setting, arm) in plain else []
+        sweeps.append(
+            dict(zip(("attack", "scale", "model", "epochs", "eps"), setting))
+            | {"term": term, "arm": arm, "points": start + sorted(points, key=lambda p: p["weight"])}
+        )
+    return sweeps
 
 
 GROUP_FIELDS = ("attack", "scale", "model", "epochs", "eps", "arm", "variant")  # what a summary row is per

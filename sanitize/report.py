@@ -39,6 +39,8 @@ HISTOGRAM_BINS = 20
 HISTOGRAM_WIDTH, HISTOGRAM_HEIGHT = 200, 48  # the plot area of a per-class histogram, in SVG units (axis below it)
 PROJECTION_POINTS = 400  # unflagged points drawn per class; every flagged one is drawn too (up to the thumbnail cap)
 PLOT_SIZE = 320
+SWEEP_WIDTH, SWEEP_HEIGHT = 360, 150  # the plot area of success against the adaptive attacker's weight, in SVG units
+SWEEP_STYLES = 4  # dash styles of its lines (report.css: .s0 ... .s3), repeated beyond
 
 _ENVIRONMENT = jinja2.Environment(
     loader=jinja2.PackageLoader("sanitize", "templates"),
@@ -75,7 +77,8 @@ def write_report(
         raise SanitizeError("max_thumbnails and max_projection_classes must be >= 0")
     summary = summary if summary is not None else _read_json(run_dir / "summary.json")
     if "table" in summary:
-        context = {"kind": "evaluation", "title": "sanitize evaluation", "evaluation": summary}
+        charts = [sweep_chart(setting, lines) for setting, lines in _by_setting(summary.get("weight_sweeps") or [])]
+        context = {"kind": "evaluation", "title": "sanitize evaluation", "evaluation": summary, "sweep_charts": charts}
     elif "gate" in summary:
         context = _scan_context(run_dir, summary, data, max_thumbnails, max_projection_classes)
     elif "robust" in summary:
@@ -181,6 +184,35 @@ def histogram(values: np.ndarray, threshold: float) -> dict[str, Any]:
         "top": top,
         "width": HISTOGRAM_WIDTH,
         "height": HISTOGRAM_HEIGHT,
+    }
+
+
+def _by_setting(sweeps: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """An evaluation's weight sweeps grouped into one chart per setting and term (its title), in their order."""
+    charts: dict[str, list[dict[str, Any]]] = {}
+    for sweep in sweeps:
+        title = f"{sweep['attack']}, {sweep['scale']}, {sweep['model']}, {sweep['epochs']} epochs, eps {sweep['eps']:g}: {sweep['term']}"
+        charts.setdefault(title, []).append(sweep)
+    return list(charts.items())
+
+
+def sweep_chart(title: str, sweeps: list[dict[str, Any]]) -> dict[str, Any]:
+    """An inline SVG chart of success (0-100%, up) against the adaptive attacker's weight, one line per arm in its own
+    dash style (SWEEP_STYLES, named in a legend): the weights evenly spaced in order (they span decades, from 0)."""
+    weights = sorted({point["weight"] for sweep in sweeps for point in sweep["points"]})
+    step = SWEEP_WIDTH / max(len(weights) - 1, 1)
+    x = {weight: round(i * step, 1) for i, weight in enumerate(weights)}
+    lines = []
+    for i, sweep in enumerate(sweeps):
+        xy = [(x[p["weight"]], round(SWEEP_HEIGHT * (1 - p["success"]), 1)) for p in sweep["points"]]
+        points = " ".join(f"{a},{b}" for a, b in xy)
+        lines.append({"arm": sweep["arm"], "points": points, "style": i % SWEEP_STYLES, "y": 14 * i})
+    return {
+        "title": title,
+        "width": SWEEP_WIDTH,
+        "height": SWEEP_HEIGHT,
+        "ticks": [{"x": x[w], "label": f"{w:g}"} for w in weights],
+        "lines": lines,
     }
 
 

@@ -309,18 +309,20 @@ def test_rows_name_their_poisons_and_a_defended_arm_gets_its_undefended_twin_on_
     assert len(results.read_text().splitlines()) == len(rows)
 
 
-def test_poisons_crafted_with_other_options_are_their_own_variant_paired_with_their_own_undefended_victims(tmp_path):
+def _synthetic_row(arm, seed, success, craft, poisons):
+    """A full-scale row as the evaluation writes it, with the attack's options changed by `craft`."""
     default = json.loads(json.dumps(dataclasses.asdict(attack_options("gradient-matching", **SCALES["full"].craft))))
-
-    def row(arm, seed, success, craft, poisons):
-        return {
+    return {
             "attack": "gradient-matching", "scale": "full", "model": "resnet18_cifar_w16", "epochs": 30, "eps": 16.0,
             "budget": 0.01, "poison_key": 0, "arm": arm, "victim_seed": seed, "success": success, "clean_acc": 0.85,
             "p_intended": 0.5, "dropped_fraction": 0.0, "poisons_sha256": poisons, "surrogates": 1,
             "craft_config": default | craft, "seconds": {"victim_training": 10.0},
             "flops": {"victim_training": 1.0, "scan": 0.5} if arm == "scan" else {"victim_training": 1.0},
-        } | ({"scan_options": default_scan_options("knn_density", None)} if arm == "scan" else {})  # fmt: skip
+    } | ({"scan_options": default_scan_options("knn_density", None)} if arm == "scan" else {})  # fmt: skip
 
+
+def test_poisons_crafted_with_other_options_are_their_own_variant_paired_with_their_own_undefended_victims(tmp_path):
+    row = _synthetic_row
     rows = [
         row("undefended", 0, True, {}, "plain"),
         row("scan", 0, True, {}, "plain"),
@@ -343,6 +345,31 @@ def test_poisons_crafted_with_other_options_are_their_own_variant_paired_with_th
     assert table[("scan", "evade=10.0")]["cost_vs_plain_training"] == pytest.approx(1.5)
     assert table[("clean", "")]["cost_vs_plain_training"] == pytest.approx(1.0)  # against the default attack's
     assert "scan (evade=10.0)" in (tmp_path / "summary.md").read_text()
+
+
+def test_success_against_the_adaptive_attackers_weight_is_tabled_and_drawn_per_arm(tmp_path):
+    rows = [
+        _synthetic_row(arm, seed, success, {"anchor": weight} if weight else {}, f"w{weight}")
+        for weight, undefended, scanned in ((0, (1, 1), (1, 0)), (1.0, (1, 0), (0, 0)), (10.0, (0, 0), (0, 0)))
+        for arm, successes in (("undefended", undefended), ("scan", scanned))
+        for seed, success in enumerate(successes)
+    ]
+    rows.append(_synthetic_row("undefended", 0, True, {"anchor": 1.0, "iterations": 10}, "other"))  # not this sweep
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sweeps = {t["arm"]: t for t in aggregate(tmp_path, command="test")["weight_sweeps"]}
+    assert set(sweeps) == {"undefended", "scan"} and all(t["term"] == "anchor" for t in sweeps.values())
+    assert [(p["weight"], p["success"], p["victims"]) for p in sweeps["scan"]["points"]] == [
+        (0.0, 0.5, 2),
+        (1.0, 0.0, 2),
+        (10.0, 0.0, 2),
+    ]
+    assert [p["success"] for p in sweeps["undefended"]["points"]] == [1.0, 0.5, 0.0]
+    assert (
+        "| 16 | 30 | anchor | scan | 0: 50.0% (2), 1: 0.0% (2), 10: 0.0% (2) |" in (tmp_path / "summary.md").read_text()
+    )
+    html = (tmp_path / "report.html").read_text()
+    assert html.count('<svg class="sweep"') == 1 and html.count("<polyline") == 2
+    assert 'points="0.0,75.0 180.0,150.0 360.0,150.0"' in html  # scan: 50%, 0%, 0% at evenly spaced weights
 
 
 def test_a_detector_row_scanned_under_an_older_default_is_its_own_variant_and_the_arm_runs_again(tmp_path, split_npz):
