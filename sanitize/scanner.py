@@ -34,6 +34,7 @@ from sanitize.config import ScanConfig, TrainConfig
 from sanitize.data import (
     EncodedDataset,
     ImageDataset,
+    claimed_output,
     drop_decoded,
     keep_decoded,
     open_dataset,
@@ -466,5 +467,5 @@ def scan(
 ) -> ScanResult:
     """Scan DATA (ImageFolder directory, .npz, or an opened dataset) and write the outputs to `out`; options are ScanConfig's fields."""
     config = ScanConfig.from_options(**options)
-    with removed_if_left_empty(out):
+    with removed_if_left_empty(out), claimed_output(data, out, current_world()):
         return run_scan(data, out, config)

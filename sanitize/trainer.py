@@ -24,6 +24,7 @@ import numpy as np
 
 from sanitize.config import FitConfig
 from sanitize.data import (
+    claimed_output,
     drop_decoded,
     excluding,
     keep_decoded,
@@ -141,7 +142,7 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
 def train(data: str | os.PathLike, out: str | os.PathLike = "sanitize-train", **options: Any) -> TrainResult:
     """Train from scratch on DATA (ImageFolder directory or .npz); `robust=True` for EPIC; options are FitConfig's."""
     config = FitConfig.from_options(**options)
-    with removed_if_left_empty(out):
+    with removed_if_left_empty(out), claimed_output(data, out, current_world()):
         return run_train(data, out, config)
 
 

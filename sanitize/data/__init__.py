@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import os
 import shutil
@@ -20,9 +21,10 @@ from sanitize.data.encoded import VALIDATIONS, EncodedDataset
 from sanitize.data.folder import FolderDataset, open_folder
 from sanitize.data.shards import ShardDataset, is_shard_folder, open_shards
 from sanitize.distributed import World
-from sanitize.errors import DataError
+from sanitize.errors import DataError, SanitizeError
 
 __all__ = [
+    "OUTPUT_LOCK",
     "VALIDATIONS",
     "ArrayDataset",
     "EncodedDataset",
@@ -30,6 +32,7 @@ __all__ = [
     "ImageDataset",
     "ShardDataset",
     "Skipped",
+    "claimed_output",
     "ensure_outside",
     "excluding",
     "iterate_batches",
@@ -143,6 +146,36 @@ def prepare_output(data: str | Path, out: str | Path) -> tuple[Path, Path]:
     except OSError as error:
         raise DataError(f"cannot write the output folder {out}: {error.strerror or error}") from None
     return data, out
+
+
+OUTPUT_LOCK = ".sanitize.lock"  # held in OUT while a run writes there
+
+
+@contextlib.contextmanager
+def claimed_output(data: str | Path | ImageDataset, out: str | Path, world: World = World()) -> Iterator[None]:
+    """Around a run: OUT (created, outside DATA) is written by this run alone. A second run writing to the same folder
+    meanwhile is a one-line error, not two interleaved sets of outputs and a verdict from either. Under torchrun rank 0
+    claims it for every rank."""
+    out = Path(out)
+    if not world.is_main:
+        yield
+        return
+    if isinstance(data, ImageDataset):
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        prepare_output(data, out)
+    lock = out / OUTPUT_LOCK
+    with open(lock, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SanitizeError(
+                f"another run is writing to {out} (it holds {lock}): wait for it to end, or choose another --out"
+            ) from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """Hostile checkpoints, output folders and resume state: a one-line error (exit 2) or a redone step, and never a
 passing verdict left behind by a run that failed."""
 
+import fcntl
 import json
 import os
 import pickle
@@ -15,6 +16,7 @@ from click.testing import CliRunner
 import sanitize
 from sanitize import scanner
 from sanitize.cli import cli
+from sanitize.data import OUTPUT_LOCK
 from sanitize.errors import SanitizeError
 from sanitize.manifest import poison_mask, read_manifest
 from sanitize.models import create_model
@@ -87,6 +89,19 @@ def test_output_folders_that_cannot_work_are_one_line_errors(tmp_path, digits_np
         data = digits_folder if out == nested_out else digits_npz
         code, lines = _invoke("scan", data, "--out", out, *FAST_ARGS)
         assert code == 2 and len(lines) == 1 and message in lines[0], (out, lines)
+
+
+@pytest.mark.parametrize("command", ["scan", "train"])
+def test_a_second_run_writing_to_a_busy_output_folder_is_a_one_line_error(tmp_path, digits_npz, command):
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / OUTPUT_LOCK, "w") as held:  # what a run writing there holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        code, lines = _invoke(command, digits_npz, "--out", out, *FAST_ARGS)
+        assert code == 2 and len(lines) == 1 and "another run is writing to" in lines[0], lines
+        assert (out / OUTPUT_LOCK).exists() and sorted(p.name for p in out.iterdir()) == [OUTPUT_LOCK]
+    sanitize.scan(digits_npz, out, **FAST)  # once it is free, a run writes there and leaves no lock behind
+    assert (out / "summary.json").exists() and not (out / OUTPUT_LOCK).exists()
 
 
 def test_damaged_resume_state_is_redone(tmp_path, digits_npz):
