@@ -90,9 +90,9 @@ def test_smoke_evaluation_writes_protocol_rows_and_resumes(tmp_path, split_npz):
     )
     assert "| gradient-matching | smoke | tiny | 2 | 16 |" in (out / "summary.md").read_text()
     html = (out / "report.html").read_text(encoding="utf-8")
-    assert "Success per arm" in html and all(
-        f"<td>{arm}</td>" in html for arm in ("clean", "undefended", "random-noise")
-    )
+    assert "Success per arm" in html and all(f"<td>{arm}" in html for arm in ("clean", "undefended", "random-noise"))
+    # --iterations 3 crafts otherwise than the smoke scale's 20: the poisoned arm is that variant of the attack
+    assert {(t["arm"], t["variant"]) for t in table} >= {("undefended", "iterations=3"), ("clean", "")}
 
 
 def test_defended_arms_score_their_flags_against_the_true_poisons(tmp_path, split_npz):
@@ -401,14 +401,19 @@ def test_a_detector_row_scanned_under_an_older_default_is_its_own_variant_and_th
     assert [row["arm"] for row in rows[3:]] == ["scan"]  # no twin: the undefended row is on these poisons
     assert rows[3]["scan_options"]["class_alarm_p"] == KnnDensityOptions().class_alarm_p
     summary = json.loads((out / "summary.json").read_text())
-    old = "class_alarm_p=1e-06, alarm_confidence=0.0"
+    crafted = "iterations=2"  # every row's poisons: the smoke scale crafts with 20
+    old = f"{crafted}; class_alarm_p=1e-06, alarm_confidence=0.0"
     assert {(t["arm"], t["variant"]) for t in summary["table"]} == {
-        ("undefended", ""),
-        ("scan", ""),
+        ("undefended", crafted),
+        ("scan", crafted),
         ("scan", old),
-        ("deep_knn", ""),
+        ("deep_knn", crafted),
     }
-    assert {(t["arm"], t["variant"]) for t in summary["paired"]} == {("scan", ""), ("scan", old), ("deep_knn", "")}
+    assert {(t["arm"], t["variant"]) for t in summary["paired"]} == {
+        ("scan", crafted),
+        ("scan", old),
+        ("deep_knn", crafted),
+    }
     assert f"| scan ({old}) |" in (out / "summary.md").read_text() and f"({old})" in (out / "report.html").read_text()
 
 
@@ -429,9 +434,9 @@ def test_a_scan_option_is_a_variant_of_the_scan_arm_recorded_resumed_and_kept_ap
     assert rows[1]["dropped_fraction"] >= rows[2]["dropped_fraction"]  # the looser cut flags at least as much
     summary = json.loads((out / "summary.json").read_text())
     assert {(t["arm"], t["variant"]) for t in summary["table"]} == {
-        ("undefended", ""),
-        ("scan", ""),
-        ("scan", "class_alarm_p=0.3, threshold=0.3"),
+        ("undefended", "iterations=2"),  # the poisons: the smoke scale crafts with 20
+        ("scan", "iterations=2"),
+        ("scan", "iterations=2; class_alarm_p=0.3, threshold=0.3"),
     }
     with pytest.raises(SanitizeError, match="unknown option"):
         run_evaluation(train, test, out, EvaluationConfig(**base, scan_options={"nope": 1}), progress=False)
