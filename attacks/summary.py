@@ -84,12 +84,13 @@ def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
             "",
             "Paired with the undefended victims of the same key and seed (defended arms may cover fewer keys than the table's undefended row):",
             "",
-            "| eps | epochs | arm | pairs (keys) | undefended success | arm success | clean accuracy change | recall of carriers / other poisons |",
-            "|" + " --- |" * 8,
+            "| eps | epochs | arm | pairs (keys) | undefended success | arm success | where the twin flipped: pairs, arm success | clean accuracy change | recall of carriers / other poisons |",
+            "|" + " --- |" * 9,
         ]
         for t in paired:
             lines.append(
                 f"| {t['eps']:g} | {t['epochs']} | {_arm_label(t)} | {t['pairs']} ({t['keys']}) | {t['undefended_success']:.1%} | {t['arm_success']:.1%} "
+                f"| {t['flipped_twins']}, {_cell(t['arm_success_where_twin_flipped'], '.1%')} "
                 f"| {t['clean_acc_change']:+.2%}{_se(t['clean_acc_change_se'], '.2%')} | {_cell(t.get('carrier_recall'), '.2f')} / {_cell(t.get('rest_recall'), '.2f')} |"
             )
     if sweeps:
@@ -123,6 +124,7 @@ def paired_with_undefended(groups: dict[tuple, list[dict]]) -> list[dict[str, An
         if not pairs:
             continue
         change = np.array([d["clean_acc"] - u["clean_acc"] for u, d in pairs])
+        flipped = [d for u, d in pairs if u["success"]]  # where the twin was poisoned: what a defense must undo
         paired.append(
             _group_fields(group)
             | {
@@ -130,6 +132,8 @@ def paired_with_undefended(groups: dict[tuple, list[dict]]) -> list[dict[str, An
                 "keys": len({u["poison_key"] for u, _ in pairs}),
                 "undefended_success": float(np.mean([u["success"] for u, _ in pairs])),
                 "arm_success": float(np.mean([d["success"] for _, d in pairs])),
+                "flipped_twins": len(flipped),
+                "arm_success_where_twin_flipped": float(np.mean([d["success"] for d in flipped])) if flipped else None,
                 "clean_acc_change": float(change.mean()),
                 "clean_acc_change_se": float(change.std(ddof=1) / math.sqrt(len(change))) if len(change) > 1 else None,
                 "carrier_recall": _mean_of([d for _, d in pairs], "carrier_recall"),

@@ -342,6 +342,8 @@ def test_poisons_crafted_with_other_options_are_their_own_variant_paired_with_th
     }
     paired = {t["variant"]: t for t in summary["paired"]}
     assert paired[""]["undefended_success"] == 1.0 and paired["evade=10.0"]["undefended_success"] == 0.0
+    assert (paired[""]["flipped_twins"], paired[""]["arm_success_where_twin_flipped"]) == (1, 1.0)
+    assert (paired["evade=10.0"]["flipped_twins"], paired["evade=10.0"]["arm_success_where_twin_flipped"]) == (0, None)
     assert table[("scan", "evade=10.0")]["cost_vs_plain_training"] == pytest.approx(1.5)
     assert table[("clean", "")]["cost_vs_plain_training"] == pytest.approx(1.0)  # against the default attack's
     assert "scan (evade=10.0)" in (tmp_path / "summary.md").read_text()
