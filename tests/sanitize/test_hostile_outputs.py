@@ -102,6 +102,7 @@ def test_a_second_run_writing_to_a_busy_output_folder_is_a_one_line_error(tmp_pa
         assert (out / OUTPUT_LOCK).exists() and sorted(p.name for p in out.iterdir()) == [OUTPUT_LOCK]
     sanitize.scan(digits_npz, out, **FAST)  # once it is free, a run writes there and leaves no lock behind
     assert (out / "summary.json").exists() and not (out / OUTPUT_LOCK).exists()
+    assert "examples trained on" in (out / "report.html").read_text()  # the scan's model work
 
 
 def test_damaged_resume_state_is_redone(tmp_path, digits_npz):

@@ -66,6 +66,7 @@ def test_a_robust_runs_work_counted_from_its_drop_log_is_what_it_trained_and_sco
     )
     work = result.summary["work"]
     assert (work["trained_examples"], work["scored_examples"]) == (trained, len(passes) * 1000) and work["flops"] > 0
+    assert f"{trained} examples trained on, {len(passes) * 1000} scored" in result.files["report"].read_text()
 
 
 def test_a_killed_robust_run_resumes_to_the_same_drops(tmp_path, mislabeled_npz, monkeypatch):
