@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from sanitize.config import DECODED_CACHE_MODES, RobustConfig, ScanConfig, TrainConfig
+from sanitize.config import DECODED_CACHE_MODES, SCHEDULES, RobustConfig, ScanConfig, TrainConfig
 from sanitize.detectors import EMBEDDINGS, list_detectors
 from sanitize.detectors.epic import EpicOptions
 from sanitize.detectors.knn_density import ALARM_RULES, ALARM_TESTS, KnnDensityOptions
@@ -58,6 +58,10 @@ def choice(values, kind: str = "value") -> Choice:
 DEFAULTS = ScanConfig()
 KNN = KnnDensityOptions()  # the default detector's own defaults
 TRAIN_DEFAULTS = TrainConfig()
+SCHEDULE_HELP = (
+    "learning rate: step decay x0.1 at 3/8, 5/8 and 7/8 of the epochs, or onecycle (a linear rise over the first "
+    "quarter to the rate, then a linear fall to 0)."
+)
 # options every command that trains or crafts takes alike
 device_option = click.option(
     "--device", type=Device(), default=DEFAULTS.device, show_default=True, help="auto: CUDA when present, else the CPU."
@@ -157,6 +161,13 @@ def scan_options(fn: Callable) -> Callable:
             default=TRAIN_DEFAULTS.batch_size,
             show_default=True,
             help="Proxy training batch size.",
+        ),
+        click.option(
+            "--schedule",
+            type=choice(list(SCHEDULES), "schedule"),
+            default=DEFAULTS.train.schedule,
+            show_default=True,
+            help=f"Proxy {SCHEDULE_HELP}",
         ),
         click.option(
             "--augment/--no-augment",
@@ -501,7 +512,14 @@ def demo(out: Path, quiet: bool) -> None:
     type=float,
     default=TRAIN_DEFAULTS.lr,
     show_default=True,
-    help="Initial learning rate (SGD with Nesterov momentum, step decay).",
+    help="Initial learning rate (SGD with Nesterov momentum), the peak under --schedule onecycle.",
+)
+@click.option(
+    "--schedule",
+    type=choice(list(SCHEDULES), "schedule"),
+    default=TRAIN_DEFAULTS.schedule,
+    show_default=True,
+    help=SCHEDULE_HELP[0].upper() + SCHEDULE_HELP[1:],
 )
 @click.option(
     "--augment/--no-augment",

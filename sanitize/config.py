@@ -9,6 +9,7 @@ from typing import Any
 from sanitize.errors import SanitizeError
 
 DECODED_CACHE_MODES = ("auto", "on", "off")  # sanitize.data.decoded
+SCHEDULES = ("step", "onecycle")  # sanitize.training.learning_rate
 
 
 @dataclass
@@ -22,8 +23,20 @@ class TrainConfig:
     weight_decay: float = 5e-4
     milestones: tuple[float, ...] = (3 / 8, 5 / 8, 7 / 8)  # fractions of the epochs; Witches' Brew's 14/24/35 of 40
     gamma: float = 0.1
+    # step: the rate drops x gamma at each milestone; onecycle: it rises linearly from 0 to lr over the first quarter
+    # of training and falls linearly to 0 by the end, set every batch. Under onecycle the
+    # milestones only mark where robust training's rounds end.
+    schedule: str = "step"
     augment: bool = True  # random crop with padding of 1/8 of the side + horizontal flip
     seed: int = 0
+
+    def identity(self) -> dict[str, Any]:
+        """The recipe as caches and resumes name it: every field, less the schedule while it is step decay, so
+        models trained before the schedule was an option keep their names."""
+        fields = dataclasses.asdict(self)
+        if self.schedule == "step":
+            del fields["schedule"]
+        return fields
 
 
 @dataclass
@@ -88,6 +101,7 @@ class FitConfig:
     def validate(self) -> None:
         checks = [
             (self.train.epochs >= 1 and self.train.batch_size >= 1, "epochs and batch_size must be >= 1"),
+            (self.train.schedule in SCHEDULES, "schedule must be step or onecycle"),
             (0.0 < self.epic.fraction <= 1.0, "fraction must be in (0, 1]"),
             (self.epic.every is None or self.epic.every >= 1, "every must be >= 1"),
             (0.0 <= self.epic.max_dropped_fraction <= 1.0, "max_dropped_fraction must be in [0, 1]"),
@@ -180,6 +194,7 @@ class ScanConfig:
             (self.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
             (0.0 <= self.max_flagged_fraction <= 1.0, "max_flagged_fraction must be in [0, 1]"),
             (self.train.epochs >= 0 and self.train.batch_size >= 1, "epochs must be >= 0 and batch_size >= 1"),
+            (self.train.schedule in SCHEDULES, "schedule must be step or onecycle"),
             (self.image_size is None or self.image_size >= 8, "image_size must be >= 8"),
             (self.workers >= 0, "workers must be >= 0"),
             (self.validation in ("full", "header"), "validation must be full or header"),
