@@ -29,8 +29,10 @@ from sanitize.scanner import scan
 
 # the scan's two proxies here: one trained on the fine-tuning data (the default scan), or the victims' own pretrained
 # extractor given as --checkpoint (what a defender who fine-tunes it holds); and Deep k-NN (the defense its paper
-# measured on feature collision in transfer) on the extractor, told the poison count as in the from-scratch arms
-SCAN_ARMS = ("scan", "scan-extractor", "deep_knn-extractor")
+# measured on feature collision in transfer) on the extractor, told the poison count as in the from-scratch arms;
+# scan-held-out-extractor tells the scan the extractor never saw the fine-tuning set (--held-out-checkpoint), so its
+# label check runs on the extractor's predictions
+SCAN_ARMS = ("scan", "scan-extractor", "scan-held-out-extractor", "deep_knn-extractor")
 TRANSFER_ARMS = ("clean", "undefended", "random-noise", *SCAN_ARMS)
 
 
@@ -61,8 +63,11 @@ def run_transfer_evaluation(
                 scan_seconds = None
                 if arm in SCAN_ARMS:
                     checkpoint = world.extractor_path if arm.endswith("-extractor") else None
-                    detector = DETECTOR_ARMS[arm.removesuffix("-extractor")]
-                    data, defense, scan_seconds = _scanned(data, setup, world.cache, checkpoint, detector, config)
+                    held_out = arm == "scan-held-out-extractor"
+                    detector = DETECTOR_ARMS[arm.removesuffix("-extractor").removesuffix("-held-out")]
+                    data, defense, scan_seconds = _scanned(
+                        data, setup, world.cache, checkpoint, detector, config, held_out
+                    )
                 started = time.perf_counter()
                 victim = world.victim(data, seed)
                 seconds = round(time.perf_counter() - started, 2)
@@ -113,15 +118,16 @@ def _scanned(
     checkpoint: Path | None,
     detector: str,
     config: TransferConfig,
+    held_out: bool = False,
 ) -> tuple[ArrayDataset, dict[str, Any], float]:
-    """What `sanitize scan` with `detector` keeps of the poisoned fine-tuning set (with `checkpoint` as its proxy, or
-    one it trains on the data), its flags scored against the true poisons, and its wall seconds. Cached per poisoned
-    set, proxy and detector."""
+    """What `sanitize scan` with `detector` keeps of the poisoned fine-tuning set (with `checkpoint` as its proxy,
+    `held_out` if the scan is told it never saw the set, or one it trains on the data), its flags scored against the
+    true poisons, and its wall seconds. Cached per poisoned set, proxy and detector."""
     options = {"quiet": True, "device": config.device, "precision": config.precision, "detector": detector}
     options |= {"expected_poisons": told_count(detector, setup)}
     if checkpoint is not None:
-        options |= {"checkpoint": str(checkpoint), "model": config.extractor}
-    proxy = "extractor" if checkpoint else "trained"
+        options |= {"checkpoint": str(checkpoint), "model": config.extractor, "held_out_checkpoint": held_out}
+    proxy = ("extractor-held-out" if held_out else "extractor") if checkpoint else "trained"
     name = (
         f"{proxy}-{data.fingerprint[:16]}"
         if detector == "knn_density"

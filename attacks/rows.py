@@ -74,14 +74,17 @@ def recorded_scan_options(settings: dict[str, Any]) -> dict[str, Any]:
     flat = {"detector": settings["detector"]} | {
         name: detector_options.get(name, RECORDED_DEFAULTS[name]) for name in SCAN_OPTIONS_RECORDED[1:]
     }
-    # folds recorded only when used; the proxy's architecture always (auto is resolved by the scan, and rows from
-    # before that lack it: PROXY_BEFORE_RECORDED)
+    # folds, a schedule other than step decay and a held-out checkpoint recorded only when used; the proxy's
+    # architecture always (auto is resolved by the scan, and rows from before that lack it: PROXY_BEFORE_RECORDED)
     folds, model = settings.get("proxy_folds", 0), settings.get("model", "auto")
+    schedule = settings["train"].get("schedule", "step")
     return (
         flat
         | {"proxy_epochs": settings["train"]["epochs"]}
         | ({"proxy_folds": folds} if folds else {})
         | ({"proxy_model": model} if model != "auto" else {})
+        | ({"proxy_schedule": schedule} if schedule != "step" else {})
+        | ({"held_out_checkpoint": True} if settings.get("held_out_checkpoint") else {})
     )
 
 

@@ -153,6 +153,13 @@ def scan_options(fn: Callable) -> Callable:
             help="Load these weights instead of training a proxy.",
         ),
         click.option(
+            "--held-out-checkpoint",
+            is_flag=True,
+            default=DEFAULTS.held_out_checkpoint,
+            help="The --checkpoint never trained on DATA (e.g. the network you will fine-tune): also flag the labels "
+            "it confidently contradicts (knn_density's label check).",
+        ),
+        click.option(
             "--epochs", type=int, default=DEFAULTS.train.epochs, show_default=True, help="Proxy training epochs."
         ),
         click.option(
@@ -930,7 +937,8 @@ def evaluate(
     "--arms",
     default="clean,undefended,random-noise",
     show_default=True,
-    help="Comma-separated: clean, undefended, random-noise, scan, scan-extractor, deep_knn-extractor.",
+    help="Comma-separated: clean, undefended, random-noise, scan, scan-extractor, scan-held-out-extractor, "
+    "deep_knn-extractor.",
 )
 @override_craft_options
 @click.option(

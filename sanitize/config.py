@@ -122,6 +122,9 @@ class ScanConfig:
     # a registry name, or auto: `convnet` for images up to 64 px, else `resnet18` (the summary names the one)
     model: str = "auto"
     checkpoint: str | None = None  # load these weights instead of training a proxy
+    # the checkpoint never trained on DATA (e.g. the pretrained network a transfer learner fine-tunes): its predictions
+    # are out of sample, as the folds' are, and knn_density's label check flags the labels it confidently contradicts
+    held_out_checkpoint: bool = False
     image_size: int | None = None  # None: the most common size in the data
     # the proxy's recipe: 16 epochs, not 8, because the poisons only stand out once the proxy has learned them
     # (reports/detection-cpu: AUROC 0.68 -> 0.80 default rule, and the class alarm only fires from 16)
@@ -205,6 +208,7 @@ class ScanConfig:
                 not (self.proxy_folds and self.checkpoint),
                 "proxy_folds trains proxies on the data: not with --checkpoint (whose model is not trained here)",
             ),
+            (self.checkpoint or not self.held_out_checkpoint, "held_out_checkpoint needs --checkpoint"),
         ]
         for ok, message in checks:
             if not ok:

@@ -56,19 +56,22 @@ def test_the_scan_arms_fine_tune_on_what_the_scan_kept_with_either_proxy_and_dee
     options |= {
         "finetune_epochs": 3,
         "craft_options": {"iterations": 5},
-        "arms": ("undefended", "scan", "scan-extractor", "deep_knn-extractor"),
+        "arms": ("undefended", "scan", "scan-extractor", "scan-held-out-extractor", "deep_knn-extractor"),
     }
     rows, out = digits_transfer(**options)
     scanned = {r["arm"]: r for r in rows if r["arm"] != "undefended"}
-    assert set(scanned) == {"scan", "scan-extractor", "deep_knn-extractor"}
+    assert set(scanned) == {"scan", "scan-extractor", "scan-held-out-extractor", "deep_knn-extractor"}
     for row in scanned.values():
         assert row["train_size"] == 200 and row["poisons_sha256"] == rows[0]["poisons_sha256"]
         assert row["auroc"] is not None and row["seconds"]["scan"] > 0
-    assert sorted(p.name.split("-")[0] for p in (out / "cache" / "scans").iterdir()) == [
+    assert sorted(p.name.rsplit("-", 1)[0] for p in (out / "cache" / "scans").iterdir()) == [
         "extractor",
-        "extractor",
+        "extractor-deep_knn",
+        "extractor-held-out",
         "trained",
     ]
+    held_out, given = scanned["scan-held-out-extractor"], scanned["scan-extractor"]
+    assert held_out["scan_options"]["held_out_checkpoint"] and held_out["dropped_fraction"] >= given["dropped_fraction"]
     assert "Paired with the undefended victims" in (out / "summary.md").read_text()
 
 
