@@ -25,6 +25,7 @@ from attacks.transfer import TransferConfig, TransferSetting
 from sanitize.data.arrays import ArrayDataset
 from sanitize.errors import SanitizeError
 from sanitize.manifest import flag_metrics
+from sanitize.names import MODELS
 from sanitize.scanner import scan
 
 # the scan's two proxies here: one trained on the fine-tuning data (the default scan), or the victims' own pretrained
@@ -43,6 +44,9 @@ def run_transfer_evaluation(
     unknown = set(config.arms) - set(TRANSFER_ARMS)
     if unknown:
         raise SanitizeError(f"unknown transfer arm(s) {', '.join(sorted(unknown))}; choose from {TRANSFER_ARMS}")
+    unknown = set(config.substitutes) - set(MODELS)
+    if unknown:
+        raise SanitizeError(f"unknown substitute architecture(s) {', '.join(sorted(unknown))}; choose from {MODELS}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = TransferSetting(train_path, test_path, config, Path(config.cache) if config.cache else out / "cache")
@@ -54,7 +58,8 @@ def run_transfer_evaluation(
         poisons: PoisonSet | None = None
         for arm in config.arms:
             for seed in range(config.victims):
-                if (setting, config.attack, config.eps, key, arm, seed) in done:
+                crafted_against = config.substitutes if arm not in UNPOISONED_ARMS else ()  # controls have no poisons
+                if (setting, config.attack, config.eps, key, arm, seed, crafted_against) in done:
                     continue
                 if arm not in UNPOISONED_ARMS:
                     poisons = poisons or world.poisons(setup)
@@ -91,6 +96,7 @@ def run_transfer_evaluation(
                     "train_size": len(finetune),
                     "epochs": world.recipe.epochs,
                     "craft_config": dataclasses.asdict(options) if arm not in UNPOISONED_ARMS else None,
+                    **({"substitutes": list(crafted_against)} if crafted_against else {}),
                     "seconds": {
                         "victim_training": seconds,
                         "crafting": poisons.metadata.get("seconds") if arm not in UNPOISONED_ARMS else None,
@@ -108,7 +114,18 @@ def run_transfer_evaluation(
 def _done(out: Path) -> set[tuple]:
     if not (out / "results.jsonl").exists():
         return set()
-    return {(r["scale"], r["attack"], r["eps"], r["poison_key"], r["arm"], r["victim_seed"]) for r in read_rows(out)}
+    return {
+        (
+            r["scale"],
+            r["attack"],
+            r["eps"],
+            r["poison_key"],
+            r["arm"],
+            r["victim_seed"],
+            tuple(r.get("substitutes", ())),
+        )
+        for r in read_rows(out)
+    }
 
 
 def _scanned(

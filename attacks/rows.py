@@ -117,11 +117,13 @@ def attack_changes(row: dict[str, Any]) -> dict[str, Any]:
     rows without poisons and for rows of other settings than the scales'). An option a row does not record (older
     rows) took its default."""
     crafted = row.get("craft_config")
+    # the transfer setting's black-box poisons, crafted against substitutes instead of the victims' extractor
+    against = {"substitutes": ",".join(row["substitutes"])} if crafted and row.get("substitutes") else {}
     if not crafted or row["scale"] not in SCALES:
-        return {}
+        return against
     default = json.loads(json.dumps(dataclasses.asdict(attack_options(row["attack"], **SCALES[row["scale"]].craft))))
     changed = {name: value for name, value in crafted.items() if name in default and default[name] != value}
-    return changed | ({"surrogates": row["surrogates"]} if row.get("surrogates") not in (None, 1) else {})
+    return changed | ({"surrogates": row["surrogates"]} if row.get("surrogates") not in (None, 1) else {}) | against
 
 
 def attack_variant(row: dict[str, Any]) -> str:

@@ -940,6 +940,12 @@ def evaluate(
     help="Comma-separated: clean, undefended, random-noise, scan, scan-extractor, scan-held-out-extractor, "
     "deep_knn-extractor.",
 )
+@click.option(
+    "--substitutes",
+    default="",
+    help="Black-box: comma-separated architectures the attacker pretrains on the same data (another seed) and crafts "
+    "against, instead of the victims' extractor (white-box, the default).",
+)
 @override_craft_options
 @click.option(
     "--cache", type=click.Path(file_okay=False), default=None, help="The extractor and poisons (default OUT/cache)."
@@ -962,6 +968,7 @@ def evaluate_transfer(
     eps: float,
     poisons: int,
     arms: str,
+    substitutes: str,
     craft_options: tuple[str, ...],
     cache: str | None,
     out: Path,
@@ -982,6 +989,7 @@ def evaluate_transfer(
         eps=eps,
         poisons=poisons,
         arms=tuple(a.strip() for a in arms.split(",")),
+        substitutes=tuple(name.strip() for name in substitutes.split(",") if name.strip()),
         craft_options=dict(parse_option(attack_name, text) for text in craft_options),
         device=device,
         cache=cache,
