@@ -25,12 +25,15 @@ from attacks.transfer import TransferConfig, TransferSetting
 from sanitize.data.arrays import ArrayDataset
 from sanitize.errors import SanitizeError
 from sanitize.manifest import flag_metrics
+from sanitize.names import MODELS
 from sanitize.scanner import scan
 
 # the scan's two proxies here: one trained on the fine-tuning data (the default scan), or the victims' own pretrained
 # extractor given as --checkpoint (what a defender who fine-tunes it holds); and Deep k-NN (the defense its paper
-# measured on feature collision in transfer) on the extractor, told the poison count as in the from-scratch arms
-SCAN_ARMS = ("scan", "scan-extractor", "deep_knn-extractor")
+# measured on feature collision in transfer) on the extractor, told the poison count as in the from-scratch arms;
+# scan-held-out-extractor tells the scan the extractor never saw the fine-tuning set (--held-out-checkpoint), so its
+# label check runs on the extractor's predictions
+SCAN_ARMS = ("scan", "scan-extractor", "scan-held-out-extractor", "deep_knn-extractor")
 TRANSFER_ARMS = ("clean", "undefended", "random-noise", *SCAN_ARMS)
 
 
@@ -41,6 +44,9 @@ def run_transfer_evaluation(
     unknown = set(config.arms) - set(TRANSFER_ARMS)
     if unknown:
         raise SanitizeError(f"unknown transfer arm(s) {', '.join(sorted(unknown))}; choose from {TRANSFER_ARMS}")
+    unknown = set(config.substitutes) - set(MODELS)
+    if unknown:
+        raise SanitizeError(f"unknown substitute architecture(s) {', '.join(sorted(unknown))}; choose from {MODELS}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = TransferSetting(train_path, test_path, config, Path(config.cache) if config.cache else out / "cache")
@@ -52,7 +58,8 @@ def run_transfer_evaluation(
         poisons: PoisonSet | None = None
         for arm in config.arms:
             for seed in range(config.victims):
-                if (setting, config.attack, config.eps, key, arm, seed) in done:
+                crafted_against = config.substitutes if arm not in UNPOISONED_ARMS else ()  # controls have no poisons
+                if (setting, config.attack, config.eps, key, arm, seed, crafted_against) in done:
                     continue
                 if arm not in UNPOISONED_ARMS:
                     poisons = poisons or world.poisons(setup)
@@ -61,8 +68,11 @@ def run_transfer_evaluation(
                 scan_seconds = None
                 if arm in SCAN_ARMS:
                     checkpoint = world.extractor_path if arm.endswith("-extractor") else None
-                    detector = DETECTOR_ARMS[arm.removesuffix("-extractor")]
-                    data, defense, scan_seconds = _scanned(data, setup, world.cache, checkpoint, detector, config)
+                    held_out = arm == "scan-held-out-extractor"
+                    detector = DETECTOR_ARMS[arm.removesuffix("-extractor").removesuffix("-held-out")]
+                    data, defense, scan_seconds = _scanned(
+                        data, setup, world.cache, checkpoint, detector, config, held_out
+                    )
                 started = time.perf_counter()
                 victim = world.victim(data, seed)
                 seconds = round(time.perf_counter() - started, 2)
@@ -86,6 +96,7 @@ def run_transfer_evaluation(
                     "train_size": len(finetune),
                     "epochs": world.recipe.epochs,
                     "craft_config": dataclasses.asdict(options) if arm not in UNPOISONED_ARMS else None,
+                    **({"substitutes": list(crafted_against)} if crafted_against else {}),
                     "seconds": {
                         "victim_training": seconds,
                         "crafting": poisons.metadata.get("seconds") if arm not in UNPOISONED_ARMS else None,
@@ -103,7 +114,18 @@ def run_transfer_evaluation(
 def _done(out: Path) -> set[tuple]:
     if not (out / "results.jsonl").exists():
         return set()
-    return {(r["scale"], r["attack"], r["eps"], r["poison_key"], r["arm"], r["victim_seed"]) for r in read_rows(out)}
+    return {
+        (
+            r["scale"],
+            r["attack"],
+            r["eps"],
+            r["poison_key"],
+            r["arm"],
+            r["victim_seed"],
+            tuple(r.get("substitutes", ())),
+        )
+        for r in read_rows(out)
+    }
 
 
 def _scanned(
@@ -113,15 +135,16 @@ def _scanned(
     checkpoint: Path | None,
     detector: str,
     config: TransferConfig,
+    held_out: bool = False,
 ) -> tuple[ArrayDataset, dict[str, Any], float]:
-    """What `sanitize scan` with `detector` keeps of the poisoned fine-tuning set (with `checkpoint` as its proxy, or
-    one it trains on the data), its flags scored against the true poisons, and its wall seconds. Cached per poisoned
-    set, proxy and detector."""
+    """What `sanitize scan` with `detector` keeps of the poisoned fine-tuning set (with `checkpoint` as its proxy,
+    `held_out` if the scan is told it never saw the set, or one it trains on the data), its flags scored against the
+    true poisons, and its wall seconds. Cached per poisoned set, proxy and detector."""
     options = {"quiet": True, "device": config.device, "precision": config.precision, "detector": detector}
     options |= {"expected_poisons": told_count(detector, setup)}
     if checkpoint is not None:
-        options |= {"checkpoint": str(checkpoint), "model": config.extractor}
-    proxy = "extractor" if checkpoint else "trained"
+        options |= {"checkpoint": str(checkpoint), "model": config.extractor, "held_out_checkpoint": held_out}
+    proxy = ("extractor-held-out" if held_out else "extractor") if checkpoint else "trained"
     name = (
         f"{proxy}-{data.fingerprint[:16]}"
         if detector == "knn_density"

@@ -3,7 +3,6 @@ and which victims are still to train."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -72,7 +71,7 @@ class Harness:
     def poisons_path(self, setup: PoisonSetup) -> Path:
         """Where the poisons for `setup` are cached: named by data, key, eps, budget, attack config and the surrogates'
         recipe (and their number when more than one, so single-surrogate poisons keep their names)."""
-        surrogate_recipe = (self.scale.model, self.scale.model_kwargs, dataclasses.asdict(self.recipe))
+        surrogate_recipe = (self.scale.model, self.scale.model_kwargs, self.recipe.identity())
         if self.config.surrogates > 1:
             surrogate_recipe += (self.config.surrogates,)
         digest = stable_hash(

@@ -74,14 +74,17 @@ def recorded_scan_options(settings: dict[str, Any]) -> dict[str, Any]:
     flat = {"detector": settings["detector"]} | {
         name: detector_options.get(name, RECORDED_DEFAULTS[name]) for name in SCAN_OPTIONS_RECORDED[1:]
     }
-    # folds recorded only when used; the proxy's architecture always (auto is resolved by the scan, and rows from
-    # before that lack it: PROXY_BEFORE_RECORDED)
+    # folds, a schedule other than step decay and a held-out checkpoint recorded only when used; the proxy's
+    # architecture always (auto is resolved by the scan, and rows from before that lack it: PROXY_BEFORE_RECORDED)
     folds, model = settings.get("proxy_folds", 0), settings.get("model", "auto")
+    schedule = settings["train"].get("schedule", "step")
     return (
         flat
         | {"proxy_epochs": settings["train"]["epochs"]}
         | ({"proxy_folds": folds} if folds else {})
         | ({"proxy_model": model} if model != "auto" else {})
+        | ({"proxy_schedule": schedule} if schedule != "step" else {})
+        | ({"held_out_checkpoint": True} if settings.get("held_out_checkpoint") else {})
     )
 
 
@@ -114,11 +117,13 @@ def attack_changes(row: dict[str, Any]) -> dict[str, Any]:
     rows without poisons and for rows of other settings than the scales'). An option a row does not record (older
     rows) took its default."""
     crafted = row.get("craft_config")
+    # the transfer setting's black-box poisons, crafted against substitutes instead of the victims' extractor
+    against = {"substitutes": ",".join(row["substitutes"])} if crafted and row.get("substitutes") else {}
     if not crafted or row["scale"] not in SCALES:
-        return {}
+        return against
     default = json.loads(json.dumps(dataclasses.asdict(attack_options(row["attack"], **SCALES[row["scale"]].craft))))
     changed = {name: value for name, value in crafted.items() if name in default and default[name] != value}
-    return changed | ({"surrogates": row["surrogates"]} if row.get("surrogates") not in (None, 1) else {})
+    return changed | ({"surrogates": row["surrogates"]} if row.get("surrogates") not in (None, 1) else {}) | against
 
 
 def attack_variant(row: dict[str, Any]) -> str:

@@ -63,7 +63,7 @@ class ModelCache:
     def path(self, data: ImageDataset, seed: int, tag: str, robust: bool = False) -> Path:
         """Where the model trained on `data` with `seed` is cached; a robust model's drop log lies beside it
         (.drop_log.json)."""
-        parts = [data.fingerprint, self.model, self.model_kwargs, dataclasses.asdict(self.recipe), seed]
+        parts = [data.fingerprint, self.model, self.model_kwargs, self.recipe.identity(), seed]
         if robust:
             parts.append(dataclasses.asdict(RobustConfig()))
         return self.directory / f"{tag}-{stable_hash(*parts)}.pt"

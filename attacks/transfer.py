@@ -35,6 +35,7 @@ from sanitize.training import autocast, channel_stats, resolve_device, resolve_p
 
 MODES = ("linear", "end-to-end")
 EXTRACTOR_SEED = 0  # the victims' extractor; white-box attacks craft against this one
+SUBSTITUTE_SEED = 1  # black-box substitutes: never the victims' network, even where of its architecture
 
 
 def transfer_split(train: ArrayDataset, pool_per_class: int = 200, finetune_per_class: int = 50, seed: int = 0):
@@ -139,6 +140,9 @@ class TransferConfig:
     arms: tuple[str, ...] = ("clean", "undefended", "random-noise")
     extractor: str = "resnet18_cifar_w16"
     extractor_epochs: int = 30  # the full scale's recipe (docs/protocol.md)
+    # black-box: the attacker crafts against these architectures, pretrained as the extractor is on the same data with
+    # another seed, instead of the victims' own extractor (white-box, the default: none)
+    substitutes: tuple[str, ...] = ()
     pool_per_class: int = 200  # held out of pretraining (the reference's split) ...
     finetune_per_class: int = 50  # ... of which the fine-tuning set
     finetune_epochs: int = 60
@@ -150,7 +154,8 @@ class TransferConfig:
 
 class TransferSetting:
     """One configuration's data, split, extractor (pretrained once on the pretraining split and cached in `cache`) and
-    victims' recipe, and its poisons (crafted against the extractor: white-box, cached beside it)."""
+    victims' recipe, and its poisons (crafted against the extractor, white-box, or against substitutes pretrained
+    alike, black-box; cached beside it)."""
 
     def __init__(self, train_path: str | Path, test_path: str | Path, config: TransferConfig, cache: Path) -> None:
         self.config, self.cache = config, cache
@@ -164,21 +169,28 @@ class TransferSetting:
             raise SanitizeError("the transfer setting needs .npz training data")
         pretrain_positions, finetune_positions = transfer_split(train, config.pool_per_class, config.finetune_per_class)
         self.pretrain, self.finetune = train.subset(pretrain_positions), train.subset(finetune_positions)
+        self.pretrain_stats = channel_stats(self.pretrain)
+        self.extractor, self.extractor_path = self._pretrained(config.extractor, EXTRACTOR_SEED, "extractor")
+        # what the attacker crafts against: the extractor itself (white-box) or its substitutes (black-box)
+        self.crafted_against = [self._pretrained(name, SUBSTITUTE_SEED, "substitute") for name in config.substitutes]
+        self.crafted_against = self.crafted_against or [(self.extractor, self.extractor_path)]
+
+    def _pretrained(self, name: str, seed: int, tag: str) -> tuple[Classifier, Path]:
+        """A `name` network pretrained on the pretraining split (cached: trained once), in eval mode, and its path."""
         models = ModelCache(
-            cache,
-            config.extractor,
+            self.cache,
+            name,
             {},
-            TrainConfig(epochs=config.extractor_epochs),
-            train.num_classes,
-            train.image_size,
-            *channel_stats(self.pretrain),
+            TrainConfig(epochs=self.config.extractor_epochs),
+            self.pretrain.num_classes,
+            self.pretrain.image_size,
+            *self.pretrain_stats,
             self.device,
             self.amp,
             progress=False,
         )
-        self.extractor, _ = models.trained(self.pretrain, EXTRACTOR_SEED, "extractor")
-        self.extractor.to(self.device).eval()
-        self.extractor_path = models.path(self.pretrain, EXTRACTOR_SEED, "extractor")
+        model, _ = models.trained(self.pretrain, seed, tag)
+        return model.to(self.device).eval(), models.path(self.pretrain, seed, tag)
 
     def setup(self, key: int) -> PoisonSetup:
         return choose_setup(key, self.finetune, self.test, self.config.poisons / len(self.finetune))
@@ -186,14 +198,15 @@ class TransferSetting:
     def poisons(self, setup: PoisonSetup) -> PoisonSet:
         """The key's poisons from the cache, or crafted against the extractor and cached."""
         identity = [self.config.attack, self.config.eps, setup.key, options_identity(self.options)]
-        name = f"poisons-{self.config.attack}-transfer-key{setup.key}-eps{self.config.eps:g}"
-        path = self.cache / f"{name}-{stable_hash(*identity, self.extractor_path.stem)}.npz"
+        threat = "-black-box" if self.config.substitutes else ""
+        name = f"poisons-{self.config.attack}-transfer{threat}-key{setup.key}-eps{self.config.eps:g}"
+        path = self.cache / f"{name}-{stable_hash(*identity, *(p.stem for _, p in self.crafted_against))}.npz"
         if path.exists():
             return load_poisons(path, setup)
         target = self.test.load_image(setup.target_index)
         poisons = craft(
             self.config.attack,
-            [self.extractor],
+            [model for model, _ in self.crafted_against],
             self.finetune,
             target,
             setup,

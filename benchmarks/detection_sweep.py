@@ -6,7 +6,8 @@ For each key whose poisons are cached: the default `sanitize scan` of the poison
 evaluation's `scan` arm uses), then, on its proxy's embeddings, every baseline detector and knn_density in each
 embedding space and at several neighbourhood sizes (below and above the poison group, docs/protocol.md's design note).
 With --proxy-epochs, proxies trained for other lengths are scanned too, and with --proxy-sides proxies that see
-the images resized (the trade-off of a proxy trained at reduced resolution on large images). Reports flagged fraction, precision, recall
+the images resized (the trade-off of a proxy trained at reduced resolution on large images), and with
+--proxy-schedules proxies trained with another learning-rate schedule (onecycle). Reports flagged fraction, precision, recall
 and AUROC against the true poisons (knn_density also at z cut-offs 2.5 and 3.0 besides its default 3.5), and which
 poisons were caught: each poison's pull on the target (its gradient on the clean surrogate projected on the target's
 adversarial gradient, the quantity crafting raises) picks the carriers, the fewest poisons holding half the total
@@ -20,6 +21,7 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -164,15 +166,26 @@ def downsampled(data: ArrayDataset, side: int) -> ArrayDataset:
     return from_arrays(images, data.labels, data.classes, f"{data.source} at {side} px", ids=list(data.ids))
 
 
-def proxy_scan_dir(harness: Harness, data, proxy: tuple[str, int, int | None]) -> Path:
-    """The scan of `data` with a proxy (model, epochs, side: None for the data's own); the default proxy's is the
-    evaluation's cached scan."""
-    model, proxy_epochs, side = proxy
+class Proxy(NamedTuple):
+    """A proxy the sweep scans with: its model, epochs, the side it sees the images at (None: their own) and its
+    learning-rate schedule."""
+
+    model: str
+    epochs: int
+    side: int | None
+    schedule: str
+
+
+def proxy_scan_dir(harness: Harness, data, proxy: Proxy) -> Path:
+    """The scan of `data` with a proxy; the default proxy's is the evaluation's cached scan."""
+    model, proxy_epochs, side, schedule = proxy
     scan_dir = harness.scan_dir(data) / "knn_density"
     if proxy_epochs != ScanConfig().train.epochs:
         scan_dir = scan_dir.with_name(f"knn_density-proxy{proxy_epochs}")
     if model != default_model_name(data.image_size):
         scan_dir = scan_dir.with_name(f"{scan_dir.name}-{model}")
+    if schedule != ScanConfig().train.schedule:
+        scan_dir = scan_dir.with_name(f"{scan_dir.name}-{schedule}")
     if side is not None:
         scan_dir = scan_dir.with_name(f"{scan_dir.name}-side{side}")
         if (scan_dir / "summary.json").exists():
@@ -183,6 +196,7 @@ def proxy_scan_dir(harness: Harness, data, proxy: tuple[str, int, int | None]) -
         scan_dir,
         model=model,
         epochs=proxy_epochs,
+        schedule=schedule,
         quiet=True,
         device=harness.config.device,
         precision=harness.config.precision,
@@ -190,22 +204,28 @@ def proxy_scan_dir(harness: Harness, data, proxy: tuple[str, int, int | None]) -
     return scan_dir
 
 
-def proxies(args, harness: Harness) -> list[tuple[str, int, int | None]]:
-    """Every (proxy model, proxy epochs, side) the sweep scans with; auto is the architecture the scan resolves it
-    to, side None the data's own."""
+def proxies(args, harness: Harness) -> list[Proxy]:
+    """Every proxy the sweep scans with; auto is the architecture the scan resolves it to."""
     models = [resolve_model_name(m, harness.train.image_size) for m in args.proxy_models.split(",")]
     sides = [None if s == "native" else int(s) for s in args.proxy_sides.split(",")]
-    return [(m, int(e), side) for m in models for e in args.proxy_epochs.split(",") for side in sides]
+    return [
+        Proxy(m, int(e), side, schedule)
+        for m in models
+        for e in args.proxy_epochs.split(",")
+        for side in sides
+        for schedule in args.proxy_schedules.split(",")
+    ]
 
 
-def proxy_identity(proxy: tuple[str, int, int | None]) -> dict:
+def proxy_identity(proxy: Proxy) -> dict:
     """Rows name the proxy's epochs, its model unless it is the ConvNet (the default proxy of every row that names
-    none: rows from before 2026-12-02 named only other proxies) and its side unless it is the data's own."""
-    model, epochs, side = proxy
+    none: rows from before 2026-12-02 named only other proxies), its side unless it is the data's own and its
+    schedule unless it is step decay (rows from before 2026-12-03)."""
     return (
-        {"proxy_epochs": epochs}
-        | ({"proxy_model": model} if model != "convnet" else {})
-        | ({"proxy_side": side} if side is not None else {})
+        {"proxy_epochs": proxy.epochs}
+        | ({"proxy_model": proxy.model} if proxy.model != "convnet" else {})
+        | ({"proxy_side": proxy.side} if proxy.side is not None else {})
+        | ({"proxy_schedule": proxy.schedule} if proxy.schedule != "step" else {})
     )
 
 
@@ -227,6 +247,7 @@ def row_identity(row: dict) -> str:
             row["proxy_epochs"],
             row.get("proxy_model"),
             row.get("proxy_side"),
+            row.get("proxy_schedule"),
             row["detector"],
             row["options"],
             row.get("poisons_sha256"),
@@ -315,6 +336,11 @@ def main() -> None:
         help="Comma-separated sides the proxy sees the images at (native: their own), as with a folder's --image-size.",
     )
     parser.add_argument(
+        "--proxy-schedules",
+        default=ScanConfig().train.schedule,
+        help="Comma-separated learning-rate schedules of the proxies (sanitize scan --schedule: step, onecycle).",
+    )
+    parser.add_argument(
         "--clean", action="store_true", help="Also scan the clean subset: what each variant flags without poisons."
     )
     parser.add_argument(
@@ -344,7 +370,7 @@ def main() -> None:
             print(f"key {key}: no cached poisons, skipped")
             continue
         poisoned = harness.data_for("undefended", poisons)
-        if any(side is None for _, _, side in swept_proxies):
+        if any(proxy.side is None for proxy in swept_proxies):
             harness.filtered(poisoned, "scan", setup)  # the default scan: proxy + embeddings, cached
         pull = poison_pulls(harness, setup, poisoned)
         carriers = pull_carriers(pull)
@@ -395,6 +421,7 @@ def proxy_cell(row: dict) -> str:
         f"{row['proxy_epochs']}"
         + (f" ({row['proxy_model']})" if row.get("proxy_model") else "")
         + (f" at {row['proxy_side']} px" if row.get("proxy_side") else "")
+        + (f", {row['proxy_schedule']}" if row.get("proxy_schedule") else "")
     )
 
 
@@ -411,6 +438,7 @@ def variant_label(detector: str, options: dict, row: dict, default_proxy: str) -
         and row["proxy_epochs"] == ScanConfig().train.epochs
         and row.get("proxy_model", "convnet") == default_proxy
         and not row.get("proxy_side")
+        and not row.get("proxy_schedule")
     )
     return f"**{label} = current default**" if is_current else label
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from sanitize.config import DECODED_CACHE_MODES, RobustConfig, ScanConfig, TrainConfig
+from sanitize.config import DECODED_CACHE_MODES, SCHEDULES, RobustConfig, ScanConfig, TrainConfig
 from sanitize.detectors import EMBEDDINGS, list_detectors
 from sanitize.detectors.epic import EpicOptions
 from sanitize.detectors.knn_density import ALARM_RULES, ALARM_TESTS, KnnDensityOptions
@@ -58,6 +58,10 @@ def choice(values, kind: str = "value") -> Choice:
 DEFAULTS = ScanConfig()
 KNN = KnnDensityOptions()  # the default detector's own defaults
 TRAIN_DEFAULTS = TrainConfig()
+SCHEDULE_HELP = (
+    "learning rate: step decay x0.1 at 3/8, 5/8 and 7/8 of the epochs, or onecycle (a linear rise over the first "
+    "quarter to the rate, then a linear fall to 0)."
+)
 # options every command that trains or crafts takes alike
 device_option = click.option(
     "--device", type=Device(), default=DEFAULTS.device, show_default=True, help="auto: CUDA when present, else the CPU."
@@ -149,6 +153,13 @@ def scan_options(fn: Callable) -> Callable:
             help="Load these weights instead of training a proxy.",
         ),
         click.option(
+            "--held-out-checkpoint",
+            is_flag=True,
+            default=DEFAULTS.held_out_checkpoint,
+            help="The --checkpoint never trained on DATA (e.g. the network you will fine-tune): also flag the labels "
+            "it confidently contradicts (knn_density's label check).",
+        ),
+        click.option(
             "--epochs", type=int, default=DEFAULTS.train.epochs, show_default=True, help="Proxy training epochs."
         ),
         click.option(
@@ -157,6 +168,13 @@ def scan_options(fn: Callable) -> Callable:
             default=TRAIN_DEFAULTS.batch_size,
             show_default=True,
             help="Proxy training batch size.",
+        ),
+        click.option(
+            "--schedule",
+            type=choice(list(SCHEDULES), "schedule"),
+            default=DEFAULTS.train.schedule,
+            show_default=True,
+            help=f"Proxy {SCHEDULE_HELP}",
         ),
         click.option(
             "--augment/--no-augment",
@@ -501,7 +519,14 @@ def demo(out: Path, quiet: bool) -> None:
     type=float,
     default=TRAIN_DEFAULTS.lr,
     show_default=True,
-    help="Initial learning rate (SGD with Nesterov momentum, step decay).",
+    help="Initial learning rate (SGD with Nesterov momentum), the peak under --schedule onecycle.",
+)
+@click.option(
+    "--schedule",
+    type=choice(list(SCHEDULES), "schedule"),
+    default=TRAIN_DEFAULTS.schedule,
+    show_default=True,
+    help=SCHEDULE_HELP[0].upper() + SCHEDULE_HELP[1:],
 )
 @click.option(
     "--augment/--no-augment",
@@ -912,7 +937,14 @@ def evaluate(
     "--arms",
     default="clean,undefended,random-noise",
     show_default=True,
-    help="Comma-separated: clean, undefended, random-noise, scan, scan-extractor, deep_knn-extractor.",
+    help="Comma-separated: clean, undefended, random-noise, scan, scan-extractor, scan-held-out-extractor, "
+    "deep_knn-extractor.",
+)
+@click.option(
+    "--substitutes",
+    default="",
+    help="Black-box: comma-separated architectures the attacker pretrains on the same data (another seed) and crafts "
+    "against, instead of the victims' extractor (white-box, the default).",
 )
 @override_craft_options
 @click.option(
@@ -936,6 +968,7 @@ def evaluate_transfer(
     eps: float,
     poisons: int,
     arms: str,
+    substitutes: str,
     craft_options: tuple[str, ...],
     cache: str | None,
     out: Path,
@@ -956,6 +989,7 @@ def evaluate_transfer(
         eps=eps,
         poisons=poisons,
         arms=tuple(a.strip() for a in arms.split(",")),
+        substitutes=tuple(name.strip() for name in substitutes.split(",") if name.strip()),
         craft_options=dict(parse_option(attack_name, text) for text in craft_options),
         device=device,
         cache=cache,

@@ -10,7 +10,6 @@ data, model, recipe and seed (no N x C array in memory; a finished fold is marke
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -56,7 +55,7 @@ def out_of_fold_logits(
 ) -> np.ndarray:
     """(N, C) float32 logits, memory-mapped read-only, row i from the proxy trained without example i's fold."""
     fold = fold_assignment(dataset.labels, folds, seed)
-    identity = f"{dataset.fingerprint}|{model_name}|{json.dumps(dataclasses.asdict(recipe), sort_keys=True)}|{seed}"
+    identity = f"{dataset.fingerprint}|{model_name}|{json.dumps(recipe.identity(), sort_keys=True)}|{seed}"
     name = f"logits-{folds}folds-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.npy"

@@ -238,6 +238,8 @@ def run_scan(data: str | os.PathLike | ImageDataset, out: str | os.PathLike, con
                 world=world,
             )
         embeddings = dataclasses.replace(embeddings, out_of_fold_logits=logits)
+    if config.held_out_checkpoint:
+        embeddings = dataclasses.replace(embeddings, out_of_fold_logits=embeddings.logits)
     kept_decoded = dataset
     if isinstance(dataset, EncodedDataset):
         # files that passed the header check but did not decode: every pass so far saw them black; from here on they

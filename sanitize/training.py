@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import sys
@@ -108,6 +107,23 @@ def milestone_epochs(config: TrainConfig) -> list[int]:
     return sorted({max(1, round(f * config.epochs)) for f in config.milestones})
 
 
+ONE_CYCLE_PEAK = 0.25  # the share of training over which the one-cycle rate rises to its peak
+
+
+def learning_rate(config: TrainConfig, progress: float) -> float:
+    """The recipe's rate `progress` epochs into training (fractional within an epoch). Step decay multiplies by gamma
+    at each milestone passed, as torch's MultiStepLR does epoch by epoch; one-cycle is a triangle peaking at lr."""
+    if config.schedule == "onecycle":
+        peak = ONE_CYCLE_PEAK * config.epochs
+        rising = progress / peak if progress < peak else (config.epochs - progress) / (config.epochs - peak)
+        return config.lr * max(0.0, rising)
+    lr = config.lr
+    for milestone in milestone_epochs(config):
+        if int(progress) >= milestone:
+            lr *= config.gamma
+    return lr
+
+
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """torch.save through a temporary file and a rename, so a kill never leaves half a checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
@@ -179,7 +195,6 @@ def train_model(
     )
     batch_size = max(1, config.batch_size // world.world_size)
     optimizer = recipe_optimizer(model.parameters(), config)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestone_epochs(config), gamma=config.gamma)
     history: list[dict[str, float]] = []
     indices = np.asarray(indices, dtype=np.int64)
     start_epoch = 0
@@ -188,7 +203,6 @@ def train_model(
         if state.get("meta") == (meta or {}):
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
             history, start_epoch = state["history"], state["epoch"]
             indices = state["indices"].numpy()
             if progress and world.is_main:
@@ -232,6 +246,8 @@ def train_model(
             if config.augment:
                 x = random_crop_flip(x, generator)
             y = labels.to(device, non_blocking=True)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, epoch + (batch + 0.5) / per_epoch)
             with autocast(device, amp_dtype):
                 logits = net(x)
                 loss = F.cross_entropy(logits.float(), y)
@@ -241,7 +257,6 @@ def train_model(
             loss_sum += float(loss.detach()) * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
-        scheduler.step()
         loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], world)
         if after_epoch is not None:
             indices = np.asarray(after_epoch(epoch, model, indices), dtype=np.int64)
@@ -260,7 +275,6 @@ def train_model(
                 {
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
                     "history": history,
                     "epoch": epoch + 1,
                     "indices": torch.from_numpy(indices),
@@ -336,7 +350,7 @@ def train_from_scratch(
     meta = {
         "fingerprint": dataset.fingerprint,
         "model": model_name,
-        "train": json.dumps(dataclasses.asdict(recipe), sort_keys=True),
+        "train": json.dumps(recipe.identity(), sort_keys=True),
         "seed": str(seed),
     } | (extra_meta or {})
     history = train_model(

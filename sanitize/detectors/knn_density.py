@@ -42,7 +42,7 @@ FLAG_REASONS = {
     WHY_TOO_EASY: "isolated and too easy for the proxy",
     WHY_ALARM_HARD: "isolated and hard, in an alarmed class",
     WHY_ALARM_MISASSIGNED: "given another class by the proxy, in an alarmed class",
-    WHY_LABEL: "its label contradicted by proxies that never saw it",
+    WHY_LABEL: "its label contradicted by a model that never saw it",
 }
 
 
@@ -171,7 +171,9 @@ def with_label_issues(detection: Detection, logits: np.ndarray, labels: np.ndarr
     scores = np.where(issues, np.maximum(detection.scores, threshold + (1 - threshold) * margin), detection.scores)
     why = detection.arrays["flag_reason"]
     arrays = detection.arrays | {"flag_reason": np.where(issues & (why == 0), WHY_LABEL, why).astype(np.int8)}
-    summary = detection.summary | {"label_check": {"issues": int(issues.sum()), "thresholds": "per class, out of fold"}}
+    summary = detection.summary | {
+        "label_check": {"issues": int(issues.sum()), "thresholds": "per class, out of sample"}
+    }
     return Detection(scores=scores, flags=detection.flags | issues, summary=summary, arrays=arrays)
 
 

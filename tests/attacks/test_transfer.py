@@ -56,20 +56,38 @@ def test_the_scan_arms_fine_tune_on_what_the_scan_kept_with_either_proxy_and_dee
     options |= {
         "finetune_epochs": 3,
         "craft_options": {"iterations": 5},
-        "arms": ("undefended", "scan", "scan-extractor", "deep_knn-extractor"),
+        "arms": ("undefended", "scan", "scan-extractor", "scan-held-out-extractor", "deep_knn-extractor"),
     }
     rows, out = digits_transfer(**options)
     scanned = {r["arm"]: r for r in rows if r["arm"] != "undefended"}
-    assert set(scanned) == {"scan", "scan-extractor", "deep_knn-extractor"}
+    assert set(scanned) == {"scan", "scan-extractor", "scan-held-out-extractor", "deep_knn-extractor"}
     for row in scanned.values():
         assert row["train_size"] == 200 and row["poisons_sha256"] == rows[0]["poisons_sha256"]
         assert row["auroc"] is not None and row["seconds"]["scan"] > 0
-    assert sorted(p.name.split("-")[0] for p in (out / "cache" / "scans").iterdir()) == [
+    assert sorted(p.name.rsplit("-", 1)[0] for p in (out / "cache" / "scans").iterdir()) == [
         "extractor",
-        "extractor",
+        "extractor-deep_knn",
+        "extractor-held-out",
         "trained",
     ]
+    held_out, given = scanned["scan-held-out-extractor"], scanned["scan-extractor"]
+    assert held_out["scan_options"]["held_out_checkpoint"] and held_out["dropped_fraction"] >= given["dropped_fraction"]
     assert "Paired with the undefended victims" in (out / "summary.md").read_text()
+
+
+def test_black_box_poisons_are_crafted_against_substitutes_and_kept_apart_from_white_box_ones(digits_transfer):
+    options = {"keys": (0,), "poisons": 3, "extractor_epochs": 2, "pool_per_class": 40, "finetune_per_class": 20}
+    options |= {"finetune_epochs": 3, "craft_options": {"iterations": 5}, "arms": ("clean", "undefended")}
+    white, out = digits_transfer(**options)
+    black, _ = digits_transfer(**options | {"substitutes": ("convnet",)})
+    added = black[len(white) :]
+    assert [r["arm"] for r in added] == ["undefended"]  # the control has no poisons: the white-box run's serves
+    assert added[0]["substitutes"] == ["convnet"] and "substitutes" not in white[1]
+    assert added[0]["poisons_sha256"] != white[1]["poisons_sha256"]
+    cache = out / "cache"
+    assert len(list(cache.glob("substitute-*.pt"))) == 1 and len(list(cache.glob("extractor-*.pt"))) == 1
+    assert len(list(cache.glob("poisons-*-transfer-black-box-key0-*.npz"))) == 1
+    assert "substitutes=convnet" in (out / "summary.md").read_text()
 
 
 def test_the_command_refuses_an_unknown_arm_in_one_line(tmp_path):
@@ -80,3 +98,13 @@ def test_the_command_refuses_an_unknown_arm_in_one_line(tmp_path):
         + ["--arms", "robust", "--out", str(tmp_path / "out")],
     )
     assert result.exit_code == 2 and "unknown transfer arm" in result.output
+
+
+def test_the_command_refuses_an_unknown_substitute_in_one_line(tmp_path):
+    np.savez(tmp_path / "train.npz", x=np.zeros((20, 8, 8, 3), np.uint8), y=np.arange(20) % 2)
+    result = CliRunner().invoke(
+        cli,
+        ["evaluate-transfer", str(tmp_path / "train.npz"), "--test", str(tmp_path / "train.npz")]
+        + ["--substitutes", "vgg", "--out", str(tmp_path / "out")],
+    )
+    assert result.exit_code == 2 and "unknown substitute architecture(s) vgg" in result.output
