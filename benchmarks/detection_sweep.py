@@ -361,9 +361,9 @@ def main() -> None:
     rows_path = args.out / "detection.jsonl"
     if args.clean:
         clean_rows(harness, args, rows_path)
-    done = done_rows(rows_path)
     swept_proxies = proxies(args, harness)
     for key in (int(k) for k in args.keys.split(",")):
+        done = done_rows(rows_path)  # read per key: another sweep may have written this key's rows meanwhile
         setup = choose_setup(key, harness.train, harness.test, config.budget)
         poisons = harness.stored_poisons(setup)
         if poisons is None:
