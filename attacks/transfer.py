@@ -172,8 +172,8 @@ class TransferSetting:
         self.pretrain_stats = channel_stats(self.pretrain)
         self.extractor, self.extractor_path = self._pretrained(config.extractor, EXTRACTOR_SEED, "extractor")
         # what the attacker crafts against: the extractor itself (white-box) or its substitutes (black-box)
-        self.crafted_against = [self._pretrained(name, SUBSTITUTE_SEED, "substitute") for name in config.substitutes]
-        self.crafted_against = self.crafted_against or [(self.extractor, self.extractor_path)]
+        substitutes = [self._pretrained(name, SUBSTITUTE_SEED, "substitute") for name in config.substitutes]
+        self.crafted_against = substitutes or [(self.extractor, self.extractor_path)]
 
     def _pretrained(self, name: str, seed: int, tag: str) -> tuple[Classifier, Path]:
         """A `name` network pretrained on the pretraining split (cached: trained once), in eval mode, and its path."""

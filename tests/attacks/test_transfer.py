@@ -90,21 +90,18 @@ def test_black_box_poisons_are_crafted_against_substitutes_and_kept_apart_from_w
     assert "substitutes=convnet" in (out / "summary.md").read_text()
 
 
-def test_the_command_refuses_an_unknown_arm_in_one_line(tmp_path):
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--arms", "robust"], "unknown transfer arm"),
+        (["--substitutes", "vgg"], "unknown substitute architecture(s) vgg"),
+    ],
+)
+def test_the_command_refuses_an_unknown_arm_or_substitute_in_one_line(tmp_path, option, message):
     np.savez(tmp_path / "train.npz", x=np.zeros((20, 8, 8, 3), np.uint8), y=np.arange(20) % 2)
     result = CliRunner().invoke(
         cli,
         ["evaluate-transfer", str(tmp_path / "train.npz"), "--test", str(tmp_path / "train.npz")]
-        + ["--arms", "robust", "--out", str(tmp_path / "out")],
+        + [*option, "--out", str(tmp_path / "out")],
     )
-    assert result.exit_code == 2 and "unknown transfer arm" in result.output
-
-
-def test_the_command_refuses_an_unknown_substitute_in_one_line(tmp_path):
-    np.savez(tmp_path / "train.npz", x=np.zeros((20, 8, 8, 3), np.uint8), y=np.arange(20) % 2)
-    result = CliRunner().invoke(
-        cli,
-        ["evaluate-transfer", str(tmp_path / "train.npz"), "--test", str(tmp_path / "train.npz")]
-        + ["--substitutes", "vgg", "--out", str(tmp_path / "out")],
-    )
-    assert result.exit_code == 2 and "unknown substitute architecture(s) vgg" in result.output
+    assert result.exit_code == 2 and message in result.output
