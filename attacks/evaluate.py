@@ -25,6 +25,7 @@ from attacks.arms import (
 )
 from attacks.base import choose_setup
 from attacks.experiment import Harness
+from attacks.rows import robust_changes
 from attacks.scales import EvaluationConfig
 from attacks.selection import select_poisons
 from attacks.summary import aggregate
@@ -45,6 +46,7 @@ def run_evaluation(
     out.mkdir(parents=True, exist_ok=True)
     harness = Harness(Path(train_path), Path(test_path), out, config, progress)
     done = harness.done()
+    robust_options = robust_changes(harness.models.robust_config)
     surrogate_models = None
     for key in config.keys:
         setup = choose_setup(key, harness.train, harness.test, config.budget)
@@ -107,6 +109,7 @@ def run_evaluation(
                     "success": measured["target_pred"] == setup.intended_class,
                     **measured,
                     **defense,
+                    **({"robust_options": robust_options} if robust and robust_options else {}),
                     "poisons_sha256": poisons.digest() if poisons is not None and arm not in UNPOISONED_ARMS else None,
                     "model": harness.scale.model,
                     "train_size": len(harness.train),

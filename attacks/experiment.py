@@ -13,11 +13,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from attacks.arms import CONTROL_ARMS, SCANNED_ARMS, UNPOISONED_ARMS, poison_truth, told_count
+from attacks.arms import CONTROL_ARMS, ROBUST_ARMS, SCANNED_ARMS, UNPOISONED_ARMS, poison_truth, told_count
 from attacks.base import PoisonSet, PoisonSetup, load_poisons, save_poisons
 from attacks.carriers import poison_pull, pull_carriers
 from attacks.crafting import craft, options_identity
-from attacks.rows import default_scan_options, defense_key, read_rows, recorded_scan_options
+from attacks.rows import (
+    default_scan_options,
+    defense_key,
+    read_rows,
+    recorded_scan_options,
+    robust_changes,
+    robust_key,
+    row_defense,
+)
 from attacks.scales import EvaluationConfig, class_balanced_subset
 from attacks.surrogates import SURROGATE_SEED, surrogates
 from attacks.trained import Cost, ModelCache, stable_hash
@@ -37,6 +45,7 @@ class Harness:
     def __init__(self, train_path: Path, test_path: Path, out: Path, config: EvaluationConfig, progress: bool = True):
         self.config, self.progress, self.out = config, progress, out
         self.scale, self.recipe, self.craft_config = config.resolved()
+        robust_config = config.robust_config()  # a bad option fails here, before the data is read
         self.train = class_balanced_subset(
             open_dataset(train_path, progress=progress), self.scale.per_class, config.subset_seed
         )
@@ -62,6 +71,7 @@ class Harness:
             self.device,
             self.amp,
             progress,
+            robust_config,
         )
 
     def surrogates(self) -> tuple[list[Classifier], Cost]:
@@ -192,15 +202,18 @@ class Harness:
             dropped[np.random.default_rng([setup.key, 31]).choice(len(poisoned), count, replace=False)] = True
         return poisoned.subset(np.flatnonzero(~dropped)), dropped, flag_metrics(dropped, None, truth)
 
-    def defense(self, arm: str, setup: PoisonSetup) -> str | None:
-        """What makes a detector arm's rows this arm's under today's defaults (None for the other arms): a row scanned with
-        other options (an older default) is another variant of the arm, trained again rather than counted as done."""
-        if arm not in SCANNED_ARMS:
-            return None
-        detector = SCANNED_ARMS[arm]
-        variant = self.config.scan_options if detector == "knn_density" else {}
-        told = told_count(detector, setup)
-        return defense_key(default_scan_options(detector, told, self.train.image_size, **variant))
+    def defense(self, arm: str, setup: PoisonSetup) -> tuple[str | None, str | None]:
+        """What makes a defended arm's rows this arm's under today's defaults and this run's options: (the scan's
+        `defense_key`, None but for detector arms; robust training's `robust_key`, None but for robust arms). A row
+        scanned or trained with other options (an older default, a variant) is another variant of the arm, trained
+        again rather than counted as done."""
+        scanned = None
+        if arm in SCANNED_ARMS:
+            detector = SCANNED_ARMS[arm]
+            variant = self.config.scan_options if detector == "knn_density" else {}
+            told = told_count(detector, setup)
+            scanned = defense_key(default_scan_options(detector, told, self.train.image_size, **variant))
+        return scanned, robust_key(robust_changes(self.models.robust_config)) if arm in ROBUST_ARMS else None
 
     def carriers(self, setup: PoisonSetup, poisoned: ArrayDataset, surrogate: Classifier) -> np.ndarray:
         """Mask over the poisons (in setup order): the carriers, the fewest poisons holding half of the pull on the
@@ -229,11 +242,11 @@ class Harness:
     def measure(self, model: Classifier, setup: PoisonSetup) -> dict[str, Any]:
         return measure_victim(model, self.test, setup, self.device, self.amp)
 
-    def done(self) -> dict[tuple, set[tuple[str | None, str | None]]]:
+    def done(self) -> dict[tuple, set[tuple[str | None, tuple]]]:
         """Per (attack, eps, budget, key, arm, seed, scale, model, epochs): (the digest of the poisons, the defense) of
         its rows: the digest None for the controls and for rows written before rows named their poisons, the defense
-        None but for detector arms (`defense_key`)."""
-        finished: dict[tuple, set[tuple[str | None, str | None]]] = {}
+        as `defense` gives it (`attacks.rows.row_defense`)."""
+        finished: dict[tuple, set[tuple[str | None, tuple]]] = {}
         for r in read_rows(self.out) if self.results.exists() else []:
             identity = (
                 r["attack"],
@@ -246,12 +259,11 @@ class Harness:
                 r["model"],
                 r["epochs"],
             )
-            defense = defense_key(r.get("scan_options")) if r["arm"] in SCANNED_ARMS else None
-            finished.setdefault(identity, set()).add((r.get("poisons_sha256"), defense))
+            finished.setdefault(identity, set()).add((r.get("poisons_sha256"), row_defense(r)))
         return finished
 
     def plan(
-        self, key: int, done: dict[tuple, set[tuple[str | None, str | None]]], digest: str | None, setup: PoisonSetup
+        self, key: int, done: dict[tuple, set[tuple[str | None, tuple]]], digest: str | None, setup: PoisonSetup
     ) -> list[tuple[str, int]]:
         """The (arm, seed) victims still to train for `key` on the poisons named `digest` (None: not crafted yet).
 

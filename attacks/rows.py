@@ -1,6 +1,7 @@
 """Rows of results.jsonl: reading them, and reading rows written by older versions the way they were meant, in one
 place. A detector arm's row records the scan options that made its flags (`recorded_scan_options`); rows scanned under
-another default than today's are another variant of their arm (`defense_variant`), never mixed with today's. Rows
+another default than today's, and robust arms' rows trained with other settings (`robust_options`), are another
+variant of their arm (`defense_variant`), never mixed with today's. Rows
 whose poisons were crafted with other options than their scale's (the adaptive attacker's weights, an ensemble) are
 another variant of the attack (`attack_variant`), whatever their arm."""
 
@@ -11,10 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from attacks.arms import SCANNED_ARMS
+from attacks.arms import ROBUST_ARMS, SCANNED_ARMS
 from attacks.registry import attack_options
 from attacks.scales import SCALES
-from sanitize.config import ScanConfig
+from sanitize.config import RobustConfig, ScanConfig
 from sanitize.detectors.epic import EpicOptions
 from sanitize.detectors.knn_density import KnnDensityOptions
 from sanitize.errors import SanitizeError
@@ -112,6 +113,25 @@ def defense_key(scan_options: dict[str, Any] | None) -> str:
     return "unrecorded" if scan_options is None else json.dumps(defense_options(scan_options), sort_keys=True)
 
 
+def robust_changes(config: RobustConfig) -> dict[str, Any]:
+    """Robust training's settings that differ from `sanitize train --robust`'s defaults: what a robust arm's row
+    records (`robust_options`, only when there are any: a row without them trained with the defaults)."""
+    default = dataclasses.asdict(RobustConfig())
+    return {name: value for name, value in dataclasses.asdict(config).items() if default[name] != value}
+
+
+def robust_key(changes: dict[str, Any] | None) -> str:
+    """A robust arm's training settings as one comparable string (the defaults for rows that record none)."""
+    return json.dumps(changes or {}, sort_keys=True)
+
+
+def row_defense(row: dict[str, Any]) -> tuple[str | None, str | None]:
+    """A row's defense as `Harness.defense` names an arm's: the scan's key for detector arms, robust training's for
+    robust arms, None for what the arm does not have."""
+    scanned = defense_key(row.get("scan_options")) if row["arm"] in SCANNED_ARMS else None
+    return scanned, robust_key(row.get("robust_options")) if row["arm"] in ROBUST_ARMS else None
+
+
 def attack_changes(row: dict[str, Any]) -> dict[str, Any]:
     """How a row's poisons were crafted, as the options that differ from its scale's defaults for its attack (none for
     rows without poisons and for rows of other settings than the scales'). An option a row does not record (older
@@ -139,14 +159,15 @@ def variant(row: dict[str, Any]) -> str:
 
 
 def defense_variant(row: dict[str, Any]) -> str:
-    """How a detector arm's row was scanned, as the options that differ from today's defaults ("" when none do, and
-    for the other arms), so that aggregate keeps rows scanned under an older default apart from the current arm."""
+    """How a defended arm's row was scanned and robustly trained, as the options that differ from today's defaults
+    ("" when none do, and for the other arms; robust training's prefixed `robust `), so that aggregate keeps rows
+    scanned under an older default, or trained with another cap, apart from the current arm."""
+    robust = [f"robust {name}={value}" for name, value in (row.get("robust_options") or {}).items()]
     if row["arm"] not in SCANNED_ARMS:
-        return ""
+        return ", ".join(robust)
     recorded = row.get("scan_options")
     if recorded is None:
-        return "scan options not recorded"
+        return ", ".join(["scan options not recorded", *robust])
     current = defense_options(default_scan_options(recorded["detector"], recorded["expected_poisons"]))
-    return ", ".join(
-        f"{name}={value}" for name, value in defense_options(recorded).items() if current.get(name) != value
-    )
+    changed = [f"{name}={value}" for name, value in defense_options(recorded).items() if current.get(name) != value]
+    return ", ".join(changed + robust)

@@ -12,7 +12,7 @@ import numpy as np
 
 from attacks.arms import ARMS, CONTROL_ARMS
 from attacks.registry import attack_options
-from sanitize.config import TrainConfig
+from sanitize.config import FitConfig, RobustConfig, TrainConfig
 from sanitize.data import ImageDataset
 from sanitize.data.arrays import ArrayDataset
 from sanitize.errors import SanitizeError
@@ -69,6 +69,9 @@ class EvaluationConfig:
     craft_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     # the scan arm's options where they differ from `sanitize scan`'s defaults (a variant of the arm, on tuning keys)
     scan_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # robust training's options where they differ from `sanitize train --robust`'s defaults (a variant of the robust
+    # arms, on tuning keys)
+    robust_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     device: str = "auto"
     precision: str = "auto"
     subset_seed: int = 0
@@ -98,6 +101,24 @@ class EvaluationConfig:
         options.update({k: v for k, v in (("restarts", self.restarts), ("iterations", self.iterations)) if v})
         options.update(self.craft_options)
         return scale, train, attack_options(self.attack, **options)
+
+    def robust_config(self) -> RobustConfig:
+        """The robust arms' settings: `sanitize train --robust`'s defaults with `robust_options`, checked as the
+        command checks them."""
+        names = [f.name for f in dataclasses.fields(RobustConfig)]
+        unknown = set(self.robust_options) - set(names)
+        if unknown:
+            raise SanitizeError(
+                f"unknown robust option(s) {', '.join(sorted(unknown))}; choose from {', '.join(names)}"
+            )
+        for name, value in self.robust_options.items():
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                and not (name == "every" and value is None)
+            ):
+                raise SanitizeError(f"robust option {name} takes a number, not {value!r}")
+        return FitConfig.from_options(**self.robust_options).epic
 
 
 def class_balanced_subset(dataset: ImageDataset, per_class: int | None, seed: int) -> ArrayDataset:

@@ -53,6 +53,7 @@ class ModelCache:
     device: torch.device
     amp: torch.dtype | None
     progress: bool = True
+    robust_config: RobustConfig = dataclasses.field(default_factory=RobustConfig)  # robust training's settings
 
     def new_model(self, seed: int) -> Classifier:
         torch.manual_seed(seed)
@@ -65,7 +66,7 @@ class ModelCache:
         (.drop_log.json)."""
         parts = [data.fingerprint, self.model, self.model_kwargs, self.recipe.identity(), seed]
         if robust:
-            parts.append(dataclasses.asdict(RobustConfig()))
+            parts.append(dataclasses.asdict(self.robust_config))
         return self.directory / f"{tag}-{stable_hash(*parts)}.pt"
 
     def trained(self, data: ImageDataset, seed: int, tag: str, robust: bool = False) -> tuple[Classifier, Cost]:
@@ -85,7 +86,7 @@ class ModelCache:
         if robust:
             drop_log = final.with_suffix(".drop_log.json")
             last = max(milestone_epochs(recipe))
-            dropper = EpicDropper(data, RobustConfig(), recipe.epochs, last, drop_log, self.device, self.amp)
+            dropper = EpicDropper(data, self.robust_config, recipe.epochs, last, drop_log, self.device, self.amp)
         history = train_model(
             model,
             data,

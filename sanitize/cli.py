@@ -650,16 +650,21 @@ override_craft_options = click.option(
 )
 
 
-def parse_scan_option(text: str) -> tuple[str, Any]:
-    """'class_alarm_p=0.1' -> ('class_alarm_p', 0.1): the value as JSON where it parses (numbers, true/false), else
-    the text; the name is checked against the scan's options."""
+def parse_name_value(text: str, option: str) -> tuple[str, Any]:
+    """'class_alarm_p=0.1' -> ('class_alarm_p', 0.1): the value as JSON where it parses (numbers, true/false, null),
+    else the text."""
     name, sep, value = text.partition("=")
     if not sep or not name:
-        raise SanitizeError(f"--scan-option takes NAME=VALUE, not {text!r}")
+        raise SanitizeError(f"{option} takes NAME=VALUE, not {text!r}")
     try:
-        parsed = json.loads(value)
+        return name, json.loads(value)
     except ValueError:
-        parsed = value
+        return name, value
+
+
+def parse_scan_option(text: str) -> tuple[str, Any]:
+    """--scan-option NAME=VALUE, the name checked against the scan's options."""
+    name, parsed = parse_name_value(text, "--scan-option")
     ScanConfig.from_options(**{name: parsed})  # an unknown name or a bad value fails here, before any training
     return name, parsed
 
@@ -842,6 +847,15 @@ def attack(
     "rows record it and summaries keep them apart as a variant of the arm).",
 )
 @click.option(
+    "--robust-option",
+    "robust_options",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="The robust arms' option where it differs from sanitize train --robust's default, e.g. "
+    "max_dropped_fraction=0.05 (repeatable; fraction, every, warmup, max_dropped_fraction; rows record it and "
+    "summaries keep them apart as a variant of the arm).",
+)
+@click.option(
     "--cache",
     type=click.Path(file_okay=False),
     default=None,
@@ -876,6 +890,7 @@ def evaluate(
     surrogates,
     craft_options,
     scan_options,
+    robust_options,
     cache,
     out: Path,
     device: str,
@@ -905,6 +920,7 @@ def evaluate(
         surrogates=surrogates,
         craft_options=dict(parse_option(attack_name, text) for text in craft_options),
         scan_options=dict(parse_scan_option(text) for text in scan_options),
+        robust_options=dict(parse_name_value(text, "--robust-option") for text in robust_options),
         device=device,
         cache=cache,
     )

@@ -444,6 +444,38 @@ def test_a_scan_option_is_a_variant_of_the_scan_arm_recorded_resumed_and_kept_ap
         run_evaluation(train, test, out, EvaluationConfig(**base, scan_options={"nope": 1}), progress=False)
 
 
+def test_a_robust_option_is_a_variant_of_the_robust_arm_recorded_resumed_and_kept_apart(tmp_path, split_npz):
+    train, test = split_npz
+    base = dict(scale="smoke", keys=(0,), eps=16, budget=0.02, epochs=3, iterations=2, victims=1)
+    base |= {"cache": str(tmp_path / "cache"), "arms": ("undefended", "robust")}
+    out = tmp_path / "eval"
+    capped = {"max_dropped_fraction": 0.02}
+    run_evaluation(train, test, out, EvaluationConfig(**base, robust_options=capped), progress=False)
+    run_evaluation(train, test, out, EvaluationConfig(**base, robust_options=capped), progress=False)  # all done
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["arm"] for r in rows] == ["undefended", "robust"]
+    assert rows[1]["robust_options"] == capped and 0 < rows[1]["dropped_fraction"] <= 0.02
+    named_default = {"max_dropped_fraction": 0.1}  # the default, named: the default arm's row, recorded as such
+    run_evaluation(train, test, out, EvaluationConfig(**base, robust_options=named_default), progress=False)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["arm"] for r in rows] == ["undefended", "robust", "robust"] and "robust_options" not in rows[2]
+    assert rows[2]["dropped_fraction"] > rows[1]["dropped_fraction"]  # the default cap lets more go
+    summary = json.loads((out / "summary.json").read_text())
+    assert {(t["arm"], t["variant"]) for t in summary["table"]} == {
+        ("undefended", "iterations=2"),
+        ("robust", "iterations=2"),
+        ("robust", "iterations=2; robust max_dropped_fraction=0.02"),
+    }
+    for bad, message in (({"epochs": 3}, "unknown robust option"), ({"warmup": "late"}, "takes a number")):
+        with pytest.raises(SanitizeError, match=message):
+            run_evaluation(train, test, out, EvaluationConfig(**base, robust_options=bad), progress=False)
+    result = CliRunner().invoke(
+        cli,
+        ["evaluate", str(train), "--test", str(test), "--robust-option", "fraction=2", "--out", str(tmp_path / "e")],
+    )
+    assert result.exit_code == 2 and "fraction must be in (0, 1]" in result.output, result.output
+
+
 def test_a_detector_that_flags_nothing_reuses_the_undefended_victim(tmp_path, split_npz, monkeypatch):
     train, test = split_npz
 
