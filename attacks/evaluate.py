@@ -41,7 +41,8 @@ def run_evaluation(
     progress: bool = True,
     command: str | None = None,
 ) -> Path:
-    """Train and measure every (key, arm, victim) not yet in OUT/results.jsonl; then aggregate."""
+    """Train and measure every (key, arm, victim) not yet in OUT/results.jsonl; then aggregate. With
+    `config.craft_only`, craft the keys' poisons and stop."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     harness = Harness(Path(train_path), Path(test_path), out, config, progress)
@@ -55,6 +56,12 @@ def run_evaluation(
                 surrogate_models, surrogate_cost = harness.surrogates()
             setup = select_poisons(setup, harness.craft_config.selection, surrogate_models, harness.train)
         stored = harness.stored_poisons(setup)
+        if config.craft_only:  # e.g. tuning keys scanned before any victim is spent on them
+            if stored is None:
+                if surrogate_models is None:
+                    surrogate_models, surrogate_cost = harness.surrogates()
+                harness.poisons(setup, surrogate_models)
+            continue
         todo = harness.plan(key, done, stored.digest() if stored else None, setup)
         if not todo:
             continue
@@ -130,7 +137,8 @@ def run_evaluation(
                 }
             )
             aggregate(out, command)  # after every victim: the summary always matches the rows, mid-run too
-    aggregate(out, command)
+    if not config.craft_only:
+        aggregate(out, command)
     return out
 
 

@@ -72,6 +72,7 @@ class EvaluationConfig:
     # robust training's options where they differ from `sanitize train --robust`'s defaults (a variant of the robust
     # arms, on tuning keys)
     robust_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    craft_only: bool = False  # craft (or find) each key's poisons, cache and publish them, and train no victim
     device: str = "auto"
     precision: str = "auto"
     subset_seed: int = 0

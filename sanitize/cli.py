@@ -856,6 +856,11 @@ def attack(
     "summaries keep them apart as a variant of the arm).",
 )
 @click.option(
+    "--craft-only",
+    is_flag=True,
+    help="Craft (or find) each key's poisons, cache and publish them under OUT/poisons, and train no victim.",
+)
+@click.option(
     "--cache",
     type=click.Path(file_okay=False),
     default=None,
@@ -891,6 +896,7 @@ def evaluate(
     craft_options,
     scan_options,
     robust_options,
+    craft_only,
     cache,
     out: Path,
     device: str,
@@ -921,11 +927,15 @@ def evaluate(
         craft_options=dict(parse_option(attack_name, text) for text in craft_options),
         scan_options=dict(parse_scan_option(text) for text in scan_options),
         robust_options=dict(parse_name_value(text, "--robust-option") for text in robust_options),
+        craft_only=craft_only,
         device=device,
         cache=cache,
     )
     run_evaluation(data, test_data, out, config, progress=not quiet, command="sanitize " + " ".join(sys.argv[1:]))
-    click.echo((out / "summary.md").read_text())
+    if craft_only:
+        click.echo(f"poisons: {out / 'poisons'}")
+    else:
+        click.echo((out / "summary.md").read_text())
 
 
 @cli.command("evaluate-transfer")

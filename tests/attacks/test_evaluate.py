@@ -243,7 +243,25 @@ def test_the_poisons_and_surrogate_are_published_beside_the_results_and_a_run_wi
 ):
     train, test = split_npz
     base = quick_smoke(tmp_path) | dict(arms=("undefended",))
-    out = run_evaluation(train, test, tmp_path / "eval", EvaluationConfig(**base, victims=1), progress=False)
+    out = tmp_path / "eval"
+    smoke = ["--scale", "smoke", "--keys", "0", "--budget", "0.02", "--epochs", "1", "--iterations", "2"]
+    result = CliRunner().invoke(
+        cli,
+        [
+            "evaluate",
+            str(train),
+            "--test",
+            str(test),
+            *smoke,
+            "--cache",
+            base["cache"],
+            "--craft-only",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert not (out / "results.jsonl").exists()  # crafted and published, no victim
     published = list((out / "poisons").glob("poisons-gradient-matching-key0-eps16-*.npz"))
     assert len(published) == 1 and (tmp_path / "cache" / published[0].name).exists()
     surrogates = list((out / "surrogates").glob("surrogate-*.pt"))
