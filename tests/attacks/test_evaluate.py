@@ -56,6 +56,11 @@ def quick_smoke(tmp_path) -> dict:
     return dict(scale="smoke", keys=(0,), eps=16, budget=0.02, epochs=1, iterations=2, cache=str(tmp_path / "cache"))
 
 
+def evaluate_cli(train, test, *args: str):
+    """`sanitize evaluate TRAIN --test TEST ARGS...` through click, as a user runs it."""
+    return CliRunner().invoke(cli, ["evaluate", str(train), "--test", str(test), *args])
+
+
 @pytest.fixture
 def split_npz(tmp_path, digits16):
     x, y = digits16
@@ -245,21 +250,7 @@ def test_the_poisons_and_surrogate_are_published_beside_the_results_and_a_run_wi
     base = quick_smoke(tmp_path) | dict(arms=("undefended",))
     out = tmp_path / "eval"
     smoke = ["--scale", "smoke", "--keys", "0", "--budget", "0.02", "--epochs", "1", "--iterations", "2"]
-    result = CliRunner().invoke(
-        cli,
-        [
-            "evaluate",
-            str(train),
-            "--test",
-            str(test),
-            *smoke,
-            "--cache",
-            base["cache"],
-            "--craft-only",
-            "--out",
-            str(out),
-        ],
-    )
+    result = evaluate_cli(train, test, *smoke, "--cache", base["cache"], "--craft-only", "--out", str(out))
     assert result.exit_code == 0, result.output
     assert not (out / "results.jsonl").exists()  # crafted and published, no victim
     published = list((out / "poisons").glob("poisons-gradient-matching-key0-eps16-*.npz"))
@@ -487,10 +478,7 @@ def test_a_robust_option_is_a_variant_of_the_robust_arm_recorded_resumed_and_kep
     for bad, message in (({"epochs": 3}, "unknown robust option"), ({"warmup": "late"}, "takes a number")):
         with pytest.raises(SanitizeError, match=message):
             run_evaluation(train, test, out, EvaluationConfig(**base, robust_options=bad), progress=False)
-    result = CliRunner().invoke(
-        cli,
-        ["evaluate", str(train), "--test", str(test), "--robust-option", "fraction=2", "--out", str(tmp_path / "e")],
-    )
+    result = evaluate_cli(train, test, "--robust-option", "fraction=2", "--out", str(tmp_path / "e"))
     assert result.exit_code == 2 and "fraction must be in (0, 1]" in result.output, result.output
 
 
@@ -592,13 +580,9 @@ def test_bad_options_are_clear_errors(tmp_path, split_npz, digits_folder):
             train, test, tmp_path / "e", EvaluationConfig(scale="smoke", arms=("clean", "sometimes")), progress=False
         )
     assert parse_keys("0-3,7") == (0, 1, 2, 3, 7)
-    result = CliRunner().invoke(
-        cli, ["evaluate", str(train), "--test", str(test), "--keys", "a-b", "--out", str(tmp_path / "e")]
-    )
+    result = evaluate_cli(train, test, "--keys", "a-b", "--out", str(tmp_path / "e"))
     assert result.exit_code == 2 and "bad --keys" in result.output
-    result = CliRunner().invoke(
-        cli, ["evaluate", str(train), "--test", str(test), "--seeds", "4-x", "--out", str(tmp_path / "e")]
-    )
+    result = evaluate_cli(train, test, "--seeds", "4-x", "--out", str(tmp_path / "e"))
     assert result.exit_code == 2 and "bad --seeds" in result.output
     result = CliRunner().invoke(
         cli, ["attack", str(digits_folder), "--test", str(test), "--out", str(digits_folder / "poisoned")]
@@ -645,40 +629,14 @@ def test_attack_command_writes_a_poisoned_copy(tmp_path, split_npz):
 def test_overrides_reach_the_recipe_and_the_attack_and_are_recorded(tmp_path, split_npz):
     """--no-augment trains surrogate and victims without crop + flip; --craft-option sets the attack's own option."""
     train, test = split_npz
-    result = CliRunner().invoke(
-        cli,
-        [
-            "evaluate",
-            str(train),
-            "--test",
-            str(test),
-            "--scale",
-            "smoke",
-            "--keys",
-            "0",
-            "--victims",
-            "1",
-            "--budget",
-            "0.02",
-            "--epochs",
-            "1",
-            "--iterations",
-            "2",
-            "--arms",
-            "undefended,clean",
-            "--no-augment",
-            "--craft-option",
-            "augment=false",
-            "--craft-option",
-            "max_shift=2",
-            "--lr",
-            "0.05",
-            "--surrogates",
-            "2",
-            "--out",
-            str(tmp_path / "e"),
-            "--quiet",
-        ],
+    smoke = ["--scale", "smoke", "--keys", "0", "--victims", "1", "--budget", "0.02", "--epochs", "1"]
+    result = evaluate_cli(
+        train,
+        test,
+        *smoke,
+        *["--iterations", "2", "--arms", "undefended,clean", "--no-augment"],
+        *["--craft-option", "augment=false", "--craft-option", "max_shift=2", "--lr", "0.05", "--surrogates", "2"],
+        *["--out", str(tmp_path / "e"), "--quiet"],
     )
     assert result.exit_code == 0, result.output
     rows = {r["arm"]: r for r in map(json.loads, (tmp_path / "e" / "results.jsonl").read_text().splitlines())}
@@ -700,9 +658,7 @@ def test_overrides_reach_the_recipe_and_the_attack_and_are_recorded(tmp_path, sp
         ("colour=1", "NAME=VALUE"),
         ("augment=maybe", "must be bool"),
     ):
-        result = CliRunner().invoke(
-            cli, ["evaluate", str(train), "--test", str(test), "--craft-option", bad, "--out", str(tmp_path / "bad")]
-        )
+        result = evaluate_cli(train, test, "--craft-option", bad, "--out", str(tmp_path / "bad"))
         assert result.exit_code == 2 and message in result.output, (bad, result.output)
     with pytest.raises(SanitizeError, match="has no option"):
         EvaluationConfig(scale="smoke", craft_options={"colour": 1}).resolved()
