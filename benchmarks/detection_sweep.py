@@ -7,7 +7,8 @@ evaluation's `scan` arm uses), then, on its proxy's embeddings, every baseline d
 embedding space and at several neighbourhood sizes (below and above the poison group, docs/protocol.md's design note).
 With --proxy-epochs, proxies trained for other lengths are scanned too, and with --proxy-sides proxies that see
 the images resized (the trade-off of a proxy trained at reduced resolution on large images), and with
---proxy-schedules proxies trained with another learning-rate schedule (onecycle). Reports flagged fraction, precision, recall
+--proxy-schedules proxies trained with another learning-rate schedule (onecycle), and with --proxy-progressive
+proxies trained with progressive resizing (their first epochs at a reduced side, the last at the images' own). Reports flagged fraction, precision, recall
 and AUROC against the true poisons (knn_density also at z cut-offs 2.5 and 3.0 besides its default 3.5), and which
 poisons were caught: each poison's pull on the target (its gradient on the clean surrogate projected on the target's
 adversarial gradient, the quantity crafting raises) picks the carriers, the fewest poisons holding half the total
@@ -167,18 +168,19 @@ def downsampled(data: ArrayDataset, side: int) -> ArrayDataset:
 
 
 class Proxy(NamedTuple):
-    """A proxy the sweep scans with: its model, epochs, the side it sees the images at (None: their own) and its
-    learning-rate schedule."""
+    """A proxy the sweep scans with: its model, epochs, the side it sees the images at (None: their own), its
+    learning-rate schedule and its progressive resizing ((side, epochs) of its reduced first epochs; None: off)."""
 
     model: str
     epochs: int
     side: int | None
     schedule: str
+    reduced: tuple[int, int] | None = None
 
 
 def proxy_scan_dir(harness: Harness, data, proxy: Proxy) -> Path:
     """The scan of `data` with a proxy; the default proxy's is the evaluation's cached scan."""
-    model, proxy_epochs, side, schedule = proxy
+    model, proxy_epochs, side, schedule, reduced = proxy
     scan_dir = harness.scan_dir(data) / "knn_density"
     if proxy_epochs != ScanConfig().train.epochs:
         scan_dir = scan_dir.with_name(f"knn_density-proxy{proxy_epochs}")
@@ -186,6 +188,8 @@ def proxy_scan_dir(harness: Harness, data, proxy: Proxy) -> Path:
         scan_dir = scan_dir.with_name(f"{scan_dir.name}-{model}")
     if schedule != ScanConfig().train.schedule:
         scan_dir = scan_dir.with_name(f"{scan_dir.name}-{schedule}")
+    if reduced is not None:
+        scan_dir = scan_dir.with_name(f"{scan_dir.name}-progressive{reduced[0]}x{reduced[1]}")
     if side is not None:
         scan_dir = scan_dir.with_name(f"{scan_dir.name}-side{side}")
         if (scan_dir / "summary.json").exists():
@@ -197,6 +201,7 @@ def proxy_scan_dir(harness: Harness, data, proxy: Proxy) -> Path:
         model=model,
         epochs=proxy_epochs,
         schedule=schedule,
+        **({"reduced_side": reduced[0], "reduced_epochs": reduced[1]} if reduced is not None else {}),
         quiet=True,
         device=harness.config.device,
         precision=harness.config.precision,
@@ -208,24 +213,29 @@ def proxies(args, harness: Harness) -> list[Proxy]:
     """Every proxy the sweep scans with; auto is the architecture the scan resolves it to."""
     models = [resolve_model_name(m, harness.train.image_size) for m in args.proxy_models.split(",")]
     sides = [None if s == "native" else int(s) for s in args.proxy_sides.split(",")]
+    progressive = [
+        None if p == "off" else tuple(int(part) for part in p.split(":")) for p in args.proxy_progressive.split(",")
+    ]
     return [
-        Proxy(m, int(e), side, schedule)
+        Proxy(m, int(e), side, schedule, reduced)
         for m in models
         for e in args.proxy_epochs.split(",")
         for side in sides
         for schedule in args.proxy_schedules.split(",")
+        for reduced in progressive
     ]
 
 
 def proxy_identity(proxy: Proxy) -> dict:
     """Rows name the proxy's epochs, its model unless it is the ConvNet (the default proxy of every row that names
-    none: rows from before 2026-12-02 named only other proxies), its side unless it is the data's own and its
-    schedule unless it is step decay (rows from before 2026-12-03)."""
+    none: rows from before 2026-12-02 named only other proxies), its side unless it is the data's own, its
+    schedule unless it is step decay (rows from before 2026-12-03) and its progressive resizing when on."""
     return (
         {"proxy_epochs": proxy.epochs}
         | ({"proxy_model": proxy.model} if proxy.model != "convnet" else {})
         | ({"proxy_side": proxy.side} if proxy.side is not None else {})
         | ({"proxy_schedule": proxy.schedule} if proxy.schedule != "step" else {})
+        | ({"proxy_reduced": list(proxy.reduced)} if proxy.reduced is not None else {})
     )
 
 
@@ -248,6 +258,7 @@ def row_identity(row: dict) -> str:
             row.get("proxy_model"),
             row.get("proxy_side"),
             row.get("proxy_schedule"),
+            row.get("proxy_reduced"),
             row["detector"],
             row["options"],
             row.get("poisons_sha256"),
@@ -341,6 +352,11 @@ def main() -> None:
         help="Comma-separated learning-rate schedules of the proxies (sanitize scan --schedule: step, onecycle).",
     )
     parser.add_argument(
+        "--proxy-progressive",
+        default="off",
+        help="Comma-separated progressive resizing of the proxies: off, or SIDE:EPOCHS (the first EPOCHS at SIDE px).",
+    )
+    parser.add_argument(
         "--clean", action="store_true", help="Also scan the clean subset: what each variant flags without poisons."
     )
     parser.add_argument(
@@ -422,6 +438,7 @@ def proxy_cell(row: dict) -> str:
         + (f" ({row['proxy_model']})" if row.get("proxy_model") else "")
         + (f" at {row['proxy_side']} px" if row.get("proxy_side") else "")
         + (f", {row['proxy_schedule']}" if row.get("proxy_schedule") else "")
+        + (f", first {row['proxy_reduced'][1]} at {row['proxy_reduced'][0]} px" if row.get("proxy_reduced") else "")
     )
 
 
@@ -439,6 +456,7 @@ def variant_label(detector: str, options: dict, row: dict, default_proxy: str) -
         and row.get("proxy_model", "convnet") == default_proxy
         and not row.get("proxy_side")
         and not row.get("proxy_schedule")
+        and not row.get("proxy_reduced")
     )
     return f"**{label} = current default**" if is_current else label
 
@@ -463,12 +481,19 @@ def alarm_cell(row: dict) -> str:
 
 def proxy_flops(row: dict, data: ArrayDataset, default_proxy: str) -> float:
     """The model FLOPs of the row's scan (sanitize.scanner.scan_work for a finished proxy on `data`): its proxy trained
-    for its epochs at its side, then one scoring pass."""
+    for its epochs at its side (its first ones reduced under progressive resizing), then one scoring pass."""
     side = row.get("proxy_side")
     image_size = (side, side) if side else data.image_size
     model = row.get("proxy_model", default_proxy)
-    epochs = dataclasses.replace(ScanConfig().train, epochs=row["proxy_epochs"])
-    history = [{"examples": trained_examples(len(data), 1, epochs.batch_size)}] * epochs.epochs
+    reduced = row.get("proxy_reduced") or (None, 0)
+    epochs = dataclasses.replace(
+        ScanConfig().train, epochs=row["proxy_epochs"], reduced_side=reduced[0], reduced_epochs=reduced[1]
+    )
+    examples = trained_examples(len(data), 1, epochs.batch_size)
+    history = [
+        {"examples": examples} | ({"side": epochs.side_at(e)} if epochs.side_at(e) else {})
+        for e in range(epochs.epochs)
+    ]
     return scan_work({"name": model, "history": history}, data.num_classes, image_size, len(data), [], epochs)["flops"]
 
 

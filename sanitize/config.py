@@ -29,14 +29,35 @@ class TrainConfig:
     schedule: str = "step"
     augment: bool = True  # random crop with padding of 1/8 of the side + horizontal flip
     seed: int = 0
+    # progressive resizing: the first `reduced_epochs` epochs see every batch with its shorter side resized to
+    # `reduced_side` (area averaging, after the crop and flip), the others at the images' own size; None: off
+    reduced_side: int | None = None
+    reduced_epochs: int = 0
 
     def identity(self) -> dict[str, Any]:
-        """The recipe as caches and resumes name it: every field, less the schedule while it is step decay, so
-        models trained before the schedule was an option keep their names."""
+        """The recipe as caches and resumes name it: every field, less the schedule while it is step decay and
+        progressive resizing while it is off, so models trained before either was an option keep their names."""
         fields = dataclasses.asdict(self)
         if self.schedule == "step":
             del fields["schedule"]
+        if self.reduced_side is None:
+            del fields["reduced_side"], fields["reduced_epochs"]
         return fields
+
+    def checks(self) -> list[tuple[bool, str]]:
+        """(holds, message) for the recipe's own constraints, which the commands' validate() add to theirs."""
+        return [
+            (self.schedule in SCHEDULES, "schedule must be step or onecycle"),
+            (self.reduced_side is None or self.reduced_side >= 4, "reduced_side must be >= 4"),
+            (
+                self.reduced_side is None or 1 <= self.reduced_epochs < max(self.epochs, 1),
+                "reduced_epochs must be >= 1 and fewer than epochs (the last epochs see the images' own size)",
+            ),
+        ]
+
+    def side_at(self, epoch: int) -> int | None:
+        """The side 0-based `epoch` resizes batches to (None: the images' own)."""
+        return self.reduced_side if self.reduced_side is not None and epoch < self.reduced_epochs else None
 
 
 @dataclass
@@ -101,7 +122,7 @@ class FitConfig:
     def validate(self) -> None:
         checks = [
             (self.train.epochs >= 1 and self.train.batch_size >= 1, "epochs and batch_size must be >= 1"),
-            (self.train.schedule in SCHEDULES, "schedule must be step or onecycle"),
+            *self.train.checks(),
             (0.0 < self.epic.fraction <= 1.0, "fraction must be in (0, 1]"),
             (self.epic.every is None or self.epic.every >= 1, "every must be >= 1"),
             (0.0 <= self.epic.max_dropped_fraction <= 1.0, "max_dropped_fraction must be in [0, 1]"),
@@ -197,7 +218,7 @@ class ScanConfig:
             (self.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
             (0.0 <= self.max_flagged_fraction <= 1.0, "max_flagged_fraction must be in [0, 1]"),
             (self.train.epochs >= 0 and self.train.batch_size >= 1, "epochs must be >= 0 and batch_size >= 1"),
-            (self.train.schedule in SCHEDULES, "schedule must be step or onecycle"),
+            *self.train.checks(),
             (self.image_size is None or self.image_size >= 8, "image_size must be >= 8"),
             (self.workers >= 0, "workers must be >= 0"),
             (self.validation in ("full", "header"), "validation must be full or header"),

@@ -52,7 +52,7 @@ from sanitize.manifest import flag_metrics, manifest_file, poison_mask, read_man
 from sanitize.models import Classifier, create_model, load_weights, require_finite_weights, resolve_model_name
 from sanitize.report import write_report
 from sanitize.training import resolve_device, resolve_precision, train_from_scratch
-from sanitize.work import example_flops, phase_work, trained_examples
+from sanitize.work import ExampleFlops, example_flops, phase_work, reduced_size, trained_per_epoch
 
 SCORES_HEADER = ("id", "path", "label", "class", "score", "flagged")
 
@@ -458,10 +458,21 @@ def scan_work(
     """The scan's model FLOPs (sanitize.work): the proxy's training over every epoch (none with a checkpoint), each
     out-of-fold proxy's training on the other folds (`folds`: their sizes), and the scoring passes (the embeddings',
     the folds' predictions). Arguments a summary holds, so an older summary's work can be counted too."""
-    trained = sum(epoch["examples"] for epoch in model_info.get("history", []))
-    trained += sum(trained_examples(examples - size, recipe.epochs, recipe.batch_size) for size in folds)
-    scored = examples * (2 if folds else 1)
-    return phase_work(example_flops(model_info["name"], num_classes, (3, *image_size)), trained, scored)
+
+    def flops_at(side: int | None) -> ExampleFlops:
+        return example_flops(model_info["name"], num_classes, (3, *reduced_size(image_size, side)))
+
+    # (side, examples) per epoch: the proxy's, then each fold proxy's; a reduced epoch costs its own size's FLOPs
+    epochs = [(epoch.get("side"), epoch["examples"]) for epoch in model_info.get("history", [])]
+    epochs += [
+        (recipe.side_at(epoch), trained_per_epoch(examples - size, recipe.batch_size))
+        for size in folds
+        for epoch in range(recipe.epochs)
+    ]
+    full = flops_at(None)
+    work = phase_work(full, sum(count for _, count in epochs), examples * (2 if folds else 1))
+    work["flops"] += sum(count * (flops_at(side).train - full.train) for side, count in epochs if side is not None)
+    return work
 
 
 def scan(

@@ -22,7 +22,7 @@ from sanitize.distributed import World, all_reduce_sum
 from sanitize.errors import SanitizeError
 from sanitize.models import Classifier, create_model
 from sanitize.wording import duration, plural
-from sanitize.work import trained_per_epoch
+from sanitize.work import reduced_size, trained_per_epoch
 
 
 def resolve_device(name: str = "auto", world: World = World()) -> torch.device:
@@ -84,6 +84,22 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     flip = (torch.rand(batch, generator=generator) < 0.5).to(x.device)[:, None, None, None]
     keep_format = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
     return torch.where(flip, out.flip(3), out).contiguous(memory_format=keep_format)
+
+
+def resized(x: torch.Tensor, side: int) -> torch.Tensor:
+    """A batch with its shorter side resized to `side` (area averaging, aspect kept), in `x`'s memory format:
+    progressive resizing's reduced epochs (TrainConfig.reduced_side)."""
+    size = reduced_size(tuple(x.shape[-2:]), side)
+    channels_last = x.is_contiguous(memory_format=torch.channels_last)
+    out = F.interpolate(x, size=size, mode="area")
+    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def epoch_cost(config: TrainConfig, epoch: int, image_size: tuple[int, int]) -> float:
+    """0-based `epoch`'s cost per example relative to one at the images' own size: the pixel share a reduced epoch
+    keeps (a convolution's work follows the pixels)."""
+    side = config.side_at(epoch)
+    return 1.0 if side is None else min(1.0, (side / min(image_size)) ** 2)
 
 
 def channel_stats(dataset: ImageDataset, sample: int = 5000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +249,11 @@ def train_model(
                 # before the long phase is under way: its rough length, from its first batches (warm-up included);
                 # again in the next epoch when this one fills a decoded copy, which the later epochs read faster
                 spent = time.perf_counter() - started
-                total = spent / batch * per_epoch * (config.epochs - epoch)
+                size = tuple(images.shape[-2:])
+                later = sum(epoch_cost(config, e, size) for e in range(epoch, config.epochs)) / epoch_cost(
+                    config, epoch, size
+                )  # epochs at a reduced side cost less
+                total = spent / batch * per_epoch * later
                 epochs = plural(config.epochs - epoch, "epoch")
                 said = (
                     f"about {duration(total)} for {epochs}"
@@ -245,6 +265,8 @@ def train_model(
             x = to_model_input(images, device, memory_format)
             if config.augment:
                 x = random_crop_flip(x, generator)
+            if config.side_at(epoch) is not None:
+                x = resized(x, config.side_at(epoch))
             y = labels.to(device, non_blocking=True)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, epoch + (batch + 0.5) / per_epoch)
@@ -266,6 +288,7 @@ def train_model(
                 "loss": loss_sum / max(seen, 1),
                 "train_acc": correct / max(seen, 1),
                 "examples": int(seen),
+                **({"side": config.side_at(epoch)} if config.side_at(epoch) is not None else {}),
                 "seconds": time.perf_counter() - started,
                 "cpu_seconds": time.process_time() - cpu_started,
             }

@@ -53,6 +53,15 @@ def _counted(model: str, num_classes: int, in_shape: tuple[int, ...], model_kwar
     return ExampleFlops(train=train / COUNTING_BATCH, score=counter.get_total_flops() / COUNTING_BATCH)
 
 
+def reduced_size(image_size: tuple[int, int], side: int | None) -> tuple[int, int]:
+    """(H, W) with the shorter side resized to `side`, aspect kept (progressive resizing's reduced epochs); the size
+    itself for None."""
+    if side is None:
+        return tuple(image_size)
+    scale = side / min(image_size)
+    return max(1, round(image_size[0] * scale)), max(1, round(image_size[1] * scale))
+
+
 def trained_per_epoch(examples: int, batch_size: int) -> int:
     """How many of an epoch's `examples` a single process trains on: a last batch of one is left out (batch norm
     cannot normalise it)."""

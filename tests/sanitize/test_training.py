@@ -1,4 +1,5 @@
-"""The training recipe's learning-rate schedules: step decay as torch's MultiStepLR, and one-cycle."""
+"""The training recipe: its learning-rate schedules (step decay as torch's MultiStepLR, and one-cycle) and progressive
+resizing."""
 
 import dataclasses
 
@@ -8,8 +9,10 @@ import torch
 
 from sanitize.config import ScanConfig, TrainConfig
 from sanitize.errors import SanitizeError
+from sanitize.scanner import scan
 from sanitize.trainer import train
-from sanitize.training import learning_rate, milestone_epochs
+from sanitize.training import learning_rate, milestone_epochs, resized
+from sanitize.work import example_flops
 
 
 @pytest.mark.parametrize("epochs", [1, 6, 8, 16, 30, 40])
@@ -39,12 +42,13 @@ def test_an_unknown_schedule_is_refused():
         ScanConfig.from_options(schedule="cosine")
 
 
-def test_a_step_recipes_identity_leaves_the_schedule_out_so_cached_models_keep_their_names():
+def test_a_recipes_identity_leaves_out_the_options_it_does_not_use_so_cached_models_keep_their_names():
+    unused = {"schedule", "reduced_side", "reduced_epochs"}
     step, onecycle = TrainConfig(epochs=30), TrainConfig(epochs=30, schedule="onecycle")
-    assert "schedule" not in step.identity() and step.identity() == {
-        k: v for k, v in dataclasses.asdict(step).items() if k != "schedule"
-    }
-    assert onecycle.identity() == dataclasses.asdict(onecycle) != step.identity() | {"schedule": "step"}
+    assert step.identity() == {k: v for k, v in dataclasses.asdict(step).items() if k not in unused}
+    assert onecycle.identity() == step.identity() | {"schedule": "onecycle"}
+    progressive = TrainConfig(epochs=30, reduced_side=16, reduced_epochs=20)
+    assert progressive.identity() == step.identity() | {"reduced_side": 16, "reduced_epochs": 20}
 
 
 def test_a_one_cycle_run_names_its_schedule_and_never_resumes_a_step_runs_checkpoint(tmp_path, digits_npz, capsys):
@@ -56,3 +60,41 @@ def test_a_one_cycle_run_names_its_schedule_and_never_resumes_a_step_runs_checkp
     assert "another run's" in capsys.readouterr().err
     assert result.summary["config"]["train"]["schedule"] == "onecycle"
     assert [row["epoch"] for row in result.summary["model"]["history"]] == [1, 2]
+
+
+def test_progressive_resizing_trains_the_first_epochs_reduced_and_the_scan_counts_their_smaller_flops(
+    tmp_path, digits_npz
+):
+    options = dict(model="tiny", epochs=3, batch_size=64, quiet=True)
+    plain = scan(digits_npz, tmp_path / "plain", **options)
+    progressive = scan(digits_npz, tmp_path / "progressive", reduced_side=8, reduced_epochs=2, **options)
+    history = progressive.summary["model"]["history"]
+    assert [epoch.get("side") for epoch in history] == [8, 8, None]
+    assert progressive.summary["config"]["train"]["reduced_side"] == 8
+    size, classes = plain.summary["data"]["image_size"], len(plain.summary["data"]["classes"])
+    full, reduced = example_flops("tiny", classes, (3, *size)), example_flops("tiny", classes, (3, 8, 8))
+    assert tuple(size) == (16, 16) and reduced.train < full.train / 3  # a quarter of the pixels
+    trained = [epoch["examples"] for epoch in history]
+    expected = reduced.train * sum(trained[:2]) + full.train * trained[2] + full.score * len(progressive.flags)
+    assert progressive.summary["work"]["flops"] == pytest.approx(expected)
+    assert progressive.summary["work"]["flops"] < 0.6 * plain.summary["work"]["flops"]
+
+
+def test_a_reduced_batch_keeps_its_aspect_and_memory_format():
+    x = torch.rand(2, 3, 32, 48).contiguous(memory_format=torch.channels_last)
+    out = resized(x, 16)
+    assert out.shape == (2, 3, 16, 24) and out.is_contiguous(memory_format=torch.channels_last)
+    assert out[0, 0, 0, 0] == pytest.approx(x[0, 0, :2, :2].mean())  # area averaging
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"reduced_side": 2, "reduced_epochs": 1}, "reduced_side must be >= 4"),
+        ({"reduced_side": 16, "reduced_epochs": 8}, "fewer than epochs"),
+        ({"reduced_side": 16}, "reduced_epochs must be >= 1"),
+    ],
+)
+def test_progressive_resizing_that_cannot_work_is_refused(options, message):
+    with pytest.raises(SanitizeError, match=message):
+        ScanConfig.from_options(epochs=8, **options)
