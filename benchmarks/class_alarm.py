@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from sanitize import scan
-from sanitize.cli import parse_scan_option
+from sanitize.cli import parse_scan_options
 from sanitize.data.digits import digits_arrays
 from sanitize.detectors.knn_density import KnnDensityOptions
 
@@ -328,7 +328,7 @@ def main() -> None:
         )
         + "".join(f" --scan-option {text}" for text in args.scan_option)
     )
-    extra = dict(parse_scan_option(text) for text in args.scan_option)
+    extra = parse_scan_options(args.scan_option)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.work / "data").mkdir(parents=True, exist_ok=True)
     clean_path, poisoned_path = args.out / "rows.jsonl", args.out / "poisoned.jsonl"

@@ -9,7 +9,7 @@ import os
 import shlex
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -662,11 +662,13 @@ def parse_name_value(text: str, option: str) -> tuple[str, Any]:
         return name, value
 
 
-def parse_scan_option(text: str) -> tuple[str, Any]:
-    """--scan-option NAME=VALUE, the name checked against the scan's options."""
-    name, parsed = parse_name_value(text, "--scan-option")
-    ScanConfig.from_options(**{name: parsed})  # an unknown name or a bad value fails here, before any training
-    return name, parsed
+def parse_scan_options(texts: Iterable[str]) -> dict[str, Any]:
+    """Repeated --scan-option NAME=VALUE as one dict, checked together against the scan's options (an unknown name
+    or a bad value fails here, before any training; options that only work together, such as reduced_side and
+    reduced_epochs, are checked as a set)."""
+    options = dict(parse_name_value(text, "--scan-option") for text in texts)
+    ScanConfig.from_options(**options)
+    return options
 
 
 def parse_keys(text: str, option: str = "--keys") -> tuple[int, ...]:
@@ -925,7 +927,7 @@ def evaluate(
         lr=lr,
         surrogates=surrogates,
         craft_options=dict(parse_option(attack_name, text) for text in craft_options),
-        scan_options=dict(parse_scan_option(text) for text in scan_options),
+        scan_options=parse_scan_options(scan_options),
         robust_options=dict(parse_name_value(text, "--robust-option") for text in robust_options),
         craft_only=craft_only,
         device=device,

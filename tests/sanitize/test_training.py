@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from sanitize.cli import parse_scan_options
 from sanitize.config import ScanConfig, TrainConfig
 from sanitize.errors import SanitizeError
 from sanitize.scanner import scan
@@ -98,3 +99,10 @@ def test_a_reduced_batch_keeps_its_aspect_and_memory_format():
 def test_progressive_resizing_that_cannot_work_is_refused(options, message):
     with pytest.raises(SanitizeError, match=message):
         ScanConfig.from_options(epochs=8, **options)
+
+
+def test_scan_options_that_only_work_together_are_checked_as_a_set():
+    """An evaluation's repeated --scan-option: progressive resizing needs both of its options at once."""
+    assert parse_scan_options(["reduced_side=8", "reduced_epochs=2"]) == {"reduced_side": 8, "reduced_epochs": 2}
+    with pytest.raises(SanitizeError, match="reduced_epochs must be >= 1"):
+        parse_scan_options(["reduced_side=8"])
