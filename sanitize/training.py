@@ -238,6 +238,7 @@ def train_model(
         order = world.epoch_share(np.random.default_rng([config.seed, epoch]).permutation(indices))
         order = order[: trained_per_epoch(len(order), batch_size)]  # a batch of one breaks batch norm
         loss_sum, correct, seen = 0.0, 0, 0
+        side = config.side_at(epoch)  # progressive resizing: this epoch's reduced side, or None
         batches = iterate_batches(dataset, order, batch_size, workers, pin_memory=device.type == "cuda")
         per_epoch = -(-len(order) // batch_size)
         for batch, (images, labels, _) in enumerate(
@@ -265,8 +266,8 @@ def train_model(
             x = to_model_input(images, device, memory_format)
             if config.augment:
                 x = random_crop_flip(x, generator)
-            if config.side_at(epoch) is not None:
-                x = resized(x, config.side_at(epoch))
+            if side is not None:
+                x = resized(x, side)
             y = labels.to(device, non_blocking=True)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, epoch + (batch + 0.5) / per_epoch)
@@ -288,7 +289,7 @@ def train_model(
                 "loss": loss_sum / max(seen, 1),
                 "train_acc": correct / max(seen, 1),
                 "examples": int(seen),
-                **({"side": config.side_at(epoch)} if config.side_at(epoch) is not None else {}),
+                **({"side": side} if side is not None else {}),
                 "seconds": time.perf_counter() - started,
                 "cpu_seconds": time.process_time() - cpu_started,
             }
