@@ -56,6 +56,10 @@ class MetaPoisonOptions(CraftingOptions):
     inner_lr: float = 0.1  # the unrolled steps' and the members' SGD rate
     # batch norm in the unrolled steps: "batch" statistics as training uses them, or the member's "running" ones
     unroll_norm: str = "batch"
+    # how the target is scored after an unrolled step: in the "batch" of the next training step, normalised with its
+    # statistics (the reference: the target joins every unrolled forward pass), or alone with the member's "running"
+    # statistics, as a victim classifies it at test time
+    target_norm: str = "running"
     # how members' meta-gradients combine: their "mean", or a mean of "unit"-norm ones (no member outweighs the others)
     member_weights: str = "mean"
     # what members train on between craft steps: the data with the current "poison"s, as a victim does (the
@@ -98,6 +102,7 @@ class MetaPoison(Attack):
         choices = {
             "objective": ("cw", "xent"),
             "unroll_norm": ("batch", "running"),
+            "target_norm": ("batch", "running"),
             "member_weights": ("mean", "unit"),
             "trajectory": ("clean", "poison"),
             "members": ("staggered", "surrogate"),
@@ -180,21 +185,30 @@ class MetaPoison(Attack):
         member = self.members[m]
         params = dict(member.named_parameters())
         buffers = {name: b.clone() for name, b in member.named_buffers()}  # the unroll leaves the member untouched
+        in_batch = self.options.target_norm == "batch"
         scores = []
-        for step in range(self.options.unroll):
+        for step in range(self.options.unroll + in_batch):  # "batch": the last forward pass only scores the target
             fill = self.options.clean_batch - (len(poisons) if step == 0 else 0)
             x, y = self._clean_batch(generator, max(fill, 1))
             if step == 0:
                 x, y = torch.cat([poisons, x]), torch.cat([poison_labels, y])
+            x = self._augment(x, generator)
+            if in_batch:
+                x = torch.cat([x, self.target])
             member.train(self.options.unroll_norm == "batch")
             with autocast(self.device, self.amp_dtype):
-                logits = functional_call(member, (params, buffers), (self._augment(x, generator),)).float()
-            grads = torch.autograd.grad(F.cross_entropy(logits, y), list(params.values()), create_graph=True)
+                logits = functional_call(member, (params, buffers), (x,)).float()
+            if in_batch and step > 0:
+                scores.append(target_objective(logits[-1:], self.setup.intended_class, self.options.objective))
+            if step == self.options.unroll:
+                break
+            grads = torch.autograd.grad(F.cross_entropy(logits[: len(y)], y), list(params.values()), create_graph=True)
             params = {name: p - self.options.inner_lr * g for (name, p), g in zip(params.items(), grads)}
-            member.eval()
-            with autocast(self.device, self.amp_dtype):
-                target_logits = functional_call(member, (params, buffers), (self.target,)).float()
-            scores.append(target_objective(target_logits, self.setup.intended_class, self.options.objective))
+            if not in_batch:
+                member.eval()
+                with autocast(self.device, self.amp_dtype):
+                    target_logits = functional_call(member, (params, buffers), (self.target,)).float()
+                scores.append(target_objective(target_logits, self.setup.intended_class, self.options.objective))
         return torch.stack(scores).mean()
 
     def loss(self, poisoned: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

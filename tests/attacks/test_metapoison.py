@@ -47,11 +47,12 @@ def test_surrogate_members_start_as_the_trained_surrogate_and_are_never_reinitia
     assert attack.ages[0] > 0 and attack.span > 10**9
 
 
-def test_the_meta_gradient_reaches_every_poison_of_the_batch_through_the_unrolled_step(split, tiny_victim):
+@pytest.mark.parametrize("target_norm", ["running", "batch"])
+def test_the_meta_gradient_reaches_every_poison_of_the_batch_through_the_unrolled_step(split, tiny_victim, target_norm):
     train, test = split
     surrogate = tiny_victim(train, seed=100)
     setup = choose_setup(1, train, test, budget=0.1)
-    options = attack_options("metapoison", ensemble=2, span_epochs=1.0, clean_batch=64, seed=0)
+    options = attack_options("metapoison", ensemble=2, span_epochs=1.0, clean_batch=64, seed=0, target_norm=target_norm)
     attack = MetaPoison(options, [surrogate], test.load_image(setup.target_index), setup, CPU, None, train)
     images, labels, _ = train.load_batch(np.asarray(setup.poison_indices[:10]))
     poisoned = images.float().div(255).requires_grad_(True)
@@ -67,3 +68,24 @@ def test_the_meta_gradient_reaches_every_poison_of_the_batch_through_the_unrolle
     direct.backward()
     assert loss.item() == pytest.approx(direct.item(), rel=1e-5)
     assert torch.allclose(poisoned.grad, again.grad, rtol=1e-4, atol=1e-9)
+
+
+def test_the_target_scored_in_the_next_batch_sees_that_batchs_statistics(split, tiny_victim):
+    """target_norm=batch (the reference) scores the target inside the next unrolled step's batch, in training mode:
+    a different objective from scoring it alone with running statistics, from the same member and batches."""
+    train, test = split
+    surrogate = tiny_victim(train, seed=100)
+    setup = choose_setup(1, train, test, budget=0.1)
+    images, labels, _ = train.load_batch(np.asarray(setup.poison_indices[:10]))
+    values = {}
+    for target_norm in ("running", "batch"):
+        options = attack_options("metapoison", ensemble=1, clean_batch=64, seed=0, target_norm=target_norm)
+        attack = MetaPoison(options, [surrogate], test.load_image(setup.target_index), setup, CPU, None, train)
+        values[target_norm] = attack._unrolled_objective(
+            0, images.float().div(255), labels, torch.Generator().manual_seed(0)
+        )
+    assert torch.isfinite(values["batch"]) and values["batch"].item() != pytest.approx(values["running"].item())
+    with pytest.raises(Exception, match="target_norm"):
+        MetaPoison(
+            attack_options("metapoison", target_norm="both"), [surrogate], test.load_image(0), setup, CPU, None, train
+        )
