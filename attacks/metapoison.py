@@ -6,12 +6,13 @@ For each surrogate of a *staggered ensemble*, K SGD steps are unrolled from a tr
 step's weight update (`create_graph`), as the reference does. Every craft step, every poison is unrolled once per
 member, as the reference unrolls every batch of an epoch that holds poisons. The target is scored at the weights after
 each step: the Carlini-Wagner margin towards the intended class, max(max_other z - z_intended, -100), averaged over
-steps 1..K (or the cross-entropy, `objective`). The ensemble's members sit at evenly spaced points of a training run
-(`span_epochs`); after every craft step each member trains on (`advance_epochs`) on clean data, and a member that
-reaches the end of the span starts again from a fresh initialisation, so the ensemble always spans early to late
-training. The meta-gradient is the mean over members. The optimiser is the shared loop's with the reference's
-settings: Adam on the gradient itself (not its sign) at a large rate (~200 grey levels), x0.1 at craft steps 20 and
-40 of 61, one restart, the perturbation started uniformly in the eps ball.
+steps 1..K (or the cross-entropy, `objective`). As in the reference, the target joins the forward pass of the next
+step's batch, so batch norm normalises it with that batch's statistics (`target_norm`). The ensemble's members sit at
+evenly spaced points of a training run (`span_epochs`); after every craft step each member trains on
+(`advance_epochs`), and a member that reaches the end of the span starts again from a fresh initialisation, so the
+ensemble always spans early to late training. The meta-gradient is the mean over members. The optimiser is the
+shared loop's with the reference's settings: Adam on the gradient itself (not its sign) at a large rate (~200 grey
+levels), x0.1 at craft steps 20 and 40 of 61, one restart, the perturbation started uniformly in the eps ball.
 
 Deviations from the paper, chosen for a CPU: M = 6 members, not 24; `batch_size` poisons per unrolled batch (25 of 125,
 where a 1% budget puts about one in a real batch: 20x fewer unrolls per craft step; the direction of each poison's
@@ -58,8 +59,8 @@ class MetaPoisonOptions(CraftingOptions):
     unroll_norm: str = "batch"
     # how the target is scored after an unrolled step: in the "batch" of the next training step, normalised with its
     # statistics (the reference: the target joins every unrolled forward pass), or alone with the member's "running"
-    # statistics, as a victim classifies it at test time
-    target_norm: str = "running"
+    # statistics, as a victim classifies it at test time (weaker at the smoke scale: reports/metapoison-pilot)
+    target_norm: str = "batch"
     # how members' meta-gradients combine: their "mean", or a mean of "unit"-norm ones (no member outweighs the others)
     member_weights: str = "mean"
     # what members train on between craft steps: the data with the current "poison"s, as a victim does (the
