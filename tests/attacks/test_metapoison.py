@@ -7,6 +7,7 @@ import torch
 
 from attacks import attack_options, choose_setup
 from attacks.metapoison import CW_CLAMP, MetaPoison, target_objective
+from sanitize.errors import SanitizeError
 
 CPU = torch.device("cpu")
 EPS = 32  # the smoke scale's ball, as for gradient matching
@@ -85,7 +86,7 @@ def test_the_target_scored_in_the_next_batch_sees_that_batchs_statistics(split, 
             0, images.float().div(255), labels, torch.Generator().manual_seed(0)
         )
     assert torch.isfinite(values["batch"]) and values["batch"].item() != pytest.approx(values["running"].item())
-    with pytest.raises(Exception, match="target_norm"):
+    with pytest.raises(SanitizeError, match="target_norm"):
         MetaPoison(
             attack_options("metapoison", target_norm="both"), [surrogate], test.load_image(0), setup, CPU, None, train
         )
