@@ -141,7 +141,9 @@ def attack_changes(row: dict[str, Any]) -> dict[str, Any]:
     against = {"substitutes": ",".join(row["substitutes"])} if crafted and row.get("substitutes") else {}
     if not crafted or row["scale"] not in SCALES:
         return against
-    default = json.loads(json.dumps(dataclasses.asdict(attack_options(row["attack"], **SCALES[row["scale"]].craft))))
+    default = json.loads(
+        json.dumps(dataclasses.asdict(attack_options(row["attack"], **SCALES[row["scale"]].effort(row["attack"]))))
+    )
     changed = {name: value for name, value in crafted.items() if name in default and default[name] != value}
     return changed | ({"surrogates": row["surrogates"]} if row.get("surrogates") not in (None, 1) else {}) | against
 

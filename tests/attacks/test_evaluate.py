@@ -320,7 +320,11 @@ def test_rows_name_their_poisons_and_a_defended_arm_gets_its_undefended_twin_on_
 
 def _synthetic_row(arm, seed, success, craft, poisons):
     """A full-scale row as the evaluation writes it, with the attack's options changed by `craft`."""
-    default = json.loads(json.dumps(dataclasses.asdict(attack_options("gradient-matching", **SCALES["full"].craft))))
+    default = json.loads(
+        json.dumps(
+            dataclasses.asdict(attack_options("gradient-matching", **SCALES["full"].effort("gradient-matching")))
+        )
+    )
     return {
             "attack": "gradient-matching", "scale": "full", "model": "resnet18_cifar_w16", "epochs": 30, "eps": 16.0,
             "budget": 0.01, "poison_key": 0, "arm": arm, "victim_seed": seed, "success": success, "clean_acc": 0.85,
@@ -662,6 +666,18 @@ def test_overrides_reach_the_recipe_and_the_attack_and_are_recorded(tmp_path, sp
         assert result.exit_code == 2 and message in result.output, (bad, result.output)
     with pytest.raises(SanitizeError, match="has no option"):
         EvaluationConfig(scale="smoke", craft_options={"colour": 1}).resolved()
+
+
+@pytest.mark.parametrize("scale, restarts", [("cpu", 4), ("full", 4), ("paper", 8)])
+def test_a_scales_gradient_matching_effort_is_not_every_attacks(scale, restarts):
+    """The 250 steps and restarts of gradient matching's paper belong to it: MetaPoison at the same scale crafts at its
+    own defaults (61 steps, one restart), and a run's --iterations still overrides either."""
+    matching = EvaluationConfig(scale=scale).resolved()[2]
+    assert (matching.iterations, matching.restarts) == (250, restarts)
+    metapoison = EvaluationConfig(scale=scale, attack="metapoison").resolved()[2]
+    defaults = attack_options("metapoison")
+    assert (metapoison.iterations, metapoison.restarts) == (defaults.iterations, defaults.restarts) == (61, 1)
+    assert EvaluationConfig(scale=scale, attack="metapoison", iterations=5).resolved()[2].iterations == 5
 
 
 def test_retraining_during_crafting_trains_surrogates_on_the_current_poisons(tmp_path, split_npz, monkeypatch):
