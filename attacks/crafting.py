@@ -7,12 +7,15 @@ iterations, and projected after every step onto the eps ball and the pixel range
 gets a colour map (attacks.recolor) applied before the additive part, optimised alongside it in units of its bound. The
 gradient of all batches of poisons is accumulated before each step, so the result does not depend on the batch size.
 Of R restarts the one with the lowest final loss is kept; with a checkpoint the best restart so far is saved after
-every restart, and a killed run resumes from it to the same result. Deltas are returned as integers.
+every restart, and within a restart every `save_every` seconds (the perturbation, the optimiser, the random state and
+the attack's own moving state, `Attack.state_dict`), so that a killed run resumes where it was to the same result; a
+restart that re-trains its surrogates (`retrain_every`) resumes from its start. Deltas are returned as integers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -90,6 +93,9 @@ def options_identity(options: Any) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(options).items() if IDENTITY_DEFAULTS.get(k, object()) != v}
 
 
+# how often a restart in progress is saved (a MetaPoison craft step at the full scale takes ~10 CPU-minutes)
+SAVE_EVERY_SECONDS = 600.0
+
 # re-trains the surrogates on the data with these integer deltas at the poison positions, after this many iterations
 Retrain = Callable[[torch.Tensor, int], list[Classifier]]
 
@@ -126,6 +132,13 @@ class Perturbation:
     delta: torch.Tensor
     colour: torch.Tensor | None
     colour_bound: float
+
+    @classmethod
+    def restored(
+        cls, delta: torch.Tensor, colour: torch.Tensor | None, colour_bound: float, device: torch.device
+    ) -> Perturbation:
+        """A perturbation as a checkpoint saved it, on `device`."""
+        return cls(delta.to(device), None if colour is None else colour.to(device), colour_bound)
 
     def detached(self) -> Perturbation:
         colour = None if self.colour is None else self.colour.detach().clone()
@@ -173,6 +186,7 @@ def craft(
     progress: bool = True,
     checkpoint: Path | None = None,
     retrain: Retrain | None = None,
+    save_every: float = SAVE_EVERY_SECONDS,
 ) -> PoisonSet:
     """Craft the poisons for `setup` with the registered attack `name` against its surrogate(s); with
     `options.retrain_every`, `retrain` gives new surrogates trained on the current poisons."""
@@ -202,16 +216,18 @@ def craft(
     generator = torch.Generator().manual_seed(options.seed)
     identity = json.dumps(options_identity(options), sort_keys=True)
     best, best_loss, losses_per_restart, done, spent = None, float("inf"), [], 0, 0.0
+    within = None  # a restart interrupted in its middle: where it was
     if checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if state["config"] == identity:
-            colour = state.get("best_colour")
-            best = Perturbation(
-                state["best_delta"].to(device), None if colour is None else colour.to(device), options.recolor_bound
-            )
+            if state["best_delta"] is not None:
+                best = Perturbation.restored(
+                    state["best_delta"], state.get("best_colour"), options.recolor_bound, device
+                )
             best_loss = state["best_loss"]
             done, spent, losses_per_restart = state["restarts_done"], state["seconds"], state["losses_per_restart"]
             generator.set_state(state["generator"])
+            within = state.get("within")
 
     def after(iteration: int, perturbation: Perturbation) -> Any | None:
         """The attack on new surrogates, trained on the current poisons, when this iteration re-trains; else None."""
@@ -220,34 +236,56 @@ def craft(
         return attack_on(retrain(perturbation.deltas(clean_uint8, clean, std, eps), iteration))
 
     started = time.perf_counter() - spent
+
+    def save(restarts_done: int, within_restart: dict[str, Any] | None = None) -> None:
+        """The checkpoint: the best restart so far and, in the middle of a restart, where that restart is."""
+        state = {"config": identity, "best_delta": None if best is None else best.delta.cpu(), "best_loss": best_loss}
+        if best is not None and best.colour is not None:
+            state["best_colour"] = best.colour.cpu()
+        state |= {"restarts_done": restarts_done, "losses_per_restart": losses_per_restart}
+        state |= {"generator": generator.get_state(), "seconds": time.perf_counter() - started}
+        save_atomic(state | ({"within": within_restart} if within_restart else {}), checkpoint)
+
+    last_saved = [time.perf_counter()]
+
+    def save_within(restart: int, next_iteration: int, moment: Callable[[], dict[str, Any]]) -> None:
+        """Save the restart in progress when `save_every` seconds have passed since the last save (not after its last
+        iteration: the restart's end saves it whole)."""
+        if time.perf_counter() - last_saved[0] >= save_every and next_iteration < options.iterations:
+            save(restart, moment())
+            last_saved[0] = time.perf_counter()
+
     for restart in range(done, options.restarts):
-        if options.start == "gaussian":
-            noise = torch.randn(clean.shape, generator=generator)
-        elif options.start == "uniform":
-            noise = torch.rand(clean.shape, generator=generator) * 2 - 1
+        if within is not None:
+            perturbation = Perturbation.restored(within["delta"], within.get("colour"), options.recolor_bound, device)
         else:
-            noise = torch.zeros(clean.shape)
-        grid = options.recolor_grid
-        colour = torch.zeros(len(clean), 3, grid, grid, grid, device=device) if options.recolor else None
-        perturbation = Perturbation((noise.to(device) * bound).clamp(-bound, bound), colour, options.recolor_bound)
-        perturbation.project(clean, bound, std)
+            perturbation = _start(clean, bound, std, options, generator, device)
         for parameter in perturbation.parameters():
             parameter.requires_grad_(True)
-
+        last_saved[0] = time.perf_counter()
+        midway = checkpoint is not None and not options.retrain_every
         history = _optimise(
-            attack_on(surrogates), after, perturbation, clean, labels, bound, std, options, generator, restart, progress
+            attack_on(surrogates),
+            after,
+            perturbation,
+            clean,
+            labels,
+            bound,
+            std,
+            options,
+            generator,
+            restart,
+            progress,
+            resumed=within,
+            save=functools.partial(save_within, restart) if midway else None,
         )
+        within = None
         losses_per_restart.append(history)
         if history[-1] < best_loss:
             best_loss = history[-1]
             best = perturbation.detached()
         if checkpoint is not None:
-            state = {"config": identity, "best_delta": best.delta.cpu(), "best_loss": best_loss}
-            if best.colour is not None:
-                state["best_colour"] = best.colour.cpu()
-            state |= {"restarts_done": restart + 1, "losses_per_restart": losses_per_restart}
-            state |= {"generator": generator.get_state(), "seconds": time.perf_counter() - started}
-            save_atomic(state, checkpoint)
+            save(restart + 1)
     deltas = best.deltas(clean_uint8, clean, std, eps)
     finals = [h[-1] for h in losses_per_restart]
     metadata = {
@@ -262,17 +300,67 @@ def craft(
     return PoisonSet(setup=setup, eps=eps, deltas=deltas, method=name, metadata=metadata, colour=colour_maps)
 
 
+def _start(clean, bound, std, options, generator, device) -> Perturbation:
+    """A restart's first perturbation: `options.start` inside the eps ball, projected; colour maps at the identity."""
+    if options.start == "gaussian":
+        noise = torch.randn(clean.shape, generator=generator)
+    elif options.start == "uniform":
+        noise = torch.rand(clean.shape, generator=generator) * 2 - 1
+    else:
+        noise = torch.zeros(clean.shape)
+    grid = options.recolor_grid
+    colour = torch.zeros(len(clean), 3, grid, grid, grid, device=device) if options.recolor else None
+    perturbation = Perturbation((noise.to(device) * bound).clamp(-bound, bound), colour, options.recolor_bound)
+    perturbation.project(clean, bound, std)
+    return perturbation
+
+
+def _moment(perturbation: Perturbation, optimizer, history: list[float], attack) -> dict[str, Any]:
+    """What a restart in progress needs to go on: the perturbation, the optimiser (with its decayed rate), the losses
+    so far and the attack's moving state."""
+    moment = {"delta": perturbation.delta.detach().cpu(), "optimizer": optimizer.state_dict(), "history": history}
+    if perturbation.colour is not None:
+        moment["colour"] = perturbation.colour.detach().cpu()
+    return moment | {"attack": attack.state_dict()}
+
+
 def _optimise(
-    attack, after, perturbation, clean, labels, bound, std, options, generator, restart, progress
+    attack,
+    after,
+    perturbation,
+    clean,
+    labels,
+    bound,
+    std,
+    options,
+    generator,
+    restart,
+    progress,
+    resumed: dict[str, Any] | None = None,
+    save: Callable[[int, Callable[[], dict[str, Any]]], None] | None = None,
 ) -> list[float]:
     """One restart: (signed) Adam with step decay on `perturbation` (in place); the loss of every iteration.
-    `after(i, perturbation)` may return the attack on re-trained surrogates to craft on against from iteration i on."""
+    `after(i, perturbation)` may return the attack on re-trained surrogates to craft on against from iteration i on.
+    `resumed` is a saved moment of this restart to go on from; `save(next_iteration, moment)` is offered the moment
+    (a function that makes it) after every iteration."""
     optimizer = torch.optim.Adam(perturbation.parameters(), lr=options.lr)
     steps = sorted({int(options.iterations * f) for f in options.milestones})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, steps, gamma=0.1)
     count, history = len(clean), []
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])  # with the decayed rate
+        scheduler.last_epoch = len(resumed["history"])
+        attack.load_state_dict(resumed["attack"])
+        history = list(resumed["history"])
     desc = f"craft restart {restart + 1}/{options.restarts}"
-    bar = tqdm(range(options.iterations), desc=desc, leave=False, disable=not progress)
+    bar = tqdm(
+        range(len(history), options.iterations),
+        desc=desc,
+        leave=False,
+        disable=not progress,
+        initial=len(history),
+        total=options.iterations,
+    )
     anchor = evasion = None
     for iteration in bar:
         attack = (iteration and after(iteration, perturbation)) or attack
@@ -306,4 +394,6 @@ def _optimise(
         attack.advance(iteration, generator)
         history.append(total)
         bar.set_postfix(loss=f"{total:.4f}")
+        if save is not None:
+            save(iteration + 1, functools.partial(_moment, perturbation, optimizer, history, attack))
     return history

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,8 +129,13 @@ class MetaPoison(Attack):
                 self.members.append(self._fresh(m))
             self.optimizers.append(self._optimizer(self.members[m]))
             self.ages.append(0)
-            if options.members == "staggered":  # member m starts m/M into the span
-                self._train(m, round(m * self.span / options.ensemble))
+        self.staggered = options.members != "staggered"  # done at the first loss: a resumed craft loads its members
+
+    def _stagger(self) -> None:
+        """Member m trains m/M of the span before the first craft step."""
+        for m in range(self.options.ensemble):
+            self._train(m, round(m * self.span / self.options.ensemble))
+        self.staggered = True
 
     def _optimizer(self, member) -> torch.optim.Optimizer:
         """A member trains as the victims do (the project's recipe), at the unroll's rate."""
@@ -216,6 +222,8 @@ class MetaPoison(Attack):
         """The mean over members of the unrolled objective of this batch of poisons. Each member's meta-gradient is
         taken (and its graph freed) before the next member's unroll, so memory holds one unroll at a time; the value
         returned is the mean objective and its gradient in `poisoned` the mean meta-gradient."""
+        if not self.staggered:
+            self._stagger()
         if self.options.trajectory == "poison":
             self.seen_poisons.append(poisoned.detach())
         total, meta_gradient = 0.0, torch.zeros_like(poisoned)
@@ -229,7 +237,31 @@ class MetaPoison(Attack):
         linear = (poisoned * meta_gradient).sum()
         return linear - linear.detach() + total
 
+    def state_dict(self) -> dict[str, Any]:
+        """The members as they are: weights, optimisers, ages, the poisons they train on and their random state."""
+        return {
+            "members": [member.state_dict() for member in self.members],
+            "optimizers": [optimizer.state_dict() for optimizer in self.optimizers],
+            "ages": list(self.ages),
+            "current_poisons": None if self.current_poisons is None else self.current_poisons.cpu(),
+            "member_generator": self.member_generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for member, optimizer, weights, moment in zip(
+            self.members, self.optimizers, state["members"], state["optimizers"]
+        ):
+            member.load_state_dict(weights)
+            optimizer.load_state_dict(moment)
+        self.ages = list(state["ages"])
+        poisons = state["current_poisons"]
+        self.current_poisons = None if poisons is None else poisons.to(self.device)
+        self.member_generator.set_state(state["member_generator"])
+        self.staggered = True
+
     def advance(self, iteration: int, generator: torch.Generator) -> None:
+        if not self.staggered:
+            self._stagger()
         if self.seen_poisons:  # the loop passed every poison, in order, since the last step
             self.current_poisons, self.seen_poisons = torch.cat(self.seen_poisons), []
         for m in range(len(self.members)):

@@ -61,6 +61,14 @@ class Attack:
     def advance(self, iteration: int, generator: torch.Generator) -> None:
         """Called after every optimiser step: an attack whose surrogates move during crafting moves them here."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume in the middle of a restart needs of the attack besides its options and surrogates: the state
+        of whatever `advance` moves (tensors, numbers and lists, as torch.load's weights_only reads them)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Go on from a `state_dict()`."""
+
 
 _ATTACKS: dict[str, type[Attack]] = {}
 

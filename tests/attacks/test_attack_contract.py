@@ -49,7 +49,7 @@ def surrogates_for(kind: str, model):
 SMALL = {"metapoison": {"ensemble": 2, "span_epochs": 1.0, "advance_epochs": 0.1, "clean_batch": 32}}
 
 
-def _craft(name, world, checkpoint=None, **extra):
+def _craft(name, world, checkpoint=None, save_every=600.0, **extra):
     root, train, test, model = world
     setup = choose_setup(3, train, test, budget=0.03)
     options = attack_options(name, iterations=3, restarts=2, batch_size=8, seed=0, **SMALL.get(name, {}) | extra)
@@ -65,6 +65,7 @@ def _craft(name, world, checkpoint=None, **extra):
         device=CPU,
         progress=False,
         checkpoint=checkpoint,
+        save_every=save_every,
     )
     return setup, options, poisons
 
@@ -121,6 +122,39 @@ def test_crafting_is_deterministic_and_a_killed_craft_resumes_to_the_same_poison
     dying = False
     _, _, resumed = _craft(name, world, tmp_path / "partial.pt")
     assert len(calls) == per_restart  # the second restart only
+    assert torch.equal(resumed.deltas, straight.deltas)
+    assert resumed.metadata["final_loss_per_restart"] == pytest.approx(straight.metadata["final_loss_per_restart"])
+
+
+@pytest.mark.parametrize("name", list_attacks())
+def test_a_craft_killed_in_the_middle_of_a_restart_resumes_from_its_last_iteration_to_the_same_poisons(
+    tmp_path, world, name, monkeypatch
+):
+    """A restart is saved as it goes (here after every iteration): a resumed craft runs only the iterations left,
+    with the attack's moving state (MetaPoison's members) as it was."""
+    _, _, straight = _craft(name, world)
+    attack, calls = get_attack(name), []
+    real_loss = attack.loss
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        if dying and len(calls) == per_restart + 2 * batches + 1:  # the second restart's third iteration
+            raise KeyboardInterrupt
+        return real_loss(self, *args, **kwargs)
+
+    setup, options, _ = _craft(name, world)
+    batches = -(-len(setup.poison_indices) // options.batch_size)
+    per_restart = options.iterations * batches
+    monkeypatch.setattr(attack, "loss", counted)
+    dying = True
+    with pytest.raises(KeyboardInterrupt):
+        _craft(name, world, tmp_path / "partial.pt", save_every=0.0)
+    saved = torch.load(tmp_path / "partial.pt", weights_only=True)
+    assert saved["restarts_done"] == 1 and len(saved["within"]["history"]) == 2
+    calls.clear()
+    dying = False
+    _, _, resumed = _craft(name, world, tmp_path / "partial.pt", save_every=0.0)
+    assert len(calls) == batches  # the last iteration only
     assert torch.equal(resumed.deltas, straight.deltas)
     assert resumed.metadata["final_loss_per_restart"] == pytest.approx(straight.metadata["final_loss_per_restart"])
 

@@ -27,9 +27,11 @@ def test_the_ensemble_is_staggered_keeps_training_and_restarts_at_the_end_of_its
     options = attack_options("metapoison", ensemble=3, span_epochs=1.0, advance_epochs=0.1, clean_batch=64, seed=0)
     attack = MetaPoison(options, [surrogate], test.load_image(setup.target_index), setup, CPU, None, train)
     span = attack.span
-    assert attack.ages == [round(m * span / options.ensemble) for m in range(options.ensemble)]
+    assert attack.ages == [0] * options.ensemble  # staggered at the first craft step: a resumed craft loads them
     weights = [next(m.parameters()).detach().clone() for m in attack.members]
     attack.advance(0, torch.Generator().manual_seed(0))
+    staggered = [round(m * span / options.ensemble) for m in range(options.ensemble)]
+    assert attack.ages == [(age + attack.advance_steps) % span for age in staggered]
     assert all(not torch.equal(w, next(m.parameters())) for w, m in zip(weights, attack.members))
     attack._train(2, span)  # the oldest member runs past the span's end and starts again from scratch
     assert attack.ages[2] < span
