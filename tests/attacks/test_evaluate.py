@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from attacks import attack_options, choose_setup, craft, load_poisons
 from attacks.evaluate import SCAN_PART, run_evaluation
-from attacks.experiment import Harness
+from attacks.experiment import Harness, load_scan_outcome
 from attacks.rows import REQUIRED as ROW_REQUIRED
 from attacks.rows import SCAN_OPTIONS_RECORDED, default_scan_options
 from attacks.scales import SCALES, EvaluationConfig
@@ -279,6 +279,34 @@ def test_the_poisons_and_surrogate_are_published_beside_the_results_and_a_run_wi
         trained and "surrogate" not in trained
     )  # victims trained; the surrogate the scan arm's carriers need was loaded
     assert (tmp_path / "cache" / published[0].name).exists()  # copied back for the benchmarks that read the cache
+
+
+def test_a_scans_outcome_is_published_and_a_run_without_the_cache_trains_more_defended_victims_without_scanning(
+    tmp_path, split_npz, monkeypatch
+):
+    train, test = split_npz
+    out = tmp_path / "eval"
+    base = quick_smoke(tmp_path) | dict(arms=("scan",))
+    run_evaluation(train, test, out, EvaluationConfig(**base, victims=1), progress=False)
+    (published,) = (out / "scans").glob("scan-*-knn_density.npz")
+    shutil.rmtree(tmp_path / "cache")  # a fresh machine: the results, their poisons, surrogate and scans
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("scanned again although the scan's outcome was published")
+
+    monkeypatch.setattr("attacks.experiment.scan", no_scan)
+    run_evaluation(train, test, out, EvaluationConfig(**base, victims=2), progress=False)
+    first, second = (json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if '"scan"' in line)
+    assert (first["victim_seed"], second["victim_seed"]) == (0, 1)
+    for field in ("dropped_fraction", "poison_precision", "poison_recall", "auroc", "scan_options"):
+        assert first[field] == second[field], field
+    assert first["seconds"]["scan"] == second["seconds"]["scan"] and first["flops"]["scan"] == second["flops"]["scan"]
+    other = dataclasses.replace(Harness(train, test, out, EvaluationConfig(**base)).train, fingerprint="other")
+    assert load_scan_outcome(published, other) is None  # another data set's outcome is never used
+    monkeypatch.undo()  # a baseline not yet published needs the default scan's proxy: that scan runs for real
+    run_evaluation(train, test, out, EvaluationConfig(**base | {"arms": ("deep_knn",)}, victims=1), progress=False)
+    assert len(list((tmp_path / "cache").glob("scan-*/knn_density/proxy/model.pt"))) == 1
+    assert len(list((out / "scans").glob("scan-*-deep_knn.npz"))) == 1
 
 
 def test_rows_name_their_poisons_and_a_defended_arm_gets_its_undefended_twin_on_the_same_poisons(tmp_path, split_npz):
