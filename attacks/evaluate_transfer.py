@@ -49,7 +49,7 @@ def run_transfer_evaluation(
         raise SanitizeError(f"unknown substitute architecture(s) {', '.join(sorted(unknown))}; choose from {MODELS}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    world = TransferSetting(train_path, test_path, config, Path(config.cache) if config.cache else out / "cache")
+    world = TransferSetting(train_path, test_path, config, Path(config.cache) if config.cache else out / "cache", out)
     finetune, options = world.finetune, world.options
     setting = f"transfer-{config.mode}"
     done = _done(out)

@@ -29,12 +29,20 @@ def surrogates(
 
 
 def surrogate(cache: ModelCache, data: ImageDataset, published: Path | None, seed: int) -> tuple[Classifier, Cost]:
-    cached = cache.path(data, seed, "surrogate")
+    return published_model(cache, data, published, seed, "surrogate")
+
+
+def published_model(
+    cache: ModelCache, data: ImageDataset, published: Path | None, seed: int, tag: str
+) -> tuple[Classifier, Cost]:
+    """The model `cache` trains on `data` with `seed`, copied into `published` once trained and taken from there when
+    the cache lacks it (a machine without the cache)."""
+    cached = cache.path(data, seed, tag)
     copy = published / cached.name if published is not None else None
     if copy is not None and copy.exists() and not cached.exists():
         cached.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(copy, cached)
-    model, cost = cache.trained(data, seed, "surrogate")
+    model, cost = cache.trained(data, seed, tag)
     if copy is not None and not copy.exists():
         copy.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(cached, copy)

@@ -25,6 +25,7 @@ from attacks.base import PoisonSet, PoisonSetup, choose_setup, load_poisons, sav
 from attacks.crafting import craft, options_identity
 from attacks.experiment import measure_victim
 from attacks.registry import attack_options
+from attacks.surrogates import published_model
 from attacks.trained import ModelCache, stable_hash
 from sanitize.config import TrainConfig
 from sanitize.data import open_dataset
@@ -157,8 +158,15 @@ class TransferSetting:
     victims' recipe, and its poisons (crafted against the extractor, white-box, or against substitutes pretrained
     alike, black-box; cached beside it)."""
 
-    def __init__(self, train_path: str | Path, test_path: str | Path, config: TransferConfig, cache: Path) -> None:
-        self.config, self.cache = config, cache
+    def __init__(
+        self,
+        train_path: str | Path,
+        test_path: str | Path,
+        config: TransferConfig,
+        cache: Path,
+        published: Path | None = None,
+    ) -> None:
+        self.config, self.cache, self.published = config, cache, published
         self.recipe = FineTune(config.mode, epochs=config.finetune_epochs)
         self.options = attack_options(config.attack, **config.craft_options)
         self.device = resolve_device(config.device)
@@ -189,7 +197,8 @@ class TransferSetting:
             self.amp,
             progress=False,
         )
-        model, _ = models.trained(self.pretrain, seed, tag)
+        copies = self.published / "extractors" if self.published is not None else None
+        model, _ = published_model(models, self.pretrain, copies, seed, tag)
         return model.to(self.device).eval(), models.path(self.pretrain, seed, tag)
 
     def setup(self, key: int) -> PoisonSetup:
@@ -201,8 +210,12 @@ class TransferSetting:
         threat = "-black-box" if self.config.substitutes else ""
         name = f"poisons-{self.config.attack}-transfer{threat}-key{setup.key}-eps{self.config.eps:g}"
         path = self.cache / f"{name}-{stable_hash(*identity, *(p.stem for _, p in self.crafted_against))}.npz"
-        if path.exists():
-            return load_poisons(path, setup)
+        published = self.published / "poisons" / path.name if self.published is not None else None
+        for stored in (path, published):
+            if stored is not None and stored.exists():
+                poisons = load_poisons(stored, setup)
+                self._publish(poisons, path)
+                return poisons
         target = self.test.load_image(setup.target_index)
         poisons = craft(
             self.config.attack,
@@ -217,7 +230,15 @@ class TransferSetting:
             False,
         )
         save_poisons(poisons, path)
+        self._publish(poisons, path)
         return poisons
+
+    def _publish(self, poisons: PoisonSet, cached: Path) -> None:
+        """Keep the poisons both in the cache and beside the results (OUT/poisons/), as the from-scratch evaluation
+        does: they are part of the result, and a machine without the cache uses them instead of crafting again."""
+        for place in (cached, self.published / "poisons" / cached.name if self.published is not None else None):
+            if place is not None and not place.exists():
+                save_poisons(poisons, place)
 
     def victim(self, data: ArrayDataset, seed: int) -> Classifier:
         return fine_tune(self.extractor, data, self.recipe, seed, self.device, self.amp)

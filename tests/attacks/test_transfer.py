@@ -1,6 +1,8 @@
 """The transfer setting: a split that keeps the fine-tuning set out of pretraining, victims that fine-tune the head
 only (linear) or every weight (end-to-end), and an evaluation whose rows the summary reads and a rerun resumes."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -73,6 +75,26 @@ def test_the_scan_arms_fine_tune_on_what_the_scan_kept_with_either_proxy_and_dee
     held_out, given = scanned["scan-held-out-extractor"], scanned["scan-extractor"]
     assert held_out["scan_options"]["held_out_checkpoint"] and held_out["dropped_fraction"] >= given["dropped_fraction"]
     assert "Paired with the undefended victims" in (out / "summary.md").read_text()
+
+
+def test_the_extractor_and_poisons_are_published_and_a_run_without_the_cache_trains_and_crafts_nothing(
+    digits_transfer, monkeypatch
+):
+    options = {"keys": (0,), "poisons": 3, "extractor_epochs": 2, "pool_per_class": 40, "finetune_per_class": 20}
+    options |= {"finetune_epochs": 3, "craft_options": {"iterations": 5}, "arms": ("undefended",)}
+    rows, out = digits_transfer(**options)
+    assert len(list((out / "extractors").glob("extractor-*.pt"))) == 1
+    assert len(list((out / "poisons").glob("poisons-*-transfer-key0-*.npz"))) == 1
+    shutil.rmtree(out / "cache")  # a fresh machine: the results and what they published
+
+    def refused(*args, **kwargs):
+        raise AssertionError("trained or crafted again although it was published")
+
+    monkeypatch.setattr("attacks.transfer.craft", refused)
+    monkeypatch.setattr("attacks.trained.train_model", refused)
+    again, _ = digits_transfer(**options | {"victims": 2})
+    assert [r["victim_seed"] for r in again] == [0, 1]
+    assert again[1]["poisons_sha256"] == rows[0]["poisons_sha256"]
 
 
 def test_black_box_poisons_are_crafted_against_substitutes_and_kept_apart_from_white_box_ones(digits_transfer):
