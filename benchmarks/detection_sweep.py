@@ -1,6 +1,7 @@
 """Detection of real poisons by every detector and knn_density variant, without training victims.
 
-    python benchmarks/detection_sweep.py --cache work-data/cache-cpu --keys 0,1 [--model NAME] [--eps 16] --out reports/...
+    python benchmarks/detection_sweep.py --cache work-data/cache-cpu --keys 0,1 [--model NAME] [--eps 16] \
+        [--results reports/EVALUATION] --out reports/...
 
 For each key whose poisons are cached: the default `sanitize scan` of the poisoned set (the same cached scan the
 evaluation's `scan` arm uses), then, on its proxy's embeddings, every baseline detector and knn_density in each
@@ -327,6 +328,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shared", type=Path, default=Path("../shared"))
     parser.add_argument("--cache", type=Path, required=True)
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="The evaluation folder of the keys (its OUT): their published poisons are read from it and the default "
+        "scan's outcome published into it, so that the evaluation's victims on a machine without the cache reuse it.",
+    )
     parser.add_argument("--keys", default="0")
     parser.add_argument("--model", default=None)
     parser.add_argument("--epochs", type=int, default=None)
@@ -372,7 +380,8 @@ def main() -> None:
     config = EvaluationConfig(
         scale=args.scale, model=args.model, epochs=args.epochs, eps=args.eps, cache=str(args.cache)
     )
-    harness = Harness(data / "cifar10_train.npz", data / "cifar10_test.npz", args.cache, config, progress=False)
+    published = args.results or args.cache  # where published poisons and scan outcomes are read and added
+    harness = Harness(data / "cifar10_train.npz", data / "cifar10_test.npz", published, config, progress=False)
     args.out.mkdir(parents=True, exist_ok=True)
     rows_path = args.out / "detection.jsonl"
     if args.clean:
