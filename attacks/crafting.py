@@ -246,15 +246,6 @@ def craft(
         state |= {"generator": generator.get_state(), "seconds": time.perf_counter() - started}
         save_atomic(state | ({"within": within_restart} if within_restart else {}), checkpoint)
 
-    last_saved = [time.perf_counter()]
-
-    def save_within(restart: int, next_iteration: int, moment: Callable[[], dict[str, Any]]) -> None:
-        """Save the restart in progress when `save_every` seconds have passed since the last save (not after its last
-        iteration: the restart's end saves it whole)."""
-        if time.perf_counter() - last_saved[0] >= save_every and next_iteration < options.iterations:
-            save(restart, moment())
-            last_saved[0] = time.perf_counter()
-
     for restart in range(done, options.restarts):
         if within is not None:
             perturbation = Perturbation.restored(within["delta"], within.get("colour"), options.recolor_bound, device)
@@ -262,7 +253,6 @@ def craft(
             perturbation = _start(clean, bound, std, options, generator, device)
         for parameter in perturbation.parameters():
             parameter.requires_grad_(True)
-        last_saved[0] = time.perf_counter()
         midway = checkpoint is not None and not options.retrain_every
         history = _optimise(
             attack_on(surrogates),
@@ -277,7 +267,8 @@ def craft(
             restart,
             progress,
             resumed=within,
-            save=functools.partial(save_within, restart) if midway else None,
+            save=functools.partial(save, restart) if midway else None,
+            save_every=save_every,
         )
         within = None
         losses_per_restart.append(history)
@@ -337,12 +328,13 @@ def _optimise(
     restart,
     progress,
     resumed: dict[str, Any] | None = None,
-    save: Callable[[int, Callable[[], dict[str, Any]]], None] | None = None,
+    save: Callable[[dict[str, Any]], None] | None = None,
+    save_every: float = SAVE_EVERY_SECONDS,
 ) -> list[float]:
     """One restart: (signed) Adam with step decay on `perturbation` (in place); the loss of every iteration.
     `after(i, perturbation)` may return the attack on re-trained surrogates to craft on against from iteration i on.
-    `resumed` is a saved moment of this restart to go on from; `save(next_iteration, moment)` is offered the moment
-    (a function that makes it) after every iteration."""
+    `resumed` is a saved moment of this restart to go on from; `save(moment)` saves one, every `save_every` seconds
+    (never after the last iteration: the restart's end saves it whole)."""
     optimizer = torch.optim.Adam(perturbation.parameters(), lr=options.lr)
     steps = sorted({int(options.iterations * f) for f in options.milestones})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, steps, gamma=0.1)
@@ -352,6 +344,7 @@ def _optimise(
         scheduler.last_epoch = len(resumed["history"])
         attack.load_state_dict(resumed["attack"])
         history = list(resumed["history"])
+    last_saved = time.perf_counter()
     desc = f"craft restart {restart + 1}/{options.restarts}"
     bar = tqdm(
         range(len(history), options.iterations),
@@ -394,6 +387,7 @@ def _optimise(
         attack.advance(iteration, generator)
         history.append(total)
         bar.set_postfix(loss=f"{total:.4f}")
-        if save is not None:
-            save(iteration + 1, functools.partial(_moment, perturbation, optimizer, history, attack))
+        if save is not None and iteration + 1 < options.iterations and time.perf_counter() - last_saved >= save_every:
+            save(_moment(perturbation, optimizer, history, attack))
+            last_saved = time.perf_counter()
     return history

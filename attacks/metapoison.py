@@ -132,7 +132,9 @@ class MetaPoison(Attack):
         self.staggered = options.members != "staggered"  # done at the first loss: a resumed craft loads its members
 
     def _stagger(self) -> None:
-        """Member m trains m/M of the span before the first craft step."""
+        """Member m trains m/M of the span before the first craft step (once: nothing after that)."""
+        if self.staggered:
+            return
         for m in range(self.options.ensemble):
             self._train(m, round(m * self.span / self.options.ensemble))
         self.staggered = True
@@ -222,8 +224,7 @@ class MetaPoison(Attack):
         """The mean over members of the unrolled objective of this batch of poisons. Each member's meta-gradient is
         taken (and its graph freed) before the next member's unroll, so memory holds one unroll at a time; the value
         returned is the mean objective and its gradient in `poisoned` the mean meta-gradient."""
-        if not self.staggered:
-            self._stagger()
+        self._stagger()
         if self.options.trajectory == "poison":
             self.seen_poisons.append(poisoned.detach())
         total, meta_gradient = 0.0, torch.zeros_like(poisoned)
@@ -260,8 +261,7 @@ class MetaPoison(Attack):
         self.staggered = True
 
     def advance(self, iteration: int, generator: torch.Generator) -> None:
-        if not self.staggered:
-            self._stagger()
+        self._stagger()
         if self.seen_poisons:  # the loop passed every poison, in order, since the last step
             self.current_poisons, self.seen_poisons = torch.cat(self.seen_poisons), []
         for m in range(len(self.members)):
