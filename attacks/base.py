@@ -96,6 +96,24 @@ class PoisonSet:
         return content.hexdigest()[:16]
 
 
+def stored_poisons(places: list[Path], setup: PoisonSetup) -> PoisonSet | None:
+    """The poisons from the first of `places` that holds them, copied to the others (a cache and the copy published
+    beside the results); None when none does."""
+    for stored in places:
+        if stored.exists():
+            poisons = load_poisons(stored, setup)
+            keep_poisons(poisons, places)
+            return poisons
+    return None
+
+
+def keep_poisons(poisons: PoisonSet, places: list[Path]) -> None:
+    """Save the poisons to each of `places` that does not hold them yet."""
+    for place in places:
+        if not place.exists():
+            save_poisons(poisons, place)
+
+
 def save_poisons(poisons: PoisonSet, path: Path) -> None:
     """The poison set as a compressed npz (deltas, poison positions, eps, method, metadata as JSON): lossless, readable
     without pickle, ~130 KB for 100 CIFAR poisons; with ReColor also the colour maps. Written atomically: a kill

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from attacks.arms import CONTROL_ARMS, ROBUST_ARMS, SCANNED_ARMS, UNPOISONED_ARMS, poison_truth, told_count
-from attacks.base import PoisonSet, PoisonSetup, load_poisons, save_poisons
+from attacks.base import PoisonSet, PoisonSetup, keep_poisons, stored_poisons
 from attacks.carriers import poison_pull, pull_carriers
 from attacks.crafting import craft, options_identity
 from attacks.rows import (
@@ -101,18 +101,8 @@ class Harness:
 
     def stored_poisons(self, setup: PoisonSetup) -> PoisonSet | None:
         """The cached or published poisons for this key, or None when they would have to be crafted."""
-        path, published = self.poisons_path(setup), self.published_poisons_path(setup)
-        for stored in (path, published):
-            if stored.exists():
-                poisons = load_poisons(stored, setup)
-                for copy in (
-                    path,
-                    published,
-                ):  # keep both: benchmarks read the cache, a fresh machine the published copy
-                    if not copy.exists():
-                        save_poisons(poisons, copy)
-                return poisons
-        return None
+        # keep both: benchmarks read the cache, a fresh machine the published copy
+        return stored_poisons([self.poisons_path(setup), self.published_poisons_path(setup)], setup)
 
     def poisons(self, setup: PoisonSetup, surrogate_models: list[Classifier]) -> PoisonSet:
         """Craft (or load the cached or published) poisons for this key."""
@@ -135,8 +125,7 @@ class Harness:
             checkpoint=partial,
             retrain=self.retrainer(setup),
         )
-        save_poisons(poisons, path)
-        save_poisons(poisons, published)
+        keep_poisons(poisons, [path, published])
         partial.unlink(missing_ok=True)
         return poisons
 

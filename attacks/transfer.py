@@ -21,7 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attacks.base import PoisonSet, PoisonSetup, choose_setup, load_poisons, save_poisons, surrogate_features
+from attacks.base import (
+    PoisonSet,
+    PoisonSetup,
+    choose_setup,
+    keep_poisons,
+    stored_poisons,
+    surrogate_features,
+)
 from attacks.crafting import craft, options_identity
 from attacks.experiment import measure_victim
 from attacks.registry import attack_options
@@ -210,12 +217,10 @@ class TransferSetting:
         threat = "-black-box" if self.config.substitutes else ""
         name = f"poisons-{self.config.attack}-transfer{threat}-key{setup.key}-eps{self.config.eps:g}"
         path = self.cache / f"{name}-{stable_hash(*identity, *(p.stem for _, p in self.crafted_against))}.npz"
-        published = self.published / "poisons" / path.name if self.published is not None else None
-        for stored in (path, published):
-            if stored is not None and stored.exists():
-                poisons = load_poisons(stored, setup)
-                self._publish(poisons, path)
-                return poisons
+        places = [path] + ([self.published / "poisons" / path.name] if self.published is not None else [])
+        stored = stored_poisons(places, setup)
+        if stored is not None:
+            return stored
         target = self.test.load_image(setup.target_index)
         poisons = craft(
             self.config.attack,
@@ -229,16 +234,8 @@ class TransferSetting:
             self.amp,
             False,
         )
-        save_poisons(poisons, path)
-        self._publish(poisons, path)
+        keep_poisons(poisons, places)  # in the cache and beside the results (OUT/poisons/), as `evaluate` keeps them
         return poisons
-
-    def _publish(self, poisons: PoisonSet, cached: Path) -> None:
-        """Keep the poisons both in the cache and beside the results (OUT/poisons/), as the from-scratch evaluation
-        does: they are part of the result, and a machine without the cache uses them instead of crafting again."""
-        for place in (cached, self.published / "poisons" / cached.name if self.published is not None else None):
-            if place is not None and not place.exists():
-                save_poisons(poisons, place)
 
     def victim(self, data: ArrayDataset, seed: int) -> Classifier:
         return fine_tune(self.extractor, data, self.recipe, seed, self.device, self.amp)
