@@ -246,7 +246,8 @@ class Harness:
             cost.write_text(json.dumps({"seconds": time.perf_counter() - started, "cpu_seconds": cpu}))
         recorded = json.loads(cost.read_text())
         spent = Cost(recorded["seconds"], recorded.get("cpu_seconds"), result.summary["work"]["flops"])
-        save_scan_outcome(published, data, result, spent)
+        if not same_scan_outcome(published, data, result):  # a cached rerun leaves the published copy as it was
+            save_scan_outcome(published, data, result, spent)
         return result, spent
 
     def measure(self, model: Classifier, setup: PoisonSetup) -> dict[str, Any]:
@@ -376,6 +377,17 @@ def save_scan_outcome(path: Path, data: ArrayDataset, result: ScanResult, cost: 
     partial = path.with_name(path.stem + ".partial.npz")
     np.savez_compressed(partial, **arrays)
     os.replace(partial, path)
+
+
+def same_scan_outcome(path: Path, data: ArrayDataset, result: ScanResult) -> bool:
+    """Whether `path` already publishes `result`'s flags and scores for `data` (its summary's date and command may
+    differ: they name the run that wrote it)."""
+    stored = load_scan_outcome(path, data) if path.exists() else None
+    return (
+        stored is not None
+        and np.array_equal(stored[0].flags, result.flags)
+        and np.array_equal(stored[0].scores, np.asarray(result.scores))
+    )
 
 
 def load_scan_outcome(path: Path, data: ArrayDataset) -> tuple[ScanResult, Cost] | None:

@@ -289,18 +289,23 @@ def test_a_scans_outcome_is_published_and_a_run_without_the_cache_trains_more_de
     base = quick_smoke(tmp_path) | dict(arms=("scan",))
     run_evaluation(train, test, out, EvaluationConfig(**base, victims=1), progress=False)
     (published,) = (out / "scans").glob("scan-*-knn_density.npz")
+    first_copy = published.read_bytes()
+    run_evaluation(train, test, out, EvaluationConfig(**base, victims=2), progress=False)
+    assert published.read_bytes() == first_copy  # a second victim from the cache leaves the published copy as it was
     shutil.rmtree(tmp_path / "cache")  # a fresh machine: the results, their poisons, surrogate and scans
 
     def no_scan(*args, **kwargs):
         raise AssertionError("scanned again although the scan's outcome was published")
 
     monkeypatch.setattr("attacks.experiment.scan", no_scan)
-    run_evaluation(train, test, out, EvaluationConfig(**base, victims=2), progress=False)
-    first, second = (json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if '"scan"' in line)
-    assert (first["victim_seed"], second["victim_seed"]) == (0, 1)
-    for field in ("dropped_fraction", "poison_precision", "poison_recall", "auroc", "scan_options"):
-        assert first[field] == second[field], field
-    assert first["seconds"]["scan"] == second["seconds"]["scan"] and first["flops"]["scan"] == second["flops"]["scan"]
+    run_evaluation(train, test, out, EvaluationConfig(**base, victims=3), progress=False)
+    first, *others = (json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if '"scan"' in line)
+    assert [r["victim_seed"] for r in [first, *others]] == [0, 1, 2]
+    for other_row in others:
+        for field in ("dropped_fraction", "poison_precision", "poison_recall", "auroc", "scan_options"):
+            assert first[field] == other_row[field], field
+        assert first["seconds"]["scan"] == other_row["seconds"]["scan"]
+        assert first["flops"]["scan"] == other_row["flops"]["scan"]
     other = dataclasses.replace(Harness(train, test, out, EvaluationConfig(**base)).train, fingerprint="other")
     assert load_scan_outcome(published, other) is None  # another data set's outcome is never used
     monkeypatch.undo()  # a baseline not yet published needs the default scan's proxy: that scan runs for real
