@@ -10,26 +10,24 @@ loop (`train_model`: augmentation, autocast, SGD step), in one run with the arra
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 from pathlib import Path
 
 import numpy as np
 import torch
+from run_record import write_results  # run as a script: benchmarks/ is on the path
 
 from sanitize.config import TrainConfig
 from sanitize.data.arrays import from_arrays
 from sanitize.models import create_model
-from sanitize.training import train_model
+from sanitize.training import resolve_precision, train_model
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 MODELS = {"convnet": {}, "resnet18_cifar": {"width": 16}}  # the scan's proxy; the full scale's victim
 
 
-def images_per_second(model_name: str, dataset, precision: str, memory_format: str, batch_size: int) -> float:
+def images_per_second(dataset, model_name: str, precision: str, memory_format: str, batch_size: int) -> float:
     """One epoch of `dataset` from a fresh model through `train_model`; images per second of training."""
     torch.manual_seed(0)
     model = create_model(model_name, num_classes=10, **MODELS[model_name])
@@ -63,7 +61,7 @@ def main() -> None:
     rates: dict[tuple[str, str, str], list[float]] = {a: [] for a in arrangements}
     for round_ in range(args.repeats + 1):
         for arrangement in arrangements:  # interleaved, so load drifts hit every arrangement alike
-            rate = images_per_second(arrangement[0], dataset, *arrangement[1:], args.batch_size)
+            rate = images_per_second(dataset, *arrangement, args.batch_size)
             if round_:
                 rates[arrangement].append(rate)
     rows = []
@@ -83,16 +81,10 @@ def main() -> None:
                         "vs_fp32_contiguous": median / base,
                     }
                 )
-    args.out.mkdir(parents=True, exist_ok=True)
-    machine = {
-        "torch": torch.__version__,
-        "threads": args.threads,
-        "cpu": platform.processor() or platform.machine(),
-        "bf16_native": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
-        "load_average": os.getloadavg(),
-    }
-    (args.out / "results.json").write_text(
-        json.dumps({"args": vars(args) | {"out": str(args.out)}, "machine": machine, "rows": rows}, indent=1)
+    bf16_native = resolve_precision("auto", torch.device("cpu")) is not None  # what the product's default picks here
+    write_results(
+        args.out / "results.json",
+        {"args": vars(args) | {"out": str(args.out)}, "bf16_native": bf16_native, "rows": rows},
     )
     lines = [
         "| model | precision | memory format | images/s (median) | vs fp32 contiguous |",
