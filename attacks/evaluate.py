@@ -25,6 +25,7 @@ from attacks.arms import (
 )
 from attacks.base import choose_setup
 from attacks.experiment import Harness
+from attacks.locks import exclusive
 from attacks.rows import robust_changes
 from attacks.scales import EvaluationConfig
 from attacks.selection import select_poisons
@@ -136,10 +137,16 @@ def run_evaluation(
                     else None,
                 }
             )
-            aggregate(out, command)  # after every victim: the summary always matches the rows, mid-run too
+            _aggregate(harness, command)  # after every victim: the summary always matches the rows, mid-run too
     if not config.craft_only:
-        aggregate(out, command)
+        _aggregate(harness, command)
     return out
+
+
+def _aggregate(harness: Harness, command: str | None) -> None:
+    """The summaries of the rows, written by one shard at a time (they read the results file others append to)."""
+    with exclusive(harness.results):
+        aggregate(harness.out, command)
 
 
 def victim_tag(arm: str, poisoned: bool) -> str:

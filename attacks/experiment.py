@@ -17,6 +17,7 @@ from attacks.arms import CONTROL_ARMS, ROBUST_ARMS, SCANNED_ARMS, UNPOISONED_ARM
 from attacks.base import PoisonSet, PoisonSetup, keep_poisons, stored_poisons
 from attacks.carriers import poison_pull, pull_carriers
 from attacks.crafting import craft, options_identity
+from attacks.locks import exclusive
 from attacks.rows import (
     default_scan_options,
     defense_key,
@@ -105,11 +106,17 @@ class Harness:
         return stored_poisons([self.poisons_path(setup), self.published_poisons_path(setup)], setup)
 
     def poisons(self, setup: PoisonSetup, surrogate_models: list[Classifier]) -> PoisonSet:
-        """Craft (or load the cached or published) poisons for this key."""
+        """Craft (or load the cached or published) poisons for this key; one process at a time crafts them."""
+        path, published = self.poisons_path(setup), self.published_poisons_path(setup)
+        with exclusive(path.with_suffix(".lock"), waiting=f"{path.name} is being crafted"):
+            return self._stored_or_crafted(setup, surrogate_models, path, published)
+
+    def _stored_or_crafted(
+        self, setup: PoisonSetup, surrogate_models: list[Classifier], path: Path, published: Path
+    ) -> PoisonSet:
         stored = self.stored_poisons(setup)
         if stored is not None:
             return stored
-        path, published = self.poisons_path(setup), self.published_poisons_path(setup)
         partial = path.with_name(path.stem + ".partial.pt")
         poisons = craft(
             self.config.attack,
@@ -232,7 +239,13 @@ class Harness:
         self, data: ArrayDataset, out: Path, options: dict[str, Any], use_published: bool = True
     ) -> tuple[Any, Cost]:
         """(ScanResult, the first run's cost): a rerun reuses the finished proxy and embeddings; without them (a
-        fresh cache), the published outcome of the same scan of the same data."""
+        fresh cache), the published outcome of the same scan of the same data. One process at a time scans a set."""
+        with exclusive(out.with_name(out.name + ".lock"), waiting=f"{out} is being scanned"):
+            return self._stored_or_scanned(data, out, options, use_published)
+
+    def _stored_or_scanned(
+        self, data: ArrayDataset, out: Path, options: dict[str, Any], use_published: bool
+    ) -> tuple[Any, Cost]:
         published = self.published_scan_path(out)
         if use_published and not (out / "summary.json").exists() and published.exists():
             stored = load_scan_outcome(published, data)
@@ -259,18 +272,7 @@ class Harness:
         as `defense` gives it (`attacks.rows.row_defense`)."""
         finished: dict[tuple, set[tuple[str | None, tuple]]] = {}
         for r in read_rows(self.out) if self.results.exists() else []:
-            identity = (
-                r["attack"],
-                r["eps"],
-                r["budget"],
-                r["poison_key"],
-                r["arm"],
-                r["victim_seed"],
-                r["scale"],
-                r["model"],
-                r["epochs"],
-            )
-            finished.setdefault(identity, set()).add((r.get("poisons_sha256"), row_defense(r)))
+            finished.setdefault(victim_identity(r), set()).add((r.get("poisons_sha256"), row_defense(r)))
         return finished
 
     def plan(
@@ -317,11 +319,25 @@ class Harness:
         ]
         return twins + todo
 
-    def append(self, row: dict[str, Any]) -> None:
-        with self.results.open("a") as handle:
+    def append(self, row: dict[str, Any]) -> bool:
+        """Append `row` to results.jsonl unless the same victim's row (identity, poisons, defense) is there: a shard
+        that measured a victim another shard wrote meanwhile adds nothing. Whether it was appended."""
+        with exclusive(self.results) as handle:
+            if (row.get("poisons_sha256"), row_defense(row)) in self.done().get(victim_identity(row), set()):
+                return False
             handle.write(json.dumps(row) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        return True
+
+
+def victim_identity(row: dict[str, Any]) -> tuple:
+    """What names a row's victim, besides its poisons and defense: (attack, eps, budget, key, arm, seed, scale,
+    model, epochs)."""
+    return tuple(
+        row[name]
+        for name in ("attack", "eps", "budget", "poison_key", "arm", "victim_seed", "scale", "model", "epochs")
+    )
 
 
 def arm_data(

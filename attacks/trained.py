@@ -1,8 +1,8 @@
 """Models trained from scratch (surrogates and victims), cached by everything they depend on.
 
 A model is named by the data's fingerprint, the architecture, the recipe, the seed (and robust training's settings),
-so a rerun, another process or another evaluation sharing the cache loads it instead of training it again; an
-interrupted training resumes from its last epoch.
+so a rerun, another process or another evaluation sharing the cache loads it instead of training it again (one that
+asks while it is being trained waits for it); an interrupted training resumes from its last epoch.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from attacks.locks import exclusive
 from sanitize.config import RobustConfig, TrainConfig
 from sanitize.data import ImageDataset
 from sanitize.models import Classifier, create_model
@@ -72,8 +73,15 @@ class ModelCache:
     def trained(self, data: ImageDataset, seed: int, tag: str, robust: bool = False) -> tuple[Classifier, Cost]:
         """A model trained from scratch on `data` with `seed` (or loaded from the cache), and what its training cost
         (summed over epochs, so a resumed run counts every epoch once). With `robust`, EPIC's dropping
-        (sanitize.robust) runs during training."""
+        (sanitize.robust) runs during training. One process at a time trains a model: another that asks for it
+        meanwhile waits and loads it."""
         final = self.path(data, seed, tag, robust)
+        with exclusive(final.with_suffix(".lock"), waiting=f"{final.name} is being trained"):
+            return self._load_or_train(final, data, seed, tag, robust)
+
+    def _load_or_train(
+        self, final: Path, data: ImageDataset, seed: int, tag: str, robust: bool
+    ) -> tuple[Classifier, Cost]:
         partial = final.with_suffix(".partial.pt")
         model = self.new_model(seed)
         if final.exists():

@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -549,6 +550,46 @@ def test_a_detector_that_flags_nothing_reuses_the_undefended_victim(tmp_path, sp
     assert not list(
         (tmp_path / "cache").glob("victim-activation_clustering-*")
     )  # no second training of the same victim
+
+
+def test_two_shards_that_plan_the_same_victim_train_it_once_and_write_one_row(tmp_path, split_npz, monkeypatch):
+    """Two evaluations sharing a cache and a results file (a defended arm's shard plans the undefended twin another
+    shard is training): the second waits for the victim, loads it, and adds no row of its own."""
+    train, test = split_npz
+    planned = threading.Barrier(2, timeout=120)
+    plan = Harness.plan
+
+    def plan_then_wait(self, *args):
+        todo = plan(self, *args)
+        planned.wait()  # both shards have planned the victim before either trains it
+        return todo
+
+    trainings = []
+
+    def counted(*args, **kwargs):
+        trainings.append(kwargs.get("desc"))
+        return train_model(*args, **kwargs)
+
+    monkeypatch.setattr(Harness, "plan", plan_then_wait)
+    monkeypatch.setattr("attacks.trained.train_model", counted)
+    config = EvaluationConfig(
+        scale="smoke", keys=(0,), victims=1, epochs=1, arms=("clean",), cache=str(tmp_path / "cache")
+    )
+    errors = []
+
+    def shard():
+        try:
+            run_evaluation(train, test, tmp_path / "eval", config, progress=False)
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+
+    shards = [threading.Thread(target=shard) for _ in range(2)]
+    for thread in shards:
+        thread.start()
+    for thread in shards:
+        thread.join(300)
+    assert not errors and trainings == ["victim-clean"]
+    assert len((tmp_path / "eval" / "results.jsonl").read_text().splitlines()) == 1
 
 
 def test_a_victim_resumed_from_a_checkpoint_without_cpu_times_trains_and_reports_no_cpu_cost(tmp_path, split_npz):
