@@ -287,20 +287,18 @@ class Harness:
         config = self.config
 
         def trained(arm: str, seed: int, exact: bool = False) -> bool:
-            rows = done.get(
-                (
-                    config.attack,
-                    config.eps,
-                    config.budget,
-                    key,
-                    arm,
-                    seed,
-                    config.scale,
-                    self.scale.model,
-                    self.recipe.epochs,
-                ),
-                set(),
-            )
+            planned = {
+                "attack": config.attack,
+                "eps": config.eps,
+                "budget": config.budget,
+                "poison_key": key,
+                "arm": arm,
+                "victim_seed": seed,
+                "scale": config.scale,
+                "model": self.scale.model,
+                "epochs": self.recipe.epochs,
+            }
+            rows = done.get(victim_identity(planned), set())
             if arm in UNPOISONED_ARMS:
                 return bool(rows)
             wanted = self.defense(arm, setup)
