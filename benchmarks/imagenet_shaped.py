@@ -32,7 +32,7 @@ from run_record import write_results  # run as a script: benchmarks/ is on the p
 
 from sanitize.data import iterate_batches, open_dataset
 from sanitize.models import create_model, default_model_name
-from sanitize.training import to_model_input
+from sanitize.training import autocast, resolve_precision, to_model_input
 
 BAD_FILES = ("empty.jpg", "truncated.jpg", "notes.jpg", "bomb.png")
 
@@ -105,8 +105,11 @@ def validate(root: Path, workers: int, validation: str) -> tuple[int, int, float
 
 def proxy_costs(root: Path, sides: list[int], rows: int, batch_size: int = 64) -> list[dict]:
     """What a proxy trained from scratch costs per image at each side, in two parts measured apart: reading the files
-    (decode, resize, crop: CPU work wherever the network runs) and one SGD step of the network (fp32, channels_last);
-    for the model `--model auto` picks at that side and for an ImageNet ResNet-18."""
+    (decode, resize, crop: CPU work wherever the network runs) and one SGD step of the network (channels_last, at the
+    precision a scan trains with: bf16 autocast where the hardware runs it natively, else fp32); for the model
+    `--model auto` picks at that side and for an ImageNet ResNet-18."""
+    device = torch.device("cpu")
+    amp = resolve_precision("auto", device)
     found = []
     for side in sides:
         with tempfile.TemporaryDirectory() as failures:  # the truncated file: a black image, as in a scan
@@ -123,7 +126,8 @@ def proxy_costs(root: Path, sides: list[int], rows: int, batch_size: int = 64) -
             step_seconds = []
             for images, labels in [batches[0], *batches]:  # the first batch twice: a warm-up, not timed
                 started = time.perf_counter()
-                loss = torch.nn.functional.cross_entropy(model(to_model_input(images, torch.device("cpu"))), labels)
+                with autocast(device, amp):
+                    loss = torch.nn.functional.cross_entropy(model(to_model_input(images, device)), labels)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
@@ -135,6 +139,7 @@ def proxy_costs(root: Path, sides: list[int], rows: int, batch_size: int = 64) -
                     "model": name,
                     "read_ms_per_image": round(read_ms, 2),
                     "step_ms_per_image": round(step_ms, 2),
+                    "precision": "bf16" if amp is not None else "fp32",
                 }
             )
     return found
@@ -152,8 +157,9 @@ def main() -> None:
     parser.add_argument("--embed-rows", type=int, default=0, help="also time the embedding pass on this many files")
     parser.add_argument("--proxy-sides", default="", help="also time a proxy's training per image at these sides")
     parser.add_argument("--proxy-rows", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the networks (decoding stays one)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     stats = make_folder(args.root, args.classes, args.per_class, args.shared)
     stats["write_seconds"] = round(time.perf_counter() - started, 1)
