@@ -1,5 +1,5 @@
-"""The evaluation's arms: the controls, the defended arms (a detector of `sanitize scan`, robust training, or the default
-scan followed by robust training on what it keeps), and how a defense's drops are scored against the true poisons and
+"""The evaluation's arms: the controls, the defended arms (a detector of `sanitize scan`, robust training, the default
+scan followed by robust training on what it keeps, or training with random noise), and how a defense's drops are scored against the true poisons and
 the carriers."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from attacks.base import PoisonSetup
+from sanitize.config import PAPER_NOISE_EPS
 from sanitize.manifest import flag_metrics
 
 CONTROL_ARMS = ("clean", "undefended", "random-noise")
@@ -26,10 +27,13 @@ TOLD_THE_COUNT = ("deep_knn", "spectral_signatures")  # baselines whose rule nee
 SCAN_THEN_ROBUST = "scan-robust"  # the default scan, then `sanitize train --robust` on the examples it did not flag
 SCANNED_ARMS = {**DETECTOR_ARMS, SCAN_THEN_ROBUST: "knn_density"}  # arms whose victims train on what a scan keeps
 ROBUST_ARMS = ("robust", SCAN_THEN_ROBUST)  # arms whose victims drop examples as they train
+# arms whose victims train on the poisoned set with random noise on every batch (`sanitize train --noise-eps`)
+NOISE_ARMS = ("noise-training",)
+NOISE_EPS = PAPER_NOISE_EPS  # their noise unless a run says otherwise
 # calibration of a filter: one that removes exactly the poisons, and one that removes as many random examples as the
 # default scan flags (what the scan's drops are worth when they carry no knowledge of the poisons)
 CALIBRATION_ARMS = ("perfect-filter", "random-filter")
-ARMS = (*CONTROL_ARMS, *DETECTOR_ARMS, *ROBUST_ARMS, *CALIBRATION_ARMS)
+ARMS = (*CONTROL_ARMS, *DETECTOR_ARMS, *ROBUST_ARMS, *NOISE_ARMS, *CALIBRATION_ARMS)
 
 
 def told_count(detector: str, setup: PoisonSetup) -> int | None:

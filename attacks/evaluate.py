@@ -16,6 +16,7 @@ import numpy as np
 
 from attacks.arms import (
     CALIBRATION_ARMS,
+    NOISE_ARMS,
     ROBUST_ARMS,
     SCANNED_ARMS,
     UNPOISONED_ARMS,
@@ -93,7 +94,7 @@ def run_evaluation(
                 seconds |= {"scan": round(scan_cost.wall, 1), "scan_cpu": _rounded(scan_cost.cpu)}
                 flops["scan"] = scan_cost.flops
             tag = victim_tag(arm, data.fingerprint == poisoned_fingerprint)
-            model, victim_cost = harness.models.trained(data, victim_seed, tag, robust)
+            model, victim_cost = harness.models_for(arm).trained(data, victim_seed, tag, robust)
             if robust:  # what robust training dropped, added to what the scan flagged (positions among those it kept)
                 removed = caught.copy()
                 drop_log = harness.models.path(data, victim_seed, tag, robust).with_suffix(".drop_log.json")
@@ -118,6 +119,7 @@ def run_evaluation(
                     **measured,
                     **defense,
                     **({"robust_options": robust_options} if robust and robust_options else {}),
+                    **({"noise_eps": config.noise_eps} if arm in NOISE_ARMS else {}),
                     "poisons_sha256": poisons.digest() if poisons is not None and arm not in UNPOISONED_ARMS else None,
                     "model": harness.scale.model,
                     "train_size": len(harness.train),

@@ -3,6 +3,7 @@ and which victims are still to train."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attacks.arms import CONTROL_ARMS, ROBUST_ARMS, SCANNED_ARMS, UNPOISONED_ARMS, poison_truth, told_count
+from attacks.arms import CONTROL_ARMS, NOISE_ARMS, SCANNED_ARMS, UNPOISONED_ARMS, poison_truth, told_count
 from attacks.base import PoisonSet, PoisonSetup, keep_poisons, stored_poisons
 from attacks.carriers import poison_pull, pull_carriers
 from attacks.crafting import craft, options_identity
@@ -24,8 +25,8 @@ from attacks.rows import (
     read_rows,
     recorded_scan_options,
     robust_changes,
-    robust_key,
     row_defense,
+    training_key,
 )
 from attacks.scales import EvaluationConfig, class_balanced_subset
 from attacks.surrogates import SURROGATE_SEED, surrogates
@@ -73,6 +74,14 @@ class Harness:
             self.amp,
             progress,
             robust_config,
+        )
+
+    def models_for(self, arm: str) -> ModelCache:
+        """Where an arm's victims are trained: the scale's recipe, with the run's noise for the noise arms."""
+        if arm not in NOISE_ARMS:
+            return self.models
+        return dataclasses.replace(
+            self.models, recipe=dataclasses.replace(self.recipe, noise_eps=self.config.noise_eps)
         )
 
     def surrogates(self) -> tuple[list[Classifier], Cost]:
@@ -202,8 +211,8 @@ class Harness:
 
     def defense(self, arm: str, setup: PoisonSetup) -> tuple[str | None, str | None]:
         """What makes a defended arm's rows this arm's under today's defaults and this run's options: (the scan's
-        `defense_key`, None but for detector arms; robust training's `robust_key`, None but for robust arms). A row
-        scanned or trained with other options (an older default, a variant) is another variant of the arm, trained
+        `defense_key`, None but for detector arms; how the victim trains, `training_key`, None but for robust and noise
+        arms). A row scanned or trained with other options (an older default, a variant) is another variant of the arm, trained
         again rather than counted as done."""
         scanned = None
         if arm in SCANNED_ARMS:
@@ -211,7 +220,13 @@ class Harness:
             variant = self.config.scan_options if detector == "knn_density" else {}
             told = told_count(detector, setup)
             scanned = defense_key(default_scan_options(detector, told, self.train.image_size, **variant))
-        return scanned, robust_key(robust_changes(self.models.robust_config)) if arm in ROBUST_ARMS else None
+        return scanned, training_key(
+            {
+                "arm": arm,
+                "robust_options": robust_changes(self.models.robust_config),
+                "noise_eps": self.config.noise_eps,
+            }
+        )
 
     def carriers(self, setup: PoisonSetup, poisoned: ArrayDataset, surrogate: Classifier) -> np.ndarray:
         """Mask over the poisons (in setup order): the carriers, the fewest poisons holding half of the pull on the

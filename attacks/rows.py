@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from attacks.arms import ROBUST_ARMS, SCANNED_ARMS
+from attacks.arms import NOISE_ARMS, NOISE_EPS, ROBUST_ARMS, SCANNED_ARMS
 from attacks.registry import attack_options
 from attacks.scales import SCALES
 from sanitize.config import RobustConfig, ScanConfig
@@ -125,11 +125,24 @@ def robust_key(changes: dict[str, Any] | None) -> str:
     return json.dumps(changes or {}, sort_keys=True)
 
 
+def noise_key(noise_eps: float) -> str:
+    """A noise arm's training noise as one comparable string."""
+    return json.dumps({"noise_eps": float(noise_eps)})
+
+
+def training_key(row: dict[str, Any]) -> str | None:
+    """How a defended arm's victim trained, where the arm changes it: robust training's settings for robust arms, the
+    noise for noise arms; None for the other arms."""
+    if row["arm"] in ROBUST_ARMS:
+        return robust_key(row.get("robust_options"))
+    return noise_key(row["noise_eps"]) if row["arm"] in NOISE_ARMS else None
+
+
 def row_defense(row: dict[str, Any]) -> tuple[str | None, str | None]:
-    """A row's defense as `Harness.defense` names an arm's: the scan's key for detector arms, robust training's for
-    robust arms, None for what the arm does not have."""
+    """A row's defense as `Harness.defense` names an arm's: the scan's key for detector arms, and how the victim
+    trained (`training_key`), None for what the arm does not have."""
     scanned = defense_key(row.get("scan_options")) if row["arm"] in SCANNED_ARMS else None
-    return scanned, robust_key(row.get("robust_options")) if row["arm"] in ROBUST_ARMS else None
+    return scanned, training_key(row)
 
 
 def attack_changes(row: dict[str, Any]) -> dict[str, Any]:
@@ -165,6 +178,8 @@ def defense_variant(row: dict[str, Any]) -> str:
     ("" when none do, and for the other arms; robust training's prefixed `robust `), so that aggregate keeps rows
     scanned under an older default, or trained with another cap, apart from the current arm."""
     robust = [f"robust {name}={value}" for name, value in (row.get("robust_options") or {}).items()]
+    if row["arm"] in NOISE_ARMS and row["noise_eps"] != NOISE_EPS:
+        robust.append(f"noise_eps={row['noise_eps']:g}")
     if row["arm"] not in SCANNED_ARMS:
         return ", ".join(robust)
     recorded = row.get("scan_options")

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from attacks.arms import ARMS, CONTROL_ARMS
+from attacks.arms import ARMS, CONTROL_ARMS, NOISE_EPS
 from attacks.registry import attack_options
 from sanitize.config import FitConfig, RobustConfig, TrainConfig
 from sanitize.data import ImageDataset
@@ -92,6 +92,7 @@ class EvaluationConfig:
     # robust training's options where they differ from `sanitize train --robust`'s defaults (a variant of the robust
     # arms, on tuning keys)
     robust_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    noise_eps: float = NOISE_EPS  # the noise-training arm's noise (`sanitize train --noise-eps`)
     craft_only: bool = False  # craft (or find) each key's poisons, cache and publish them, and train no victim
     device: str = "auto"
     precision: str = "auto"
@@ -100,7 +101,7 @@ class EvaluationConfig:
 
     def __post_init__(self) -> None:
         # cache names hash these: eps=16 and eps=16.0 must name the same poisons (an int once re-crafted a cached key)
-        self.eps, self.budget = float(self.eps), float(self.budget)
+        self.eps, self.budget, self.noise_eps = float(self.eps), float(self.budget), float(self.noise_eps)
 
     def resolved(self) -> tuple[Scale, TrainConfig, Any]:
         if self.scale not in SCALES:
@@ -118,6 +119,8 @@ class EvaluationConfig:
             train = dataclasses.replace(train, lr=self.lr)
         if self.surrogates < 1:
             raise SanitizeError("surrogates must be >= 1")
+        if not 0 < self.noise_eps <= 255:
+            raise SanitizeError("noise_eps must be in (0, 255]")
         options = scale.effort(self.attack)
         options.update({k: v for k, v in (("restarts", self.restarts), ("iterations", self.iterations)) if v})
         options.update(self.craft_options)

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from sanitize.config import DECODED_CACHE_MODES, SCHEDULES, RobustConfig, ScanConfig, TrainConfig
+from sanitize.config import DECODED_CACHE_MODES, PAPER_NOISE_EPS, SCHEDULES, RobustConfig, ScanConfig, TrainConfig
 from sanitize.detectors import EMBEDDINGS, list_detectors
 from sanitize.detectors.epic import EpicOptions
 from sanitize.detectors.knn_density import ALARM_RULES, ALARM_TESTS, KnnDensityOptions
@@ -535,6 +535,14 @@ def demo(out: Path, quiet: bool) -> None:
     help="Random crop + flip while training.",
 )
 @click.option(
+    "--noise-eps",
+    type=float,
+    default=TRAIN_DEFAULTS.noise_eps,
+    show_default=True,
+    help="Random noise while training: every pixel moved by +-this many levels of 255, a fresh random sign each "
+    "batch (friendly noise's random component, a defense against poisons; 0: off).",
+)
+@click.option(
     "--fraction",
     type=float,
     default=ROBUST_DEFAULTS.fraction,
@@ -824,7 +832,7 @@ def attack(
     "--arms",
     default="clean,undefended,random-noise",
     show_default=True,
-    help="Comma-separated: clean, undefended, random-noise, scan, epic, deep_knn, spectral_signatures, activation_clustering, robust, scan-robust (the scan, then robust training on what it keeps), perfect-filter, random-filter.",
+    help="Comma-separated: clean, undefended, random-noise, scan, epic, deep_knn, spectral_signatures, activation_clustering, robust, scan-robust (the scan, then robust training on what it keeps), noise-training (random noise while training, --noise-eps), perfect-filter, random-filter.",
 )
 @click.option(
     "--model", type=choice(MODELS, "model"), default=None, help="Override the scale's model (surrogate and victims)."
@@ -856,6 +864,13 @@ def attack(
     help="The robust arms' option where it differs from sanitize train --robust's default, e.g. "
     "max_dropped_fraction=0.05 (repeatable; fraction, every, warmup, max_dropped_fraction; rows record it and "
     "summaries keep them apart as a variant of the arm).",
+)
+@click.option(
+    "--noise-eps",
+    type=float,
+    default=PAPER_NOISE_EPS,
+    show_default=True,
+    help="The noise-training arm's victims: sanitize train --noise-eps (every pixel +-this many levels a batch).",
 )
 @click.option(
     "--craft-only",
@@ -898,6 +913,7 @@ def evaluate(
     craft_options,
     scan_options,
     robust_options,
+    noise_eps,
     craft_only,
     cache,
     out: Path,
@@ -929,6 +945,7 @@ def evaluate(
         craft_options=dict(parse_option(attack_name, text) for text in craft_options),
         scan_options=parse_scan_options(scan_options),
         robust_options=dict(parse_name_value(text, "--robust-option") for text in robust_options),
+        noise_eps=noise_eps,
         craft_only=craft_only,
         device=device,
         cache=cache,

@@ -12,6 +12,9 @@ DECODED_CACHE_MODES = ("auto", "on", "off")  # sanitize.data.decoded
 SCHEDULES = ("step", "onecycle")  # sanitize.training.learning_rate
 
 
+PAPER_NOISE_EPS = 16.0  # the friendly-noise paper's random component (mu = 16 of 255)
+
+
 @dataclass
 class TrainConfig:
     """From-scratch training recipe (the poisoning literature's: SGD + Nesterov, crop/flip, step decay)."""
@@ -33,15 +36,22 @@ class TrainConfig:
     # `reduced_side` (area averaging, after the crop and flip), the others at the images' own size; None: off
     reduced_side: int | None = None
     reduced_epochs: int = 0
+    # random noise: every pixel of every batch the network sees moves by +-noise_eps / 255, a fresh random sign each
+    # time (the random component of Liu, Yang & Mirzasoleiman 2022's friendly-noise defense against poisoning; its
+    # paper's value is PAPER_NOISE_EPS); 0: off
+    noise_eps: float = 0.0
 
     def identity(self) -> dict[str, Any]:
-        """The recipe as caches and resumes name it: every field, less the schedule while it is step decay and
-        progressive resizing while it is off, so models trained before either was an option keep their names."""
+        """The recipe as caches and resumes name it: every field, less the schedule while it is step decay, progressive
+        resizing while it is off and the noise while it is off, so models trained before each was an option keep their
+        names."""
         fields = dataclasses.asdict(self)
         if self.schedule == "step":
             del fields["schedule"]
         if self.reduced_side is None:
             del fields["reduced_side"], fields["reduced_epochs"]
+        if not self.noise_eps:
+            del fields["noise_eps"]
         return fields
 
     def checks(self) -> list[tuple[bool, str]]:
@@ -53,6 +63,7 @@ class TrainConfig:
                 self.reduced_side is None or 1 <= self.reduced_epochs < max(self.epochs, 1),
                 "reduced_epochs must be >= 1 and fewer than epochs (the last epochs see the images' own size)",
             ),
+            (0 <= self.noise_eps <= 255, "noise_eps must be in [0, 255]"),
         ]
 
     def side_at(self, epoch: int) -> int | None:

@@ -95,6 +95,17 @@ def resized(x: torch.Tensor, side: int) -> torch.Tensor:
     return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+def with_sign_noise(x: torch.Tensor, eps: float, generator: torch.Generator) -> torch.Tensor:
+    """`x` (in [0, 1]) with every value moved by +-eps / 255, each sign random: TrainConfig.noise_eps. The signs are
+    drawn on `x`'s device from a seed the CPU `generator` gives, so a run is reproducible and no batch of signs
+    crosses to the device. Not clipped to [0, 1], as the defense's reference adds it."""
+    device_generator = torch.Generator(device=x.device).manual_seed(
+        int(torch.randint(2**62, (1,), generator=generator))
+    )
+    signs = torch.empty_like(x).bernoulli_(0.5, generator=device_generator).mul_(2).sub_(1)
+    return x + signs * (eps / 255)
+
+
 def epoch_cost(config: TrainConfig, epoch: int, image_size: tuple[int, int]) -> float:
     """0-based `epoch`'s cost per example relative to one at the images' own size: the pixel share a reduced epoch
     keeps (a convolution's work follows the pixels)."""
@@ -268,6 +279,8 @@ def train_model(
                 x = random_crop_flip(x, generator)
             if side is not None:
                 x = resized(x, side)
+            if config.noise_eps:
+                x = with_sign_noise(x, config.noise_eps, generator)
             y = labels.to(device, non_blocking=True)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, epoch + (batch + 0.5) / per_epoch)

@@ -520,6 +520,34 @@ def test_a_robust_option_is_a_variant_of_the_robust_arm_recorded_resumed_and_kep
     assert result.exit_code == 2 and "fraction must be in (0, 1]" in result.output, result.output
 
 
+def test_the_noise_arm_trains_its_victim_with_noise_records_it_and_keeps_another_noise_apart(tmp_path, split_npz):
+    train, test = split_npz
+    base = dict(scale="smoke", keys=(0,), eps=16, budget=0.02, epochs=2, iterations=2, victims=1)
+    base |= {"cache": str(tmp_path / "cache"), "arms": ("noise-training",)}
+    out = tmp_path / "eval"
+    run_evaluation(train, test, out, EvaluationConfig(**base), progress=False)
+    run_evaluation(train, test, out, EvaluationConfig(**base), progress=False)  # all done: nothing added
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["arm"] for r in rows] == ["undefended", "noise-training"]  # with its undefended twin
+    assert rows[1]["noise_eps"] == 16.0 and "noise_eps" not in rows[0]
+    assert (
+        rows[1]["dropped_fraction"] == 0.0 and rows[1]["flops"] == rows[0]["flops"]
+    )  # noise drops nothing, costs nothing
+    assert sorted(p.name.split("-")[1] for p in (tmp_path / "cache").glob("victim-*.pt")) == ["noise", "undefended"]
+    run_evaluation(train, test, out, EvaluationConfig(**base, noise_eps=8), progress=False)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["arm"], r.get("noise_eps")) for r in rows[1:]] == [("noise-training", 16.0), ("noise-training", 8.0)]
+    assert rows[1]["clean_acc"] != rows[2]["clean_acc"] or rows[1]["p_intended"] != rows[2]["p_intended"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert {(t["arm"], t["variant"]) for t in summary["table"]} == {
+        ("undefended", "iterations=2"),
+        ("noise-training", "iterations=2"),
+        ("noise-training", "iterations=2; noise_eps=8"),
+    }
+    result = evaluate_cli(train, test, "--arms", "noise-training", "--noise-eps", "0", "--out", str(tmp_path / "e"))
+    assert result.exit_code == 2 and "noise_eps must be in (0, 255]" in result.output, result.output
+
+
 def test_a_detector_that_flags_nothing_reuses_the_undefended_victim(tmp_path, split_npz, monkeypatch):
     train, test = split_npz
 

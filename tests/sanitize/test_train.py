@@ -124,6 +124,8 @@ def test_plain_training_from_the_cli_writes_a_weights_only_checkpoint(tmp_path, 
         cli, ["train", str(digits_npz), "--out", str(tmp_path / "u"), "--robust", "--fraction", "0", "--quiet"]
     )
     assert bad.exit_code == 2 and "fraction" in bad.output
+    loud = CliRunner().invoke(cli, ["train", str(digits_npz), "--out", str(tmp_path / "v"), "--noise-eps", "300"])
+    assert loud.exit_code == 2 and "noise_eps must be in [0, 255]" in loud.output
 
 
 def test_training_records_skipped_files_like_a_scan(tmp_path, digits_folder):

@@ -12,7 +12,7 @@ from sanitize.config import ScanConfig, TrainConfig
 from sanitize.errors import SanitizeError
 from sanitize.scanner import scan
 from sanitize.trainer import train
-from sanitize.training import learning_rate, milestone_epochs, resized
+from sanitize.training import learning_rate, milestone_epochs, resized, with_sign_noise
 from sanitize.work import example_flops
 
 
@@ -44,12 +44,13 @@ def test_an_unknown_schedule_is_refused():
 
 
 def test_a_recipes_identity_leaves_out_the_options_it_does_not_use_so_cached_models_keep_their_names():
-    unused = {"schedule", "reduced_side", "reduced_epochs"}
+    unused = {"schedule", "reduced_side", "reduced_epochs", "noise_eps"}
     step, onecycle = TrainConfig(epochs=30), TrainConfig(epochs=30, schedule="onecycle")
     assert step.identity() == {k: v for k, v in dataclasses.asdict(step).items() if k not in unused}
     assert onecycle.identity() == step.identity() | {"schedule": "onecycle"}
     progressive = TrainConfig(epochs=30, reduced_side=16, reduced_epochs=20)
     assert progressive.identity() == step.identity() | {"reduced_side": 16, "reduced_epochs": 20}
+    assert TrainConfig(epochs=30, noise_eps=16).identity() == step.identity() | {"noise_eps": 16}
 
 
 def test_a_one_cycle_run_names_its_schedule_and_never_resumes_a_step_runs_checkpoint(tmp_path, digits_npz, capsys):
@@ -106,3 +107,31 @@ def test_scan_options_that_only_work_together_are_checked_as_a_set():
     assert parse_scan_options(["reduced_side=8", "reduced_epochs=2"]) == {"reduced_side": 8, "reduced_epochs": 2}
     with pytest.raises(SanitizeError, match="reduced_epochs must be >= 1"):
         parse_scan_options(["reduced_side=8"])
+
+
+def test_sign_noise_moves_every_value_by_exactly_eps_either_way_reproducibly_in_the_batchs_memory_format():
+    x = torch.rand(64, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    noisy = with_sign_noise(x, 16, torch.Generator().manual_seed(0))
+    moved = (noisy - x) * 255
+    assert torch.allclose(moved.abs(), torch.full_like(moved, 16.0), atol=1e-3)
+    assert 0.45 < (moved > 0).float().mean() < 0.55  # each sign about half the time
+    assert noisy.is_contiguous(memory_format=torch.channels_last)
+    again = with_sign_noise(x, 16, torch.Generator().manual_seed(0))
+    other = with_sign_noise(x, 16, torch.Generator().manual_seed(1))
+    assert torch.equal(noisy, again) and not torch.equal(noisy, other)
+
+
+def test_training_with_noise_sees_other_batches_names_its_noise_and_never_resumes_a_plain_runs_checkpoint(
+    tmp_path, digits_npz, capsys
+):
+    options = dict(model="tiny", epochs=2, batch_size=64, augment=False, quiet=True)
+    plain = train(digits_npz, tmp_path / "plain", **options)
+    out = tmp_path / "noisy"
+    (tmp_path / "plain").rename(out)  # a finished plain run's checkpoint where the noisy run writes
+    noisy = train(digits_npz, out, noise_eps=16, **options)
+    assert noisy.summary["config"]["train"]["noise_eps"] == 16
+    # trained anew (a resumed plain checkpoint would repeat its losses): the same order, other pixels
+    first = [row["loss"] for row in plain.summary["model"]["history"]]
+    assert first != [row["loss"] for row in noisy.summary["model"]["history"]]
+    with pytest.raises(SanitizeError, match="noise_eps must be in"):
+        train(digits_npz, tmp_path / "bad", noise_eps=-1, **options)
