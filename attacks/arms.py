@@ -27,8 +27,9 @@ TOLD_THE_COUNT = ("deep_knn", "spectral_signatures")  # baselines whose rule nee
 SCAN_THEN_ROBUST = "scan-robust"  # the default scan, then `sanitize train --robust` on the examples it did not flag
 SCANNED_ARMS = {**DETECTOR_ARMS, SCAN_THEN_ROBUST: "knn_density"}  # arms whose victims train on what a scan keeps
 ROBUST_ARMS = ("robust", SCAN_THEN_ROBUST)  # arms whose victims drop examples as they train
-# arms whose victims train on the poisoned set with random noise on every batch (`sanitize train --noise-eps`)
-NOISE_ARMS = ("noise-training",)
+# arms whose victims train on the poisoned set with noise -> the recipe's noises set to the run's eps: random sign
+# noise on every batch (`sanitize train --noise-eps`), and with it friendly noise (`--friendly-eps`, the paper's pair)
+NOISE_ARMS = {"noise-training": ("noise_eps",), "friendly-noise": ("noise_eps", "friendly_eps")}
 NOISE_EPS = PAPER_NOISE_EPS  # their noise unless a run says otherwise
 # calibration of a filter: one that removes exactly the poisons, and one that removes as many random examples as the
 # default scan flags (what the scan's drops are worth when they carry no knowledge of the poisons)

@@ -80,9 +80,8 @@ class Harness:
         """Where an arm's victims are trained: the scale's recipe, with the run's noise for the noise arms."""
         if arm not in NOISE_ARMS:
             return self.models
-        return dataclasses.replace(
-            self.models, recipe=dataclasses.replace(self.recipe, noise_eps=self.config.noise_eps)
-        )
+        noises = {noise: self.config.noise_eps for noise in NOISE_ARMS[arm]}
+        return dataclasses.replace(self.models, recipe=dataclasses.replace(self.recipe, **noises))
 
     def surrogates(self) -> tuple[list[Classifier], Cost]:
         """The attacker's surrogate(s), trained once and published beside the results (attacks.surrogates)."""

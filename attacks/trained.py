@@ -19,6 +19,7 @@ import torch
 from attacks.locks import exclusive
 from sanitize.config import RobustConfig, TrainConfig
 from sanitize.data import ImageDataset
+from sanitize.friendly import friendly_passes
 from sanitize.models import Classifier, create_model
 from sanitize.robust import EpicDropper, robust_work_counts
 from sanitize.training import milestone_epochs, train_model
@@ -120,7 +121,9 @@ class ModelCache:
         the drop log: the same for a model trained now and one loaded from the cache."""
         flops = example_flops(self.model, self.num_classes, (3, *self.image_size), **self.model_kwargs)
         size, epochs, batch_size = len(data), self.recipe.epochs, self.recipe.batch_size
+        friendly = friendly_passes(self.recipe, size)  # noise found for every example, before any is dropped
         if not robust:
-            return phase_work(flops, trained_examples(size, epochs, batch_size), 0)["flops"]
+            return phase_work(flops, trained_examples(size, epochs, batch_size) + friendly, 0)["flops"]
         log = json.loads(self.path(data, seed, tag, robust).with_suffix(".drop_log.json").read_text())
-        return phase_work(flops, *robust_work_counts(log, size, epochs, batch_size))["flops"]
+        trained, scored = robust_work_counts(log, size, epochs, batch_size)
+        return phase_work(flops, trained + friendly, scored)["flops"]

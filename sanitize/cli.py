@@ -543,6 +543,14 @@ def demo(out: Path, quiet: bool) -> None:
     "batch (friendly noise's random component, a defense against poisons; 0: off).",
 )
 @click.option(
+    "--friendly-eps",
+    type=float,
+    default=TRAIN_DEFAULTS.friendly_eps,
+    show_default=True,
+    help="Friendly noise: per example the largest change within +-this many levels that keeps the model's prediction, "
+    "found once at 1/8 of the epochs and added from then on (~30 passes over the data more; 0: off).",
+)
+@click.option(
     "--fraction",
     type=float,
     default=ROBUST_DEFAULTS.fraction,
@@ -832,7 +840,7 @@ def attack(
     "--arms",
     default="clean,undefended,random-noise",
     show_default=True,
-    help="Comma-separated: clean, undefended, random-noise, scan, epic, deep_knn, spectral_signatures, activation_clustering, robust, scan-robust (the scan, then robust training on what it keeps), noise-training (random noise while training, --noise-eps), perfect-filter, random-filter.",
+    help="Comma-separated: clean, undefended, random-noise, scan, epic, deep_knn, spectral_signatures, activation_clustering, robust, scan-robust (the scan, then robust training on what it keeps), noise-training (random noise while training, --noise-eps), friendly-noise (friendly and random noise), perfect-filter, random-filter.",
 )
 @click.option(
     "--model", type=choice(MODELS, "model"), default=None, help="Override the scale's model (surrogate and victims)."
@@ -870,7 +878,8 @@ def attack(
     type=float,
     default=PAPER_NOISE_EPS,
     show_default=True,
-    help="The noise-training arm's victims: sanitize train --noise-eps (every pixel +-this many levels a batch).",
+    help="The noise arms' victims: sanitize train --noise-eps (every pixel +-this many levels a batch), and for "
+    "friendly-noise also --friendly-eps, both at this eps.",
 )
 @click.option(
     "--craft-only",

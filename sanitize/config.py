@@ -40,18 +40,22 @@ class TrainConfig:
     # time (the random component of Liu, Yang & Mirzasoleiman 2022's friendly-noise defense against poisoning; its
     # paper's value is PAPER_NOISE_EPS); 0: off
     noise_eps: float = 0.0
+    # friendly noise: for every example the largest perturbation within +-friendly_eps / 255 that keeps the model's
+    # prediction, found once early in training and added for the rest of it (sanitize/friendly.py); 0: off
+    friendly_eps: float = 0.0
 
     def identity(self) -> dict[str, Any]:
         """The recipe as caches and resumes name it: every field, less the schedule while it is step decay, progressive
-        resizing while it is off and the noise while it is off, so models trained before each was an option keep their
+        resizing while it is off and each noise while it is off, so models trained before each was an option keep their
         names."""
         fields = dataclasses.asdict(self)
         if self.schedule == "step":
             del fields["schedule"]
         if self.reduced_side is None:
             del fields["reduced_side"], fields["reduced_epochs"]
-        if not self.noise_eps:
-            del fields["noise_eps"]
+        for noise in ("noise_eps", "friendly_eps"):
+            if not fields[noise]:
+                del fields[noise]
         return fields
 
     def checks(self) -> list[tuple[bool, str]]:
@@ -64,6 +68,7 @@ class TrainConfig:
                 "reduced_epochs must be >= 1 and fewer than epochs (the last epochs see the images' own size)",
             ),
             (0 <= self.noise_eps <= 255, "noise_eps must be in [0, 255]"),
+            (0 <= self.friendly_eps <= 255, "friendly_eps must be in [0, 255]"),
         ]
 
     def side_at(self, epoch: int) -> int | None:

@@ -123,7 +123,7 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
         # the training's model FLOPs (sanitize.work): every epoch's examples, and robust rounds' scoring passes
         "work": phase_work(
             example_flops(name, dataset.num_classes, (3, *dataset.image_size)),
-            sum(epoch["examples"] for epoch in info["history"]),
+            sum(epoch["examples"] + epoch.get("friendly_passes", 0) for epoch in info["history"]),
             len(dropper.scored_rounds()) * len(dataset) if dropper else 0,
         ),
         "seconds": round(time.perf_counter() - started, 2),

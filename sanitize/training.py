@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from sanitize.config import TrainConfig
 from sanitize.data import ImageDataset, iterate_batches
 from sanitize.distributed import World, all_reduce_sum
 from sanitize.errors import SanitizeError
+from sanitize.friendly import FriendlyNoise, friendly_epoch, friendly_passes
 from sanitize.models import Classifier, create_model
 from sanitize.wording import duration, plural
 from sanitize.work import reduced_size, trained_per_epoch
@@ -239,12 +241,24 @@ def train_model(
                 f"note: {checkpoint} is another run's (other data or options); {desc} trains from the start",
                 file=sys.stderr,
             )
+    friendly, scratch = None, None
+    if config.friendly_eps:
+        if world.distributed:
+            raise SanitizeError("friendly noise is found in one process: train with it without torchrun")
+        if checkpoint is None:  # a scratch folder removed with this frame
+            scratch = tempfile.TemporaryDirectory(prefix="sanitize-friendly-")
+        where = checkpoint.with_suffix(".friendly.npy") if checkpoint else Path(scratch.name) / "friendly.npy"
+        friendly = FriendlyNoise(where, dataset, config.friendly_eps)
     decoded = getattr(dataset, "decoded", None)  # a folder's decoded copy (sanitize.data.decoded), if it keeps one
     filling = decoded is not None and decoded.written() < len(dataset)
     estimate_at = {start_epoch, start_epoch + 1} if filling else {start_epoch}
     for epoch in range(start_epoch, config.epochs):
-        model.train()
         started, cpu_started = time.perf_counter(), time.process_time()
+        if friendly is not None and epoch >= friendly_epoch(config) and not friendly.complete(indices):
+            friendly.generate(model, dataset, indices, device, amp_dtype, config.seed, progress and world.is_main)
+        # the generation's passes are the epoch's that starts with it, also when a resumed run found it done
+        generated = friendly_passes(config, len(indices)) if epoch == friendly_epoch(config) else 0
+        model.train()
         generator = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
         order = world.epoch_share(np.random.default_rng([config.seed, epoch]).permutation(indices))
         order = order[: trained_per_epoch(len(order), batch_size)]  # a batch of one breaks batch norm
@@ -252,7 +266,7 @@ def train_model(
         side = config.side_at(epoch)  # progressive resizing: this epoch's reduced side, or None
         batches = iterate_batches(dataset, order, batch_size, workers, pin_memory=device.type == "cuda")
         per_epoch = -(-len(order) // batch_size)
-        for batch, (images, labels, _) in enumerate(
+        for batch, (images, labels, positions) in enumerate(
             tqdm(
                 batches, total=per_epoch, desc=f"{desc} {epoch + 1}/{config.epochs}", leave=False, disable=not progress
             )
@@ -275,6 +289,8 @@ def train_model(
                 )
                 tqdm.write(f"{desc}: {said}", sys.stderr)
             x = to_model_input(images, device, memory_format)
+            if friendly is not None and epoch >= friendly_epoch(config):
+                x = friendly.added(x, positions)
             if config.augment:
                 x = random_crop_flip(x, generator)
             if side is not None:
@@ -303,6 +319,7 @@ def train_model(
                 "train_acc": correct / max(seen, 1),
                 "examples": int(seen),
                 **({"side": side} if side is not None else {}),
+                **({"friendly_passes": generated} if generated else {}),
                 "seconds": time.perf_counter() - started,
                 "cpu_seconds": time.process_time() - cpu_started,
             }
@@ -319,6 +336,8 @@ def train_model(
                 },
                 checkpoint,
             )
+    if friendly is not None:  # the run is finished: its noise is no longer needed
+        friendly.remove()
     return history
 
 

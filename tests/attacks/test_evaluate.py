@@ -22,6 +22,7 @@ from sanitize.config import ScanConfig
 from sanitize.detectors.epic import EpicOptions
 from sanitize.detectors.knn_density import KnnDensityOptions
 from sanitize.errors import SanitizeError
+from sanitize.friendly import STEPS
 from sanitize.training import train_model
 from sanitize.work import example_flops, trained_examples
 
@@ -520,28 +521,37 @@ def test_a_robust_option_is_a_variant_of_the_robust_arm_recorded_resumed_and_kep
     assert result.exit_code == 2 and "fraction must be in (0, 1]" in result.output, result.output
 
 
-def test_the_noise_arm_trains_its_victim_with_noise_records_it_and_keeps_another_noise_apart(tmp_path, split_npz):
+def test_the_noise_arms_train_their_victims_with_noise_record_it_and_keep_another_noise_apart(tmp_path, split_npz):
     train, test = split_npz
     base = dict(scale="smoke", keys=(0,), eps=16, budget=0.02, epochs=2, iterations=2, victims=1)
-    base |= {"cache": str(tmp_path / "cache"), "arms": ("noise-training",)}
+    base |= {"cache": str(tmp_path / "cache"), "arms": ("noise-training", "friendly-noise")}
     out = tmp_path / "eval"
     run_evaluation(train, test, out, EvaluationConfig(**base), progress=False)
     run_evaluation(train, test, out, EvaluationConfig(**base), progress=False)  # all done: nothing added
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["arm"] for r in rows] == ["undefended", "noise-training"]  # with its undefended twin
-    assert rows[1]["noise_eps"] == 16.0 and "noise_eps" not in rows[0]
-    assert (
-        rows[1]["dropped_fraction"] == 0.0 and rows[1]["flops"] == rows[0]["flops"]
-    )  # noise drops nothing, costs nothing
-    assert sorted(p.name.split("-")[1] for p in (tmp_path / "cache").glob("victim-*.pt")) == ["noise", "undefended"]
-    run_evaluation(train, test, out, EvaluationConfig(**base, noise_eps=8), progress=False)
+    assert [r["arm"] for r in rows] == ["undefended", "noise-training", "friendly-noise"]  # with the undefended twin
+    assert [r.get("noise_eps") for r in rows] == [None, 16.0, 16.0]
+    assert rows[1]["dropped_fraction"] == 0.0 and rows[1]["flops"] == rows[0]["flops"]  # random noise costs nothing
+    size, flops = rows[0]["train_size"], example_flops("tiny", 10, (3, 16, 16)).train
+    friendly_flops = rows[2]["flops"]["victim_training"] - rows[0]["flops"]["victim_training"]
+    assert friendly_flops == pytest.approx(STEPS * size * flops)  # friendly noise: STEPS passes over the data
+    names = sorted("-".join(p.name.split("-")[1:-1]) for p in (tmp_path / "cache").glob("victim-*.pt"))
+    assert names == ["friendly-noise", "noise-training", "undefended"]
+    run_evaluation(
+        train, test, out, EvaluationConfig(**base | {"arms": ("noise-training",)}, noise_eps=8), progress=False
+    )
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [(r["arm"], r.get("noise_eps")) for r in rows[1:]] == [("noise-training", 16.0), ("noise-training", 8.0)]
-    assert rows[1]["clean_acc"] != rows[2]["clean_acc"] or rows[1]["p_intended"] != rows[2]["p_intended"]
+    assert [(r["arm"], r.get("noise_eps")) for r in rows[1:]] == [
+        ("noise-training", 16.0),
+        ("friendly-noise", 16.0),
+        ("noise-training", 8.0),
+    ]
+    assert rows[1]["clean_acc"] != rows[3]["clean_acc"] or rows[1]["p_intended"] != rows[3]["p_intended"]
     summary = json.loads((out / "summary.json").read_text())
     assert {(t["arm"], t["variant"]) for t in summary["table"]} == {
         ("undefended", "iterations=2"),
         ("noise-training", "iterations=2"),
+        ("friendly-noise", "iterations=2"),
         ("noise-training", "iterations=2; noise_eps=8"),
     }
     result = evaluate_cli(train, test, "--arms", "noise-training", "--noise-eps", "0", "--out", str(tmp_path / "e"))

@@ -44,13 +44,14 @@ def test_an_unknown_schedule_is_refused():
 
 
 def test_a_recipes_identity_leaves_out_the_options_it_does_not_use_so_cached_models_keep_their_names():
-    unused = {"schedule", "reduced_side", "reduced_epochs", "noise_eps"}
+    unused = {"schedule", "reduced_side", "reduced_epochs", "noise_eps", "friendly_eps"}
     step, onecycle = TrainConfig(epochs=30), TrainConfig(epochs=30, schedule="onecycle")
     assert step.identity() == {k: v for k, v in dataclasses.asdict(step).items() if k not in unused}
     assert onecycle.identity() == step.identity() | {"schedule": "onecycle"}
     progressive = TrainConfig(epochs=30, reduced_side=16, reduced_epochs=20)
     assert progressive.identity() == step.identity() | {"reduced_side": 16, "reduced_epochs": 20}
     assert TrainConfig(epochs=30, noise_eps=16).identity() == step.identity() | {"noise_eps": 16}
+    assert TrainConfig(epochs=30, friendly_eps=8).identity() == step.identity() | {"friendly_eps": 8}
 
 
 def test_a_one_cycle_run_names_its_schedule_and_never_resumes_a_step_runs_checkpoint(tmp_path, digits_npz, capsys):
