@@ -22,7 +22,7 @@ from sanitize.data import ImageDataset
 from sanitize.friendly import friendly_passes
 from sanitize.models import Classifier, create_model
 from sanitize.robust import EpicDropper, robust_work_counts
-from sanitize.training import milestone_epochs, train_model
+from sanitize.training import milestone_epochs, save_atomic, train_model
 from sanitize.work import example_flops, phase_work, trained_examples
 
 
@@ -75,8 +75,10 @@ class ModelCache:
         """A model trained from scratch on `data` with `seed` (or loaded from the cache), and what its training cost
         (summed over epochs, so a resumed run counts every epoch once). With `robust`, EPIC's dropping
         (sanitize.robust) runs during training. One process at a time trains a model: another that asks for it
-        meanwhile waits and loads it."""
+        meanwhile waits and loads it; a finished model (written whole, by a rename) loads without waiting."""
         final = self.path(data, seed, tag, robust)
+        if final.exists():
+            return self._load_or_train(final, data, seed, tag, robust)
         with exclusive(final.with_suffix(".lock"), waiting=f"{final.name} is being trained"):
             return self._load_or_train(final, data, seed, tag, robust)
 
@@ -112,7 +114,7 @@ class ModelCache:
         cpu = [epoch.get("cpu_seconds") for epoch in history]  # a run resumed from an older checkpoint lacks some
         on_cpu = self.device.type == "cpu" and None not in cpu
         wall, cpu = sum(epoch["seconds"] for epoch in history), sum(cpu) if on_cpu else None
-        torch.save({"model": model.state_dict(), "seconds": wall, "cpu_seconds": cpu}, final)
+        save_atomic({"model": model.state_dict(), "seconds": wall, "cpu_seconds": cpu}, final)
         partial.unlink(missing_ok=True)
         return model, Cost(wall, cpu, self.work(data, seed, tag, robust))
 
