@@ -53,13 +53,16 @@ def run_transfer_evaluation(
     finetune, options = world.finetune, world.options
     setting = f"transfer-{config.mode}"
     done = _done(out)
+    crafted_with = _options_key(dataclasses.asdict(options))
     for key in config.keys:
         setup = world.setup(key)
         poisons: PoisonSet | None = None
         for arm in config.arms:
             for seed in range(config.victims):
-                crafted_against = config.substitutes if arm not in UNPOISONED_ARMS else ()  # controls have no poisons
-                if (setting, config.attack, config.eps, key, arm, seed, crafted_against) in done:
+                poisoned = arm not in UNPOISONED_ARMS  # the controls have no poisons
+                crafted_against = config.substitutes if poisoned else ()
+                crafting = crafted_with if poisoned else None
+                if (setting, config.attack, config.eps, key, arm, seed, crafted_against, crafting) in done:
                     continue
                 if arm not in UNPOISONED_ARMS:
                     poisons = poisons or world.poisons(setup)
@@ -111,7 +114,14 @@ def run_transfer_evaluation(
     return out
 
 
+def _options_key(options: dict | None) -> str | None:
+    """Crafting options as one comparable string (None for the controls' rows, which have no poisons)."""
+    return None if options is None else json.dumps(options, sort_keys=True)
+
+
 def _done(out: Path) -> set[tuple]:
+    """The victims OUT has rows for, each named with its poisons' crafting options: a run with other options (an
+    `--craft-option`) trains its poisoned arms again instead of counting another attack's rows as its own."""
     if not (out / "results.jsonl").exists():
         return set()
     return {
@@ -123,6 +133,7 @@ def _done(out: Path) -> set[tuple]:
             r["arm"],
             r["victim_seed"],
             tuple(r.get("substitutes", ())),
+            _options_key(r.get("craft_config")),
         )
         for r in read_rows(out)
     }

@@ -146,17 +146,21 @@ def row_defense(row: dict[str, Any]) -> tuple[str | None, str | None]:
 
 
 def attack_changes(row: dict[str, Any]) -> dict[str, Any]:
-    """How a row's poisons were crafted, as the options that differ from its scale's defaults for its attack (none for
-    rows without poisons and for rows of other settings than the scales'). An option a row does not record (older
-    rows) took its default."""
+    """How a row's poisons were crafted, as the options that differ from its scale's defaults for its attack (the
+    attack's own defaults in the transfer setting; none for rows without poisons and for rows of other settings). An
+    option a row does not record (older rows) took its default."""
     crafted = row.get("craft_config")
     # the transfer setting's black-box poisons, crafted against substitutes instead of the victims' extractor
     against = {"substitutes": ",".join(row["substitutes"])} if crafted and row.get("substitutes") else {}
-    if not crafted or row["scale"] not in SCALES:
+    if not crafted:
         return against
-    default = json.loads(
-        json.dumps(dataclasses.asdict(attack_options(row["attack"], **SCALES[row["scale"]].effort(row["attack"]))))
-    )
+    if row["scale"] in SCALES:
+        effort = SCALES[row["scale"]].effort(row["attack"])
+    elif row["scale"].startswith("transfer-"):  # the transfer setting crafts at the attack's own defaults
+        effort = {}
+    else:
+        return against
+    default = json.loads(json.dumps(dataclasses.asdict(attack_options(row["attack"], **effort))))
     changed = {name: value for name, value in crafted.items() if name in default and default[name] != value}
     return changed | ({"surrogates": row["surrogates"]} if row.get("surrogates") not in (None, 1) else {}) | against
 

@@ -112,6 +112,19 @@ def test_black_box_poisons_are_crafted_against_substitutes_and_kept_apart_from_w
     assert "substitutes=convnet" in (out / "summary.md").read_text()
 
 
+def test_poisons_crafted_with_other_options_are_trained_again_and_kept_apart_in_the_summary(digits_transfer):
+    options = {"keys": (0,), "poisons": 3, "extractor_epochs": 2, "pool_per_class": 40, "finetune_per_class": 20}
+    options |= {"finetune_epochs": 3, "arms": ("clean", "undefended"), "attack": "bullseye-polytope"}
+    first, _ = digits_transfer(**options | {"craft_options": {"iterations": 5}})
+    again, out = digits_transfer(**options | {"craft_options": {"iterations": 5, "blocks": True}})
+    added = again[len(first) :]
+    assert [r["arm"] for r in added] == ["undefended"]  # the control has no poisons: the first run's serves
+    assert added[0]["craft_config"]["blocks"] and added[0]["poisons_sha256"] != first[1]["poisons_sha256"]
+    assert digits_transfer(**options | {"craft_options": {"iterations": 5, "blocks": True}})[0] == again  # all done
+    summary = (out / "summary.md").read_text()
+    assert "blocks=True" in summary and "iterations=5" in summary
+
+
 @pytest.mark.parametrize(
     ("option", "message"),
     [
