@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 
 from attacks.base import PoisonSetup
-from sanitize.config import PAPER_NOISE_EPS
 from sanitize.manifest import flag_metrics
 
 CONTROL_ARMS = ("clean", "undefended", "random-noise")
@@ -30,7 +29,6 @@ ROBUST_ARMS = ("robust", SCAN_THEN_ROBUST)  # arms whose victims drop examples a
 # arms whose victims train on the poisoned set with noise -> the recipe's noises set to the run's eps: random sign
 # noise on every batch (`sanitize train --noise-eps`), and with it friendly noise (`--friendly-eps`, the paper's pair)
 NOISE_ARMS = {"noise-training": ("noise_eps",), "friendly-noise": ("noise_eps", "friendly_eps")}
-NOISE_EPS = PAPER_NOISE_EPS  # their noise unless a run says otherwise
 # calibration of a filter: one that removes exactly the poisons, and one that removes as many random examples as the
 # default scan flags (what the scan's drops are worth when they carry no knowledge of the poisons)
 CALIBRATION_ARMS = ("perfect-filter", "random-filter")

@@ -36,7 +36,7 @@ from attacks.registry import get_attack
 from sanitize.data import ImageDataset
 from sanitize.errors import SanitizeError
 from sanitize.models import Classifier
-from sanitize.training import autocast, save_atomic
+from sanitize.training import autocast, precision_name, save_atomic
 
 
 @dataclass
@@ -285,7 +285,7 @@ def craft(
         "loss_history_best": losses_per_restart[int(np.argmin(finals))],
         "surrogates": len(surrogates),
         "seconds": round(time.perf_counter() - started, 2),
-        "precision": "bf16" if amp_dtype is not None else "fp32",
+        "precision": precision_name(amp_dtype),
     }
     colour_maps = None if best.colour is None else best.colour_map().cpu()
     return PoisonSet(setup=setup, eps=eps, deltas=deltas, method=name, metadata=metadata, colour=colour_maps)

@@ -64,7 +64,7 @@ def run_transfer_evaluation(
                 crafting = crafted_with if poisoned else None
                 if (setting, config.attack, config.eps, key, arm, seed, crafted_against, crafting) in done:
                     continue
-                if arm not in UNPOISONED_ARMS:
+                if poisoned:
                     poisons = poisons or world.poisons(setup)
                 data = arm_data(finetune, arm, poisons, setup, config.eps)
                 defense = {"dropped_fraction": 0.0, "poison_precision": None, "poison_recall": None, "auroc": None}
@@ -94,15 +94,15 @@ def run_transfer_evaluation(
                     "success": measured["target_pred"] == setup.intended_class,
                     **measured,
                     **defense,
-                    "poisons_sha256": poisons.digest() if arm not in UNPOISONED_ARMS else None,
+                    "poisons_sha256": poisons.digest() if poisoned else None,
                     "model": config.extractor,
                     "train_size": len(finetune),
                     "epochs": world.recipe.epochs,
-                    "craft_config": dataclasses.asdict(options) if arm not in UNPOISONED_ARMS else None,
+                    "craft_config": dataclasses.asdict(options) if poisoned else None,
                     **({"substitutes": list(crafted_against)} if crafted_against else {}),
                     "seconds": {
                         "victim_training": seconds,
-                        "crafting": poisons.metadata.get("seconds") if arm not in UNPOISONED_ARMS else None,
+                        "crafting": poisons.metadata.get("seconds") if poisoned else None,
                         "scan": scan_seconds,
                     },
                 }

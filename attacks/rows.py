@@ -12,10 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from attacks.arms import NOISE_ARMS, NOISE_EPS, ROBUST_ARMS, SCANNED_ARMS
+from attacks.arms import NOISE_ARMS, ROBUST_ARMS, SCANNED_ARMS
 from attacks.registry import attack_options
 from attacks.scales import SCALES
-from sanitize.config import RobustConfig, ScanConfig
+from sanitize.config import PAPER_NOISE_EPS, RobustConfig, ScanConfig
 from sanitize.detectors.epic import EpicOptions
 from sanitize.detectors.knn_density import KnnDensityOptions
 from sanitize.errors import SanitizeError
@@ -182,7 +182,7 @@ def defense_variant(row: dict[str, Any]) -> str:
     ("" when none do, and for the other arms; robust training's prefixed `robust `), so that aggregate keeps rows
     scanned under an older default, or trained with another cap, apart from the current arm."""
     robust = [f"robust {name}={value}" for name, value in (row.get("robust_options") or {}).items()]
-    if row["arm"] in NOISE_ARMS and row["noise_eps"] != NOISE_EPS:
+    if row["arm"] in NOISE_ARMS and row["noise_eps"] != PAPER_NOISE_EPS:
         robust.append(f"noise_eps={row['noise_eps']:g}")
     if row["arm"] not in SCANNED_ARMS:
         return ", ".join(robust)

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from attacks.arms import ARMS, CONTROL_ARMS, NOISE_EPS
+from attacks.arms import ARMS, CONTROL_ARMS
 from attacks.registry import attack_options
-from sanitize.config import FitConfig, RobustConfig, TrainConfig
+from sanitize.config import PAPER_NOISE_EPS, FitConfig, RobustConfig, TrainConfig
 from sanitize.data import ImageDataset
 from sanitize.data.arrays import ArrayDataset
 from sanitize.errors import SanitizeError
@@ -92,7 +92,7 @@ class EvaluationConfig:
     # robust training's options where they differ from `sanitize train --robust`'s defaults (a variant of the robust
     # arms, on tuning keys)
     robust_options: dict[str, Any] = dataclasses.field(default_factory=dict)
-    noise_eps: float = NOISE_EPS  # the noise-training arm's noise (`sanitize train --noise-eps`)
+    noise_eps: float = PAPER_NOISE_EPS  # the noise arms' noise (`sanitize train --noise-eps`, and --friendly-eps)
     craft_only: bool = False  # craft (or find) each key's poisons, cache and publish them, and train no victim
     device: str = "auto"
     precision: str = "auto"

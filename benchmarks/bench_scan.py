@@ -29,7 +29,7 @@ from sanitize.detectors import DetectorContext
 from sanitize.detectors.knn_density import ISOLATION_ONLY, KnnDensityOptions, knn_isolation
 from sanitize.embeddings import compute_embeddings, load_embeddings
 from sanitize.models import create_model
-from sanitize.training import autocast, resolve_precision, to_model_input, train_model
+from sanitize.training import autocast, precision_name, resolve_precision, to_model_input, train_model
 
 AS_MEASURED = ISOLATION_ONLY  # the rule as this benchmark measured it (reports/scan-benchmark)
 QUIET = DetectorContext(progress=False)
@@ -115,7 +115,7 @@ def embedding_overhead(
         "model": model_name,
         "image_size": list(dataset.image_size),
         "classes": dataset.num_classes,
-        "precision": "bf16" if amp is not None else "fp32",
+        "precision": precision_name(amp),
         "rows": rows,
         "batch_size": batch_size,
         "forward_img_per_s": plain,

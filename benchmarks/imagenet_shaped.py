@@ -32,7 +32,7 @@ from run_record import write_results  # run as a script: benchmarks/ is on the p
 
 from sanitize.data import iterate_batches, open_dataset
 from sanitize.models import create_model, default_model_name
-from sanitize.training import autocast, resolve_precision, to_model_input
+from sanitize.training import autocast, precision_name, resolve_precision, to_model_input
 
 BAD_FILES = ("empty.jpg", "truncated.jpg", "notes.jpg", "bomb.png")
 
@@ -139,7 +139,7 @@ def proxy_costs(root: Path, sides: list[int], rows: int, batch_size: int = 64) -
                     "model": name,
                     "read_ms_per_image": round(read_ms, 2),
                     "step_ms_per_image": round(step_ms, 2),
-                    "precision": "bf16" if amp is not None else "fp32",
+                    "precision": precision_name(amp),
                 }
             )
     return found

@@ -43,6 +43,11 @@ def friendly_passes(config: TrainConfig, size: int) -> int:
     return STEPS * size if config.friendly_eps else 0
 
 
+def _batches(positions: np.ndarray) -> int:
+    """Batches the generation takes for `positions`."""
+    return -(-len(positions) // BATCH_SIZE)
+
+
 class FriendlyNoise:
     """The noise of one training run at `path` (.npy, int8 N x H x W x C) with its progress beside it (.json)."""
 
@@ -60,7 +65,7 @@ class FriendlyNoise:
 
     def complete(self, positions: np.ndarray) -> bool:
         """Whether the noise of `positions` is all found."""
-        return self.batches_done >= -(-len(positions) // BATCH_SIZE)
+        return self.batches_done >= _batches(positions)
 
     def _array(self, mode: str) -> np.ndarray:
         if self._noise is None or mode == "w+":
@@ -85,7 +90,7 @@ class FriendlyNoise:
         positions = np.sort(np.asarray(positions, dtype=np.int64))
         if self.complete(positions):
             return
-        total, done = -(-len(positions) // BATCH_SIZE), self.batches_done
+        total, done = _batches(positions), self.batches_done
         noise = self._array("r+" if done else "w+")
         was_training = model.training
         model.eval()

@@ -57,6 +57,11 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return None
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """How summaries and benchmarks name `resolve_precision`'s result."""
+    return "fp32" if dtype is None else "bf16"
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if dtype is None:
         return contextlib.nullcontext()
@@ -254,7 +259,8 @@ def train_model(
     estimate_at = {start_epoch, start_epoch + 1} if filling else {start_epoch}
     for epoch in range(start_epoch, config.epochs):
         started, cpu_started = time.perf_counter(), time.process_time()
-        if friendly is not None and epoch >= friendly_epoch(config) and not friendly.complete(indices):
+        with_friendly = friendly is not None and epoch >= friendly_epoch(config)
+        if with_friendly and not friendly.complete(indices):
             friendly.generate(model, dataset, indices, device, amp_dtype, config.seed, progress and world.is_main)
         # the generation's passes are the epoch's that starts with it, also when a resumed run found it done
         generated = friendly_passes(config, len(indices)) if epoch == friendly_epoch(config) else 0
@@ -289,7 +295,7 @@ def train_model(
                 )
                 tqdm.write(f"{desc}: {said}", sys.stderr)
             x = to_model_input(images, device, memory_format)
-            if friendly is not None and epoch >= friendly_epoch(config):
+            if with_friendly:
                 x = friendly.added(x, positions)
             if config.augment:
                 x = random_crop_flip(x, generator)
