@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from attacks.arms import DETECTOR_ARMS, UNPOISONED_ARMS, poison_truth, told_count
+from attacks.arms import DETECTOR_ARMS, UNPOISONED_ARMS, poison_truth, robust_dropped, told_count
 from attacks.base import PoisonSet, PoisonSetup
 from attacks.experiment import arm_data
 from attacks.rows import read_rows, recorded_scan_options
@@ -34,7 +34,11 @@ from sanitize.scanner import scan
 # scan-held-out-extractor tells the scan the extractor never saw the fine-tuning set (--held-out-checkpoint), so its
 # label check runs on the extractor's predictions
 SCAN_ARMS = ("scan", "scan-extractor", "scan-held-out-extractor", "deep_knn-extractor")
-TRANSFER_ARMS = ("clean", "undefended", "random-noise", *SCAN_ARMS)
+# victims that drop isolated examples as they fine-tune (EPIC's rounds, attacks.transfer), on the poisoned set or on
+# what a scan arm kept of it
+ROBUST_ARMS = {"robust": None, "scan-held-out-robust": "scan-held-out-extractor"}
+TRANSFER_ARMS = ("clean", "undefended", "random-noise", *SCAN_ARMS, *ROBUST_ARMS)
+SCAN_PART = ("dropped_fraction", "poison_recall", "auroc")  # the scan's own share of a scan-then-robust arm
 
 
 def run_transfer_evaluation(
@@ -69,16 +73,29 @@ def run_transfer_evaluation(
                 data = arm_data(finetune, arm, poisons, setup, config.eps)
                 defense = {"dropped_fraction": 0.0, "poison_precision": None, "poison_recall": None, "auroc": None}
                 scan_seconds = None
-                if arm in SCAN_ARMS:
-                    checkpoint = world.extractor_path if arm.endswith("-extractor") else None
-                    held_out = arm == "scan-held-out-extractor"
-                    detector = DETECTOR_ARMS[arm.removesuffix("-extractor").removesuffix("-held-out")]
-                    data, defense, scan_seconds = _scanned(
+                caught = np.zeros(len(data), dtype=bool)
+                scan_arm = arm if arm in SCAN_ARMS else ROBUST_ARMS.get(arm)
+                if scan_arm is not None:
+                    checkpoint = world.extractor_path if scan_arm.endswith("-extractor") else None
+                    held_out = scan_arm == "scan-held-out-extractor"
+                    detector = DETECTOR_ARMS[scan_arm.removesuffix("-extractor").removesuffix("-held-out")]
+                    caught, defense, scan_seconds = _scanned(
                         data, setup, world.cache, checkpoint, detector, config, held_out
                     )
+                drop_log = None
+                if arm in ROBUST_ARMS:
+                    drop_log = world.cache / "robust" / f"{arm}-{data.fingerprint[:16]}-seed{seed}.drop_log.json"
+                    drop_log.parent.mkdir(parents=True, exist_ok=True)
+                truth = poison_truth(setup, len(data))
+                data = data.subset(np.flatnonzero(~caught)) if caught.any() else data
                 started = time.perf_counter()
-                victim = world.victim(data, seed)
+                victim = world.victim(data, seed, drop_log)
                 seconds = round(time.perf_counter() - started, 2)
+                if drop_log is not None:  # what robust training dropped, added to what the scan flagged
+                    removed = caught.copy()
+                    removed[np.flatnonzero(~caught)[robust_dropped(drop_log, len(data))]] = True
+                    scanned = {f"scan_{name}": defense[name] for name in SCAN_PART} if scan_arm else {}
+                    defense |= flag_metrics(removed, None, truth) | scanned
                 measured = world.measure(victim, setup)
                 row = {
                     "attack": config.attack,
@@ -147,9 +164,9 @@ def _scanned(
     detector: str,
     config: TransferConfig,
     held_out: bool = False,
-) -> tuple[ArrayDataset, dict[str, Any], float]:
-    """What `sanitize scan` with `detector` keeps of the poisoned fine-tuning set (with `checkpoint` as its proxy,
-    `held_out` if the scan is told it never saw the set, or one it trains on the data), its flags scored against the
+) -> tuple[np.ndarray, dict[str, Any], float]:
+    """What `sanitize scan` with `detector` flags in the poisoned fine-tuning set (with `checkpoint` as its proxy,
+    `held_out` if the scan is told it never saw the set, or one it trains on the data): the flags, scored against the
     true poisons, and its wall seconds. Cached per poisoned set, proxy and detector."""
     options = {"quiet": True, "device": config.device, "precision": config.precision, "detector": detector}
     options |= {"expected_poisons": told_count(detector, setup)}
@@ -166,4 +183,4 @@ def _scanned(
     result = scan(data, out, **options)
     metrics = flag_metrics(result.flags, result.scores, poison_truth(setup, len(result.flags)))
     metrics["scan_options"] = recorded_scan_options(result.summary["config"])
-    return data.subset(np.flatnonzero(~result.flags)), metrics, round(time.perf_counter() - started, 2)
+    return result.flags, metrics, round(time.perf_counter() - started, 2)

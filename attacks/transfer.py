@@ -5,7 +5,9 @@ Facts from the reference (ucsb-seclab/BullseyePoison): the extractor is pretrain
 fine-tuning set is 50 per class drawn from the other 200; victims fine-tune for 60 epochs at batch 64 with Adam, the
 rate x0.1 at epochs 30 and 45, the network in eval mode (batch norm statistics frozen) and no augmentation. *Linear*
 victims retrain the last layer only (rate 0.1, no weight decay); *end-to-end* victims fine-tune every weight (rate
-1e-4, weight decay 5e-4). Both start from the pretrained head, as the reference's do. `TransferSetting` holds one
+1e-4, weight decay 5e-4). Both start from the pretrained head, as the reference's do. *Robust* victims fine-tune while
+the product's EPIC dropper (sanitize.robust) runs a round after every epoch of the first quarter, as EPIC's reference
+(YuYang0901/EPIC) does in transfer: every epoch from 1, none from epoch 10 of 40. `TransferSetting` holds one
 configuration's data, extractor and poisons for the evaluation (attacks.evaluate_transfer) and the benchmarks.
 """
 
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,16 +38,19 @@ from attacks.experiment import measure_victim
 from attacks.registry import attack_options
 from attacks.surrogates import published_model
 from attacks.trained import ModelCache, stable_hash
-from sanitize.config import TrainConfig
+from sanitize.config import RobustConfig, TrainConfig
 from sanitize.data import open_dataset
 from sanitize.data.arrays import ArrayDataset
 from sanitize.errors import SanitizeError
 from sanitize.models import Classifier
+from sanitize.robust import EpicDropper
 from sanitize.training import autocast, channel_stats, resolve_device, resolve_precision
 
 MODES = ("linear", "end-to-end")
 EXTRACTOR_SEED = 0  # the victims' extractor; white-box attacks craft against this one
 SUBSTITUTE_SEED = 1  # black-box substitutes: never the victims' network, even where of its architecture
+ROBUST_ROUNDS = RobustConfig(every=1)  # EPIC's transfer recipe: a round after every epoch, the product's other defaults
+ROBUST_STOP = 10 / 40  # ... and none from this share of the epochs on (EPIC's reference: epoch 10 of 40)
 
 
 def transfer_split(train: ArrayDataset, pool_per_class: int = 200, finetune_per_class: int = 50, seed: int = 0):
@@ -95,9 +102,11 @@ def fine_tune(
     seed: int,
     device: torch.device,
     amp: torch.dtype | None,
+    after_epoch: Callable[[int, torch.nn.Module, np.ndarray], np.ndarray] | None = None,
 ) -> Classifier:
     """A victim: a copy of the pretrained `extractor` (with its head) fine-tuned on `data`, its batch order drawn from
-    `seed`. Linear victims fine-tune the head on features computed once; end-to-end victims fine-tune everything."""
+    `seed`. Linear victims fine-tune the head on features computed once; end-to-end victims fine-tune everything.
+    `after_epoch(epoch, model, positions)` returns the positions the next epoch trains on (robust training's drops)."""
     model = copy.deepcopy(extractor).to(device).eval()
     generator = torch.Generator().manual_seed(seed)
     labels = torch.from_numpy(data.labels).long().to(device)
@@ -108,11 +117,12 @@ def fine_tune(
     trainable = model.head.parameters() if linear else model.parameters()
     optimizer = torch.optim.Adam(trainable, lr=recipe.rate, weight_decay=recipe.decay)
     drops = {round(recipe.epochs * f) for f in recipe.milestones}
+    survivors = np.arange(len(data))
     for epoch in range(recipe.epochs):
         if epoch in drops:
             for group in optimizer.param_groups:
                 group["lr"] *= 0.1
-        order = torch.randperm(len(data), generator=generator)
+        order = torch.from_numpy(survivors)[torch.randperm(len(survivors), generator=generator)]
         for start in range(0, len(order), recipe.batch_size):
             batch = order[start : start + recipe.batch_size]
             if linear:
@@ -125,6 +135,9 @@ def fine_tune(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        if after_epoch is not None:
+            survivors = after_epoch(epoch, model, survivors)
+            model.eval()  # the dropper leaves the model in train mode; fine-tuning keeps batch norm frozen
     return model.eval()
 
 
@@ -237,8 +250,14 @@ class TransferSetting:
         keep_poisons(poisons, places)  # in the cache and beside the results (OUT/poisons/), as `evaluate` keeps them
         return poisons
 
-    def victim(self, data: ArrayDataset, seed: int) -> Classifier:
-        return fine_tune(self.extractor, data, self.recipe, seed, self.device, self.amp)
+    def victim(self, data: ArrayDataset, seed: int, drop_log: Path | None = None) -> Classifier:
+        """A victim fine-tuned on `data`; with `drop_log`, robust: EPIC's rounds drop isolated examples as it goes
+        and log them there."""
+        dropper = None
+        if drop_log is not None:
+            last_round = math.ceil(self.recipe.epochs * ROBUST_STOP) - 1
+            dropper = EpicDropper(data, ROBUST_ROUNDS, self.recipe.epochs, last_round, drop_log, self.device, self.amp)
+        return fine_tune(self.extractor, data, self.recipe, seed, self.device, self.amp, dropper)
 
     def measure(self, victim: Classifier, setup: PoisonSetup) -> dict[str, Any]:
         return measure_victim(victim, self.test, setup, self.device, self.amp)

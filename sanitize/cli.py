@@ -992,7 +992,7 @@ def evaluate(
     default="clean,undefended,random-noise",
     show_default=True,
     help="Comma-separated: clean, undefended, random-noise, scan, scan-extractor, scan-held-out-extractor, "
-    "deep_knn-extractor.",
+    "deep_knn-extractor, robust, scan-held-out-robust.",
 )
 @click.option(
     "--substitutes",

@@ -1,6 +1,7 @@
 """The transfer setting: a split that keeps the fine-tuning set out of pretraining, victims that fine-tune the head
 only (linear) or every weight (end-to-end), and an evaluation whose rows the summary reads and a rerun resumes."""
 
+import json
 import shutil
 
 import numpy as np
@@ -36,6 +37,23 @@ def test_linear_victims_change_the_head_only_end_to_end_victims_everything_and_a
     assert body_moved == (mode == "end-to-end")
     assert not torch.equal(victim.head.weight, extractor.head.weight)
     assert torch.equal(victim.head.weight, again.head.weight)
+
+
+def test_a_victim_trains_each_epoch_on_the_positions_its_hook_returned():
+    train, _ = digits_split()
+    extractor = train_tiny(train.subset(np.arange(300)), 0)
+    data = train.subset(np.arange(300, 400))
+    seen = []
+
+    def drop_ten(epoch, model, positions):
+        seen.append((epoch, len(positions), model.training))
+        return positions[10:]
+
+    fine_tune(extractor, data, FineTune("linear", epochs=3, lr=1e-2), 0, CPU, None, drop_ten)
+    assert seen == [(0, 100, False), (1, 90, False), (2, 80, False)]
+    everything = fine_tune(extractor, data, FineTune("linear", epochs=3, lr=1e-2), 0, CPU, None, lambda e, m, p: p)
+    plain = fine_tune(extractor, data, FineTune("linear", epochs=3, lr=1e-2), 0, CPU, None)
+    assert torch.equal(everything.head.weight, plain.head.weight)  # a hook that drops nothing changes nothing
 
 
 def test_the_evaluation_writes_a_row_per_key_arm_and_victim_and_a_rerun_resumes(digits_transfer):
@@ -75,6 +93,30 @@ def test_the_scan_arms_fine_tune_on_what_the_scan_kept_with_either_proxy_and_dee
     held_out, given = scanned["scan-held-out-extractor"], scanned["scan-extractor"]
     assert held_out["scan_options"]["held_out_checkpoint"] and held_out["dropped_fraction"] >= given["dropped_fraction"]
     assert "Paired with the undefended victims" in (out / "summary.md").read_text()
+
+
+def test_robust_arms_drop_isolated_examples_in_the_first_quarter_of_fine_tuning_on_the_set_or_what_the_scan_kept(
+    digits_transfer,
+):
+    options = {"keys": (0,), "poisons": 3, "extractor_epochs": 2, "pool_per_class": 40, "finetune_per_class": 20}
+    options |= {
+        "finetune_epochs": 8,
+        "craft_options": {"iterations": 5},
+        "arms": ("scan-held-out-extractor", "robust", "scan-held-out-robust"),
+    }
+    rows, out = digits_transfer(**options)
+    by_arm = {r["arm"]: r for r in rows}
+    logs = {p.name.split("-")[0]: json.loads(p.read_text()) for p in (out / "cache" / "robust").iterdir()}
+    robust_log = next(log for name, log in logs.items() if name == "robust")
+    assert robust_log["rounds"] == [1]  # epochs 1 to ceil(8 / 4) - 1: EPIC's first quarter
+    assert 0 < len(robust_log["dropped"]) <= robust_log["cap"] == 20  # 10% of 200
+    robust = by_arm["robust"]
+    assert robust["dropped_fraction"] == len(robust_log["dropped"]) / 200 and robust["auroc"] is None
+    assert "scan_dropped_fraction" not in robust
+    both, scan = by_arm["scan-held-out-robust"], by_arm["scan-held-out-extractor"]
+    assert both["scan_dropped_fraction"] == scan["dropped_fraction"] and both["scan_auroc"] == scan["auroc"]
+    assert both["dropped_fraction"] > scan["dropped_fraction"]
+    assert (out / "cache" / "scans").is_dir() and len(list((out / "cache" / "scans").iterdir())) == 1  # one scan
 
 
 def test_the_extractor_and_poisons_are_published_and_a_run_without_the_cache_trains_and_crafts_nothing(
@@ -128,7 +170,7 @@ def test_poisons_crafted_with_other_options_are_trained_again_and_kept_apart_in_
 @pytest.mark.parametrize(
     ("option", "message"),
     [
-        (["--arms", "robust"], "unknown transfer arm"),
+        (["--arms", "scan-robust"], "unknown transfer arm"),
         (["--substitutes", "vgg"], "unknown substitute architecture(s) vgg"),
     ],
 )
