@@ -66,10 +66,11 @@ def run_transfer_evaluation(
                 poisoned = arm not in UNPOISONED_ARMS  # the controls have no poisons
                 crafted_against = config.substitutes if poisoned else ()
                 crafting = crafted_with if poisoned else None
-                if (setting, config.attack, config.eps, key, arm, seed, crafted_against, crafting) in done:
-                    continue
-                if poisoned:
+                if poisoned:  # from the cache or OUT/poisons; crafted again only where both are gone
                     poisons = poisons or world.poisons(setup)
+                digest = poisons.digest() if poisoned else None
+                if (setting, config.attack, config.eps, key, arm, seed, crafted_against, crafting, digest) in done:
+                    continue
                 data = arm_data(finetune, arm, poisons, setup, config.eps)
                 defense = {"dropped_fraction": 0.0, "poison_precision": None, "poison_recall": None, "auroc": None}
                 scan_seconds = None
@@ -137,8 +138,9 @@ def _options_key(options: dict | None) -> str | None:
 
 
 def _done(out: Path) -> set[tuple]:
-    """The victims OUT has rows for, each named with its poisons' crafting options: a run with other options (an
-    `--craft-option`) trains its poisoned arms again instead of counting another attack's rows as its own."""
+    """The victims OUT has rows for, each named with its poisons' crafting options and digest: a run with other
+    options (an `--craft-option`), or whose poisons were crafted again (against an extractor pretrained again, where
+    the first poisons are gone), trains its poisoned arms again instead of counting other poisons' rows as its own."""
     if not (out / "results.jsonl").exists():
         return set()
     return {
@@ -151,6 +153,7 @@ def _done(out: Path) -> set[tuple]:
             r["victim_seed"],
             tuple(r.get("substitutes", ())),
             _options_key(r.get("craft_config")),
+            r.get("poisons_sha256"),
         )
         for r in read_rows(out)
     }

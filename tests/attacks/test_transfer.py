@@ -167,6 +167,19 @@ def test_poisons_crafted_with_other_options_are_trained_again_and_kept_apart_in_
     assert "blocks=True" in summary and "iterations=5" in summary
 
 
+def test_rows_of_other_poisons_of_the_same_options_do_not_count_as_done(digits_transfer):
+    """Poisons crafted again (another extractor, the first poisons gone) are other poisons: their victims train."""
+    options = {"keys": (0,), "poisons": 3, "extractor_epochs": 2, "pool_per_class": 40, "finetune_per_class": 20}
+    options |= {"finetune_epochs": 3, "arms": ("clean", "undefended"), "craft_options": {"iterations": 5}}
+    first, out = digits_transfer(**options)
+    rows = (out / "results.jsonl").read_text().replace(first[1]["poisons_sha256"], "0" * 16)
+    (out / "results.jsonl").write_text(rows)  # as if the rows had been made on poisons crafted before
+    again, _ = digits_transfer(**options)
+    assert [(r["arm"], r["poisons_sha256"]) for r in again[len(first) :]] == [
+        ("undefended", first[1]["poisons_sha256"])
+    ]
+
+
 @pytest.mark.parametrize(
     ("option", "message"),
     [
