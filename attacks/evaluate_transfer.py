@@ -34,7 +34,7 @@ from sanitize.scanner import scan
 # scan-held-out-extractor tells the scan the extractor never saw the fine-tuning set (--held-out-checkpoint), so its
 # label check runs on the extractor's predictions
 SCAN_ARMS = ("scan", "scan-extractor", "scan-held-out-extractor", "deep_knn-extractor")
-# victims that drop isolated examples as they fine-tune (EPIC's rounds, attacks.transfer), on the poisoned set or on
+# victims that drop isolated examples as they fine-tune (`sanitize finetune --robust`), on the poisoned set or on
 # what a scan arm kept of it
 ROBUST_ARMS = {"robust": None, "scan-held-out-robust": "scan-held-out-extractor"}
 TRANSFER_ARMS = ("clean", "undefended", "random-noise", *SCAN_ARMS, *ROBUST_ARMS)

@@ -2,28 +2,20 @@
 pretrained on one part of the training set, and victims that fine-tune it on a small other part that holds the poisons.
 
 Facts from the reference (ucsb-seclab/BullseyePoison): the extractor is pretrained on 4,800 images per class; the
-fine-tuning set is 50 per class drawn from the other 200; victims fine-tune for 60 epochs at batch 64 with Adam, the
-rate x0.1 at epochs 30 and 45, the network in eval mode (batch norm statistics frozen) and no augmentation. *Linear*
-victims retrain the last layer only (rate 0.1, no weight decay); *end-to-end* victims fine-tune every weight (rate
-1e-4, weight decay 5e-4). Both start from the pretrained head, as the reference's do. *Robust* victims fine-tune while
-the product's EPIC dropper (sanitize.robust) runs a round after every epoch of the first quarter, as EPIC's reference
-(YuYang0901/EPIC) does in transfer: every epoch from 1, none from epoch 10 of 40. `TransferSetting` holds one
-configuration's data, extractor and poisons for the evaluation (attacks.evaluate_transfer) and the benchmarks.
+fine-tuning set is 50 per class drawn from the other 200; victims fine-tune as `sanitize finetune` does, by the
+reference's recipe (sanitize.finetuner: linear or end-to-end; robust victims with EPIC's rounds). `TransferSetting`
+holds one configuration's data, extractor and poisons for the evaluation (attacks.evaluate_transfer) and the
+benchmarks.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from attacks.base import (
     PoisonSet,
@@ -31,26 +23,22 @@ from attacks.base import (
     choose_setup,
     keep_poisons,
     stored_poisons,
-    surrogate_features,
 )
 from attacks.crafting import craft, options_identity
 from attacks.experiment import measure_victim
 from attacks.registry import attack_options
 from attacks.surrogates import published_model
 from attacks.trained import ModelCache, stable_hash
-from sanitize.config import RobustConfig, TrainConfig
+from sanitize.config import TrainConfig
 from sanitize.data import open_dataset
 from sanitize.data.arrays import ArrayDataset
 from sanitize.errors import SanitizeError
+from sanitize.finetuner import FineTune, fine_tune, robust_dropper
 from sanitize.models import Classifier
-from sanitize.robust import EpicDropper
-from sanitize.training import autocast, channel_stats, resolve_device, resolve_precision
+from sanitize.training import channel_stats, resolve_device, resolve_precision
 
-MODES = ("linear", "end-to-end")
 EXTRACTOR_SEED = 0  # the victims' extractor; white-box attacks craft against this one
 SUBSTITUTE_SEED = 1  # black-box substitutes: never the victims' network, even where of its architecture
-ROBUST_ROUNDS = RobustConfig(every=1)  # EPIC's transfer recipe: a round after every epoch, the product's other defaults
-ROBUST_STOP = 10 / 40  # ... and none from this share of the epochs on (EPIC's reference: epoch 10 of 40)
 
 
 def transfer_split(train: ArrayDataset, pool_per_class: int = 200, finetune_per_class: int = 50, seed: int = 0):
@@ -69,85 +57,6 @@ def transfer_split(train: ArrayDataset, pool_per_class: int = 200, finetune_per_
         finetune.append(members[:finetune_per_class])
         pretrain.append(members[pool_per_class:])
     return np.sort(np.concatenate(pretrain)), np.sort(np.concatenate(finetune))
-
-
-@dataclass(frozen=True)
-class FineTune:
-    """A victim's fine-tuning; a rate or weight decay left None takes the reference's for the mode."""
-
-    mode: str = "linear"
-    epochs: int = 60
-    batch_size: int = 64
-    lr: float | None = None
-    weight_decay: float | None = None
-    milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the epochs where the rate drops x0.1
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise SanitizeError(f"fine-tuning mode must be one of {MODES}, not {self.mode!r}")
-
-    @property
-    def rate(self) -> float:
-        return self.lr if self.lr is not None else (0.1 if self.mode == "linear" else 1e-4)
-
-    @property
-    def decay(self) -> float:
-        return self.weight_decay if self.weight_decay is not None else (0.0 if self.mode == "linear" else 5e-4)
-
-
-def fine_tune(
-    extractor: Classifier,
-    data: ArrayDataset,
-    recipe: FineTune,
-    seed: int,
-    device: torch.device,
-    amp: torch.dtype | None,
-    after_epoch: Callable[[int, torch.nn.Module, np.ndarray], np.ndarray] | None = None,
-) -> Classifier:
-    """A victim: a copy of the pretrained `extractor` (with its head) fine-tuned on `data`, its batch order drawn from
-    `seed`. Linear victims fine-tune the head on features computed once; end-to-end victims fine-tune everything.
-    `after_epoch(epoch, model, positions)` returns the positions the next epoch trains on (robust training's drops)."""
-    model = copy.deepcopy(extractor).to(device).eval()
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.from_numpy(data.labels).long().to(device)
-    linear = recipe.mode == "linear"
-    model.requires_grad_(not linear)
-    model.head.requires_grad_(True)
-    inputs = _features(model, data, device, amp) if linear else None
-    trainable = model.head.parameters() if linear else model.parameters()
-    optimizer = torch.optim.Adam(trainable, lr=recipe.rate, weight_decay=recipe.decay)
-    drops = {round(recipe.epochs * f) for f in recipe.milestones}
-    survivors = np.arange(len(data))
-    for epoch in range(recipe.epochs):
-        if epoch in drops:
-            for group in optimizer.param_groups:
-                group["lr"] *= 0.1
-        order = torch.from_numpy(survivors)[torch.randperm(len(survivors), generator=generator)]
-        for start in range(0, len(order), recipe.batch_size):
-            batch = order[start : start + recipe.batch_size]
-            if linear:
-                logits = model.head(inputs[batch.to(device)])
-            else:
-                images = data.load_batch(batch.numpy())[0].float().div(255).to(device)
-                with autocast(device, amp):
-                    logits = model(images).float()
-            loss = F.cross_entropy(logits, labels[batch.to(device)])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        if after_epoch is not None:
-            survivors = after_epoch(epoch, model, survivors)
-            model.eval()  # the dropper leaves the model in train mode; fine-tuning keeps batch norm frozen
-    return model.eval()
-
-
-@torch.no_grad()
-def _features(model: Classifier, data: ArrayDataset, device: torch.device, amp: torch.dtype | None) -> torch.Tensor:
-    parts = []
-    for start in range(0, len(data), 256):
-        images = data.load_batch(np.arange(start, min(len(data), start + 256)))[0].float().div(255).to(device)
-        parts.append(surrogate_features(model, images, amp))
-    return torch.cat(parts)
 
 
 @dataclass
@@ -251,12 +160,9 @@ class TransferSetting:
         return poisons
 
     def victim(self, data: ArrayDataset, seed: int, drop_log: Path | None = None) -> Classifier:
-        """A victim fine-tuned on `data`; with `drop_log`, robust: EPIC's rounds drop isolated examples as it goes
-        and log them there."""
-        dropper = None
-        if drop_log is not None:
-            last_round = math.ceil(self.recipe.epochs * ROBUST_STOP) - 1
-            dropper = EpicDropper(data, ROBUST_ROUNDS, self.recipe.epochs, last_round, drop_log, self.device, self.amp)
+        """A victim fine-tuned on `data` as `sanitize finetune` does; with `drop_log`, robust (`--robust`): EPIC's
+        rounds drop isolated examples as it goes and log them there."""
+        dropper = robust_dropper(data, self.recipe, drop_log, self.device, self.amp) if drop_log is not None else None
         return fine_tune(self.extractor, data, self.recipe, seed, self.device, self.amp, dropper)
 
     def measure(self, victim: Classifier, setup: PoisonSetup) -> dict[str, Any]:

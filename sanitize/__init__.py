@@ -17,6 +17,8 @@ _EXPORTS = {
     "ScanResult": "sanitize.scanner",
     "train": "sanitize.trainer",
     "TrainResult": "sanitize.trainer",
+    "finetune": "sanitize.finetuner",
+    "FineTuneConfig": "sanitize.config",
     "ScanConfig": "sanitize.config",
     "FitConfig": "sanitize.config",
     "TrainConfig": "sanitize.config",

@@ -15,7 +15,15 @@ from typing import Any
 
 import click
 
-from sanitize.config import DECODED_CACHE_MODES, PAPER_NOISE_EPS, SCHEDULES, RobustConfig, ScanConfig, TrainConfig
+from sanitize.config import (
+    DECODED_CACHE_MODES,
+    PAPER_NOISE_EPS,
+    SCHEDULES,
+    FineTuneConfig,
+    RobustConfig,
+    ScanConfig,
+    TrainConfig,
+)
 from sanitize.detectors import EMBEDDINGS, list_detectors
 from sanitize.detectors.epic import EpicOptions
 from sanitize.detectors.knn_density import ALARM_RULES, ALARM_TESTS, KnnDensityOptions
@@ -82,6 +90,19 @@ decoded_cache_option = click.option(
     "in every pass (auto: when the images are read more than once and the copy fits in half the free disk).",
 )
 ROBUST_DEFAULTS = RobustConfig()
+FINETUNE_DEFAULTS = FineTuneConfig()
+exclude_option = click.option(
+    "--exclude",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="A file of example ids, one a line, to leave out: a scan's flagged.txt (scan, then train on what it kept).",
+)
+test_option = click.option(
+    "--test", type=click.Path(exists=True), default=None, help="A labelled test set to report accuracy on."
+)
+image_size_option = click.option(
+    "--image-size", type=int, default=None, help="Side in pixels (folders); default: the most common size."
+)
 
 
 def refuse_torchrun(command: str) -> None:
@@ -568,13 +589,8 @@ def demo(out: Path, quiet: bool) -> None:
     show_default=True,
     help="Robust: cap on the share dropped.",
 )
-@click.option("--test", type=click.Path(exists=True), default=None, help="A labelled test set to report accuracy on.")
-@click.option(
-    "--exclude",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="A file of example ids, one a line, to leave out: a scan's flagged.txt (scan, then train on what it kept).",
-)
+@test_option
+@exclude_option
 @click.option(
     "--max-thumbnails",
     type=int,
@@ -582,7 +598,7 @@ def demo(out: Path, quiet: bool) -> None:
     show_default=True,
     help="report.html: at most this many dropped examples as images.",
 )
-@click.option("--image-size", type=int, default=None, help="Side in pixels (folders); default: the most common size.")
+@image_size_option
 @device_option
 @precision_option
 @click.option("--workers", type=int, default=0, show_default=True, help="Data-loading processes.")
@@ -597,11 +613,17 @@ def train(data: Path, out: Path, **options: Any) -> None:
     result = run(data, out, **options)
     if not is_main_process():
         return
+    model = result.summary["model"]
+    _echo_training(result, f"{model['name']}, {model['trained_epochs']} epochs")
+
+
+def _echo_training(result: Any, model: str) -> None:
+    """What `train` and `finetune` print: exclusions, the model and its accuracy, drops, time and outputs."""
     summary = result.summary
     if summary["excluded"]:
         click.echo(f"excluded  {summary['excluded']['examples']} listed in {summary['excluded']['list']}")
     click.echo(
-        f"model     {summary['model']['name']}, {summary['model']['trained_epochs']} epochs, accuracy on the data {summary['train_accuracy']:.1%}"
+        f"model     {model}, accuracy on the data {summary['train_accuracy']:.1%}"
         + (f", test {summary['test_accuracy']:.1%}" if "test_accuracy" in summary else "")
     )
     if summary["robust"]:
@@ -611,6 +633,65 @@ def train(data: Path, out: Path, **options: Any) -> None:
         )
     click.echo(f"time      {summary['seconds']:.1f} s")
     click.echo(f"outputs   {', '.join(str(p) for p in result.files.values())}")
+
+
+@cli.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option(
+    "--checkpoint",
+    type=click.Path(exists=True, dir_okay=False),
+    required=True,
+    help="The pretrained network to fine-tune (a state dict, loaded with weights_only=True).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("sanitize-finetune"),
+    show_default=True,
+    help="Output directory (never inside DATA).",
+)
+@click.option(
+    "--model",
+    type=choice(["auto", *MODELS], "model"),
+    default=FINETUNE_DEFAULTS.model,
+    show_default=True,
+    help="The checkpoint's architecture; auto picks by image size.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["linear", "end-to-end"]),
+    default=FINETUNE_DEFAULTS.mode,
+    show_default=True,
+    help="linear: retrain the last layer; end-to-end: every weight.",
+)
+@click.option(
+    "--robust",
+    is_flag=True,
+    help="EPIC: drop isolated examples after every epoch of the first quarter; writes drop_log.json.",
+)
+@click.option("--epochs", type=int, default=FINETUNE_DEFAULTS.epochs, show_default=True, help="Fine-tuning epochs.")
+@click.option("--batch-size", type=int, default=FINETUNE_DEFAULTS.batch_size, show_default=True, help="Batch size.")
+@click.option(
+    "--lr", type=float, default=None, help="Adam's rate, x0.1 at 1/2 and 3/4 [default: 0.1 linear, 1e-4 end-to-end]."
+)
+@click.option("--weight-decay", type=float, default=None, help="[default: 0 linear, 5e-4 end-to-end].")
+@exclude_option
+@test_option
+@image_size_option
+@device_option
+@precision_option
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the data order.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_handle_errors
+def finetune(data: Path, out: Path, **options: Any) -> None:
+    """Fine-tune a pretrained network on DATA (the transfer learner); with --robust, EPIC drops isolated examples."""
+    from sanitize.finetuner import finetune as run
+
+    result = run(data, out, **options)
+    recipe = result.summary["model"]["recipe"]
+    _echo_training(
+        result, f"{result.summary['model']['name']} fine-tuned ({recipe['mode']}, {recipe['epochs']} epochs)"
+    )
 
 
 @cli.command()

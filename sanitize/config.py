@@ -152,6 +152,41 @@ class FitConfig:
 
 
 @dataclass
+class FineTuneConfig:
+    """Options of `sanitize finetune`; `sanitize.finetune(data, **options)` takes the same names. The recipe's defaults
+    are the Bullseye Polytope reference's (sanitize.finetuner)."""
+
+    checkpoint: str | None = None  # the pretrained weights to fine-tune (required)
+    model: str = "auto"  # the checkpoint's architecture
+    mode: str = "linear"  # linear: the last layer only; end-to-end: every weight
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float | None = None  # None: 0.1 linear, 1e-4 end-to-end (Adam)
+    weight_decay: float | None = None  # None: 0 linear, 5e-4 end-to-end
+    robust: bool = False  # EPIC's rounds after every epoch of the first quarter
+    exclude: str | None = None  # a file of example ids, one a line, left out first: a scan's flagged.txt
+    test: str | None = None  # a labelled test set to report accuracy on
+    image_size: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    seed: int = 0
+    quiet: bool = False
+
+    def validate(self) -> None:
+        checks = [
+            (self.checkpoint is not None, "fine-tuning needs --checkpoint, the pretrained weights"),
+            (self.mode in ("linear", "end-to-end"), "mode must be linear or end-to-end"),
+            (self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1"),
+            (self.lr is None or self.lr > 0, "lr must be > 0"),
+            (self.weight_decay is None or self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SanitizeError(message)
+
+
+@dataclass
 class ScanConfig:
     """Options of `sanitize scan`; `sanitize.scan(data, **options)` takes the same names. The detector's own options
     live in its file (sanitize/detectors/); flat names such as k_small reach them through `from_options`."""

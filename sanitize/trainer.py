@@ -24,6 +24,7 @@ import numpy as np
 
 from sanitize.config import FitConfig
 from sanitize.data import (
+    ImageDataset,
     claimed_output,
     drop_decoded,
     excluding,
@@ -96,15 +97,7 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
         files["kept"].write_text("".join(dataset.ids[i] + "\n" for i in kept))
     summary = {
         "kind": "robust-train" if config.robust else "train",
-        "data": {
-            "source": dataset.source,
-            "fingerprint": whole.fingerprint,  # DATA's, as a scan of it records it
-            "image_size": list(dataset.image_size),
-            "examples": len(whole),
-            "classes": dataset.classes,
-            "skipped": [dataclasses.asdict(s) for s in dataset.skipped],  # as a scan records them
-            "notes": dataset.notes,
-        },
+        "data": data_record(whole, dataset),
         "excluded": excluded | {"trained_fingerprint": dataset.fingerprint} if excluded else None,
         "config": dataclasses.asdict(config),
         "model": info,
@@ -137,6 +130,19 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
         write_report(out, dataset, max_thumbnails=config.max_thumbnails)
         drop_decoded(dataset)
     return TrainResult(model, summary, [dataset.ids[i] for i in dropped], files)
+
+
+def data_record(whole: ImageDataset, dataset: ImageDataset) -> dict[str, Any]:
+    """A training summary's record of DATA (`whole`) and of what trained (`dataset`: less an --exclude list)."""
+    return {
+        "source": dataset.source,
+        "fingerprint": whole.fingerprint,  # DATA's, as a scan of it records it
+        "image_size": list(dataset.image_size),
+        "examples": len(whole),
+        "classes": dataset.classes,
+        "skipped": [dataclasses.asdict(s) for s in dataset.skipped],  # as a scan records them
+        "notes": dataset.notes,
+    }
 
 
 def train(data: str | os.PathLike, out: str | os.PathLike = "sanitize-train", **options: Any) -> TrainResult:
