@@ -32,6 +32,8 @@ NOISE_ARMS = {"noise-training": ("noise_eps",), "friendly-noise": ("noise_eps", 
 # calibration of a filter: one that removes exactly the poisons, and one that removes as many random examples as the
 # default scan flags (what the scan's drops are worth when they carry no knowledge of the poisons)
 CALIBRATION_ARMS = ("perfect-filter", "random-filter")
+# the scan's metrics a scan-then-robust row keeps apart from the whole defence's (carriers: from scratch only)
+SCAN_PART = ("dropped_fraction", "poison_recall", "carrier_recall", "auroc")
 ARMS = (*CONTROL_ARMS, *DETECTOR_ARMS, *ROBUST_ARMS, *NOISE_ARMS, *CALIBRATION_ARMS)
 
 
@@ -52,6 +54,19 @@ def robust_dropped(drop_log: Path, size: int) -> np.ndarray:
     dropped = np.zeros(size, dtype=bool)
     dropped[[row["position"] for row in json.loads(drop_log.read_text())["dropped"]]] = True
     return dropped
+
+
+def scan_then_robust_removed(caught: np.ndarray, drop_log: Path) -> np.ndarray:
+    """What a victim trained on what a scan kept, robustly, never trained on: the scan's flags (`caught`, none for
+    robust training alone) and robust training's drops, whose log names positions among the examples kept."""
+    removed = caught.copy()
+    removed[np.flatnonzero(~caught)[robust_dropped(drop_log, int((~caught).sum()))]] = True
+    return removed
+
+
+def scan_share(defense: dict[str, Any]) -> dict[str, Any]:
+    """The scan's own share of a scan-then-robust row: its metrics of SCAN_PART, prefixed `scan_`."""
+    return {f"scan_{name}": defense[name] for name in SCAN_PART if name in defense}
 
 
 def removed_metrics(removed: np.ndarray, setup: PoisonSetup, carriers: np.ndarray) -> dict[str, Any]:

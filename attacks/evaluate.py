@@ -21,7 +21,8 @@ from attacks.arms import (
     SCANNED_ARMS,
     UNPOISONED_ARMS,
     removed_metrics,
-    robust_dropped,
+    scan_share,
+    scan_then_robust_removed,
     split_by_carriers,
 )
 from attacks.base import choose_setup
@@ -31,8 +32,6 @@ from attacks.rows import robust_changes
 from attacks.scales import EvaluationConfig
 from attacks.selection import select_poisons
 from attacks.summary import aggregate
-
-SCAN_PART = ("dropped_fraction", "poison_recall", "carrier_recall", "auroc")  # the scan's own share of scan-robust
 
 
 def run_evaluation(
@@ -95,11 +94,10 @@ def run_evaluation(
                 flops["scan"] = scan_cost.flops
             tag = victim_tag(arm, data.fingerprint == poisoned_fingerprint)
             model, victim_cost = harness.models_for(arm).trained(data, victim_seed, tag, robust)
-            if robust:  # what robust training dropped, added to what the scan flagged (positions among those it kept)
-                removed = caught.copy()
+            if robust:  # what robust training dropped, added to what the scan flagged
                 drop_log = harness.models.path(data, victim_seed, tag, robust).with_suffix(".drop_log.json")
-                removed[np.flatnonzero(~caught)[robust_dropped(drop_log, len(data))]] = True
-                scanned = {f"scan_{name}": defense[name] for name in SCAN_PART} if arm in SCANNED_ARMS else {}
+                removed = scan_then_robust_removed(caught, drop_log)
+                scanned = scan_share(defense) if arm in SCANNED_ARMS else {}
                 defense |= removed_metrics(removed, setup, carriers) | scanned
             started = time.perf_counter()
             measured = harness.measure(model, setup)

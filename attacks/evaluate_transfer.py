@@ -16,7 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from attacks.arms import DETECTOR_ARMS, UNPOISONED_ARMS, poison_truth, robust_dropped, told_count
+from attacks.arms import (
+    DETECTOR_ARMS,
+    UNPOISONED_ARMS,
+    poison_truth,
+    scan_share,
+    scan_then_robust_removed,
+    told_count,
+)
 from attacks.base import PoisonSet, PoisonSetup
 from attacks.experiment import arm_data
 from attacks.rows import read_rows, recorded_scan_options
@@ -38,7 +45,6 @@ SCAN_ARMS = ("scan", "scan-extractor", "scan-held-out-extractor", "deep_knn-extr
 # what a scan arm kept of it
 ROBUST_ARMS = {"robust": None, "scan-held-out-robust": "scan-held-out-extractor"}
 TRANSFER_ARMS = ("clean", "undefended", "random-noise", *SCAN_ARMS, *ROBUST_ARMS)
-SCAN_PART = ("dropped_fraction", "poison_recall", "auroc")  # the scan's own share of a scan-then-robust arm
 
 
 def run_transfer_evaluation(
@@ -87,16 +93,14 @@ def run_transfer_evaluation(
                 if arm in ROBUST_ARMS:
                     drop_log = world.cache / "robust" / f"{arm}-{data.fingerprint[:16]}-seed{seed}.drop_log.json"
                     drop_log.parent.mkdir(parents=True, exist_ok=True)
-                truth = poison_truth(setup, len(data))
                 data = data.subset(np.flatnonzero(~caught)) if caught.any() else data
                 started = time.perf_counter()
                 victim = world.victim(data, seed, drop_log)
                 seconds = round(time.perf_counter() - started, 2)
                 if drop_log is not None:  # what robust training dropped, added to what the scan flagged
-                    removed = caught.copy()
-                    removed[np.flatnonzero(~caught)[robust_dropped(drop_log, len(data))]] = True
-                    scanned = {f"scan_{name}": defense[name] for name in SCAN_PART} if scan_arm else {}
-                    defense |= flag_metrics(removed, None, truth) | scanned
+                    removed = scan_then_robust_removed(caught, drop_log)
+                    scanned = scan_share(defense) if scan_arm else {}
+                    defense |= flag_metrics(removed, None, poison_truth(setup, len(removed))) | scanned
                 measured = world.measure(victim, setup)
                 row = {
                     "attack": config.attack,
@@ -112,7 +116,7 @@ def run_transfer_evaluation(
                     "success": measured["target_pred"] == setup.intended_class,
                     **measured,
                     **defense,
-                    "poisons_sha256": poisons.digest() if poisoned else None,
+                    "poisons_sha256": digest,
                     "model": config.extractor,
                     "train_size": len(finetune),
                     "epochs": world.recipe.epochs,

@@ -17,6 +17,7 @@ import click
 
 from sanitize.config import (
     DECODED_CACHE_MODES,
+    FINETUNE_MODES,
     PAPER_NOISE_EPS,
     SCHEDULES,
     FineTuneConfig,
@@ -659,7 +660,7 @@ def _echo_training(result: Any, model: str) -> None:
 )
 @click.option(
     "--mode",
-    type=click.Choice(["linear", "end-to-end"]),
+    type=click.Choice(FINETUNE_MODES),
     default=FINETUNE_DEFAULTS.mode,
     show_default=True,
     help="linear: retrain the last layer; end-to-end: every weight.",
@@ -1059,7 +1060,7 @@ def evaluate(
 )
 @click.option(
     "--mode",
-    type=click.Choice(["linear", "end-to-end"]),
+    type=click.Choice(FINETUNE_MODES),
     default="linear",
     show_default=True,
     help="Victims retrain the last layer (linear) or fine-tune every weight.",

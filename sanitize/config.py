@@ -9,6 +9,7 @@ from typing import Any
 from sanitize.errors import SanitizeError
 
 DECODED_CACHE_MODES = ("auto", "on", "off")  # sanitize.data.decoded
+FINETUNE_MODES = ("linear", "end-to-end")  # sanitize.finetuner: the last layer only, or every weight
 SCHEDULES = ("step", "onecycle")  # sanitize.training.learning_rate
 
 
@@ -175,7 +176,7 @@ class FineTuneConfig:
     def validate(self) -> None:
         checks = [
             (self.checkpoint is not None, "fine-tuning needs --checkpoint, the pretrained weights"),
-            (self.mode in ("linear", "end-to-end"), "mode must be linear or end-to-end"),
+            (self.mode in FINETUNE_MODES, "mode must be linear or end-to-end"),
             (self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1"),
             (self.lr is None or self.lr > 0, "lr must be > 0"),
             (self.weight_decay is None or self.weight_decay >= 0, "weight_decay must be >= 0"),

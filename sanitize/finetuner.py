@@ -31,17 +31,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sanitize.config import FineTuneConfig, RobustConfig, route_options
+from sanitize.config import FINETUNE_MODES, FineTuneConfig, RobustConfig, route_options
 from sanitize.data import claimed_output, excluding, open_dataset, prepare_output, removed_if_left_empty
 from sanitize.data.base import ImageDataset
 from sanitize.distributed import current_world
 from sanitize.errors import SanitizeError
 from sanitize.models import Classifier, create_model, load_weights, resolve_model_name
 from sanitize.robust import EpicDropper
-from sanitize.trainer import TrainResult, data_record
-from sanitize.training import autocast, predict, resolve_device, resolve_precision, save_atomic
+from sanitize.trainer import TrainResult, data_record, eval_accuracy
+from sanitize.training import autocast, resolve_device, resolve_precision, save_atomic
 
-MODES = ("linear", "end-to-end")
 ROBUST_ROUNDS = RobustConfig(every=1)  # EPIC's transfer recipe: a round after every epoch, the product's other defaults
 ROBUST_STOP = 10 / 40  # ... and none from this share of the epochs on (EPIC's reference: epoch 10 of 40)
 
@@ -58,8 +57,8 @@ class FineTune:
     milestones: tuple[float, ...] = (0.5, 0.75)  # fractions of the epochs where the rate drops x0.1
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise SanitizeError(f"fine-tuning mode must be one of {MODES}, not {self.mode!r}")
+        if self.mode not in FINETUNE_MODES:
+            raise SanitizeError(f"fine-tuning mode must be one of {FINETUNE_MODES}, not {self.mode!r}")
 
     @property
     def rate(self) -> float:
@@ -120,7 +119,6 @@ def fine_tune(
             optimizer.step()
         if after_epoch is not None:
             survivors = after_epoch(epoch, model, survivors)
-            model.eval()  # the dropper leaves the model in train mode; fine-tuning keeps batch norm frozen
     return model.eval()
 
 
@@ -163,7 +161,7 @@ def run_finetune(data: str | os.PathLike, out: str | os.PathLike, config: FineTu
         "excluded": excluded | {"trained_fingerprint": dataset.fingerprint} if excluded else None,
         "config": dataclasses.asdict(config),
         "model": {"name": name, "checkpoint": str(config.checkpoint), "recipe": dataclasses.asdict(recipe)},
-        "train_accuracy": _accuracy(model, dataset, device, amp),
+        "train_accuracy": eval_accuracy(model, dataset, device, amp),
         "robust": {
             "rounds": dropper.rounds,
             "dropped": int(len(dropped)),
@@ -175,7 +173,7 @@ def run_finetune(data: str | os.PathLike, out: str | os.PathLike, config: FineTu
     }
     if config.test:
         test = open_dataset(Path(config.test), image_size=dataset.image_size[0], progress=False)
-        summary["test_accuracy"] = _accuracy(model, test, device, amp)
+        summary["test_accuracy"] = eval_accuracy(model, test, device, amp)
     files["summary"].write_text(json.dumps(summary, indent=1, default=str))
     return TrainResult(model, summary, [dataset.ids[i] for i in dropped], files)
 
@@ -187,8 +185,3 @@ def finetune(data: str | os.PathLike, out: str | os.PathLike = "sanitize-finetun
         raise SanitizeError("sanitize finetune runs in one process: start it without torchrun")
     with removed_if_left_empty(out), claimed_output(data, out):
         return run_finetune(data, out, config)
-
-
-def _accuracy(model: Classifier, dataset: ImageDataset, device: torch.device, amp: torch.dtype | None) -> float:
-    logits = predict(model, dataset, np.arange(len(dataset)), device, amp)
-    return float((logits.argmax(axis=1) == dataset.labels).mean())

@@ -61,6 +61,7 @@ class EpicDropper:
         if next_epoch not in self.rounds or len(self.log) >= self.cap:
             return indices
         proxy_path = self.log_path.with_name(self.log_path.stem + ".proxy.npy")
+        was_training = model.training  # the round predicts in eval mode; training goes on in the mode it was in
         proxy = self._gradient_proxy(model, proxy_path)
         my_classes = range(self.world.rank, self.dataset.num_classes, self.world.world_size)
         isolated, _ = isolated_medoids(
@@ -80,7 +81,7 @@ class EpicDropper:
             for i in np.sort(new)
         ]
         self._write_log()
-        model.train()
+        model.train(was_training)
         return np.setdiff1d(indices, new)
 
     def _gradient_proxy(self, model: torch.nn.Module, path: Path) -> np.ndarray:

@@ -101,7 +101,7 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
         "excluded": excluded | {"trained_fingerprint": dataset.fingerprint} if excluded else None,
         "config": dataclasses.asdict(config),
         "model": info,
-        "train_accuracy": _accuracy(model, dataset, device, amp_dtype, world),
+        "train_accuracy": eval_accuracy(model, dataset, device, amp_dtype, world),
         "robust": {
             "rounds": dropper.rounds,
             "dropped": int(len(dropped)),
@@ -124,7 +124,7 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
     }
     if config.test:
         test = open_dataset(Path(config.test), image_size=dataset.image_size[0], progress=progress, world=world)
-        summary["test_accuracy"] = _accuracy(model, test, device, amp_dtype, world)
+        summary["test_accuracy"] = eval_accuracy(model, test, device, amp_dtype, world)
     if world.is_main:
         files["summary"].write_text(json.dumps(summary, indent=1, default=str))
         write_report(out, dataset, max_thumbnails=config.max_thumbnails)
@@ -152,7 +152,7 @@ def train(data: str | os.PathLike, out: str | os.PathLike = "sanitize-train", **
         return run_train(data, out, config)
 
 
-def _accuracy(model: Classifier, dataset, device, amp_dtype, world: World) -> float:
+def eval_accuracy(model: Classifier, dataset, device, amp_dtype, world: World = World()) -> float:
     """Eval-mode accuracy on `dataset`; under torchrun each rank predicts its share of the rows."""
     lo, hi = world.row_range(len(dataset))
     logits = predict(model, dataset, np.arange(lo, hi), device, amp_dtype)

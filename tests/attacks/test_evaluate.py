@@ -9,7 +9,8 @@ import torch
 from click.testing import CliRunner
 
 from attacks import attack_options, choose_setup, craft, load_poisons
-from attacks.evaluate import SCAN_PART, run_evaluation
+from attacks.arms import SCAN_PART
+from attacks.evaluate import run_evaluation
 from attacks.experiment import Harness, load_scan_outcome
 from attacks.rows import REQUIRED as ROW_REQUIRED
 from attacks.rows import SCAN_OPTIONS_RECORDED, default_scan_options

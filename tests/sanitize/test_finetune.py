@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from sanitize import finetune, train
 from sanitize.cli import cli
 from sanitize.data import open_dataset
-from sanitize.finetuner import FineTune, fine_tune
+from sanitize.finetuner import FineTune, fine_tune, robust_dropper
 from sanitize.models import create_model, load_weights
 
 CPU = torch.device("cpu")
@@ -56,6 +56,21 @@ def test_each_epoch_trains_on_the_positions_the_hook_returned(pretrained, digits
     everything = fine_tune(start, data, FineTune("linear", epochs=3, lr=1e-2), 0, CPU, None, lambda e, m, p: p)
     plain = fine_tune(start, data, FineTune("linear", epochs=3, lr=1e-2), 0, CPU, None)
     assert torch.equal(everything.head.weight, plain.head.weight)  # a hook that drops nothing changes nothing
+
+
+def test_robust_rounds_leave_the_network_in_eval_mode(tmp_path, pretrained, mislabeled_npz):
+    """Fine-tuning keeps batch norm frozen: a round predicts in eval mode and hands the model back as it found it."""
+    data = open_dataset(mislabeled_npz[0], progress=False)
+    recipe = FineTune("end-to-end", epochs=8, lr=1e-3)
+    dropper, modes = robust_dropper(data, recipe, tmp_path / "drop_log.json", CPU, None), []
+
+    def round_then_mode(epoch, model, positions):
+        survivors = dropper(epoch, model, positions)
+        modes.append(model.training)
+        return survivors
+
+    fine_tune(_model(pretrained), data, recipe, 0, CPU, None, round_then_mode)
+    assert dropper.rounds == [1] and len(dropper.dropped()) > 0 and modes == [False] * 8
 
 
 def test_robust_fine_tuning_on_what_a_scan_kept_logs_its_drops_and_writes_a_loadable_model(
