@@ -120,7 +120,9 @@ def run_back_gradient_evaluation(
                 if arm == "clean":
                     row |= _victim(learner, victim_init, x, y, test, options)
                 else:
-                    points = points or _poisons(out / "cache", x, y, images[val_at], labels[val_at], count, options)
+                    points = points or cached_poisons(
+                        out / "cache", x, y, images[val_at], labels[val_at], count, options
+                    )
                     added = points.start_images if arm == "label-flip" else points.images
                     poisoned_x = torch.cat([x, added.float() / 255])
                     poisoned_y = torch.cat([y, points.labels])
@@ -167,7 +169,7 @@ def _done(out: Path) -> set[tuple]:
     }
 
 
-def _poisons(cache: Path, x, y, x_val, y_val, count: int, options: BackGradientOptions) -> PoisonPoints:
+def cached_poisons(cache: Path, x, y, x_val, y_val, count: int, options: BackGradientOptions) -> PoisonPoints:
     """Crafted once per options, data and count, kept losslessly (npz) in `cache`."""
     name = json.dumps(dataclasses.asdict(options), sort_keys=True) + f"{count}-{len(y)}-{float(x.sum()):.6f}"
     path = cache / f"poisons-{options.learner}-{options.goal}-{hashlib.sha256(name.encode()).hexdigest()[:16]}.npz"

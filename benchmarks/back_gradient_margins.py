@@ -24,7 +24,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from attacks.back_gradient import BackGradientOptions
-from attacks.evaluate_back_gradient import BackGradientConfig, _poisons, load_points
+from attacks.evaluate_back_gradient import BackGradientConfig, cached_poisons, load_points
 from sanitize.cli import parse_keys
 from sanitize.config import ScanConfig
 from sanitize.data.arrays import from_arrays
@@ -52,7 +52,7 @@ def seed_margins(seed: int, goal: str, fraction: float, cache: Path) -> dict:
     x, y = images[train_at], labels[train_at]
     options = dataclasses.replace(BackGradientOptions(learner="logistic", goal=goal), seed=seed)
     count = max(1, round(fraction * len(y)))
-    points = _poisons(cache, x, y, images[val_at], labels[val_at], count, options)
+    points = cached_poisons(cache, x, y, images[val_at], labels[val_at], count, options)
     poisoned = torch.cat([x, points.images.float() / 255])
     poisoned_labels = torch.cat([y, points.labels]).numpy()
     pixels = (poisoned * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
