@@ -31,6 +31,7 @@ from attacks.rows import recorded_scan_options
 from attacks.summary import git_commit
 from sanitize.data import write_atomic
 from sanitize.data.arrays import from_arrays, open_npz
+from sanitize.data.base import ImageDataset
 from sanitize.data.digits import digits_arrays
 from sanitize.errors import SanitizeError
 from sanitize.manifest import flag_metrics
@@ -65,6 +66,19 @@ def load_points(path: str | Path | None) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(labels)
 
 
+def seed_split(size: int, seed: int, config: BackGradientConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A seed's positions of the training, the attacker's validation and the test images among `size` points."""
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+    validation_end = config.train_size + config.validation_size
+    return order[: config.train_size], order[config.train_size : validation_end], order[validation_end:]
+
+
+def as_dataset(x: torch.Tensor, y: torch.Tensor, classes: int) -> ImageDataset:
+    """Points (N, C, H, W) in [0, 1] and their labels as the dataset `sanitize scan` reads (uint8 pixels)."""
+    images = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return from_arrays(images, y.numpy(), [str(c) for c in range(classes)], source="back-gradient")
+
+
 def run_back_gradient_evaluation(
     data: str | Path | None, out: str | Path, config: BackGradientConfig, command: str | None = None
 ) -> Path:
@@ -84,10 +98,7 @@ def run_back_gradient_evaluation(
     get_learner(config.attack.learner)  # an unknown attacker's learner fails here, before any row
     done = _done(out)
     for seed in config.seeds:
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-        train_at = order[: config.train_size]
-        val_at = order[config.train_size : config.train_size + config.validation_size]
-        test_at = order[config.train_size + config.validation_size :]
+        train_at, val_at, test_at = seed_split(len(labels), seed, config)
         x, y = images[train_at], labels[train_at]
         victim_init = learner.init(tuple(x.shape[1:]), classes, torch.Generator().manual_seed(10_000 + seed))
         options = dataclasses.replace(config.attack, seed=seed)
@@ -201,8 +212,7 @@ def _scanned(
     folds where given) keeps of the poisoned set, and its flags scored against the poisons (the points after the first
     `clean_count`). Scans are kept in OUT/cache/scans (a rerun with another threshold or folds reuses the proxy and
     the embeddings)."""
-    images = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    dataset = from_arrays(images, y.numpy(), [str(c) for c in range(classes)], source="back-gradient")
+    dataset = as_dataset(x, y, classes)
     truth = np.arange(len(y)) >= clean_count
     options: dict[str, Any] = {"quiet": True, "detector": detector}
     if detector in TOLD_THE_COUNT:  # their rules need the poisons in a class: told the most any class holds

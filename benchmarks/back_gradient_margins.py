@@ -24,10 +24,9 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from attacks.back_gradient import BackGradientOptions
-from attacks.evaluate_back_gradient import BackGradientConfig, cached_poisons, load_points
+from attacks.evaluate_back_gradient import BackGradientConfig, as_dataset, cached_poisons, load_points, seed_split
 from sanitize.cli import parse_keys
 from sanitize.config import ScanConfig
-from sanitize.data.arrays import from_arrays
 from sanitize.models import resolve_model_name
 from sanitize.training import predict, train_from_scratch
 
@@ -46,18 +45,13 @@ def seed_margins(seed: int, goal: str, fraction: float, cache: Path) -> dict:
     """Craft (or load) one seed's poisons, train the default proxy on the poisoned set, and summarise its margins."""
     config = BackGradientConfig()
     images, labels = load_points(None)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    train_at = order[: config.train_size]
-    val_at = order[config.train_size : config.train_size + config.validation_size]
+    train_at, val_at, _ = seed_split(len(labels), seed, config)
     x, y = images[train_at], labels[train_at]
     options = dataclasses.replace(BackGradientOptions(learner="logistic", goal=goal), seed=seed)
     count = max(1, round(fraction * len(y)))
     points = cached_poisons(cache, x, y, images[val_at], labels[val_at], count, options)
-    poisoned = torch.cat([x, points.images.float() / 255])
-    poisoned_labels = torch.cat([y, points.labels]).numpy()
-    pixels = (poisoned * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    dataset = from_arrays(pixels, poisoned_labels, [str(c) for c in range(10)], source="back-gradient")
-    truth = np.arange(len(poisoned_labels)) >= len(y)
+    dataset = as_dataset(torch.cat([x, points.images.float() / 255]), torch.cat([y, points.labels]), 10)
+    truth = np.arange(len(dataset)) >= len(y)
     scan_config = ScanConfig()
     per_epoch: list[np.ndarray] = []
 
