@@ -135,8 +135,12 @@ class EvaluationConfig:
             raise SanitizeError(
                 f"unknown robust option(s) {', '.join(sorted(unknown))}; choose from {', '.join(names)}"
             )
+        defaults = dataclasses.asdict(RobustConfig())
         for name, value in self.robust_options.items():
-            if (
+            if isinstance(defaults[name], bool):
+                if not isinstance(value, bool):
+                    raise SanitizeError(f"robust option {name} takes true or false, not {value!r}")
+            elif (
                 isinstance(value, bool)
                 or not isinstance(value, (int, float))
                 and not (name == "every" and value is None)

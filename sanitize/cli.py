@@ -590,6 +590,12 @@ def demo(out: Path, quiet: bool) -> None:
     show_default=True,
     help="Robust: cap on the share dropped.",
 )
+@click.option(
+    "--spread-cap",
+    is_flag=True,
+    help="Robust: reach the cap evenly over the rounds (after round r of R at most cap x r / R dropped), so that "
+    "late rounds still drop.",
+)
 @test_option
 @exclude_option
 @click.option(
@@ -952,8 +958,8 @@ def attack(
     multiple=True,
     metavar="NAME=VALUE",
     help="The robust arms' option where it differs from sanitize train --robust's default, e.g. "
-    "max_dropped_fraction=0.05 (repeatable; fraction, every, warmup, max_dropped_fraction; rows record it and "
-    "summaries keep them apart as a variant of the arm).",
+    "max_dropped_fraction=0.05 (repeatable; fraction, every, warmup, max_dropped_fraction, spread_cap; rows record "
+    "it and summaries keep them apart as a variant of the arm).",
 )
 @click.option(
     "--noise-eps",

@@ -85,6 +85,9 @@ class RobustConfig:
     every: int | None = None  # epochs between rounds; None: epochs / 8 (EPIC's 5 of 40)
     warmup: int = 1  # first epoch a round may run (EPIC's drop_after)
     max_dropped_fraction: float = 0.1  # cap on everything dropped, as a share of the data
+    # reach the cap evenly over the rounds: after round r of R at most cap x r / R dropped in all (room a round leaves
+    # carries on), so that late rounds still drop; off: the first rounds may spend the whole cap
+    spread_cap: bool = False
 
     def period(self, epochs: int) -> int:
         return self.every or max(1, round(epochs / 8))

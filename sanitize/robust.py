@@ -4,10 +4,11 @@ Every `every` epochs from epoch `warmup` until the last learning-rate milestone,
 augmentation) gives every example its last-layer gradient proxy softmax - onehot; per class, facility-location medoids
 (ceil(fraction x class size)) are chosen over all examples, every example joins its nearest medoid, and medoids alone in
 their cluster are dropped, for good; the survivors train unweighted. Added to EPIC: a cap on the total dropped
-fraction (beyond it, the isolated examples with the largest gradient proxy go first), deterministic medoids, a drop log
-(id, class, round) and resume after a kill (the log is cut back to the checkpoint's epoch). A round's gradient proxy
-goes to a memory-mapped file beside the log (removed after the round) and is read one class at a time; under torchrun
-each rank fills its share of the rows and picks the medoids of every world_size-th class.
+fraction (beyond it, the isolated examples with the largest gradient proxy go first; `spread_cap` shares it evenly over
+the rounds), deterministic medoids, a drop log (id, class, round) and resume after a kill (the log is cut back to the
+checkpoint's epoch). A round's gradient proxy goes to a memory-mapped file beside the log (removed after the round) and
+is read one class at a time; under torchrun each rank fills its share of the rows and picks the medoids of every
+world_size-th class.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class EpicDropper:
         )
         isolated = np.sort(gather_rows(isolated, self.world))
         new = np.setdiff1d(isolated, np.setdiff1d(np.arange(len(self.dataset)), indices))  # not dropped before
-        room = self.cap - len(self.log)
+        room = self._allowance(next_epoch) - len(self.log)
         if len(new) > room:
             new = new[np.argsort(-np.linalg.norm(proxy[new], axis=1), kind="stable")[:room]]
         del proxy
@@ -83,6 +84,13 @@ class EpicDropper:
         self._write_log()
         model.train(was_training)
         return np.setdiff1d(indices, new)
+
+    def _allowance(self, round_epoch: int) -> int:
+        """How many may be dropped in all once the round at `round_epoch` is done: the cap, or with `spread_cap` the
+        cap's share of the rounds so far."""
+        if not self.config.spread_cap:
+            return self.cap
+        return math.floor(self.cap * (self.rounds.index(round_epoch) + 1) / len(self.rounds))
 
     def _gradient_proxy(self, model: torch.nn.Module, path: Path) -> np.ndarray:
         """softmax - onehot of every example (eval mode), in a memory-mapped file beside the log: each rank fills its

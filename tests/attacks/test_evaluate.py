@@ -515,7 +515,12 @@ def test_a_robust_option_is_a_variant_of_the_robust_arm_recorded_resumed_and_kep
         ("robust", "iterations=2"),
         ("robust", "iterations=2; robust max_dropped_fraction=0.005"),
     }
-    for bad, message in (({"epochs": 3}, "unknown robust option"), ({"warmup": "late"}, "takes a number")):
+    for bad, message in (
+        ({"epochs": 3}, "unknown robust option"),
+        ({"warmup": "late"}, "takes a number"),
+        ({"spread_cap": 1}, "takes true or false"),
+        ({"max_dropped_fraction": True}, "takes a number"),
+    ):
         with pytest.raises(SanitizeError, match=message):
             run_evaluation(train, test, out, EvaluationConfig(**base, robust_options=bad), progress=False)
     result = evaluate_cli(train, test, "--robust-option", "fraction=2", "--out", str(tmp_path / "e"))

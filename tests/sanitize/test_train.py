@@ -48,6 +48,19 @@ def test_the_cap_bounds_what_is_dropped(tmp_path, mislabeled_npz):
     assert len(result.dropped_ids) == 5
 
 
+def test_a_spread_cap_keeps_room_for_every_round(tmp_path, mislabeled_npz):
+    data, _ = mislabeled_npz
+    options = FAST | {"robust": True, "every": 1, "max_dropped_fraction": 0.02}
+    whole = json.loads(train(data, tmp_path / "whole", **options).files["drop_log"].read_text())
+    spread = json.loads(train(data, tmp_path / "spread", spread_cap=True, **options).files["drop_log"].read_text())
+    assert whole["rounds"] == spread["rounds"] == [1, 2, 3, 4, 5] and whole["cap"] == spread["cap"] == 20
+    first = [row for row in whole["dropped"] if row["round"] == 1]
+    assert len(first) == 20  # without it the first round spends the whole cap on this set
+    for position, round_epoch in enumerate(spread["rounds"], start=1):
+        assert sum(row["round"] <= round_epoch for row in spread["dropped"]) <= 20 * position // 5
+    assert len({row["round"] for row in spread["dropped"]}) > 1
+
+
 @pytest.mark.parametrize("cap", [0.1, 0.005])
 def test_a_robust_runs_work_counted_from_its_drop_log_is_what_it_trained_and_scored(
     tmp_path, mislabeled_npz, cap, monkeypatch
