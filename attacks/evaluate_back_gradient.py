@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from attacks.arms import DETECTOR_ARMS, TOLD_THE_COUNT
 from attacks.back_gradient import BackGradientOptions, PoisonPoints, craft_back_gradient, get_learner, predict, train
 from attacks.rows import recorded_scan_options
 from attacks.summary import git_commit
+from sanitize.config import ScanConfig
 from sanitize.data import write_atomic
 from sanitize.data.arrays import from_arrays, open_npz
 from sanitize.data.base import ImageDataset
@@ -36,6 +38,7 @@ from sanitize.data.digits import digits_arrays
 from sanitize.errors import SanitizeError
 from sanitize.manifest import flag_metrics
 from sanitize.scanner import scan
+from sanitize.trainer import train as train_proxy
 
 CONTROLS = ("clean", "label-flip", "undefended")
 ARMS = (*CONTROLS, *DETECTOR_ARMS)
@@ -52,6 +55,10 @@ class BackGradientConfig:
     scan_threshold: float | None = None  # the scan arm's knn_density threshold (None: the default's)
     scan_epochs: int | None = None  # the scan arm's proxy epochs (None: the default's)
     scan_folds: int | None = None  # the scan arm's out-of-fold proxies for the label check (None: the default's, off)
+    # the scan arm scans with weights trained (the scan's proxy recipe) on the seed's validation split, clean data the
+    # defender trusts, held out: `sanitize scan --checkpoint W --held-out-checkpoint` (off: a proxy trained on the data)
+    scan_trusted: bool = False
+    scan_label_rule: str | None = None  # the scan arm's label check rule (None: the default's)
     victim_learner: str | None = None  # the victims' learner when it is not the attacker's (transfer)
 
 
@@ -111,7 +118,10 @@ def run_back_gradient_evaluation(
                 threshold = config.scan_threshold if arm == "scan" else None
                 epochs = config.scan_epochs if arm == "scan" else None
                 folds = config.scan_folds if arm == "scan" else None
-                if (options.learner, victim_name, options.goal, seed, fraction, arm, threshold, epochs, folds) in done:
+                trusted = config.scan_trusted if arm == "scan" else False
+                label_rule = config.scan_label_rule if arm == "scan" else None
+                variant = (threshold, epochs, folds, trusted, label_rule)
+                if (options.learner, victim_name, options.goal, seed, fraction, arm, *variant) in done:
                     continue
                 row = {
                     "learner": options.learner,
@@ -126,6 +136,8 @@ def run_back_gradient_evaluation(
                     "scan_threshold": threshold,
                     "scan_epochs": epochs,
                     "scan_folds": folds,
+                    **({"scan_trusted": True} if trusted else {}),
+                    **({"scan_label_rule": label_rule} if label_rule else {}),
                     "train_size": len(y),
                 }
                 if arm == "clean":
@@ -139,8 +151,15 @@ def run_back_gradient_evaluation(
                     poisoned_y = torch.cat([y, points.labels])
                     if arm in DETECTOR_ARMS:
                         detector = DETECTOR_ARMS[arm]
-                        variant = {"threshold": threshold, "epochs": epochs, "proxy_folds": folds}
-                        kept, defense = _scanned(poisoned_x, poisoned_y, len(y), classes, detector, variant, out)
+                        options_changed = {"threshold": threshold, "epochs": epochs, "proxy_folds": folds}
+                        options_changed["label_rule"] = label_rule
+                        if trusted:
+                            trusted_set = (images[val_at], labels[val_at])
+                            options_changed |= {"checkpoint": _trusted_weights(*trusted_set, classes, out)}
+                            options_changed |= {"held_out_checkpoint": True}
+                        kept, defense = _scanned(
+                            poisoned_x, poisoned_y, len(y), classes, detector, options_changed, out
+                        )
                         row |= defense
                         poisoned_x, poisoned_y = poisoned_x[kept], poisoned_y[kept]
                     row |= _victim(learner, victim_init, poisoned_x, poisoned_y, test, options) | {
@@ -176,8 +195,24 @@ def _done(out: Path) -> set[tuple]:
     return {
         (r["learner"], r.get("victim_learner", r["learner"]), r["goal"], r["seed"], r["fraction"], r["arm"])
         + (r.get("scan_threshold"), r.get("scan_epochs"), r.get("scan_folds"))
+        + (r.get("scan_trusted", False), r.get("scan_label_rule"))
         for r in _rows(out)
     }
+
+
+def _trusted_weights(x: torch.Tensor, y: torch.Tensor, classes: int, out: Path) -> str:
+    """Weights of the scan's proxy recipe trained on (x, y), clean data the defender trusts: trained once per set
+    (OUT/cache/trusted/<fingerprint>), their model.pt's path."""
+    dataset = as_dataset(x, y, classes)
+    folder = out / "cache" / "trusted" / dataset.fingerprint[7:23]
+    weights = folder / "model.pt"
+    if not weights.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(folder / "data.npz", x=dataset.images, y=dataset.labels)  # lossless; the run reads it back
+        scan_defaults = ScanConfig()
+        train_proxy(folder / "data.npz", folder / "run", train=scan_defaults.train, seed=scan_defaults.seed, quiet=True)
+        os.replace(folder / "run" / "model.pt", weights)
+    return str(weights)
 
 
 def cached_poisons(cache: Path, x, y, x_val, y_val, count: int, options: BackGradientOptions) -> PoisonPoints:
@@ -220,6 +255,7 @@ def _scanned(
     options |= {k: v for k, v in variant.items() if v is not None}
     started = time.perf_counter()
     proxy = "" if variant.get("epochs") is None else f"e{variant['epochs']}-"  # another proxy: another folder
+    proxy += "trusted-" if variant.get("checkpoint") else ""
     result = scan(dataset, out / "cache" / "scans" / f"{detector}-{proxy}{dataset.fingerprint[7:23]}", **options)
     metrics = flag_metrics(result.flags, result.scores, truth)
     metrics |= {"scan_seconds": round(time.perf_counter() - started, 2)}
@@ -263,6 +299,8 @@ def _arm_label(row: dict) -> str:
     parts = [f"threshold {row['scan_threshold']:g}"] if row.get("scan_threshold") is not None else []
     parts += [f"proxy {row['scan_epochs']} epochs"] if row.get("scan_epochs") is not None else []
     parts += [f"{row['scan_folds']} proxy folds"] if row.get("scan_folds") is not None else []
+    parts += ["trusted proxy, held out"] if row.get("scan_trusted") else []
+    parts += [f"label rule {row['scan_label_rule']}"] if row.get("scan_label_rule") else []
     return f"{row['arm']} ({', '.join(parts)})" if parts else row["arm"]
 
 

@@ -23,8 +23,15 @@ from sanitize.models import resolve_model_name
 
 KNN_DENSITY_OPTIONS = tuple(f.name for f in dataclasses.fields(KnnDensityOptions))
 # options recorded only since they were added (alarm_confidence: 2026-11; the alarm's test and group: 2026-12-01;
-# the label check, which acts only with proxy folds: 2026-12-02), with the value that reproduces older rows
-BEFORE_RECORDED = {"alarm_confidence": 0.0, "alarm_test": "poisson", "alarm_group_fraction": 0.0, "label_check": True}
+# the label check, which acts only with proxy folds or a held-out checkpoint: 2026-12-02; its rule: 2026-12-04), with
+# the value that reproduces older rows
+BEFORE_RECORDED = {
+    "alarm_confidence": 0.0,
+    "alarm_test": "poisson",
+    "alarm_group_fraction": 0.0,
+    "label_check": True,
+    "label_rule": "confident",
+}
 # the proxy, recorded only when not auto until 2026-12-02 (since then always, as the architecture auto resolved to):
 # auto meant the ConvNet for the small images every evaluation uses
 PROXY_BEFORE_RECORDED = "convnet"

@@ -27,7 +27,7 @@ from sanitize.config import (
 )
 from sanitize.detectors import EMBEDDINGS, list_detectors
 from sanitize.detectors.epic import EpicOptions
-from sanitize.detectors.knn_density import ALARM_RULES, ALARM_TESTS, KnnDensityOptions
+from sanitize.detectors.knn_density import ALARM_RULES, ALARM_TESTS, LABEL_RULES, KnnDensityOptions
 from sanitize.errors import SanitizeError
 from sanitize.names import ATTACKS, DEVICE_KINDS, MODELS
 from sanitize.wording import plural, unknown
@@ -321,6 +321,14 @@ def scan_options(fn: Callable) -> Callable:
             default=KNN.label_check,
             show_default=True,
             help="knn_density, with --proxy-folds: flag the examples whose label the held-out proxies contradict.",
+        ),
+        click.option(
+            "--label-rule",
+            type=click.Choice(LABEL_RULES),
+            default=KNN.label_rule,
+            show_default=True,
+            help="The label check's rule: confident learning's (a rival class above its own threshold), or disagree "
+            "(any held-out prediction other than the label: for weights that never saw the data).",
         ),
         click.option(
             "--expected-poisons",
@@ -1197,6 +1205,18 @@ def evaluate_transfer(
     help="The scan arm's out-of-fold proxies for the label check (as sanitize scan --proxy-folds; default: off).",
 )
 @click.option(
+    "--trusted-proxy",
+    is_flag=True,
+    help="The scan arm scans with weights the defender trained on clean data it trusts (the seed's validation "
+    "split), held out (as sanitize scan --checkpoint W --held-out-checkpoint), instead of a proxy trained on the data.",
+)
+@click.option(
+    "--label-rule",
+    type=click.Choice(LABEL_RULES),
+    default=None,
+    help="The scan arm's label check rule (as sanitize scan --label-rule; default: the scan's).",
+)
+@click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     required=True,
@@ -1217,6 +1237,8 @@ def evaluate_back_gradient(
     threshold: float | None,
     proxy_epochs: int | None,
     proxy_folds: int | None,
+    trusted_proxy: bool,
+    label_rule: str | None,
     out: Path,
 ) -> None:
     """Back-gradient poisoning (added points with chosen labels) against a known learner, on DATA (.npz; default
@@ -1238,6 +1260,8 @@ def evaluate_back_gradient(
         scan_threshold=threshold,
         scan_epochs=proxy_epochs,
         scan_folds=proxy_folds,
+        scan_trusted=trusted_proxy,
+        scan_label_rule=label_rule,
         victim_learner=victim_learner,
     )
     run_back_gradient_evaluation(data, out, config, command="sanitize " + " ".join(sys.argv[1:]))

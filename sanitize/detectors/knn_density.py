@@ -35,6 +35,9 @@ if TYPE_CHECKING:  # the detectors' modules stay light: the CLI reads their opti
 
 ALARM_RULES = ("hard", "misassigned", "either")  # the second pass in an alarmed class
 ALARM_TESTS = ("negative-binomial", "poisson")  # the class alarm's count test (poisson: dispersion fixed at 1)
+# the label check: confident learning's off-diagonal (a rival class above its own threshold), or any out-of-sample
+# prediction other than the label (for weights that never saw the data and cannot have learned a group of wrong labels)
+LABEL_RULES = ("confident", "disagree")
 # why an example is flagged (the array flag_reason, read by the report)
 WHY_ISOLATED, WHY_TOO_EASY, WHY_ALARM_HARD, WHY_ALARM_MISASSIGNED, WHY_LABEL = 1, 2, 3, 4, 5
 FLAG_REASONS = {
@@ -86,6 +89,7 @@ class KnnDensityOptions:
     threshold: float = 0.5  # flag score >= threshold; 0.5 = modified z-score 3.5 (Iglewicz & Hoaglin)
     # with out-of-fold predictions (scan --proxy-folds): also flag the examples whose label they contradict
     label_check: bool = True
+    label_rule: str = "confident"  # confident | disagree (LABEL_RULES)
 
     def validate(self) -> None:
         check(
@@ -101,6 +105,7 @@ class KnnDensityOptions:
                 (self.alarm_test in ALARM_TESTS, f"alarm_test must be one of {', '.join(ALARM_TESTS)}"),
                 (self.alarm_rule in ALARM_RULES, f"alarm_rule must be one of {', '.join(ALARM_RULES)}"),
                 (0.0 <= self.alarm_confidence < 1.0, "alarm_confidence must be in [0, 1)"),
+                (self.label_rule in LABEL_RULES, f"label_rule must be one of {', '.join(LABEL_RULES)}"),
             ]
         )
 
@@ -135,7 +140,9 @@ def knn_density(embeddings: Embeddings, options: KnnDensityOptions, context: Det
         context=context,
     )
     if options.label_check and embeddings.out_of_fold_logits is not None:
-        detection = with_label_issues(detection, embeddings.out_of_fold_logits, embeddings.labels, options.threshold)
+        detection = with_label_issues(
+            detection, embeddings.out_of_fold_logits, embeddings.labels, options.threshold, options.label_rule
+        )
     return detection
 
 
@@ -164,15 +171,34 @@ def label_issues(logits: np.ndarray, labels: np.ndarray, budget: int = CHUNK_BYT
     return margin > 0, margin
 
 
-def with_label_issues(detection: Detection, logits: np.ndarray, labels: np.ndarray, threshold: float) -> Detection:
+def disagreeing_labels(
+    logits: np.ndarray, labels: np.ndarray, budget: int = CHUNK_BYTES
+) -> tuple[np.ndarray, np.ndarray]:
+    """The `disagree` rule: an example is a label issue when its likeliest out-of-sample class is not its label.
+    Returns the issues and each example's margin (that class's probability minus the label's; <= 0 where there is no
+    issue), a chunk of rows at a time."""
+    margin = np.zeros(len(labels))
+    for rows in row_chunks(len(labels), logits.shape[1] * 8, budget):
+        p = softmax(np.asarray(logits[rows], dtype=np.float64))
+        margin[rows] = p.max(axis=1) - p[np.arange(len(p)), labels[rows]]
+    return margin > 0, margin
+
+
+def with_label_issues(
+    detection: Detection, logits: np.ndarray, labels: np.ndarray, threshold: float, rule: str = "confident"
+) -> Detection:
     """The detection with the label check added: issues flagged (reason WHY_LABEL where nothing else flagged them) and
     scored at least threshold + (1 - threshold) x margin, so they rank above the unflagged."""
-    issues, margin = label_issues(logits, labels)
+    issues, margin = (disagreeing_labels if rule == "disagree" else label_issues)(logits, labels)
     scores = np.where(issues, np.maximum(detection.scores, threshold + (1 - threshold) * margin), detection.scores)
     why = detection.arrays["flag_reason"]
     arrays = detection.arrays | {"flag_reason": np.where(issues & (why == 0), WHY_LABEL, why).astype(np.int8)}
     summary = detection.summary | {
-        "label_check": {"issues": int(issues.sum()), "thresholds": "per class, out of sample"}
+        "label_check": {
+            "issues": int(issues.sum()),
+            "rule": rule,
+            "thresholds": "per class, out of sample" if rule == "confident" else "the likeliest class",
+        }
     }
     return Detection(scores=scores, flags=detection.flags | issues, summary=summary, arrays=arrays)
 

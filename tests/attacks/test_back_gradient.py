@@ -125,6 +125,17 @@ def test_the_evaluation_writes_every_arm_scores_the_scan_and_a_rerun_resumes(tmp
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and rows[-1]["scan_epochs"] == 2 and rows[-1]["scan_options"]["proxy_epochs"] == 2
     assert "| scan (proxy 2 epochs) |" in (tmp_path / "summary.md").read_text()
+    # weights trained on the trusted validation split, held out, with the disagree rule: a variant of its own whose
+    # label check flags what those weights call another class
+    trusted = dataclasses.replace(config, scan_trusted=True, scan_label_rule="disagree")
+    run_back_gradient_evaluation(None, tmp_path, trusted)
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 7 and rows[-1]["scan_trusted"] and rows[-1]["scan_options"]["held_out_checkpoint"]
+    assert rows[-1]["scan_options"]["label_rule"] == "disagree" and rows[-1]["poison_recall"] > 0
+    assert list((tmp_path / "cache" / "trusted").glob("*/model.pt"))
+    assert "| scan (trusted proxy, held out, label rule disagree) |" in (tmp_path / "summary.md").read_text()
+    run_back_gradient_evaluation(None, tmp_path, trusted)
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 7
 
 
 def test_victims_of_another_learner_are_rows_of_their_own(tmp_path):

@@ -8,7 +8,7 @@ import torch
 
 from sanitize import scan
 from sanitize.config import ScanConfig
-from sanitize.detectors.knn_density import WHY_LABEL, label_issues
+from sanitize.detectors.knn_density import WHY_LABEL, disagreeing_labels, label_issues
 from sanitize.errors import SanitizeError
 from sanitize.folds import fold_assignment
 from sanitize.trainer import train
@@ -45,6 +45,16 @@ def test_label_issues_are_confident_learnings_off_diagonal():
     # below the rival's threshold, even a rival more probable than the label is no issue
     issues, _ = label_issues(np.log(np.array([[0.3, 0.7], [0.2, 0.8], [0.6, 0.4]])), np.array([1, 1, 0]))
     assert not issues.any()
+
+
+def test_the_disagree_rule_flags_every_label_the_likeliest_held_out_class_contradicts():
+    labels = np.array([0, 0, 1, 1])
+    probabilities = np.array([[0.95, 0.05], [0.9, 0.1], [0.6, 0.4], [0.1, 0.9]])
+    # labelled 1 and leaning 0 below class 0's threshold (0.925): confident learning lets it pass, disagree does not
+    assert not label_issues(np.log(probabilities), labels)[0].any()
+    issues, margin = disagreeing_labels(np.log(probabilities), labels, budget=2 * 2 * 8)  # 2-row chunks
+    assert issues.tolist() == [False, False, True, False]
+    assert margin[2] == pytest.approx(0.2) and (margin[~issues] == 0).all()
 
 
 @pytest.fixture(scope="module")
