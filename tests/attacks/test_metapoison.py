@@ -97,11 +97,12 @@ def test_the_target_scored_in_the_next_batch_sees_that_batchs_statistics(split, 
 def test_crafted_poisons_move_victims_towards_the_intended_class_more_than_random_noise(
     split, tiny_victim, noise_margins
 ):
-    """The smoke scale at a tenth of the default effort (one member, 10 craft steps; the pilot measured +2.5 logits
-    here, and +4.6 at the default effort: reports/metapoison-pilot)."""
+    """The smoke scale at a fifth of the default effort (one member, 20 craft steps; the pilot measured +2.5 logits at
+    10 steps here, and +4.6 at the default effort: reports/metapoison-pilot). At 10 steps an AMD EPYC machine measured
+    +0.87 over random noise, under this test's bar, where others passed it: 20 steps keep the bar with room."""
     train, test = split
     setup = choose_setup(1, train, test, budget=0.1)
-    options = {"iterations": 10, "ensemble": 1, "clean_batch": 64, "augment": False, "span_epochs": 8.0}
+    options = {"iterations": 20, "ensemble": 1, "clean_batch": 64, "augment": False, "span_epochs": 8.0}
     config = attack_options("metapoison", advance_epochs=1.0, seed=0, **options)
     target = test.load_image(setup.target_index)
     surrogate = tiny_victim(train, seed=100)  # its architecture and normalisation: the member starts fresh
