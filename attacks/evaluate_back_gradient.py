@@ -151,15 +151,12 @@ def run_back_gradient_evaluation(
                     poisoned_y = torch.cat([y, points.labels])
                     if arm in DETECTOR_ARMS:
                         detector = DETECTOR_ARMS[arm]
-                        options_changed = {"threshold": threshold, "epochs": epochs, "proxy_folds": folds}
-                        options_changed["label_rule"] = label_rule
+                        changed = {"threshold": threshold, "epochs": epochs, "proxy_folds": folds}
+                        changed["label_rule"] = label_rule
                         if trusted:
-                            trusted_set = (images[val_at], labels[val_at])
-                            options_changed |= {"checkpoint": _trusted_weights(*trusted_set, classes, out)}
-                            options_changed |= {"held_out_checkpoint": True}
-                        kept, defense = _scanned(
-                            poisoned_x, poisoned_y, len(y), classes, detector, options_changed, out
-                        )
+                            weights = _trusted_weights(images[val_at], labels[val_at], classes, out)
+                            changed |= {"checkpoint": weights, "held_out_checkpoint": True}
+                        kept, defense = _scanned(poisoned_x, poisoned_y, len(y), classes, detector, changed, out)
                         row |= defense
                         poisoned_x, poisoned_y = poisoned_x[kept], poisoned_y[kept]
                     row |= _victim(learner, victim_init, poisoned_x, poisoned_y, test, options) | {

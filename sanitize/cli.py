@@ -601,6 +601,7 @@ def demo(out: Path, quiet: bool) -> None:
 @click.option(
     "--spread-cap",
     is_flag=True,
+    default=ROBUST_DEFAULTS.spread_cap,
     help="Robust: reach the cap evenly over the rounds (after round r of R at most cap x r / R dropped), so that "
     "late rounds still drop.",
 )
