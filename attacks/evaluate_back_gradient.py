@@ -151,8 +151,12 @@ def run_back_gradient_evaluation(
                     poisoned_y = torch.cat([y, points.labels])
                     if arm in DETECTOR_ARMS:
                         detector = DETECTOR_ARMS[arm]
-                        changed = {"threshold": threshold, "epochs": epochs, "proxy_folds": folds}
-                        changed["label_rule"] = label_rule
+                        changed = {
+                            "threshold": threshold,
+                            "epochs": epochs,
+                            "proxy_folds": folds,
+                            "label_rule": label_rule,
+                        }
                         if trusted:
                             weights = _trusted_weights(images[val_at], labels[val_at], classes, out)
                             changed |= {"checkpoint": weights, "held_out_checkpoint": True}
