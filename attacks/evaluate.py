@@ -28,7 +28,7 @@ from attacks.arms import (
 from attacks.base import choose_setup
 from attacks.experiment import Harness
 from attacks.locks import exclusive
-from attacks.rows import robust_changes
+from attacks.rows import robust_changes, run_record
 from attacks.scales import EvaluationConfig
 from attacks.selection import select_poisons
 from attacks.summary import aggregate
@@ -132,6 +132,7 @@ def run_evaluation(
                         "measure": round(time.perf_counter() - started, 1),
                     },
                     "flops": flops | {"victim_training": victim_cost.flops},
+                    "run": run_record(harness.device, harness.amp),
                     "craft_final_loss": min(poisons.metadata.get("final_loss_per_restart", [float("nan")]))
                     if poisons
                     else None,

@@ -26,7 +26,7 @@ from attacks.arms import (
 )
 from attacks.base import PoisonSet, PoisonSetup
 from attacks.experiment import arm_data
-from attacks.rows import read_rows, recorded_scan_options
+from attacks.rows import read_rows, recorded_scan_options, run_record
 from attacks.summary import aggregate
 from attacks.transfer import TransferConfig, TransferSetting
 from sanitize.data.arrays import ArrayDataset
@@ -127,6 +127,7 @@ def run_transfer_evaluation(
                         "crafting": poisons.metadata.get("seconds") if poisoned else None,
                         "scan": scan_seconds,
                     },
+                    "run": run_record(world.device, world.amp),
                 }
                 with (out / "results.jsonl").open("a") as handle:
                     handle.write(json.dumps(row) + "\n")

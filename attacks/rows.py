@@ -8,9 +8,12 @@ another variant of the attack (`attack_variant`), whatever their arm."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from attacks.arms import NOISE_ARMS, ROBUST_ARMS, SCANNED_ARMS
 from attacks.registry import attack_options
@@ -20,6 +23,7 @@ from sanitize.detectors.epic import EpicOptions
 from sanitize.detectors.knn_density import KnnDensityOptions
 from sanitize.errors import SanitizeError
 from sanitize.models import resolve_model_name
+from sanitize.training import precision_name
 
 KNN_DENSITY_OPTIONS = tuple(f.name for f in dataclasses.fields(KnnDensityOptions))
 # options recorded only since they were added (alarm_confidence: 2026-11; the alarm's test and group: 2026-12-01;
@@ -54,6 +58,18 @@ REQUIRED = {
     "model",
     "epochs",
 }
+
+
+def run_record(device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, Any]:
+    """Where and how the process that writes a row ran (its victim trained there unless it was cached): the precision
+    `auto` resolved to differs between machines (bf16 only where the hardware runs it natively), so rows that pair
+    victims across machines can say so. Rows written before 2026-12-04 17:30 UTC lack it."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "precision": precision_name(amp_dtype),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def read_rows(out: Path) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ from sanitize.detectors.epic import EpicOptions
 from sanitize.detectors.knn_density import KnnDensityOptions
 from sanitize.errors import SanitizeError
 from sanitize.friendly import STEPS
-from sanitize.training import train_model
+from sanitize.training import precision_name, resolve_precision, train_model
 from sanitize.work import example_flops, trained_examples
 
 CPU_DEVICE = torch.device("cpu")
@@ -85,6 +85,9 @@ def test_smoke_evaluation_writes_protocol_rows_and_resumes(tmp_path, split_npz):
     assert all(
         0 < r["seconds"]["victim_training_cpu"] for r in rows
     )  # process CPU time: the cost basis on a shared CPU
+    machine_precision = precision_name(resolve_precision("auto", torch.device("cpu")))
+    # where each victim ran: precision `auto` resolves per machine, so pairs across machines can be told apart
+    assert all(r["run"]["device"] == "cpu" and r["run"]["precision"] == machine_precision for r in rows)
     clean = [r for r in rows if r["arm"] == "clean"]
     assert clean[0]["target_id"] != clean[1]["target_id"] or clean[0]["poison_key"] != clean[1]["poison_key"]
     # a rerun finds every row done: nothing is trained or appended again

@@ -34,6 +34,7 @@ def test_the_evaluation_writes_a_row_per_key_arm_and_victim_and_a_rerun_resumes(
     assert {r["scale"] for r in rows} == {"transfer-linear"} and all(r["train_size"] == 200 for r in rows)
     crafted = [r for r in rows if r["arm"] == "undefended"]
     assert all(r["poisons_sha256"] and r["seconds"]["crafting"] > 0 for r in crafted)
+    assert all(r["run"]["precision"] in ("bf16", "fp32") and r["run"]["date"] for r in rows)
     assert "transfer-linear" in (out / "summary.md").read_text()
     again, _ = digits_transfer(**options)
     assert len(again) == len(rows)
