@@ -23,7 +23,7 @@ from sanitize.detectors.epic import EpicOptions
 from sanitize.detectors.knn_density import KnnDensityOptions
 from sanitize.errors import SanitizeError
 from sanitize.models import resolve_model_name
-from sanitize.training import precision_name
+from sanitize.training import device_record
 
 KNN_DENSITY_OPTIONS = tuple(f.name for f in dataclasses.fields(KnnDensityOptions))
 # options recorded only since they were added (alarm_confidence: 2026-11; the alarm's test and group: 2026-12-01;
@@ -64,12 +64,9 @@ def run_record(device: torch.device, amp_dtype: torch.dtype | None) -> dict[str,
     """Where and how the process that writes a row ran (its victim trained there unless it was cached): the precision
     `auto` resolved to differs between machines (bf16 only where the hardware runs it natively), so rows that pair
     victims across machines can say so. Rows written before 2026-12-04 17:30 UTC lack it."""
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": str(device),
-        "precision": precision_name(amp_dtype),
-        "threads": torch.get_num_threads(),
-    }
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")} | device_record(
+        device, amp_dtype
+    )
 
 
 def read_rows(out: Path) -> list[dict[str, Any]]:

@@ -51,7 +51,7 @@ from sanitize.folds import fold_sizes, out_of_fold_logits
 from sanitize.manifest import flag_metrics, manifest_file, poison_mask, read_manifest
 from sanitize.models import Classifier, create_model, load_weights, require_finite_weights, resolve_model_name
 from sanitize.report import write_report
-from sanitize.training import precision_name, resolve_device, resolve_precision, train_from_scratch
+from sanitize.training import device_record, resolve_device, resolve_precision, train_from_scratch
 from sanitize.work import ExampleFlops, example_flops, phase_work, reduced_size, trained_per_epoch
 
 SCORES_HEADER = ("id", "path", "label", "class", "score", "flagged")
@@ -389,13 +389,7 @@ def _summary(
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(sys.argv),  # the process's command line (the CLI's, or the script that called the API)
         "versions": _versions(),
-        "device": {
-            "device": str(device),
-            "precision": precision_name(amp_dtype),
-            "faiss_gpu": gpu_available(),
-            "threads": torch.get_num_threads(),
-            "processes": world.world_size,
-        },
+        "device": device_record(device, amp_dtype) | {"faiss_gpu": gpu_available(), "processes": world.world_size},
         "data": {
             "source": dataset.source,
             "kind": dataset.kind,

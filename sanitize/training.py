@@ -62,6 +62,12 @@ def precision_name(dtype: torch.dtype | None) -> str:
     return "fp32" if dtype is None else "bf16"
 
 
+def device_record(device: torch.device, amp_dtype: torch.dtype | None) -> dict[str, str | int]:
+    """Where and at what precision a process computes, as scan summaries and evaluation rows record it (`auto`
+    resolves per machine, so two runs of one command may differ here)."""
+    return {"device": str(device), "precision": precision_name(amp_dtype), "threads": torch.get_num_threads()}
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if dtype is None:
         return contextlib.nullcontext()
