@@ -37,7 +37,14 @@ from sanitize.distributed import World, all_reduce_sum, current_world
 from sanitize.models import Classifier, resolve_model_name
 from sanitize.report import write_report
 from sanitize.robust import EpicDropper
-from sanitize.training import milestone_epochs, predict, resolve_device, resolve_precision, train_from_scratch
+from sanitize.training import (
+    device_record,
+    milestone_epochs,
+    predict,
+    resolve_device,
+    resolve_precision,
+    train_from_scratch,
+)
 from sanitize.work import example_flops, phase_work
 
 
@@ -121,6 +128,7 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
         ),
         "seconds": round(time.perf_counter() - started, 2),
         "processes": world.world_size,
+        "device": device_record(device, amp_dtype),  # what --precision auto resolved to: robust rounds score under it
     }
     if config.test:
         test = open_dataset(Path(config.test), image_size=dataset.image_size[0], progress=progress, world=world)

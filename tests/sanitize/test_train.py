@@ -36,6 +36,8 @@ def test_robust_training_drops_the_planted_examples_and_logs_every_drop(tmp_path
     assert len(kept) + len(positions) == 1000 and not set(kept) & {row["id"] for row in log["dropped"]}
     assert sum(result.summary["robust"]["dropped_per_class"].values()) == len(positions)
     assert result.summary["kind"] == "robust-train"
+    # the precision --precision auto resolved to, under which the rounds scored
+    assert result.summary["device"]["precision"] in ("fp32", "bf16") and result.summary["device"]["device"] == "cpu"
     labels = np.load(data)["y"]
     assert all(labels[row["position"]] == row["class"] for row in log["dropped"])
     html = result.files["report"].read_text(encoding="utf-8")
