@@ -77,7 +77,6 @@ def main() -> None:
     kept, caught, _, _ = harness.filtered(poisoned, ARM, setup)
     kept_positions = np.flatnonzero(~caught)  # the kept set's rows, as positions of the poisoned set
     poison_indices = np.asarray(setup.poison_indices)
-    poison_at = {int(p): j for j, p in enumerate(poison_indices)}
 
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     round_epoch = int(state["epoch"])
@@ -110,15 +109,16 @@ def main() -> None:
             survivors = dropper(round_epoch - 1, model, before)
             seconds = time.perf_counter() - started
         dropped = np.setdiff1d(before, survivors)
-        originals = kept_positions[dropped]
-        poison_slots = [poison_at[int(p)] for p in originals if int(p) in poison_at]
+        removed = np.zeros(len(poisoned), dtype=bool)  # over the poisoned set, as attacks.arms scores removals
+        removed[kept_positions[dropped]] = True
+        hit = removed[poison_indices]  # in setup order, as `carriers` is
         outcomes[name] = {
             "dropped": dropped,
             "survivors": survivors,
             "summary": {
                 "dropped": len(dropped),
-                "poisons_dropped": len(poison_slots),
-                "carriers_dropped": int(carriers[poison_slots].sum()) if poison_slots else 0,
+                "poisons_dropped": int(hit.sum()),
+                "carriers_dropped": int(hit[carriers].sum()),
                 "seconds": round(seconds, 1),
             },
         }
