@@ -21,15 +21,16 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from run_record import write_results  # run as a script: benchmarks/ is on the path
 
 from attacks import choose_setup
 from attacks.evaluate import victim_tag
 from attacks.experiment import Harness
 from attacks.scales import EvaluationConfig
-from sanitize.data import write_atomic
 from sanitize.robust import EpicDropper
 from sanitize.training import milestone_epochs
 
@@ -47,34 +48,62 @@ class KeptProxyDropper(EpicDropper):
         return self.proxy
 
 
-def predicted(proxy: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """The class each row's model predicts, from its proxy softmax - onehot."""
-    return (proxy + np.eye(proxy.shape[1], dtype=proxy.dtype)[labels]).argmax(axis=1)
+class EvaluatedKey(NamedTuple):
+    """One evaluated key's parts that the benchmarks of robust training read."""
+
+    harness: Harness
+    setup: Any
+    poisoned: Any
+    carriers: np.ndarray  # over the poisons, in setup order
+    kept: Any  # what the default scan kept of the poisoned set
+    caught: np.ndarray  # the scan's flags over the poisoned set
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, required=True, help="the evaluation folder of the victim's row")
-    parser.add_argument("--cache", type=Path, required=True, help="that evaluation's --cache")
-    parser.add_argument("--data", type=Path, default=Path("../shared/data/cifar10"))
-    parser.add_argument("--key", type=int, required=True)
-    parser.add_argument("--seed", type=int, required=True, help="the victim's seed")
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a copy of the victim's partial checkpoint")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-
-    config = EvaluationConfig(scale="full", eps=16.0, keys=(args.key,), arms=(ARM,), cache=str(args.cache))
-    harness = Harness(args.data / "cifar10_train.npz", args.data / "cifar10_test.npz", args.results, config, False)
-    setup = choose_setup(args.key, harness.train, harness.test, config.budget)
+def evaluated_key(
+    results: Path, cache: Path, data: Path, key: int, robust_options: dict[str, Any] | None = None
+) -> EvaluatedKey:
+    """A full-scale gradient-matching key as its `scan-robust` victims saw it: its poisons, carriers and the default
+    scan's kept set, read from the evaluation folder or the cache, never crafted or scanned again."""
+    config = EvaluationConfig(
+        scale="full", eps=16.0, keys=(key,), arms=(ARM,), cache=str(cache), robust_options=robust_options or {}
+    )
+    harness = Harness(data / "cifar10_train.npz", data / "cifar10_test.npz", results, config, False)
+    setup = choose_setup(key, harness.train, harness.test, config.budget)
     poisons = harness.stored_poisons(setup)
     if poisons is None:
-        raise SystemExit(f"key {args.key}'s poisons are neither cached nor published in {args.results}")
+        raise SystemExit(f"key {key}'s poisons are neither cached nor published in {results}")
     poisoned = harness.data_for(ARM, poisons, setup)
     (surrogate,), _ = harness.surrogates()
     carriers = harness.carriers(setup, poisoned, surrogate)
     if not harness._scanned(harness.scan_dir(poisoned) / "knn_density"):
         raise SystemExit("the key's default scan is neither cached nor published: this script never scans")
     kept, caught, _, _ = harness.filtered(poisoned, ARM, setup)
+    return EvaluatedKey(harness, setup, poisoned, carriers, kept, caught)
+
+
+def evaluated_key_arguments(doc: str) -> argparse.ArgumentParser:
+    """A parser with the options `evaluated_key` reads: --results, --cache, --data, --key."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--results", type=Path, required=True, help="the evaluation folder of the key's rows")
+    parser.add_argument("--cache", type=Path, required=True, help="that evaluation's --cache")
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/cifar10"))
+    parser.add_argument("--key", type=int, required=True)
+    return parser
+
+
+def predicted(proxy: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The class each row's model predicts, from its proxy softmax - onehot."""
+    return (proxy + np.eye(proxy.shape[1], dtype=proxy.dtype)[labels]).argmax(axis=1)
+
+
+def main() -> None:
+    parser = evaluated_key_arguments(__doc__)
+    parser.add_argument("--seed", type=int, required=True, help="the victim's seed")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a copy of the victim's partial checkpoint")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    harness, setup, poisoned, carriers, kept, caught = evaluated_key(args.results, args.cache, args.data, args.key)
     kept_positions = np.flatnonzero(~caught)  # the kept set's rows, as positions of the poisoned set
     poison_indices = np.asarray(setup.poison_indices)
 
@@ -151,10 +180,7 @@ def main() -> None:
         # the checkpoint's indices are the survivors of the victim's own round
         "fp32_reproduces_checkpoint": bool(np.array_equal(outcomes["fp32"]["survivors"], state["indices"].numpy())),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"key{args.key}-seed{args.seed}-epoch{round_epoch}.json"
-    write_atomic(path, json.dumps(record, indent=1) + "\n")
-    print(json.dumps(record, indent=1))
+    write_results(args.out / f"key{args.key}-seed{args.seed}-epoch{round_epoch}.json", record)
 
 
 if __name__ == "__main__":

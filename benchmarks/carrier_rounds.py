@@ -1,0 +1,76 @@
+"""Which round of robust training dropped a key's carriers and its other poisons, per defended victim.
+
+    python benchmarks/carrier_rounds.py --results reports/gradient-matching-full --cache work-data/cache-full \
+        --key 0 --seeds 0-3 --out reports/gradient-matching-full/carrier-rounds
+
+For each `scan-robust` victim of the key (the incumbent robust training and `spread_cap=true`, each seed), reads the
+drop log its training left in the cache beside its weights and counts, per round, the carriers (the poisons holding
+half of the attack's pull on the surrogate, attacks/carriers.py) and the other poisons it dropped. Victims whose
+drop log is not in the cache (trained on another machine) are listed as such. Writes OUT/key<K>.json. Never trains
+or scans: the poisons and the scan's kept set are read from the evaluation folder or the cache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from proxy_precision import ARM, evaluated_key, evaluated_key_arguments  # run as a script: benchmarks/ is on the path
+from run_record import write_results  # run as a script: benchmarks/ is on the path
+
+from attacks.evaluate import victim_tag
+
+VARIANTS = {"incumbent": {}, "spread_cap": {"spread_cap": True}}
+
+
+def per_round(drop_log: dict, kept_to_poisoned: np.ndarray, poison_slot: dict[int, int], carriers: np.ndarray) -> dict:
+    """{round: {"carriers": n, "other_poisons": m}} of one drop log, rounds in order."""
+    rounds: dict[int, dict[str, int]] = {}
+    for row in drop_log["dropped"]:
+        slot = poison_slot.get(int(kept_to_poisoned[row["position"]]))
+        if slot is not None:
+            counts = rounds.setdefault(row["round"], {"carriers": 0, "other_poisons": 0})
+            counts["carriers" if carriers[slot] else "other_poisons"] += 1
+    return {str(epoch): rounds[epoch] for epoch in sorted(rounds)}
+
+
+def main() -> None:
+    parser = evaluated_key_arguments(__doc__)
+    parser.add_argument("--seeds", default="0-3", help="victim seeds, as FIRST-LAST")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    first, last = (int(part) for part in args.seeds.split("-"))
+
+    record: dict = {"key": args.key, "victims": []}
+    for variant, options in VARIANTS.items():
+        harness, setup, _, carriers, kept, caught = evaluated_key(
+            args.results, args.cache, args.data, args.key, options
+        )
+        kept_to_poisoned = np.flatnonzero(~caught)  # a kept row's position in the poisoned set
+        poison_slot = {int(position): slot for slot, position in enumerate(setup.poison_indices)}
+        record |= {"carriers": int(carriers.sum()), "poisons": len(carriers)}
+        for seed in range(first, last + 1):
+            weights = harness.models.path(kept, seed, victim_tag(ARM, False), robust=True)
+            log_path = weights.with_suffix(".drop_log.json")
+            victim = {"variant": variant, "seed": seed, "drop_log": log_path.name}
+            if not log_path.exists():
+                record["victims"].append(victim | {"in_cache": False})
+                continue
+            log = json.loads(log_path.read_text())
+            rounds = per_round(log, kept_to_poisoned, poison_slot, carriers)
+            victim |= {
+                "in_cache": True,
+                "finished": weights.exists(),
+                "rounds": log["rounds"],
+                "dropped": len(log["dropped"]),
+                "by_round": rounds,
+                "carriers_dropped": sum(counts["carriers"] for counts in rounds.values()),
+                "other_poisons_dropped": sum(counts["other_poisons"] for counts in rounds.values()),
+            }
+            record["victims"].append(victim)
+    write_results(args.out / f"key{args.key}.json", record)
+
+
+if __name__ == "__main__":
+    main()
