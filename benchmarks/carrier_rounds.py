@@ -12,6 +12,7 @@ or scans: the poisons and the scan's kept set are read from the evaluation folde
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -20,19 +21,23 @@ from proxy_precision import ARM, evaluated_key, evaluated_key_arguments  # run a
 from run_record import write_results  # run as a script: benchmarks/ is on the path
 
 from attacks.evaluate import victim_tag
+from attacks.scales import EvaluationConfig
 
-VARIANTS = {"incumbent": {}, "spread_cap": {"spread_cap": True}}
+VARIANTS = {"incumbent": {}, "spread_cap": {"spread_cap": True}}  # --robust-option settings of the scan-robust arm
 
 
-def per_round(drop_log: dict, kept_to_poisoned: np.ndarray, poison_slot: dict[int, int], carriers: np.ndarray) -> dict:
-    """{round: {"carriers": n, "other_poisons": m}} of one drop log, rounds in order."""
-    rounds: dict[int, dict[str, int]] = {}
-    for row in drop_log["dropped"]:
-        slot = poison_slot.get(int(kept_to_poisoned[row["position"]]))
-        if slot is not None:
-            counts = rounds.setdefault(row["round"], {"carriers": 0, "other_poisons": 0})
-            counts["carriers" if carriers[slot] else "other_poisons"] += 1
-    return {str(epoch): rounds[epoch] for epoch in sorted(rounds)}
+def per_round(drop_log: dict, caught: np.ndarray, poison_indices: np.ndarray, carriers: np.ndarray) -> dict:
+    """{round: {"carriers": n, "other_poisons": m}} of one drop log (positions among the examples the scan kept,
+    `caught` its flags over the poisoned set), rounds in order, those that dropped no poison left out."""
+    kept_positions = np.flatnonzero(~caught)
+    by_round = {}
+    for epoch in sorted({row["round"] for row in drop_log["dropped"]}):
+        removed = np.zeros(len(caught), dtype=bool)  # over the poisoned set, as attacks.arms scores removals
+        removed[kept_positions[[row["position"] for row in drop_log["dropped"] if row["round"] == epoch]]] = True
+        hit = removed[poison_indices]  # in setup order, as `carriers` is
+        if hit.any():
+            by_round[str(epoch)] = {"carriers": int(hit[carriers].sum()), "other_poisons": int(hit[~carriers].sum())}
+    return by_round
 
 
 def main() -> None:
@@ -42,23 +47,20 @@ def main() -> None:
     args = parser.parse_args()
     first, last = (int(part) for part in args.seeds.split("-"))
 
-    record: dict = {"key": args.key, "victims": []}
+    harness, setup, _, carriers, kept, caught = evaluated_key(args.results, args.cache, args.data, args.key)
+    record: dict = {"key": args.key, "carriers": int(carriers.sum()), "poisons": len(carriers), "victims": []}
     for variant, options in VARIANTS.items():
-        harness, setup, _, carriers, kept, caught = evaluated_key(
-            args.results, args.cache, args.data, args.key, options
-        )
-        kept_to_poisoned = np.flatnonzero(~caught)  # a kept row's position in the poisoned set
-        poison_slot = {int(position): slot for slot, position in enumerate(setup.poison_indices)}
-        record |= {"carriers": int(carriers.sum()), "poisons": len(carriers)}
+        robust_config = EvaluationConfig(robust_options=options).robust_config()
+        models = dataclasses.replace(harness.models, robust_config=robust_config)
         for seed in range(first, last + 1):
-            weights = harness.models.path(kept, seed, victim_tag(ARM, False), robust=True)
+            weights = models.path(kept, seed, victim_tag(ARM, False), robust=True)
             log_path = weights.with_suffix(".drop_log.json")
             victim = {"variant": variant, "seed": seed, "drop_log": log_path.name}
             if not log_path.exists():
                 record["victims"].append(victim | {"in_cache": False})
                 continue
             log = json.loads(log_path.read_text())
-            rounds = per_round(log, kept_to_poisoned, poison_slot, carriers)
+            rounds = per_round(log, caught, np.asarray(setup.poison_indices), carriers)
             victim |= {
                 "in_cache": True,
                 "finished": weights.exists(),

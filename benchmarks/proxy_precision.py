@@ -59,14 +59,10 @@ class EvaluatedKey(NamedTuple):
     caught: np.ndarray  # the scan's flags over the poisoned set
 
 
-def evaluated_key(
-    results: Path, cache: Path, data: Path, key: int, robust_options: dict[str, Any] | None = None
-) -> EvaluatedKey:
+def evaluated_key(results: Path, cache: Path, data: Path, key: int) -> EvaluatedKey:
     """A full-scale gradient-matching key as its `scan-robust` victims saw it: its poisons, carriers and the default
     scan's kept set, read from the evaluation folder or the cache, never crafted or scanned again."""
-    config = EvaluationConfig(
-        scale="full", eps=16.0, keys=(key,), arms=(ARM,), cache=str(cache), robust_options=robust_options or {}
-    )
+    config = EvaluationConfig(scale="full", eps=16.0, keys=(key,), arms=(ARM,), cache=str(cache))
     harness = Harness(data / "cifar10_train.npz", data / "cifar10_test.npz", results, config, False)
     setup = choose_setup(key, harness.train, harness.test, config.budget)
     poisons = harness.stored_poisons(setup)
