@@ -127,8 +127,8 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
             len(dropper.scored_rounds()) * len(dataset) if dropper else 0,
         ),
         "seconds": round(time.perf_counter() - started, 2),
-        "processes": world.world_size,
-        "device": device_record(device, amp_dtype),  # what --precision auto resolved to: robust rounds score under it
+        # what --precision auto resolved to (robust rounds score under it), and the processes, as a scan records them
+        "device": device_record(device, amp_dtype) | {"processes": world.world_size},
     }
     if config.test:
         test = open_dataset(Path(config.test), image_size=dataset.image_size[0], progress=progress, world=world)

@@ -106,7 +106,7 @@ def test_robust_training_under_torchrun_drops_the_planted_examples_once(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("dropped ") == 1
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["processes"] == 2
+    assert summary["device"]["processes"] == 2
     assert summary["model"]["history"][0]["examples"] == 1000  # both ranks' halves counted
     assert summary["train_accuracy"] > 0.8  # the ranks' gradients were averaged into one model that learned
     log = json.loads((tmp_path / "run" / "drop_log.json").read_text())
