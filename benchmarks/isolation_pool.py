@@ -43,6 +43,7 @@ def first_round(key: EvaluatedKey, seed: int, work: Path) -> dict[str, np.ndarra
     """The first round's gradient proxy and isolated set (before the cap) of a victim trained with `seed`."""
     stored = work / f"key{key.setup.key}-seed{seed}.npz"
     if not stored.exists():
+        work.mkdir(parents=True, exist_ok=True)
         models, kept = key.harness.models, key.kept
         recipe = dataclasses.replace(models.recipe, seed=seed)
         round_epoch = dropper_for(key, work).rounds[0]
@@ -53,7 +54,6 @@ def first_round(key: EvaluatedKey, seed: int, work: Path) -> dict[str, np.ndarra
             logits = predict(model, kept, np.arange(len(kept)), models.device, models.amp)
             proxy = softmax_minus_onehot(logits, kept.labels)
             isolated, _ = isolated_medoids(proxy, kept.labels, kept.num_classes, models.robust_config.fraction)
-            work.mkdir(parents=True, exist_ok=True)
             partial = stored.with_suffix(".partial.npz")
             np.savez(partial, proxy=proxy, isolated=isolated, round_epoch=round_epoch)
             partial.replace(stored)
