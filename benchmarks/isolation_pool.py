@@ -9,8 +9,8 @@ scan kept, read from the evaluation folder or the cache) up to robust training's
 gradient proxy and EPIC's isolated set before the cap (WORK/key<K>-seed<S>.npz; a killed run resumes from its
 checkpoint there). Then counts, per seed and for every vote threshold m of the seeds (an example isolated in at least
 m of them), how many examples, poisons and carriers the round would drop, before the cap and after it (beyond the cap
-the largest mean gradient proxy goes first, as robust training trims). Writes OUT/key<K>.json. Never crafts or scans.
-A diagnostic for choosing robust training's next candidate on tuning keys: nothing here is an evaluation result.
+the examples with the most votes go first, then those with the largest mean gradient proxy, the norm robust training
+trims by). Writes OUT/key<K>.json. Never crafts or scans. A diagnostic for choosing robust training's next candidate on tuning keys: nothing here is an evaluation result.
 """
 
 from __future__ import annotations
@@ -154,7 +154,8 @@ def main() -> None:
             {
                 "isolated_in_at_least": threshold,
                 "before_cap": counted(chosen, is_poison, is_carrier),
-                "after_cap": counted(capped(chosen, mean_norm, cap), is_poison, is_carrier),
+                # beyond the cap: the most votes first, then the largest mean gradient proxy (a proxy's norm is < 2)
+                "after_cap": counted(capped(chosen, 2 * votes + mean_norm, cap), is_poison, is_carrier),
             }
         )
     record = {
