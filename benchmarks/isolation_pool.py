@@ -10,7 +10,8 @@ gradient proxy and EPIC's isolated set before the cap (WORK/key<K>-seed<S>.npz; 
 checkpoint there). Then counts, per seed and for every vote threshold m of the seeds (an example isolated in at least
 m of them), how many examples, poisons and carriers the round would drop, before the cap and after it (beyond the cap
 the examples with the most votes go first, then those with the largest mean gradient proxy, the norm robust training
-trims by). Writes OUT/key<K>.json. Never crafts or scans. A diagnostic for choosing robust training's next candidate on tuning keys: nothing here is an evaluation result.
+trims by). Writes OUT/key<K>.json. Never crafts or scans. A diagnostic for choosing robust training's next
+candidate on tuning keys: nothing here is an evaluation result.
 """
 
 from __future__ import annotations
