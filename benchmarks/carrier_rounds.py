@@ -17,26 +17,23 @@ import json
 from pathlib import Path
 
 import numpy as np
-from proxy_precision import ARM, evaluated_key, evaluated_key_arguments  # run as a script: benchmarks/ is on the path
+from proxy_precision import evaluated_key, evaluated_key_arguments  # run as a script: benchmarks/ is on the path
 from run_record import write_results  # run as a script: benchmarks/ is on the path
 
-from attacks.evaluate import victim_tag
 from attacks.scales import EvaluationConfig
 
 VARIANTS = {"incumbent": {}, "spread_cap": {"spread_cap": True}}  # --robust-option settings of the scan-robust arm
 
 
-def per_round(drop_log: dict, caught: np.ndarray, poison_indices: np.ndarray, carriers: np.ndarray) -> dict:
-    """{round: {"carriers": n, "other_poisons": m}} of one drop log (positions among the examples the scan kept,
-    `caught` its flags over the poisoned set), rounds in order, those that dropped no poison left out."""
-    kept_positions = np.flatnonzero(~caught)
+def per_round(drop_log: dict, is_poison: np.ndarray, is_carrier: np.ndarray) -> dict:
+    """{round: {"carriers": n, "other_poisons": m}} of one drop log (positions among the examples the scan kept, which
+    the masks are over), rounds in order, those that dropped no poison left out."""
     by_round = {}
     for epoch in sorted({row["round"] for row in drop_log["dropped"]}):
-        removed = np.zeros(len(caught), dtype=bool)  # over the poisoned set, as attacks.arms scores removals
-        removed[kept_positions[[row["position"] for row in drop_log["dropped"] if row["round"] == epoch]]] = True
-        hit = removed[poison_indices]  # in setup order, as `carriers` is
-        if hit.any():
-            by_round[str(epoch)] = {"carriers": int(hit[carriers].sum()), "other_poisons": int(hit[~carriers].sum())}
+        positions = [row["position"] for row in drop_log["dropped"] if row["round"] == epoch]
+        carriers, poisons = int(is_carrier[positions].sum()), int(is_poison[positions].sum())
+        if poisons:
+            by_round[str(epoch)] = {"carriers": carriers, "other_poisons": poisons - carriers}
     return by_round
 
 
@@ -47,20 +44,21 @@ def main() -> None:
     args = parser.parse_args()
     first, last = (int(part) for part in args.seeds.split("-"))
 
-    harness, setup, _, carriers, kept, caught = evaluated_key(args.results, args.cache, args.data, args.key)
-    record: dict = {"key": args.key, "carriers": int(carriers.sum()), "poisons": len(carriers), "victims": []}
+    key = evaluated_key(args.results, args.cache, args.data, args.key)
+    is_poison, is_carrier = key.kept_masks()
+    record: dict = {"key": args.key, "carriers": int(key.carriers.sum()), "poisons": len(key.carriers), "victims": []}
     for variant, options in VARIANTS.items():
         robust_config = EvaluationConfig(robust_options=options).robust_config()
-        models = dataclasses.replace(harness.models, robust_config=robust_config)
+        models = dataclasses.replace(key.harness.models, robust_config=robust_config)
         for seed in range(first, last + 1):
-            weights = models.path(kept, seed, victim_tag(ARM, False), robust=True)
+            weights = key.victim_weights(seed, models)
             log_path = weights.with_suffix(".drop_log.json")
             victim = {"variant": variant, "seed": seed, "drop_log": log_path.name}
             if not log_path.exists():
                 record["victims"].append(victim | {"in_cache": False})
                 continue
             log = json.loads(log_path.read_text())
-            rounds = per_round(log, caught, np.asarray(setup.poison_indices), carriers)
+            rounds = per_round(log, is_poison, is_carrier)
             victim |= {
                 "in_cache": True,
                 "finished": weights.exists(),

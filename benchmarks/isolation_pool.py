@@ -21,15 +21,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-from proxy_precision import (
-    ARM,
-    EvaluatedKey,
-    evaluated_key,
-    evaluated_key_arguments,
-)  # run as a script: benchmarks/ is on the path
+from proxy_precision import EvaluatedKey, evaluated_key, evaluated_key_arguments  # benchmarks/ is on the path
 from run_record import write_results  # run as a script: benchmarks/ is on the path
 
-from attacks.evaluate import victim_tag
 from sanitize.embeddings import softmax_minus_onehot
 from sanitize.medoids import isolated_medoids
 from sanitize.robust import EpicDropper
@@ -40,14 +34,14 @@ class FirstRoundScored(Exception):
     """Raised by the epoch hook once the first round's isolation is stored: the run stops there."""
 
 
-def first_round(key: EvaluatedKey, seed: int, work: Path) -> dict[str, np.ndarray]:
-    """The first round's gradient proxy and isolated set (before the cap) of a victim trained with `seed`."""
+def first_round(key: EvaluatedKey, seed: int, round_epoch: int, work: Path) -> dict[str, np.ndarray]:
+    """The gradient proxy and isolated set (before the cap) of the round at `round_epoch` of a victim trained with
+    `seed`."""
     stored = work / f"key{key.setup.key}-seed{seed}.npz"
     if not stored.exists():
         work.mkdir(parents=True, exist_ok=True)
         models, kept = key.harness.models, key.kept
         recipe = dataclasses.replace(models.recipe, seed=seed)
-        round_epoch = dropper_for(key, work).rounds[0]
 
         def score_round(epoch, model, indices):
             if epoch + 1 < round_epoch:
@@ -56,7 +50,7 @@ def first_round(key: EvaluatedKey, seed: int, work: Path) -> dict[str, np.ndarra
             proxy = softmax_minus_onehot(logits, kept.labels)
             isolated, _ = isolated_medoids(proxy, kept.labels, kept.num_classes, models.robust_config.fraction)
             partial = stored.with_suffix(".partial.npz")
-            np.savez(partial, proxy=proxy, isolated=isolated, round_epoch=round_epoch)
+            np.savez(partial, proxy=proxy, isolated=isolated)
             partial.replace(stored)
             raise FirstRoundScored
 
@@ -104,9 +98,8 @@ def counted(positions: np.ndarray, is_poison: np.ndarray, is_carrier: np.ndarray
 
 
 def victim_round(key: EvaluatedKey, seed: int, round_epoch: int) -> np.ndarray | None:
-    """The first round's drops of the key's incumbent `scan-robust` victim with `seed`, from its drop log if cached."""
-    weights = key.harness.models.path(key.kept, seed, victim_tag(ARM, False), robust=True)
-    log_path = weights.with_suffix(".drop_log.json")
+    """The round's drops of the key's incumbent `scan-robust` victim with `seed`, from its drop log if cached."""
+    log_path = key.victim_weights(seed).with_suffix(".drop_log.json")
     if not log_path.exists():
         return None
     rows = json.loads(log_path.read_text())["dropped"]
@@ -122,16 +115,12 @@ def main() -> None:
     first, last = (int(part) for part in args.seeds.split("-"))
 
     key = evaluated_key(args.results, args.cache, args.data, args.key)
-    kept_positions = np.flatnonzero(~key.caught)  # the kept set's rows, as positions of the poisoned set
-    poison_indices = np.asarray(key.setup.poison_indices)
-    carrier_at = np.zeros(len(key.poisoned), dtype=bool)
-    carrier_at[poison_indices[key.carriers]] = True
-    is_poison = np.isin(kept_positions, poison_indices)
-    is_carrier = carrier_at[kept_positions]
-    cap = dropper_for(key, args.work).cap
+    is_poison, is_carrier = key.kept_masks()
+    dropper = dropper_for(key, args.work)
+    cap, round_epoch = dropper.cap, dropper.rounds[0]
 
     seeds = list(range(first, last + 1))
-    rounds = {seed: first_round(key, seed, args.work) for seed in seeds}
+    rounds = {seed: first_round(key, seed, round_epoch, args.work) for seed in seeds}
     votes = np.zeros(len(key.kept), dtype=np.int64)
     mean_norm = np.zeros(len(key.kept))
     per_seed = []
@@ -144,7 +133,7 @@ def main() -> None:
             "isolated": counted(isolated, is_poison, is_carrier),
             "after_cap": counted(capped(isolated, norm, cap), is_poison, is_carrier),
         }
-        logged = victim_round(key, seed, int(scored["round_epoch"]))
+        logged = victim_round(key, seed, round_epoch)
         if logged is not None:  # the victim trained this seed: its own round must be the one recomputed here
             row["matches_victim_round"] = bool(np.array_equal(logged, capped(isolated, norm, cap)))
         per_seed.append(row)
@@ -162,7 +151,7 @@ def main() -> None:
     record = {
         "key": args.key,
         "seeds": seeds,
-        "round_epoch": int(rounds[seeds[0]]["round_epoch"]),
+        "round_epoch": round_epoch,
         "kept": len(key.kept),
         "cap": cap,
         "poisons_kept": int(is_poison.sum()),

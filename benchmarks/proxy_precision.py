@@ -58,6 +58,17 @@ class EvaluatedKey(NamedTuple):
     kept: Any  # what the default scan kept of the poisoned set
     caught: np.ndarray  # the scan's flags over the poisoned set
 
+    def kept_masks(self) -> tuple[np.ndarray, np.ndarray]:
+        """Which rows of the kept set are poisons, and which of those are carriers."""
+        kept_positions = np.flatnonzero(~self.caught)  # the kept set's rows, as positions of the poisoned set
+        poison_indices = np.asarray(self.setup.poison_indices)
+        return np.isin(kept_positions, poison_indices), np.isin(kept_positions, poison_indices[self.carriers])
+
+    def victim_weights(self, seed: int, models: Any = None) -> Path:
+        """Where the key's `scan-robust` victim with `seed` is cached (`models`: the evaluation's by default); its drop
+        log lies beside it (.drop_log.json)."""
+        return (models or self.harness.models).path(self.kept, seed, victim_tag(ARM, False), robust=True)
+
 
 def evaluated_key(results: Path, cache: Path, data: Path, key: int) -> EvaluatedKey:
     """A full-scale gradient-matching key as its `scan-robust` victims saw it: its poisons, carriers and the default
@@ -99,16 +110,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    harness, setup, poisoned, carriers, kept, caught = evaluated_key(args.results, args.cache, args.data, args.key)
-    kept_positions = np.flatnonzero(~caught)  # the kept set's rows, as positions of the poisoned set
-    poison_indices = np.asarray(setup.poison_indices)
+    key = evaluated_key(args.results, args.cache, args.data, args.key)
+    harness, kept = key.harness, key.kept
+    is_poison, is_carrier = key.kept_masks()
 
     state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     round_epoch = int(state["epoch"])
     model = harness.models.new_model(args.seed)
     model.load_state_dict(state["model"])
     recipe = harness.recipe
-    run_log = harness.models.path(kept, args.seed, victim_tag(ARM, False), robust=True).with_suffix(".drop_log.json")
+    run_log = key.victim_weights(args.seed).with_suffix(".drop_log.json")
 
     outcomes, proxies = {}, {}
     for name, amp in PRECISIONS.items():
@@ -134,16 +145,13 @@ def main() -> None:
             survivors = dropper(round_epoch - 1, model, before)
             seconds = time.perf_counter() - started
         dropped = np.setdiff1d(before, survivors)
-        removed = np.zeros(len(poisoned), dtype=bool)  # over the poisoned set, as attacks.arms scores removals
-        removed[kept_positions[dropped]] = True
-        hit = removed[poison_indices]  # in setup order, as `carriers` is
         outcomes[name] = {
             "dropped": dropped,
             "survivors": survivors,
             "summary": {
                 "dropped": len(dropped),
-                "poisons_dropped": int(hit.sum()),
-                "carriers_dropped": int(hit[carriers].sum()),
+                "poisons_dropped": int(is_poison[dropped].sum()),
+                "carriers_dropped": int(is_carrier[dropped].sum()),
                 "seconds": round(seconds, 1),
             },
         }
@@ -159,9 +167,9 @@ def main() -> None:
         "seed": args.seed,
         "round_epoch": round_epoch,
         "kept": len(kept),
-        "poisons_kept": int((~caught[poison_indices]).sum()),
-        "carriers_kept": int(carriers[~caught[poison_indices]].sum()),
-        "carriers": int(carriers.sum()),
+        "poisons_kept": int(is_poison.sum()),
+        "carriers_kept": int(is_carrier.sum()),
+        "carriers": int(key.carriers.sum()),
         "by_precision": {name: outcome["summary"] for name, outcome in outcomes.items()},
         "dropped_by_both": both,
         "jaccard": round(both / max(len(np.union1d(a, b)), 1), 4),
