@@ -21,7 +21,7 @@ from sanitize.config import RobustConfig, TrainConfig
 from sanitize.data import ImageDataset
 from sanitize.friendly import friendly_passes
 from sanitize.models import Classifier, create_model
-from sanitize.robust import EpicDropper, robust_work_counts
+from sanitize.robust import EpicDropper, ScoutDone, robust_work_counts, scout_seed
 from sanitize.training import milestone_epochs, save_atomic, train_model
 from sanitize.work import example_flops, phase_work, trained_examples
 
@@ -68,7 +68,7 @@ class ModelCache:
         (.drop_log.json)."""
         parts = [data.fingerprint, self.model, self.model_kwargs, self.recipe.identity(), seed]
         if robust:
-            parts.append(dataclasses.asdict(self.robust_config))
+            parts.append(self.robust_config.identity())
         return self.directory / f"{tag}-{stable_hash(*parts)}.pt"
 
     def trained(self, data: ImageDataset, seed: int, tag: str, robust: bool = False) -> tuple[Classifier, Cost]:
@@ -97,7 +97,16 @@ class ModelCache:
         if robust:
             drop_log = final.with_suffix(".drop_log.json")
             last = max(milestone_epochs(recipe))
-            dropper = EpicDropper(data, self.robust_config, recipe.epochs, last, drop_log, self.device, self.amp)
+            dropper = EpicDropper(
+                data,
+                self.robust_config,
+                recipe.epochs,
+                last,
+                drop_log,
+                self.device,
+                self.amp,
+                train_scout=lambda j, hook: self._train_scout(final, data, scout_seed(seed, j), hook),
+            )
         history = train_model(
             model,
             data,
@@ -113,10 +122,33 @@ class ModelCache:
         )
         cpu = [epoch.get("cpu_seconds") for epoch in history]  # a run resumed from an older checkpoint lacks some
         on_cpu = self.device.type == "cpu" and None not in cpu
-        wall, cpu = sum(epoch["seconds"] for epoch in history), sum(cpu) if on_cpu else None
+        scout_wall, scout_cpu = dropper.scout_seconds() if dropper else (0.0, 0.0)
+        wall, cpu = sum(epoch["seconds"] for epoch in history) + scout_wall, sum(cpu) + scout_cpu if on_cpu else None
         save_atomic({"model": model.state_dict(), "seconds": wall, "cpu_seconds": cpu}, final)
         partial.unlink(missing_ok=True)
         return model, Cost(wall, cpu, self.work(data, seed, tag, robust))
+
+    def _train_scout(self, final: Path, data: ImageDataset, seed: int, hook: Any) -> None:
+        """Robust training's scout with `seed`: trained from scratch on `data` until `hook` stops it at the first round
+        (sanitize.robust); resumable from a checkpoint beside `final`, removed once the round is stored."""
+        checkpoint = final.with_suffix(f".scout-seed{seed}.partial.pt")
+        try:
+            train_model(
+                self.new_model(seed),
+                data,
+                np.arange(len(data)),
+                dataclasses.replace(self.recipe, seed=seed),
+                self.device,
+                self.amp,
+                checkpoint=checkpoint,
+                meta={"name": final.stem, "scout_seed": str(seed)},
+                progress=self.progress,
+                desc=f"scout {seed}",
+                after_epoch=hook,
+            )
+        except ScoutDone:
+            checkpoint.unlink(missing_ok=True)
+            raise
 
     def work(self, data: ImageDataset, seed: int, tag: str, robust: bool = False) -> float:
         """The model FLOPs of training on `data` (sanitize.work), counted from the recipe and, for robust training,

@@ -605,6 +605,21 @@ def demo(out: Path, quiet: bool) -> None:
     help="Robust: reach the cap evenly over the rounds (after round r of R at most cap x r / R dropped), so that "
     "late rounds still drop.",
 )
+@click.option(
+    "--pool-runs",
+    type=int,
+    default=ROBUST_DEFAULTS.pool_runs,
+    show_default=True,
+    help="Robust: pool the first round over this many independently seeded runs (this one and N - 1 scouts trained "
+    "from scratch to the first round only; 1: off).",
+)
+@click.option(
+    "--pool-votes",
+    type=int,
+    default=ROBUST_DEFAULTS.pool_votes,
+    show_default=True,
+    help="Robust, with --pool-runs: the first round drops an example that at least this many runs isolate.",
+)
 @test_option
 @exclude_option
 @click.option(
@@ -967,7 +982,7 @@ def attack(
     multiple=True,
     metavar="NAME=VALUE",
     help="The robust arms' option where it differs from sanitize train --robust's default, e.g. "
-    "max_dropped_fraction=0.05 (repeatable; fraction, every, warmup, max_dropped_fraction, spread_cap; rows record "
+    "max_dropped_fraction=0.05 (repeatable; fraction, every, warmup, max_dropped_fraction, spread_cap, pool_runs, pool_votes; rows record "
     "it and summaries keep them apart as a variant of the arm).",
 )
 @click.option(

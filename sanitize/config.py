@@ -88,9 +88,32 @@ class RobustConfig:
     # reach the cap evenly over the rounds: after round r of R at most cap x r / R dropped in all (room a round leaves
     # carries on), so that late rounds still drop; off: the first rounds may spend the whole cap
     spread_cap: bool = False
+    # the first round pooled over this many independently seeded runs (this one and pool_runs - 1 scouts, each trained
+    # from scratch to the first round only); an example is isolated there when at least pool_votes of them isolate it.
+    # 1: off, EPIC's single run (what one run's first round catches varies with its seed: reports/isolation-pool)
+    pool_runs: int = 1
+    pool_votes: int = 2
 
     def period(self, epochs: int) -> int:
         return self.every or max(1, round(epochs / 8))
+
+    def identity(self) -> dict[str, Any]:
+        """The settings as caches and resumes name them: every field, less the pooling while it is off, so runs trained
+        before it was an option keep their names."""
+        fields = dataclasses.asdict(self)
+        if self.pool_runs == 1:
+            del fields["pool_runs"], fields["pool_votes"]
+        return fields
+
+    def checks(self) -> list[tuple[bool, str]]:
+        """(holds, message) for the settings' own constraints, which the commands' validate() add to theirs."""
+        return [
+            (0.0 < self.fraction <= 1.0, "fraction must be in (0, 1]"),
+            (self.every is None or self.every >= 1, "every must be >= 1"),
+            (0.0 <= self.max_dropped_fraction <= 1.0, "max_dropped_fraction must be in [0, 1]"),
+            (self.pool_runs >= 1, "pool_runs must be >= 1"),
+            (self.pool_runs == 1 or 1 <= self.pool_votes <= self.pool_runs, "pool_votes must be in [1, pool_runs]"),
+        ]
 
 
 def route_options(cls: type, options: dict[str, Any], nested: dict[str, type]) -> Any:
@@ -143,9 +166,7 @@ class FitConfig:
         checks = [
             (self.train.epochs >= 1 and self.train.batch_size >= 1, "epochs and batch_size must be >= 1"),
             *self.train.checks(),
-            (0.0 < self.epic.fraction <= 1.0, "fraction must be in (0, 1]"),
-            (self.epic.every is None or self.epic.every >= 1, "every must be >= 1"),
-            (0.0 <= self.epic.max_dropped_fraction <= 1.0, "max_dropped_fraction must be in [0, 1]"),
+            *self.epic.checks(),
             (self.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
             (self.max_thumbnails >= 0, "max_thumbnails must be >= 0"),
             (self.decoded_cache in DECODED_CACHE_MODES, "decoded_cache must be auto, on or off"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +37,9 @@ from sanitize.data import (
 from sanitize.distributed import World, all_reduce_sum, current_world
 from sanitize.models import Classifier, resolve_model_name
 from sanitize.report import write_report
-from sanitize.robust import EpicDropper
+from sanitize.robust import EpicDropper, ScoutDone, scout_seed
 from sanitize.training import (
+    EpochHook,
     device_record,
     milestone_epochs,
     predict,
@@ -73,6 +75,31 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
     dropper = None
     if config.robust:
         files |= {"drop_log": out / "drop_log.json", "kept": out / "kept.txt"}
+
+        def train_scout(j: int, hook: EpochHook) -> None:
+            """Robust training's scout j: a fresh model trained in out/scout-seed<S> until the first round stops it."""
+            seed = scout_seed(config.seed, j)
+            directory = out / f"scout-seed{seed}"
+            try:
+                train_from_scratch(
+                    dataset,
+                    name,
+                    dataclasses.replace(recipe, seed=seed),
+                    directory,
+                    device,
+                    amp_dtype,
+                    seed=seed,
+                    workers=config.workers,
+                    progress=progress,
+                    desc=f"scout {j}",
+                    after_epoch=hook,
+                    world=world,
+                )
+            except ScoutDone:
+                if world.is_main:
+                    shutil.rmtree(directory, ignore_errors=True)
+                raise
+
         dropper = EpicDropper(
             dataset,
             config.epic,
@@ -82,6 +109,7 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
             device,
             amp_dtype,
             world,
+            train_scout,
         )
     model, info = train_from_scratch(
         dataset,
@@ -95,10 +123,11 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
         progress=progress,
         desc="robust" if config.robust else "train",
         after_epoch=dropper,
-        extra_meta={"robust": json.dumps(dataclasses.asdict(config.epic)) if config.robust else "no"},
+        extra_meta={"robust": json.dumps(config.epic.identity()) if config.robust else "no"},
         world=world,
     )
     dropped = dropper.dropped() if dropper else np.zeros(0, np.int64)
+    scout_trained, scout_scored = dropper.scout_work(recipe.batch_size) if dropper else (0, 0)
     if dropper and world.is_main:
         kept = np.setdiff1d(np.arange(len(dataset)), dropped)
         files["kept"].write_text("".join(dataset.ids[i] + "\n" for i in kept))
@@ -120,11 +149,12 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
         }
         if dropper
         else None,
-        # the training's model FLOPs (sanitize.work): every epoch's examples, and robust rounds' scoring passes
+        # the training's model FLOPs (sanitize.work): every epoch's examples and robust rounds' scoring passes, the
+        # scouts' too when the first round is pooled
         "work": phase_work(
             example_flops(name, dataset.num_classes, (3, *dataset.image_size)),
-            sum(epoch["examples"] + epoch.get("friendly_passes", 0) for epoch in info["history"]),
-            len(dropper.scored_rounds()) * len(dataset) if dropper else 0,
+            sum(epoch["examples"] + epoch.get("friendly_passes", 0) for epoch in info["history"]) + scout_trained,
+            (len(dropper.scored_rounds()) * len(dataset) if dropper else 0) + scout_scored,
         ),
         "seconds": round(time.perf_counter() - started, 2),
         # what --precision auto resolved to (robust rounds score under it), and the processes, as a scan records them

@@ -84,7 +84,8 @@ def test_a_two_process_scan_matches_one_process(tmp_path, digits_folder):
     ]
 
 
-def test_robust_training_under_torchrun_drops_the_planted_examples_once(tmp_path, mislabeled_npz):
+@pytest.mark.parametrize("pool_runs", [1, 2])
+def test_robust_training_under_torchrun_drops_the_planted_examples_once(tmp_path, mislabeled_npz, pool_runs):
     data, planted = mislabeled_npz
     done = torchrun(
         "train",
@@ -101,10 +102,15 @@ def test_robust_training_under_torchrun_drops_the_planted_examples_once(tmp_path
         "--batch-size",
         "32",
         "--no-augment",
+        "--pool-runs",
+        str(pool_runs),
         "--quiet",
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("dropped ") == 1
+    # a pooled first round's scout trains under torchrun too; its round is kept and its folder removed
+    assert len(list((tmp_path / "run").glob("drop_log.scout*.npz"))) == pool_runs - 1
+    assert not list((tmp_path / "run").glob("scout-seed*"))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["device"]["processes"] == 2
     assert summary["model"]["history"][0]["examples"] == 1000  # both ranks' halves counted

@@ -10,13 +10,14 @@ import torch
 from click.testing import CliRunner
 
 from sanitize.cli import cli
-from sanitize.config import TrainConfig
+from sanitize.config import RobustConfig, TrainConfig
 from sanitize.data import open_dataset
 from sanitize.embeddings import compute_embeddings
 from sanitize.models import create_model
-from sanitize.robust import EpicDropper, robust_work_counts, scored_rounds
+from sanitize.robust import EpicDropper, robust_work_counts, scored_rounds, scout_seed
 from sanitize.trainer import train
 from sanitize.training import train_model
+from sanitize.work import trained_examples
 
 FAST = dict(model="tiny", epochs=6, batch_size=32, augment=False, quiet=True)
 
@@ -106,6 +107,97 @@ def test_a_killed_robust_run_resumes_to_the_same_drops(tmp_path, mislabeled_npz,
         == json.loads(reference.files["drop_log"].read_text())["dropped"]
     )
     assert not list((tmp_path / "killed").glob("*.proxy.npy"))  # each round's gradient proxy file is removed after it
+
+
+def recording_isolation(monkeypatch) -> list[tuple[str, np.ndarray]]:
+    """Every round's isolated set (before votes and cap), named by the run that scored it: the run's log or a scout."""
+    seen, original = [], EpicDropper._isolated
+
+    def recorded(self, model, stem):
+        isolated, norms = original(self, model, stem)
+        seen.append((stem, isolated))
+        return isolated, norms
+
+    monkeypatch.setattr(EpicDropper, "_isolated", recorded)
+    return seen
+
+
+@pytest.mark.parametrize(("votes", "cap"), [(2, 1.0), (1, 0.02), (3, 1.0)])
+def test_a_pooled_first_round_drops_what_enough_runs_isolate(tmp_path, mislabeled_npz, monkeypatch, votes, cap):
+    data, _ = mislabeled_npz
+    seen = recording_isolation(monkeypatch)
+    options = FAST | {"robust": True, "every": 2, "max_dropped_fraction": cap, "pool_runs": 3, "pool_votes": votes}
+    result = train(data, tmp_path / "r", **options)
+    log = json.loads(result.files["drop_log"].read_text())
+    # the run's first round, then its scouts', then its later rounds (not pooled)
+    assert [stem for stem, _ in seen][:3] == ["drop_log", "drop_log.scout1", "drop_log.scout2"]
+    assert [stem for stem, _ in seen][3:] == ["drop_log"] * (len(seen) - 3)
+    count = np.zeros(1000, dtype=int)
+    for _, isolated in seen[:3]:
+        count[isolated] += 1
+    first = np.array(sorted(row["position"] for row in log["dropped"] if row["round"] == 2))
+    if cap == 1.0:
+        assert np.array_equal(first, np.flatnonzero(count >= votes))
+    else:  # beyond the cap the most votes go first
+        passed_over = np.setdiff1d(np.flatnonzero(count >= 1), first)
+        assert len(first) == 20 and count[first].min() >= count[passed_over].max()
+    for j in (1, 2):
+        with np.load(tmp_path / "r" / f"drop_log.scout{j}.npz", allow_pickle=False) as scout:
+            assert np.array_equal(scout["isolated"], seen[j][1]) and scout["norms"].shape == (1000,)
+    assert not list((tmp_path / "r").glob("scout-seed*")) and not list((tmp_path / "r").glob("*.proxy.npy"))
+    trained = sum(epoch["examples"] for epoch in result.summary["model"]["history"])
+    scouts_trained = 2 * trained_examples(1000, 2, 32)
+    work = result.summary["work"]
+    expected = (trained + scouts_trained, (len(scored_rounds(log)) + 2) * 1000)
+    assert (work["trained_examples"], work["scored_examples"]) == expected == robust_work_counts(log, 1000, 6, 32)
+
+
+def test_a_run_killed_inside_a_scout_resumes_without_training_the_finished_scouts_again(
+    tmp_path, mislabeled_npz, monkeypatch
+):
+    data, _ = mislabeled_npz
+    options = FAST | {"robust": True, "every": 2, "pool_runs": 3}
+    reference = train(data, tmp_path / "whole", **options)
+    original = EpicDropper._isolated
+
+    def killed_in_second_scout(self, model, stem):
+        if stem.endswith("scout2"):
+            raise KeyboardInterrupt
+        return original(self, model, stem)
+
+    monkeypatch.setattr(EpicDropper, "_isolated", killed_in_second_scout)
+    with pytest.raises(KeyboardInterrupt):
+        train(data, tmp_path / "killed", **options)
+    assert (tmp_path / "killed" / "drop_log.scout1.npz").exists()
+    assert (tmp_path / "killed" / f"scout-seed{scout_seed(0, 2)}" / "checkpoint.pt").exists()
+    monkeypatch.setattr(EpicDropper, "_isolated", original)
+    seen = recording_isolation(monkeypatch)
+    resumed = train(data, tmp_path / "killed", **options)
+    assert "drop_log.scout1" not in [stem for stem, _ in seen]  # its stored round is read, not trained again
+    assert (
+        json.loads(resumed.files["drop_log"].read_text())["dropped"]
+        == json.loads(reference.files["drop_log"].read_text())["dropped"]
+    )
+
+
+def test_robust_runs_cached_before_pooling_keep_their_names():
+    assert RobustConfig().identity() == {
+        "fraction": 0.2,
+        "every": None,
+        "warmup": 1,
+        "max_dropped_fraction": 0.1,
+        "spread_cap": False,
+    }
+    assert RobustConfig(pool_runs=4).identity()["pool_runs"] == 4
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [(["--pool-runs", "0"], "pool_runs must be >= 1"), (["--pool-runs", "2", "--pool-votes", "3"], "pool_votes")],
+)
+def test_a_bad_pooling_option_is_a_one_line_error(tmp_path, digits_npz, options, message):
+    result = CliRunner().invoke(cli, ["train", str(digits_npz), "--out", str(tmp_path / "t"), "--robust", *options])
+    assert result.exit_code == 2 and message in result.output, result.output
 
 
 def test_plain_training_from_the_cli_writes_a_weights_only_checkpoint(tmp_path, digits_npz):
