@@ -186,6 +186,14 @@ class EpicDropper:
         barrier(self.world)
         return np.load(path, mmap_mode="r")
 
+    def scout_summary(self, seed: int) -> list[dict[str, int]]:
+        """Each stored scout's seed (of a run trained with `seed`) and the number of examples its first round isolated."""
+        return [
+            {"seed": scout_seed(seed, j), "isolated": len(self.scout_round(j)["isolated"])}
+            for j in range(1, self.config.pool_runs)
+            if self.scout_path(j).exists()
+        ]
+
     def scout_work(self, batch_size: int) -> tuple[int, int]:
         """(examples trained on, examples scored) by the scouts, as `scout_work_counts` counts them."""
         return scout_work_counts(self._log_record(), len(self.dataset), batch_size)

@@ -6,7 +6,8 @@ then `sanitize train --robust --exclude SCAN/flagged.txt` is the defence chosen 
 Outputs under `out` (never inside DATA): model.pt (a state dict, loadable with weights_only=True), checkpoint.pt (a
 killed run rerun with the same options resumes from its last finished epoch), summary.json (recipe, per-epoch
 history, accuracy, seconds, dropped counts per class) and, when robust, drop_log.json (id, position, class and round of
-every dropped example) and kept.txt. Under torchrun the ranks train data-parallel (DDP) and split the robust rounds (rows to
+every dropped example) and kept.txt; with a pooled first round (`pool_runs`), each scout's round beside the log
+(drop_log.scout<j>.npz). Under torchrun the ranks train data-parallel (DDP) and split the robust rounds (rows to
 predict, classes to pick medoids in); rank 0 writes the files; every rank returns the result.
 """
 
@@ -146,6 +147,8 @@ def run_train(data: str | os.PathLike, out: str | os.PathLike, config: FitConfig
                 dataset.classes[c]: int(n)
                 for c, n in enumerate(np.bincount(dataset.labels[dropped], minlength=dataset.num_classes))
             },
+            # a pooled first round's scouts: each one's seed and how many examples its round isolated
+            "scouts": dropper.scout_summary(config.seed),
         }
         if dropper
         else None,

@@ -144,6 +144,8 @@ def test_a_pooled_first_round_drops_what_enough_runs_isolate(tmp_path, mislabele
     for j in (1, 2):
         with np.load(tmp_path / "r" / f"drop_log.scout{j}.npz", allow_pickle=False) as scout:
             assert np.array_equal(scout["isolated"], seen[j][1]) and scout["norms"].shape == (1000,)
+    scouts = [{"seed": scout_seed(0, j), "isolated": len(seen[j][1])} for j in (1, 2)]
+    assert result.summary["robust"]["scouts"] == scouts
     assert not list((tmp_path / "r").glob("scout-seed*")) and not list((tmp_path / "r").glob("*.proxy.npy"))
     trained = sum(epoch["examples"] for epoch in result.summary["model"]["history"])
     scouts_trained = 2 * trained_examples(1000, 2, 32)
