@@ -518,6 +518,12 @@ def test_a_robust_option_is_a_variant_of_the_robust_arm_recorded_resumed_and_kep
         ("robust", "iterations=2"),
         ("robust", "iterations=2; robust max_dropped_fraction=0.005"),
     }
+    pooled = {"pool_runs": 2}  # a first round pooled with one scout, whose round is kept beside the drop log
+    run_evaluation(train, test, out, EvaluationConfig(**base, robust_options=pooled), progress=False)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and rows[3]["robust_options"] == pooled
+    assert len(list((tmp_path / "cache").rglob("*.drop_log.scout1.npz"))) == 1
+    assert not list((tmp_path / "cache").rglob("*scout-seed*"))  # the scout's checkpoint is removed
     for bad, message in (
         ({"epochs": 3}, "unknown robust option"),
         ({"warmup": "late"}, "takes a number"),
@@ -529,20 +535,6 @@ def test_a_robust_option_is_a_variant_of_the_robust_arm_recorded_resumed_and_kep
             run_evaluation(train, test, out, EvaluationConfig(**base, robust_options=bad), progress=False)
     result = evaluate_cli(train, test, "--robust-option", "fraction=2", "--out", str(tmp_path / "e"))
     assert result.exit_code == 2 and "fraction must be in (0, 1]" in result.output, result.output
-
-
-def test_a_pooled_robust_victim_is_a_variant_that_keeps_its_scouts_rounds_beside_its_drop_log(tmp_path, split_npz):
-    train, test = split_npz
-    base = dict(scale="smoke", keys=(0,), eps=16, budget=0.02, epochs=3, iterations=2, victims=1)
-    base |= {"cache": str(tmp_path / "cache"), "arms": ("undefended", "robust")}
-    out = tmp_path / "eval"
-    run_evaluation(train, test, out, EvaluationConfig(**base), progress=False)
-    run_evaluation(train, test, out, EvaluationConfig(**base, robust_options={"pool_runs": 2}), progress=False)
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["arm"] for r in rows] == ["undefended", "robust", "robust"]
-    assert "robust_options" not in rows[1] and rows[2]["robust_options"] == {"pool_runs": 2}
-    scouts = list((tmp_path / "cache").rglob("*.drop_log.scout1.npz"))
-    assert len(scouts) == 1 and not list((tmp_path / "cache").rglob("*scout-seed*"))
 
 
 def test_the_noise_arms_train_their_victims_with_noise_record_it_and_keep_another_noise_apart(tmp_path, split_npz):
