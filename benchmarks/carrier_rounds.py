@@ -3,9 +3,10 @@
     python benchmarks/carrier_rounds.py --results reports/gradient-matching-full --cache work-data/cache-full \
         --key 0 --seeds 0-3 --out reports/gradient-matching-full/carrier-rounds
 
-For each `scan-robust` victim of the key (the incumbent robust training and `spread_cap=true`, each seed), reads the
-drop log its training left in the cache beside its weights and counts, per round, the carriers (the poisons holding
-half of the attack's pull on the surrogate, attacks/carriers.py) and the other poisons it dropped. Victims whose
+For each `scan-robust` victim of the key (the incumbent robust training, `spread_cap=true` and the first round pooled
+over four runs, `pool_runs=4`; each seed), reads the drop log its training left in the cache beside its weights and
+counts, per round, the carriers (the poisons holding half of the attack's pull on the surrogate, attacks/carriers.py)
+and the other poisons it dropped; for a pooled victim also what each scout's first round isolated. Victims whose
 drop log is not in the cache (trained on another machine) are listed as such. Writes OUT/key<K>.json. Never trains
 or scans: the poisons and the scan's kept set are read from the evaluation folder or the cache.
 """
@@ -22,7 +23,8 @@ from run_record import write_results  # run as a script: benchmarks/ is on the p
 
 from attacks.scales import EvaluationConfig
 
-VARIANTS = {"incumbent": {}, "spread_cap": {"spread_cap": True}}  # --robust-option settings of the scan-robust arm
+# --robust-option settings of the scan-robust arm
+VARIANTS = {"incumbent": {}, "spread_cap": {"spread_cap": True}, "pooled": {"pool_runs": 4}}
 
 
 def per_round(drop_log: dict, is_poison: np.ndarray, is_carrier: np.ndarray) -> dict:
@@ -35,6 +37,17 @@ def per_round(drop_log: dict, is_poison: np.ndarray, is_carrier: np.ndarray) -> 
         if poisons:
             by_round[str(epoch)] = {"carriers": carriers, "other_poisons": poisons - carriers}
     return by_round
+
+
+def scout_counts(path: Path, is_poison: np.ndarray, is_carrier: np.ndarray) -> dict[str, int]:
+    """The examples, poisons and carriers a pooled victim's scout isolated in its first round."""
+    with np.load(path, allow_pickle=False) as scout:
+        isolated = scout["isolated"]
+    return {
+        "isolated": len(isolated),
+        "poisons": int(is_poison[isolated].sum()),
+        "carriers": int(is_carrier[isolated].sum()),
+    }
 
 
 def main() -> None:
@@ -68,6 +81,9 @@ def main() -> None:
                 "carriers_dropped": sum(counts["carriers"] for counts in rounds.values()),
                 "other_poisons_dropped": sum(counts["other_poisons"] for counts in rounds.values()),
             }
+            scouts = sorted(p for p in log_path.parent.glob(log_path.stem + ".scout*.npz") if ".partial" not in p.name)
+            if scouts:  # what each scout's first round isolated, before the vote and the cap
+                victim["scouts_isolated"] = [scout_counts(path, is_poison, is_carrier) for path in scouts]
             record["victims"].append(victim)
     write_results(args.out / f"key{args.key}.json", record)
 
