@@ -154,13 +154,15 @@ class EpicDropper:
         with np.load(stored, allow_pickle=False) as arrays:
             return {name: arrays[name] for name in arrays.files}
 
+    def stored_scouts(self) -> dict[int, dict[str, np.ndarray]]:
+        """The scouts' first rounds stored so far, by scout number (none when the first round is not pooled)."""
+        return {j: self.scout_round(j) for j in range(1, self.config.pool_runs) if self.scout_path(j).exists()}
+
     def scout_seconds(self) -> tuple[float, float]:
         """(wall, process CPU) seconds the stored scouts took to reach the first round, as the processes that finished
         them measured (a scout resumed after a kill counts from its resume)."""
-        stored = [
-            self.scout_round(j)["seconds"] for j in range(1, self.config.pool_runs) if self.scout_path(j).exists()
-        ]
-        return float(sum(s[0] for s in stored)), float(sum(s[1] for s in stored))
+        seconds = [scout["seconds"] for scout in self.stored_scouts().values()]
+        return float(sum(s[0] for s in seconds)), float(sum(s[1] for s in seconds))
 
     def _allowance(self, round_epoch: int) -> int:
         """How many may be dropped in all once the round at `round_epoch` is done: the cap, or with `spread_cap` the
@@ -189,9 +191,8 @@ class EpicDropper:
     def scout_summary(self, seed: int) -> list[dict[str, int]]:
         """Each stored scout's seed (of a run trained with `seed`) and the number of examples its first round isolated."""
         return [
-            {"seed": scout_seed(seed, j), "isolated": len(self.scout_round(j)["isolated"])}
-            for j in range(1, self.config.pool_runs)
-            if self.scout_path(j).exists()
+            {"seed": scout_seed(seed, j), "isolated": len(scout["isolated"])}
+            for j, scout in self.stored_scouts().items()
         ]
 
     def scout_work(self, batch_size: int) -> tuple[int, int]:
