@@ -1011,6 +1011,7 @@ def attack(
     help="Where results.jsonl, the summaries, poisons and surrogates go.",
 )
 @device_option
+@precision_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_handle_errors
 def evaluate(
@@ -1039,6 +1040,7 @@ def evaluate(
     cache,
     out: Path,
     device: str,
+    precision: str,
     quiet: bool,
 ) -> None:
     """Train victims from scratch on clean / poisoned / control data; append one JSON line per victim to OUT."""
@@ -1069,6 +1071,7 @@ def evaluate(
         noise_eps=noise_eps,
         craft_only=craft_only,
         device=device,
+        precision=precision,
         cache=cache,
     )
     run_evaluation(data, test_data, out, config, progress=not quiet, command="sanitize " + " ".join(sys.argv[1:]))
@@ -1123,6 +1126,7 @@ def evaluate(
     help="Where results.jsonl and the summaries go.",
 )
 @device_option
+@precision_option
 @_handle_errors
 def evaluate_transfer(
     data: Path,
@@ -1139,6 +1143,7 @@ def evaluate_transfer(
     cache: str | None,
     out: Path,
     device: str,
+    precision: str,
 ) -> None:
     """Fine-tune a pretrained extractor on clean / poisoned / control data (the transfer setting); one JSON line per
     victim in OUT."""
@@ -1158,6 +1163,7 @@ def evaluate_transfer(
         substitutes=tuple(name.strip() for name in substitutes.split(",") if name.strip()),
         craft_options=dict(parse_option(attack_name, text) for text in craft_options),
         device=device,
+        precision=precision,
         cache=cache,
     )
     run_transfer_evaluation(data, test_data, out, config, command="sanitize " + " ".join(sys.argv[1:]))

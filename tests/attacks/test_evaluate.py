@@ -768,10 +768,11 @@ def test_overrides_reach_the_recipe_and_the_attack_and_are_recorded(tmp_path, sp
         *smoke,
         *["--iterations", "2", "--arms", "undefended,clean", "--no-augment"],
         *["--craft-option", "augment=false", "--craft-option", "max_shift=2", "--lr", "0.05", "--surrogates", "2"],
-        *["--out", str(tmp_path / "e"), "--quiet"],
+        *["--precision", "fp32", "--out", str(tmp_path / "e"), "--quiet"],
     )
     assert result.exit_code == 0, result.output
     rows = {r["arm"]: r for r in map(json.loads, (tmp_path / "e" / "results.jsonl").read_text().splitlines())}
+    assert all(row["run"]["precision"] == "fp32" for row in rows.values())  # forced, whatever the machine runs natively
     assert rows["undefended"]["augment"] is False and rows["clean"]["augment"] is False
     assert (
         rows["undefended"]["craft_config"]["augment"] is False and rows["undefended"]["craft_config"]["max_shift"] == 2

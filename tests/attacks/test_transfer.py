@@ -164,3 +164,15 @@ def test_the_command_refuses_an_unknown_arm_or_substitute_in_one_line(tmp_path, 
         + [*option, "--out", str(tmp_path / "out")],
     )
     assert result.exit_code == 2 and message in result.output
+
+
+def test_the_command_passes_its_precision_to_the_evaluation(tmp_path, monkeypatch):
+    np.savez(tmp_path / "train.npz", x=np.zeros((20, 8, 8, 3), np.uint8), y=np.arange(20) % 2)
+    seen = []
+    monkeypatch.setattr("attacks.evaluate_transfer.run_transfer_evaluation", lambda *a, **k: seen.append(a[3]))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "summary.md").write_text("")
+    args = ["evaluate-transfer", str(tmp_path / "train.npz"), "--test", str(tmp_path / "train.npz")]
+    result = CliRunner().invoke(cli, [*args, "--precision", "fp32", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert seen[0].precision == "fp32"
