@@ -22,6 +22,7 @@ from proxy_precision import evaluated_key, evaluated_key_arguments  # run as a s
 from run_record import write_results  # run as a script: benchmarks/ is on the path
 
 from attacks.scales import EvaluationConfig
+from sanitize.robust import scout_path
 
 # --robust-option settings of the scan-robust arm
 VARIANTS = {"incumbent": {}, "spread_cap": {"spread_cap": True}, "pooled": {"pool_runs": 4}}
@@ -81,7 +82,8 @@ def main() -> None:
                 "carriers_dropped": sum(counts["carriers"] for counts in rounds.values()),
                 "other_poisons_dropped": sum(counts["other_poisons"] for counts in rounds.values()),
             }
-            scouts = sorted(p for p in log_path.parent.glob(log_path.stem + ".scout*.npz") if ".partial" not in p.name)
+            scouts = [scout_path(log_path, j) for j in range(1, log["config"].get("pool_runs", 1))]
+            scouts = [path for path in scouts if path.exists()]
             if scouts:  # what each scout's first round isolated, before the vote and the cap
                 victim["scouts_isolated"] = [scout_counts(path, is_poison, is_carrier) for path in scouts]
             record["victims"].append(victim)

@@ -44,6 +44,12 @@ class ScoutDone(Exception):
 NORM_ROWS = 65_536  # rows of a round's gradient proxy read at once for their norms
 
 
+def scout_path(log_path: Path, j: int) -> Path:
+    """Where scout `j` of the run logging to `log_path` keeps its first round (isolated positions, proxy norms,
+    training seconds): beside the log."""
+    return log_path.with_name(f"{log_path.stem}.scout{j}.npz")
+
+
 def scout_seed(seed: int, j: int) -> int:
     """The training seed of a run's scout `j`: apart from the seeds 0, 1, 2, ... that victims and users pick."""
     return seed + 1000 * j
@@ -124,8 +130,7 @@ class EpicDropper:
         return isolated, norms
 
     def scout_path(self, j: int) -> Path:
-        """Where scout `j`'s first round is kept (isolated positions, proxy norms, training seconds): beside the log."""
-        return self.log_path.with_name(f"{self.log_path.stem}.scout{j}.npz")
+        return scout_path(self.log_path, j)
 
     def scout_round(self, j: int) -> dict[str, np.ndarray]:
         """Scout `j`'s first round: read if stored, else trained (`train_scout`) until its hook stores it."""
