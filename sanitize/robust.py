@@ -129,12 +129,9 @@ class EpicDropper:
             proxy_path.unlink()
         return isolated, norms
 
-    def scout_path(self, j: int) -> Path:
-        return scout_path(self.log_path, j)
-
     def scout_round(self, j: int) -> dict[str, np.ndarray]:
         """Scout `j`'s first round: read if stored, else trained (`train_scout`) until its hook stores it."""
-        stored = self.scout_path(j)
+        stored = scout_path(self.log_path, j)
         if not stored.exists():
             started, cpu_started = time.perf_counter(), time.process_time()
 
@@ -161,7 +158,9 @@ class EpicDropper:
 
     def stored_scouts(self) -> dict[int, dict[str, np.ndarray]]:
         """The scouts' first rounds stored so far, by scout number (none when the first round is not pooled)."""
-        return {j: self.scout_round(j) for j in range(1, self.config.pool_runs) if self.scout_path(j).exists()}
+        return {
+            j: self.scout_round(j) for j in range(1, self.config.pool_runs) if scout_path(self.log_path, j).exists()
+        }
 
     def scout_seconds(self) -> tuple[float, float]:
         """(wall, process CPU) seconds the stored scouts took to reach the first round, as the processes that finished
