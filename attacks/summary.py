@@ -98,12 +98,12 @@ def aggregate(out: Path, command: str | None = None) -> dict[str, Any]:
             "",
             "Success against the adaptive attacker's weight (0: the plain attack), today's defenses:",
             "",
-            "| eps | epochs | term | arm | weight: success (victims) |",
-            "|" + " --- |" * 5,
+            "| eps | epochs | term | crafted with | arm | weight: success (victims) |",
+            "|" + " --- |" * 6,
         ]
         for t in sweeps:
             points = ", ".join(f"{p['weight']:g}: {p['success']:.1%} ({p['victims']})" for p in t["points"])
-            lines.append(f"| {t['eps']:g} | {t['epochs']} | {t['term']} | {t['arm']} | {points} |")
+            lines.append(f"| {t['eps']:g} | {t['epochs']} | {t['term']} | {t['base'] or '-'} | {t['arm']} | {points} |")
     (out / "summary.md").write_text(
         f"Command: `{command}`\n\nCommit: {summary['git_commit']}\n\n" + "\n".join(lines) + "\n"
     )
@@ -144,20 +144,24 @@ def paired_with_undefended(groups: dict[tuple, list[dict]]) -> list[dict[str, An
 
 
 ADAPTIVE_TERMS = ("anchor", "evade")  # the adaptive attacker's weights (attacks.adaptive); 0 in the plain attack
+SWEEP_OPTIONS = (*ADAPTIVE_TERMS, "evade_variant")  # what a weight sweep varies; any other changed option is its base
 
 
 def weight_sweeps(groups: dict[tuple, list[dict]]) -> list[dict[str, Any]]:
     """Success against the adaptive attacker's weight per setting, term and arm, under today's defenses: each weight
-    the rows were crafted with, and the plain attack's rows as weight 0 (groups whose poisons differ otherwise too are
-    left out)."""
+    the rows were crafted with, and the plain attack's rows as weight 0. The attack's other changed options (`base`,
+    e.g. MetaPoison's `ensemble=1`) are part of the setting: a sweep's weight 0 is the plain attack crafted with the
+    same ones."""
     plain: dict[tuple, dict] = {}
     adaptive: dict[tuple, list[dict]] = {}
     for group, rows in groups.items():
         fields, changes = _group_fields(group), attack_changes(rows[0])
         terms = [term for term in ADAPTIVE_TERMS if changes.get(term)]
-        if defense_variant(rows[0]) or len(terms) > 1 or set(changes) - {*ADAPTIVE_TERMS, "evade_variant"}:
+        if defense_variant(rows[0]) or len(terms) > 1:
             continue
-        setting = tuple(fields[name] for name in ("attack", "scale", "model", "epochs", "eps"))
+        others = sorted((name, value) for name, value in changes.items() if name not in SWEEP_OPTIONS)
+        base = ", ".join(f"{name}={value}" for name, value in others)
+        setting = (*(fields[name] for name in ("attack", "scale", "model", "epochs", "eps")), base)
         point = {"success": float(np.mean([r["success"] for r in rows])), "victims": len(rows)}
         if not terms:
             plain[(*setting, fields["arm"])] = {"weight": 0.0} | point
@@ -168,7 +172,7 @@ def weight_sweeps(groups: dict[tuple, list[dict]]) -> list[dict[str, Any]]:
     for (*setting, term, arm), points in sorted(adaptive.items()):
         start = [plain[(*setting, arm)]] if (*setting, arm) in plain else []
         sweeps.append(
-            dict(zip(("attack", "scale", "model", "epochs", "eps"), setting))
+            dict(zip(("attack", "scale", "model", "epochs", "eps", "base"), setting))
             | {"term": term, "arm": arm, "points": start + sorted(points, key=lambda p: p["weight"])}
         )
     return sweeps

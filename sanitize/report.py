@@ -191,7 +191,8 @@ def _by_setting(sweeps: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, 
     """An evaluation's weight sweeps grouped into one chart per setting and term (its title), in their order."""
     charts: dict[str, list[dict[str, Any]]] = {}
     for sweep in sweeps:
-        title = f"{sweep['attack']}, {sweep['scale']}, {sweep['model']}, {sweep['epochs']} epochs, eps {sweep['eps']:g}: {sweep['term']}"
+        crafted = f" ({sweep['base']})" if sweep.get("base") else ""
+        title = f"{sweep['attack']}{crafted}, {sweep['scale']}, {sweep['model']}, {sweep['epochs']} epochs, eps {sweep['eps']:g}: {sweep['term']}"
         charts.setdefault(title, []).append(sweep)
     return list(charts.items())
 

@@ -357,15 +357,11 @@ def test_rows_name_their_poisons_and_a_defended_arm_gets_its_undefended_twin_on_
     assert len(results.read_text().splitlines()) == len(rows)
 
 
-def _synthetic_row(arm, seed, success, craft, poisons):
+def _synthetic_row(arm, seed, success, craft, poisons, attack="gradient-matching"):
     """A full-scale row as the evaluation writes it, with the attack's options changed by `craft`."""
-    default = json.loads(
-        json.dumps(
-            dataclasses.asdict(attack_options("gradient-matching", **SCALES["full"].effort("gradient-matching")))
-        )
-    )
+    default = json.loads(json.dumps(dataclasses.asdict(attack_options(attack, **SCALES["full"].effort(attack)))))
     return {
-            "attack": "gradient-matching", "scale": "full", "model": "resnet18_cifar_w16", "epochs": 30, "eps": 16.0,
+            "attack": attack, "scale": "full", "model": "resnet18_cifar_w16", "epochs": 30, "eps": 16.0,
             "budget": 0.01, "poison_key": 0, "arm": arm, "victim_seed": seed, "success": success, "clean_acc": 0.85,
             "p_intended": 0.5, "dropped_fraction": 0.0, "poisons_sha256": poisons, "surrogates": 1,
             "craft_config": default | craft, "seconds": {"victim_training": 10.0},
@@ -408,10 +404,19 @@ def test_success_against_the_adaptive_attackers_weight_is_tabled_and_drawn_per_a
         for arm, successes in (("undefended", undefended), ("scan", scanned))
         for seed, success in enumerate(successes)
     ]
-    rows.append(_synthetic_row("undefended", 0, True, {"anchor": 1.0, "iterations": 10}, "other"))  # not this sweep
+    rows.append(_synthetic_row("undefended", 0, True, {"anchor": 1.0, "iterations": 10}, "other"))  # another sweep
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    sweeps = {t["arm"]: t for t in aggregate(tmp_path, command="test")["weight_sweeps"]}
+    swept = aggregate(tmp_path, command="test")["weight_sweeps"]
+    sweeps = {t["arm"]: t for t in swept if not t["base"]}
     assert set(sweeps) == {"undefended", "scan"} and all(t["term"] == "anchor" for t in sweeps.values())
+    (other,) = [
+        t for t in swept if t["base"]
+    ]  # crafted with other iterations: no plain attack of its own to start from
+    assert (other["base"], other["arm"], [p["weight"] for p in other["points"]]) == (
+        "iterations=10",
+        "undefended",
+        [1.0],
+    )
     assert [(p["weight"], p["success"], p["victims"]) for p in sweeps["scan"]["points"]] == [
         (0.0, 0.5, 2),
         (1.0, 0.0, 2),
@@ -419,11 +424,26 @@ def test_success_against_the_adaptive_attackers_weight_is_tabled_and_drawn_per_a
     ]
     assert [p["success"] for p in sweeps["undefended"]["points"]] == [1.0, 0.5, 0.0]
     assert (
-        "| 16 | 30 | anchor | scan | 0: 50.0% (2), 1: 0.0% (2), 10: 0.0% (2) |" in (tmp_path / "summary.md").read_text()
+        "| 16 | 30 | anchor | - | scan | 0: 50.0% (2), 1: 0.0% (2), 10: 0.0% (2) |"
+        in (tmp_path / "summary.md").read_text()
     )
     html = (tmp_path / "report.html").read_text()
-    assert html.count('<svg class="sweep"') == 1 and html.count("<polyline") == 2
+    assert html.count('<svg class="sweep"') == 2 and html.count("<polyline") == 3
     assert 'points="0.0,75.0 180.0,150.0 360.0,150.0"' in html  # scan: 50%, 0%, 0% at evenly spaced weights
+
+
+def test_a_sweep_of_poisons_crafted_with_another_option_starts_from_the_plain_attack_crafted_with_it(tmp_path):
+    """MetaPoison's full-scale rows are all crafted with `ensemble=1`: its plain rows are the sweep's weight 0."""
+    rows = [
+        _synthetic_row("undefended", seed, success, {"ensemble": 1} | craft, name, attack="metapoison")
+        for craft, name, successes in (({}, "plain", (True, False)), ({"evade": 0.1}, "w0.1", (False,)))
+        for seed, success in enumerate(successes)
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (sweep,) = aggregate(tmp_path, command="test")["weight_sweeps"]
+    assert (sweep["base"], sweep["term"]) == ("ensemble=1", "evade (spread)")
+    assert [(p["weight"], p["success"], p["victims"]) for p in sweep["points"]] == [(0.0, 0.5, 2), (0.1, 0.0, 1)]
+    assert "(ensemble=1), full" in (tmp_path / "report.html").read_text()
 
 
 def test_a_detector_row_scanned_under_an_older_default_is_its_own_variant_and_the_arm_runs_again(tmp_path, split_npz):
