@@ -185,10 +185,10 @@ def attack_changes(row: dict[str, Any]) -> dict[str, Any]:
     return changed | ({"surrogates": row["surrogates"]} if row.get("surrogates") not in (None, 1) else {}) | against
 
 
-def attack_variant(row: dict[str, Any]) -> str:
+def attack_variant(row: dict[str, Any], leaving_out: tuple[str, ...] = ()) -> str:
     """`attack_changes` as text ("" when none), so that aggregate keeps each weight of the adaptive attacker, say,
-    apart."""
-    return ", ".join(f"{name}={value}" for name, value in attack_changes(row).items())
+    apart; without the options named in `leaving_out`."""
+    return ", ".join(f"{name}={value}" for name, value in attack_changes(row).items() if name not in leaving_out)
 
 
 def variant(row: dict[str, Any]) -> str:

@@ -159,8 +159,7 @@ def weight_sweeps(groups: dict[tuple, list[dict]]) -> list[dict[str, Any]]:
         terms = [term for term in ADAPTIVE_TERMS if changes.get(term)]
         if defense_variant(rows[0]) or len(terms) > 1:
             continue
-        others = sorted((name, value) for name, value in changes.items() if name not in SWEEP_OPTIONS)
-        base = ", ".join(f"{name}={value}" for name, value in others)
+        base = attack_variant(rows[0], leaving_out=SWEEP_OPTIONS)
         setting = (*(fields[name] for name in ("attack", "scale", "model", "epochs", "eps")), base)
         point = {"success": float(np.mean([r["success"] for r in rows])), "victims": len(rows)}
         if not terms:

@@ -409,9 +409,8 @@ def test_success_against_the_adaptive_attackers_weight_is_tabled_and_drawn_per_a
     swept = aggregate(tmp_path, command="test")["weight_sweeps"]
     sweeps = {t["arm"]: t for t in swept if not t["base"]}
     assert set(sweeps) == {"undefended", "scan"} and all(t["term"] == "anchor" for t in sweeps.values())
-    (other,) = [
-        t for t in swept if t["base"]
-    ]  # crafted with other iterations: no plain attack of its own to start from
+    # crafted with other iterations: a sweep of its own, with no plain attack crafted so to start from
+    (other,) = [t for t in swept if t["base"]]
     assert (other["base"], other["arm"], [p["weight"] for p in other["points"]]) == (
         "iterations=10",
         "undefended",
