@@ -1,7 +1,7 @@
 """Detection of real poisons by every detector and knn_density variant, without training victims.
 
     python benchmarks/detection_sweep.py --cache work-data/cache-cpu --keys 0,1 [--model NAME] [--eps 16] \
-        [--results reports/EVALUATION] --out reports/...
+        [--attack NAME] [--craft-option NAME=VALUE ...] [--results reports/EVALUATION] --out reports/...
 
 For each key whose poisons are cached: the default `sanitize scan` of the poisoned set (the same cached scan the
 evaluation's `scan` arm uses), then, on its proxy's embeddings, every baseline detector and knn_density in each
@@ -33,12 +33,13 @@ from attacks import choose_setup
 from attacks.arms import poison_truth, split_by_carriers, told_count
 from attacks.carriers import poison_pull, pull_carriers
 from attacks.experiment import Harness
-from attacks.scales import EvaluationConfig
+from attacks.registry import parse_option
+from attacks.scales import GRADIENT_MATCHING, EvaluationConfig
 from sanitize import scan
 from sanitize.config import ScanConfig
 from sanitize.data.arrays import ArrayDataset, from_arrays
 from sanitize.data.encoded import fit_to_size
-from sanitize.density import z_to_score
+from sanitize.density import knn, z_to_score
 from sanitize.detectors import run_detector
 from sanitize.detectors.knn_density import KnnDensityOptions
 from sanitize.embeddings import load_embeddings
@@ -54,6 +55,7 @@ UNSTATED = {
     "alarm_confidence": 0.0,
 }  # what a knn_density variant leaves unstated means what it meant when the variant was written
 WIDE = {"distance": "kth", "k_fraction": 0.5, "k_max": 1000}
+CLUMP_K = 10  # neighbours of the clump diagnostic (poison_neighbour_share): the default scan's k_small
 AT_Z = (2.5, 3.0)  # lower cut-offs than the default's z 3.5, reported beside it
 CURRENT = (
     FIRST_DEFAULT
@@ -280,6 +282,25 @@ def alarm_p_values(detection, intended: int | None) -> dict | None:
     return {"intended": p_values.get(intended), "min_other": min(others)}
 
 
+def poison_neighbour_share(space: np.ndarray, labels: np.ndarray, truth: np.ndarray, k: int = CLUMP_K) -> dict:
+    """How clumped the poisons are in an embedding space: the mean share of poisons among the k nearest neighbours
+    of poisons and of clean examples, within the classes that hold poisons, beside the poisons' share there (what an
+    unclumped set would give). The adaptive attacker's clump term (attacks.adaptive) raises the first."""
+    classes = np.unique(labels[truth])
+    within = np.isin(labels, classes)
+    shares = np.zeros(len(labels))
+    for c in classes:
+        rows = np.flatnonzero(labels == c)
+        _, neighbours = knn(space[rows], k)
+        shares[rows] = truth[rows][neighbours].mean(axis=1)
+    return {
+        "k": k,
+        "poisons": float(shares[truth].mean()),
+        "clean": float(shares[within & ~truth].mean()),
+        "base": float(truth[within].mean()),
+    }
+
+
 def append_row(rows_path: Path, row: dict) -> None:
     with rows_path.open("a") as handle:
         handle.write(json.dumps(row) + "\n")
@@ -339,6 +360,13 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--eps", type=float, default=16.0)
+    parser.add_argument("--attack", default=GRADIENT_MATCHING, help="The attack whose cached poisons are swept.")
+    parser.add_argument(
+        "--craft-option",
+        action="append",
+        default=[],
+        help="NAME=VALUE, as the evaluation's --craft-option: the poisons crafted with it (e.g. the adaptive attacker's).",
+    )
     parser.add_argument(
         "--proxy-epochs",
         default=str(ScanConfig().train.epochs),
@@ -378,7 +406,13 @@ def main() -> None:
     args = parser.parse_args()
     data = args.shared / "data" / "cifar10"
     config = EvaluationConfig(
-        scale=args.scale, model=args.model, epochs=args.epochs, eps=args.eps, cache=str(args.cache)
+        attack=args.attack,
+        scale=args.scale,
+        model=args.model,
+        epochs=args.epochs,
+        eps=args.eps,
+        craft_options=dict(parse_option(args.attack, text) for text in args.craft_option),
+        cache=str(args.cache),
     )
     published = args.results or args.cache  # where published poisons and scan outcomes are read and added
     harness = Harness(data / "cifar10_train.npz", data / "cifar10_test.npz", published, config, progress=False)
@@ -401,6 +435,7 @@ def main() -> None:
         carriers = pull_carriers(pull)
         for proxy in swept_proxies:
             embeddings = load_embeddings(proxy_scan_dir(harness, poisoned, proxy) / "embeddings", poisoned.labels)
+            shares = {}  # per embedding space
             for detector, options in swept(args):
                 identity = {
                     "key": key,
@@ -433,6 +468,10 @@ def main() -> None:
                         row["at_z"][str(z)] = flag_metrics(flags, detection.scores, truth) | {
                             "recall_carriers": split_by_carriers(flags, setup, carriers)["carrier_recall"]
                         }
+                    space = options.get("embedding", "features")
+                    if space not in shares:
+                        shares[space] = poison_neighbour_share(embeddings.space(space), poisoned.labels, truth)
+                    row["poison_neighbour_share"] = shares[space]
                     row["alarm_p"] = alarm_p_values(detection, setup.intended_class)
                     row["alarmed_classes"] = [
                         c for c, info in detection.summary["per_class"].items() if info.get("alarmed")
@@ -528,6 +567,34 @@ def cost_table(rows: list[dict], data: ArrayDataset, default_proxy: str) -> list
     return lines
 
 
+def clump_table(rows: list[dict]) -> list[str]:
+    """How clumped the poisons are in each proxy's embedding spaces (rows that measured it)."""
+    seen, lines = set(), []
+    for r in rows:
+        share = r.get("poison_neighbour_share")
+        space = r["options"].get("embedding", "features")
+        identity = (r["key"], r.get("poisons_sha256"), proxy_cell(r), space)
+        if share is None or identity in seen:
+            continue
+        seen.add(identity)
+        lines.append(
+            f"| {r['key']} | {(r.get('poisons_sha256') or '-')[:6]} | {proxy_cell(r)} | {space} "
+            f"| {share['poisons']:.2f} | {share['clean']:.3f} | {share['base']:.2f} |"
+        )
+    if not lines:
+        return []
+    return [
+        "",
+        f"How clumped the poisons are: the mean share of poisons among an example's {CLUMP_K} nearest "
+        "neighbours in its class (classes holding poisons), for poisons and for clean examples, beside the poisons' share "
+        "of those classes:",
+        "",
+        "| key | poisons | proxy epochs (model) | embedding | poisons' neighbours that are poisons | clean examples' | poisons' share |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        *lines,
+    ]
+
+
 def render(rows_path: Path, out: Path, default_proxy: str, data: ArrayDataset) -> None:
     lines = [
         "| key | poisons | eps | model | epochs | proxy epochs (model) | detector | options | told count | flagged | precision | recall | AUROC | median poison score | recall / flagged at z 3.0 | at z 2.5 | carriers | recall carriers / rest | rank corr. score-pull | class alarm p: intended / lowest other |",
@@ -555,7 +622,8 @@ def render(rows_path: Path, out: Path, default_proxy: str, data: ArrayDataset) -
             f"| {r['key']} | {(r.get('poisons_sha256') or '-')[:6]} | {r['eps']:g} | {r['model']} | {r['epochs']} | {proxy_cell(r)} | {r['detector']} | {variant_label(r['detector'], r['options'], r, default_proxy)} | "
             f"{r['told_expected_poisons'] or '-'} | {r['dropped_fraction']:.2%} | {precision} | {r['poison_recall']:.2f} | {r['auroc']:.3f} | {r['poison_score_median']:.3f} | {at_z[0]} | {at_z[1]} | {aligned} | {alarm_cell(r)} |"
         )
-    lines += cost_table(list(map(json.loads, rows_path.read_text().splitlines())), data, default_proxy)
+    rows = list(map(json.loads, rows_path.read_text().splitlines()))
+    lines += cost_table(rows, data, default_proxy) + clump_table(rows)
     out.write_text("\n".join(lines) + "\n")
 
 
