@@ -25,6 +25,7 @@ from scipy.sparse.linalg import eigsh
 
 EIGENVECTORS = 8  # leading non-trivial eigenvectors swept
 GRAPHS = ("union", "mutual")
+PROFILE = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)  # class fractions at which the profile is reported
 
 
 def class_graph(neighbours: np.ndarray, kind: str) -> csr_matrix:
@@ -38,9 +39,9 @@ def class_graph(neighbours: np.ndarray, kind: str) -> csr_matrix:
     return csr_matrix(graph)
 
 
-def best_prefix(order: np.ndarray, graph: csr_matrix, degrees: np.ndarray, sizes: tuple[int, int]) -> tuple[int, float]:
-    """The lowest-conductance prefix of `order` with a length within `sizes`: (length, conductance). An edge is inside
-    the prefix from the length that reaches the later of its two ends."""
+def prefix_conductance(order: np.ndarray, graph: csr_matrix, degrees: np.ndarray) -> np.ndarray:
+    """The conductance of every prefix of `order` (entry t: the first t + 1 examples). An edge is inside the prefix
+    from the length that reaches the later of its two ends."""
     rank = np.empty(len(order), dtype=np.int64)
     rank[order] = np.arange(len(order))
     edges = graph.tocoo()
@@ -49,29 +50,42 @@ def best_prefix(order: np.ndarray, graph: csr_matrix, degrees: np.ndarray, sizes
     internal = np.cumsum(np.bincount(joins, weights=edges.data[once], minlength=len(order)))
     volume = np.cumsum(degrees[order])
     smaller = np.minimum(volume, volume[-1] - volume)
-    conductance = np.divide(volume - 2 * internal, smaller, out=np.full(len(order), np.inf), where=smaller > 0)
-    lengths = np.arange(1, len(order) + 1)
-    conductance[(lengths < sizes[0]) | (lengths > sizes[1])] = np.inf
-    best = int(np.argmin(conductance))
-    return best + 1, float(conductance[best])
+    return np.divide(volume - 2 * internal, smaller, out=np.full(len(order), np.inf), where=smaller > 0)
 
 
-def closed_group(neighbours: np.ndarray, kind: str, sizes: tuple[int, int], seed: int = 0) -> tuple[np.ndarray, float]:
-    """The lowest-conductance set found within `sizes` (its positions, its conductance) by sweep cuts."""
+def set_conductance(graph: csr_matrix, inside: np.ndarray) -> float:
+    """The conductance of one set (a boolean mask over the class) in `graph`."""
+    degrees = np.asarray(graph.sum(axis=1)).ravel()
+    volume = degrees[inside].sum()
+    internal = graph[inside][:, inside].sum()
+    smaller = min(volume, degrees.sum() - volume)
+    return float((volume - internal) / smaller) if smaller > 0 else float("inf")
+
+
+def closed_group(
+    neighbours: np.ndarray, kind: str, sizes: tuple[int, int], seed: int = 0
+) -> tuple[np.ndarray, float, np.ndarray]:
+    """The lowest-conductance set found within `sizes` by sweep cuts (its positions, its conductance), and the lowest
+    conductance the sweeps reached at every size (the class's profile: how closed a set of each size can be)."""
     graph = class_graph(neighbours, kind)
     degrees = np.asarray(graph.sum(axis=1)).ravel()
     scale = 1 / np.sqrt(np.maximum(degrees, 1e-12))
     normalised = diags(scale) @ graph @ diags(scale)
     start = np.random.default_rng(seed).random(len(neighbours))
     _, vectors = eigsh(normalised, k=min(EIGENVECTORS + 1, len(neighbours) - 2), which="LA", v0=start)
+    allowed = np.zeros(len(neighbours), dtype=bool)
+    allowed[sizes[0] - 1 : sizes[1]] = True
+    profile = np.full(len(neighbours), np.inf)
     best, best_conductance = np.zeros(0, dtype=np.int64), float("inf")
     for vector in vectors.T:
         ordered = np.argsort(vector * scale, kind="stable")
         for order in (ordered, ordered[::-1]):
-            length, conductance = best_prefix(order, graph, degrees, sizes)
-            if conductance < best_conductance:
-                best, best_conductance = np.sort(order[:length]), conductance
-    return best, best_conductance
+            conductance = prefix_conductance(order, graph, degrees)
+            profile = np.minimum(profile, conductance)
+            length = int(np.argmin(np.where(allowed, conductance, np.inf))) + 1
+            if conductance[length - 1] < best_conductance:
+                best, best_conductance = np.sort(order[:length]), float(conductance[length - 1])
+    return best, best_conductance, profile
 
 
 def scan_rows(name: str, scan_dir: Path, labels: np.ndarray, poisons: np.ndarray | None, args) -> list[dict]:
@@ -88,7 +102,7 @@ def scan_rows(name: str, scan_dir: Path, labels: np.ndarray, poisons: np.ndarray
         local = np.where(neighbours[members] >= 0, position[np.maximum(neighbours[members], 0)], -1)
         sizes = (max(int(args.min_fraction * len(members)), 2), int(args.max_fraction * len(members)))
         for kind in GRAPHS:
-            group, conductance = closed_group(local, kind, sizes)
+            group, conductance, profile = closed_group(local, kind, sizes)
             rows.append(
                 {
                     "scan": name,
@@ -101,6 +115,10 @@ def scan_rows(name: str, scan_dir: Path, labels: np.ndarray, poisons: np.ndarray
                     "group_size": int(len(group)),
                     "conductance": conductance,
                     "poisons_in_group": int(truth[members[group]].sum()),
+                    "poisons_conductance": set_conductance(class_graph(local, kind), truth[members])
+                    if truth[members].any()
+                    else None,
+                    "profile": {f"{f:g}": float(profile[max(int(f * len(members)), 1) - 1]) for f in PROFILE},
                 }
             )
             print(json.dumps(rows[-1]))
@@ -109,14 +127,29 @@ def scan_rows(name: str, scan_dir: Path, labels: np.ndarray, poisons: np.ndarray
 
 def render(rows: list[dict]) -> str:
     lines = [
-        "| scan | class | graph | class size | poisons in class | most closed group (sizes searched) | its conductance | poisons in it |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| scan | class | graph | class size | poisons in class | the poisons' own conductance | most closed group (sizes searched) | its conductance | poisons in it |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['scan']} | {r['class']} | {r['graph']} | {r['n']} | {r['poisons_in_class']} "
+            f"| {'-' if r.get('poisons_conductance') is None else format(r['poisons_conductance'], '.3f')} "
             f"| {r['group_size']} ({r['min_fraction']:.0%}-{r.get('max_fraction', 0.5):.0%}) | {r['conductance']:.3f} | {r['poisons_in_group']} |"
         )
+    lines += [
+        "",
+        "The profile: the lowest conductance the sweeps reached for a set of each size (a fraction of the class):",
+        "",
+        "| scan | class | graph | poisons in class | " + " | ".join(f"{f:.0%}" for f in PROFILE) + " |",
+        "|" + " --- |" * (4 + len(PROFILE)),
+    ]
+    seen = set()
+    for r in rows:
+        if "profile" not in r or (r["scan"], r["class"], r["graph"]) in seen:
+            continue
+        seen.add((r["scan"], r["class"], r["graph"]))
+        cells = " | ".join(f"{r['profile'][f'{f:g}']:.3f}" for f in PROFILE)
+        lines.append(f"| {r['scan']} | {r['class']} | {r['graph']} | {r['poisons_in_class']} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
