@@ -62,20 +62,19 @@ def set_conductance(graph: csr_matrix, inside: np.ndarray) -> float:
     return float((volume - internal) / smaller) if smaller > 0 else float("inf")
 
 
-def closed_group(
-    neighbours: np.ndarray, kind: str, sizes: tuple[int, int], seed: int = 0
-) -> tuple[np.ndarray, float, np.ndarray]:
-    """The lowest-conductance set found within `sizes` by sweep cuts (its positions, its conductance), and the lowest
-    conductance the sweeps reached at every size (the class's profile: how closed a set of each size can be)."""
-    graph = class_graph(neighbours, kind)
+def closed_group(graph: csr_matrix, sizes: tuple[int, int], seed: int = 0) -> tuple[np.ndarray, float, np.ndarray]:
+    """The lowest-conductance set of `graph` (one class) found within `sizes` by sweep cuts (its positions, its
+    conductance), and the lowest conductance the sweeps reached at every size (the class's profile: how closed a set of
+    each size can be)."""
+    n = graph.shape[0]
     degrees = np.asarray(graph.sum(axis=1)).ravel()
     scale = 1 / np.sqrt(np.maximum(degrees, 1e-12))
     normalised = diags(scale) @ graph @ diags(scale)
-    start = np.random.default_rng(seed).random(len(neighbours))
-    _, vectors = eigsh(normalised, k=min(EIGENVECTORS + 1, len(neighbours) - 2), which="LA", v0=start)
-    allowed = np.zeros(len(neighbours), dtype=bool)
+    start = np.random.default_rng(seed).random(n)
+    _, vectors = eigsh(normalised, k=min(EIGENVECTORS + 1, n - 2), which="LA", v0=start)
+    allowed = np.zeros(n, dtype=bool)
     allowed[sizes[0] - 1 : sizes[1]] = True
-    profile = np.full(len(neighbours), np.inf)
+    profile = np.full(n, np.inf)
     best, best_conductance = np.zeros(0, dtype=np.int64), float("inf")
     for vector in vectors.T:
         ordered = np.argsort(vector * scale, kind="stable")
@@ -102,7 +101,8 @@ def scan_rows(name: str, scan_dir: Path, labels: np.ndarray, poisons: np.ndarray
         local = np.where(neighbours[members] >= 0, position[np.maximum(neighbours[members], 0)], -1)
         sizes = (max(int(args.min_fraction * len(members)), 2), int(args.max_fraction * len(members)))
         for kind in GRAPHS:
-            group, conductance, profile = closed_group(local, kind, sizes)
+            graph = class_graph(local, kind)
+            group, conductance, profile = closed_group(graph, sizes)
             rows.append(
                 {
                     "scan": name,
@@ -115,9 +115,7 @@ def scan_rows(name: str, scan_dir: Path, labels: np.ndarray, poisons: np.ndarray
                     "group_size": int(len(group)),
                     "conductance": conductance,
                     "poisons_in_group": int(truth[members[group]].sum()),
-                    "poisons_conductance": set_conductance(class_graph(local, kind), truth[members])
-                    if truth[members].any()
-                    else None,
+                    "poisons_conductance": set_conductance(graph, truth[members]) if truth[members].any() else None,
                     "profile": {f"{f:g}": float(profile[max(int(f * len(members)), 1) - 1]) for f in PROFILE},
                 }
             )
@@ -134,7 +132,7 @@ def render(rows: list[dict]) -> str:
         lines.append(
             f"| {r['scan']} | {r['class']} | {r['graph']} | {r['n']} | {r['poisons_in_class']} "
             f"| {'-' if r.get('poisons_conductance') is None else format(r['poisons_conductance'], '.3f')} "
-            f"| {r['group_size']} ({r['min_fraction']:.0%}-{r.get('max_fraction', 0.5):.0%}) | {r['conductance']:.3f} | {r['poisons_in_group']} |"
+            f"| {r['group_size']} ({r['min_fraction']:.0%}-{r['max_fraction']:.0%}) | {r['conductance']:.3f} | {r['poisons_in_group']} |"
         )
     lines += [
         "",
@@ -145,7 +143,7 @@ def render(rows: list[dict]) -> str:
     ]
     seen = set()
     for r in rows:
-        if "profile" not in r or (r["scan"], r["class"], r["graph"]) in seen:
+        if (r["scan"], r["class"], r["graph"]) in seen:
             continue
         seen.add((r["scan"], r["class"], r["graph"]))
         cells = " | ".join(f"{r['profile'][f'{f:g}']:.3f}" for f in PROFILE)
