@@ -10,7 +10,9 @@ weight of the edges leaving it over the smaller of its volume and the rest's). P
 `--min-fraction` and at most `--max-fraction` of the class is searched by sweep cuts along the leading eigenvectors of the normalised graph, in two
 graphs: `union` (an edge where either end names the other) and `mutual` (where both do). Rows give its size,
 conductance and, with the scan's poisons, how many of them it holds; a clean scan gives what natural classes reach.
-Appends to OUT/closed_groups.jsonl and rewrites OUT/closed_groups.md. For choosing on tuning keys, not a product rule.
+Appends to OUT/closed_groups.jsonl and rewrites OUT/closed_groups.md. The search is the product's
+(sanitize.closed_groups, knn_density's `closed_group_conductance` pass, union graph); this script reports both graphs
+and each class's profile, to choose the pass's threshold and size range on tuning keys.
 """
 
 from __future__ import annotations
@@ -20,71 +22,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-from scipy.sparse import csr_matrix, diags
-from scipy.sparse.linalg import eigsh
 
-EIGENVECTORS = 8  # leading non-trivial eigenvectors swept
+from sanitize.closed_groups import class_graph, closed_group, local_neighbours, set_conductance, size_range
+
 GRAPHS = ("union", "mutual")
 PROFILE = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5)  # class fractions at which the profile is reported
-
-
-def class_graph(neighbours: np.ndarray, kind: str) -> csr_matrix:
-    """The symmetric k-NN graph of one class from its (n, k) neighbour positions in the class (-1: none)."""
-    n, k = neighbours.shape
-    rows, cols = np.repeat(np.arange(n), k), neighbours.ravel()
-    named = (cols >= 0) & (cols != rows)
-    directed = csr_matrix((np.ones(int(named.sum())), (rows[named], cols[named])), shape=(n, n))
-    directed.data[:] = 1.0
-    graph = directed.multiply(directed.T) if kind == "mutual" else directed.maximum(directed.T)
-    return csr_matrix(graph)
-
-
-def prefix_conductance(order: np.ndarray, graph: csr_matrix, degrees: np.ndarray) -> np.ndarray:
-    """The conductance of every prefix of `order` (entry t: the first t + 1 examples). An edge is inside the prefix
-    from the length that reaches the later of its two ends."""
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order))
-    edges = graph.tocoo()
-    once = edges.row < edges.col
-    joins = np.maximum(rank[edges.row[once]], rank[edges.col[once]])
-    internal = np.cumsum(np.bincount(joins, weights=edges.data[once], minlength=len(order)))
-    volume = np.cumsum(degrees[order])
-    smaller = np.minimum(volume, volume[-1] - volume)
-    return np.divide(volume - 2 * internal, smaller, out=np.full(len(order), np.inf), where=smaller > 0)
-
-
-def set_conductance(graph: csr_matrix, inside: np.ndarray) -> float:
-    """The conductance of one set (a boolean mask over the class) in `graph`."""
-    degrees = np.asarray(graph.sum(axis=1)).ravel()
-    volume = degrees[inside].sum()
-    internal = graph[inside][:, inside].sum()
-    smaller = min(volume, degrees.sum() - volume)
-    return float((volume - internal) / smaller) if smaller > 0 else float("inf")
-
-
-def closed_group(graph: csr_matrix, sizes: tuple[int, int], seed: int = 0) -> tuple[np.ndarray, float, np.ndarray]:
-    """The lowest-conductance set of `graph` (one class) found within `sizes` by sweep cuts (its positions, its
-    conductance), and the lowest conductance the sweeps reached at every size (the class's profile: how closed a set of
-    each size can be)."""
-    n = graph.shape[0]
-    degrees = np.asarray(graph.sum(axis=1)).ravel()
-    scale = 1 / np.sqrt(np.maximum(degrees, 1e-12))
-    normalised = diags(scale) @ graph @ diags(scale)
-    start = np.random.default_rng(seed).random(n)
-    _, vectors = eigsh(normalised, k=min(EIGENVECTORS + 1, n - 2), which="LA", v0=start)
-    allowed = np.zeros(n, dtype=bool)
-    allowed[sizes[0] - 1 : sizes[1]] = True
-    profile = np.full(n, np.inf)
-    best, best_conductance = np.zeros(0, dtype=np.int64), float("inf")
-    for vector in vectors.T:
-        ordered = np.argsort(vector * scale, kind="stable")
-        for order in (ordered, ordered[::-1]):
-            conductance = prefix_conductance(order, graph, degrees)
-            profile = np.minimum(profile, conductance)
-            length = int(np.argmin(np.where(allowed, conductance, np.inf))) + 1
-            if conductance[length - 1] < best_conductance:
-                best, best_conductance = np.sort(order[:length]), float(conductance[length - 1])
-    return best, best_conductance, profile
 
 
 def scan_rows(name: str, scan_dir: Path, labels: np.ndarray, poisons: np.ndarray | None, args) -> list[dict]:
@@ -96,10 +38,8 @@ def scan_rows(name: str, scan_dir: Path, labels: np.ndarray, poisons: np.ndarray
     rows = []
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
-        position = np.full(len(labels), -1, dtype=np.int64)
-        position[members] = np.arange(len(members))
-        local = np.where(neighbours[members] >= 0, position[np.maximum(neighbours[members], 0)], -1)
-        sizes = (max(int(args.min_fraction * len(members)), 2), int(args.max_fraction * len(members)))
+        local = local_neighbours(neighbours, members, len(labels))
+        sizes = size_range(len(members), args.min_fraction, args.max_fraction)
         for kind in GRAPHS:
             graph = class_graph(local, kind)
             group, conductance, profile = closed_group(graph, sizes)

@@ -315,6 +315,7 @@ def _scan_context(
                 "first_pass": info.get("first_pass_flags"),
                 "grouped": info.get("grouped_flags"),
                 "second_pass": info.get("second_pass_flags"),
+                "closed_group": info.get("closed_group") if (info.get("closed_group") or {}).get("alarmed") else None,
                 "note": info.get("note"),
                 "histogram": histogram(table.scores[members], threshold),
             }

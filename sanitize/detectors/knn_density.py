@@ -15,7 +15,10 @@ again inside classes that hold a flagged group of their own (a targeted attack's
 gradient, where natural outliers are lone), for the few hard poisons that carry the attack (or, with `alarm_rule`, for
 the examples the proxy confidently assigns to another class). With out-of-fold predictions (`scan --proxy-folds`), the
 label check flags the examples whose label proxies that never saw them contradict (confident learning), for poisons
-that carry the attacker's labels. Scores map z to
+that carry the attacker's labels. The closed-group pass (`closed_group_conductance`, sanitize.closed_groups) alarms a class
+whose k-NN graph holds a set of a few percent of it closed to the rest (its members one another's neighbours and almost
+nobody else's) and flags the set: poisons a scan-aware attacker pulls into one tight group are no lone points, and
+the isolation rule ranks them below clean examples (reports/adaptive-attack). Scores map z to
 [0, 1) with 0.5 at z = 3.5 (Iglewicz & Hoaglin's outlier cut-off). Nothing here knows the poison budget or rate.
 """
 
@@ -39,13 +42,14 @@ ALARM_TESTS = ("negative-binomial", "poisson")  # the class alarm's count test (
 # prediction other than the label (for weights that never saw the data and cannot have learned a group of wrong labels)
 LABEL_RULES = ("confident", "disagree")
 # why an example is flagged (the array flag_reason, read by the report)
-WHY_ISOLATED, WHY_TOO_EASY, WHY_ALARM_HARD, WHY_ALARM_MISASSIGNED, WHY_LABEL = 1, 2, 3, 4, 5
+WHY_ISOLATED, WHY_TOO_EASY, WHY_ALARM_HARD, WHY_ALARM_MISASSIGNED, WHY_LABEL, WHY_CLOSED_GROUP = 1, 2, 3, 4, 5, 6
 FLAG_REASONS = {
     WHY_ISOLATED: "isolated in its class",
     WHY_TOO_EASY: "isolated and too easy for the proxy",
     WHY_ALARM_HARD: "isolated and hard, in an alarmed class",
     WHY_ALARM_MISASSIGNED: "given another class by the proxy, in an alarmed class",
     WHY_LABEL: "its label contradicted by a model that never saw it",
+    WHY_CLOSED_GROUP: "a member of a group closed to the rest of its class",
 }
 
 
@@ -90,6 +94,13 @@ class KnnDensityOptions:
     # with out-of-fold predictions (scan --proxy-folds): also flag the examples whose label they contradict
     label_check: bool = True
     label_rule: str = "confident"  # confident | disagree (LABEL_RULES)
+    # the closed-group pass (sanitize.closed_groups): a class whose most closed set of closed_group_min_fraction to
+    # closed_group_max_fraction of it, in the union graph of the k_small lists, has a conductance below this is
+    # alarmed and that set flagged; poisons pulled into one tight group (a scan-aware attacker) form such a set, no
+    # lone point among them (0: off)
+    closed_group_conductance: float = 0.0
+    closed_group_min_fraction: float = 0.01
+    closed_group_max_fraction: float = 0.2
 
     def validate(self) -> None:
         check(
@@ -106,6 +117,11 @@ class KnnDensityOptions:
                 (self.alarm_rule in ALARM_RULES, f"alarm_rule must be one of {', '.join(ALARM_RULES)}"),
                 (0.0 <= self.alarm_confidence < 1.0, "alarm_confidence must be in [0, 1)"),
                 (self.label_rule in LABEL_RULES, f"label_rule must be one of {', '.join(LABEL_RULES)}"),
+                (0.0 <= self.closed_group_conductance < 1.0, "closed_group_conductance must be in [0, 1)"),
+                (
+                    0.0 < self.closed_group_min_fraction <= self.closed_group_max_fraction < 1.0,
+                    "need 0 < closed_group_min_fraction <= closed_group_max_fraction < 1",
+                ),
             ]
         )
 
@@ -265,6 +281,10 @@ def knn_isolation(
         )
         why = np.where(flags, why, second)
         flags |= second > 0
+    if o.closed_group_conductance:
+        closed = closed_group_flags(neighbours, labels, per_class, o, context.seed)
+        why = np.where(flags, why, np.where(closed, WHY_CLOSED_GROUP, 0)).astype(np.int8)
+        flags |= closed
     return Detection(
         scores=scores,
         flags=flags,
@@ -279,10 +299,45 @@ def knn_isolation(
             "alarm_z": o.alarm_z if o.class_alarm_p else None,
             "alarm_rule": o.alarm_rule if o.class_alarm_p else None,
             "alarm_confidence": o.alarm_confidence if o.class_alarm_p and o.alarm_rule != "hard" else None,
+            "closed_group": {
+                "conductance_below": o.closed_group_conductance,
+                "fractions": [o.closed_group_min_fraction, o.closed_group_max_fraction],
+            }
+            if o.closed_group_conductance
+            else None,
             "per_class": per_class,
         },
         arrays={"neighbours": neighbours, "flag_reason": why, "isolation_z": isolation.astype(np.float32)},
     )
+
+
+def closed_group_flags(
+    neighbours: np.ndarray, labels: np.ndarray, per_class: dict[int, dict], options: KnnDensityOptions, seed: int = 0
+) -> np.ndarray:
+    """The closed-group pass: per scored class, the most closed set of the options' fractions of it in the union graph
+    of the k_small lists (sanitize.closed_groups); a class whose set's conductance is below
+    `closed_group_conductance` is alarmed and the set's members are returned flagged. Recorded per class (a class too
+    small to search gets a note)."""
+    from sanitize.closed_groups import class_graph, closed_group, local_neighbours, size_range
+
+    flagged = np.zeros(len(labels), dtype=bool)
+    for c, info in per_class.items():
+        if "k" not in info:
+            continue
+        members = np.flatnonzero(labels == c)
+        graph = class_graph(local_neighbours(neighbours, members, len(labels)))
+        sizes = size_range(len(members), options.closed_group_min_fraction, options.closed_group_max_fraction)
+        try:
+            group = closed_group(graph, sizes, seed)
+        except ValueError as too_small:
+            info["closed_group"] = {"note": str(too_small)}
+            continue
+        alarmed = group.conductance < options.closed_group_conductance
+        info["closed_group"] = {"size": int(len(group.members)), "conductance": group.conductance, "alarmed": alarmed}
+        if alarmed:
+            flagged[members[group.members]] = True
+            info["alarmed"] = True
+    return flagged
 
 
 def grouped_flags(flags: np.ndarray, neighbours: np.ndarray) -> np.ndarray:

@@ -177,6 +177,21 @@ def test_an_alarmed_class_shows_its_p_value_second_pass_and_escaped_name(hostile
     assert f"class alarm in {markupsafe.escape(HOSTILE_CLASS)}</span>" in html and "<b>" not in html
 
 
+def test_a_closed_group_alarm_says_so_without_a_count_test(hostile_scan, tmp_path):
+    base, data, _ = hostile_scan
+    run = tmp_path / "run"
+    shutil.copytree(base / "out", run)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["detector"]["per_class"][HOSTILE_CLASS].update(
+        {"alarmed": True, "closed_group": {"size": 351, "conductance": 0.0771, "alarmed": True}}
+    )
+    summary["gate"]["alarmed_classes"] = [HOSTILE_CLASS]
+    (run / "summary.json").write_text(json.dumps(summary))
+    html = write_report(run, data).read_text(encoding="utf-8")
+    assert "closed group: 351 examples closed to the rest of the class (conductance 0.077), all flagged" in html
+    assert "count test p" not in html
+
+
 def test_bad_run_folders_and_manifests_are_clear_errors(tmp_path, hostile_scan):
     base, data, _ = hostile_scan
     runner = CliRunner()
