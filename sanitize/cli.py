@@ -331,6 +331,28 @@ def scan_options(fn: Callable) -> Callable:
             "(any held-out prediction other than the label: for weights that never saw the data).",
         ),
         click.option(
+            "--closed-group-conductance",
+            type=float,
+            default=KNN.closed_group_conductance,
+            show_default=True,
+            help="knn_density: > 0 alarms a class whose most closed set (its members one another's neighbours, rarely "
+            "anyone else's) has a conductance below this, and flags the set ...",
+        ),
+        click.option(
+            "--closed-group-min-fraction",
+            type=float,
+            default=KNN.closed_group_min_fraction,
+            show_default=True,
+            help="... a set of at least this fraction of its class ...",
+        ),
+        click.option(
+            "--closed-group-max-fraction",
+            type=float,
+            default=KNN.closed_group_max_fraction,
+            show_default=True,
+            help="... and at most this fraction.",
+        ),
+        click.option(
             "--expected-poisons",
             type=int,
             default=None,

@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import json
 import shlex
 import subprocess
@@ -17,6 +18,7 @@ from sanitize.cli import cli, print_summary
 from sanitize.config import ScanConfig, TrainConfig
 from sanitize.data import open_dataset
 from sanitize.data.arrays import from_arrays
+from sanitize.detectors.knn_density import KnnDensityOptions
 from sanitize.errors import SanitizeError
 from sanitize.models import create_model
 from sanitize.scanner import gate, resolved_model
@@ -298,3 +300,10 @@ def test_a_scan_killed_mid_training_leaves_no_verdict_and_a_rerun_finishes_with_
     assert resumed.returncode in (0, 1) and "resuming proxy from epoch" in resumed.stderr
     with (straight / "scores.csv").open() as a, (killed / "scores.csv").open() as b:
         assert a.read() == b.read()
+
+
+def test_every_option_of_the_default_rule_is_a_scan_flag_with_the_same_default():
+    flags = {p.name: p.default for p in cli.commands["scan"].params}
+    assert {name: flags.get(name) for name in dataclasses.asdict(KnnDensityOptions())} == dataclasses.asdict(
+        KnnDensityOptions()
+    )
