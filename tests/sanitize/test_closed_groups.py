@@ -84,7 +84,9 @@ def test_local_neighbours_maps_dataset_indices_into_the_class_and_drops_the_rest
 def test_the_pass_flags_a_closed_group_that_isolation_misses_and_alarms_only_its_class():
     x, labels, group = _class_with_a_closed_group(seed=2)
     context = DetectorContext(progress=False)
-    off = knn_isolation(x, labels, 2, KnnDensityOptions(class_alarm_p=0.0), context=context)
+    off = knn_isolation(
+        x, labels, 2, KnnDensityOptions(class_alarm_p=0.0, closed_group_conductance=0.0), context=context
+    )
     assert off.flags[group].mean() < 0.1  # not lone points: the isolation rule ranks them as clean
     on = knn_isolation(
         x, labels, 2, KnnDensityOptions(class_alarm_p=0.0, closed_group_conductance=0.05), context=context
