@@ -350,7 +350,14 @@ def scan_options(fn: Callable) -> Callable:
             type=float,
             default=KNN.closed_group_max_fraction,
             show_default=True,
-            help="... and at most this fraction.",
+            help="... and at most this fraction ...",
+        ),
+        click.option(
+            "--closed-group-min-class",
+            type=int,
+            default=KNN.closed_group_min_class,
+            show_default=True,
+            help="... in classes of at least this many examples (small classes hold naturally closed styles).",
         ),
         click.option(
             "--expected-poisons",

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -89,24 +91,32 @@ def test_the_pass_flags_a_closed_group_that_isolation_misses_and_alarms_only_its
     )
     assert off.flags[group].mean() < 0.1  # not lone points: the isolation rule ranks them as clean
     on = knn_isolation(
-        x, labels, 2, KnnDensityOptions(class_alarm_p=0.0, closed_group_conductance=0.05), context=context
+        x,
+        labels,
+        2,
+        KnnDensityOptions(class_alarm_p=0.0, closed_group_conductance=0.05, closed_group_min_class=100),
+        context=context,
     )
     per_class = on.summary["per_class"]
     assert per_class[0]["alarmed"] and per_class[0]["closed_group"]["alarmed"]
     assert not per_class[1].get("alarmed") and per_class[1]["closed_group"]["conductance"] > 0.25
     assert on.flags[group].all() and (on.arrays["flag_reason"][group] == WHY_CLOSED_GROUP).all()
     assert on.flags[len(group) :].mean() < 0.02
-    assert on.summary["closed_group"] == {"conductance_below": 0.05, "fractions": [0.01, 0.2]}
+    assert on.summary["closed_group"] == {"conductance_below": 0.05, "fractions": [0.01, 0.2], "min_class": 100}
     assert off.summary["closed_group"] is None and "closed_group" not in off.summary["per_class"][0]
 
 
-def test_the_pass_leaves_a_note_for_a_class_too_small_to_search():
+def test_the_pass_leaves_a_note_for_a_class_too_small_to_search_or_under_its_minimum():
     x, labels, _ = _class_with_a_closed_group(seed=3)
     few = np.concatenate([np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)[:12]])
-    options = KnnDensityOptions(class_alarm_p=0.0, closed_group_conductance=0.05)
+    options = KnnDensityOptions(class_alarm_p=0.0, closed_group_conductance=0.05, closed_group_min_class=10)
     detection = knn_isolation(x[few], labels[few], 2, options, context=DetectorContext(progress=False))
     assert "no sets" in detection.summary["per_class"][1]["closed_group"]["note"]
     assert detection.summary["per_class"][0]["closed_group"]["alarmed"]
+    default_size = dataclasses.replace(options, closed_group_min_class=KnnDensityOptions().closed_group_min_class)
+    skipped = knn_isolation(x[few], labels[few], 2, default_size, context=DetectorContext(progress=False))
+    assert "fewer than 1000 examples: not searched" in skipped.summary["per_class"][0]["closed_group"]["note"]
+    assert not skipped.flags[:60].any()
 
 
 @pytest.mark.parametrize(
@@ -117,6 +127,7 @@ def test_the_pass_leaves_a_note_for_a_class_too_small_to_search():
         {"closed_group_min_fraction": 0.0},
         {"closed_group_min_fraction": 0.3, "closed_group_max_fraction": 0.2},
         {"closed_group_max_fraction": 1.0},
+        {"closed_group_min_class": 0},
     ],
 )
 def test_closed_group_options_are_checked(bad):
