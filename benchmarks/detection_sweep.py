@@ -53,6 +53,7 @@ FIRST_DEFAULT = {"distance": "mean", "k_fraction": 0.2, "k_max": 256, "low_loss_
 UNSTATED = {
     "alarm_rule": "hard",
     "alarm_confidence": 0.0,
+    "closed_group_conductance": 0.0,
 }  # what a knn_density variant leaves unstated means what it meant when the variant was written
 WIDE = {"distance": "kth", "k_fraction": 0.5, "k_max": 1000}
 CLUMP_K = 10  # neighbours of the clump diagnostic (poison_neighbour_share): the default scan's k_small
@@ -476,6 +477,11 @@ def main() -> None:
                     row["alarmed_classes"] = [
                         c for c, info in detection.summary["per_class"].items() if info.get("alarmed")
                     ]
+                    row["closed_groups"] = {
+                        c: info["closed_group"]
+                        for c, info in detection.summary["per_class"].items()
+                        if "conductance" in info.get("closed_group", {})
+                    }
                 append_row(rows_path, row)
     render(rows_path, args.out / "detection.md", default_model_name(harness.train.image_size), harness.train)
 
