@@ -58,7 +58,8 @@ UNSTATED = {
 WIDE = {"distance": "kth", "k_fraction": 0.5, "k_max": 1000}
 CLUMP_K = 10  # neighbours of the clump diagnostic (poison_neighbour_share): the default scan's k_small
 AT_Z = (2.5, 3.0)  # lower cut-offs than the default's z 3.5, reported beside it
-CURRENT = (
+# the default from 2026-12-01 (negative-binomial alarm) to the closed-group pass (2026-12-05)
+NEGATIVE_BINOMIAL_ALARM = (
     FIRST_DEFAULT
     | WIDE
     | {
@@ -68,15 +69,17 @@ CURRENT = (
         "alarm_confidence": 0.5,
     }
 )
-# the default since 2026-12-01 (negative-binomial alarm), and what a 50,000-image set might want beside it
+CURRENT = NEGATIVE_BINOMIAL_ALARM | {"closed_group_conductance": 0.105}  # with the closed-group pass
+# today's default, the one before it, and what a 50,000-image set might want beside that (built on it as written)
 CURRENT_VARIANTS = [
     ("knn_density", CURRENT),
-    ("knn_density", CURRENT | {"embedding": "gradient"}),
-    ("knn_density", CURRENT | {"embedding": "logit_gradient"}),
-    ("knn_density", CURRENT | {"k_max": 2500}),
-    ("knn_density", CURRENT | {"k_small": 50}),
-    ("knn_density", CURRENT | {"class_alarm_p": 0.3}),
-    ("knn_density", CURRENT | {"alarm_z": 1.0}),
+    ("knn_density", NEGATIVE_BINOMIAL_ALARM),
+    ("knn_density", NEGATIVE_BINOMIAL_ALARM | {"embedding": "gradient"}),
+    ("knn_density", NEGATIVE_BINOMIAL_ALARM | {"embedding": "logit_gradient"}),
+    ("knn_density", NEGATIVE_BINOMIAL_ALARM | {"k_max": 2500}),
+    ("knn_density", NEGATIVE_BINOMIAL_ALARM | {"k_small": 50}),
+    ("knn_density", NEGATIVE_BINOMIAL_ALARM | {"class_alarm_p": 0.3}),
+    ("knn_density", NEGATIVE_BINOMIAL_ALARM | {"alarm_z": 1.0}),
 ]
 VARIANTS = [  # options are given in full against the first default, so rows stay readable when defaults move
     ("knn_density", FIRST_DEFAULT),

@@ -97,8 +97,10 @@ class KnnDensityOptions:
     # the closed-group pass (sanitize.closed_groups): a class whose most closed set of closed_group_min_fraction to
     # closed_group_max_fraction of it, in the union graph of the k_small lists, has a conductance below this is
     # alarmed and that set flagged; poisons pulled into one tight group (a scan-aware attacker) form such a set, no
-    # lone point among them (0: off)
-    closed_group_conductance: float = 0.0
+    # lone point among them (0: off). Chosen 2026-12-05 on tuning keys 100-101 (adaptive MetaPoison sets) and a clean
+    # scan: the geometric mean of the poisoned classes' highest (0.089) and the 28 clean classes' lowest (0.124)
+    # conductance, rounded down (reports/adaptive-attack)
+    closed_group_conductance: float = 0.105
     closed_group_min_fraction: float = 0.01
     closed_group_max_fraction: float = 0.2
     # ... in classes of at least this many examples: small classes of simple data hold naturally closed styles (the
