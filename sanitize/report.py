@@ -253,6 +253,19 @@ def _nearest(space: np.ndarray, labels: np.ndarray, position: int, count: int) -
     return [int(i) for i in members[np.argsort(distances, kind="stable")[:count]]]
 
 
+def thumbnail_order(flags: np.ndarray, scores: np.ndarray, reasons: np.ndarray | None, cap: int) -> np.ndarray:
+    """The flagged examples shown, at most `cap`, highest score first: taken in turn from each flag reason's own
+    ranking, so that a reason whose examples score low (the alarms' passes flag without raising scores) is shown too."""
+    flagged = np.flatnonzero(flags)
+    flagged = flagged[np.argsort(-scores[flagged], kind="stable")]
+    why = np.zeros(len(flagged), dtype=np.int64) if reasons is None else np.asarray(reasons)[flagged].astype(np.int64)
+    rank_in_reason = np.zeros(len(flagged), dtype=np.int64)
+    for reason in np.unique(why):
+        rank_in_reason[why == reason] = np.arange(int((why == reason).sum()))
+    chosen = flagged[np.argsort(rank_in_reason, kind="stable")[:cap]]
+    return chosen[np.argsort(-scores[chosen], kind="stable")]
+
+
 def _explainer(embeddings: Path, classes: list[str]) -> Callable[[int], dict[str, Any]]:
     """Why the detector flagged an example (the rule, its isolation z within its class) and what the proxy calls it
     (class and probability), from the arrays a scan keeps; empty where a detector or an older scan kept none."""
@@ -331,8 +344,9 @@ def _scan_context(
         }
 
     explain = _explainer(embeddings, classes)
-    order = np.flatnonzero(table.flags)
-    order = order[np.argsort(-table.scores[order], kind="stable")][:max_thumbnails]
+    reasons_file = embeddings / "flag_reason.npy"
+    reasons = np.load(reasons_file, mmap_mode="r", allow_pickle=False) if reasons_file.exists() else None
+    order = thumbnail_order(table.flags, table.scores, reasons, max_thumbnails)
     examples = []
     for position in order:
         near = (

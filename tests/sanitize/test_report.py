@@ -23,7 +23,7 @@ from PIL import Image
 from sanitize import scan
 from sanitize.cli import cli
 from sanitize.data.digits import write_image_folder
-from sanitize.report import HISTOGRAM_WIDTH, histogram, write_report
+from sanitize.report import HISTOGRAM_WIDTH, histogram, thumbnail_order, write_report
 
 FAST = {"model": "tiny", "epochs": 2, "batch_size": 32, "augment": False, "quiet": True, "k_fraction": 0.3}
 HOSTILE_FILE = "<img src=x onerror=document.title='pwned'>.png"
@@ -267,3 +267,12 @@ def test_a_real_browser_renders_the_report_runs_our_script_and_none_from_the_dat
     assert not any(tag == "img" and a.get("src") == "x" for tag, a in tags) and "b" not in [tag for tag, _ in tags]
     plots = [a for tag, a in tags if "data-projection" in a]
     assert plots and sum("hidden" not in a for a in plots) == 1  # report.js ran (its CSP hash matched): one class shown
+
+
+def test_thumbnails_take_every_flag_reason_in_turn_so_low_scored_groups_are_shown():
+    flags = np.array([True, True, True, True, True, False, True])
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.1, 0.95, 0.2])
+    reasons = np.array([1, 1, 1, 1, 6, 0, 6], dtype=np.int8)  # 6: the closed-group pass, scored below the cut
+    assert thumbnail_order(flags, scores, reasons, 4).tolist() == [0, 1, 6, 4]
+    assert thumbnail_order(flags, scores, None, 3).tolist() == [0, 1, 2]
+    assert thumbnail_order(flags, scores, reasons, 10).tolist() == [0, 1, 2, 3, 6, 4]
