@@ -35,6 +35,10 @@ BEFORE_RECORDED = {
     "alarm_group_fraction": 0.0,
     "label_check": True,
     "label_rule": "confident",
+    "closed_group_conductance": 0.0,  # the closed-group pass, off until 2026-12-05
+    "closed_group_min_fraction": 0.01,
+    "closed_group_max_fraction": 0.2,
+    "closed_group_min_class": 1000,
 }
 # the proxy, recorded only when not auto until 2026-12-02 (since then always, as the architecture auto resolved to):
 # auto meant the ConvNet for the small images every evaluation uses
