@@ -266,15 +266,17 @@ def thumbnail_order(flags: np.ndarray, scores: np.ndarray, reasons: np.ndarray |
     return chosen[np.argsort(-scores[chosen], kind="stable")]
 
 
+def _kept_array(embeddings: Path, name: str) -> np.ndarray | None:
+    """One array a scan keeps beside its embeddings (memory-mapped), or None where a detector or an older scan kept
+    none."""
+    path = embeddings / f"{name}.npy"
+    return np.load(path, mmap_mode="r", allow_pickle=False) if path.exists() else None
+
+
 def _explainer(embeddings: Path, classes: list[str]) -> Callable[[int], dict[str, Any]]:
     """Why the detector flagged an example (the rule, its isolation z within its class) and what the proxy calls it
     (class and probability), from the arrays a scan keeps; empty where a detector or an older scan kept none."""
-
-    def load(name: str) -> np.ndarray | None:
-        path = embeddings / f"{name}.npy"
-        return np.load(path, mmap_mode="r", allow_pickle=False) if path.exists() else None
-
-    reasons, isolation, logits = load("flag_reason"), load("isolation_z"), load("logits")
+    reasons, isolation, logits = (_kept_array(embeddings, name) for name in ("flag_reason", "isolation_z", "logits"))
 
     def explain(position: int) -> dict[str, Any]:
         why: dict[str, Any] = {}
@@ -344,9 +346,7 @@ def _scan_context(
         }
 
     explain = _explainer(embeddings, classes)
-    reasons_file = embeddings / "flag_reason.npy"
-    reasons = np.load(reasons_file, mmap_mode="r", allow_pickle=False) if reasons_file.exists() else None
-    order = thumbnail_order(table.flags, table.scores, reasons, max_thumbnails)
+    order = thumbnail_order(table.flags, table.scores, _kept_array(embeddings, "flag_reason"), max_thumbnails)
     examples = []
     for position in order:
         near = (
