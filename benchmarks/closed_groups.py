@@ -37,7 +37,8 @@ def class_lists(scan_dir: Path, labels: np.ndarray, class_size: int | None):
     """Per class: its members and their k-NN lists as positions among them: the scan's own lists, or, with
     `class_size`, lists recomputed (exact, same k) on the scan's features of a random subset of that many a class."""
     neighbours = np.load(scan_dir / "embeddings" / "neighbours.npy", mmap_mode="r", allow_pickle=False)
-    features = np.load(scan_dir / "embeddings" / "features.npy", mmap_mode="r", allow_pickle=False)
+    if class_size is not None:
+        features = np.load(scan_dir / "embeddings" / "features.npy", mmap_mode="r", allow_pickle=False)
     rng = np.random.default_rng(0)
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
