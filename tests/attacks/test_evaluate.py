@@ -314,6 +314,13 @@ def test_a_scans_outcome_is_published_and_a_run_without_the_cache_trains_more_de
         assert first["flops"]["scan"] == other_row["flops"]["scan"]
     other = dataclasses.replace(Harness(train, test, out, EvaluationConfig(**base)).train, fingerprint="other")
     assert load_scan_outcome(published, other) is None  # another data set's outcome is never used
+    with np.load(published, allow_pickle=False) as stored:
+        arrays = dict(stored)
+    summary = json.loads(str(arrays["summary"]))
+    summary["config"]["options"]["closed_group_conductance"] = 0.0  # flagged by a default that has changed since
+    np.savez_compressed(published, **arrays | {"summary": np.array(json.dumps(summary))})
+    with pytest.raises(AssertionError, match="scanned again"):  # a stale outcome is never used: the scan runs anew
+        run_evaluation(train, test, out, EvaluationConfig(**base, victims=4), progress=False)
     monkeypatch.undo()  # a baseline not yet published needs the default scan's proxy: that scan runs for real
     run_evaluation(train, test, out, EvaluationConfig(**base | {"arms": ("deep_knn",)}, victims=1), progress=False)
     assert len(list((tmp_path / "cache").glob("scan-*/knn_density/proxy/model.pt"))) == 1
