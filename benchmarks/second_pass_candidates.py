@@ -1,11 +1,14 @@
 """Candidate second passes for an alarmed class, scored on real poisons without victims (../reports/detection-cpu).
 
     python benchmarks/second_pass_candidates.py --cache work-data/cache-cpu --sets 0:16,3:8 --out reports/detection-cpu/second_pass.md
+        [--scale full] [--attack NAME --craft-option NAME=VALUE ...] [--results reports/EVALUATION]
 
 For each cached poisoned set (its default scan and surrogate cached by the evaluation), inside the intended class:
 how many clean examples and how many carriers each rule flags (besides the first pass): `hard`, every misassigned
 example, hard + those sent to the class most misassigned examples go to, and hard + misassigned with the proxy's
-probability of the other class >= 0.5 / 0.6. Also where the carriers' nearest neighbours lie (first-pass flags?).
+probability of the other class >= 0.5 / 0.6. `hard` and `either` are also given as if the class were alarmed
+whatever the count test says (the second pass applied to a class another pass alarms, such as the closed-group pass).
+Also where the carriers' nearest neighbours lie (first-pass flags?).
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from detection_sweep import poison_pulls  # run as a script: benchmarks/ is on t
 from attacks import choose_setup
 from attacks.carriers import pull_carriers
 from attacks.experiment import Harness
-from attacks.scales import EvaluationConfig
-from sanitize.density import knn
+from attacks.registry import parse_option
+from attacks.scales import GRADIENT_MATCHING, EvaluationConfig
+from sanitize.density import knn, robust_z
 from sanitize.detectors import run_detector
 from sanitize.detectors.knn_density import KnnDensityOptions
 from sanitize.embeddings import load_embeddings
@@ -34,15 +38,19 @@ def candidate_rows(harness: Harness, key: int) -> list[str]:
     carriers = np.asarray(setup.poison_indices)[pull_carriers(poison_pulls(harness, setup, poisoned))]
     members = np.flatnonzero(poisoned.labels == setup.intended_class)
     is_poison, is_carrier = np.isin(members, setup.poison_indices), np.isin(members, carriers)
-    _, predicted, confidence = (statistic[members] for statistic in embeddings.proxy_statistics())
+    loss, predicted, confidence = (statistic[members] for statistic in embeddings.proxy_statistics())
     num_classes = embeddings.meta["num_classes"]
     misassigned = predicted != setup.intended_class
 
     def detect(**options):
-        detection = run_detector("knn_density", embeddings, dataclasses.replace(KnnDensityOptions(), **options))
-        return detection.flags[members]
+        return run_detector("knn_density", embeddings, dataclasses.replace(KnnDensityOptions(), **options))
 
-    first, hard = detect(class_alarm_p=0.0), detect(alarm_rule="hard")
+    first_pass = detect(class_alarm_p=0.0)
+    first, hard = first_pass.flags[members], detect(alarm_rule="hard").flags[members]
+    defaults = KnnDensityOptions()
+    isolation = first_pass.arrays["isolation_z"][members]
+    hard_if_alarmed = (isolation + robust_z(np.log(loss + 1e-12))) / np.sqrt(2) >= defaults.alarm_z
+    sure_elsewhere = misassigned & (confidence >= defaults.alarm_confidence)
     dominant = np.bincount(predicted[misassigned], minlength=num_classes).argmax()
     rules = {
         "hard": hard,
@@ -51,6 +59,8 @@ def candidate_rows(harness: Harness, key: int) -> list[str]:
         f"hard + sent to the dominant class ({dominant})": hard | (predicted == dominant),
         "hard + misassigned, p >= 0.5": hard | (misassigned & (confidence >= 0.5)),
         "hard + misassigned, p >= 0.6": hard | (misassigned & (confidence >= 0.6)),
+        "hard, as if alarmed": first | hard_if_alarmed,
+        f"either (p >= {defaults.alarm_confidence:g}), as if alarmed": first | hard_if_alarmed | sure_elsewhere,
     }
     rows = [
         f"| {key} | {harness.config.eps:g} | {name} | {int((flags & ~first & ~is_poison).sum())} | {int((flags & is_carrier).sum())} of {int(is_carrier.sum())} |"
@@ -71,6 +81,12 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=Path("../shared"))
     parser.add_argument("--cache", type=Path, required=True)
     parser.add_argument("--sets", default="0:16,3:8", help="key:eps pairs")
+    parser.add_argument("--scale", default="cpu", choices=["cpu", "full"], help="The evaluation scale of the sets.")
+    parser.add_argument("--attack", default=GRADIENT_MATCHING)
+    parser.add_argument("--craft-option", action="append", default=[], help="NAME=VALUE, as the evaluation's.")
+    parser.add_argument(
+        "--results", type=Path, default=None, help="The evaluation folder holding the published poisons."
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     data = args.shared / "data" / "cifar10"
@@ -80,9 +96,16 @@ def main() -> None:
     ]
     for pair in args.sets.split(","):
         key, eps = pair.split(":")
-        config = EvaluationConfig(scale="cpu", eps=float(eps), cache=str(args.cache))
+        config = EvaluationConfig(
+            attack=args.attack,
+            scale=args.scale,
+            eps=float(eps),
+            craft_options=dict(parse_option(args.attack, text) for text in args.craft_option),
+            cache=str(args.cache),
+        )
+        published = args.results or args.cache
         lines += candidate_rows(
-            Harness(data / "cifar10_train.npz", data / "cifar10_test.npz", args.cache, config, progress=False), int(key)
+            Harness(data / "cifar10_train.npz", data / "cifar10_test.npz", published, config, progress=False), int(key)
         )
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
