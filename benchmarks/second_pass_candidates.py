@@ -25,9 +25,9 @@ from attacks.carriers import pull_carriers
 from attacks.experiment import Harness
 from attacks.registry import parse_option
 from attacks.scales import GRADIENT_MATCHING, EvaluationConfig
-from sanitize.density import knn, robust_z
+from sanitize.density import knn
 from sanitize.detectors import run_detector
-from sanitize.detectors.knn_density import KnnDensityOptions
+from sanitize.detectors.knn_density import KnnDensityOptions, hard_examples
 from sanitize.embeddings import load_embeddings
 
 
@@ -49,7 +49,7 @@ def candidate_rows(harness: Harness, key: int) -> list[str]:
     first, hard = first_pass.flags[members], detect(alarm_rule="hard").flags[members]
     defaults = KnnDensityOptions()
     isolation = first_pass.arrays["isolation_z"][members]
-    hard_if_alarmed = (isolation + robust_z(np.log(loss + 1e-12))) / np.sqrt(2) >= defaults.alarm_z
+    hard_if_alarmed = hard_examples(isolation, loss, defaults.alarm_z)
     sure_elsewhere = misassigned & (confidence >= defaults.alarm_confidence)
     dominant = np.bincount(predicted[misassigned], minlength=num_classes).argmax()
     rules = {

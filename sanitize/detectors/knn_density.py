@@ -361,6 +361,13 @@ def grouped_flags(flags: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
     return flags & present.any(axis=1) & (2 * flagged_neighbours >= present.sum(axis=1))
 
 
+def hard_examples(isolation: np.ndarray, loss: np.ndarray | None, alarm_z: float) -> np.ndarray:
+    """The second pass's `hard` rule on one class's examples: (isolation z + z of log loss within the class) / sqrt 2
+    >= alarm_z (the isolation z alone without a loss)."""
+    z = isolation if loss is None else (isolation + robust_z(np.log(loss + 1e-12))) / np.sqrt(2)
+    return z >= alarm_z
+
+
 def alarmed_class_flags(
     flags: np.ndarray,
     isolation: np.ndarray,
@@ -431,10 +438,7 @@ def alarmed_class_flags(
         )
         if alarmed:
             members = np.flatnonzero(labels == c)
-            z = isolation[members]
-            if loss is not None:
-                z = (z + robust_z(np.log(loss[members] + 1e-12))) / np.sqrt(2)
-            hard = z >= alarm_z
+            hard = hard_examples(isolation[members], None if loss is None else loss[members], alarm_z)
             elsewhere = misassigned[members] if misassigned is not None else np.zeros(len(members), dtype=bool)
             second = {"hard": hard, "misassigned": elsewhere, "either": hard | elsewhere}[rule]
             why = np.where(hard & (rule != "misassigned"), WHY_ALARM_HARD, WHY_ALARM_MISASSIGNED)
