@@ -39,6 +39,7 @@ BEFORE_RECORDED = {
     "closed_group_min_fraction": 0.01,
     "closed_group_max_fraction": 0.2,
     "closed_group_min_class": 1000,
+    "closed_group_second_pass": False,  # added 2026-12-06
 }
 # the proxy, recorded only when not auto until 2026-12-02 (since then always, as the architecture auto resolved to):
 # auto meant the ConvNet for the small images every evaluation uses

@@ -54,6 +54,7 @@ UNSTATED = {
     "alarm_rule": "hard",
     "alarm_confidence": 0.0,
     "closed_group_conductance": 0.0,
+    "closed_group_second_pass": False,
 }  # what a knn_density variant leaves unstated means what it meant when the variant was written
 WIDE = {"distance": "kth", "k_fraction": 0.5, "k_max": 1000}
 CLUMP_K = 10  # neighbours of the clump diagnostic (poison_neighbour_share): the default scan's k_small
@@ -73,6 +74,8 @@ CURRENT = NEGATIVE_BINOMIAL_ALARM | {"closed_group_conductance": 0.105}  # with 
 # today's default, the one before it, and what a 50,000-image set might want beside that (built on it as written)
 CURRENT_VARIANTS = [
     ("knn_density", CURRENT),
+    # the candidate written 2026-12-05 23:15 UTC (reports/adaptive-attack): the closed-group alarm triggers the second pass
+    ("knn_density", CURRENT | {"closed_group_second_pass": True}),
     ("knn_density", NEGATIVE_BINOMIAL_ALARM),
     ("knn_density", NEGATIVE_BINOMIAL_ALARM | {"embedding": "gradient"}),
     ("knn_density", NEGATIVE_BINOMIAL_ALARM | {"embedding": "logit_gradient"}),

@@ -360,6 +360,13 @@ def scan_options(fn: Callable) -> Callable:
             help="... in classes of at least this many examples (small classes hold naturally closed styles).",
         ),
         click.option(
+            "--closed-group-second-pass/--no-closed-group-second-pass",
+            default=KNN.closed_group_second_pass,
+            show_default=True,
+            help="knn_density: a class the closed-group pass alarms also gets the class alarm's second pass (its hard "
+            "and misassigned examples), for carriers that did not clump.",
+        ),
+        click.option(
             "--expected-poisons",
             type=int,
             default=None,

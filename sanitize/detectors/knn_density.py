@@ -107,6 +107,10 @@ class KnnDensityOptions:
     # demo's digits: 27 of 181 ones at conductance 0.019), where CIFAR-10's classes, subsampled to 200-5,000, hold none
     # below 0.12 (reports/adaptive-attack)
     closed_group_min_class: int = 1000
+    # a class the closed-group pass alarms also gets the class alarm's second pass (alarm_z, alarm_rule,
+    # alarm_confidence) where the count test did not alarm it: the carriers of a clumped set may be the poisons that
+    # did not clump, hard examples the closed set misses (reports/adaptive-attack)
+    closed_group_second_pass: bool = False
 
     def validate(self) -> None:
         check(
@@ -267,12 +271,13 @@ def knn_isolation(
     flags = scores >= o.threshold
     # why each example is flagged (the report says it): isolated, isolated and too easy, or the alarm's second pass
     why = np.where(flags, np.where(z_to_score(isolation) >= o.threshold, WHY_ISOLATED, WHY_TOO_EASY), 0).astype(np.int8)
+    closed_second_pass = bool(o.closed_group_conductance and o.closed_group_second_pass)
+    misassigned = None
+    if predicted is not None and (o.class_alarm_p or closed_second_pass):
+        misassigned = predicted != labels
+        if o.alarm_confidence and predicted_confidence is not None:
+            misassigned &= predicted_confidence >= o.alarm_confidence
     if o.class_alarm_p:
-        misassigned = None
-        if predicted is not None:
-            misassigned = predicted != labels
-            if o.alarm_confidence and predicted_confidence is not None:
-                misassigned &= predicted_confidence >= o.alarm_confidence
         second = alarmed_class_flags(
             flags,
             isolation,
@@ -293,6 +298,16 @@ def knn_isolation(
         closed = closed_group_flags(neighbours, labels, per_class, o, context.seed)
         why = np.where(flags, why, np.where(closed, WHY_CLOSED_GROUP, 0)).astype(np.int8)
         flags |= closed
+        if closed_second_pass:
+            check_alarm_rule(o.alarm_rule, misassigned)
+            for c, info in per_class.items():
+                if (info.get("closed_group") or {}).get("alarmed") and "second_pass_flags" not in info:
+                    members = np.flatnonzero(labels == c)
+                    extra = second_pass(members, isolation, loss, o.alarm_z, o.alarm_rule, misassigned)
+                    why[members] = np.where(flags[members], why[members], extra)
+                    flags[members] |= extra > 0
+                    info["second_pass_flags"] = int((extra > 0).sum())
+    second_pass_on = bool(o.class_alarm_p or closed_second_pass)
     return Detection(
         scores=scores,
         flags=flags,
@@ -304,13 +319,14 @@ def knn_isolation(
             "class_alarm_p": o.class_alarm_p,
             "alarm_test": o.alarm_test if o.class_alarm_p else None,
             "alarm_group_fraction": o.alarm_group_fraction if o.class_alarm_p else None,
-            "alarm_z": o.alarm_z if o.class_alarm_p else None,
-            "alarm_rule": o.alarm_rule if o.class_alarm_p else None,
-            "alarm_confidence": o.alarm_confidence if o.class_alarm_p and o.alarm_rule != "hard" else None,
+            "alarm_z": o.alarm_z if second_pass_on else None,
+            "alarm_rule": o.alarm_rule if second_pass_on else None,
+            "alarm_confidence": o.alarm_confidence if second_pass_on and o.alarm_rule != "hard" else None,
             "closed_group": {
                 "conductance_below": o.closed_group_conductance,
                 "fractions": [o.closed_group_min_fraction, o.closed_group_max_fraction],
                 "min_class": o.closed_group_min_class,
+                "second_pass": o.closed_group_second_pass,
             }
             if o.closed_group_conductance
             else None,
@@ -401,10 +417,7 @@ def alarmed_class_flags(
     """
     from scipy.stats import nbinom, poisson
 
-    if rule not in ALARM_RULES or (rule != "hard" and misassigned is None):
-        raise ValueError(
-            f"alarm rule {rule!r}: choose from {', '.join(ALARM_RULES)}; all but hard need the proxy's predictions"
-        )
+    check_alarm_rule(rule, misassigned)
     scored = [c for c, info in per_class.items() if "k" in info]
     flag_counts = np.bincount(labels[flags], minlength=len(per_class))  # one pass over the data, not one per class
     group_counts = flag_counts if grouped is None else np.bincount(labels[grouped], minlength=len(per_class))
@@ -438,10 +451,31 @@ def alarmed_class_flags(
         )
         if alarmed:
             members = np.flatnonzero(labels == c)
-            hard = hard_examples(isolation[members], None if loss is None else loss[members], alarm_z)
-            elsewhere = misassigned[members] if misassigned is not None else np.zeros(len(members), dtype=bool)
-            second = {"hard": hard, "misassigned": elsewhere, "either": hard | elsewhere}[rule]
-            why = np.where(hard & (rule != "misassigned"), WHY_ALARM_HARD, WHY_ALARM_MISASSIGNED)
-            extra[members[second]] = why[second]
-            per_class[c]["second_pass_flags"] = int(second.sum())
+            extra[members] = second_pass(members, isolation, loss, alarm_z, rule, misassigned)
+            per_class[c]["second_pass_flags"] = int((extra[members] > 0).sum())
     return extra
+
+
+def check_alarm_rule(rule: str, misassigned: np.ndarray | None) -> None:
+    """The second pass's rule must be known, and all but `hard` need the proxy's predictions."""
+    if rule not in ALARM_RULES or (rule != "hard" and misassigned is None):
+        raise ValueError(
+            f"alarm rule {rule!r}: choose from {', '.join(ALARM_RULES)}; all but hard need the proxy's predictions"
+        )
+
+
+def second_pass(
+    members: np.ndarray,
+    isolation: np.ndarray,
+    loss: np.ndarray | None,
+    alarm_z: float,
+    rule: str,
+    misassigned: np.ndarray | None,
+) -> np.ndarray:
+    """The second pass in one alarmed class (its dataset indices `members`): per member 0, or why `rule` flags it
+    (WHY_ALARM_HARD: isolated and hard; WHY_ALARM_MISASSIGNED: given another class by the proxy)."""
+    hard = hard_examples(isolation[members], None if loss is None else loss[members], alarm_z)
+    elsewhere = misassigned[members] if misassigned is not None else np.zeros(len(members), dtype=bool)
+    second = {"hard": hard, "misassigned": elsewhere, "either": hard | elsewhere}[rule]
+    why = np.where(hard & (rule != "misassigned"), WHY_ALARM_HARD, WHY_ALARM_MISASSIGNED)
+    return np.where(second, why, 0).astype(np.int8)

@@ -16,7 +16,7 @@ from sanitize.closed_groups import (
 from sanitize.config import ScanConfig
 from sanitize.density import knn
 from sanitize.detectors import DetectorContext
-from sanitize.detectors.knn_density import WHY_CLOSED_GROUP, KnnDensityOptions, knn_isolation
+from sanitize.detectors.knn_density import WHY_ALARM_HARD, WHY_CLOSED_GROUP, KnnDensityOptions, knn_isolation
 from sanitize.errors import SanitizeError
 
 
@@ -102,7 +102,12 @@ def test_the_pass_flags_a_closed_group_that_isolation_misses_and_alarms_only_its
     assert not per_class[1].get("alarmed") and per_class[1]["closed_group"]["conductance"] > 0.25
     assert on.flags[group].all() and (on.arrays["flag_reason"][group] == WHY_CLOSED_GROUP).all()
     assert on.flags[len(group) :].mean() < 0.02
-    assert on.summary["closed_group"] == {"conductance_below": 0.05, "fractions": [0.01, 0.2], "min_class": 100}
+    assert on.summary["closed_group"] == {
+        "conductance_below": 0.05,
+        "fractions": [0.01, 0.2],
+        "min_class": 100,
+        "second_pass": False,
+    }
     assert off.summary["closed_group"] is None and "closed_group" not in off.summary["per_class"][0]
 
 
@@ -133,3 +138,27 @@ def test_the_pass_leaves_a_note_for_a_class_too_small_to_search_or_under_its_min
 def test_closed_group_options_are_checked(bad):
     with pytest.raises(SanitizeError, match="closed_group"):
         ScanConfig.from_options(**bad)
+
+
+def test_the_second_pass_follows_a_closed_group_alarm_only_when_asked_and_only_in_that_class():
+    x, labels, group = _class_with_a_closed_group(seed=4)
+    rng = np.random.default_rng(4)
+    loss = np.exp(rng.normal(np.log(0.05), 0.5, size=len(labels)))
+    carriers = np.array(
+        [100, 101, 102, 103]
+    )  # inside class 0's bulk, not clumped, but hard: what the closed set misses
+    hard_clean = carriers + 600  # the same in class 1, which nothing alarms
+    loss[carriers] = loss[hard_clean] = 5.0
+    options = KnnDensityOptions(class_alarm_p=0.0, closed_group_conductance=0.05, closed_group_min_class=100)
+    context = DetectorContext(progress=False)
+    without = knn_isolation(x, labels, 2, options, loss=loss, context=context)
+    assert not without.flags[carriers].any() and "second_pass_flags" not in without.summary["per_class"][0]
+    on = dataclasses.replace(options, closed_group_second_pass=True, alarm_rule="hard")
+    detection = knn_isolation(x, labels, 2, on, loss=loss, context=context)
+    assert detection.flags[group].all() and detection.flags[carriers].all()
+    assert (detection.arrays["flag_reason"][carriers] == WHY_ALARM_HARD).all()
+    assert not detection.flags[hard_clean].any() and "second_pass_flags" not in detection.summary["per_class"][1]
+    assert detection.summary["per_class"][0]["second_pass_flags"] >= len(carriers)
+    assert detection.summary["closed_group"]["second_pass"] and detection.summary["alarm_rule"] == "hard"
+    with pytest.raises(ValueError, match="need the proxy's predictions"):
+        knn_isolation(x, labels, 2, dataclasses.replace(on, alarm_rule="either"), loss=loss, context=context)
