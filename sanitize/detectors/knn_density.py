@@ -108,7 +108,7 @@ class KnnDensityOptions:
     # below 0.12 (reports/adaptive-attack)
     closed_group_min_class: int = 1000
     # a class the closed-group pass alarms also gets the class alarm's second pass (alarm_z, alarm_rule,
-    # alarm_confidence) where the count test did not alarm it: the carriers of a clumped set may be the poisons that
+    # alarm_confidence; off with the alarm) where the count test did not alarm it: the carriers of a clumped set may be the poisons that
     # did not clump, hard examples the closed set misses (reports/adaptive-attack)
     closed_group_second_pass: bool = False
 
@@ -271,9 +271,8 @@ def knn_isolation(
     flags = scores >= o.threshold
     # why each example is flagged (the report says it): isolated, isolated and too easy, or the alarm's second pass
     why = np.where(flags, np.where(z_to_score(isolation) >= o.threshold, WHY_ISOLATED, WHY_TOO_EASY), 0).astype(np.int8)
-    closed_second_pass = bool(o.closed_group_conductance and o.closed_group_second_pass)
     misassigned = None
-    if predicted is not None and (o.class_alarm_p or closed_second_pass):
+    if predicted is not None and o.class_alarm_p:
         misassigned = predicted != labels
         if o.alarm_confidence and predicted_confidence is not None:
             misassigned &= predicted_confidence >= o.alarm_confidence
@@ -298,7 +297,7 @@ def knn_isolation(
         closed = closed_group_flags(neighbours, labels, per_class, o, context.seed)
         why = np.where(flags, why, np.where(closed, WHY_CLOSED_GROUP, 0)).astype(np.int8)
         flags |= closed
-        if closed_second_pass:
+        if o.class_alarm_p and o.closed_group_second_pass:
             check_alarm_rule(o.alarm_rule, misassigned)
             for c, info in per_class.items():
                 if (info.get("closed_group") or {}).get("alarmed") and "second_pass_flags" not in info:
@@ -307,7 +306,6 @@ def knn_isolation(
                     why[members] = np.where(flags[members], why[members], extra)
                     flags[members] |= extra > 0
                     info["second_pass_flags"] = int((extra > 0).sum())
-    second_pass_on = bool(o.class_alarm_p or closed_second_pass)
     return Detection(
         scores=scores,
         flags=flags,
@@ -319,14 +317,14 @@ def knn_isolation(
             "class_alarm_p": o.class_alarm_p,
             "alarm_test": o.alarm_test if o.class_alarm_p else None,
             "alarm_group_fraction": o.alarm_group_fraction if o.class_alarm_p else None,
-            "alarm_z": o.alarm_z if second_pass_on else None,
-            "alarm_rule": o.alarm_rule if second_pass_on else None,
-            "alarm_confidence": o.alarm_confidence if second_pass_on and o.alarm_rule != "hard" else None,
+            "alarm_z": o.alarm_z if o.class_alarm_p else None,
+            "alarm_rule": o.alarm_rule if o.class_alarm_p else None,
+            "alarm_confidence": o.alarm_confidence if o.class_alarm_p and o.alarm_rule != "hard" else None,
             "closed_group": {
                 "conductance_below": o.closed_group_conductance,
                 "fractions": [o.closed_group_min_fraction, o.closed_group_max_fraction],
                 "min_class": o.closed_group_min_class,
-                "second_pass": o.closed_group_second_pass,
+                "second_pass": bool(o.class_alarm_p and o.closed_group_second_pass),
             }
             if o.closed_group_conductance
             else None,

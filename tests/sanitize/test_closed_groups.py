@@ -149,16 +149,20 @@ def test_the_second_pass_follows_a_closed_group_alarm_only_when_asked_and_only_i
     )  # inside class 0's bulk, not clumped, but hard: what the closed set misses
     hard_clean = carriers + 600  # the same in class 1, which nothing alarms
     loss[carriers] = loss[hard_clean] = 5.0
-    options = KnnDensityOptions(class_alarm_p=0.0, closed_group_conductance=0.05, closed_group_min_class=100)
+    # a count test that never fires: only the closed-group pass can alarm a class
+    options = KnnDensityOptions(
+        class_alarm_p=1e-12, alarm_rule="hard", closed_group_conductance=0.05, closed_group_min_class=100
+    )
     context = DetectorContext(progress=False)
     without = knn_isolation(x, labels, 2, options, loss=loss, context=context)
     assert not without.flags[carriers].any() and "second_pass_flags" not in without.summary["per_class"][0]
-    on = dataclasses.replace(options, closed_group_second_pass=True, alarm_rule="hard")
+    on = dataclasses.replace(options, closed_group_second_pass=True)
     detection = knn_isolation(x, labels, 2, on, loss=loss, context=context)
     assert detection.flags[group].all() and detection.flags[carriers].all()
     assert (detection.arrays["flag_reason"][carriers] == WHY_ALARM_HARD).all()
     assert not detection.flags[hard_clean].any() and "second_pass_flags" not in detection.summary["per_class"][1]
     assert detection.summary["per_class"][0]["second_pass_flags"] >= len(carriers)
     assert detection.summary["closed_group"]["second_pass"] and detection.summary["alarm_rule"] == "hard"
-    with pytest.raises(ValueError, match="need the proxy's predictions"):
-        knn_isolation(x, labels, 2, dataclasses.replace(on, alarm_rule="either"), loss=loss, context=context)
+    assert not detection.summary["per_class"][0]["alarm_p_value"] < 1e-12  # not the count test's doing
+    alarm_off = knn_isolation(x, labels, 2, dataclasses.replace(on, class_alarm_p=0.0), loss=loss, context=context)
+    assert not alarm_off.flags[carriers].any() and not alarm_off.summary["closed_group"]["second_pass"]
