@@ -14,8 +14,10 @@ against the clean members' own (median and MAD, fixed per surrogate), combined w
 as the scan combines them; the penalty is the mean of softplus(z - z_safe) over the poisons, z_safe a margin below
 the flag threshold's 3.5. Two variants: `spread` counts only clean images as neighbours and repels poisons closer to
 one another than the clean members' median small-scale distance (what beats group-aware rules); `clump` counts the
-poisons as one another's neighbours and pulls them together (what beats lone-point density scores). The class
-alarm's second pass is not modelled apart: it looks again only in classes with more flags than the others, and
+poisons as one another's neighbours and pulls them together (what beats lone-point density scores). `evade_scope`
+says which poisons count: those of the crafting batch (`batch`, as first built), or all of them (`all`: the other
+batches' features as last computed, detached, beside the batch's own; `spread` then keeps each poison's k_small
+nearest poisons at that distance, since the scan's small scale sees only those). The class alarm's second pass is not modelled apart: it looks again only in classes with more flags than the others, and
 poisons kept under z_safe add none.
 """
 
@@ -60,8 +62,13 @@ class DensityEvasion:
     """The evasion penalty against one set of surrogates; the intended class's clean features and their own
     statistics computed once per surrogate."""
 
-    def __init__(self, surrogates, train, setup, variant: str, amp_dtype, k_small=10, k_fraction=0.5, k_max=1000):
-        self.surrogates, self.amp_dtype, self.variant = surrogates, amp_dtype, variant
+    def __init__(
+        self, surrogates, train, setup, variant: str, amp_dtype, scope="batch", k_small=10, k_fraction=0.5, k_max=1000
+    ):
+        self.surrogates, self.amp_dtype, self.variant, self.scope = surrogates, amp_dtype, variant, scope
+        count = len(setup.poison_indices)
+        self.stored: list[torch.Tensor | None] = [None] * len(surrogates)  # per surrogate: every poison's features
+        self.seen = torch.zeros(count, dtype=torch.bool)  # which poisons' features are stored
         members = np.setdiff1d(np.flatnonzero(train.labels == setup.intended_class), setup.poison_indices)
         if len(members) <= k_small:
             raise SanitizeError(
@@ -93,15 +100,32 @@ class DensityEvasion:
         loss = F.cross_entropy(logits, torch.full((len(x),), self.label, device=x.device), reduction="none")
         return -torch.log(loss + 1e-12)
 
+    def _outside(self, surrogate: int, part: slice, features: torch.Tensor) -> torch.Tensor:
+        """The stored features of the poisons beyond this batch (none with scope `batch`); this batch's stored."""
+        if self.scope == "batch":
+            return features.new_zeros((0, features.shape[1]))
+        if self.stored[surrogate] is None:
+            self.stored[surrogate] = features.new_zeros((len(self.seen), features.shape[1]))
+        beyond = self.seen.clone()
+        beyond[part] = False
+        outside = self.stored[surrogate][beyond.to(features.device)]
+        self.stored[surrogate][part] = features.detach()
+        if surrogate == len(self.surrogates) - 1:
+            self.seen[part] = True
+        return outside
+
     def __call__(self, images: torch.Tensor, part: slice) -> torch.Tensor:
         total = 0.0
-        for model, (clean, per_scale, ease_stats, small_median) in zip(self.surrogates, self.reference):
+        for index, (model, (clean, per_scale, ease_stats, small_median)) in enumerate(
+            zip(self.surrogates, self.reference)
+        ):
             features = surrogate_features(model, images, self.amp_dtype)
             distances = torch.cdist(features, clean)
             among = torch.cdist(features, features)  # the poisons' distances to one another
             others = ~torch.eye(len(features), dtype=torch.bool, device=features.device)
+            beyond = torch.cdist(features, self._outside(index, part, features))  # to the other batches' poisons
             if self.variant == "clump":  # the other poisons count as neighbours
-                distances = torch.cat([distances, among.masked_fill(~others, 1e9)], dim=1)
+                distances = torch.cat([distances, among.masked_fill(~others, 1e9), beyond], dim=1)
             ordered = distances.topk(max(self.ks), dim=1, largest=False).values
             z = (
                 torch.stack([_z(torch.log(ordered[:, k - 1] + 1e-12), *stats) for k, stats in zip(self.ks, per_scale)])
@@ -111,12 +135,16 @@ class DensityEvasion:
             ease = _z(self._ease(model, images), *ease_stats)
             z = torch.maximum(z, (z + ease) / math.sqrt(2))  # the scan's low-loss combination at weight 1
             penalty = F.softplus(z - Z_SAFE).mean()
-            if len(features) > 1:
-                pairs = among[others]
+            if len(features) > 1 or beyond.shape[1]:
+                pairs = torch.cat([among[others], beyond.flatten()])
                 if self.variant == "clump":  # pulled together
                     penalty = penalty + (pairs / small_median).mean()
-                else:  # kept apart: no closer to one another than the clean members' typical small-scale distance
-                    penalty = penalty + F.relu(1 - pairs / small_median).mean()
+                elif self.scope == "batch":  # kept apart: no closer to one another than the clean members' typical
+                    penalty = penalty + F.relu(1 - pairs / small_median).mean()  # small-scale distance
+                else:  # ... each poison's nearest poisons, the ones the scan's small scale sees
+                    to_poisons = torch.cat([among.masked_fill(~others, float("inf")), beyond], dim=1)
+                    nearest = to_poisons.topk(min(self.ks[0], to_poisons.shape[1] - 1), dim=1, largest=False).values
+                    penalty = penalty + F.relu(1 - nearest / small_median).mean()
             total = total + penalty
         return total / len(self.surrogates)
 

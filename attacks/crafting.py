@@ -69,6 +69,7 @@ class CraftingOptions:
     anchor: float = 0.0
     evade: float = 0.0
     evade_variant: str = "spread"
+    evade_scope: str = "batch"  # which poisons the evasion's variant counts: the crafting batch's, or all
 
 
 # options added after poisons were first cached, at the value that crafts as before: left out of a poison set's name
@@ -84,6 +85,7 @@ IDENTITY_DEFAULTS = {
     "anchor": 0.0,
     "evade": 0.0,
     "evade_variant": "spread",
+    "evade_scope": "batch",
 }
 
 
@@ -196,6 +198,8 @@ def craft(
         raise SanitizeError(f"start must be gaussian, uniform or zero, not {options.start!r}")
     if options.evade_variant not in ("spread", "clump"):
         raise SanitizeError(f"evade_variant must be spread or clump, not {options.evade_variant!r}")
+    if options.evade_scope not in ("batch", "all"):
+        raise SanitizeError(f"evade_scope must be batch or all, not {options.evade_scope!r}")
     if options.recolor and not (options.recolor_bound > 0 and options.recolor_grid >= 2):
         raise SanitizeError("recolor needs recolor_bound > 0 and recolor_grid >= 2")
     target = target_image.to(device)
@@ -361,7 +365,12 @@ def _optimise(
             anchor = FeatureAnchor(attack.surrogates, clean, attack.amp_dtype)  # against the current surrogates
         if options.evade and (evasion is None or evasion.surrogates is not attack.surrogates):
             evasion = DensityEvasion(
-                attack.surrogates, attack.train, attack.setup, options.evade_variant, attack.amp_dtype
+                attack.surrogates,
+                attack.train,
+                attack.setup,
+                options.evade_variant,
+                attack.amp_dtype,
+                options.evade_scope,
             )
         optimizer.zero_grad()
         total = 0.0

@@ -144,7 +144,8 @@ def paired_with_undefended(groups: dict[tuple, list[dict]]) -> list[dict[str, An
 
 
 ADAPTIVE_TERMS = ("anchor", "evade")  # the adaptive attacker's weights (attacks.adaptive); 0 in the plain attack
-SWEEP_OPTIONS = (*ADAPTIVE_TERMS, "evade_variant")  # what a weight sweep varies; any other changed option is its base
+# what a weight sweep varies; any other changed option is its base
+SWEEP_OPTIONS = (*ADAPTIVE_TERMS, "evade_variant", "evade_scope")
 
 
 def weight_sweeps(groups: dict[tuple, list[dict]]) -> list[dict[str, Any]]:
@@ -165,7 +166,8 @@ def weight_sweeps(groups: dict[tuple, list[dict]]) -> list[dict[str, Any]]:
         if not terms:
             plain[(*setting, fields["arm"])] = {"weight": 0.0} | point
             continue
-        term = terms[0] + (f" ({changes.get('evade_variant', 'spread')})" if terms[0] == "evade" else "")
+        scope = ", all poisons" if changes.get("evade_scope", "batch") != "batch" else ""
+        term = terms[0] + (f" ({changes.get('evade_variant', 'spread')}{scope})" if terms[0] == "evade" else "")
         adaptive.setdefault((*setting, term, fields["arm"]), []).append({"weight": float(changes[terms[0]])} | point)
     sweeps = []
     for (*setting, term, arm), points in sorted(adaptive.items()):

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from attacks import attack_options, choose_setup, craft
-from attacks.adaptive import FeatureAnchor
+from attacks.adaptive import DensityEvasion, FeatureAnchor
 from attacks.smoke import CPU
 from sanitize.density import robust_z
+from sanitize.errors import SanitizeError
 
 
 def test_the_anchor_is_zero_on_the_clean_images_and_grows_with_the_feature_change(split, tiny_victim):
@@ -52,8 +53,10 @@ def _scan_rule_z(surrogate, train, setup, poisoned):
     return z[len(members) :]
 
 
-@pytest.mark.parametrize("variant", ["spread", "clump"])
-def test_evading_poisons_sit_lower_in_the_scans_isolation_rule_than_the_plain_attacks(split, tiny_victim, variant):
+@pytest.mark.parametrize("variant, scope", [("spread", "batch"), ("clump", "batch"), ("spread", "all")])
+def test_evading_poisons_sit_lower_in_the_scans_isolation_rule_than_the_plain_attacks(
+    split, tiny_victim, variant, scope
+):
     train, test = split
     surrogate = tiny_victim(train, seed=100).eval()
     setup = choose_setup(1, train, test, budget=0.02)
@@ -61,9 +64,44 @@ def test_evading_poisons_sit_lower_in_the_scans_isolation_rule_than_the_plain_at
     z = {}
     for weight in (0.0, 10.0):
         options = attack_options(
-            "gradient-matching", iterations=20, restarts=1, augment=False, evade=weight, evade_variant=variant
+            "gradient-matching",
+            iterations=20,
+            restarts=1,
+            augment=False,
+            evade=weight,
+            evade_variant=variant,
+            evade_scope=scope,
         )
         target = test.load_image(setup.target_index)
         poisons = craft("gradient-matching", [surrogate], train, target, setup, 32, options, CPU, progress=False)
         z[weight] = float(np.mean(_scan_rule_z(surrogate, train, setup, poisons.apply(clean))))
     assert z[10.0] < z[0.0] - 0.5
+
+
+def test_spread_over_all_poisons_repels_the_poisons_of_other_batches(split, tiny_victim):
+    train, test = split
+    surrogate = tiny_victim(train, seed=100).eval()
+    setup = choose_setup(1, train, test, budget=0.02)
+    poisons = train.load_batch(np.asarray(setup.poison_indices))[0].float().div(255)
+    half = len(poisons) // 2
+    second = poisons[:half]
+    penalties = {}
+    with torch.no_grad():
+        for scope, first in (("all", poisons[:half]), ("all", poisons[half : 2 * half]), ("batch", poisons[:half])):
+            evasion = DensityEvasion([surrogate], train, setup, "spread", None, scope)
+            evasion(first, slice(0, half))
+            twins = bool((first == second).all())
+            penalties[scope, twins] = float(evasion(second, slice(half, 2 * half)))
+    # over all poisons, a poison whose twin (distance 0) sits in the batch before is pushed harder than one whose
+    # batch before holds other poisons; over a batch only, the batch before does not count
+    assert penalties["all", True] > penalties["all", False] + 0.1
+    assert penalties["batch", True] < penalties["all", True] - 0.1
+
+
+@pytest.mark.parametrize("option", [{"evade_variant": "scatter"}, {"evade_scope": "sideways"}])
+def test_an_unknown_evasion_variant_or_scope_is_refused_before_crafting(split, tiny_victim, option):
+    train, test = split
+    setup = choose_setup(1, train, test, budget=0.02)
+    options = attack_options("gradient-matching", iterations=1, restarts=1, evade=1.0, **option)
+    with pytest.raises(SanitizeError, match=next(iter(option))):
+        craft("gradient-matching", [tiny_victim(train, seed=100)], train, test.load_image(0), setup, 32, options, CPU)
