@@ -33,6 +33,7 @@ from attacks import choose_setup
 from attacks.arms import poison_truth, split_by_carriers, told_count
 from attacks.carriers import poison_pull, pull_carriers
 from attacks.experiment import Harness
+from attacks.locks import exclusive
 from attacks.registry import parse_option
 from attacks.scales import GRADIENT_MATCHING, EvaluationConfig
 from sanitize import scan
@@ -205,17 +206,20 @@ def proxy_scan_dir(harness: Harness, data, proxy: Proxy) -> Path:
         if (scan_dir / "summary.json").exists():
             return scan_dir  # finished: its embeddings are read back without resizing the set again
         data = downsampled(data, side)
-    scan(
-        data,
-        scan_dir,
-        model=model,
-        epochs=proxy_epochs,
-        schedule=schedule,
-        **({"reduced_side": reduced[0], "reduced_epochs": reduced[1]} if reduced is not None else {}),
-        quiet=True,
-        device=harness.config.device,
-        precision=harness.config.precision,
-    )
+    # the evaluation's lock on the same folder: a sweep and an evaluation that scan one set take turns, and the
+    # second reuses the first one's proxy and embeddings (scan's own lock would refuse it instead)
+    with exclusive(scan_dir.with_name(scan_dir.name + ".lock"), waiting=f"{scan_dir} is being scanned"):
+        scan(
+            data,
+            scan_dir,
+            model=model,
+            epochs=proxy_epochs,
+            schedule=schedule,
+            **({"reduced_side": reduced[0], "reduced_epochs": reduced[1]} if reduced is not None else {}),
+            quiet=True,
+            device=harness.config.device,
+            precision=harness.config.precision,
+        )
     return scan_dir
 
 
