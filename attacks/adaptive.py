@@ -17,8 +17,9 @@ one another than the clean members' median small-scale distance (what beats grou
 poisons as one another's neighbours and pulls them together (what beats lone-point density scores). `evade_scope`
 says which poisons count: those of the crafting batch (`batch`, as first built), or all of them (`all`: the other
 batches' features as last computed, detached, beside the batch's own; `spread` then keeps each poison's k_small
-nearest poisons at that distance, since the scan's small scale sees only those). The class alarm's second pass is not modelled apart: it looks again only in classes with more flags than the others, and
-poisons kept under z_safe add none.
+nearest poisons at that distance, since the scan's small scale sees only those). The class alarm's second pass is
+not modelled apart: it looks again only in classes with more flags than the others, and poisons kept under z_safe
+add none.
 """
 
 from __future__ import annotations
