@@ -75,7 +75,8 @@ CURRENT = NEGATIVE_BINOMIAL_ALARM | {"closed_group_conductance": 0.105}  # with 
 # today's default, the one before it, and what a 50,000-image set might want beside that (built on it as written)
 CURRENT_VARIANTS = [
     ("knn_density", CURRENT),
-    # the candidate written 2026-12-05 23:15 UTC (reports/adaptive-attack): the closed-group alarm triggers the second pass
+    # the candidate of 2026-12-05 23:15 UTC, not chosen (reports/adaptive-attack): the closed-group alarm triggers
+    # the second pass
     ("knn_density", CURRENT | {"closed_group_second_pass": True}),
     ("knn_density", NEGATIVE_BINOMIAL_ALARM),
     ("knn_density", NEGATIVE_BINOMIAL_ALARM | {"embedding": "gradient"}),
