@@ -442,13 +442,20 @@ def test_a_sweep_of_poisons_crafted_with_another_option_starts_from_the_plain_at
     """MetaPoison's full-scale rows are all crafted with `ensemble=1`: its plain rows are the sweep's weight 0."""
     rows = [
         _synthetic_row("undefended", seed, success, {"ensemble": 1} | craft, name, attack="metapoison")
-        for craft, name, successes in (({}, "plain", (True, False)), ({"evade": 0.1}, "w0.1", (False,)))
+        for craft, name, successes in (
+            ({}, "plain", (True, False)),
+            ({"evade": 0.1}, "w0.1", (False,)),
+            ({"evade": 0.1, "evade_scope": "all"}, "w0.1-all", (True,)),
+        )
         for seed, success in enumerate(successes)
     ]
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (sweep,) = aggregate(tmp_path, command="test")["weight_sweeps"]
-    assert (sweep["base"], sweep["term"]) == ("ensemble=1", "evade (spread)")
-    assert [(p["weight"], p["success"], p["victims"]) for p in sweep["points"]] == [(0.0, 0.5, 2), (0.1, 0.0, 1)]
+    batch, everywhere = aggregate(tmp_path, command="test")["weight_sweeps"]
+    assert (batch["base"], batch["term"]) == ("ensemble=1", "evade (spread)")
+    assert [(p["weight"], p["success"], p["victims"]) for p in batch["points"]] == [(0.0, 0.5, 2), (0.1, 0.0, 1)]
+    # the scope over all poisons is a sweep of its own from the same plain attack, not a point of the batch's
+    assert (everywhere["base"], everywhere["term"]) == ("ensemble=1", "evade (spread, all poisons)")
+    assert [(p["weight"], p["success"]) for p in everywhere["points"]] == [(0.0, 0.5), (0.1, 1.0)]
     assert "(ensemble=1), full" in (tmp_path / "report.html").read_text()
 
 
