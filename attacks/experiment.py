@@ -42,6 +42,11 @@ from sanitize.scanner import ScanResult, scan
 from sanitize.training import channel_stats, predict, resolve_device, resolve_precision
 
 
+def scanning(out: Path):
+    """The lock held while a scan writes `out` (beside it): one process at a time scans a set, evaluation or sweep."""
+    return exclusive(out.with_name(out.name + ".lock"), waiting=f"{out} is being scanned")
+
+
 class Harness:
     """Shared state of one evaluation: data, device, caches and the results file."""
 
@@ -255,7 +260,7 @@ class Harness:
     ) -> tuple[Any, Cost]:
         """(ScanResult, the first run's cost): a rerun reuses the finished proxy and embeddings; without them (a
         fresh cache), the published outcome of the same scan of the same data. One process at a time scans a set."""
-        with exclusive(out.with_name(out.name + ".lock"), waiting=f"{out} is being scanned"):
+        with scanning(out):
             return self._stored_or_scanned(data, out, options, use_published)
 
     def _stored_or_scanned(

@@ -32,8 +32,7 @@ from scipy.stats import spearmanr
 from attacks import choose_setup
 from attacks.arms import poison_truth, split_by_carriers, told_count
 from attacks.carriers import poison_pull, pull_carriers
-from attacks.experiment import Harness
-from attacks.locks import exclusive
+from attacks.experiment import Harness, scanning
 from attacks.registry import parse_option
 from attacks.scales import GRADIENT_MATCHING, EvaluationConfig
 from sanitize import scan
@@ -209,7 +208,7 @@ def proxy_scan_dir(harness: Harness, data, proxy: Proxy) -> Path:
         data = downsampled(data, side)
     # the evaluation's lock on the same folder: a sweep and an evaluation that scan one set take turns, and the
     # second reuses the first one's proxy and embeddings (scan's own lock would refuse it instead)
-    with exclusive(scan_dir.with_name(scan_dir.name + ".lock"), waiting=f"{scan_dir} is being scanned"):
+    with scanning(scan_dir):
         scan(
             data,
             scan_dir,
