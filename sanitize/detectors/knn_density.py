@@ -299,8 +299,7 @@ def knn_isolation(
         closed = closed_group_flags(neighbours, labels, per_class, o, context.seed)
         why = np.where(flags, why, np.where(closed, WHY_CLOSED_GROUP, 0)).astype(np.int8)
         flags |= closed
-        if o.class_alarm_p and o.closed_group_second_pass:
-            check_alarm_rule(o.alarm_rule, misassigned)
+        if o.class_alarm_p and o.closed_group_second_pass:  # its rule checked by the alarm's own pass above
             for c, info in per_class.items():
                 if (info.get("closed_group") or {}).get("alarmed") and "second_pass_flags" not in info:
                     members = np.flatnonzero(labels == c)
@@ -417,7 +416,10 @@ def alarmed_class_flags(
     """
     from scipy.stats import nbinom, poisson
 
-    check_alarm_rule(rule, misassigned)
+    if rule not in ALARM_RULES or (rule != "hard" and misassigned is None):
+        raise ValueError(
+            f"alarm rule {rule!r}: choose from {', '.join(ALARM_RULES)}; all but hard need the proxy's predictions"
+        )
     scored = [c for c, info in per_class.items() if "k" in info]
     flag_counts = np.bincount(labels[flags], minlength=len(per_class))  # one pass over the data, not one per class
     group_counts = flag_counts if grouped is None else np.bincount(labels[grouped], minlength=len(per_class))
@@ -454,14 +456,6 @@ def alarmed_class_flags(
             extra[members] = second_pass(members, isolation, loss, alarm_z, rule, misassigned)
             per_class[c]["second_pass_flags"] = int((extra[members] > 0).sum())
     return extra
-
-
-def check_alarm_rule(rule: str, misassigned: np.ndarray | None) -> None:
-    """The second pass's rule must be known, and all but `hard` need the proxy's predictions."""
-    if rule not in ALARM_RULES or (rule != "hard" and misassigned is None):
-        raise ValueError(
-            f"alarm rule {rule!r}: choose from {', '.join(ALARM_RULES)}; all but hard need the proxy's predictions"
-        )
 
 
 def second_pass(
