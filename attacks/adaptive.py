@@ -137,15 +137,16 @@ class DensityEvasion:
             z = torch.maximum(z, (z + ease) / math.sqrt(2))  # the scan's low-loss combination at weight 1
             penalty = F.softplus(z - Z_SAFE).mean()
             if len(features) > 1 or beyond.shape[1]:
-                pairs = torch.cat([among[others], beyond.flatten()])
-                if self.variant == "clump":  # pulled together
-                    penalty = penalty + (pairs / small_median).mean()
-                elif self.scope == "batch":  # kept apart: no closer to one another than the clean members' typical
-                    penalty = penalty + F.relu(1 - pairs / small_median).mean()  # small-scale distance
-                else:  # ... each poison's nearest poisons, the ones the scan's small scale sees
+                if self.variant == "spread" and self.scope == "all":  # each poison's nearest poisons kept apart
                     to_poisons = torch.cat([among.masked_fill(~others, float("inf")), beyond], dim=1)
                     nearest = to_poisons.topk(min(self.ks[0], to_poisons.shape[1] - 1), dim=1, largest=False).values
-                    penalty = penalty + F.relu(1 - nearest / small_median).mean()
+                    penalty = penalty + F.relu(1 - nearest / small_median).mean()  # (the scan's small scale's)
+                else:
+                    pairs = torch.cat([among[others], beyond.flatten()])
+                    if self.variant == "clump":  # pulled together
+                        penalty = penalty + (pairs / small_median).mean()
+                    else:  # kept apart: no closer to one another than the clean members' typical small-scale distance
+                        penalty = penalty + F.relu(1 - pairs / small_median).mean()
             total = total + penalty
         return total / len(self.surrogates)
 
