@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -40,7 +41,9 @@ HISTOGRAM_WIDTH, HISTOGRAM_HEIGHT = 200, 48  # the plot area of a per-class hist
 PROJECTION_POINTS = 400  # unflagged points drawn per class; every flagged one is drawn too (up to the thumbnail cap)
 PLOT_SIZE = 320
 SWEEP_WIDTH, SWEEP_HEIGHT = 360, 150  # the plot area of success against the adaptive attacker's weight, in SVG units
-SWEEP_STYLES = 4  # dash styles of its lines (report.css: .s0 ... .s3), repeated beyond
+SWEEP_STYLES = 4  # dash styles of its lines (sweep.css: .s0 ... .s3), repeated beyond
+SWEEP_FILE_PREFIX = "success-vs-weight-"  # its standalone SVGs beside an evaluation's report.html
+SWEEP_SLUG_LENGTH = 120  # characters of the chart's title kept in the file name
 
 _ENVIRONMENT = jinja2.Environment(
     loader=jinja2.PackageLoader("sanitize", "templates"),
@@ -78,6 +81,7 @@ def write_report(
     summary = summary if summary is not None else _read_json(run_dir / "summary.json")
     if "table" in summary:
         charts = [sweep_chart(setting, lines) for setting, lines in _by_setting(summary.get("weight_sweeps") or [])]
+        write_sweep_charts(run_dir, charts)
         context = {"kind": "evaluation", "title": "sanitize evaluation", "evaluation": summary, "sweep_charts": charts}
     elif "gate" in summary:
         context = _scan_context(run_dir, summary, data, max_thumbnails, max_projection_classes)
@@ -92,13 +96,33 @@ def write_report(
 
 def render(context: dict[str, Any]) -> str:
     """The report's HTML for `context`, with the inline CSS and JS admitted by their hashes in the CSP."""
-    assets = resources.files("sanitize") / "templates"
-    css, js = (assets / "report.css").read_text(encoding="utf-8"), (assets / "report.js").read_text(encoding="utf-8")
+    css, js = _asset("report.css") + _asset("sweep.css"), _asset("report.js")
     csp = (
         f"default-src 'none'; img-src data:; style-src '{_csp_hash(css)}'; script-src '{_csp_hash(js)}'; "
         "base-uri 'none'; form-action 'none'"
     )
     return _ENVIRONMENT.get_template("report.html.j2").render(csp=csp, css=css, js=js, **context)
+
+
+def write_sweep_charts(run_dir: Path, charts: list[dict[str, Any]]) -> list[Path]:
+    """Each chart of success against the adaptive attacker's weight as a standalone SVG beside report.html
+    (`success-vs-weight-<its title>.svg`), for a report's README to show; charts no longer drawn are removed."""
+    template = _ENVIRONMENT.get_template("sweep-standalone.svg.j2")
+    paths = []
+    for chart in charts:
+        slug = re.sub(r"[^a-z0-9]+", "-", chart["title"].lower()).strip("-")[:SWEEP_SLUG_LENGTH]
+        path = run_dir / f"{SWEEP_FILE_PREFIX}{slug}.svg"
+        if path in paths:  # two titles alike up to the cut: numbered in order
+            path = run_dir / f"{SWEEP_FILE_PREFIX}{slug}-{len(paths) + 1}.svg"
+        write_atomic(path, template.render(c=chart, css=_asset("sweep.css")))
+        paths.append(path)
+    for stale in set(run_dir.glob(f"{SWEEP_FILE_PREFIX}*.svg")) - set(paths):
+        stale.unlink()
+    return paths
+
+
+def _asset(name: str) -> str:
+    return (resources.files("sanitize") / "templates" / name).read_text(encoding="utf-8")
 
 
 def _csp_hash(text: str) -> str:
@@ -199,7 +223,8 @@ def _by_setting(sweeps: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, 
 
 def sweep_chart(title: str, sweeps: list[dict[str, Any]]) -> dict[str, Any]:
     """An inline SVG chart of success (0-100%, up) against the adaptive attacker's weight, one line per arm in its own
-    dash style (SWEEP_STYLES, named in a legend): the weights evenly spaced in order (they span decades, from 0)."""
+    dash style (SWEEP_STYLES, named in a legend) with a mark at each measured weight: the weights evenly spaced in order
+    (they span decades, from 0)."""
     weights = sorted({point["weight"] for sweep in sweeps for point in sweep["points"]})
     step = SWEEP_WIDTH / max(len(weights) - 1, 1)
     x = {weight: round(i * step, 1) for i, weight in enumerate(weights)}
@@ -207,7 +232,8 @@ def sweep_chart(title: str, sweeps: list[dict[str, Any]]) -> dict[str, Any]:
     for i, sweep in enumerate(sweeps):
         xy = [(x[p["weight"]], round(SWEEP_HEIGHT * (1 - p["success"]), 1)) for p in sweep["points"]]
         points = " ".join(f"{a},{b}" for a, b in xy)
-        lines.append({"arm": sweep["arm"], "points": points, "style": i % SWEEP_STYLES, "y": 14 * i})
+        marks = [{"x": a, "y": b} for a, b in xy]  # a lone weight draws no line: its mark shows it
+        lines.append({"arm": sweep["arm"], "points": points, "marks": marks, "style": i % SWEEP_STYLES, "y": 14 * i})
     return {
         "title": title,
         "width": SWEEP_WIDTH,

@@ -436,6 +436,11 @@ def test_success_against_the_adaptive_attackers_weight_is_tabled_and_drawn_per_a
     html = (tmp_path / "report.html").read_text()
     assert html.count('<svg class="sweep"') == 2 and html.count("<polyline") == 3
     assert 'points="0.0,75.0 180.0,150.0 360.0,150.0"' in html  # scan: 50%, 0%, 0% at evenly spaced weights
+    # the same charts as standalone SVGs beside it, for the report's README
+    charts = sorted(tmp_path.glob("success-vs-weight-*.svg"))
+    assert len(charts) == 2
+    (plain,) = [c for c in charts if "iterations" not in c.name]
+    assert 'points="0.0,75.0 180.0,150.0 360.0,150.0"' in plain.read_text()
 
 
 def test_a_sweep_of_poisons_crafted_with_another_option_starts_from_the_plain_attack_crafted_with_it(tmp_path):

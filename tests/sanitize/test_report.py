@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
+from xml.etree import ElementTree
 
 import markupsafe
 import numpy as np
@@ -23,7 +24,14 @@ from PIL import Image
 from sanitize import scan
 from sanitize.cli import cli
 from sanitize.data.digits import write_image_folder
-from sanitize.report import HISTOGRAM_WIDTH, histogram, thumbnail_order, write_report
+from sanitize.report import (
+    HISTOGRAM_WIDTH,
+    histogram,
+    sweep_chart,
+    thumbnail_order,
+    write_report,
+    write_sweep_charts,
+)
 
 FAST = {"model": "tiny", "epochs": 2, "batch_size": 32, "augment": False, "quiet": True, "k_fraction": 0.3}
 HOSTILE_FILE = "<img src=x onerror=document.title='pwned'>.png"
@@ -276,3 +284,21 @@ def test_thumbnails_take_every_flag_reason_in_turn_so_low_scored_groups_are_show
     assert thumbnail_order(flags, scores, reasons, 4).tolist() == [0, 1, 6, 4]
     assert thumbnail_order(flags, scores, None, 3).tolist() == [0, 1, 2]
     assert thumbnail_order(flags, scores, reasons, 10).tolist() == [0, 1, 2, 3, 6, 4]
+
+
+def test_sweep_charts_are_standalone_escaped_svgs_and_charts_no_longer_drawn_are_removed(tmp_path):
+    hostile = "<script>alert(1)</script> & 'x'"
+    chart = sweep_chart(
+        hostile,
+        [{"arm": hostile, "points": [{"weight": 0.0, "success": 1.0}, {"weight": 0.1, "success": 0.5}]}],
+    )
+    stale = tmp_path / "success-vs-weight-gone.svg"
+    stale.write_text("<svg/>")
+    (path,) = write_sweep_charts(tmp_path, [chart])
+    assert not stale.exists() and path.name.startswith("success-vs-weight-script-alert-1-script")
+    root = ElementTree.fromstring(path.read_bytes())  # well-formed XML that names the SVG namespace
+    svg = "{http://www.w3.org/2000/svg}"
+    assert root.tag == f"{svg}svg" and root.find(f"{svg}title").text == f"success against weight: {hostile}"
+    assert [p.get("points") for p in root.iter(f"{svg}polyline")] == ["0.0,0.0 360.0,75.0"]
+    assert "<script" not in path.read_text() and [e for e in root.iter() if e.tag.endswith("script")] == []
+    assert [t.text for t in root.iter(f"{svg}text") if t.text == hostile] == [hostile, hostile]  # title and legend
