@@ -44,6 +44,7 @@ from sanitize.data import (
 )
 from sanitize.density import gpu_available
 from sanitize.detectors import Detection, run_detector
+from sanitize.detectors.knn_density import FLAG_REASONS
 from sanitize.distributed import World, broadcast_from_main, current_world
 from sanitize.embeddings import Embeddings, compute_embeddings
 from sanitize.errors import SanitizeError
@@ -54,7 +55,7 @@ from sanitize.report import write_report
 from sanitize.training import device_record, resolve_device, resolve_precision, train_from_scratch
 from sanitize.work import ExampleFlops, example_flops, phase_work, reduced_size, trained_per_epoch
 
-SCORES_HEADER = ("id", "path", "label", "class", "score", "flagged")
+SCORES_HEADER = ("id", "path", "label", "class", "score", "flagged", "reason")
 
 
 @dataclass
@@ -143,6 +144,9 @@ def build_proxy(
 
 
 def write_scores(path: Path, dataset: ImageDataset, detection: Detection) -> None:
+    """scores.csv: a row per example; a flagged row says why where the detector records it (the alarms' passes and the
+    closed-group pass flag without raising scores, so a reader sorting by score alone would miss them)."""
+    reasons = detection.arrays.get("flag_reason")
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -156,6 +160,7 @@ def write_scores(path: Path, dataset: ImageDataset, detection: Detection) -> Non
                     dataset.classes[int(dataset.labels[i])],
                     f"{detection.scores[i]:.6f}",
                     int(detection.flags[i]),
+                    FLAG_REASONS.get(int(reasons[i]), "") if reasons is not None and detection.flags[i] else "",
                 )
             )
     os.replace(tmp, path)

@@ -18,7 +18,7 @@ from sanitize.cli import cli, print_summary
 from sanitize.config import ScanConfig, TrainConfig
 from sanitize.data import open_dataset
 from sanitize.data.arrays import from_arrays
-from sanitize.detectors.knn_density import KnnDensityOptions
+from sanitize.detectors.knn_density import FLAG_REASONS, KnnDensityOptions
 from sanitize.errors import SanitizeError
 from sanitize.models import create_model
 from sanitize.scanner import gate, resolved_model
@@ -36,7 +36,7 @@ def test_scan_writes_the_documented_outputs(tmp_path, digits_folder):
     assert "gate      PASSED" in result.output
     with (out / "scores.csv").open() as handle:
         rows = list(csv.reader(handle))
-    assert rows[0] == ["id", "path", "label", "class", "score", "flagged"]
+    assert rows[0] == ["id", "path", "label", "class", "score", "flagged", "reason"]
     assert all(r[3] == f"digit_{r[2]}" for r in rows[1:])
     assert len(rows) == 401
     ids = [r[0] for r in rows[1:]]
@@ -239,6 +239,14 @@ def test_demo_runs_finds_planted_examples_and_leaves_no_data_behind(tmp_path, mo
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["poisons"]["caught"] == int(stamped[1])  # the report's poison view has the planted group
     assert list((tmp_path / "tmp").iterdir()) == [] and (tmp_path / "demo" / "report.html").exists()
+    # scores.csv says why each flagged row is flagged, as the detector recorded it, and nothing for the others
+    with (tmp_path / "demo" / "scores.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    why = np.load(tmp_path / "demo" / "embeddings" / "flag_reason.npy")
+    assert [r["reason"] for r in rows] == [
+        FLAG_REASONS[int(w)] if r["flagged"] == "1" else "" for r, w in zip(rows, why)
+    ]
+    assert len({r["reason"] for r in rows if r["flagged"] == "1"}) >= 2  # the planted kinds, flagged by other rules
 
 
 def test_rerun_in_the_same_out_dir_reuses_proxy_and_embeddings(tmp_path, digits_npz):
