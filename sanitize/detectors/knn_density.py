@@ -301,6 +301,7 @@ def knn_isolation(
         flags |= closed
         if o.class_alarm_p and o.closed_group_second_pass:  # its rule checked by the alarm's own pass above
             for c, info in per_class.items():
+                # no second pass yet: the count test did not alarm it (`alarmed` is set by either alarm)
                 if (info.get("closed_group") or {}).get("alarmed") and "second_pass_flags" not in info:
                     members = np.flatnonzero(labels == c)
                     extra = second_pass(members, isolation, loss, o.alarm_z, o.alarm_rule, misassigned)
