@@ -107,14 +107,14 @@ def render(context: dict[str, Any]) -> str:
 def write_sweep_charts(run_dir: Path, charts: list[dict[str, Any]]) -> list[Path]:
     """Each chart of success against the adaptive attacker's weight as a standalone SVG beside report.html
     (`success-vs-weight-<its title>.svg`), for a report's README to show; charts no longer drawn are removed."""
-    template = _ENVIRONMENT.get_template("sweep-standalone.svg.j2")
+    template, css = _ENVIRONMENT.get_template("sweep-standalone.svg.j2"), _asset("sweep.css")
     paths = []
     for chart in charts:
         slug = re.sub(r"[^a-z0-9]+", "-", chart["title"].lower()).strip("-")[:SWEEP_SLUG_LENGTH]
         path = run_dir / f"{SWEEP_FILE_PREFIX}{slug}.svg"
         if path in paths:  # two titles alike up to the cut: numbered in order
             path = run_dir / f"{SWEEP_FILE_PREFIX}{slug}-{len(paths) + 1}.svg"
-        write_atomic(path, template.render(c=chart, css=_asset("sweep.css")))
+        write_atomic(path, template.render(c=chart, css=css))
         paths.append(path)
     for stale in set(run_dir.glob(f"{SWEEP_FILE_PREFIX}*.svg")) - set(paths):
         stale.unlink()
