@@ -8,8 +8,9 @@ gets a colour map (attacks.recolor) applied before the additive part, optimised 
 gradient of all batches of poisons is accumulated before each step, so the result does not depend on the batch size.
 Of R restarts the one with the lowest final loss is kept; with a checkpoint the best restart so far is saved after
 every restart, and within a restart every `save_every` seconds (the perturbation, the optimiser, the random state and
-the attack's own moving state, `Attack.state_dict`), so that a killed run resumes where it was to the same result; a
-restart that re-trains its surrogates (`retrain_every`) resumes from its start. Deltas are returned as integers.
+the attack's own moving state, `Attack.state_dict`, and what the evasion's proxies last trained on), so that a killed
+run resumes where it was to the same result; a restart that re-trains its surrogates (`retrain_every`) resumes from
+its start. Deltas are returned as integers.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from attacks.adaptive import DensityEvasion, FeatureAnchor
+from attacks.adaptive import DensityEvasion, FeatureAnchor, RefreshedProxies
 from attacks.base import PoisonSet, PoisonSetup
 from attacks.recolor import largest_change, project_colour, recolor, smoothness
 from attacks.registry import get_attack
@@ -70,6 +71,11 @@ class CraftingOptions:
     evade: float = 0.0
     evade_variant: str = "spread"
     evade_scope: str = "batch"  # which poisons the evasion's variant counts: the crafting batch's, or all
+    # the space the evasion is computed in: the attack's surrogates, or proxies of the default scan's own recipe
+    # trained on the data with the current poisons (attacks.adaptive.RefreshedProxies), trained again every
+    # evade_refresh iterations (0: once, on the start's poisons). Needs a way to train them (the evaluation's)
+    evade_space: str = "surrogate"
+    evade_refresh: int = 20
 
 
 # options added after poisons were first cached, at the value that crafts as before: left out of a poison set's name
@@ -86,6 +92,8 @@ IDENTITY_DEFAULTS = {
     "evade": 0.0,
     "evade_variant": "spread",
     "evade_scope": "batch",
+    "evade_space": "surrogate",
+    "evade_refresh": 20,
 }
 
 
@@ -98,7 +106,8 @@ def options_identity(options: Any) -> dict[str, Any]:
 # how often a restart in progress is saved (a MetaPoison craft step at the full scale takes ~10 CPU-minutes)
 SAVE_EVERY_SECONDS = 600.0
 
-# re-trains the surrogates on the data with these integer deltas at the poison positions, after this many iterations
+# re-trains the surrogates (or the evasion's proxies) on the data with these integer deltas at the poison positions,
+# after this many iterations
 Retrain = Callable[[torch.Tensor, int], list[Classifier]]
 
 
@@ -189,11 +198,22 @@ def craft(
     checkpoint: Path | None = None,
     retrain: Retrain | None = None,
     save_every: float = SAVE_EVERY_SECONDS,
+    proxies: Retrain | None = None,
 ) -> PoisonSet:
     """Craft the poisons for `setup` with the registered attack `name` against its surrogate(s); with
-    `options.retrain_every`, `retrain` gives new surrogates trained on the current poisons."""
+    `options.retrain_every`, `retrain` gives new surrogates trained on the current poisons; with
+    `options.evade_space` proxy, `proxies` trains the evasion's proxies on them."""
     if options.retrain_every and retrain is None:
         raise SanitizeError("retrain_every needs surrogates that can be re-trained (sanitize evaluate provides them)")
+    if options.evade_space not in ("surrogate", "proxy"):
+        raise SanitizeError(f"evade_space must be surrogate or proxy, not {options.evade_space!r}")
+    by_proxy = options.evade and options.evade_space == "proxy"
+    if by_proxy and proxies is None:
+        raise SanitizeError(
+            "evade_space=proxy needs proxies trained on the poisoned data (sanitize evaluate provides them)"
+        )
+    if options.evade_refresh < 0:
+        raise SanitizeError(f"evade_refresh must be >= 0, not {options.evade_refresh}")
     if options.start not in ("gaussian", "uniform", "zero"):
         raise SanitizeError(f"start must be gaussian, uniform or zero, not {options.start!r}")
     if options.evade_variant not in ("spread", "clump"):
@@ -258,6 +278,11 @@ def craft(
         for parameter in perturbation.parameters():
             parameter.requires_grad_(True)
         midway = checkpoint is not None and not options.retrain_every
+        refreshed = None
+        if by_proxy:
+            refreshed = RefreshedProxies(
+                proxies, lambda now: now.deltas(clean_uint8, clean, std, eps), options.evade_refresh, device
+            )
         history = _optimise(
             attack_on(surrogates),
             after,
@@ -273,6 +298,7 @@ def craft(
             resumed=within,
             save=functools.partial(save, restart) if midway else None,
             save_every=save_every,
+            proxies=refreshed,
         )
         within = None
         losses_per_restart.append(history)
@@ -310,12 +336,14 @@ def _start(clean, bound, std, options, generator, device) -> Perturbation:
     return perturbation
 
 
-def _moment(perturbation: Perturbation, optimizer, history: list[float], attack) -> dict[str, Any]:
+def _moment(perturbation: Perturbation, optimizer, history: list[float], attack, proxies) -> dict[str, Any]:
     """What a restart in progress needs to go on: the perturbation, the optimiser (with its decayed rate), the losses
-    so far and the attack's moving state."""
+    so far, the attack's moving state and what the evasion's proxies were last trained on."""
     moment = {"delta": perturbation.delta.detach().cpu(), "optimizer": optimizer.state_dict(), "history": history}
     if perturbation.colour is not None:
         moment["colour"] = perturbation.colour.detach().cpu()
+    if proxies is not None:
+        moment["evade_proxies"] = proxies.state_dict()
     return moment | {"attack": attack.state_dict()}
 
 
@@ -334,9 +362,11 @@ def _optimise(
     resumed: dict[str, Any] | None = None,
     save: Callable[[dict[str, Any]], None] | None = None,
     save_every: float = SAVE_EVERY_SECONDS,
+    proxies: RefreshedProxies | None = None,
 ) -> list[float]:
     """One restart: (signed) Adam with step decay on `perturbation` (in place); the loss of every iteration.
-    `after(i, perturbation)` may return the attack on re-trained surrogates to craft on against from iteration i on.
+    `after(i, perturbation)` may return the attack on re-trained surrogates to craft on against from iteration i on;
+    `proxies`, the evasion's space when it is not the attack's surrogates.
     `resumed` is a saved moment of this restart to go on from; `save(moment)` saves one, every `save_every` seconds
     (never after the last iteration: the restart's end saves it whole)."""
     optimizer = torch.optim.Adam(perturbation.parameters(), lr=options.lr)
@@ -347,6 +377,8 @@ def _optimise(
         optimizer.load_state_dict(resumed["optimizer"])  # with the decayed rate
         scheduler.last_epoch = len(resumed["history"])
         attack.load_state_dict(resumed["attack"])
+        if proxies is not None:
+            proxies.load_state_dict(resumed["evade_proxies"])
         history = list(resumed["history"])
     last_saved = time.perf_counter()
     desc = f"craft restart {restart + 1}/{options.restarts}"
@@ -363,9 +395,10 @@ def _optimise(
         attack = (iteration and after(iteration, perturbation)) or attack
         if options.anchor and (anchor is None or anchor.surrogates is not attack.surrogates):
             anchor = FeatureAnchor(attack.surrogates, clean, attack.amp_dtype)  # against the current surrogates
-        if options.evade and (evasion is None or evasion.surrogates is not attack.surrogates):
+        space = attack.surrogates if proxies is None else proxies.at(iteration, perturbation)
+        if options.evade and (evasion is None or evasion.surrogates is not space):
             evasion = DensityEvasion(
-                attack.surrogates,
+                space,
                 attack.train,
                 attack.setup,
                 options.evade_variant,
@@ -397,6 +430,6 @@ def _optimise(
         history.append(total)
         bar.set_postfix(loss=f"{total:.4f}")
         if save is not None and iteration + 1 < options.iterations and time.perf_counter() - last_saved >= save_every:
-            save(_moment(perturbation, optimizer, history, attack))
+            save(_moment(perturbation, optimizer, history, attack, proxies))
             last_saved = time.perf_counter()
     return history

@@ -37,9 +37,11 @@ from sanitize.data.arrays import ArrayDataset
 from sanitize.detectors import option_names
 from sanitize.errors import SanitizeError
 from sanitize.manifest import flag_metrics
-from sanitize.models import Classifier
+from sanitize.models import Classifier, resolve_model_name
 from sanitize.scanner import ScanResult, scan
 from sanitize.training import channel_stats, predict, resolve_device, resolve_precision
+
+EVADE_PROXY_SEED = 20_000  # the adaptive attacker's proxies (evade_space=proxy): neither a victim's nor the scan's seed
 
 
 def scanning(out: Path):
@@ -145,6 +147,7 @@ class Harness:
             progress=self.progress,
             checkpoint=partial,
             retrain=self.retrainer(setup),
+            proxies=self.proxy_trainer(setup),
         )
         keep_poisons(poisons, [path, published])
         partial.unlink(missing_ok=True)
@@ -160,6 +163,21 @@ class Harness:
             return [self.models.trained(poisoned, seed, "surrogate-retrained")[0] for seed in seeds]
 
         return retrain
+
+    def proxy_trainer(self, setup: PoisonSetup):
+        """The adaptive attacker's imitation of the scan's proxy (`evade_space=proxy`): the default scan's
+        architecture and recipe trained from scratch on the data with the current poisons, with attacker seeds of
+        their own (the defender's seed is not known to it), cached like every model."""
+        scan = ScanConfig()
+        proxies = dataclasses.replace(
+            self.models, model=resolve_model_name(scan.model, self.train.image_size), model_kwargs={}, recipe=scan.train
+        )
+
+        def train(deltas: torch.Tensor, iteration: int) -> list[Classifier]:
+            poisoned = self.data_for("undefended", PoisonSet(setup, self.config.eps, deltas, self.config.attack))
+            return [proxies.trained(poisoned, EVADE_PROXY_SEED + 1000 * iteration, "evade-proxy")[0]]
+
+        return train
 
     def data_for(self, arm: str, poisons: PoisonSet | None, setup: PoisonSetup | None = None) -> ArrayDataset:
         return arm_data(self.train, arm, poisons, setup, self.config.eps)

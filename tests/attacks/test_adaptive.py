@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from attacks import attack_options, choose_setup, craft
-from attacks.adaptive import DensityEvasion, FeatureAnchor
+from attacks.adaptive import DensityEvasion, FeatureAnchor, RefreshedProxies
+from attacks.base import PoisonSet
+from attacks.experiment import arm_data
 from attacks.smoke import CPU
 from sanitize.density import robust_z
 from sanitize.errors import SanitizeError
@@ -105,3 +107,66 @@ def test_an_unknown_evasion_variant_or_scope_is_refused_before_crafting(split, t
     options = attack_options("gradient-matching", iterations=1, restarts=1, evade=1.0, **option)
     with pytest.raises(SanitizeError, match=next(iter(option))):
         craft("gradient-matching", [tiny_victim(train, seed=100)], train, test.load_image(0), setup, 32, options, CPU)
+
+
+def test_proxies_train_at_the_first_step_and_every_refresh_and_come_back_after_a_resume():
+    trained = []
+
+    def train_on(deltas, iteration):
+        trained.append((int(deltas.sum()), iteration))
+        return [torch.nn.Linear(2, 2)]
+
+    now = {"deltas": torch.zeros(3, dtype=torch.int16)}
+    proxies = RefreshedProxies(train_on, lambda _: now["deltas"].clone(), 10, CPU)
+    for iteration in range(25):
+        now["deltas"] = torch.full((3,), iteration, dtype=torch.int16)
+        proxies.at(iteration, None)
+    assert trained == [(0, 0), (30, 10), (60, 20)]
+    resumed = RefreshedProxies(train_on, lambda _: pytest.fail("a resume trains on the saved deltas"), 10, CPU)
+    resumed.load_state_dict(proxies.state_dict())
+    resumed.at(25, None)
+    assert trained[-1] == (60, 20)
+    once = RefreshedProxies(train_on, lambda _: now["deltas"].clone(), 0, CPU)
+    for iteration in range(25):
+        once.at(iteration, None)
+    assert trained[3:] == [(60, 20), (72, 0)]
+
+
+def test_evading_in_the_proxy_space_needs_a_way_to_train_the_proxies(split):
+    train, test = split
+    setup = choose_setup(1, train, test, budget=0.02)
+    options = attack_options("gradient-matching", iterations=2, restarts=1, evade=1.0, evade_space="proxy")
+    with pytest.raises(SanitizeError, match="evade_space=proxy needs proxies"):
+        craft("gradient-matching", [], train, test.load_image(setup.target_index), setup, 32, options, CPU)
+
+
+def test_poisons_evading_proxies_trained_on_them_sit_lower_in_a_defenders_proxy_of_another_seed(split, tiny_victim):
+    """The defender's proxy trains on the poisoned set with a seed the attacker does not know: evasion computed in
+    proxies trained on the current poisons (evade_space=proxy) lowers the scan rule's z of the poisons there."""
+    train, test = split
+    surrogate = tiny_victim(train, seed=100).eval()
+    setup = choose_setup(1, train, test, budget=0.02)
+    clean = train.load_batch(np.asarray(setup.poison_indices))[0]
+
+    def poisoned(deltas):
+        return arm_data(train, "undefended", PoisonSet(setup, 32, deltas, "gradient-matching"), setup, 32)
+
+    calls = []
+
+    def proxies(deltas, iteration):
+        calls.append(iteration)
+        return [tiny_victim(poisoned(deltas), seed=300 + iteration)]
+
+    z = {}
+    for weight in (0.0, 10.0):
+        options = attack_options(
+            "gradient-matching", iterations=20, restarts=1, augment=False, evade=weight, evade_space="proxy"
+        )
+        target = test.load_image(setup.target_index)
+        poisons = craft(
+            "gradient-matching", [surrogate], train, target, setup, 32, options, CPU, progress=False, proxies=proxies
+        )
+        defender = tiny_victim(poisoned(poisons.deltas), seed=0).eval()
+        z[weight] = float(np.mean(_scan_rule_z(defender, train, setup, poisons.apply(clean))))
+    assert calls == [0]  # the plain attack trains none; evade_refresh 20 trains once in 20 steps
+    assert z[10.0] < z[0.0] - 0.5

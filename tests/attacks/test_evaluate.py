@@ -910,3 +910,22 @@ def test_gradient_norm_selection_takes_the_intended_class_images_with_the_larges
     run_evaluation(train, test, tmp_path / "s", config, progress=False)
     (stored,) = (tmp_path / "s" / "poisons").glob("*.npz")
     assert tuple(np.load(stored)["poison_indices"].tolist()) == chosen.poison_indices
+
+
+def test_evading_in_the_proxy_space_trains_the_scans_recipe_on_the_current_poisons_into_the_cache(tmp_path, split_npz):
+    train, test = split_npz
+    out = tmp_path / "eval"
+    options = ["--craft-option", "evade=1", "--craft-option", "evade_space=proxy", "--craft-option", "evade_refresh=1"]
+    smoke = ["--scale", "smoke", "--keys", "0", "--budget", "0.02", "--epochs", "1", "--iterations", "2"]
+    result = evaluate_cli(
+        train, test, *smoke, *options, "--cache", str(tmp_path / "cache"), "--craft-only", "--out", str(out)
+    )
+    assert result.exit_code == 0, result.output
+    proxies = sorted((tmp_path / "cache").glob("evade-proxy-*.pt"))
+    assert len(proxies) == 2  # at the first step and after one (evade_refresh=1, two iterations)
+    state = torch.load(proxies[0], map_location="cpu", weights_only=True)
+    assert state["model"]  # a proxy of the scan's own architecture (its state dict)
+    (published,) = (out / "poisons").glob("poisons-gradient-matching-key0-eps16-*.npz")
+    with np.load(published, allow_pickle=False) as stored:
+        config = json.loads(str(stored["metadata"]))["config"]
+    assert config["evade_space"] == "proxy" and config["evade_refresh"] == 1
