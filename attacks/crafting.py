@@ -78,6 +78,14 @@ class CraftingOptions:
     evade_refresh: int = 20
 
 
+# the loop's options that name one of a few choices
+CHOICES = {
+    "start": ("gaussian", "uniform", "zero"),
+    "evade_variant": ("spread", "clump"),
+    "evade_scope": ("batch", "all"),
+    "evade_space": ("surrogate", "proxy"),
+}
+
 # options added after poisons were first cached, at the value that crafts as before: left out of a poison set's name
 IDENTITY_DEFAULTS = {
     "retrain_every": 0,
@@ -203,10 +211,12 @@ def craft(
     """Craft the poisons for `setup` with the registered attack `name` against its surrogate(s); with
     `options.retrain_every`, `retrain` gives new surrogates trained on the current poisons; with
     `options.evade_space` proxy, `proxies` trains the evasion's proxies on them."""
+    for option, allowed in CHOICES.items():
+        value = getattr(options, option)
+        if value not in allowed:
+            raise SanitizeError(f"{option} must be {', '.join(allowed[:-1])} or {allowed[-1]}, not {value!r}")
     if options.retrain_every and retrain is None:
         raise SanitizeError("retrain_every needs surrogates that can be re-trained (sanitize evaluate provides them)")
-    if options.evade_space not in ("surrogate", "proxy"):
-        raise SanitizeError(f"evade_space must be surrogate or proxy, not {options.evade_space!r}")
     by_proxy = options.evade and options.evade_space == "proxy"
     if by_proxy and proxies is None:
         raise SanitizeError(
@@ -214,12 +224,6 @@ def craft(
         )
     if options.evade_refresh < 0:
         raise SanitizeError(f"evade_refresh must be >= 0, not {options.evade_refresh}")
-    if options.start not in ("gaussian", "uniform", "zero"):
-        raise SanitizeError(f"start must be gaussian, uniform or zero, not {options.start!r}")
-    if options.evade_variant not in ("spread", "clump"):
-        raise SanitizeError(f"evade_variant must be spread or clump, not {options.evade_variant!r}")
-    if options.evade_scope not in ("batch", "all"):
-        raise SanitizeError(f"evade_scope must be batch or all, not {options.evade_scope!r}")
     if options.recolor and not (options.recolor_bound > 0 and options.recolor_grid >= 2):
         raise SanitizeError("recolor needs recolor_bound > 0 and recolor_grid >= 2")
     target = target_image.to(device)

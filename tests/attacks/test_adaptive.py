@@ -8,6 +8,7 @@ import torch
 from attacks import attack_options, choose_setup, craft
 from attacks.adaptive import DensityEvasion, FeatureAnchor, RefreshedProxies
 from attacks.base import PoisonSet
+from attacks.crafting import CHOICES
 from attacks.experiment import arm_data
 from attacks.smoke import CPU
 from sanitize.density import robust_z
@@ -170,3 +171,12 @@ def test_poisons_evading_proxies_trained_on_them_sit_lower_in_a_defenders_proxy_
         z[weight] = float(np.mean(_scan_rule_z(defender, train, setup, poisons.apply(clean))))
     assert calls == [0]  # the plain attack trains none; evade_refresh 20 trains once in 20 steps
     assert z[10.0] < z[0.0] - 0.5
+
+
+@pytest.mark.parametrize("name", sorted(CHOICES))
+def test_an_option_outside_its_choices_is_a_one_line_error_before_crafting(split, name):
+    train, test = split
+    setup = choose_setup(1, train, test, budget=0.02)
+    options = attack_options("gradient-matching", iterations=2, restarts=1, **{name: "neither"})
+    with pytest.raises(SanitizeError, match=f"{name} must be .* or .*, not 'neither'"):
+        craft("gradient-matching", [], train, test.load_image(setup.target_index), setup, 32, options, CPU)
