@@ -24,13 +24,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from detection_sweep import CLUMP_K, CURRENT, poison_neighbour_share  # run as a script: benchmarks/ is on the path
+from detection_sweep import (
+    CLUMP_K,
+    CURRENT,
+    keys_harness,
+    poison_neighbour_share,
+    poisoned_keys,
+)  # run as a script: benchmarks/ is on the path
 
-from attacks import choose_setup
 from attacks.base import surrogate_features
 from attacks.experiment import Harness
-from attacks.registry import parse_option
-from attacks.scales import GRADIENT_MATCHING, EvaluationConfig
+from attacks.scales import GRADIENT_MATCHING
 from sanitize.closed_groups import class_graph, closed_group, set_conductance, size_range
 from sanitize.density import knn
 from sanitize.detectors.knn_density import KnnDensityOptions
@@ -138,29 +142,14 @@ def main() -> None:
     parser.add_argument("--scale", default="full", choices=["cpu", "full"])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    data = args.shared / "data" / "cifar10"
-    config = EvaluationConfig(
-        attack=args.attack,
-        scale=args.scale,
-        eps=args.eps,
-        craft_options=dict(parse_option(args.attack, text) for text in args.craft_option),
-        cache=str(args.cache),
-        precision=args.precision,
-    )
-    harness = Harness(data / "cifar10_train.npz", data / "cifar10_test.npz", args.results, config, progress=False)
+    harness = keys_harness(args, args.results, precision=args.precision)
     args.out.mkdir(parents=True, exist_ok=True)
     rows_path = args.out / "attacker_view.jsonl"
     (surrogate, *_), _ = harness.surrogates()
     spaces = {"the attacker's surrogate": surrogate} | {
         label: scan_proxy(Path(path), harness.train) for label, path in (text.split("=", 1) for text in args.proxy)
     }
-    for key in (int(k) for k in args.keys.split(",")):
-        setup = choose_setup(key, harness.train, harness.test, config.budget)
-        poisons = harness.stored_poisons(setup)
-        if poisons is None:
-            print(f"key {key}: no cached or published poisons, skipped")
-            continue
-        poisoned = harness.data_for("undefended", poisons)
+    for key, setup, poisons, poisoned in poisoned_keys(harness, args.keys):
         members = np.flatnonzero(poisoned.labels == setup.intended_class)
         is_poison = np.isin(members, setup.poison_indices)
         row = {

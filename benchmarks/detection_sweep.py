@@ -415,31 +415,15 @@ def main() -> None:
     parser.add_argument("--scale", default="cpu", choices=["cpu", "full"], help="The evaluation scale of the keys.")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    data = args.shared / "data" / "cifar10"
-    config = EvaluationConfig(
-        attack=args.attack,
-        scale=args.scale,
-        model=args.model,
-        epochs=args.epochs,
-        eps=args.eps,
-        craft_options=dict(parse_option(args.attack, text) for text in args.craft_option),
-        cache=str(args.cache),
-    )
     published = args.results or args.cache  # where published poisons and scan outcomes are read and added
-    harness = Harness(data / "cifar10_train.npz", data / "cifar10_test.npz", published, config, progress=False)
+    harness = keys_harness(args, published, model=args.model, epochs=args.epochs)
     args.out.mkdir(parents=True, exist_ok=True)
     rows_path = args.out / "detection.jsonl"
     if args.clean:
         clean_rows(harness, args, rows_path)
     swept_proxies = proxies(args, harness)
-    for key in (int(k) for k in args.keys.split(",")):
+    for key, setup, poisons, poisoned in poisoned_keys(harness, args.keys):
         done = done_rows(rows_path)  # read per key: another sweep may have written this key's rows meanwhile
-        setup = choose_setup(key, harness.train, harness.test, config.budget)
-        poisons = harness.stored_poisons(setup)
-        if poisons is None:
-            print(f"key {key}: no cached poisons, skipped")
-            continue
-        poisoned = harness.data_for("undefended", poisons)
         if any(proxy.side is None for proxy in swept_proxies):
             harness.filtered(poisoned, "scan", setup)  # the default scan: proxy + embeddings, cached
         pull = poison_pulls(harness, setup, poisoned)
@@ -494,6 +478,33 @@ def main() -> None:
                     }
                 append_row(rows_path, row)
     render(rows_path, args.out / "detection.md", default_model_name(harness.train.image_size), harness.train)
+
+
+def keys_harness(args, published: Path, **more) -> Harness:
+    """The evaluation harness of a script's keys on CIFAR-10 (its --shared, --attack, --scale, --eps, --craft-option
+    and --cache; `more` settings beside them), reading and adding published copies in `published`."""
+    data = args.shared / "data" / "cifar10"
+    config = EvaluationConfig(
+        attack=args.attack,
+        scale=args.scale,
+        eps=args.eps,
+        craft_options=dict(parse_option(args.attack, text) for text in args.craft_option),
+        cache=str(args.cache),
+        **more,
+    )
+    return Harness(data / "cifar10_train.npz", data / "cifar10_test.npz", published, config, progress=False)
+
+
+def poisoned_keys(harness: Harness, keys: str):
+    """(key, setup, poisons, the poisoned set) of each of the comma-separated keys whose poisons are cached or
+    published; the others are said and skipped."""
+    for key in (int(k) for k in keys.split(",")):
+        setup = choose_setup(key, harness.train, harness.test, harness.config.budget)
+        poisons = harness.stored_poisons(setup)
+        if poisons is None:
+            print(f"key {key}: no cached or published poisons, skipped")
+            continue
+        yield key, setup, poisons, harness.data_for("undefended", poisons)
 
 
 def proxy_cell(row: dict) -> str:
