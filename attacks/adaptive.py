@@ -84,6 +84,8 @@ class RefreshedProxies:
 
     def _train(self) -> None:
         self.models = [model.to(self.device).eval() for model in self.train_on(self.deltas, self.iteration)]
+        for model in self.models:  # the gradient goes to the images only
+            model.requires_grad_(False)
 
     def state_dict(self) -> dict:
         return {"deltas": self.deltas, "iteration": self.iteration}
