@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from attacks import attack_options, choose_setup, craft
+from attacks import attack_options, choose_setup, craft, get_attack
 from attacks.adaptive import DensityEvasion, FeatureAnchor, RefreshedProxies
 from attacks.base import PoisonSet
 from attacks.crafting import CHOICES
@@ -180,3 +180,54 @@ def test_an_option_outside_its_choices_is_a_one_line_error_before_crafting(split
     options = attack_options("gradient-matching", iterations=2, restarts=1, **{name: "neither"})
     with pytest.raises(SanitizeError, match=f"{name} must be .* or .*, not 'neither'"):
         craft("gradient-matching", [], train, test.load_image(setup.target_index), setup, 32, options, CPU)
+
+
+def test_a_craft_evading_refreshed_proxies_killed_midway_resumes_with_the_same_proxies_to_the_same_poisons(
+    tmp_path, split, tiny_victim, monkeypatch
+):
+    train, test = split
+    surrogate = tiny_victim(train, seed=100).eval()
+    setup = choose_setup(1, train, test, budget=0.02)
+    trained = []
+
+    def proxies(deltas, iteration):
+        trained.append(iteration)
+        data = arm_data(train, "undefended", PoisonSet(setup, 32, deltas, "gradient-matching"), setup, 32)
+        return [tiny_victim(data, seed=300 + iteration)]
+
+    def run(checkpoint=None):
+        options = attack_options(
+            "gradient-matching",
+            iterations=4,
+            restarts=1,
+            augment=False,
+            evade=1.0,
+            evade_space="proxy",
+            evade_refresh=2,
+        )
+        target = test.load_image(setup.target_index)
+        return craft(
+            "gradient-matching", [surrogate], train, target, setup, 32, options, CPU, progress=False,
+            checkpoint=checkpoint, save_every=0.0, proxies=proxies,
+        )  # fmt: skip
+
+    straight = run()
+    assert trained == [0, 2]
+    attack, steps = get_attack("gradient-matching"), []
+    real_loss = attack.loss
+
+    def dying(self, *args, **kwargs):
+        steps.append(1)
+        if len(steps) == 4:  # the fourth iteration (one batch a step)
+            raise KeyboardInterrupt
+        return real_loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(attack, "loss", dying)
+    trained.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "partial.pt")
+    monkeypatch.setattr(attack, "loss", real_loss)
+    trained.clear()
+    resumed = run(tmp_path / "partial.pt")
+    assert trained == [2]  # the proxies of the saved moment, trained again on its deltas (a cache would load them)
+    assert torch.equal(resumed.deltas, straight.deltas)
