@@ -25,11 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from detection_sweep import (
-    CLUMP_K,
     CURRENT,
     keys_harness,
-    poison_neighbour_share,
     poisoned_keys,
+    share_summary,
 )  # run as a script: benchmarks/ is on the path
 
 from attacks.base import surrogate_features
@@ -60,14 +59,17 @@ def scan_proxy(path: Path, data) -> torch.nn.Module:
 
 
 def closure(space: np.ndarray, is_poison: np.ndarray) -> dict:
-    """Neighbour shares and conductances of one class's poisons in `space` (rows: the class's members)."""
+    """Neighbour shares and conductances of one class's poisons in `space` (rows: the class's members), from one
+    k-NN search at the default scan's small scale."""
     options = KnnDensityOptions()
     _, neighbours = knn(space, options.k_small)
     graph = class_graph(neighbours)
     sizes = size_range(len(space), options.closed_group_min_fraction, options.closed_group_max_fraction)
     group = closed_group(graph, sizes)
     return {
-        "poison_neighbour_share": poison_neighbour_share(space, np.zeros(len(space), dtype=np.int64), is_poison),
+        "poison_neighbour_share": share_summary(
+            is_poison[neighbours].mean(axis=1), is_poison, np.ones(len(space), dtype=bool), options.k_small
+        ),
         "poisons_conductance": set_conductance(graph, is_poison),
         "closed_group_conductance": group.conductance,
         "closed_group_size": int(len(group.members)),
@@ -95,7 +97,7 @@ def defender_view(sweep: Path | None, key: int, digest: str, intended: int) -> d
 
 def render(rows: list[dict]) -> str:
     lines = [
-        f"Poisons' neighbours that are poisons ({CLUMP_K} nearest in the intended class; clean members' in brackets), "
+        f"Poisons' neighbours that are poisons ({KnnDensityOptions().k_small} nearest in the intended class; clean members' in brackets), "
         "the poisons' own conductance and the class's most closed set of 1-20% (union graph; its size and the poisons "
         "in it), per space: the attacker's surrogate, other proxies given with --proxy, and the defender's proxy (the "
         "detection sweep's row of the default scan; '-' where it did not record it):",

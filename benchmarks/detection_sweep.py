@@ -304,6 +304,12 @@ def poison_neighbour_share(space: np.ndarray, labels: np.ndarray, truth: np.ndar
         rows = np.flatnonzero(labels == c)
         _, neighbours = knn(space[rows], k)
         shares[rows] = truth[rows][neighbours].mean(axis=1)
+    return share_summary(shares, truth, within, k)
+
+
+def share_summary(shares: np.ndarray, truth: np.ndarray, within: np.ndarray, k: int) -> dict:
+    """The mean share of poisons among the k nearest neighbours (`shares`, per example) of the poisons and of the
+    clean examples `within` the classes that hold poisons, beside the poisons' share there."""
     return {
         "k": k,
         "poisons": float(shares[truth].mean()),
