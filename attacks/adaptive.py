@@ -23,7 +23,7 @@ add none.
 
 `evade_space` says whose features: the attack's surrogates (`surrogate`, as first built), or `proxy`: proxies of the
 default scan's own recipe (its architecture, epochs and augmentation, the attacker's seeds) trained on the data with
-the current poisons and trained again every `evade_refresh` craft steps (`RefreshedProxies`). The defender's proxy
+the current poisons and trained again every `evade_refresh` craft steps (attacks.refresh). The defender's proxy
 trains on the poisoned set, and a proxy that has seen the poisons groups them where a surrogate trained on clean data
 does not (reports/adaptive-attack/attacker-view).
 """
@@ -31,7 +31,6 @@ does not (reports/adaptive-attack/attacker-view).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -60,38 +59,6 @@ class FeatureAnchor:
             ).clamp_min(1e-12)
             total = total + moved.mean()
         return total / len(self.surrogates)
-
-
-class RefreshedProxies:
-    """The evasion's space with `evade_space=proxy`: `train_on(deltas, iteration)` trains proxies on the data with
-    these integer deltas, at the first step and every `every` steps after (0: only at the first). `state_dict` holds
-    the deltas they were last trained on, so a resumed restart gets the same proxies back (from the model cache)."""
-
-    def __init__(self, train_on: Callable, deltas_of: Callable, every: int, device: torch.device) -> None:
-        self.train_on, self.deltas_of, self.every, self.device = train_on, deltas_of, every, device
-        self.models: list[Classifier] | None = None
-        self.deltas: torch.Tensor | None = None
-        self.iteration = 0
-
-    def at(self, iteration: int, perturbation) -> list[Classifier]:
-        """The proxies to evade at this step: trained again when it is due."""
-        if self.models is None and self.deltas is not None:  # resumed
-            self._train()
-        if self.models is None or (self.every and iteration % self.every == 0 and iteration != self.iteration):
-            self.deltas, self.iteration = self.deltas_of(perturbation).cpu(), iteration
-            self._train()
-        return self.models
-
-    def _train(self) -> None:
-        self.models = [model.to(self.device).eval() for model in self.train_on(self.deltas, self.iteration)]
-        for model in self.models:  # the gradient goes to the images only
-            model.requires_grad_(False)
-
-    def state_dict(self) -> dict:
-        return {"deltas": self.deltas, "iteration": self.iteration}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.deltas, self.iteration, self.models = state["deltas"], state["iteration"], None
 
 
 MAD_SCALE = 0.6745  # the modified z-score's constant (sanitize.density.robust_z)

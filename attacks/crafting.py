@@ -8,9 +8,9 @@ gets a colour map (attacks.recolor) applied before the additive part, optimised 
 gradient of all batches of poisons is accumulated before each step, so the result does not depend on the batch size.
 Of R restarts the one with the lowest final loss is kept; with a checkpoint the best restart so far is saved after
 every restart, and within a restart every `save_every` seconds (the perturbation, the optimiser, the random state and
-the attack's own moving state, `Attack.state_dict`, and what the evasion's proxies last trained on), so that a killed
-run resumes where it was to the same result; a restart that re-trains its surrogates (`retrain_every`) resumes from
-its start. Deltas are returned as integers.
+the attack's own moving state, `Attack.state_dict`, and what re-trained surrogates and the evasion's proxies last
+trained on, attacks.refresh), so that a killed run resumes where it was to the same result. Deltas are returned as
+integers.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from attacks.adaptive import DensityEvasion, FeatureAnchor, RefreshedProxies
+from attacks.adaptive import DensityEvasion, FeatureAnchor
 from attacks.base import PoisonSet, PoisonSetup
 from attacks.recolor import largest_change, project_colour, recolor, smoothness
+from attacks.refresh import RefreshedModels
 from attacks.registry import get_attack
 from sanitize.data import ImageDataset
 from sanitize.errors import SanitizeError
@@ -72,7 +73,7 @@ class CraftingOptions:
     evade_variant: str = "spread"
     evade_scope: str = "batch"  # which poisons the evasion's variant counts: the crafting batch's, or all
     # the space the evasion is computed in: the attack's surrogates, or proxies of the default scan's own recipe
-    # trained on the data with the current poisons (attacks.adaptive.RefreshedProxies), trained again every
+    # trained on the data with the current poisons (attacks.refresh), trained again every
     # evade_refresh iterations (0: once, on the start's poisons). Needs a way to train them (the evaluation's)
     evade_space: str = "surrogate"
     evade_refresh: int = 20
@@ -257,11 +258,12 @@ def craft(
             generator.set_state(state["generator"])
             within = state.get("within")
 
-    def after(iteration: int, perturbation: Perturbation) -> Any | None:
-        """The attack on new surrogates, trained on the current poisons, when this iteration re-trains; else None."""
-        if not options.retrain_every or iteration % options.retrain_every:
-            return None
-        return attack_on(retrain(perturbation.deltas(clean_uint8, clean, std, eps), iteration))
+    def deltas_of(perturbation: Perturbation) -> torch.Tensor:
+        return perturbation.deltas(clean_uint8, clean, std, eps)
+
+    def frozen(models: list[Classifier]) -> list[Classifier]:
+        """The evasion's proxies: the gradient goes to the images only."""
+        return [model.to(device).eval().requires_grad_(False) for model in models]
 
     started = time.perf_counter() - spent
 
@@ -281,15 +283,13 @@ def craft(
             perturbation = _start(clean, bound, std, options, generator, device)
         for parameter in perturbation.parameters():
             parameter.requires_grad_(True)
-        midway = checkpoint is not None and not options.retrain_every
+        models = RefreshedModels(retrain, deltas_of, options.retrain_every, initial=surrogates)
         refreshed = None
         if by_proxy:
-            refreshed = RefreshedProxies(
-                proxies, lambda now: now.deltas(clean_uint8, clean, std, eps), options.evade_refresh, device
-            )
+            refreshed = RefreshedModels(lambda *at: frozen(proxies(*at)), deltas_of, options.evade_refresh)
         history = _optimise(
-            attack_on(surrogates),
-            after,
+            attack_on,
+            models,
             perturbation,
             clean,
             labels,
@@ -300,7 +300,7 @@ def craft(
             restart,
             progress,
             resumed=within,
-            save=functools.partial(save, restart) if midway else None,
+            save=None if checkpoint is None else functools.partial(save, restart),
             save_every=save_every,
             proxies=refreshed,
         )
@@ -340,20 +340,22 @@ def _start(clean, bound, std, options, generator, device) -> Perturbation:
     return perturbation
 
 
-def _moment(perturbation: Perturbation, optimizer, history: list[float], attack, proxies) -> dict[str, Any]:
+def _moment(perturbation: Perturbation, optimizer, history: list[float], attack, models, proxies) -> dict[str, Any]:
     """What a restart in progress needs to go on: the perturbation, the optimiser (with its decayed rate), the losses
-    so far, the attack's moving state and what the evasion's proxies were last trained on."""
+    so far, the attack's moving state and what its surrogates and the evasion's proxies were last trained on."""
     moment = {"delta": perturbation.delta.detach().cpu(), "optimizer": optimizer.state_dict(), "history": history}
     if perturbation.colour is not None:
         moment["colour"] = perturbation.colour.detach().cpu()
+    if models.deltas is not None:
+        moment["surrogates"] = models.state_dict()
     if proxies is not None:
         moment["evade_proxies"] = proxies.state_dict()
     return moment | {"attack": attack.state_dict()}
 
 
 def _optimise(
-    attack,
-    after,
+    attack_on,
+    models: RefreshedModels,
     perturbation,
     clean,
     labels,
@@ -366,10 +368,10 @@ def _optimise(
     resumed: dict[str, Any] | None = None,
     save: Callable[[dict[str, Any]], None] | None = None,
     save_every: float = SAVE_EVERY_SECONDS,
-    proxies: RefreshedProxies | None = None,
+    proxies: RefreshedModels | None = None,
 ) -> list[float]:
     """One restart: (signed) Adam with step decay on `perturbation` (in place); the loss of every iteration.
-    `after(i, perturbation)` may return the attack on re-trained surrogates to craft on against from iteration i on;
+    `attack_on(surrogates)` is the attack against the step's `models` (new ones when they are re-trained);
     `proxies`, the evasion's space when it is not the attack's surrogates.
     `resumed` is a saved moment of this restart to go on from; `save(moment)` saves one, every `save_every` seconds
     (never after the last iteration: the restart's end saves it whole)."""
@@ -377,6 +379,9 @@ def _optimise(
     steps = sorted({int(options.iterations * f) for f in options.milestones})
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, steps, gamma=0.1)
     count, history = len(clean), []
+    if resumed is not None and "surrogates" in resumed:
+        models.load_state_dict(resumed["surrogates"])
+    attack = attack_on(models.models)
     if resumed is not None:
         optimizer.load_state_dict(resumed["optimizer"])  # with the decayed rate
         scheduler.last_epoch = len(resumed["history"])
@@ -396,7 +401,8 @@ def _optimise(
     )
     anchor = evasion = None
     for iteration in bar:
-        attack = (iteration and after(iteration, perturbation)) or attack
+        if models.at(iteration, perturbation) is not attack.surrogates:
+            attack = attack_on(models.models)
         if options.anchor and (anchor is None or anchor.surrogates is not attack.surrogates):
             anchor = FeatureAnchor(attack.surrogates, clean, attack.amp_dtype)  # against the current surrogates
         space = attack.surrogates if proxies is None else proxies.at(iteration, perturbation)
@@ -434,6 +440,6 @@ def _optimise(
         history.append(total)
         bar.set_postfix(loss=f"{total:.4f}")
         if save is not None and iteration + 1 < options.iterations and time.perf_counter() - last_saved >= save_every:
-            save(_moment(perturbation, optimizer, history, attack, proxies))
+            save(_moment(perturbation, optimizer, history, attack, models, proxies))
             last_saved = time.perf_counter()
     return history

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from attacks import attack_options, choose_setup, craft, get_attack
-from attacks.adaptive import DensityEvasion, FeatureAnchor, RefreshedProxies
+from attacks import attack_options, choose_setup, craft
+from attacks.adaptive import DensityEvasion, FeatureAnchor
 from attacks.base import PoisonSet
 from attacks.crafting import CHOICES
 from attacks.experiment import arm_data
@@ -110,29 +110,6 @@ def test_an_unknown_evasion_variant_or_scope_is_refused_before_crafting(split, t
         craft("gradient-matching", [tiny_victim(train, seed=100)], train, test.load_image(0), setup, 32, options, CPU)
 
 
-def test_proxies_train_at_the_first_step_and_every_refresh_and_come_back_after_a_resume():
-    trained = []
-
-    def train_on(deltas, iteration):
-        trained.append((int(deltas.sum()), iteration))
-        return [torch.nn.Linear(2, 2)]
-
-    now = {"deltas": torch.zeros(3, dtype=torch.int16)}
-    proxies = RefreshedProxies(train_on, lambda _: now["deltas"].clone(), 10, CPU)
-    for iteration in range(25):
-        now["deltas"] = torch.full((3,), iteration, dtype=torch.int16)
-        proxies.at(iteration, None)
-    assert trained == [(0, 0), (30, 10), (60, 20)]
-    resumed = RefreshedProxies(train_on, lambda _: pytest.fail("a resume trains on the saved deltas"), 10, CPU)
-    resumed.load_state_dict(proxies.state_dict())
-    resumed.at(25, None)
-    assert trained[-1] == (60, 20)
-    once = RefreshedProxies(train_on, lambda _: now["deltas"].clone(), 0, CPU)
-    for iteration in range(25):
-        once.at(iteration, None)
-    assert trained[3:] == [(60, 20), (72, 0)]
-
-
 def test_evading_in_the_proxy_space_needs_a_way_to_train_the_proxies(split):
     train, test = split
     setup = choose_setup(1, train, test, budget=0.02)
@@ -180,54 +157,3 @@ def test_an_option_outside_its_choices_is_a_one_line_error_before_crafting(split
     options = attack_options("gradient-matching", iterations=2, restarts=1, **{name: "neither"})
     with pytest.raises(SanitizeError, match=f"{name} must be .* or .*, not 'neither'"):
         craft("gradient-matching", [], train, test.load_image(setup.target_index), setup, 32, options, CPU)
-
-
-def test_a_craft_evading_refreshed_proxies_killed_midway_resumes_with_the_same_proxies_to_the_same_poisons(
-    tmp_path, split, tiny_victim, monkeypatch
-):
-    train, test = split
-    surrogate = tiny_victim(train, seed=100).eval()
-    setup = choose_setup(1, train, test, budget=0.02)
-    trained = []
-
-    def proxies(deltas, iteration):
-        trained.append(iteration)
-        data = arm_data(train, "undefended", PoisonSet(setup, 32, deltas, "gradient-matching"), setup, 32)
-        return [tiny_victim(data, seed=300 + iteration)]
-
-    def run(checkpoint=None):
-        options = attack_options(
-            "gradient-matching",
-            iterations=4,
-            restarts=1,
-            augment=False,
-            evade=1.0,
-            evade_space="proxy",
-            evade_refresh=2,
-        )
-        target = test.load_image(setup.target_index)
-        return craft(
-            "gradient-matching", [surrogate], train, target, setup, 32, options, CPU, progress=False,
-            checkpoint=checkpoint, save_every=0.0, proxies=proxies,
-        )  # fmt: skip
-
-    straight = run()
-    assert trained == [0, 2]
-    attack, steps = get_attack("gradient-matching"), []
-    real_loss = attack.loss
-
-    def dying(self, *args, **kwargs):
-        steps.append(1)
-        if len(steps) == 4:  # the fourth iteration (one batch a step)
-            raise KeyboardInterrupt
-        return real_loss(self, *args, **kwargs)
-
-    monkeypatch.setattr(attack, "loss", dying)
-    trained.clear()
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "partial.pt")
-    monkeypatch.setattr(attack, "loss", real_loss)
-    trained.clear()
-    resumed = run(tmp_path / "partial.pt")
-    assert trained == [2]  # the proxies of the saved moment, trained again on its deltas (a cache would load them)
-    assert torch.equal(resumed.deltas, straight.deltas)
