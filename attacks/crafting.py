@@ -217,11 +217,15 @@ def craft(
         if value not in allowed:
             raise SanitizeError(f"{option} must be {', '.join(allowed[:-1])} or {allowed[-1]}, not {value!r}")
     if options.retrain_every and retrain is None:
-        raise SanitizeError("retrain_every needs surrogates that can be re-trained (sanitize evaluate provides them)")
+        raise SanitizeError(
+            "retrain_every needs surrogates that can be re-trained "
+            "(sanitize evaluate, and sanitize attack on .npz data, provide them)"
+        )
     by_proxy = options.evade and options.evade_space == "proxy"
     if by_proxy and proxies is None:
         raise SanitizeError(
-            "evade_space=proxy needs proxies trained on the poisoned data (sanitize evaluate provides them)"
+            "evade_space=proxy needs proxies trained on the poisoned data "
+            "(sanitize evaluate, and sanitize attack on .npz data, provide them)"
         )
     if options.evade_refresh < 0:
         raise SanitizeError(f"evade_refresh must be >= 0, not {options.evade_refresh}")

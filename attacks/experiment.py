@@ -154,30 +154,14 @@ class Harness:
         return poisons
 
     def retrainer(self, setup: PoisonSetup):
-        """The attacker's re-training during crafting (`retrain_every`): surrogates trained from scratch on the data
-        with the current poisons, with attacker seeds of their own, cached like every model."""
-
-        def retrain(deltas: torch.Tensor, iteration: int) -> list[Classifier]:
-            poisoned = self.data_for("undefended", PoisonSet(setup, self.config.eps, deltas, self.config.attack))
-            seeds = [SURROGATE_SEED + 1000 * iteration + index for index in range(self.config.surrogates)]
-            return [self.models.trained(poisoned, seed, "surrogate-retrained")[0] for seed in seeds]
-
-        return retrain
-
-    def proxy_trainer(self, setup: PoisonSetup):
-        """The adaptive attacker's imitation of the scan's proxy (`evade_space=proxy`): the default scan's
-        architecture and recipe trained from scratch on the data with the current poisons, with attacker seeds of
-        their own (the defender's seed is not known to it), cached like every model."""
-        scan = ScanConfig()
-        proxies = dataclasses.replace(
-            self.models, model=resolve_model_name(scan.model, self.train.image_size), model_kwargs={}, recipe=scan.train
+        """The attacker's re-training during crafting (`retrain_every`)."""
+        return surrogate_retrainer(
+            self.models, self.train, setup, self.config.eps, self.config.attack, self.config.surrogates
         )
 
-        def train(deltas: torch.Tensor, iteration: int) -> list[Classifier]:
-            poisoned = self.data_for("undefended", PoisonSet(setup, self.config.eps, deltas, self.config.attack))
-            return [proxies.trained(poisoned, EVADE_PROXY_SEED + 1000 * iteration, "evade-proxy")[0]]
-
-        return train
+    def proxy_trainer(self, setup: PoisonSetup):
+        """The adaptive attacker's imitation of the scan's proxy (`evade_space=proxy`)."""
+        return scan_proxy_trainer(self.models, self.train, setup, self.config.eps, self.config.attack)
 
     def data_for(self, arm: str, poisons: PoisonSet | None, setup: PoisonSetup | None = None) -> ArrayDataset:
         return arm_data(self.train, arm, poisons, setup, self.config.eps)
@@ -374,6 +358,36 @@ def victim_identity(row: dict[str, Any]) -> tuple:
         row[name]
         for name in ("attack", "eps", "budget", "poison_key", "arm", "victim_seed", "scale", "model", "epochs")
     )
+
+
+def surrogate_retrainer(
+    models: ModelCache, train: ArrayDataset, setup: PoisonSetup, eps: float, attack: str, count: int
+):
+    """`retrain(deltas, iteration)` for `retrain_every`: `count` surrogates of `models`' recipe trained from scratch on
+    the data with these poisons, with attacker seeds of their own, cached like every model."""
+
+    def retrain(deltas: torch.Tensor, iteration: int) -> list[Classifier]:
+        poisoned = arm_data(train, "undefended", PoisonSet(setup, eps, deltas, attack), setup, eps)
+        seeds = [SURROGATE_SEED + 1000 * iteration + index for index in range(count)]
+        return [models.trained(poisoned, seed, "surrogate-retrained")[0] for seed in seeds]
+
+    return retrain
+
+
+def scan_proxy_trainer(models: ModelCache, train: ArrayDataset, setup: PoisonSetup, eps: float, attack: str):
+    """`train(deltas, iteration)` for `evade_space=proxy`: the default scan's architecture and recipe trained from
+    scratch on the data with these poisons, with the attacker's own seeds (the defender's seed is not known to it),
+    cached like every model."""
+    scan = ScanConfig()
+    proxies = dataclasses.replace(
+        models, model=resolve_model_name(scan.model, train.image_size), model_kwargs={}, recipe=scan.train
+    )
+
+    def train_on(deltas: torch.Tensor, iteration: int) -> list[Classifier]:
+        poisoned = arm_data(train, "undefended", PoisonSet(setup, eps, deltas, attack), setup, eps)
+        return [proxies.trained(poisoned, EVADE_PROXY_SEED + 1000 * iteration, "evade-proxy")[0]]
+
+    return train_on
 
 
 def arm_data(

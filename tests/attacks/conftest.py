@@ -45,3 +45,12 @@ def digits_transfer(tmp_path):
         return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()], out
 
     return run
+
+
+@pytest.fixture
+def split_npz(tmp_path, digits16):
+    """Digits written as npz: a train set (1,500) and a test set (297)."""
+    x, y = digits16
+    np.savez(tmp_path / "train.npz", x=x[:1500], y=y[:1500])
+    np.savez(tmp_path / "test.npz", x_test=x[1500:], y_test=y[1500:])
+    return tmp_path / "train.npz", tmp_path / "test.npz"

@@ -64,14 +64,6 @@ def evaluate_cli(train, test, *args: str):
     return CliRunner().invoke(cli, ["evaluate", str(train), "--test", str(test), *args])
 
 
-@pytest.fixture
-def split_npz(tmp_path, digits16):
-    x, y = digits16
-    np.savez(tmp_path / "train.npz", x=x[:1500], y=y[:1500])
-    np.savez(tmp_path / "test.npz", x_test=x[1500:], y_test=y[1500:])
-    return tmp_path / "train.npz", tmp_path / "test.npz"
-
-
 def test_smoke_evaluation_writes_protocol_rows_and_resumes(tmp_path, split_npz):
     train, test = split_npz
     config = EvaluationConfig(scale="smoke", keys=(0, 1), victims=1, eps=16, budget=0.02, epochs=2, iterations=3)
