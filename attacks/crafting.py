@@ -77,6 +77,9 @@ class CraftingOptions:
     # evade_refresh iterations (0: once, on the start's poisons). Needs a way to train them (the evaluation's)
     evade_space: str = "surrogate"
     evade_refresh: int = 20
+    # the proxies' seeds: the attacker's own (`own`), or the default scan's (`scan`: the seed is part of the default,
+    # so an attacker who knows the scan knows it; its proxies then start and order their data as the defender's do)
+    evade_seed: str = "own"
 
 
 # the loop's options that name one of a few choices
@@ -85,6 +88,7 @@ CHOICES = {
     "evade_variant": ("spread", "clump"),
     "evade_scope": ("batch", "all"),
     "evade_space": ("surrogate", "proxy"),
+    "evade_seed": ("own", "scan"),
 }
 
 # options added after poisons were first cached, at the value that crafts as before: left out of a poison set's name
@@ -103,6 +107,7 @@ IDENTITY_DEFAULTS = {
     "evade_scope": "batch",
     "evade_space": "surrogate",
     "evade_refresh": 20,
+    "evade_seed": "own",
 }
 
 

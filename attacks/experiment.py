@@ -161,7 +161,9 @@ class Harness:
 
     def proxy_trainer(self, setup: PoisonSetup):
         """The adaptive attacker's imitation of the scan's proxy (`evade_space=proxy`)."""
-        return scan_proxy_trainer(self.models, self.train, setup, self.config.eps, self.config.attack)
+        return scan_proxy_trainer(
+            self.models, self.train, setup, self.config.eps, self.config.attack, self.craft_config.evade_seed
+        )
 
     def data_for(self, arm: str, poisons: PoisonSet | None, setup: PoisonSetup | None = None) -> ArrayDataset:
         return arm_data(self.train, arm, poisons, setup, self.config.eps)
@@ -374,10 +376,12 @@ def surrogate_retrainer(
     return retrain
 
 
-def scan_proxy_trainer(models: ModelCache, train: ArrayDataset, setup: PoisonSetup, eps: float, attack: str):
+def scan_proxy_trainer(
+    models: ModelCache, train: ArrayDataset, setup: PoisonSetup, eps: float, attack: str, seeds: str = "own"
+):
     """`train(deltas, iteration)` for `evade_space=proxy`: the default scan's architecture and recipe trained from
-    scratch on the data with these poisons, with the attacker's own seeds (the defender's seed is not known to it),
-    cached like every model."""
+    scratch on the data with these poisons, cached like every model; with the attacker's own seeds, one a refresh
+    (`seeds` own), or every time with the default scan's seed (`scan`)."""
     scan = ScanConfig()
     proxies = dataclasses.replace(
         models, model=resolve_model_name(scan.model, train.image_size), model_kwargs={}, recipe=scan.train
@@ -385,7 +389,8 @@ def scan_proxy_trainer(models: ModelCache, train: ArrayDataset, setup: PoisonSet
 
     def train_on(deltas: torch.Tensor, iteration: int) -> list[Classifier]:
         poisoned = arm_data(train, "undefended", PoisonSet(setup, eps, deltas, attack), setup, eps)
-        return [proxies.trained(poisoned, EVADE_PROXY_SEED + 1000 * iteration, "evade-proxy")[0]]
+        seed = scan.seed if seeds == "scan" else EVADE_PROXY_SEED + 1000 * iteration
+        return [proxies.trained(poisoned, seed, "evade-proxy")[0]]
 
     return train_on
 

@@ -11,19 +11,20 @@ from click.testing import CliRunner
 from attacks import attack_options, choose_setup, craft, load_poisons
 from attacks.arms import SCAN_PART
 from attacks.evaluate import run_evaluation
-from attacks.experiment import Harness, load_scan_outcome
+from attacks.experiment import EVADE_PROXY_SEED, Harness, load_scan_outcome
 from attacks.rows import REQUIRED as ROW_REQUIRED
 from attacks.rows import SCAN_OPTIONS_RECORDED, default_scan_options
 from attacks.scales import SCALES, EvaluationConfig
 from attacks.selection import gradient_norms, select_poisons
 from attacks.summary import _cost_vs_plain, aggregate
-from attacks.trained import Cost
+from attacks.trained import Cost, ModelCache
 from sanitize.cli import cli, parse_keys
 from sanitize.config import ScanConfig
 from sanitize.detectors.epic import EpicOptions
 from sanitize.detectors.knn_density import KnnDensityOptions
 from sanitize.errors import SanitizeError
 from sanitize.friendly import STEPS
+from sanitize.models import resolve_model_name
 from sanitize.training import precision_name, resolve_precision, train_model
 from sanitize.work import example_flops, trained_examples
 
@@ -921,3 +922,32 @@ def test_evading_in_the_proxy_space_trains_the_scans_recipe_on_the_current_poiso
     with np.load(published, allow_pickle=False) as stored:
         config = json.loads(str(stored["metadata"]))["config"]
     assert config["evade_space"] == "proxy" and config["evade_refresh"] == 1
+
+
+@pytest.mark.parametrize(
+    "seeds, expected", [("own", [EVADE_PROXY_SEED, EVADE_PROXY_SEED + 1000]), ("scan", [ScanConfig().seed] * 2)]
+)
+def test_the_evasions_proxies_train_with_the_attackers_seeds_or_the_scans(
+    tmp_path, split_npz, monkeypatch, seeds, expected
+):
+    """evade_seed=own: a seed of the attacker's own a refresh; scan: the default scan's seed every time."""
+    train, test = split_npz
+    craft_options = {"evade": 1.0, "evade_space": "proxy", "evade_seed": seeds}
+    harness = Harness(
+        train,
+        test,
+        tmp_path / "e",
+        EvaluationConfig(**quick_smoke(tmp_path), craft_options=craft_options),
+        progress=False,
+    )
+    trained = []
+    monkeypatch.setattr(
+        ModelCache, "trained", lambda self, data, seed, tag: trained.append((seed, tag, self.model)) or (None, None)
+    )
+    setup = choose_setup(0, harness.train, harness.test, 0.02)
+    deltas = torch.zeros((len(setup.poison_indices), 3, *harness.train.image_size), dtype=torch.int16)
+    train_on = harness.proxy_trainer(setup)
+    train_on(deltas, 0)
+    train_on(deltas, 1)
+    proxy = resolve_model_name(ScanConfig().model, harness.train.image_size)
+    assert trained == [(seed, "evade-proxy", proxy) for seed in expected]
