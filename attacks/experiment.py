@@ -362,37 +362,43 @@ def victim_identity(row: dict[str, Any]) -> tuple:
     )
 
 
+def trainer_on_poisons(
+    models: ModelCache, train: ArrayDataset, setup: PoisonSetup, eps: float, attack: str, tag: str, seeds
+):
+    """`train(deltas, iteration)`: models of `models`' recipe trained from scratch on the data with these poisons, one
+    a seed of `seeds(iteration)`, cached like every model."""
+
+    def train_on(deltas: torch.Tensor, iteration: int) -> list[Classifier]:
+        poisoned = arm_data(train, "undefended", PoisonSet(setup, eps, deltas, attack), setup, eps)
+        return [models.trained(poisoned, seed, tag)[0] for seed in seeds(iteration)]
+
+    return train_on
+
+
 def surrogate_retrainer(
     models: ModelCache, train: ArrayDataset, setup: PoisonSetup, eps: float, attack: str, count: int
 ):
-    """`retrain(deltas, iteration)` for `retrain_every`: `count` surrogates of `models`' recipe trained from scratch on
-    the data with these poisons, with attacker seeds of their own, cached like every model."""
-
-    def retrain(deltas: torch.Tensor, iteration: int) -> list[Classifier]:
-        poisoned = arm_data(train, "undefended", PoisonSet(setup, eps, deltas, attack), setup, eps)
-        seeds = [SURROGATE_SEED + 1000 * iteration + index for index in range(count)]
-        return [models.trained(poisoned, seed, "surrogate-retrained")[0] for seed in seeds]
-
-    return retrain
+    """`retrain(deltas, iteration)` for `retrain_every`: `count` surrogates of `models`' recipe, with attacker seeds of
+    their own."""
+    return trainer_on_poisons(
+        models, train, setup, eps, attack, "surrogate-retrained",
+        lambda iteration: [SURROGATE_SEED + 1000 * iteration + index for index in range(count)],
+    )  # fmt: skip
 
 
 def scan_proxy_trainer(
     models: ModelCache, train: ArrayDataset, setup: PoisonSetup, eps: float, attack: str, seeds: str = "own"
 ):
-    """`train(deltas, iteration)` for `evade_space=proxy`: the default scan's architecture and recipe trained from
-    scratch on the data with these poisons, cached like every model; with the attacker's own seeds, one a refresh
-    (`seeds` own), or every time with the default scan's seed (`scan`)."""
+    """`train(deltas, iteration)` for `evade_space=proxy`: the default scan's architecture and recipe, with the
+    attacker's own seeds, one a refresh (`seeds` own), or every time with the default scan's seed (`scan`)."""
     scan = ScanConfig()
     proxies = dataclasses.replace(
         models, model=resolve_model_name(scan.model, train.image_size), model_kwargs={}, recipe=scan.train
     )
-
-    def train_on(deltas: torch.Tensor, iteration: int) -> list[Classifier]:
-        poisoned = arm_data(train, "undefended", PoisonSet(setup, eps, deltas, attack), setup, eps)
-        seed = scan.seed if seeds == "scan" else EVADE_PROXY_SEED + 1000 * iteration
-        return [proxies.trained(poisoned, seed, "evade-proxy")[0]]
-
-    return train_on
+    return trainer_on_poisons(
+        proxies, train, setup, eps, attack, "evade-proxy",
+        lambda iteration: [scan.seed if seeds == "scan" else EVADE_PROXY_SEED + 1000 * iteration],
+    )  # fmt: skip
 
 
 def arm_data(
