@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from proxy_precision import evaluated_key, evaluated_key_arguments  # run as a script: benchmarks/ is on the path
+from proxy_precision import evaluated_key_arguments, key_from_arguments  # run as a script: benchmarks/ is on the path
 from run_record import write_results  # run as a script: benchmarks/ is on the path
 
 from attacks.scales import EvaluationConfig
@@ -58,7 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     first, last = (int(part) for part in args.seeds.split("-"))
 
-    key = evaluated_key(args.results, args.cache, args.data, args.key)
+    key = key_from_arguments(args)
     is_poison, is_carrier = key.kept_masks()
     record: dict = {"key": args.key, "carriers": int(key.carriers.sum()), "poisons": len(key.carriers), "victims": []}
     for variant, options in VARIANTS.items():

@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from proxy_precision import EvaluatedKey, evaluated_key, evaluated_key_arguments  # benchmarks/ is on the path
+from proxy_precision import EvaluatedKey, evaluated_key_arguments, key_from_arguments  # benchmarks/ is on the path
 from run_record import write_results  # run as a script: benchmarks/ is on the path
 
 from sanitize.embeddings import softmax_minus_onehot
@@ -114,7 +114,7 @@ def main() -> None:
     args = parser.parse_args()
     first, last = (int(part) for part in args.seeds.split("-"))
 
-    key = evaluated_key(args.results, args.cache, args.data, args.key)
+    key = key_from_arguments(args)
     is_poison, is_carrier = key.kept_masks()
     dropper = dropper_for(key, args.work)
     cap, round_epoch = dropper.cap, dropper.rounds[0]

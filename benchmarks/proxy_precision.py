@@ -31,6 +31,7 @@ from attacks import choose_setup
 from attacks.evaluate import victim_tag
 from attacks.experiment import Harness
 from attacks.scales import EvaluationConfig
+from sanitize.cli import parse_scan_options
 from sanitize.robust import EpicDropper
 from sanitize.training import milestone_epochs
 
@@ -70,10 +71,26 @@ class EvaluatedKey(NamedTuple):
         return (models or self.harness.models).path(self.kept, seed, victim_tag(ARM, False), robust=True)
 
 
-def evaluated_key(results: Path, cache: Path, data: Path, key: int) -> EvaluatedKey:
-    """A full-scale gradient-matching key as its `scan-robust` victims saw it: its poisons, carriers and the default
-    scan's kept set, read from the evaluation folder or the cache, never crafted or scanned again."""
-    config = EvaluationConfig(scale="full", eps=16.0, keys=(key,), arms=(ARM,), cache=str(cache))
+def evaluated_key(
+    results: Path,
+    cache: Path,
+    data: Path,
+    key: int,
+    precision: str = "auto",
+    scan_options: dict[str, Any] | None = None,
+) -> EvaluatedKey:
+    """A full-scale gradient-matching key as its `scan-robust` victims saw it: its poisons, carriers and the scan's
+    kept set (the default's, or the rule with `scan_options` on the same proxy and embeddings), read from the
+    evaluation folder or the cache, never crafted or scanned again; models trained at `precision`."""
+    config = EvaluationConfig(
+        scale="full",
+        eps=16.0,
+        keys=(key,),
+        arms=(ARM,),
+        cache=str(cache),
+        precision=precision,
+        scan_options=scan_options or {},
+    )
     harness = Harness(data / "cifar10_train.npz", data / "cifar10_test.npz", results, config, False)
     setup = choose_setup(key, harness.train, harness.test, config.budget)
     poisons = harness.stored_poisons(setup)
@@ -89,13 +106,27 @@ def evaluated_key(results: Path, cache: Path, data: Path, key: int) -> Evaluated
 
 
 def evaluated_key_arguments(doc: str) -> argparse.ArgumentParser:
-    """A parser with the options `evaluated_key` reads: --results, --cache, --data, --key."""
+    """A parser with the options `key_from_arguments` reads: --results, --cache, --data, --key, --precision and
+    --scan-option."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--results", type=Path, required=True, help="the evaluation folder of the key's rows")
     parser.add_argument("--cache", type=Path, required=True, help="that evaluation's --cache")
     parser.add_argument("--data", type=Path, default=Path("../shared/data/cifar10"))
     parser.add_argument("--key", type=int, required=True)
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="the models' precision")
+    parser.add_argument(
+        "--scan-option",
+        action="append",
+        default=[],
+        help="NAME=VALUE, as the evaluation's: the kept set of the scan's rule so changed (same proxy and embeddings)",
+    )
     return parser
+
+
+def key_from_arguments(args: argparse.Namespace) -> EvaluatedKey:
+    """`evaluated_key` of a parser made by `evaluated_key_arguments`."""
+    options = parse_scan_options(args.scan_option)
+    return evaluated_key(args.results, args.cache, args.data, args.key, args.precision, options)
 
 
 def predicted(proxy: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -110,7 +141,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    key = evaluated_key(args.results, args.cache, args.data, args.key)
+    key = key_from_arguments(args)
     harness, kept = key.harness, key.kept
     is_poison, is_carrier = key.kept_masks()
 
