@@ -34,7 +34,7 @@ from attacks.trained import Cost, ModelCache, stable_hash
 from sanitize.config import ScanConfig
 from sanitize.data import ImageDataset, open_dataset
 from sanitize.data.arrays import ArrayDataset
-from sanitize.detectors import option_names
+from sanitize.detectors import option_names, options_class
 from sanitize.errors import SanitizeError
 from sanitize.manifest import flag_metrics
 from sanitize.models import Classifier, resolve_model_name
@@ -178,11 +178,12 @@ class Harness:
         options = {"quiet": True, "device": self.config.device, "precision": self.config.precision}
         detector = SCANNED_ARMS[arm]
         folder, variant = root / "knn_density", self.config.scan_options if detector == "knn_density" else {}
+        rule = rule_changes(variant)
         if set(variant) - set(option_names("knn_density")):  # another proxy: its own folder; a rule change reuses it
-            folder = root / f"knn_density-{stable_hash(variant)}"
+            folder, rule = root / f"knn_density-{stable_hash(variant)}", {}
         # a baseline scanned anew needs the default scan's proxy itself, not only its published outcome
         needs_proxy = detector != "knn_density" and not self._scanned(root / detector)
-        result, seconds = self._scan_once(poisoned, folder, options | variant, use_published=not needs_proxy)
+        result, seconds = self._scan_once(poisoned, folder, options | variant, not needs_proxy, rule)
         told = None
         if detector != "knn_density":
             told = told_count(detector, setup)
@@ -250,27 +251,34 @@ class Harness:
         """Where the scans of one poisoned set live (one folder per detector)."""
         return self.cache / f"scan-{stable_hash(poisoned.fingerprint)}"
 
-    def published_scan_path(self, folder: Path) -> Path:
+    def published_scan_path(self, folder: Path, rule: dict[str, Any] | None = None) -> Path:
         """The copy of a scan's outcome beside results.jsonl (OUT/scans/): the defended victims of a scanned set are
-        trained on what it kept, and a machine without the cache trains more of them without scanning again."""
-        return self.out / "scans" / f"{folder.parent.name}-{folder.name}.npz"
+        trained on what it kept, and a machine without the cache trains more of them without scanning again. A rule
+        variant (`rule`: the rule's options that differ from the default's; it shares the default's proxy folder)
+        publishes under its own name, so neither outcome ever stands under the other's."""
+        suffix = f"-rule-{stable_hash(rule)}" if rule else ""
+        return self.out / "scans" / f"{folder.parent.name}-{folder.name}{suffix}.npz"
 
     def _scanned(self, folder: Path) -> bool:
         """Whether the scan in `folder` is finished in the cache or published."""
         return (folder / "summary.json").exists() or self.published_scan_path(folder).exists()
 
     def _scan_once(
-        self, data: ArrayDataset, out: Path, options: dict[str, Any], use_published: bool = True
+        self,
+        data: ArrayDataset,
+        out: Path,
+        options: dict[str, Any],
+        use_published: bool = True,
+        rule: dict[str, Any] | None = None,
     ) -> tuple[Any, Cost]:
         """(ScanResult, the first run's cost): a rerun reuses the finished proxy and embeddings; without them (a
         fresh cache), the published outcome of the same scan of the same data. One process at a time scans a set."""
         with scanning(out):
-            return self._stored_or_scanned(data, out, options, use_published)
+            return self._stored_or_scanned(data, out, options, use_published, self.published_scan_path(out, rule))
 
     def _stored_or_scanned(
-        self, data: ArrayDataset, out: Path, options: dict[str, Any], use_published: bool
+        self, data: ArrayDataset, out: Path, options: dict[str, Any], use_published: bool, published: Path
     ) -> tuple[Any, Cost]:
-        published = self.published_scan_path(out)
         if use_published and not (out / "summary.json").exists() and published.exists():
             stored = load_scan_outcome(published, data)
             if stored is not None and flagged_by(stored[0].summary, options):
@@ -438,6 +446,13 @@ def measure_victim(
         "p_intended": round(float(probabilities[setup.intended_class]), 4),
         "clean_acc": float((predictions[keep] == test.labels[keep]).mean()),
     }
+
+
+def rule_changes(variant: dict[str, Any]) -> dict[str, Any]:
+    """The default detector's rule options in `variant` that differ from its defaults (a variant naming a default
+    value is the default's scan)."""
+    defaults = dataclasses.asdict(options_class("knn_density")())
+    return {name: value for name, value in variant.items() if name in defaults and defaults[name] != value}
 
 
 def save_scan_outcome(path: Path, data: ArrayDataset, result: ScanResult, cost: Cost) -> None:

@@ -517,6 +517,12 @@ def test_a_scan_option_is_a_variant_of_the_scan_arm_recorded_resumed_and_kept_ap
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["arm"] for r in rows] == ["undefended", "scan", "scan"]
     assert rows[1]["dropped_fraction"] >= rows[2]["dropped_fraction"]  # the looser cut flags at least as much
+    # each rule publishes its own outcome: the variant's never stands under the default's name, nor the reverse
+    (default_copy,) = (out / "scans").glob("scan-*-knn_density.npz")
+    (variant_copy,) = (out / "scans").glob("scan-*-knn_density-rule-*.npz")
+    for copy, threshold in ((default_copy, KnnDensityOptions().threshold), (variant_copy, 0.3)):
+        with np.load(copy, allow_pickle=False) as stored:
+            assert json.loads(str(stored["summary"]))["config"]["options"]["threshold"] == threshold
     summary = json.loads((out / "summary.json").read_text())
     assert {(t["arm"], t["variant"]) for t in summary["table"]} == {
         ("undefended", "iterations=2"),  # the poisons: the smoke scale crafts with 20
