@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from attacks import attack_options, choose_setup, craft, load_poisons
 from attacks.arms import SCAN_PART
 from attacks.evaluate import run_evaluation
-from attacks.experiment import EVADE_PROXY_SEED, Harness, load_scan_outcome
+from attacks.experiment import EVADE_PROXY_SEED, Harness, load_scan_outcome, same_scan_outcome, save_scan_outcome
 from attacks.rows import REQUIRED as ROW_REQUIRED
 from attacks.rows import SCAN_OPTIONS_RECORDED, default_scan_options
 from attacks.scales import SCALES, EvaluationConfig
@@ -20,11 +20,13 @@ from attacks.summary import _cost_vs_plain, aggregate
 from attacks.trained import Cost, ModelCache
 from sanitize.cli import cli, parse_keys
 from sanitize.config import ScanConfig
+from sanitize.data.arrays import from_arrays
 from sanitize.detectors.epic import EpicOptions
 from sanitize.detectors.knn_density import KnnDensityOptions
 from sanitize.errors import SanitizeError
 from sanitize.friendly import STEPS
 from sanitize.models import resolve_model_name
+from sanitize.scanner import ScanResult
 from sanitize.training import precision_name, resolve_precision, train_model
 from sanitize.work import example_flops, trained_examples
 
@@ -318,6 +320,24 @@ def test_a_scans_outcome_is_published_and_a_run_without_the_cache_trains_more_de
     run_evaluation(train, test, out, EvaluationConfig(**base | {"arms": ("deep_knn",)}, victims=1), progress=False)
     assert len(list((tmp_path / "cache").glob("scan-*/knn_density/proxy/model.pt"))) == 1
     assert len(list((out / "scans").glob("scan-*-deep_knn.npz"))) == 1
+
+
+def test_a_published_scan_is_the_same_outcome_up_to_float32_rounding_of_its_scores_and_never_with_other_flags(
+    tmp_path,
+):
+    images = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
+    data = from_arrays(images, np.arange(40) % 4, ["a", "b", "c", "d"], "test")
+    scores, flags = np.linspace(-2.0, 6.0, 40).astype(np.float32), np.arange(40) >= 36
+
+    def outcome(scores: np.ndarray, flags: np.ndarray) -> ScanResult:
+        return ScanResult(list(data.ids), list(data.paths), data.labels, scores, flags, {"config": {}}, files={})
+
+    published = tmp_path / "scans" / "scan-x-knn_density.npz"
+    save_scan_outcome(published, data, outcome(scores, flags), Cost(1.0, 1.0, 0.0))
+    assert same_scan_outcome(published, data, outcome(scores + 7e-6, flags))  # another thread count's rounding
+    assert not same_scan_outcome(published, data, outcome(scores + 0.01, flags))
+    assert not same_scan_outcome(published, data, outcome(scores, np.roll(flags, 1)))
+    assert not same_scan_outcome(tmp_path / "absent.npz", data, outcome(scores, flags))
 
 
 def test_rows_name_their_poisons_and_a_defended_arm_gets_its_undefended_twin_on_the_same_poisons(tmp_path, split_npz):
