@@ -16,6 +16,7 @@ import numpy as np
 
 from attacks.arms import (
     CALIBRATION_ARMS,
+    DETECTOR_ARMS,
     NOISE_ARMS,
     ROBUST_ARMS,
     SCANNED_ARMS,
@@ -92,15 +93,37 @@ def run_evaluation(
                 defense |= split_by_carriers(caught, setup, carriers)
                 seconds |= {"scan": round(scan_cost.wall, 1), "scan_cpu": _rounded(scan_cost.cpu)}
                 flops["scan"] = scan_cost.flops
-            tag = victim_tag(arm, data.fingerprint == poisoned_fingerprint)
-            model, victim_cost = harness.models_for(arm).trained(data, victim_seed, tag, robust)
-            if robust:  # what robust training dropped, added to what the scan flagged
-                drop_log = harness.models.path(data, victim_seed, tag, robust).with_suffix(".drop_log.json")
-                removed = scan_then_robust_removed(caught, drop_log)
-                scanned = scan_share(defense) if arm in SCANNED_ARMS else {}
-                defense |= removed_metrics(removed, setup, carriers) | scanned
-            started = time.perf_counter()
-            measured = harness.measure(model, setup)
+            poisoned = data.fingerprint == poisoned_fingerprint
+            twin = None
+            if arm in DETECTOR_ARMS and poisoned:  # it flagged nothing: its victim is the undefended twin's
+                twin = harness.twin_row(key, victim_seed, poisons.digest(), setup)
+            if twin is not None:
+                measured = {name: twin[name] for name in ("target_pred", "p_intended", "clean_acc")}
+                victim = {
+                    "seconds": {name: twin["seconds"].get(name) for name in VICTIM_SECONDS},
+                    "flops": twin.get("flops", {}).get("victim_training"),
+                    "run": twin.get("run"),
+                    "victim_of": "undefended",
+                }
+            else:
+                tag = victim_tag(arm, poisoned)
+                model, victim_cost = harness.models_for(arm).trained(data, victim_seed, tag, robust)
+                if robust:  # what robust training dropped, added to what the scan flagged
+                    drop_log = harness.models.path(data, victim_seed, tag, robust).with_suffix(".drop_log.json")
+                    removed = scan_then_robust_removed(caught, drop_log)
+                    scanned = scan_share(defense) if arm in SCANNED_ARMS else {}
+                    defense |= removed_metrics(removed, setup, carriers) | scanned
+                started = time.perf_counter()
+                measured = harness.measure(model, setup)
+                victim = {
+                    "seconds": {
+                        "victim_training": round(victim_cost.wall, 1),
+                        "victim_training_cpu": _rounded(victim_cost.cpu),
+                        "measure": round(time.perf_counter() - started, 1),
+                    },
+                    "flops": victim_cost.flops,
+                    "run": run_record(harness.device, harness.amp),
+                }
             harness.append(
                 {
                     "attack": config.attack,
@@ -125,14 +148,10 @@ def run_evaluation(
                     "augment": harness.recipe.augment,
                     "craft_config": dataclasses.asdict(harness.craft_config) if arm not in UNPOISONED_ARMS else None,
                     "surrogates": config.surrogates if arm not in UNPOISONED_ARMS else None,
-                    "seconds": seconds
-                    | {
-                        "victim_training": round(victim_cost.wall, 1),
-                        "victim_training_cpu": _rounded(victim_cost.cpu),
-                        "measure": round(time.perf_counter() - started, 1),
-                    },
-                    "flops": flops | {"victim_training": victim_cost.flops},
-                    "run": run_record(harness.device, harness.amp),
+                    "seconds": seconds | victim["seconds"],
+                    "flops": flops | {"victim_training": victim["flops"]},
+                    "run": victim["run"],
+                    **({"victim_of": victim["victim_of"]} if "victim_of" in victim else {}),
                     "craft_final_loss": min(poisons.metadata.get("final_loss_per_restart", [float("nan")]))
                     if poisons
                     else None,
@@ -150,9 +169,12 @@ def _aggregate(harness: Harness, command: str | None) -> None:
         aggregate(harness.out, command)
 
 
+VICTIM_SECONDS = ("victim_training", "victim_training_cpu", "measure")  # a row's seconds that are its victim's
+
+
 def victim_tag(arm: str, poisoned: bool) -> str:
     """The cache tag of an arm's victims; `poisoned`: its data is the poisoned set itself. A scan that flagged nothing
-    leaves the poisoned data, and the victim trained on it (cached) is this arm's."""
+    leaves the poisoned data, and the victim trained on it (cached; or its row, `Harness.twin_row`) is this arm's."""
     if arm in SCANNED_ARMS and poisoned:
         return f"victim-{'robust' if arm in ROBUST_ARMS else 'undefended'}"
     return f"victim-{arm}"

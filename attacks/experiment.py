@@ -319,18 +319,7 @@ class Harness:
         config = self.config
 
         def trained(arm: str, seed: int, exact: bool = False) -> bool:
-            planned = {
-                "attack": config.attack,
-                "eps": config.eps,
-                "budget": config.budget,
-                "poison_key": key,
-                "arm": arm,
-                "victim_seed": seed,
-                "scale": config.scale,
-                "model": self.scale.model,
-                "epochs": self.recipe.epochs,
-            }
-            rows = done.get(victim_identity(planned), set())
+            rows = done.get(self.identity(key, arm, seed), set())
             if arm in UNPOISONED_ARMS:
                 return bool(rows)
             wanted = self.defense(arm, setup)
@@ -348,6 +337,33 @@ class Harness:
             if not trained("undefended", seed, exact=True) and ("undefended", seed) not in todo
         ]
         return twins + todo
+
+    def identity(self, key: int, arm: str, seed: int) -> tuple:
+        """`victim_identity` of this run's victim of `arm` and `seed` on `key`."""
+        config = self.config
+        return victim_identity(
+            {
+                "attack": config.attack,
+                "eps": config.eps,
+                "budget": config.budget,
+                "poison_key": key,
+                "arm": arm,
+                "victim_seed": seed,
+                "scale": config.scale,
+                "model": self.scale.model,
+                "epochs": self.recipe.epochs,
+            }
+        )
+
+    def twin_row(self, key: int, seed: int, digest: str, setup: PoisonSetup) -> dict[str, Any] | None:
+        """The row of the undefended victim of `key` and `seed` trained on the poisons named `digest` (None: not
+        measured yet). A detector that flags nothing leaves that victim's training data as it was, so this row
+        measured the detector arm's victim already."""
+        wanted, defense = self.identity(key, "undefended", seed), self.defense("undefended", setup)
+        for row in read_rows(self.out) if self.results.exists() else []:
+            if victim_identity(row) == wanted and row.get("poisons_sha256") == digest and row_defense(row) == defense:
+                return row
+        return None
 
     def append(self, row: dict[str, Any]) -> bool:
         """Append `row` to results.jsonl unless the same victim's row (identity, poisons, defense) is there: a shard

@@ -661,6 +661,21 @@ def test_a_detector_that_flags_nothing_reuses_the_undefended_victim(tmp_path, sp
     assert not list(
         (tmp_path / "cache").glob("victim-activation_clustering-*")
     )  # no second training of the same victim
+    assert rows["activation_clustering"]["victim_of"] == "undefended"  # the twin's row is its measurement
+
+    # a machine without the cached victims: the twin's row is the measurement, and nothing trains
+    for victim in (tmp_path / "cache").glob("victim-*"):
+        victim.unlink()
+    config = dataclasses.replace(config, arms=("epic",))
+    run_evaluation(train, test, tmp_path / "eval", config, progress=False)
+    rows = {r["arm"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert rows["epic"]["victim_of"] == "undefended"
+    twin = rows["undefended"]
+    assert [rows["epic"][name] for name in ("target_pred", "p_intended", "clean_acc", "run")] == [
+        twin[name] for name in ("target_pred", "p_intended", "clean_acc", "run")
+    ]
+    assert rows["epic"]["flops"]["victim_training"] == twin["flops"]["victim_training"]
+    assert not list((tmp_path / "cache").glob("victim-*"))
 
 
 def test_two_shards_that_plan_the_same_victim_train_it_once_and_write_one_row(tmp_path, split_npz, monkeypatch):
