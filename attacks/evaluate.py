@@ -103,7 +103,6 @@ def run_evaluation(
                     "seconds": {name: twin["seconds"].get(name) for name in VICTIM_SECONDS},
                     "flops": twin.get("flops", {}).get("victim_training"),
                     "run": twin.get("run"),
-                    "victim_of": "undefended",
                 }
             else:
                 tag = victim_tag(arm, poisoned)
@@ -151,7 +150,7 @@ def run_evaluation(
                     "seconds": seconds | victim["seconds"],
                     "flops": flops | {"victim_training": victim["flops"]},
                     "run": victim["run"],
-                    **({"victim_of": victim["victim_of"]} if "victim_of" in victim else {}),
+                    **({"victim_of": "undefended"} if twin is not None else {}),
                     "craft_final_loss": min(poisons.metadata.get("final_loss_per_restart", [float("nan")]))
                     if poisons
                     else None,
