@@ -49,6 +49,12 @@ def scanning(out: Path):
     return exclusive(out.with_name(out.name + ".lock"), waiting=f"{out} is being scanned")
 
 
+def proxy_variant_folder(root: Path, variant: dict[str, Any]) -> Path:
+    """The folder, in a poisoned set's scan directory `root`, of the default scan under options that change its proxy
+    (the evaluation's --scan-option, e.g. another seed): the evaluation and the detection sweep share it."""
+    return root / f"knn_density-{stable_hash(variant)}"
+
+
 class Harness:
     """Shared state of one evaluation: data, device, caches and the results file."""
 
@@ -180,7 +186,7 @@ class Harness:
         folder, variant = root / "knn_density", self.config.scan_options if detector == "knn_density" else {}
         rule = rule_changes(variant)
         if set(variant) - set(option_names("knn_density")):  # another proxy: its own folder; a rule change reuses it
-            folder, rule = root / f"knn_density-{stable_hash(variant)}", {}
+            folder, rule = proxy_variant_folder(root, variant), {}
         # a baseline scanned anew needs the default scan's proxy itself, not only its published outcome
         needs_proxy = detector != "knn_density" and not self._scanned(root / detector)
         result, seconds = self._scan_once(poisoned, folder, options | variant, not needs_proxy, rule)

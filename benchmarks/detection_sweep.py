@@ -9,7 +9,8 @@ embedding space and at several neighbourhood sizes (below and above the poison g
 With --proxy-epochs, proxies trained for other lengths are scanned too, and with --proxy-sides proxies that see
 the images resized (the trade-off of a proxy trained at reduced resolution on large images), and with
 --proxy-schedules proxies trained with another learning-rate schedule (onecycle), and with --proxy-progressive
-proxies trained with progressive resizing (their first epochs at a reduced side, the last at the images' own). Reports flagged fraction, precision, recall
+proxies trained with progressive resizing (their first epochs at a reduced side, the last at the images' own), and
+with --proxy-seeds proxies trained with other seeds (a seed an attacker who imitates the scan did not train with). Reports flagged fraction, precision, recall
 and AUROC against the true poisons (knn_density also at z cut-offs 2.5 and 3.0 besides its default 3.5), and which
 poisons were caught: each poison's pull on the target (its gradient on the clean surrogate projected on the target's
 adversarial gradient, the quantity crafting raises) picks the carriers, the fewest poisons holding half the total
@@ -32,7 +33,7 @@ from scipy.stats import spearmanr
 from attacks import choose_setup
 from attacks.arms import poison_truth, split_by_carriers, told_count
 from attacks.carriers import poison_pull, pull_carriers
-from attacks.experiment import Harness, scanning
+from attacks.experiment import Harness, proxy_variant_folder, scanning
 from attacks.registry import parse_option
 from attacks.scales import GRADIENT_MATCHING, EvaluationConfig
 from sanitize import scan
@@ -187,25 +188,33 @@ class Proxy(NamedTuple):
     side: int | None
     schedule: str
     reduced: tuple[int, int] | None = None
+    seed: int = 0
 
 
 def proxy_scan_dir(harness: Harness, data, proxy: Proxy) -> Path:
     """The scan of `data` with a proxy; the default proxy's is the evaluation's cached scan."""
-    model, proxy_epochs, side, schedule, reduced = proxy
+    model, proxy_epochs, side, schedule, reduced, seed = proxy
     scan_dir = harness.scan_dir(data) / "knn_density"
-    if proxy_epochs != ScanConfig().train.epochs:
-        scan_dir = scan_dir.with_name(f"knn_density-proxy{proxy_epochs}")
-    if model != default_model_name(data.image_size):
-        scan_dir = scan_dir.with_name(f"{scan_dir.name}-{model}")
-    if schedule != ScanConfig().train.schedule:
-        scan_dir = scan_dir.with_name(f"{scan_dir.name}-{schedule}")
-    if reduced is not None:
-        scan_dir = scan_dir.with_name(f"{scan_dir.name}-progressive{reduced[0]}x{reduced[1]}")
-    if side is not None:
-        scan_dir = scan_dir.with_name(f"{scan_dir.name}-side{side}")
-        if (scan_dir / "summary.json").exists():
-            return scan_dir  # finished: its embeddings are read back without resizing the set again
-        data = downsampled(data, side)
+    seeded = seed != ScanConfig().seed
+    if proxy._replace(seed=ScanConfig().seed) == default_proxy(harness):
+        if seeded:  # the default proxy with another seed: the evaluation's --scan-option seed=N, shared with it
+            scan_dir = proxy_variant_folder(scan_dir.parent, {"seed": seed})
+    else:
+        if proxy_epochs != ScanConfig().train.epochs:
+            scan_dir = scan_dir.with_name(f"knn_density-proxy{proxy_epochs}")
+        if model != default_model_name(data.image_size):
+            scan_dir = scan_dir.with_name(f"{scan_dir.name}-{model}")
+        if schedule != ScanConfig().train.schedule:
+            scan_dir = scan_dir.with_name(f"{scan_dir.name}-{schedule}")
+        if reduced is not None:
+            scan_dir = scan_dir.with_name(f"{scan_dir.name}-progressive{reduced[0]}x{reduced[1]}")
+        if seeded:
+            scan_dir = scan_dir.with_name(f"{scan_dir.name}-seed{seed}")
+        if side is not None:
+            scan_dir = scan_dir.with_name(f"{scan_dir.name}-side{side}")
+            if (scan_dir / "summary.json").exists():
+                return scan_dir  # finished: its embeddings are read back without resizing the set again
+            data = downsampled(data, side)
     # the evaluation's lock on the same folder: a sweep and an evaluation that scan one set take turns, and the
     # second reuses the first one's proxy and embeddings (scan's own lock would refuse it instead)
     with scanning(scan_dir):
@@ -216,11 +225,19 @@ def proxy_scan_dir(harness: Harness, data, proxy: Proxy) -> Path:
             epochs=proxy_epochs,
             schedule=schedule,
             **({"reduced_side": reduced[0], "reduced_epochs": reduced[1]} if reduced is not None else {}),
+            seed=seed,
             quiet=True,
             device=harness.config.device,
             precision=harness.config.precision,
         )
     return scan_dir
+
+
+def default_proxy(harness: Harness) -> Proxy:
+    """The default scan's proxy on the harness's data."""
+    config = ScanConfig()
+    model = resolve_model_name(config.model, harness.train.image_size)
+    return Proxy(model, config.train.epochs, None, config.train.schedule, None, config.seed)
 
 
 def proxies(args, harness: Harness) -> list[Proxy]:
@@ -231,25 +248,28 @@ def proxies(args, harness: Harness) -> list[Proxy]:
         None if p == "off" else tuple(int(part) for part in p.split(":")) for p in args.proxy_progressive.split(",")
     ]
     return [
-        Proxy(m, int(e), side, schedule, reduced)
+        Proxy(m, int(e), side, schedule, reduced, int(seed))
         for m in models
         for e in args.proxy_epochs.split(",")
         for side in sides
         for schedule in args.proxy_schedules.split(",")
         for reduced in progressive
+        for seed in args.proxy_seeds.split(",")
     ]
 
 
 def proxy_identity(proxy: Proxy) -> dict:
     """Rows name the proxy's epochs, its model unless it is the ConvNet (the default proxy of every row that names
     none: rows from before 2026-12-02 named only other proxies), its side unless it is the data's own, its
-    schedule unless it is step decay (rows from before 2026-12-03) and its progressive resizing when on."""
+    schedule unless it is step decay (rows from before 2026-12-03), its progressive resizing when on and its seed
+    unless it is the default's."""
     return (
         {"proxy_epochs": proxy.epochs}
         | ({"proxy_model": proxy.model} if proxy.model != "convnet" else {})
         | ({"proxy_side": proxy.side} if proxy.side is not None else {})
         | ({"proxy_schedule": proxy.schedule} if proxy.schedule != "step" else {})
         | ({"proxy_reduced": list(proxy.reduced)} if proxy.reduced is not None else {})
+        | ({"proxy_seed": proxy.seed} if proxy.seed != ScanConfig().seed else {})
     )
 
 
@@ -410,6 +430,12 @@ def main() -> None:
         help="Comma-separated progressive resizing of the proxies: off, or SIDE:EPOCHS (the first EPOCHS at SIDE px).",
     )
     parser.add_argument(
+        "--proxy-seeds",
+        default=str(ScanConfig().seed),
+        help="Comma-separated seeds of the proxies (sanitize scan --seed): what the gate sees with a seed the attacker "
+        "did not train with.",
+    )
+    parser.add_argument(
         "--clean", action="store_true", help="Also scan the clean subset: what each variant flags without poisons."
     )
     parser.add_argument(
@@ -520,6 +546,7 @@ def proxy_cell(row: dict) -> str:
         + (f" at {row['proxy_side']} px" if row.get("proxy_side") else "")
         + (f", {row['proxy_schedule']}" if row.get("proxy_schedule") else "")
         + (f", first {row['proxy_reduced'][1]} at {row['proxy_reduced'][0]} px" if row.get("proxy_reduced") else "")
+        + (f", seed {row['proxy_seed']}" if "proxy_seed" in row else "")
     )
 
 
