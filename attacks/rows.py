@@ -100,9 +100,10 @@ def recorded_scan_options(settings: dict[str, Any]) -> dict[str, Any]:
     flat = {"detector": settings["detector"]} | {
         name: detector_options.get(name, RECORDED_DEFAULTS[name]) for name in SCAN_OPTIONS_RECORDED[1:]
     }
-    # folds, a schedule other than step decay and a held-out checkpoint recorded only when used; the proxy's
-    # architecture always (auto is resolved by the scan, and rows from before that lack it: PROXY_BEFORE_RECORDED)
-    folds, model = settings.get("proxy_folds", 0), settings.get("model", "auto")
+    # folds, a schedule other than step decay, a seed other than 0 and a held-out checkpoint recorded only when used;
+    # the proxy's architecture always (auto is resolved by the scan, and rows from before that lack it:
+    # PROXY_BEFORE_RECORDED)
+    folds, model, seed = settings.get("proxy_folds", 0), settings.get("model", "auto"), settings.get("seed", 0)
     schedule = settings["train"].get("schedule", "step")
     return (
         flat
@@ -110,6 +111,7 @@ def recorded_scan_options(settings: dict[str, Any]) -> dict[str, Any]:
         | ({"proxy_folds": folds} if folds else {})
         | ({"proxy_model": model} if model != "auto" else {})
         | ({"proxy_schedule": schedule} if schedule != "step" else {})
+        | ({"proxy_seed": seed} if seed != 0 else {})
         | ({"held_out_checkpoint": True} if settings.get("held_out_checkpoint") else {})
     )
 

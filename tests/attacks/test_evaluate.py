@@ -13,7 +13,7 @@ from attacks.arms import SCAN_PART
 from attacks.evaluate import run_evaluation
 from attacks.experiment import EVADE_PROXY_SEED, Harness, load_scan_outcome, same_scan_outcome, save_scan_outcome
 from attacks.rows import REQUIRED as ROW_REQUIRED
-from attacks.rows import SCAN_OPTIONS_RECORDED, default_scan_options
+from attacks.rows import SCAN_OPTIONS_RECORDED, default_scan_options, defense_key
 from attacks.scales import SCALES, EvaluationConfig
 from attacks.selection import gradient_norms, select_poisons
 from attacks.summary import _cost_vs_plain, aggregate
@@ -551,6 +551,13 @@ def test_a_scan_option_is_a_variant_of_the_scan_arm_recorded_resumed_and_kept_ap
     }
     with pytest.raises(SanitizeError, match="unknown option"):
         run_evaluation(train, test, out, EvaluationConfig(**base, scan_options={"nope": 1}), progress=False)
+
+
+def test_a_scan_with_another_proxy_seed_is_recorded_and_is_not_the_default_scans_defense():
+    """The proxy's seed decides what an attacker that imitates the scan can match (reports/adaptive-attack)."""
+    default, seeded = default_scan_options("knn_density", None), default_scan_options("knn_density", None, seed=7)
+    assert "proxy_seed" not in default and seeded["proxy_seed"] == 7
+    assert defense_key(seeded) != defense_key(default)
 
 
 def test_a_robust_option_is_a_variant_of_the_robust_arm_recorded_resumed_and_kept_apart(tmp_path, split_npz):
