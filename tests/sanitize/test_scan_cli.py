@@ -189,6 +189,26 @@ def test_same_seed_same_scores_and_checkpoint_reuse(tmp_path, digits_npz):
     assert reused.summary["model"]["checkpoint"].endswith("model.pt")
 
 
+def test_a_scan_without_a_seed_draws_one_keeps_it_for_a_rerun_and_records_it(tmp_path, digits_npz):
+    """An attacker imitating the proxy cannot know a drawn seed (reports/adaptive-attack); --seed repeats a scan."""
+    first = sanitize.scan(digits_npz, tmp_path / "a", **FAST)
+    other = sanitize.scan(digits_npz, tmp_path / "b", **FAST)
+    drawn = first.summary["config"]["seed"]
+    assert isinstance(drawn, int) and drawn != other.summary["config"]["seed"]  # equal draws: a 1 in 2**31 chance
+    assert not np.array_equal(first.scores, other.scores)
+    rerun = sanitize.scan(digits_npz, tmp_path / "a", **FAST)  # into the same folder: the kept seed, the same proxy
+    assert rerun.summary["config"]["seed"] == drawn
+    np.testing.assert_array_equal(rerun.scores, first.scores)
+    repeated = sanitize.scan(digits_npz, tmp_path / "c", seed=drawn, **FAST)
+    np.testing.assert_array_equal(repeated.scores, first.scores)
+    (tmp_path / "a" / "proxy-seed.txt").write_text("not a seed")  # a damaged kept seed is drawn again
+    assert isinstance(sanitize.scan(digits_npz, tmp_path / "a", **FAST).summary["config"]["seed"], int)
+    result = CliRunner().invoke(
+        cli, ["scan", str(digits_npz), "--out", str(tmp_path / "d"), "--seed", "-1", *FAST_ARGS]
+    )
+    assert result.exit_code == 2 and "seed must be in" in result.output
+
+
 def test_killed_training_resumes_to_the_same_weights(tmp_path, digits_npz):
     dataset = open_dataset(digits_npz)
     config = TrainConfig(epochs=3, batch_size=128, augment=True)
