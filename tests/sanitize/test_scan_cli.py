@@ -312,10 +312,9 @@ def test_data_the_scan_cannot_judge_gets_no_verdict(tmp_path, digits_npz):
 
 
 def test_a_scan_killed_mid_training_leaves_no_verdict_and_a_rerun_finishes_with_the_same_scores(tmp_path, digits_npz):
-    """SIGKILL, not an exception: the process gets no chance to clean up."""
+    """SIGKILL, not an exception: the process gets no chance to clean up. The rerun resumes with the seed the killed
+    run drew, and ends where a straight run with that seed does."""
     command = [sys.executable, "-m", "sanitize", "scan", str(digits_npz), "--model", "tiny", "--epochs", "8"]
-    straight = tmp_path / "straight"
-    assert subprocess.run([*command, "--out", str(straight), "--quiet"], capture_output=True).returncode in (0, 1)
     killed = tmp_path / "killed"
     process = subprocess.Popen([*command, "--out", str(killed), "--quiet"], stderr=subprocess.DEVNULL)
     checkpoint = killed / "proxy" / "checkpoint.pt"
@@ -326,6 +325,10 @@ def test_a_scan_killed_mid_training_leaves_no_verdict_and_a_rerun_finishes_with_
     assert not (killed / "summary.json").exists()  # no verdict left behind by the killed run
     resumed = subprocess.run([*command, "--out", str(killed)], capture_output=True, text=True)
     assert resumed.returncode in (0, 1) and "resuming proxy from epoch" in resumed.stderr
+    straight = tmp_path / "straight"
+    seed = (killed / "proxy-seed.txt").read_text().strip()
+    straight_run = subprocess.run([*command, "--out", str(straight), "--seed", seed, "--quiet"], capture_output=True)
+    assert straight_run.returncode in (0, 1)
     with (straight / "scores.csv").open() as a, (killed / "scores.csv").open() as b:
         assert a.read() == b.read()
 
