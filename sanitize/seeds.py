@@ -24,9 +24,14 @@ def scan_seed(given: int | None, out: Path, world: World) -> int:
     if world.is_main:
         seed = kept_seed(out / SEED_FILE)
         if seed is None:
-            seed = secrets.randbelow(SEED_RANGE)
+            seed = drawn_seed()
             (out / SEED_FILE).write_text(f"{seed}\n")
     return broadcast_from_main(seed, world)
+
+
+def drawn_seed() -> int:
+    """A new seed from the operating system's randomness."""
+    return secrets.randbelow(SEED_RANGE)
 
 
 def kept_seed(path: Path) -> int | None:
