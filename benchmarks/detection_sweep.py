@@ -294,6 +294,7 @@ def row_identity(row: dict) -> str:
             row.get("proxy_side"),
             row.get("proxy_schedule"),
             row.get("proxy_reduced"),
+            row.get("proxy_seed"),
             row["detector"],
             row["options"],
             row.get("poisons_sha256"),
