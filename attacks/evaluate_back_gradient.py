@@ -28,7 +28,7 @@ import torch
 
 from attacks.arms import DETECTOR_ARMS, TOLD_THE_COUNT
 from attacks.back_gradient import BackGradientOptions, PoisonPoints, craft_back_gradient, get_learner, predict, train
-from attacks.rows import EVALUATION_SCAN_SEED, recorded_scan_options
+from attacks.rows import recorded_scan_options
 from attacks.summary import git_commit
 from sanitize.config import ScanConfig
 from sanitize.data import write_atomic
@@ -211,9 +211,7 @@ def _trusted_weights(x: torch.Tensor, y: torch.Tensor, classes: int, out: Path) 
         folder.mkdir(parents=True, exist_ok=True)
         np.savez(folder / "data.npz", x=dataset.images, y=dataset.labels)  # lossless; the run reads it back
         scan_defaults = ScanConfig()
-        train_proxy(
-            folder / "data.npz", folder / "run", train=scan_defaults.train, seed=EVALUATION_SCAN_SEED, quiet=True
-        )
+        train_proxy(folder / "data.npz", folder / "run", train=scan_defaults.train, seed=scan_defaults.seed, quiet=True)
         os.replace(folder / "run" / "model.pt", weights)
     return str(weights)
 
@@ -252,7 +250,7 @@ def _scanned(
     the embeddings)."""
     dataset = as_dataset(x, y, classes)
     truth = np.arange(len(y)) >= clean_count
-    options: dict[str, Any] = {"quiet": True, "detector": detector, "seed": EVALUATION_SCAN_SEED}
+    options: dict[str, Any] = {"quiet": True, "detector": detector}
     if detector in TOLD_THE_COUNT:  # their rules need the poisons in a class: told the most any class holds
         options["expected_poisons"] = int(np.bincount(y.numpy()[truth]).max())
     options |= {k: v for k, v in variant.items() if v is not None}

@@ -26,7 +26,7 @@ from attacks.arms import (
 )
 from attacks.base import PoisonSet, PoisonSetup
 from attacks.experiment import arm_data
-from attacks.rows import EVALUATION_SCAN_SEED, read_rows, recorded_scan_options, run_record
+from attacks.rows import read_rows, recorded_scan_options, run_record
 from attacks.summary import aggregate
 from attacks.transfer import TransferConfig, TransferSetting
 from sanitize.data.arrays import ArrayDataset
@@ -177,7 +177,6 @@ def _scanned(
     `held_out` if the scan is told it never saw the set, or one it trains on the data): the flags, scored against the
     true poisons, and its wall seconds. Cached per poisoned set, proxy and detector."""
     options = {"quiet": True, "device": config.device, "precision": config.precision, "detector": detector}
-    options |= {"seed": EVALUATION_SCAN_SEED}
     options |= {"expected_poisons": told_count(detector, setup)}
     if checkpoint is not None:
         options |= {"checkpoint": str(checkpoint), "model": config.extractor, "held_out_checkpoint": held_out}

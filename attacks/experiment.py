@@ -20,7 +20,6 @@ from attacks.carriers import poison_pull, pull_carriers
 from attacks.crafting import craft, options_identity
 from attacks.locks import exclusive
 from attacks.rows import (
-    EVALUATION_SCAN_SEED,
     default_scan_options,
     defense_key,
     read_rows,
@@ -182,12 +181,7 @@ class Harness:
         flags scored against the true poisons, and what the scan cost. Scans are cached per poisoned set; the baselines reuse
         the default scan's proxy (--checkpoint), so their cost is that proxy's training plus their own pass."""
         root = self.scan_dir(poisoned)
-        options = {
-            "quiet": True,
-            "device": self.config.device,
-            "precision": self.config.precision,
-            "seed": EVALUATION_SCAN_SEED,
-        }
+        options = {"quiet": True, "device": self.config.device, "precision": self.config.precision}
         detector = SCANNED_ARMS[arm]
         folder, variant = root / "knn_density", self.config.scan_options if detector == "knn_density" else {}
         rule = rule_changes(variant)
@@ -426,14 +420,14 @@ def scan_proxy_trainer(
     models: ModelCache, train: ArrayDataset, setup: PoisonSetup, eps: float, attack: str, seeds: str = "own"
 ):
     """`train(deltas, iteration)` for `evade_space=proxy`: the default scan's architecture and recipe, with the
-    attacker's own seeds, one a refresh (`seeds` own), or every time with the evaluation's scan seed (`scan`)."""
+    attacker's own seeds, one a refresh (`seeds` own), or every time with the default scan's seed (`scan`)."""
     scan = ScanConfig()
     proxies = dataclasses.replace(
         models, model=resolve_model_name(scan.model, train.image_size), model_kwargs={}, recipe=scan.train
     )
     return trainer_on_poisons(
         proxies, train, setup, eps, attack, "evade-proxy",
-        lambda iteration: [EVALUATION_SCAN_SEED if seeds == "scan" else EVADE_PROXY_SEED + 1000 * iteration],
+        lambda iteration: [scan.seed if seeds == "scan" else EVADE_PROXY_SEED + 1000 * iteration],
     )  # fmt: skip
 
 

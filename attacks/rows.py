@@ -92,12 +92,6 @@ def read_rows(out: Path) -> list[dict[str, Any]]:
     return rows
 
 
-# The evaluations' draw of the scan's seed (the default scan draws one per scan, sanitize.seeds): fixed, so that
-# their scans are cached and their rows resume; the adaptive attacker that knows the scan's seed trains with this one
-# (evade_seed=scan), and a scan with a seed it did not know is --scan-option seed=N, recorded as proxy_seed
-EVALUATION_SCAN_SEED = 0
-
-
 def recorded_scan_options(settings: dict[str, Any]) -> dict[str, Any]:
     """What a detector arm's row records of the scan (a ScanConfig as a dict) that made its flags: flat, the detector's
     own options and, for the names it does not have, the other detectors' defaults (the rows' format since before
@@ -106,11 +100,10 @@ def recorded_scan_options(settings: dict[str, Any]) -> dict[str, Any]:
     flat = {"detector": settings["detector"]} | {
         name: detector_options.get(name, RECORDED_DEFAULTS[name]) for name in SCAN_OPTIONS_RECORDED[1:]
     }
-    # folds, a schedule other than step decay, a seed other than the evaluations' and a held-out checkpoint recorded
-    # only when used; the proxy's architecture always (auto is resolved by the scan, and rows from before that lack
-    # it: PROXY_BEFORE_RECORDED)
-    folds, model = settings.get("proxy_folds", 0), settings.get("model", "auto")
-    seed = settings.get("seed", EVALUATION_SCAN_SEED)
+    # folds, a schedule other than step decay, a seed other than 0 and a held-out checkpoint recorded only when used;
+    # the proxy's architecture always (auto is resolved by the scan, and rows from before that lack it:
+    # PROXY_BEFORE_RECORDED)
+    folds, model, seed = settings.get("proxy_folds", 0), settings.get("model", "auto"), settings.get("seed", 0)
     schedule = settings["train"].get("schedule", "step")
     return (
         flat
@@ -118,7 +111,7 @@ def recorded_scan_options(settings: dict[str, Any]) -> dict[str, Any]:
         | ({"proxy_folds": folds} if folds else {})
         | ({"proxy_model": model} if model != "auto" else {})
         | ({"proxy_schedule": schedule} if schedule != "step" else {})
-        | ({"proxy_seed": seed} if seed != EVALUATION_SCAN_SEED else {})
+        | ({"proxy_seed": seed} if seed != 0 else {})
         | ({"held_out_checkpoint": True} if settings.get("held_out_checkpoint") else {})
     )
 
@@ -129,7 +122,6 @@ def default_scan_options(
     """What a row of `detector`'s arm records when images of `image_size` (the evaluations' are 32 px) are scanned
     with today's defaults and `options` (told `told`); a baseline gets the default scan's proxy."""
     model = resolve_model_name(options.pop("model", "auto"), image_size)
-    options = {"seed": EVALUATION_SCAN_SEED} | options
     config = ScanConfig.from_options(detector=detector, expected_poisons=told, model=model, **options)
     return recorded_scan_options(config.to_dict())
 

@@ -25,7 +25,6 @@ from sklearn.metrics import roc_auc_score
 
 from attacks.back_gradient import BackGradientOptions
 from attacks.evaluate_back_gradient import BackGradientConfig, as_dataset, cached_poisons, load_points, seed_split
-from attacks.rows import EVALUATION_SCAN_SEED
 from sanitize.cli import parse_keys
 from sanitize.config import ScanConfig
 from sanitize.models import resolve_model_name
@@ -70,7 +69,7 @@ def seed_margins(seed: int, goal: str, fraction: float, cache: Path) -> dict:
             Path(directory),
             CPU,
             None,
-            seed=EVALUATION_SCAN_SEED,
+            seed=scan_config.seed,
             progress=False,
             after_epoch=record,
         )

@@ -35,7 +35,6 @@ from attacks.arms import poison_truth, split_by_carriers, told_count
 from attacks.carriers import poison_pull, pull_carriers
 from attacks.experiment import Harness, proxy_variant_folder, scanning
 from attacks.registry import parse_option
-from attacks.rows import EVALUATION_SCAN_SEED
 from attacks.scales import GRADIENT_MATCHING, EvaluationConfig
 from sanitize import scan
 from sanitize.config import ScanConfig
@@ -189,15 +188,15 @@ class Proxy(NamedTuple):
     side: int | None
     schedule: str
     reduced: tuple[int, int] | None = None
-    seed: int = EVALUATION_SCAN_SEED
+    seed: int = 0
 
 
 def proxy_scan_dir(harness: Harness, data, proxy: Proxy) -> Path:
     """The scan of `data` with a proxy; the default proxy's is the evaluation's cached scan."""
     model, proxy_epochs, side, schedule, reduced, seed = proxy
     scan_dir = harness.scan_dir(data) / "knn_density"
-    seeded = seed != EVALUATION_SCAN_SEED
-    if proxy._replace(seed=EVALUATION_SCAN_SEED) == default_proxy(harness):
+    seeded = seed != ScanConfig().seed
+    if proxy._replace(seed=ScanConfig().seed) == default_proxy(harness):
         if seeded:  # the default proxy with another seed: the evaluation's --scan-option seed=N, shared with it
             scan_dir = proxy_variant_folder(scan_dir.parent, {"seed": seed})
     else:
@@ -238,7 +237,7 @@ def default_proxy(harness: Harness) -> Proxy:
     """The default scan's proxy on the harness's data."""
     config = ScanConfig()
     model = resolve_model_name(config.model, harness.train.image_size)
-    return Proxy(model, config.train.epochs, None, config.train.schedule, None, EVALUATION_SCAN_SEED)
+    return Proxy(model, config.train.epochs, None, config.train.schedule, None, config.seed)
 
 
 def proxies(args, harness: Harness) -> list[Proxy]:
@@ -270,7 +269,7 @@ def proxy_identity(proxy: Proxy) -> dict:
         | ({"proxy_side": proxy.side} if proxy.side is not None else {})
         | ({"proxy_schedule": proxy.schedule} if proxy.schedule != "step" else {})
         | ({"proxy_reduced": list(proxy.reduced)} if proxy.reduced is not None else {})
-        | ({"proxy_seed": proxy.seed} if proxy.seed != EVALUATION_SCAN_SEED else {})
+        | ({"proxy_seed": proxy.seed} if proxy.seed != ScanConfig().seed else {})
     )
 
 
@@ -433,9 +432,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--proxy-seeds",
-        default=str(EVALUATION_SCAN_SEED),
-        help="Comma-separated seeds of the proxies (sanitize scan --seed; the default scan's is drawn per scan, the "
-        "evaluations' is fixed): what the gate sees with a seed the attacker did not train with.",
+        default=str(ScanConfig().seed),
+        help="Comma-separated seeds of the proxies (sanitize scan --seed): what the gate sees with a seed the attacker "
+        "did not train with.",
     )
     parser.add_argument(
         "--clean", action="store_true", help="Also scan the clean subset: what each variant flags without poisons."

@@ -419,12 +419,7 @@ def scan_options(fn: Callable) -> Callable:
         ),
         decoded_cache_option,
         click.option(
-            "--seed",
-            type=int,
-            default=DEFAULTS.seed,
-            show_default="drawn per scan",
-            help="Seeds the proxy, the sketch and the index; by default a seed drawn for this scan and recorded in "
-            "the summary (an attacker cannot imitate a proxy whose seed it does not know). Give it to repeat a scan.",
+            "--seed", type=int, default=DEFAULTS.seed, show_default=True, help="Seeds the proxy and the index."
         ),
         click.option("--quiet", is_flag=True, help="No progress bars."),
     ]

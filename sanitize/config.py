@@ -253,9 +253,7 @@ class ScanConfig:
     # read it back in later passes instead of decoding the file again; auto: when the proxy is trained here and the
     # copy takes at most half the free disk (sanitize.data.decoded)
     decoded_cache: str = "auto"
-    # the proxy's, the sketch's and the index's seed; None: drawn per scan and recorded (sanitize.seeds: an attacker
-    # cannot imitate a proxy whose seed it does not know)
-    seed: int | None = None
+    seed: int = 0
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -308,7 +306,6 @@ class ScanConfig:
                 "proxy_folds trains proxies on the data: not with --checkpoint (whose model is not trained here)",
             ),
             (self.checkpoint or not self.held_out_checkpoint, "held_out_checkpoint needs --checkpoint"),
-            (self.seed is None or 0 <= self.seed < 2**31, "seed must be in [0, 2**31)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -52,7 +52,6 @@ from sanitize.folds import fold_sizes, out_of_fold_logits
 from sanitize.manifest import flag_metrics, manifest_file, poison_mask, read_manifest
 from sanitize.models import Classifier, create_model, load_weights, require_finite_weights, resolve_model_name
 from sanitize.report import write_report
-from sanitize.seeds import scan_seed
 from sanitize.training import device_record, resolve_device, resolve_precision, train_from_scratch
 from sanitize.work import ExampleFlops, example_flops, phase_work, reduced_size, trained_per_epoch
 
@@ -200,7 +199,7 @@ def run_scan(data: str | os.PathLike | ImageDataset, out: str | os.PathLike, con
             )
     if isinstance(dataset, EncodedDataset) and dataset.validation == "header":  # opened here or by the caller
         dataset = dataset.record_failures_in(out / "late-skips")
-    config = dataclasses.replace(resolved_model(config, dataset), seed=scan_seed(config.seed, out, world))
+    config = resolved_model(config, dataset)
     dataset = keep_decoded(dataset, out, config.decoded_cache, passes=_passes(config))
     record = read_manifest(config.manifest) if config.manifest else None
     truth = poison_mask(record, dataset.ids) if record else None  # checked before the long part, not after

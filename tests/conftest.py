@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import sanitize.seeds
 from sanitize.data.digits import digits_arrays, write_image_folder
-
-
-@pytest.fixture(autouse=True)
-def repeatable_scan_seeds(monkeypatch) -> None:
-    """Scans in this process draw their seeds from a generator seeded per test: distinct draws, the same on every run,
-    so a test's outcome does not hang on the operating system's randomness (scans in subprocesses still draw there)."""
-    generator = random.Random(0)
-    monkeypatch.setattr(sanitize.seeds, "drawn_seed", lambda: generator.randrange(sanitize.seeds.SEED_RANGE))
 
 
 @pytest.fixture(scope="session")

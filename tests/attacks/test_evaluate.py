@@ -12,8 +12,8 @@ from attacks import attack_options, choose_setup, craft, load_poisons
 from attacks.arms import SCAN_PART
 from attacks.evaluate import run_evaluation
 from attacks.experiment import EVADE_PROXY_SEED, Harness, load_scan_outcome, same_scan_outcome, save_scan_outcome
-from attacks.rows import EVALUATION_SCAN_SEED, SCAN_OPTIONS_RECORDED, default_scan_options, defense_key
 from attacks.rows import REQUIRED as ROW_REQUIRED
+from attacks.rows import SCAN_OPTIONS_RECORDED, default_scan_options, defense_key
 from attacks.scales import SCALES, EvaluationConfig
 from attacks.selection import gradient_norms, select_poisons
 from attacks.summary import _cost_vs_plain, aggregate
@@ -973,12 +973,12 @@ def test_evading_in_the_proxy_space_trains_the_scans_recipe_on_the_current_poiso
 
 
 @pytest.mark.parametrize(
-    "seeds, expected", [("own", [EVADE_PROXY_SEED, EVADE_PROXY_SEED + 1000]), ("scan", [EVALUATION_SCAN_SEED] * 2)]
+    "seeds, expected", [("own", [EVADE_PROXY_SEED, EVADE_PROXY_SEED + 1000]), ("scan", [ScanConfig().seed] * 2)]
 )
 def test_the_evasions_proxies_train_with_the_attackers_seeds_or_the_scans(
     tmp_path, split_npz, monkeypatch, seeds, expected
 ):
-    """evade_seed=own: a seed of the attacker's own a refresh; scan: the evaluation's scan seed every time."""
+    """evade_seed=own: a seed of the attacker's own a refresh; scan: the default scan's seed every time."""
     train, test = split_npz
     craft_options = {"evade": 1.0, "evade_space": "proxy", "evade_seed": seeds}
     harness = Harness(
