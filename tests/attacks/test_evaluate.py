@@ -554,7 +554,7 @@ def test_a_scan_option_is_a_variant_of_the_scan_arm_recorded_resumed_and_kept_ap
 
 
 def test_a_scan_with_another_proxy_seed_is_recorded_and_is_not_the_default_scans_defense():
-    """The proxy's seed decides what an attacker that imitates the scan can match (reports/adaptive-attack)."""
+    """A scan arm under --scan-option seed=N is its own defense, its rows kept apart from the default scan's."""
     default, seeded = default_scan_options("knn_density", None), default_scan_options("knn_density", None, seed=7)
     assert "proxy_seed" not in default and seeded["proxy_seed"] == 7
     assert defense_key(seeded) != defense_key(default)
