@@ -12,7 +12,9 @@ neighbours (and a clean member's), the conductance of the poisons' own set in th
 conductance of the class's most closed set of 1-20% (sanitize.closed_groups, as the default scan searches it). The
 defender's side is read from the sweep's row of today's default for the same key and poisons. `--proxy` adds the space
 of another scan's proxy (its weights), e.g. one trained on the clean data: whether the defender's proxy groups the
-poisons because of its architecture or because it trained on them. Appends one JSON line per (label, key) to
+poisons because of its architecture or because it trained on them. `--victim` adds the space of a model of the
+evaluation's own architecture (e.g. an undefended victim, a ResNet trained on the poisoned set): whether the grouping
+survives a change of architecture in a model that trained on the poisons. Appends one JSON line per (label, key) to
 OUT/attacker_view.jsonl and rewrites OUT/attacker_view.md.
 """
 
@@ -54,6 +56,14 @@ def feature_space(model, harness: Harness, data, members: np.ndarray) -> np.ndar
 def scan_proxy(path: Path, data) -> torch.nn.Module:
     """A scan's proxy (the default architecture for the data) from its weights."""
     model = create_model(default_model_name(data.image_size), data.num_classes, (3, *data.image_size))
+    load_weights(model, path)
+    return model
+
+
+def evaluation_model(path: Path, harness: Harness) -> torch.nn.Module:
+    """A model of the evaluation's architecture (its victims' and surrogate's) from its weights."""
+    models = harness.models
+    model = create_model(models.model, models.num_classes, (3, *models.image_size), **models.model_kwargs)
     load_weights(model, path)
     return model
 
@@ -140,6 +150,12 @@ def main() -> None:
         default=[],
         help="LABEL=PATH: also the space of a scan proxy's weights (SCAN/proxy/model.pt), named LABEL.",
     )
+    parser.add_argument(
+        "--victim",
+        action="append",
+        default=[],
+        help="LABEL=PATH: also the space of a model of the evaluation's architecture (e.g. a cached victim), named LABEL.",
+    )
     parser.add_argument("--precision", default="bf16")
     parser.add_argument("--scale", default="full", choices=["cpu", "full"])
     parser.add_argument("--out", type=Path, required=True)
@@ -148,9 +164,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows_path = args.out / "attacker_view.jsonl"
     (surrogate, *_), _ = harness.surrogates()
-    spaces = {"the attacker's surrogate": surrogate} | {
-        label: scan_proxy(Path(path), harness.train) for label, path in (text.split("=", 1) for text in args.proxy)
-    }
+    spaces = (
+        {"the attacker's surrogate": surrogate}
+        | {label: scan_proxy(Path(path), harness.train) for label, path in (text.split("=", 1) for text in args.proxy)}
+        | {label: evaluation_model(Path(path), harness) for label, path in (text.split("=", 1) for text in args.victim)}
+    )
     for key, setup, poisons, poisoned in poisoned_keys(harness, args.keys):
         members = np.flatnonzero(poisoned.labels == setup.intended_class)
         is_poison = np.isin(members, setup.poison_indices)
