@@ -61,9 +61,9 @@ def scan_proxy(path: Path, data) -> torch.nn.Module:
 
 
 def evaluation_model(path: Path, harness: Harness) -> torch.nn.Module:
-    """A model of the evaluation's architecture (its victims' and surrogate's) from its weights."""
-    models = harness.models
-    model = create_model(models.model, models.num_classes, (3, *models.image_size), **models.model_kwargs)
+    """A model of the evaluation's architecture (its victims' and surrogate's) from its weights (normalisation
+    included: the weights carry it)."""
+    model = harness.models.new_model(seed=0)
     load_weights(model, path)
     return model
 
