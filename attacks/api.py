@@ -88,7 +88,7 @@ def attack_dataset(
     setup = select_poisons(setup, options.selection, [net], train_set)
     if retrains:
         retrain = surrogate_retrainer(cache, train_set, setup, eps, method, 1)
-        proxies = scan_proxy_trainer(cache, train_set, setup, eps, method, options.evade_seed)
+        proxies = scan_proxy_trainer(cache, train_set, setup, eps, method, options.evade_seed, options.evade_model)
     target = test_set.load_image(setup.target_index)
     digest = stable_hash(train_set.fingerprint, key, eps, budget, options_identity(options), surrogate_identity)
     models.mkdir(parents=True, exist_ok=True)

@@ -37,8 +37,9 @@ from attacks.refresh import RefreshedModels
 from attacks.registry import get_attack
 from sanitize.data import ImageDataset
 from sanitize.errors import SanitizeError
-from sanitize.models import Classifier
+from sanitize.models import Classifier, list_models
 from sanitize.training import autocast, precision_name, save_atomic
+from sanitize.wording import unknown
 
 
 @dataclass
@@ -80,6 +81,9 @@ class CraftingOptions:
     # the proxies' seeds: the attacker's own (`own`), or the default scan's (`scan`: the seed is part of the default,
     # so an attacker who knows the scan knows it; its proxies then start and order their data as the defender's do)
     evade_seed: str = "own"
+    # the proxies' architecture: the default scan's (`scan`), or a registry name, the one a scan run with --model
+    # trains (the attacker who knows a scan configured with another proxy)
+    evade_model: str = "scan"
 
 
 # the loop's options that name one of a few choices
@@ -108,6 +112,7 @@ IDENTITY_DEFAULTS = {
     "evade_space": "surrogate",
     "evade_refresh": 20,
     "evade_seed": "own",
+    "evade_model": "scan",
 }
 
 
@@ -232,6 +237,8 @@ def craft(
             "evade_space=proxy needs proxies trained on the poisoned data "
             "(sanitize evaluate, and sanitize attack on .npz data, provide them)"
         )
+    if options.evade_model not in ("scan", *list_models()):
+        raise SanitizeError(unknown("evade_model", options.evade_model, ["scan", *list_models()]))
     if options.evade_refresh < 0:
         raise SanitizeError(f"evade_refresh must be >= 0, not {options.evade_refresh}")
     if options.recolor and not (options.recolor_bound > 0 and options.recolor_grid >= 2):

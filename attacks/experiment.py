@@ -167,8 +167,9 @@ class Harness:
 
     def proxy_trainer(self, setup: PoisonSetup):
         """The adaptive attacker's imitation of the scan's proxy (`evade_space=proxy`)."""
+        options = self.craft_config
         return scan_proxy_trainer(
-            self.models, self.train, setup, self.config.eps, self.config.attack, self.craft_config.evade_seed
+            self.models, self.train, setup, self.config.eps, self.config.attack, options.evade_seed, options.evade_model
         )
 
     def data_for(self, arm: str, poisons: PoisonSet | None, setup: PoisonSetup | None = None) -> ArrayDataset:
@@ -417,14 +418,20 @@ def surrogate_retrainer(
 
 
 def scan_proxy_trainer(
-    models: ModelCache, train: ArrayDataset, setup: PoisonSetup, eps: float, attack: str, seeds: str = "own"
+    models: ModelCache,
+    train: ArrayDataset,
+    setup: PoisonSetup,
+    eps: float,
+    attack: str,
+    seeds: str = "own",
+    model: str = "scan",
 ):
-    """`train(deltas, iteration)` for `evade_space=proxy`: the default scan's architecture and recipe, with the
-    attacker's own seeds, one a refresh (`seeds` own), or every time with the default scan's seed (`scan`)."""
+    """`train(deltas, iteration)` for `evade_space=proxy`: the default scan's recipe and architecture (`model` scan) or
+    the one `sanitize scan --model` names, with the attacker's own seeds, one a refresh (`seeds` own), or every time
+    with the default scan's seed (`scan`)."""
     scan = ScanConfig()
-    proxies = dataclasses.replace(
-        models, model=resolve_model_name(scan.model, train.image_size), model_kwargs={}, recipe=scan.train
-    )
+    architecture = resolve_model_name(scan.model if model == "scan" else model, train.image_size)
+    proxies = dataclasses.replace(models, model=architecture, model_kwargs={}, recipe=scan.train)
     return trainer_on_poisons(
         proxies, train, setup, eps, attack, "evade-proxy",
         lambda iteration: [scan.seed if seeds == "scan" else EVADE_PROXY_SEED + 1000 * iteration],

@@ -101,8 +101,10 @@ def test_spread_over_all_poisons_repels_the_poisons_of_other_batches(split, tiny
     assert penalties["batch", True] < penalties["all", True] - 0.1
 
 
-@pytest.mark.parametrize("option", [{"evade_variant": "scatter"}, {"evade_scope": "sideways"}])
-def test_an_unknown_evasion_variant_or_scope_is_refused_before_crafting(split, tiny_victim, option):
+@pytest.mark.parametrize(
+    "option", [{"evade_variant": "scatter"}, {"evade_scope": "sideways"}, {"evade_model": "resnet81"}]
+)
+def test_an_unknown_evasion_variant_scope_or_proxy_model_is_refused_before_crafting(split, tiny_victim, option):
     train, test = split
     setup = choose_setup(1, train, test, budget=0.02)
     options = attack_options("gradient-matching", iterations=1, restarts=1, evade=1.0, **option)

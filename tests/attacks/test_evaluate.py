@@ -999,3 +999,28 @@ def test_the_evasions_proxies_train_with_the_attackers_seeds_or_the_scans(
     train_on(deltas, 1)
     proxy = resolve_model_name(ScanConfig().model, harness.train.image_size)
     assert trained == [(seed, "evade-proxy", proxy) for seed in expected]
+
+
+@pytest.mark.parametrize("model", ["scan", "tiny"])
+def test_the_evasions_proxies_have_the_default_scans_architecture_or_the_one_named(
+    tmp_path, split_npz, monkeypatch, model
+):
+    """evade_model=scan: the default scan's proxy; a registry name: the proxy `sanitize scan --model` trains."""
+    train, test = split_npz
+    craft_options = {"evade": 1.0, "evade_space": "proxy", "evade_model": model}
+    harness = Harness(
+        train,
+        test,
+        tmp_path / "e",
+        EvaluationConfig(**quick_smoke(tmp_path), craft_options=craft_options),
+        progress=False,
+    )
+    trained = []
+    monkeypatch.setattr(
+        ModelCache, "trained", lambda self, data, seed, tag: trained.append((self.model, self.recipe)) or (None, None)
+    )
+    setup = choose_setup(0, harness.train, harness.test, 0.02)
+    deltas = torch.zeros((len(setup.poison_indices), 3, *harness.train.image_size), dtype=torch.int16)
+    harness.proxy_trainer(setup)(deltas, 0)
+    default = resolve_model_name(ScanConfig().model, harness.train.image_size)
+    assert trained == [(default if model == "scan" else model, ScanConfig().train)]
