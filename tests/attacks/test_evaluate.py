@@ -972,6 +972,27 @@ def test_evading_in_the_proxy_space_trains_the_scans_recipe_on_the_current_poiso
     assert config["evade_space"] == "proxy" and config["evade_refresh"] == 1
 
 
+def proxies_trained(tmp_path, split_npz, monkeypatch, iterations: int, **craft_options) -> tuple[Harness, list]:
+    """The evaluation and (seed, tag, architecture, recipe) of each proxy its evasion trains over `iterations`
+    refreshes (`ModelCache.trained` recorded, not run)."""
+    train, test = split_npz
+    craft_options = {"evade": 1.0, "evade_space": "proxy", **craft_options}
+    config = EvaluationConfig(**quick_smoke(tmp_path), craft_options=craft_options)
+    harness = Harness(train, test, tmp_path / "e", config, progress=False)
+    trained = []
+    monkeypatch.setattr(
+        ModelCache,
+        "trained",
+        lambda self, data, seed, tag: trained.append((seed, tag, self.model, self.recipe)) or (None, None),
+    )
+    setup = choose_setup(0, harness.train, harness.test, 0.02)
+    deltas = torch.zeros((len(setup.poison_indices), 3, *harness.train.image_size), dtype=torch.int16)
+    train_on = harness.proxy_trainer(setup)
+    for iteration in range(iterations):
+        train_on(deltas, iteration)
+    return harness, trained
+
+
 @pytest.mark.parametrize(
     "seeds, expected", [("own", [EVADE_PROXY_SEED, EVADE_PROXY_SEED + 1000]), ("scan", [ScanConfig().seed] * 2)]
 )
@@ -979,48 +1000,15 @@ def test_the_evasions_proxies_train_with_the_attackers_seeds_or_the_scans(
     tmp_path, split_npz, monkeypatch, seeds, expected
 ):
     """evade_seed=own: a seed of the attacker's own a refresh; scan: the default scan's seed every time."""
-    train, test = split_npz
-    craft_options = {"evade": 1.0, "evade_space": "proxy", "evade_seed": seeds}
-    harness = Harness(
-        train,
-        test,
-        tmp_path / "e",
-        EvaluationConfig(**quick_smoke(tmp_path), craft_options=craft_options),
-        progress=False,
-    )
-    trained = []
-    monkeypatch.setattr(
-        ModelCache, "trained", lambda self, data, seed, tag: trained.append((seed, tag, self.model)) or (None, None)
-    )
-    setup = choose_setup(0, harness.train, harness.test, 0.02)
-    deltas = torch.zeros((len(setup.poison_indices), 3, *harness.train.image_size), dtype=torch.int16)
-    train_on = harness.proxy_trainer(setup)
-    train_on(deltas, 0)
-    train_on(deltas, 1)
-    proxy = resolve_model_name(ScanConfig().model, harness.train.image_size)
-    assert trained == [(seed, "evade-proxy", proxy) for seed in expected]
+    _, trained = proxies_trained(tmp_path, split_npz, monkeypatch, 2, evade_seed=seeds)
+    assert [(seed, tag) for seed, tag, _, _ in trained] == [(seed, "evade-proxy") for seed in expected]
 
 
 @pytest.mark.parametrize("model", ["scan", "tiny"])
-def test_the_evasions_proxies_have_the_default_scans_architecture_or_the_one_named(
+def test_the_evasions_proxies_have_the_default_scans_recipe_and_architecture_or_the_one_named(
     tmp_path, split_npz, monkeypatch, model
 ):
     """evade_model=scan: the default scan's proxy; a registry name: the proxy `sanitize scan --model` trains."""
-    train, test = split_npz
-    craft_options = {"evade": 1.0, "evade_space": "proxy", "evade_model": model}
-    harness = Harness(
-        train,
-        test,
-        tmp_path / "e",
-        EvaluationConfig(**quick_smoke(tmp_path), craft_options=craft_options),
-        progress=False,
-    )
-    trained = []
-    monkeypatch.setattr(
-        ModelCache, "trained", lambda self, data, seed, tag: trained.append((self.model, self.recipe)) or (None, None)
-    )
-    setup = choose_setup(0, harness.train, harness.test, 0.02)
-    deltas = torch.zeros((len(setup.poison_indices), 3, *harness.train.image_size), dtype=torch.int16)
-    harness.proxy_trainer(setup)(deltas, 0)
+    harness, (trained,) = proxies_trained(tmp_path, split_npz, monkeypatch, 1, evade_model=model)
     default = resolve_model_name(ScanConfig().model, harness.train.image_size)
-    assert trained == [(default if model == "scan" else model, ScanConfig().train)]
+    assert trained[2:] == (default if model == "scan" else model, ScanConfig().train)
