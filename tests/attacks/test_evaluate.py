@@ -300,7 +300,8 @@ def test_a_scans_outcome_is_published_and_a_run_without_the_cache_trains_more_de
 
     monkeypatch.setattr("attacks.experiment.scan", no_scan)
     run_evaluation(train, test, out, EvaluationConfig(**base, victims=3), progress=False)
-    first, *others = (json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if '"scan"' in line)
+    rows = (json.loads(line) for line in (out / "results.jsonl").read_text().splitlines())
+    first, *others = (row for row in rows if row["arm"] == "scan")
     assert [r["victim_seed"] for r in [first, *others]] == [0, 1, 2]
     for other_row in others:
         for field in ("dropped_fraction", "poison_precision", "poison_recall", "auroc", "scan_options"):
