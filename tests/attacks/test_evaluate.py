@@ -1001,8 +1001,11 @@ def test_the_evasions_proxies_train_with_the_attackers_seeds_or_the_scans(
     tmp_path, split_npz, monkeypatch, seeds, expected
 ):
     """evade_seed=own: a seed of the attacker's own a refresh; scan: the default scan's seed every time."""
-    _, trained = proxies_trained(tmp_path, split_npz, monkeypatch, 2, evade_seed=seeds)
-    assert [(seed, tag) for seed, tag, _, _ in trained] == [(seed, "evade-proxy") for seed in expected]
+    harness, trained = proxies_trained(tmp_path, split_npz, monkeypatch, 2, evade_seed=seeds)
+    proxy = resolve_model_name(ScanConfig().model, harness.train.image_size)
+    assert [(seed, tag, model) for seed, tag, model, _ in trained] == [
+        (seed, "evade-proxy", proxy) for seed in expected
+    ]
 
 
 @pytest.mark.parametrize("model", ["scan", "tiny"])
