@@ -1,7 +1,8 @@
 """sanitize: find and drop targeted clean-label poisons in image-classification training data.
 
 `sanitize.scan(data, out, **options)` and `sanitize.train(data, out, robust=True, **options)` are the two runs, with
-the CLI's options and defaults; their results are `ScanResult` and `TrainResult`. Imported on first use, so that
+the CLI's options and defaults; their results are `ScanResult` and `TrainResult`. `sanitize.combine_scans(scans, out)`
+reads finished scans of one dataset as one gate. Imported on first use, so that
 `import sanitize` (and the CLI's help) does not load torch.
 """
 
@@ -17,6 +18,8 @@ _EXPORTS = {
     "ScanResult": "sanitize.scanner",
     "train": "sanitize.trainer",
     "TrainResult": "sanitize.trainer",
+    "combine_scans": "sanitize.combine",
+    "CombinedResult": "sanitize.combine",
     "finetune": "sanitize.finetuner",
     "FineTuneConfig": "sanitize.config",
     "ScanConfig": "sanitize.config",

@@ -499,6 +499,34 @@ def scan(data: Path, out: Path, **options: Any) -> None:
 
 
 @cli.command()
+@click.argument("scans", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("sanitize-combined"),
+    show_default=True,
+    help="Output folder: summary.json (each scan's verdict and the combined one) and flagged.txt (the union).",
+)
+@_handle_errors
+def combine(scans: tuple[Path, ...], out: Path) -> None:
+    """Read two or more finished scans of the same data (e.g. with two proxies) as one gate: it fails when any scan's
+    fails, and flagged.txt holds the union of their flags."""
+    from sanitize.combine import combine_scans
+
+    result = combine_scans(scans, out)
+    summary, gate = result.summary, result.summary["gate"]
+    for each in summary["scans"]:
+        click.echo(
+            f"scan      {each['folder']}: {each['verdict'].upper()} ({each['proxy']}, flagged "
+            f"{each['flagged_fraction']:.2%}{', alarm in ' + ', '.join(each['alarmed_classes']) if each['alarmed_classes'] else ''})"
+        )
+    click.echo(f"flagged   {summary['flagged']['count']} ({summary['flagged']['fraction']:.2%}), the union")
+    click.echo(f"gate      {gate['verdict'].upper()} (fails when any scan's gate fails)")
+    click.echo(f"outputs   {', '.join(str(p) for p in result.files.values())}")
+    sys.exit({"passed": 0, "failed": 1, "inconclusive": 4}[gate["verdict"]])
+
+
+@cli.command()
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),

@@ -1,0 +1,123 @@
+"""Finished scans of one dataset, read as one gate: it fails when any scan's gate fails, and the union of their flags
+is what to leave out. Proxies of different architectures see different things: an attacker who crafts poisons to
+pass one proxy's scan is caught by another's (reports/adaptive-attack), so a gate that needs every scan to pass makes
+the attacker imitate them all.
+
+Writes OUT/summary.json (`kind` "combined-scan": each scan's verdict and the combined one) and OUT/flagged.txt (the
+union, one id a line, for `sanitize train --exclude`). Scans are only read.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sanitize
+from sanitize.data import write_atomic
+from sanitize.errors import SanitizeError
+
+
+@dataclass
+class CombinedResult:
+    """The combined summary (written to summary.json), the union of the flagged ids and the files."""
+
+    summary: dict[str, Any]
+    flagged_ids: list[str]
+    files: dict[str, Path]
+
+    @property
+    def passed(self) -> bool:
+        return self.summary["gate"]["passed"]
+
+
+MAX_SUMMARY_BYTES = 64 << 20  # a scan's summary.json is kilobytes; ImageNet's 1,000 classes make it a few MiB
+MAX_ID_BYTES = 4096  # an id is a path relative to DATA
+
+
+def read_scan(folder: Path) -> tuple[dict[str, Any], list[str]]:
+    """A finished scan's summary and flagged ids; a one-line error for anything else (files too large for what a
+    scan writes included, so a hostile folder cannot exhaust memory)."""
+    try:
+        if (folder / "summary.json").stat().st_size > MAX_SUMMARY_BYTES:
+            raise SanitizeError(f"{folder}/summary.json is larger than a scan writes")
+        summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+        if summary["kind"] != "scan":
+            raise TypeError
+        gate = summary["gate"]
+        gate.setdefault("verdict", "passed" if gate["passed"] else "failed")  # summaries from before verdicts
+        str(summary["data"]["fingerprint"]), str(summary["model"]["name"])
+        list(gate["alarmed_classes"]), float(gate["flagged_fraction"])
+        examples = int(summary["data"]["examples"])
+        if (folder / "flagged.txt").stat().st_size > MAX_ID_BYTES * examples:
+            raise SanitizeError(f"{folder}/flagged.txt holds more than {examples} ids")
+        flagged = (folder / "flagged.txt").read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        reason = getattr(error, "strerror", None) or type(error).__name__
+        raise SanitizeError(f"{folder} is not a finished scan (summary.json, flagged.txt): {reason}") from None
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise SanitizeError(f"{folder} is not a finished scan: its summary.json is not a scan's") from None
+    if len(flagged) > examples:
+        raise SanitizeError(f"{folder}/flagged.txt holds more than {examples} ids")
+    return summary, flagged
+
+
+def combined_gate(gates: list[dict[str, Any]], flagged_fraction: float) -> dict[str, Any]:
+    """Failed if any scan failed; else no verdict (inconclusive) if any has none; else passed."""
+    verdicts = [g["verdict"] for g in gates]
+    verdict = "failed" if "failed" in verdicts else "inconclusive" if "inconclusive" in verdicts else "passed"
+    return {
+        "verdict": verdict,
+        "flagged_fraction": flagged_fraction,
+        "alarmed_classes": sorted({c for g in gates for c in g["alarmed_classes"]}),
+        "passed": verdict == "passed",
+    }
+
+
+def combine_scans(scans: Sequence[str | os.PathLike], out: str | os.PathLike) -> CombinedResult:
+    """Read the finished scans in `scans` (two or more, of the same data) as one gate and write it to `out`."""
+    folders, out = [Path(s) for s in scans], Path(out)
+    if len(folders) < 2:
+        raise SanitizeError("combine needs at least two scans")
+    if any(out.resolve() == f.resolve() for f in folders):
+        raise SanitizeError(f"--out {out} is one of the scans: it would overwrite that scan's summary")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").unlink(missing_ok=True)  # an error or a crash below leaves no verdict behind
+    except OSError as error:
+        raise SanitizeError(f"cannot write the output folder {out}: {error.strerror or error}") from None
+    read = [read_scan(f) for f in folders]
+    if len({s["data"]["fingerprint"] for s, _ in read}) > 1:
+        raise SanitizeError("the scans are of different data (their fingerprints differ)")
+    union = list(dict.fromkeys(i for _, flagged in read for i in flagged))
+    data = read[0][0]["data"]
+    examples = data["examples"]
+    summary = {
+        "kind": "combined-scan",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(sys.argv),
+        "version": sanitize.__version__,
+        "data": {k: data[k] for k in ("source", "fingerprint", "examples")},
+        "scans": [
+            {
+                "folder": str(f),
+                "proxy": s["model"]["name"],
+                "verdict": s["gate"]["verdict"],
+                "flagged_fraction": s["gate"]["flagged_fraction"],
+                "alarmed_classes": s["gate"]["alarmed_classes"],
+            }
+            for f, (s, _) in zip(folders, read)
+        ],
+        "flagged": {"count": len(union), "fraction": len(union) / examples if examples else 0.0},
+        "gate": combined_gate([s["gate"] for s, _ in read], len(union) / examples if examples else 0.0),
+    }
+    files = {"flagged": out / "flagged.txt", "summary": out / "summary.json"}
+    write_atomic(files["flagged"], "".join(f"{i}\n" for i in union))
+    write_atomic(files["summary"], json.dumps(summary, indent=2))  # last: its presence means the run finished
+    return CombinedResult(summary, union, files)
