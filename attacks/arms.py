@@ -24,7 +24,11 @@ DETECTOR_ARMS = {
 }  # arm -> `sanitize scan --detector`
 TOLD_THE_COUNT = ("deep_knn", "spectral_signatures")  # baselines whose rule needs the number of poisons: budget x N
 SCAN_THEN_ROBUST = "scan-robust"  # the default scan, then `sanitize train --robust` on the examples it did not flag
-SCANNED_ARMS = {**DETECTOR_ARMS, SCAN_THEN_ROBUST: "knn_density"}  # arms whose victims train on what a scan keeps
+# the default scan and the scan under the run's --scan-option (another proxy), read as one gate (`sanitize combine`):
+# the victim trains on what neither flagged
+SCAN_COMBINED = "scan-combined"
+# arms whose victims train on what a scan keeps
+SCANNED_ARMS = {**DETECTOR_ARMS, SCAN_THEN_ROBUST: "knn_density", SCAN_COMBINED: "knn_density"}
 ROBUST_ARMS = ("robust", SCAN_THEN_ROBUST)  # arms whose victims drop examples as they train
 # arms whose victims train on the poisoned set with noise -> the recipe's noises set to the run's eps: random sign
 # noise on every batch (`sanitize train --noise-eps`), and with it friendly noise (`--friendly-eps`, the paper's pair)
@@ -34,7 +38,8 @@ NOISE_ARMS = {"noise-training": ("noise_eps",), "friendly-noise": ("noise_eps", 
 CALIBRATION_ARMS = ("perfect-filter", "random-filter")
 # the scan's metrics a scan-then-robust row keeps apart from the whole defence's (carriers: from scratch only)
 SCAN_PART = ("dropped_fraction", "poison_recall", "carrier_recall", "auroc")
-ARMS = (*CONTROL_ARMS, *DETECTOR_ARMS, *ROBUST_ARMS, *NOISE_ARMS, *CALIBRATION_ARMS)
+ARMS = (*CONTROL_ARMS, *DETECTOR_ARMS, SCAN_COMBINED, *ROBUST_ARMS, *NOISE_ARMS, *CALIBRATION_ARMS)
+COMBINED_WITH_DEFAULT = "combined_with_default"  # what a scan-combined row adds to its second scan's options
 
 
 def told_count(detector: str, setup: PoisonSetup) -> int | None:

@@ -14,7 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from attacks.arms import CONTROL_ARMS, NOISE_ARMS, SCANNED_ARMS, UNPOISONED_ARMS, poison_truth, told_count
+from attacks.arms import (
+    COMBINED_WITH_DEFAULT,
+    CONTROL_ARMS,
+    NOISE_ARMS,
+    SCAN_COMBINED,
+    SCANNED_ARMS,
+    UNPOISONED_ARMS,
+    poison_truth,
+    told_count,
+)
 from attacks.base import PoisonSet, PoisonSetup, keep_poisons, stored_poisons
 from attacks.carriers import poison_pull, pull_carriers
 from attacks.crafting import craft, options_identity
@@ -176,15 +185,20 @@ class Harness:
         return arm_data(self.train, arm, poisons, setup, self.config.eps)
 
     def filtered(
-        self, poisoned: ArrayDataset, arm: str, setup: PoisonSetup
+        self, poisoned: ArrayDataset, arm: str, setup: PoisonSetup, variant: dict[str, Any] | None = None
     ) -> tuple[ArrayDataset, np.ndarray, dict[str, Any], Cost]:
         """What `sanitize scan` (the default, or a baseline's --detector) keeps of the poisoned data, its flags, the
         flags scored against the true poisons, and what the scan cost. Scans are cached per poisoned set; the baselines reuse
-        the default scan's proxy (--checkpoint), so their cost is that proxy's training plus their own pass."""
+        the default scan's proxy (--checkpoint), so their cost is that proxy's training plus their own pass. The
+        default detector runs under `variant` (the run's --scan-option unless given)."""
+        if arm == SCAN_COMBINED:
+            return self._combined(poisoned, setup)
         root = self.scan_dir(poisoned)
         options = {"quiet": True, "device": self.config.device, "precision": self.config.precision}
         detector = SCANNED_ARMS[arm]
-        folder, variant = root / "knn_density", self.config.scan_options if detector == "knn_density" else {}
+        folder = root / "knn_density"
+        if variant is None:
+            variant = self.config.scan_options if detector == "knn_density" else {}
         rule = rule_changes(variant)
         if set(variant) - set(option_names("knn_density")):  # another proxy: its own folder; a rule change reuses it
             folder, rule = proxy_variant_folder(root, variant), {}
@@ -205,12 +219,27 @@ class Harness:
                     "model": result.summary["config"]["model"],  # the architecture auto resolved to
                 },
             )
-            seconds = Cost(*(None if None in (mine, its) else mine + its for mine, its in zip(seconds, own)))
+            seconds = summed(seconds, own)
         metrics = flag_metrics(result.flags, result.scores, poison_truth(setup, len(result.flags))) | {
             "told_expected_poisons": told,
             "scan_options": recorded_scan_options(result.summary["config"]),
         }
         return poisoned.subset(np.flatnonzero(~result.flags)), result.flags, metrics, seconds
+
+    def _combined(
+        self, poisoned: ArrayDataset, setup: PoisonSetup
+    ) -> tuple[ArrayDataset, np.ndarray, dict[str, Any], Cost]:
+        """The scan-combined arm: the default scan and the run's --scan-option scan as one gate (sanitize combine),
+        the union of their flags removed; its cost is both scans'. Rows record the second scan's options."""
+        _, first, _, first_cost = self.filtered(poisoned, "scan", setup, variant={})
+        _, second, metrics, second_cost = self.filtered(poisoned, "scan", setup)
+        union = first | second
+        cost = summed(first_cost, second_cost)
+        scored = flag_metrics(union, None, poison_truth(setup, len(union))) | {
+            "told_expected_poisons": None,
+            "scan_options": metrics["scan_options"] | {COMBINED_WITH_DEFAULT: True},
+        }
+        return poisoned.subset(np.flatnonzero(~union)), union, scored, cost
 
     def calibration(
         self, poisoned: ArrayDataset, arm: str, setup: PoisonSetup
@@ -236,7 +265,8 @@ class Harness:
             detector = SCANNED_ARMS[arm]
             variant = self.config.scan_options if detector == "knn_density" else {}
             told = told_count(detector, setup)
-            scanned = defense_key(default_scan_options(detector, told, self.train.image_size, **variant))
+            recorded = default_scan_options(detector, told, self.train.image_size, **variant)
+            scanned = defense_key(recorded | ({COMBINED_WITH_DEFAULT: True} if arm == SCAN_COMBINED else {}))
         return scanned, training_key(
             {
                 "arm": arm,
@@ -475,6 +505,11 @@ def measure_victim(
         "p_intended": round(float(probabilities[setup.intended_class]), 4),
         "clean_acc": float((predictions[keep] == test.labels[keep]).mean()),
     }
+
+
+def summed(first: Cost, second: Cost) -> Cost:
+    """Two runs' costs added, each part None where either run lacks it."""
+    return Cost(*(None if None in pair else pair[0] + pair[1] for pair in zip(first, second)))
 
 
 def rule_changes(variant: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from attacks.arms import ARMS, CONTROL_ARMS
+from attacks.arms import ARMS, CONTROL_ARMS, SCAN_COMBINED
 from attacks.registry import attack_options
 from sanitize.config import PAPER_NOISE_EPS, FitConfig, RobustConfig, TrainConfig
 from sanitize.data import ImageDataset
@@ -109,6 +109,8 @@ class EvaluationConfig:
         unknown = set(self.arms) - set(ARMS)
         if unknown:
             raise SanitizeError(f"unknown arm(s) {', '.join(sorted(unknown))}; choose from {', '.join(ARMS)}")
+        if SCAN_COMBINED in self.arms and not self.scan_options:
+            raise SanitizeError("the scan-combined arm needs --scan-option: the second scan's proxy, e.g. model=NAME")
         scale = SCALES[self.scale]
         if self.model:
             scale = dataclasses.replace(scale, model=self.model, model_kwargs={})

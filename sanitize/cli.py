@@ -1016,7 +1016,7 @@ def attack(
     "--arms",
     default="clean,undefended,random-noise",
     show_default=True,
-    help="Comma-separated: clean, undefended, random-noise, scan, epic, deep_knn, spectral_signatures, activation_clustering, robust, scan-robust (the scan, then robust training on what it keeps), noise-training (random noise while training, --noise-eps), friendly-noise (friendly and random noise), perfect-filter, random-filter.",
+    help="Comma-separated: clean, undefended, random-noise, scan, epic, deep_knn, spectral_signatures, activation_clustering, robust, scan-robust (the scan, then robust training on what it keeps), scan-combined (the default scan and the --scan-option scan as one gate, sanitize combine: trained on what neither flagged), noise-training (random noise while training, --noise-eps), friendly-noise (friendly and random noise), perfect-filter, random-filter.",
 )
 @click.option(
     "--model", type=choice(MODELS, "model"), default=None, help="Override the scale's model (surrogate and victims)."

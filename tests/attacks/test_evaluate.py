@@ -366,7 +366,8 @@ def test_rows_name_their_poisons_and_a_defended_arm_gets_its_undefended_twin_on_
     # the undefended row was trained on other poisons (say, crafted again elsewhere): a defended arm needs its twin
     results = out / "results.jsonl"
     results.write_text(results.read_text().replace(digest, "0" * 16))
-    run_evaluation(train, test, out, EvaluationConfig(**base, arms=("undefended", "scan")), progress=False)
+    assert not (out / "results.jsonl").exists()  # refused before anything is crafted or trained
+    run_evaluation(train, test, out, EvaluationConfig(**base | {"arms": ("undefended", "scan")}), progress=False)
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["arm"], r["poisons_sha256"]) for r in rows[3:]] == [("undefended", digest), ("scan", digest)]
     paired = json.loads((out / "summary.json").read_text())["paired"]
@@ -374,7 +375,8 @@ def test_rows_name_their_poisons_and_a_defended_arm_gets_its_undefended_twin_on_
 
     # rows from before rows named their poisons count as done: nothing is trained again
     results.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "poisons_sha256"}) + "\n" for r in rows))
-    run_evaluation(train, test, out, EvaluationConfig(**base, arms=("undefended", "scan")), progress=False)
+    assert not (out / "results.jsonl").exists()  # refused before anything is crafted or trained
+    run_evaluation(train, test, out, EvaluationConfig(**base | {"arms": ("undefended", "scan")}), progress=False)
     assert len(results.read_text().splitlines()) == len(rows)
 
 
@@ -552,6 +554,29 @@ def test_a_scan_option_is_a_variant_of_the_scan_arm_recorded_resumed_and_kept_ap
     }
     with pytest.raises(SanitizeError, match="unknown option"):
         run_evaluation(train, test, out, EvaluationConfig(**base, scan_options={"nope": 1}), progress=False)
+
+
+def test_the_combined_scan_arm_removes_the_union_of_the_default_and_the_option_scans_flags(tmp_path, split_npz):
+    train, test = split_npz
+    base = dict(scale="smoke", keys=(0,), eps=16, budget=0.02, epochs=1, iterations=2, victims=1)
+    base |= {"cache": str(tmp_path / "cache"), "arms": ("undefended", "scan", "scan-combined")}
+    out = tmp_path / "eval"
+    with pytest.raises(SanitizeError, match="needs --scan-option"):
+        run_evaluation(train, test, out, EvaluationConfig(**base), progress=False)
+    assert not (out / "results.jsonl").exists()  # refused before anything is crafted or trained
+    run_evaluation(train, test, out, EvaluationConfig(**base | {"arms": ("undefended", "scan")}), progress=False)
+    seeded = EvaluationConfig(**base, scan_options={"seed": 1})
+    run_evaluation(train, test, out, seeded, progress=False)  # the seeded scan, then both combined
+    run_evaluation(train, test, out, seeded, progress=False)  # all done
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["arm"] for r in rows] == ["undefended", "scan", "scan", "scan-combined"]
+    default, other, combined = (r["dropped_fraction"] for r in rows[1:])
+    assert max(default, other) <= combined <= default + other and combined > min(default, other)
+    assert rows[3]["scan_options"] == rows[2]["scan_options"] | {"combined_with_default": True}
+    assert rows[3]["scan_options"]["proxy_seed"] == 1 and rows[3]["auroc"] is None
+    outcomes = [np.load(p, allow_pickle=False) for p in sorted((out / "scans").glob("scan-*.npz"))]
+    union = np.logical_or.reduce([np.unpackbits(o["flags"])[: int(o["count"])].astype(bool) for o in outcomes])
+    assert len(outcomes) == 2 and union.mean() == pytest.approx(combined)
 
 
 def test_a_scan_with_another_proxy_seed_is_recorded_and_is_not_the_default_scans_defense():
