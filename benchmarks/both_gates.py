@@ -7,7 +7,7 @@ threshold.
         --proxy convnet=0.105 --proxy resnet18_cifar_w16=0.07 --out reports/...
 
 Each proxy's scan of a key's poisoned set is the detection sweep's (benchmarks/detection_sweep.py: the same folders,
-trained there when missing). Appends one JSON line per (key, poisons, proxies and thresholds) to OUT/both_gates.jsonl
+trained there when missing); the default scan's is the evaluation's published outcome where there is one. Appends one JSON line per (key, poisons, proxies and thresholds) to OUT/both_gates.jsonl
 and rewrites OUT/both_gates.md.
 """
 
@@ -22,6 +22,7 @@ from detection_sweep import (  # run as a script: benchmarks/ is on the path
     CURRENT,
     Proxy,
     caught_by_pull,
+    default_proxy,
     keys_harness,
     poison_pulls,
     poisoned_keys,
@@ -31,6 +32,7 @@ from detection_sweep import (  # run as a script: benchmarks/ is on the path
 
 from attacks.arms import poison_truth
 from attacks.carriers import pull_carriers
+from attacks.experiment import flagged_by, load_scan_outcome
 from sanitize.config import ScanConfig
 from sanitize.detectors import run_detector
 from sanitize.embeddings import load_embeddings
@@ -46,17 +48,41 @@ def parse_proxy(text: str) -> tuple[str, float]:
     return model, float(threshold)
 
 
-def gate_of(detection, config: ScanConfig) -> dict:
-    """One proxy's verdict as sanitize.scanner.gate decides it: too many flags or an alarmed class."""
-    alarmed = [c for c, info in detection.summary["per_class"].items() if info.get("alarmed")]
-    flagged = float(detection.flags.mean())
+def gate_of(flags: np.ndarray, per_class: dict, config: ScanConfig) -> dict:
+    """One proxy's verdict as sanitize.scanner.gate decides it (too many flags or an alarmed class), and each class's
+    most closed set."""
+    alarmed = [c for c, info in per_class.items() if info.get("alarmed")]
+    flagged = float(flags.mean())
     failed = flagged > config.max_flagged_fraction or (config.fail_on_class_alarm and bool(alarmed))
     closed = {
         c: [info["closed_group"].get("size"), info["closed_group"]["conductance"]]
-        for c, info in detection.summary["per_class"].items()
+        for c, info in per_class.items()
         if "conductance" in info.get("closed_group", {})
     }
     return {"failed": failed, "flagged": flagged, "alarmed_classes": alarmed, "closed_groups": closed}
+
+
+def proxy_outcome(harness, poisoned, name: str, config: ScanConfig) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(flags, scores, per-class records) of the rule `config` on one proxy: the evaluation's published outcome of
+    the default scan where that is the scan asked for (its proxy is not trained again), else the rule run on the
+    proxy's embeddings (the detection sweep's folder, trained when missing)."""
+    defaults = ScanConfig()
+    proxy = Proxy(name, defaults.train.epochs, None, defaults.train.schedule, None, defaults.seed)
+    folder = harness.scan_dir(poisoned) / "knn_density"
+    published = harness.published_scan_path(folder)
+    if proxy == default_proxy(harness) and config.options == defaults.options and published.exists():
+        stored = load_scan_outcome(published, poisoned)
+        if stored is not None and flagged_by(stored[0].summary, {}):
+            result = stored[0]
+            return result.flags, result.scores, by_index(result.summary["detector"]["per_class"], poisoned.classes)
+    embeddings = load_embeddings(proxy_scan_dir(harness, poisoned, proxy) / "embeddings", poisoned.labels)
+    detection = run_detector("knn_density", embeddings, config.options, config.context(False))
+    return detection.flags, detection.scores, detection.summary["per_class"]
+
+
+def by_index(per_class: dict, classes: list[str]) -> dict:
+    """A scan summary's per-class records (keyed by class name) keyed by class index, as the detector's are."""
+    return {str(classes.index(name)): info for name, info in per_class.items()}
 
 
 def main() -> None:
@@ -75,7 +101,6 @@ def main() -> None:
     harness = keys_harness(args, args.results or args.cache)
     args.out.mkdir(parents=True, exist_ok=True)
     rows_path = args.out / "both_gates.jsonl"
-    defaults = ScanConfig()
     for key, setup, poisons, poisoned in poisoned_keys(harness, args.keys):
         truth = poison_truth(setup, len(poisoned))
         carriers = pull_carriers(pull := poison_pulls(harness, setup, poisoned))
@@ -83,15 +108,13 @@ def main() -> None:
         gates = {}
         for model, threshold in args.proxy:
             name = resolve_model_name(model, harness.train.image_size)
-            proxy = Proxy(name, defaults.train.epochs, None, defaults.train.schedule, None, defaults.seed)
-            embeddings = load_embeddings(proxy_scan_dir(harness, poisoned, proxy) / "embeddings", poisoned.labels)
             config = variant_config("knn_density", CURRENT | {"closed_group_conductance": threshold})
-            detection = run_detector("knn_density", embeddings, config.options, config.context(False))
-            gates[f"{name}={threshold:g}"] = gate_of(detection, config) | {
-                "poison_recall": flag_metrics(detection.flags, None, truth)["poison_recall"],
-                **caught_by_pull(detection.flags, detection.scores, pull, carriers, setup),
+            flags, scores, per_class = proxy_outcome(harness, poisoned, name, config)
+            gates[f"{name}={threshold:g}"] = gate_of(flags, per_class, config) | {
+                "poison_recall": flag_metrics(flags, None, truth)["poison_recall"],
+                **caught_by_pull(flags, scores, pull, carriers, setup),
             }
-            union |= detection.flags
+            union |= flags
         caught = caught_by_pull(union, union.astype(float), pull, carriers, setup)
         row = {
             "key": key,
