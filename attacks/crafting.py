@@ -82,7 +82,9 @@ class CraftingOptions:
     # so an attacker who knows the scan knows it; its proxies then start and order their data as the defender's do)
     evade_seed: str = "own"
     # the proxies' architecture: the default scan's (`scan`), or a registry name, the one a scan run with --model
-    # trains (the attacker who knows a scan configured with another proxy)
+    # trains (the attacker who knows a scan configured with another proxy), or several joined by "+" (e.g.
+    # scan+resnet18_cifar_w16: a proxy of each, the evasion averaged over them; the attacker who knows scans read as one
+    # gate by `sanitize combine`)
     evade_model: str = "scan"
 
 
@@ -237,8 +239,9 @@ def craft(
             "evade_space=proxy needs proxies trained on the poisoned data "
             "(sanitize evaluate, and sanitize attack on .npz data, provide them)"
         )
-    if options.evade_model not in ("scan", *list_models()):
-        raise SanitizeError(unknown("evade_model", options.evade_model, ["scan", *list_models()]))
+    for architecture in options.evade_model.split("+"):
+        if architecture not in ("scan", *list_models()):
+            raise SanitizeError(unknown("evade_model", architecture, ["scan", *list_models()]))
     if options.evade_refresh < 0:
         raise SanitizeError(f"evade_refresh must be >= 0, not {options.evade_refresh}")
     if options.recolor and not (options.recolor_bound > 0 and options.recolor_grid >= 2):

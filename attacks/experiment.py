@@ -457,15 +457,27 @@ def scan_proxy_trainer(
     model: str = "scan",
 ):
     """`train(deltas, iteration)` for `evade_space=proxy`: the default scan's recipe and architecture (`model` scan) or
-    the one `sanitize scan --model` names, with the attacker's own seeds, one a refresh (`seeds` own), or every time
-    with the default scan's seed (`scan`)."""
+    the one `sanitize scan --model` names (several joined by "+": a proxy of each), with the attacker's own seeds, one
+    a refresh (`seeds` own), or every time with the default scan's seed (`scan`)."""
     scan = ScanConfig()
-    architecture = resolve_model_name(scan.model if model == "scan" else model, train.image_size)
-    proxies = dataclasses.replace(models, model=architecture, model_kwargs={}, recipe=scan.train)
-    return trainer_on_poisons(
-        proxies, train, setup, eps, attack, "evade-proxy",
-        lambda iteration: [scan.seed if seeds == "scan" else EVADE_PROXY_SEED + 1000 * iteration],
-    )  # fmt: skip
+    trainers = [
+        trainer_on_poisons(
+            dataclasses.replace(
+                models,
+                model=resolve_model_name(scan.model if name == "scan" else name, train.image_size),
+                model_kwargs={},
+                recipe=scan.train,
+            ),
+            train,
+            setup,
+            eps,
+            attack,
+            "evade-proxy",
+            lambda iteration: [scan.seed if seeds == "scan" else EVADE_PROXY_SEED + 1000 * iteration],
+        )  # fmt: skip
+        for name in model.split("+")
+    ]
+    return lambda deltas, iteration: [proxy for trainer in trainers for proxy in trainer(deltas, iteration)]
 
 
 def arm_data(

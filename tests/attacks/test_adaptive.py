@@ -102,7 +102,13 @@ def test_spread_over_all_poisons_repels_the_poisons_of_other_batches(split, tiny
 
 
 @pytest.mark.parametrize(
-    "option", [{"evade_variant": "scatter"}, {"evade_scope": "sideways"}, {"evade_model": "resnet81"}]
+    "option",
+    [
+        {"evade_variant": "scatter"},
+        {"evade_scope": "sideways"},
+        {"evade_model": "resnet81"},
+        {"evade_model": "scan+resnet81"},
+    ],
 )
 def test_an_unknown_evasion_variant_scope_or_proxy_model_is_refused_before_crafting(split, tiny_victim, option):
     train, test = split

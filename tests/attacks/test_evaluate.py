@@ -1041,3 +1041,13 @@ def test_the_evasions_proxies_have_the_default_scans_recipe_and_architecture_or_
     harness, (trained,) = proxies_trained(tmp_path, split_npz, monkeypatch, 1, evade_model=model)
     default = resolve_model_name(ScanConfig().model, harness.train.image_size)
     assert trained[2:] == (default if model == "scan" else model, ScanConfig().train)
+
+
+def test_the_evasion_imitates_several_proxies_joined_by_plus_each_with_the_scans_recipe(
+    tmp_path, split_npz, monkeypatch
+):
+    """evade_model=scan+tiny: a proxy of each architecture at every refresh, with the same seeds."""
+    harness, trained = proxies_trained(tmp_path, split_npz, monkeypatch, 2, evade_model="scan+tiny", evade_seed="scan")
+    default = resolve_model_name(ScanConfig().model, harness.train.image_size)
+    seed = ScanConfig().seed
+    assert trained == [(seed, "evade-proxy", model, ScanConfig().train) for model in (default, "tiny")] * 2
