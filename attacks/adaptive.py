@@ -25,7 +25,8 @@ add none.
 default scan's own recipe (its architecture, epochs and augmentation) trained on the data with the current poisons and
 trained again every `evade_refresh` craft steps (attacks.refresh), with the attacker's own seeds or, with
 `evade_seed=scan`, the default scan's seed (part of the default, so known to the attacker); `evade_model` names another
-architecture, the one a scan run with `--model` trains (the attacker who knows that configuration). The defender's proxy
+architecture, the one a scan run with `--model` trains (the attacker who knows that configuration), or several joined by
+"+", a proxy of each in the evasion (the attacker who knows scans read as one gate by `sanitize combine`). The defender's proxy
 trains on the poisoned set, and a proxy that has seen the poisons groups them where a surrogate trained on clean data
 does not (reports/adaptive-attack/attacker-view).
 """
