@@ -200,8 +200,9 @@ class Harness:
         if variant is None:
             variant = self.config.scan_options if detector == "knn_density" else {}
         rule = rule_changes(variant)
-        if set(variant) - set(option_names("knn_density")):  # another proxy: its own folder; a rule change reuses it
-            folder, rule = proxy_variant_folder(root, variant), {}
+        proxy = {name: value for name, value in variant.items() if name not in option_names("knn_density")}
+        if proxy:  # another proxy: its own folder, which a rule change on that proxy reuses
+            folder = proxy_variant_folder(root, proxy)
         # a baseline scanned anew needs the default scan's proxy itself, not only its published outcome
         needs_proxy = detector != "knn_density" and not self._scanned(root / detector)
         result, seconds = self._scan_once(poisoned, folder, options | variant, not needs_proxy, rule)

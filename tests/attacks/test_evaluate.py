@@ -579,6 +579,21 @@ def test_the_combined_scan_arm_removes_the_union_of_the_default_and_the_option_s
     assert len(outcomes) == 2 and union.mean() == pytest.approx(combined)
 
 
+def test_a_rule_change_on_another_proxy_reuses_that_proxy_and_publishes_its_own_outcome(tmp_path, split_npz):
+    train, test = split_npz
+    base = dict(scale="smoke", keys=(0,), eps=16, budget=0.02, epochs=1, iterations=2, victims=1)
+    base |= {"cache": str(tmp_path / "cache"), "arms": ("undefended", "scan")}
+    out = tmp_path / "eval"
+    for variant in ({"seed": 1}, {"seed": 1, "threshold": 0.3}):
+        run_evaluation(train, test, out, EvaluationConfig(**base, scan_options=variant), progress=False)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["arm"], r["scan_options"].get("threshold")) for r in rows[1:]] == [("scan", 0.5), ("scan", 0.3)]
+    assert rows[2]["dropped_fraction"] >= rows[1]["dropped_fraction"]  # the looser cut on the same proxy
+    (scans,) = (tmp_path / "cache").glob("scan-*")
+    assert len(list(scans.glob("knn_density-*/proxy"))) == 1  # one seed-1 proxy, trained once
+    assert len(list((out / "scans").glob("scan-*-knn_density-*-rule-*.npz"))) == 1
+
+
 def test_a_scan_with_another_proxy_seed_is_recorded_and_is_not_the_default_scans_defense():
     """A scan arm under --scan-option seed=N is its own defense, its rows kept apart from the default scan's."""
     default, seeded = default_scan_options("knn_density", None), default_scan_options("knn_density", None, seed=7)
