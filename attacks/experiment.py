@@ -475,7 +475,7 @@ def scan_proxy_trainer(
             attack,
             "evade-proxy",
             lambda iteration: [scan.seed if seeds == "scan" else EVADE_PROXY_SEED + 1000 * iteration],
-        )  # fmt: skip
+        )
         for name in model.split("+")
     ]
     return lambda deltas, iteration: [proxy for trainer in trainers for proxy in trainer(deltas, iteration)]
