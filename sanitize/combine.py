@@ -52,9 +52,17 @@ def read_scan(folder: Path) -> tuple[dict[str, Any], list[str]]:
             raise TypeError
         gate = summary["gate"]
         gate.setdefault("verdict", "passed" if gate["passed"] else "failed")  # summaries from before verdicts
-        str(summary["data"]["fingerprint"]), str(summary["model"]["name"])
-        list(gate["alarmed_classes"]), float(gate["flagged_fraction"])
-        examples = int(summary["data"]["examples"])
+        if gate["verdict"] not in ("passed", "failed", "inconclusive"):
+            raise ValueError
+        gate["alarmed_classes"] = [str(c) for c in gate["alarmed_classes"]]
+        gate["flagged_fraction"] = float(gate["flagged_fraction"])
+        data, model = summary["data"], summary["model"]
+        data["source"], data["fingerprint"], model["name"] = (
+            str(data["source"]),
+            str(data["fingerprint"]),
+            str(model["name"]),
+        )
+        examples = data["examples"] = int(data["examples"])
         if (folder / "flagged.txt").stat().st_size > MAX_ID_BYTES * examples:
             raise SanitizeError(f"{folder}/flagged.txt holds more than {examples} ids")
         flagged = (folder / "flagged.txt").read_text(encoding="utf-8").splitlines()

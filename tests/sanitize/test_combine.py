@@ -57,14 +57,21 @@ def test_scans_of_other_data_are_refused(tmp_path, two_scans, digits16):
 
 
 @pytest.mark.parametrize(
-    "damage", ["empty folder", "not json", "not a scan's summary", "no flagged.txt", "more ids than examples"]
+    "damage",
+    ["empty folder", "not json", "not a scan's summary", "no data source", "no flagged.txt", "more ids than examples"],
 )
 def test_anything_but_a_finished_scan_is_one_line_and_leaves_no_verdict(tmp_path, two_scans, damage):
     broken = tmp_path / "broken"
     broken.mkdir()
     if damage != "empty folder":
         (broken / "flagged.txt").write_text("")
-        summary = {"not json": "{", "not a scan's summary": '{"kind": "scan", "gate": []}'}
+        summary = {
+            "not json": "{",
+            "not a scan's summary": '{"kind": "scan", "gate": []}',
+            "no data source": json.dumps(
+                json.loads((two_scans[0] / "summary.json").read_text()) | {"data": {"fingerprint": "x", "examples": 1}}
+            ),
+        }
         (broken / "summary.json").write_text(summary.get(damage, (two_scans[0] / "summary.json").read_text()))
         if damage == "no flagged.txt":
             (broken / "flagged.txt").unlink()
