@@ -109,3 +109,62 @@ def test_any_manifest_reads_or_is_a_clear_error(record, raw, as_json):
             assert isinstance(read_manifest(path), dict)
         except SanitizeError:
             pass
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+SCAN_SUMMARY = {
+    "kind": "scan",
+    "data": {"source": "d.npz", "fingerprint": "sha256:0", "examples": 3},
+    "model": {"name": "convnet"},
+    "gate": {"verdict": "passed", "passed": True, "flagged_fraction": 0.0, "alarmed_classes": []},
+}
+
+
+@FUZZ
+@given(
+    field=st.sampled_from(
+        [
+            ("kind",),
+            ("data",),
+            ("data", "examples"),
+            ("model",),
+            ("gate",),
+            ("gate", "verdict"),
+            ("gate", "alarmed_classes"),
+            ("gate", "flagged_fraction"),
+            ("data", "source"),
+        ]
+    ),
+    value=JSON,
+    flagged=st.binary(max_size=256),
+)
+def test_any_summary_field_or_flagged_bytes_in_a_scan_folder_combine_or_are_one_error(field, value, flagged):
+    """`sanitize combine` reads folders a user points it at: any value in a summary's field, any bytes as flagged.txt,
+    give a combined result or a SanitizeError, never another exception."""
+    from sanitize.combine import combine_scans
+
+    summary = json.loads(json.dumps(SCAN_SUMMARY))
+    holder = summary
+    for name in field[:-1]:
+        holder = holder[name]
+    holder[field[-1]] = value
+    with tempfile.TemporaryDirectory() as folder:
+        good, odd = Path(folder) / "good", Path(folder) / "odd"
+        for scan, content, ids in ((good, SCAN_SUMMARY, b"0\n"), (odd, summary, flagged)):
+            scan.mkdir()
+            (scan / "summary.json").write_text(json.dumps(content))
+            (scan / "flagged.txt").write_bytes(ids)
+        try:
+            result = combine_scans([good, odd], Path(folder) / "out")
+        except SanitizeError:
+            assert not (Path(folder) / "out" / "summary.json").exists()
+        else:
+            assert result.flagged_ids[0] == "0" and result.summary["gate"]["verdict"] in (
+                "passed",
+                "failed",
+                "inconclusive",
+            )
