@@ -366,8 +366,7 @@ def test_rows_name_their_poisons_and_a_defended_arm_gets_its_undefended_twin_on_
     # the undefended row was trained on other poisons (say, crafted again elsewhere): a defended arm needs its twin
     results = out / "results.jsonl"
     results.write_text(results.read_text().replace(digest, "0" * 16))
-    assert not (out / "results.jsonl").exists()  # refused before anything is crafted or trained
-    run_evaluation(train, test, out, EvaluationConfig(**base | {"arms": ("undefended", "scan")}), progress=False)
+    run_evaluation(train, test, out, EvaluationConfig(**base, arms=("undefended", "scan")), progress=False)
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["arm"], r["poisons_sha256"]) for r in rows[3:]] == [("undefended", digest), ("scan", digest)]
     paired = json.loads((out / "summary.json").read_text())["paired"]
@@ -375,8 +374,7 @@ def test_rows_name_their_poisons_and_a_defended_arm_gets_its_undefended_twin_on_
 
     # rows from before rows named their poisons count as done: nothing is trained again
     results.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "poisons_sha256"}) + "\n" for r in rows))
-    assert not (out / "results.jsonl").exists()  # refused before anything is crafted or trained
-    run_evaluation(train, test, out, EvaluationConfig(**base | {"arms": ("undefended", "scan")}), progress=False)
+    run_evaluation(train, test, out, EvaluationConfig(**base, arms=("undefended", "scan")), progress=False)
     assert len(results.read_text().splitlines()) == len(rows)
 
 
