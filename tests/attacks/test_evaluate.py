@@ -323,6 +323,30 @@ def test_a_scans_outcome_is_published_and_a_run_without_the_cache_trains_more_de
     assert len(list((out / "scans").glob("scan-*-deep_knn.npz"))) == 1
 
 
+def test_a_current_published_scan_is_kept_and_used_when_another_machine_trains_its_proxy_again(tmp_path, split_npz):
+    """A proxy trained again is not bit-identical: the published outcome the rows trained on stays the reference."""
+    train, test = split_npz
+    out = tmp_path / "eval"
+    base = quick_smoke(tmp_path) | dict(arms=("scan",))
+    run_evaluation(train, test, out, EvaluationConfig(**base, victims=1), progress=False)
+    (published,) = (out / "scans").glob("scan-*-knn_density.npz")
+    with np.load(published, allow_pickle=False) as stored:
+        arrays = dict(stored)
+    flags = np.unpackbits(arrays["flags"], count=int(arrays["count"])).astype(bool)
+    flags[:7] = ~flags[:7]  # the outcome of another machine's proxy
+    np.savez_compressed(published, **arrays | {"flags": np.packbits(flags)})
+    reference = published.read_bytes()
+    shutil.rmtree(tmp_path / "cache")
+    # a baseline needs the default scan's proxy: trained again here, with flags of its own, and the reference stays
+    run_evaluation(train, test, out, EvaluationConfig(**base | {"arms": ("deep_knn",)}, victims=1), progress=False)
+    assert published.read_bytes() == reference
+    run_evaluation(train, test, out, EvaluationConfig(**base, victims=2), progress=False)  # the cache has a folder now
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    (second,) = [r for r in rows if r["arm"] == "scan" and r["victim_seed"] == 1]
+    assert second["dropped_fraction"] == pytest.approx(flags.mean())  # trained on the reference's flags
+    assert published.read_bytes() == reference
+
+
 def test_a_published_scan_is_the_same_outcome_up_to_float32_rounding_of_its_scores_and_never_with_other_flags(
     tmp_path,
 ):
