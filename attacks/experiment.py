@@ -309,8 +309,8 @@ class Harness:
         use_published: bool = True,
         rule: dict[str, Any] | None = None,
     ) -> tuple[Any, Cost]:
-        """(ScanResult, the first run's cost): a rerun reuses the finished proxy and embeddings; without them (a
-        fresh cache), the published outcome of the same scan of the same data. One process at a time scans a set."""
+        """(ScanResult, the first run's cost): the published outcome of the same scan of the same data where it is
+        current, else the scan (a rerun reuses the finished proxy and embeddings). One process at a time scans a set."""
         with scanning(out):
             return self._stored_or_scanned(data, out, options, use_published, self.published_scan_path(out, rule))
 
@@ -320,8 +320,7 @@ class Harness:
         """A current published outcome is the reference: the rows already written trained on its flags, and a proxy
         trained again elsewhere is not bit-identical, so it is used before the cache and never overwritten; a scan
         runs where none is current (or where its proxy itself is needed) and is published where none is."""
-        stored = load_scan_outcome(published, data) if published.exists() else None
-        current = stored if stored is not None and flagged_by(stored[0].summary, options) else None
+        current = current_outcome(published, data, options)
         if use_published and current is not None:
             return current
         started, cpu_started = time.perf_counter(), time.process_time()
@@ -464,6 +463,10 @@ def scan_proxy_trainer(
     the one `sanitize scan --model` names (several joined by "+": a proxy of each), with the attacker's own seeds, one
     a refresh (`seeds` own), or every time with the default scan's seed (`scan`)."""
     scan = ScanConfig()
+
+    def seeded(iteration: int) -> list[int]:
+        return [scan.seed if seeds == "scan" else EVADE_PROXY_SEED + 1000 * iteration]
+
     trainers = [
         trainer_on_poisons(
             dataclasses.replace(
@@ -477,7 +480,7 @@ def scan_proxy_trainer(
             eps,
             attack,
             "evade-proxy",
-            lambda iteration: [scan.seed if seeds == "scan" else EVADE_PROXY_SEED + 1000 * iteration],
+            seeded,
         )
         for name in model.split("+")
     ]
@@ -571,6 +574,12 @@ def flagged_by(summary: dict[str, Any], options: dict[str, Any]) -> bool:
     return recorded["detector"] == expected["detector"] and recorded["options"] == json.loads(
         json.dumps(expected["options"], default=str)
     )
+
+
+def current_outcome(path: Path, data: ArrayDataset, options: dict[str, Any]) -> tuple[ScanResult, Cost] | None:
+    """The outcome published at `path` if it is of exactly `data` and flagged by today's rule under `options`."""
+    stored = load_scan_outcome(path, data) if path.exists() else None
+    return stored if stored is not None and flagged_by(stored[0].summary, options) else None
 
 
 def load_scan_outcome(path: Path, data: ArrayDataset) -> tuple[ScanResult, Cost] | None:

@@ -32,7 +32,7 @@ from detection_sweep import (  # run as a script: benchmarks/ is on the path
 
 from attacks.arms import poison_truth
 from attacks.carriers import pull_carriers
-from attacks.experiment import flagged_by, load_scan_outcome
+from attacks.experiment import current_outcome
 from sanitize.config import ScanConfig
 from sanitize.detectors import run_detector
 from sanitize.embeddings import load_embeddings
@@ -68,11 +68,10 @@ def proxy_outcome(harness, poisoned, name: str, config: ScanConfig) -> tuple[np.
     proxy's embeddings (the detection sweep's folder, trained when missing)."""
     defaults = ScanConfig()
     proxy = Proxy(name, defaults.train.epochs, None, defaults.train.schedule, None, defaults.seed)
-    folder = harness.scan_dir(poisoned) / "knn_density"
-    published = harness.published_scan_path(folder)
-    if proxy == default_proxy(harness) and config.options == defaults.options and published.exists():
-        stored = load_scan_outcome(published, poisoned)
-        if stored is not None and flagged_by(stored[0].summary, {}):
+    if proxy == default_proxy(harness) and config.options == defaults.options:
+        published = harness.published_scan_path(harness.scan_dir(poisoned) / "knn_density")
+        stored = current_outcome(published, poisoned, {})
+        if stored is not None:
             result = stored[0]
             return result.flags, result.scores, by_index(result.summary["detector"]["per_class"], poisoned.classes)
     embeddings = load_embeddings(proxy_scan_dir(harness, poisoned, proxy) / "embeddings", poisoned.labels)

@@ -92,6 +92,7 @@ decoded_cache_option = click.option(
 )
 ROBUST_DEFAULTS = RobustConfig()
 FINETUNE_DEFAULTS = FineTuneConfig()
+VERDICT_EXIT = {"passed": 0, "failed": 1, "inconclusive": 4}  # a gate's verdict as `scan` and `combine` exit with it
 exclude_option = click.option(
     "--exclude",
     type=click.Path(exists=True, dir_okay=False),
@@ -495,7 +496,7 @@ def scan(data: Path, out: Path, **options: Any) -> None:
                 click.echo(f"next      {command}   (train on what the scan kept)")
         except BrokenPipeError:  # `sanitize scan ... | head -3`: the verdict still decides the exit code
             silence_stdout()
-    sys.exit({"passed": 0, "failed": 1, "inconclusive": 4}[result.summary["gate"]["verdict"]])
+    sys.exit(VERDICT_EXIT[result.summary["gate"]["verdict"]])
 
 
 @cli.command()
@@ -523,7 +524,7 @@ def combine(scans: tuple[Path, ...], out: Path) -> None:
     click.echo(f"flagged   {summary['flagged']['count']} ({summary['flagged']['fraction']:.2%}), the union")
     click.echo(f"gate      {gate['verdict'].upper()} (fails when any scan's gate fails)")
     click.echo(f"outputs   {', '.join(str(p) for p in result.files.values())}")
-    sys.exit({"passed": 0, "failed": 1, "inconclusive": 4}[gate["verdict"]])
+    sys.exit(VERDICT_EXIT[gate["verdict"]])
 
 
 @cli.command()

@@ -105,7 +105,7 @@ def combine_scans(scans: Sequence[str | os.PathLike], out: str | os.PathLike) ->
         raise SanitizeError("the scans are of different data (their fingerprints differ)")
     union = list(dict.fromkeys(i for _, flagged in read for i in flagged))
     data = read[0][0]["data"]
-    examples = data["examples"]
+    fraction = len(union) / data["examples"] if data["examples"] else 0.0
     summary = {
         "kind": "combined-scan",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -122,8 +122,8 @@ def combine_scans(scans: Sequence[str | os.PathLike], out: str | os.PathLike) ->
             }
             for f, (s, _) in zip(folders, read)
         ],
-        "flagged": {"count": len(union), "fraction": len(union) / examples if examples else 0.0},
-        "gate": combined_gate([s["gate"] for s, _ in read], len(union) / examples if examples else 0.0),
+        "flagged": {"count": len(union), "fraction": fraction},
+        "gate": combined_gate([s["gate"] for s, _ in read], fraction),
     }
     files = {"flagged": out / "flagged.txt", "summary": out / "summary.json"}
     write_atomic(files["flagged"], "".join(f"{i}\n" for i in union))
