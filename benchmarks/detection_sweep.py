@@ -24,7 +24,7 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -191,45 +191,39 @@ class Proxy(NamedTuple):
     seed: int = 0
 
 
+def proxy_changes(data, proxy: Proxy) -> dict[str, Any]:
+    """The scan options by which `proxy` differs from the default scan's, as the evaluation's --scan-option names them
+    (its side is not one: a set resized is other data)."""
+    default = ScanConfig()
+    changes: dict[str, Any] = {}
+    if proxy.model != default_model_name(data.image_size):
+        changes["model"] = proxy.model
+    if proxy.epochs != default.train.epochs:
+        changes["epochs"] = proxy.epochs
+    if proxy.schedule != default.train.schedule:
+        changes["schedule"] = proxy.schedule
+    if proxy.reduced is not None:
+        changes |= {"reduced_side": proxy.reduced[0], "reduced_epochs": proxy.reduced[1]}
+    if proxy.seed != default.seed:
+        changes["seed"] = proxy.seed
+    return changes
+
+
 def proxy_scan_dir(harness: Harness, data, proxy: Proxy) -> Path:
-    """The scan of `data` with a proxy; the default proxy's is the evaluation's cached scan."""
-    model, proxy_epochs, side, schedule, reduced, seed = proxy
-    scan_dir = harness.scan_dir(data) / "knn_density"
-    seeded = seed != ScanConfig().seed
-    if proxy._replace(seed=ScanConfig().seed) == default_proxy(harness):
-        if seeded:  # the default proxy with another seed: the evaluation's --scan-option seed=N, shared with it
-            scan_dir = proxy_variant_folder(scan_dir.parent, {"seed": seed})
-    else:
-        if proxy_epochs != ScanConfig().train.epochs:
-            scan_dir = scan_dir.with_name(f"knn_density-proxy{proxy_epochs}")
-        if model != default_model_name(data.image_size):
-            scan_dir = scan_dir.with_name(f"{scan_dir.name}-{model}")
-        if schedule != ScanConfig().train.schedule:
-            scan_dir = scan_dir.with_name(f"{scan_dir.name}-{schedule}")
-        if reduced is not None:
-            scan_dir = scan_dir.with_name(f"{scan_dir.name}-progressive{reduced[0]}x{reduced[1]}")
-        if seeded:
-            scan_dir = scan_dir.with_name(f"{scan_dir.name}-seed{seed}")
-        if side is not None:
-            scan_dir = scan_dir.with_name(f"{scan_dir.name}-side{side}")
-            if (scan_dir / "summary.json").exists():
-                return scan_dir  # finished: its embeddings are read back without resizing the set again
-            data = downsampled(data, side)
+    """The scan of `data` with a proxy: the evaluation's folder for the same proxy (the default scan's, or its
+    --scan-option variant's), so each proxy of a set is trained once and both read the same flags."""
+    changes, side = proxy_changes(data, proxy), proxy.side
+    root = harness.scan_dir(data)
+    scan_dir = proxy_variant_folder(root, changes) if changes else root / "knn_density"
+    if side is not None:
+        scan_dir = scan_dir.with_name(f"{scan_dir.name}-side{side}")
+        if (scan_dir / "summary.json").exists():
+            return scan_dir  # finished: its embeddings are read back without resizing the set again
+        data = downsampled(data, side)
     # the evaluation's lock on the same folder: a sweep and an evaluation that scan one set take turns, and the
     # second reuses the first one's proxy and embeddings (scan's own lock would refuse it instead)
     with scanning(scan_dir):
-        scan(
-            data,
-            scan_dir,
-            model=model,
-            epochs=proxy_epochs,
-            schedule=schedule,
-            **({"reduced_side": reduced[0], "reduced_epochs": reduced[1]} if reduced is not None else {}),
-            seed=seed,
-            quiet=True,
-            device=harness.config.device,
-            precision=harness.config.precision,
-        )
+        scan(data, scan_dir, **changes, quiet=True, device=harness.config.device, precision=harness.config.precision)
     return scan_dir
 
 
