@@ -223,7 +223,14 @@ def proxy_scan_dir(harness: Harness, data, proxy: Proxy) -> Path:
     # the evaluation's lock on the same folder: a sweep and an evaluation that scan one set take turns, and the
     # second reuses the first one's proxy and embeddings (scan's own lock would refuse it instead)
     with scanning(scan_dir):
-        scan(data, scan_dir, **changes, quiet=True, device=harness.config.device, precision=harness.config.precision)
+        scan(  # the model named: a set resized below 64 px would otherwise resolve `auto` to another architecture
+            data,
+            scan_dir,
+            **changes | {"model": proxy.model},
+            quiet=True,
+            device=harness.config.device,
+            precision=harness.config.precision,
+        )
     return scan_dir
 
 
