@@ -22,10 +22,10 @@ from detection_sweep import (  # run as a script: benchmarks/ is on the path
     CURRENT,
     Proxy,
     caught_by_pull,
-    default_proxy,
     keys_harness,
     poison_pulls,
     poisoned_keys,
+    proxy_changes,
     proxy_scan_dir,
     variant_config,
 )
@@ -68,7 +68,7 @@ def proxy_outcome(harness, poisoned, name: str, config: ScanConfig) -> tuple[np.
     proxy's embeddings (the detection sweep's folder, trained when missing)."""
     defaults = ScanConfig()
     proxy = Proxy(name, defaults.train.epochs, None, defaults.train.schedule, None, defaults.seed)
-    if proxy == default_proxy(harness) and config.options == defaults.options:
+    if not proxy_changes(poisoned, proxy) and config.options == defaults.options:
         published = harness.published_scan_path(harness.scan_dir(poisoned) / "knn_density")
         stored = current_outcome(published, poisoned, {})
         if stored is not None:

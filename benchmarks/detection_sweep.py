@@ -234,13 +234,6 @@ def proxy_scan_dir(harness: Harness, data, proxy: Proxy) -> Path:
     return scan_dir
 
 
-def default_proxy(harness: Harness) -> Proxy:
-    """The default scan's proxy on the harness's data."""
-    config = ScanConfig()
-    model = resolve_model_name(config.model, harness.train.image_size)
-    return Proxy(model, config.train.epochs, None, config.train.schedule, None, config.seed)
-
-
 def proxies(args, harness: Harness) -> list[Proxy]:
     """Every proxy the sweep scans with; auto is the architecture the scan resolves it to."""
     models = [resolve_model_name(m, harness.train.image_size) for m in args.proxy_models.split(",")]
