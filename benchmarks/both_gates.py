@@ -38,6 +38,7 @@ from sanitize.detectors import run_detector
 from sanitize.embeddings import load_embeddings
 from sanitize.manifest import flag_metrics
 from sanitize.models import resolve_model_name
+from sanitize.scanner import gate
 
 
 def parse_proxy(text: str) -> tuple[str, float]:
@@ -49,11 +50,11 @@ def parse_proxy(text: str) -> tuple[str, float]:
 
 
 def gate_of(flags: np.ndarray, per_class: dict, config: ScanConfig) -> dict:
-    """One proxy's verdict as sanitize.scanner.gate decides it (too many flags or an alarmed class), and each class's
-    most closed set."""
+    """One proxy's verdict by the scan's own gate (too many flags or an alarmed class), and each class's most closed
+    set."""
     alarmed = [c for c, info in per_class.items() if info.get("alarmed")]
     flagged = float(flags.mean())
-    failed = flagged > config.max_flagged_fraction or (config.fail_on_class_alarm and bool(alarmed))
+    failed = gate(flagged, alarmed, config)["verdict"] == "failed"
     closed = {
         c: [info["closed_group"].get("size"), info["closed_group"]["conductance"]]
         for c, info in per_class.items()
