@@ -506,12 +506,12 @@ def scan(data: Path, out: Path, **options: Any) -> None:
     type=click.Path(path_type=Path),
     default=Path("sanitize-combined"),
     show_default=True,
-    help="Output folder: summary.json (each scan's verdict and the combined one) and flagged.txt (the union).",
+    help="Output folder: summary.json (each scan's verdict and the combined one), flagged.txt (the union), report.html.",
 )
 @_handle_errors
 def combine(scans: tuple[Path, ...], out: Path) -> None:
     """Read two or more finished scans of the same data (e.g. with two proxies) as one gate: it fails when any scan's
-    fails, and flagged.txt holds the union of their flags."""
+    fails, flagged.txt holds the union of their flags and report.html links each scan's report."""
     from sanitize.combine import combine_scans
 
     result = combine_scans(scans, out)
@@ -814,7 +814,7 @@ def finetune(data: Path, out: Path, **options: Any) -> None:
 )
 @_handle_errors
 def report(run_dir: Path, data: Path | None, max_thumbnails: int, max_projection_classes: int) -> None:
-    """Re-render RUN_DIR/report.html from a scan's, training run's or evaluation's outputs."""
+    """Re-render RUN_DIR/report.html from a scan's, combined scans', training run's or evaluation's outputs."""
     refuse_torchrun("report")
     from sanitize.report import write_report
 

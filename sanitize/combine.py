@@ -3,8 +3,9 @@ is what to leave out. Proxies of different architectures see different things: a
 pass one proxy's scan is caught by another's (reports/adaptive-attack), so a gate that needs every scan to pass makes
 the attacker imitate them all.
 
-Writes OUT/summary.json (`kind` "combined-scan": each scan's verdict and the combined one) and OUT/flagged.txt (the
-union, one id a line, for `sanitize train --exclude`). Scans are only read.
+Writes OUT/summary.json (`kind` "combined-scan": each scan's verdict and the combined one), OUT/flagged.txt (the
+union, one id a line, for `sanitize train --exclude`) and OUT/report.html (the combined verdict, each scan linked to
+its own report). Scans are only read.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import os
 import shlex
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any
 import sanitize
 from sanitize.data import write_atomic
 from sanitize.errors import SanitizeError
+from sanitize.report import REPORT, write_report
 
 
 @dataclass
@@ -88,6 +91,19 @@ def combined_gate(gates: list[dict[str, Any]], flagged_fraction: float) -> dict[
     }
 
 
+def report_link(scan: Path, out: Path) -> str | None:
+    """The scan's report.html as a link from OUT/report.html (relative, so that both folders can move together;
+    "./" first, so that no folder name reads as a URL scheme), or None where it has none."""
+    report = scan / REPORT
+    if not report.is_file():
+        return None
+    try:
+        relative = os.path.relpath(report.resolve(), out.resolve())
+    except ValueError:  # another drive: no relative path
+        return None
+    return "./" + urllib.parse.quote(Path(relative).as_posix())
+
+
 def combine_scans(scans: Sequence[str | os.PathLike], out: str | os.PathLike) -> CombinedResult:
     """Read the finished scans in `scans` (two or more, of the same data) as one gate and write it to `out`."""
     folders, out = [Path(s) for s in scans], Path(out)
@@ -97,13 +113,15 @@ def combine_scans(scans: Sequence[str | os.PathLike], out: str | os.PathLike) ->
         raise SanitizeError(f"--out {out} is one of the scans: it would overwrite that scan's summary")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").unlink(missing_ok=True)  # an error or a crash below leaves no verdict behind
+        for earlier in ("summary.json", REPORT):  # an error or a crash below leaves no verdict behind
+            (out / earlier).unlink(missing_ok=True)
     except OSError as error:
         raise SanitizeError(f"cannot write the output folder {out}: {error.strerror or error}") from None
     read = [read_scan(f) for f in folders]
     if len({s["data"]["fingerprint"] for s, _ in read}) > 1:
         raise SanitizeError("the scans are of different data (their fingerprints differ)")
     union = list(dict.fromkeys(i for _, flagged in read for i in flagged))
+    by_every_scan = set.intersection(*(set(flagged) for _, flagged in read))
     data = read[0][0]["data"]
     fraction = len(union) / data["examples"] if data["examples"] else 0.0
     summary = {
@@ -119,13 +137,15 @@ def combine_scans(scans: Sequence[str | os.PathLike], out: str | os.PathLike) ->
                 "verdict": s["gate"]["verdict"],
                 "flagged_fraction": s["gate"]["flagged_fraction"],
                 "alarmed_classes": s["gate"]["alarmed_classes"],
+                "report": report_link(f, out),
             }
             for f, (s, _) in zip(folders, read)
         ],
-        "flagged": {"count": len(union), "fraction": fraction},
+        "flagged": {"count": len(union), "fraction": fraction, "by_every_scan": len(by_every_scan)},
         "gate": combined_gate([s["gate"] for s, _ in read], fraction),
     }
-    files = {"flagged": out / "flagged.txt", "summary": out / "summary.json"}
+    files = {"flagged": out / "flagged.txt", "report": out / REPORT, "summary": out / "summary.json"}
     write_atomic(files["flagged"], "".join(f"{i}\n" for i in union))
+    write_report(out, summary=summary)
     write_atomic(files["summary"], json.dumps(summary, indent=2))  # last: its presence means the run finished
     return CombinedResult(summary, union, files)

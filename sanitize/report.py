@@ -72,14 +72,17 @@ def write_report(
     max_projection_classes: int = 10,
     summary: dict[str, Any] | None = None,
 ) -> Path:
-    """Render RUN_DIR/report.html from the run's outputs. `data` gives the images for thumbnails (default: the source
+    """Render RUN_DIR/report.html from the run's outputs (a scan's, `sanitize combine`'s, a training run's or an
+    evaluation's). `data` gives the images for thumbnails (default: the source
     recorded in summary.json; a dataset whose fingerprint differs is not used). A run passes its `summary` before
     writing summary.json, so that the verdict is the last file it writes."""
     run_dir = Path(run_dir)
     if max_thumbnails < 0 or max_projection_classes < 0:
         raise SanitizeError("max_thumbnails and max_projection_classes must be >= 0")
     summary = summary if summary is not None else _read_json(run_dir / "summary.json")
-    if "table" in summary:
+    if summary.get("kind") == "combined-scan":
+        context = {"kind": "combined", "title": "sanitize combine", "summary": summary}
+    elif "table" in summary:
         charts = [sweep_chart(setting, lines) for setting, lines in _by_setting(summary.get("weight_sweeps") or [])]
         write_sweep_charts(run_dir, charts)
         context = {"kind": "evaluation", "title": "sanitize evaluation", "evaluation": summary, "sweep_charts": charts}
@@ -88,7 +91,9 @@ def write_report(
     elif "robust" in summary:
         context = _train_context(run_dir, summary, data, max_thumbnails)
     else:
-        raise SanitizeError(f"{run_dir / 'summary.json'} is not the summary of a scan, training run or evaluation")
+        raise SanitizeError(
+            f"{run_dir / 'summary.json'} is not the summary of a scan, combined scans, training run or evaluation"
+        )
     path = run_dir / REPORT
     write_atomic(path, render(context))
     return path

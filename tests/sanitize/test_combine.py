@@ -1,4 +1,6 @@
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -34,8 +36,33 @@ def test_the_combined_gate_fails_when_any_scan_fails_and_flags_the_union(tmp_pat
     assert summary["kind"] == "combined-scan" and [s["verdict"] for s in summary["scans"]] == ["passed", "failed"]
     assert summary["flagged"]["count"] == len(flagged)
     assert summary["gate"]["flagged_fraction"] == pytest.approx(len(flagged) / passing.summary["data"]["examples"])
+    assert summary["flagged"]["by_every_scan"] == len(set(passing.flagged_ids) & set(failing.flagged_ids))
     api = sanitize.combine_scans([passing_dir, failing_dir], tmp_path / "api")
     assert not api.passed and api.flagged_ids == flagged
+
+
+def test_the_combined_report_shows_the_verdict_links_each_scan_and_renders_again(tmp_path, two_scans):
+    passing_dir, failing_dir = two_scans[:2]
+    out = tmp_path / "both"
+    assert invoke(passing_dir, failing_dir, "--out", out).exit_code == 1
+    page = (out / "report.html").read_text()
+    assert "FAILED" in page and "flagged by every scan" in page
+    for folder in (passing_dir, failing_dir):
+        link = f'href="./{os.path.relpath(folder / "report.html", out)}"'
+        assert link in page and (out / os.path.relpath(folder / "report.html", out)).is_file()
+    (out / "report.html").unlink()
+    result = CliRunner().invoke(cli, ["report", str(out)])
+    assert result.exit_code == 0 and (out / "report.html").read_text() == page, result.output
+
+
+def test_folder_names_are_escaped_in_the_report_and_never_read_as_a_link_scheme(tmp_path, two_scans):
+    hostile = tmp_path / "javascript:alert(1)<script>x</script>"
+    shutil.copytree(two_scans[0], hostile)
+    result = invoke(hostile, two_scans[0], "--out", tmp_path)  # the hostile scan inside the output folder
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "report.html").read_text()
+    assert "<script>x" not in page and "&lt;script&gt;x" in page
+    assert 'href="./javascript%3Aalert%281%29%3Cscript%3Ex%3C/script%3E/report.html"' in page
 
 
 def test_scans_that_all_pass_pass(tmp_path, two_scans):

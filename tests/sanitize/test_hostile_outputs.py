@@ -45,7 +45,8 @@ def test_non_finite_weights_are_refused_and_leave_no_verdict(tmp_path, digits_np
     torch.save(state, tmp_path / "nan.pt")
     code, lines = _invoke("scan", digits_npz, "--out", tmp_path / "o", "--checkpoint", tmp_path / "nan.pt", *FAST_ARGS)
     assert code == 2 and len(lines) == 1 and "non-finite weights in head.weight" in lines[0]
-    assert not (tmp_path / "o" / "summary.json").exists()  # the old verdict did not survive the failed run
+    assert not (tmp_path / "o" / "summary.json").exists()  # the old verdict did not survive the failed run ...
+    assert not (tmp_path / "o" / "report.html").exists()  # ... nor its report
 
 
 def test_a_checkpoint_that_is_not_plain_tensors_is_one_line_without_torchs_advice(tmp_path, digits_npz):
