@@ -521,6 +521,8 @@ def combine(scans: tuple[Path, ...], out: Path) -> None:
             f"scan      {each['folder']}: {each['verdict'].upper()} ({each['proxy']}, flagged "
             f"{each['flagged_fraction']:.2%}{', alarm in ' + ', '.join(each['alarmed_classes']) if each['alarmed_classes'] else ''})"
         )
+    for note in summary["notes"]:
+        click.echo(f"note      {note}")
     click.echo(f"flagged   {summary['flagged']['count']} ({summary['flagged']['fraction']:.2%}), the union")
     click.echo(f"gate      {gate['verdict'].upper()} (fails when any scan's gate fails)")
     click.echo(f"outputs   {', '.join(str(p) for p in result.files.values())}")

@@ -65,6 +65,10 @@ def read_scan(folder: Path) -> tuple[dict[str, Any], list[str]]:
             str(data["fingerprint"]),
             str(model["name"]),
         )
+        model["checkpoint"] = None if model.get("checkpoint") is None else str(model["checkpoint"])
+        options = summary.setdefault("config", {}).setdefault("options", {})
+        if options.get("closed_group_conductance") is not None:  # knn_density's; other detectors have none
+            options["closed_group_conductance"] = float(options["closed_group_conductance"])
         examples = data["examples"] = int(data["examples"])
         if (folder / "flagged.txt").stat().st_size > MAX_ID_BYTES * examples:
             raise SanitizeError(f"{folder}/flagged.txt holds more than {examples} ids")
@@ -104,6 +108,21 @@ def report_link(scan: Path, out: Path) -> str | None:
     return "./" + urllib.parse.quote(Path(relative).as_posix())
 
 
+def shared_proxies(scans: list[dict[str, Any]]) -> list[str]:
+    """A note for each architecture that more than one scan trained from scratch: poisons crafted against one such
+    proxy passed the gate of another seed's too (reports/adaptive-attack), so they are one view, not several."""
+    trained: dict[str, list[str]] = {}
+    for each in scans:
+        if each["checkpoint"] is None:
+            trained.setdefault(each["proxy"], []).append(each["folder"])
+    return [
+        f"{', '.join(folders)} train the same proxy architecture ({proxy}): one view of the data (poisons crafted "
+        "against it passed its gate under another seed too); combine proxies of different architectures"
+        for proxy, folders in trained.items()
+        if len(folders) > 1
+    ]
+
+
 def combine_scans(scans: Sequence[str | os.PathLike], out: str | os.PathLike) -> CombinedResult:
     """Read the finished scans in `scans` (two or more, of the same data) as one gate and write it to `out`."""
     folders, out = [Path(s) for s in scans], Path(out)
@@ -134,6 +153,8 @@ def combine_scans(scans: Sequence[str | os.PathLike], out: str | os.PathLike) ->
             {
                 "folder": str(f),
                 "proxy": s["model"]["name"],
+                "checkpoint": s["model"]["checkpoint"],
+                "closed_group_conductance": s["config"]["options"].get("closed_group_conductance"),
                 "verdict": s["gate"]["verdict"],
                 "flagged_fraction": s["gate"]["flagged_fraction"],
                 "alarmed_classes": s["gate"]["alarmed_classes"],
@@ -144,6 +165,7 @@ def combine_scans(scans: Sequence[str | os.PathLike], out: str | os.PathLike) ->
         "flagged": {"count": len(union), "fraction": fraction, "by_every_scan": len(by_every_scan)},
         "gate": combined_gate([s["gate"] for s, _ in read], fraction),
     }
+    summary["notes"] = shared_proxies(summary["scans"])
     files = {"flagged": out / "flagged.txt", "report": out / REPORT, "summary": out / "summary.json"}
     write_atomic(files["flagged"], "".join(f"{i}\n" for i in union))
     write_report(out, summary=summary)

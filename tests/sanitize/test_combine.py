@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 import sanitize
 from sanitize.cli import cli
+from sanitize.detectors.knn_density import KnnDensityOptions
 
 FAST = {"model": "tiny", "epochs": 2, "batch_size": 16, "augment": False, "quiet": True}
 
@@ -37,6 +38,8 @@ def test_the_combined_gate_fails_when_any_scan_fails_and_flags_the_union(tmp_pat
     assert summary["flagged"]["count"] == len(flagged)
     assert summary["gate"]["flagged_fraction"] == pytest.approx(len(flagged) / passing.summary["data"]["examples"])
     assert summary["flagged"]["by_every_scan"] == len(set(passing.flagged_ids) & set(failing.flagged_ids))
+    default = KnnDensityOptions().closed_group_conductance
+    assert [(s["proxy"], s["closed_group_conductance"]) for s in summary["scans"]] == [("tiny", default)] * 2
     api = sanitize.combine_scans([passing_dir, failing_dir], tmp_path / "api")
     assert not api.passed and api.flagged_ids == flagged
 
@@ -69,6 +72,9 @@ def test_scans_that_all_pass_pass(tmp_path, two_scans):
     passing_dir = two_scans[0]
     result = invoke(passing_dir, passing_dir, "--out", tmp_path / "same")
     assert result.exit_code == 0 and "gate      PASSED" in result.output, result.output
+    # two scans that trained one architecture are one view of the data, and the gate says so
+    assert "note      " in result.output and "the same proxy architecture (tiny)" in result.output
+    assert "the same proxy architecture (tiny)" in (tmp_path / "same" / "report.html").read_text()
     assert (tmp_path / "same" / "flagged.txt").read_text().split() == two_scans[2].flagged_ids
 
 
