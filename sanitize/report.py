@@ -73,9 +73,9 @@ def write_report(
     summary: dict[str, Any] | None = None,
 ) -> Path:
     """Render RUN_DIR/report.html from the run's outputs (a scan's, `sanitize combine`'s, a training run's or an
-    evaluation's). `data` gives the images for thumbnails (default: the source
-    recorded in summary.json; a dataset whose fingerprint differs is not used). A run passes its `summary` before
-    writing summary.json, so that the verdict is the last file it writes."""
+    evaluation's). `data` gives the images for thumbnails (default: the source recorded in summary.json; a dataset
+    whose fingerprint differs is not used). A run passes its `summary` before writing summary.json, so that the
+    verdict is the last file it writes."""
     run_dir = Path(run_dir)
     if max_thumbnails < 0 or max_projection_classes < 0:
         raise SanitizeError("max_thumbnails and max_projection_classes must be >= 0")
