@@ -24,7 +24,7 @@ from typing import Any
 import sanitize
 from sanitize.data import write_atomic
 from sanitize.errors import SanitizeError
-from sanitize.report import REPORT, write_report
+from sanitize.report import REPORT, remove_earlier_verdict, write_report
 
 
 @dataclass
@@ -132,8 +132,7 @@ def combine_scans(scans: Sequence[str | os.PathLike], out: str | os.PathLike) ->
         raise SanitizeError(f"--out {out} is one of the scans: it would overwrite that scan's summary")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for earlier in ("summary.json", REPORT):  # an error or a crash below leaves no verdict behind
-            (out / earlier).unlink(missing_ok=True)
+        remove_earlier_verdict(out)  # an error or a crash below leaves no verdict behind
     except OSError as error:
         raise SanitizeError(f"cannot write the output folder {out}: {error.strerror or error}") from None
     read = [read_scan(f) for f in folders]

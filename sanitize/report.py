@@ -99,6 +99,13 @@ def write_report(
     return path
 
 
+def remove_earlier_verdict(run_dir: Path) -> None:
+    """An earlier run's summary.json and its report.html, so that a run failing before it writes its own leaves
+    neither behind."""
+    for name in ("summary.json", REPORT):
+        (run_dir / name).unlink(missing_ok=True)
+
+
 def render(context: dict[str, Any]) -> str:
     """The report's HTML for `context`, with the inline CSS and JS admitted by their hashes in the CSP."""
     css, js = _asset("report.css") + _asset("sweep.css"), _asset("report.js")

@@ -51,7 +51,7 @@ from sanitize.errors import SanitizeError
 from sanitize.folds import fold_sizes, out_of_fold_logits
 from sanitize.manifest import flag_metrics, manifest_file, poison_mask, read_manifest
 from sanitize.models import Classifier, create_model, load_weights, require_finite_weights, resolve_model_name
-from sanitize.report import REPORT, write_report
+from sanitize.report import remove_earlier_verdict, write_report
 from sanitize.training import device_record, resolve_device, resolve_precision, train_from_scratch
 from sanitize.work import ExampleFlops, example_flops, phase_work, reduced_size, trained_per_epoch
 
@@ -205,9 +205,8 @@ def run_scan(data: str | os.PathLike | ImageDataset, out: str | os.PathLike, con
     truth = poison_mask(record, dataset.ids) if record else None  # checked before the long part, not after
     device = resolve_device(config.device, world)
     amp_dtype = resolve_precision(config.precision, device)
-    if world.is_main:  # an earlier run's verdict (and its report) must not outlive a run that fails before its own
-        for earlier in ("summary.json", REPORT):
-            (out / earlier).unlink(missing_ok=True)
+    if world.is_main:
+        remove_earlier_verdict(out)
     model, model_info = build_proxy(dataset, config, out, device, amp_dtype, timer, world)
     require_finite_weights(model, "the proxy (training diverged, or the checkpoint holds them)")
     signature = _embedding_signature(dataset, model, config)
